@@ -1,0 +1,8 @@
+//! Capstan: deploy an application's services on one machine and watch them.
+//!
+//! The binary is thin (`main.rs`); this library holds the stack file model, the
+//! supervisor, the daemon's API and the CLI.
+#![forbid(unsafe_code)]
+
+pub mod spec;
+pub mod cli;

@@ -1,0 +1,981 @@
+//! Turns a positioned YAML tree into the normalized [`Stack`], collecting every
+//! error (file:line:col: key.path: message) and a warning per unknown key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use super::interp::{self, Vars};
+use super::model::*;
+use super::yaml::{Kind, Node};
+use super::Diagnostic;
+
+/// Compose service keys capstan reads.
+const SERVICE_KEYS: &[&str] = &[
+    "image", "command", "entrypoint", "environment", "env_file", "working_dir", "ports",
+    "expose", "healthcheck", "depends_on", "stop_signal", "stop_grace_period", "restart",
+    "deploy", "labels", "profiles", "cpus", "mem_limit", "pids_limit", "x-capstan",
+];
+
+/// Signals a replica may be stopped with.
+pub const SIGNALS: &[&str] = &[
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGWINCH",
+];
+
+pub struct Decoder<'a> {
+    pub file: String,
+    pub dir: &'a Path,
+    pub vars: &'a Vars,
+    /// Environment of the invoking shell, for `environment: [NAME]` pass-through.
+    pub env: &'a BTreeMap<String, String>,
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// A mapping being read: remembers which keys were taken so the rest can be reported.
+struct Fields<'n> {
+    entries: Vec<(String, &'n Node, &'n Node)>,
+    taken: BTreeSet<String>,
+}
+
+impl<'n> Fields<'n> {
+    fn take(&mut self, key: &str) -> Option<&'n Node> {
+        let hit = self.entries.iter().find(|(k, _, _)| k == key)?;
+        self.taken.insert(key.to_owned());
+        Some(hit.2)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+}
+
+impl Decoder<'_> {
+    fn error(&mut self, node: &Node, path: &str, message: impl Into<String>) {
+        self.errors.push(Diagnostic {
+            file: self.file.clone(),
+            pos: node.pos,
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, node: &Node, path: &str, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            file: self.file.clone(),
+            pos: node.pos,
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn fields<'n>(&mut self, node: &'n Node, path: &str) -> Option<Fields<'n>> {
+        let Kind::Map(entries) = &node.kind else {
+            self.error(node, path, format!("expected a mapping, found {}", node.describe()));
+            return None;
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        let mut seen = BTreeSet::new();
+        for (k, v) in entries {
+            let Some(key) = k.scalar_text() else {
+                self.error(k, path, format!("expected a string key, found {}", k.describe()));
+                continue;
+            };
+            if !seen.insert(key.clone()) {
+                self.error(k, &join(path, &key), "duplicate key");
+                continue;
+            }
+            out.push((key, k, v));
+        }
+        Some(Fields { entries: out, taken: BTreeSet::new() })
+    }
+
+    /// Warns about each key that was not taken: `unsupported` ones as known but not
+    /// acted on, `x-` extension keys silently, the rest as unknown.
+    fn finish(&mut self, f: Fields<'_>, path: &str, unsupported: &[&str]) {
+        for (key, knode, _) in &f.entries {
+            if f.taken.contains(key) || key.starts_with("x-") {
+                continue;
+            }
+            let p = join(path, key);
+            if unsupported.contains(&key.as_str()) {
+                self.warn(knode, &p, "not supported by capstan yet; ignored");
+            } else {
+                self.warn(knode, &p, "unknown key; ignored");
+            }
+        }
+    }
+
+    /// Interpolates a scalar's text; other nodes come back as they are.
+    fn text(&mut self, node: &Node, path: &str) -> Option<String> {
+        let Some(raw) = node.scalar_text() else {
+            self.error(node, path, format!("expected a string, found {}", node.describe()));
+            return None;
+        };
+        if !matches!(node.kind, Kind::Str(_)) {
+            return Some(raw);
+        }
+        match interp::interpolate(&raw, self.vars) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.error(node, path, e);
+                None
+            }
+        }
+    }
+
+    fn string_opt(&mut self, node: Option<&Node>, path: &str) -> Option<String> {
+        let node = node?;
+        if matches!(node.kind, Kind::Null) {
+            return None;
+        }
+        self.text(node, path)
+    }
+
+    fn uint(&mut self, node: &Node, path: &str, max: u64) -> Option<u64> {
+        let what = "a non-negative integer";
+        let value = match &node.kind {
+            Kind::Int(i) if *i >= 0 => Some(*i as u64),
+            Kind::Str(_) => self.text(node, path).and_then(|t| t.trim().parse::<u64>().ok()),
+            _ => None,
+        };
+        match value {
+            Some(v) if v <= max => Some(v),
+            Some(v) => {
+                self.error(node, path, format!("expected at most {max}, found {v}"));
+                None
+            }
+            None => {
+                if self.errors.last().is_none_or(|e| e.path != path) {
+                    self.error(node, path, format!("expected {what}, found {}", node.describe()));
+                }
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match &node.kind {
+            Kind::Bool(b) => Some(*b),
+            Kind::Str(_) => match self.text(node, path)?.as_str() {
+                "true" | "True" | "TRUE" => Some(true),
+                "false" | "False" | "FALSE" => Some(false),
+                other => {
+                    self.error(node, path, format!("expected true or false, found {other:?}"));
+                    None
+                }
+            },
+            _ => {
+                self.error(node, path, format!("expected true or false, found {}", node.describe()));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, node: &Node, path: &str) -> Option<Dur> {
+        let text = self.text(node, path)?;
+        match parse_duration(&text) {
+            Ok(d) => Some(Dur(d)),
+            Err(e) => {
+                self.error(node, path, e);
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, node: &Node, path: &str) -> Vec<String> {
+        match &node.kind {
+            Kind::Seq(items) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| self.text(n, &format!("{path}[{i}]")))
+                .collect(),
+            _ => {
+                self.error(node, path, format!("expected a list of strings, found {}", node.describe()));
+                Vec::new()
+            }
+        }
+    }
+
+    fn cmd(&mut self, node: &Node, path: &str) -> Option<Cmd> {
+        match &node.kind {
+            Kind::Null => None,
+            Kind::Seq(_) => Some(Cmd::Exec(self.string_list(node, path))),
+            Kind::Str(_) => Some(Cmd::Shell(self.text(node, path)?)),
+            _ => {
+                self.error(
+                    node,
+                    path,
+                    format!("expected a string or a list of strings, found {}", node.describe()),
+                );
+                None
+            }
+        }
+    }
+
+    /// `KEY: value` mapping or `KEY=value` list (compose's "list or dict").
+    fn key_values(&mut self, node: &Node, path: &str, from_env: bool) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        match &node.kind {
+            Kind::Null => {}
+            Kind::Map(_) => {
+                let Some(f) = self.fields(node, path) else { return out };
+                for (key, _, v) in &f.entries {
+                    let p = join(path, key);
+                    match &v.kind {
+                        Kind::Null => {
+                            if let Some(val) = self.env.get(key).filter(|_| from_env) {
+                                out.insert(key.clone(), val.clone());
+                            } else if !from_env {
+                                out.insert(key.clone(), String::new());
+                            }
+                        }
+                        Kind::Seq(_) | Kind::Map(_) => {
+                            self.error(v, &p, format!("expected a string, number or boolean, found {}", v.describe()));
+                        }
+                        _ => {
+                            if let Some(t) = self.text(v, &p) {
+                                out.insert(key.clone(), t);
+                            }
+                        }
+                    }
+                }
+            }
+            Kind::Seq(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let p = format!("{path}[{i}]");
+                    let Some(t) = self.text(item, &p) else { continue };
+                    match t.split_once('=') {
+                        Some((k, v)) => {
+                            out.insert(k.to_owned(), v.to_owned());
+                        }
+                        None if from_env => {
+                            if let Some(v) = self.env.get(&t) {
+                                out.insert(t, v.clone());
+                            }
+                        }
+                        None => {
+                            out.insert(t, String::new());
+                        }
+                    }
+                }
+            }
+            _ => self.error(node, path, format!("expected a mapping or a list, found {}", node.describe())),
+        }
+        out
+    }
+
+    pub fn stack(&mut self, root: &Node, default_name: &str) -> Option<Stack> {
+        if matches!(root.kind, Kind::Null) {
+            self.error(root, "services", "the stack file is empty: define at least one service");
+            return None;
+        }
+        let mut top = self.fields(root, "")?;
+        let name = match top.take("name") {
+            Some(n) => self.text(n, "name").map(|s| normalize_name(&s)),
+            None => Some(normalize_name(default_name)),
+        }
+        .unwrap_or_default();
+        if let Some(v) = top.take("version") {
+            self.warn(v, "version", "the version key is obsolete; ignored");
+        }
+        let settings = match top.take("x-capstan") {
+            Some(n) => self.settings(n, "x-capstan"),
+            None => Settings::default(),
+        };
+        let mut services = BTreeMap::new();
+        match top.take("services") {
+            None => self.error(root, "services", "missing key: define at least one service"),
+            Some(node) => {
+                if let Some(sf) = self.fields(node, "services") {
+                    for (sname, knode, snode) in &sf.entries {
+                        let path = join("services", sname);
+                        if !valid_service_name(sname) {
+                            self.error(knode, &path, "service names may use only a-z, 0-9, '-', '_' and '.'");
+                            continue;
+                        }
+                        if let Some(svc) = self.service(snode, &path) {
+                            services.insert(sname.clone(), (svc, (*knode).clone()));
+                        }
+                    }
+                }
+            }
+        }
+        self.finish(top, "", &["networks", "volumes", "secrets", "configs", "include"]);
+        self.cross_checks(&services);
+        Some(Stack {
+            name,
+            services: services.into_iter().map(|(k, (s, _))| (k, s)).collect(),
+            settings,
+        })
+    }
+
+    fn settings(&mut self, node: &Node, path: &str) -> Settings {
+        let mut s = Settings::default();
+        let Some(mut f) = self.fields(node, path) else { return s };
+        if let Some(n) = f.take("port_range") {
+            let p = join(path, "port_range");
+            let text = self.text(n, &p).unwrap_or_default();
+            match text.split_once('-').map(|(a, b)| (a.trim().parse::<u16>(), b.trim().parse::<u16>())) {
+                Some((Ok(a), Ok(b))) if a > 0 && a <= b => s.port_range = [a, b],
+                _ => self.error(n, &p, format!("expected a port range like 20000-29999, found {}", n.describe())),
+            }
+        }
+        self.finish(f, path, &[]);
+        s
+    }
+
+    fn service(&mut self, node: &Node, path: &str) -> Option<Service> {
+        let mut f = self.fields(node, path)?;
+        let errors_before = self.errors.len();
+        let image = self.string_opt(f.take("image"), &join(path, "image"));
+        let command = f.take("command").and_then(|n| self.cmd(n, &join(path, "command")));
+        let entrypoint = f.take("entrypoint").and_then(|n| self.cmd(n, &join(path, "entrypoint")));
+
+        let mut environment = BTreeMap::new();
+        if let Some(n) = f.take("env_file") {
+            environment = self.env_files(n, &join(path, "env_file"));
+        }
+        if let Some(n) = f.take("environment") {
+            environment.extend(self.key_values(n, &join(path, "environment"), true));
+        }
+        let working_dir = self.string_opt(f.take("working_dir"), &join(path, "working_dir")).map(|d| {
+            let p = Path::new(&d);
+            if p.is_absolute() { d } else { self.dir.join(p).to_string_lossy().into_owned() }
+        });
+        let ports = match f.take("ports") {
+            Some(n) => self.ports(n, &join(path, "ports")),
+            None => Vec::new(),
+        };
+        let expose = match f.take("expose") {
+            Some(n) => self.string_list(n, &join(path, "expose")),
+            None => Vec::new(),
+        };
+        let xcap = f.take("x-capstan");
+        let mut healthcheck = match f.take("healthcheck") {
+            Some(n) => self.healthcheck(n, &join(path, "healthcheck")),
+            None => None,
+        };
+        if let Some(x) = xcap {
+            self.service_x_capstan(x, &join(path, "x-capstan"), &mut healthcheck);
+        }
+        let depends_on = match f.take("depends_on") {
+            Some(n) => self.depends_on(n, &join(path, "depends_on")),
+            None => BTreeMap::new(),
+        };
+        let stop_signal = match f.take("stop_signal") {
+            Some(n) => {
+                let p = join(path, "stop_signal");
+                let t = self.text(n, &p).unwrap_or_default();
+                let up = t.to_ascii_uppercase();
+                let full = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+                if SIGNALS.contains(&full.as_str()) {
+                    full
+                } else {
+                    self.error(n, &p, format!("unknown signal {t:?}; expected one of {}", SIGNALS.join(", ")));
+                    "SIGTERM".into()
+                }
+            }
+            None => "SIGTERM".into(),
+        };
+        let stop_grace_period = f
+            .take("stop_grace_period")
+            .and_then(|n| self.duration(n, &join(path, "stop_grace_period")))
+            .unwrap_or(Dur::secs(10));
+
+        let mut deploy = Deploy {
+            replicas: 1,
+            resources: Resources::default(),
+            restart_policy: RestartPolicy::default(),
+        };
+        if let Some(n) = f.take("restart") {
+            let p = join(path, "restart");
+            if let Some(t) = self.text(n, &p) {
+                let rp = &mut deploy.restart_policy;
+                match t.as_str() {
+                    "no" => rp.condition = RestartCondition::None,
+                    "always" | "unless-stopped" => rp.condition = RestartCondition::Any,
+                    "on-failure" => rp.condition = RestartCondition::OnFailure,
+                    s if s.starts_with("on-failure:") => match s["on-failure:".len()..].parse::<u32>() {
+                        Ok(max) => {
+                            rp.condition = RestartCondition::OnFailure;
+                            rp.max_attempts = Some(max);
+                        }
+                        Err(_) => self.error(n, &p, format!("expected on-failure:<count>, found {t:?}")),
+                    },
+                    _ => self.error(
+                        n,
+                        &p,
+                        format!("expected one of \"no\", always, on-failure[:N], unless-stopped; found {t:?}"),
+                    ),
+                }
+            }
+        }
+        // Service-level compose shorthands, overridden by deploy.resources.
+        if let Some(n) = f.take("cpus") {
+            deploy.resources.limits.cpus = self.cpus(n, &join(path, "cpus"));
+        }
+        if let Some(n) = f.take("mem_limit") {
+            deploy.resources.limits.memory = self.bytes(n, &join(path, "mem_limit"));
+        }
+        if let Some(n) = f.take("pids_limit") {
+            deploy.resources.limits.pids = self.pids(n, &join(path, "pids_limit"));
+        }
+        if let Some(n) = f.take("deploy") {
+            self.deploy(n, &join(path, "deploy"), &mut deploy);
+        }
+        let labels = match f.take("labels") {
+            Some(n) => self.key_values(n, &join(path, "labels"), false),
+            None => BTreeMap::new(),
+        };
+        let profiles = match f.take("profiles") {
+            Some(n) => self.string_list(n, &join(path, "profiles")),
+            None => Vec::new(),
+        };
+        let unsupported = [
+            "build", "container_name", "networks", "volumes", "network_mode", "hostname", "user",
+            "cap_add", "cap_drop", "privileged", "tty", "stdin_open", "logging", "secrets",
+            "configs", "extra_hosts", "dns", "ulimits", "init", "platform", "pull_policy",
+            "devices", "tmpfs", "read_only", "shm_size", "security_opt", "sysctls", "extends",
+            "links", "external_links", "mem_reservation", "memswap_limit", "cpu_shares",
+            "cpuset", "group_add", "ipc", "pid", "annotations", "attach", "develop", "scale",
+        ];
+        debug_assert!(unsupported.iter().all(|k| !SERVICE_KEYS.contains(k)));
+        self.finish(f, path, &unsupported);
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(Service {
+            image,
+            entrypoint,
+            command,
+            environment,
+            working_dir,
+            ports,
+            expose,
+            healthcheck,
+            depends_on,
+            stop_signal,
+            stop_grace_period,
+            deploy,
+            labels,
+            profiles,
+        })
+    }
+
+    fn env_files(&mut self, node: &Node, path: &str) -> BTreeMap<String, String> {
+        let items: Vec<(Node, String)> = match &node.kind {
+            Kind::Str(_) => vec![(node.clone(), path.to_owned())],
+            Kind::Seq(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), format!("{path}[{i}]")))
+                .collect(),
+            _ => {
+                self.error(node, path, format!("expected a path or a list of paths, found {}", node.describe()));
+                return BTreeMap::new();
+            }
+        };
+        let mut out = BTreeMap::new();
+        for (item, p) in items {
+            let (file, required) = match &item.kind {
+                Kind::Map(_) => {
+                    let Some(mut f) = self.fields(&item, &p) else { continue };
+                    let file = f.take("path").and_then(|n| self.text(n, &join(&p, "path")));
+                    let required = f.take("required").and_then(|n| self.boolean(n, &join(&p, "required")));
+                    self.finish(f, &p, &["format"]);
+                    let Some(file) = file else {
+                        self.error(&item, &p, "missing key: path");
+                        continue;
+                    };
+                    (file, required.unwrap_or(true))
+                }
+                _ => match self.text(&item, &p) {
+                    Some(t) => (t, true),
+                    None => continue,
+                },
+            };
+            let full = self.dir.join(&file);
+            match std::fs::read_to_string(&full) {
+                Ok(text) => match interp::parse_env_file(&text) {
+                    Ok(vars) => out.extend(vars),
+                    Err((line, msg)) => {
+                        self.error(&item, &p, format!("{}:{line}: {msg}", full.display()));
+                    }
+                },
+                Err(_) if !required => {}
+                Err(e) => self.error(&item, &p, format!("cannot read env file {}: {e}", full.display())),
+            }
+        }
+        out
+    }
+
+    fn ports(&mut self, node: &Node, path: &str) -> Vec<Port> {
+        let Kind::Seq(items) = &node.kind else {
+            self.error(node, path, format!("expected a list of ports, found {}", node.describe()));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let port = match &item.kind {
+                Kind::Map(_) => self.port_long(item, &p),
+                _ => self.text(item, &p).and_then(|t| match parse_port_short(&t) {
+                    Ok(port) => Some(port),
+                    Err(e) => {
+                        self.error(item, &p, e);
+                        None
+                    }
+                }),
+            };
+            out.extend(port);
+        }
+        out
+    }
+
+    fn port_long(&mut self, node: &Node, path: &str) -> Option<Port> {
+        let mut f = self.fields(node, path)?;
+        let target = self.string_opt(f.take("target"), &join(path, "target"));
+        let published = match f.take("published") {
+            Some(n) => self.uint(n, &join(path, "published"), 65535).map(|v| v as u16),
+            None => None,
+        };
+        let host_ip = self.string_opt(f.take("host_ip"), &join(path, "host_ip"));
+        let protocol = self
+            .string_opt(f.take("protocol"), &join(path, "protocol"))
+            .unwrap_or_else(|| "tcp".into());
+        self.finish(f, path, &["mode", "name", "app_protocol"]);
+        let published = match (published, &target) {
+            (Some(p), _) if p > 0 => p,
+            (_, Some(t)) => match t.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => {
+                    self.error(node, path, "missing key: published (the host port to listen on)");
+                    return None;
+                }
+            },
+            _ => {
+                self.error(node, path, "missing key: published (the host port to listen on)");
+                return None;
+            }
+        };
+        if protocol != "tcp" {
+            self.error(node, &join(path, "protocol"), format!("only tcp is supported, found {protocol:?}"));
+            return None;
+        }
+        Some(Port { host_ip, published, target, protocol })
+    }
+
+    fn healthcheck(&mut self, node: &Node, path: &str) -> Option<Healthcheck> {
+        let mut f = self.fields(node, path)?;
+        let mut hc = Healthcheck {
+            test: HealthTest::Tcp { port: None },
+            interval: Dur::secs(30),
+            timeout: Dur::secs(30),
+            retries: 3,
+            start_period: Dur::secs(0),
+            start_interval: Dur::secs(5),
+        };
+        let mut disabled = false;
+        let mut has_test = false;
+        let test_given = f.entries.iter().any(|(k, _, _)| k == "test");
+        if let Some(n) = f.take("test") {
+            let p = join(path, "test");
+            match &n.kind {
+                Kind::Str(_) => {
+                    has_test = true;
+                    hc.test = HealthTest::Shell(self.text(n, &p).unwrap_or_default());
+                }
+                Kind::Seq(_) => {
+                    let list = self.string_list(n, &p);
+                    match list.first().map(String::as_str) {
+                        Some("NONE") => disabled = true,
+                        Some("CMD") if list.len() > 1 => {
+                            has_test = true;
+                            hc.test = HealthTest::Cmd(list[1..].to_vec());
+                        }
+                        Some("CMD-SHELL") if list.len() == 2 => {
+                            has_test = true;
+                            hc.test = HealthTest::Shell(list[1].clone());
+                        }
+                        _ => self.error(
+                            n,
+                            &p,
+                            "expected [\"CMD\", args…], [\"CMD-SHELL\", \"command\"] or [\"NONE\"]",
+                        ),
+                    }
+                }
+                _ => self.error(n, &p, format!("expected a string or a list, found {}", n.describe())),
+            }
+        }
+        if let Some(n) = f.take("disable") {
+            disabled |= self.boolean(n, &join(path, "disable")).unwrap_or(false);
+        }
+        for (key, slot) in [
+            ("interval", &mut hc.interval),
+            ("timeout", &mut hc.timeout),
+            ("start_period", &mut hc.start_period),
+            ("start_interval", &mut hc.start_interval),
+        ] {
+            if let Some(n) = f.take(key)
+                && let Some(d) = self.duration(n, &join(path, key))
+            {
+                *slot = d;
+            }
+        }
+        if let Some(n) = f.take("retries") {
+            hc.retries = self.uint(n, &join(path, "retries"), u32::MAX as u64).unwrap_or(3) as u32;
+        }
+        self.finish(f, path, &[]);
+        if disabled {
+            return None;
+        }
+        if !has_test && !test_given {
+            self.error(node, path, "missing key: test (or x-capstan.healthcheck with http or tcp)");
+            return None;
+        }
+        Some(hc)
+    }
+
+    /// Per-service `x-capstan`: HTTP and TCP health checks, with compose timing keys.
+    fn service_x_capstan(&mut self, node: &Node, path: &str, hc: &mut Option<Healthcheck>) {
+        let Some(mut f) = self.fields(node, path) else { return };
+        if let Some(n) = f.take("healthcheck") {
+            let hp = join(path, "healthcheck");
+            if let Some(mut h) = self.fields(n, &hp) {
+                let port = h.take("port").and_then(|p| self.uint(p, &join(&hp, "port"), 65535)).map(|p| p as u16);
+                let test = if let Some(http) = h.take("http") {
+                    self.text(http, &join(&hp, "http")).map(|mut path| {
+                        if !path.starts_with('/') {
+                            path.insert(0, '/');
+                        }
+                        HealthTest::Http { path, port }
+                    })
+                } else if let Some(tcp) = h.take("tcp") {
+                    match &tcp.kind {
+                        Kind::Bool(true) => Some(HealthTest::Tcp { port }),
+                        _ => self
+                            .uint(tcp, &join(&hp, "tcp"), 65535)
+                            .map(|p| HealthTest::Tcp { port: Some(p as u16) }),
+                    }
+                } else {
+                    self.error(n, &hp, "expected http: <path> or tcp: true|<port>");
+                    None
+                };
+                let mut out = hc.clone().unwrap_or(Healthcheck {
+                    test: HealthTest::Tcp { port: None },
+                    interval: Dur::secs(30),
+                    timeout: Dur::secs(30),
+                    retries: 3,
+                    start_period: Dur::secs(0),
+                    start_interval: Dur::secs(5),
+                });
+                for (key, slot) in [
+                    ("interval", &mut out.interval),
+                    ("timeout", &mut out.timeout),
+                    ("start_period", &mut out.start_period),
+                    ("start_interval", &mut out.start_interval),
+                ] {
+                    if let Some(n) = h.take(key)
+                        && let Some(d) = self.duration(n, &join(&hp, key))
+                    {
+                        *slot = d;
+                    }
+                }
+                if let Some(n) = h.take("retries") {
+                    out.retries = self.uint(n, &join(&hp, "retries"), u32::MAX as u64).unwrap_or(3) as u32;
+                }
+                self.finish(h, &hp, &[]);
+                if let Some(test) = test {
+                    out.test = test;
+                    *hc = Some(out);
+                }
+            }
+        }
+        self.finish(f, path, &["autoscale", "metrics", "rollout", "protocol", "idle_after"]);
+    }
+
+    fn depends_on(&mut self, node: &Node, path: &str) -> BTreeMap<String, Dependency> {
+        let mut out = BTreeMap::new();
+        match &node.kind {
+            Kind::Seq(_) => {
+                for name in self.string_list(node, path) {
+                    out.insert(name, Dependency { condition: Condition::ServiceStarted, required: true });
+                }
+            }
+            Kind::Map(_) => {
+                let Some(f) = self.fields(node, path) else { return out };
+                for (name, _, v) in &f.entries {
+                    let p = join(path, name);
+                    let mut dep = Dependency { condition: Condition::ServiceStarted, required: true };
+                    if !matches!(v.kind, Kind::Null)
+                        && let Some(mut df) = self.fields(v, &p)
+                    {
+                        if let Some(c) = df.take("condition") {
+                            let cp = join(&p, "condition");
+                            match self.text(c, &cp).as_deref() {
+                                Some("service_started") => dep.condition = Condition::ServiceStarted,
+                                Some("service_healthy") => dep.condition = Condition::ServiceHealthy,
+                                Some("service_completed_successfully") => {
+                                    dep.condition = Condition::ServiceCompletedSuccessfully
+                                }
+                                Some(other) => self.error(
+                                    c,
+                                    &cp,
+                                    format!(
+                                        "expected service_started, service_healthy or service_completed_successfully, found {other:?}"
+                                    ),
+                                ),
+                                None => {}
+                            }
+                        }
+                        if let Some(r) = df.take("required") {
+                            dep.required = self.boolean(r, &join(&p, "required")).unwrap_or(true);
+                        }
+                        self.finish(df, &p, &["restart"]);
+                    }
+                    out.insert(name.clone(), dep);
+                }
+            }
+            _ => self.error(node, path, format!("expected a list or a mapping of services, found {}", node.describe())),
+        }
+        out
+    }
+
+    fn cpus(&mut self, node: &Node, path: &str) -> Option<f64> {
+        let v = match &node.kind {
+            Kind::Int(i) => Some(*i as f64),
+            Kind::Float(f) => Some(*f),
+            Kind::Str(_) => self.text(node, path).and_then(|t| t.trim().parse::<f64>().ok()),
+            _ => None,
+        };
+        match v {
+            Some(v) if v > 0.0 && v.is_finite() => Some(v),
+            _ => {
+                self.error(node, path, format!("expected a positive number of CPUs such as 0.5, found {}", node.describe()));
+                None
+            }
+        }
+    }
+
+    fn bytes(&mut self, node: &Node, path: &str) -> Option<u64> {
+        let text = self.text(node, path)?;
+        match parse_bytes(&text) {
+            Ok(0) => {
+                self.error(node, path, "a memory limit must be greater than zero");
+                None
+            }
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.error(node, path, e);
+                None
+            }
+        }
+    }
+
+    fn pids(&mut self, node: &Node, path: &str) -> Option<i64> {
+        let v = match &node.kind {
+            Kind::Int(i) => Some(*i),
+            Kind::Str(_) => self.text(node, path).and_then(|t| t.trim().parse::<i64>().ok()),
+            _ => None,
+        };
+        match v {
+            Some(-1) => None,
+            Some(v) if v > 0 => Some(v),
+            _ => {
+                self.error(node, path, format!("expected a positive integer or -1, found {}", node.describe()));
+                None
+            }
+        }
+    }
+
+    fn deploy(&mut self, node: &Node, path: &str, deploy: &mut Deploy) {
+        let Some(mut f) = self.fields(node, path) else { return };
+        if let Some(n) = f.take("replicas") {
+            deploy.replicas = self.uint(n, &join(path, "replicas"), 10_000).unwrap_or(1) as u32;
+        }
+        if let Some(n) = f.take("resources") {
+            let rp = join(path, "resources");
+            if let Some(mut rf) = self.fields(n, &rp) {
+                if let Some(l) = rf.take("limits") {
+                    let lp = join(&rp, "limits");
+                    if let Some(mut lf) = self.fields(l, &lp) {
+                        if let Some(c) = lf.take("cpus") {
+                            deploy.resources.limits.cpus = self.cpus(c, &join(&lp, "cpus"));
+                        }
+                        if let Some(m) = lf.take("memory") {
+                            deploy.resources.limits.memory = self.bytes(m, &join(&lp, "memory"));
+                        }
+                        if let Some(p) = lf.take("pids") {
+                            deploy.resources.limits.pids = self.pids(p, &join(&lp, "pids"));
+                        }
+                        self.finish(lf, &lp, &["devices"]);
+                    }
+                }
+                self.finish(rf, &rp, &["reservations"]);
+            }
+        }
+        if let Some(n) = f.take("restart_policy") {
+            let rp = join(path, "restart_policy");
+            if let Some(mut rf) = self.fields(n, &rp) {
+                let policy = &mut deploy.restart_policy;
+                // Swarm's default when a restart_policy is given is `any`.
+                policy.condition = RestartCondition::Any;
+                if let Some(c) = rf.take("condition") {
+                    let cp = join(&rp, "condition");
+                    match self.text(c, &cp).as_deref() {
+                        Some("none") => policy.condition = RestartCondition::None,
+                        Some("on-failure") => policy.condition = RestartCondition::OnFailure,
+                        Some("any") => policy.condition = RestartCondition::Any,
+                        Some(o) => self.error(c, &cp, format!("expected none, on-failure or any, found {o:?}")),
+                        None => {}
+                    }
+                }
+                if let Some(d) = rf.take("delay").and_then(|d| self.duration(d, &join(&rp, "delay"))) {
+                    deploy.restart_policy.delay = d;
+                }
+                if let Some(m) = rf.take("max_attempts") {
+                    deploy.restart_policy.max_attempts =
+                        self.uint(m, &join(&rp, "max_attempts"), u32::MAX as u64).map(|v| v as u32);
+                }
+                if let Some(w) = rf.take("window").and_then(|w| self.duration(w, &join(&rp, "window"))) {
+                    deploy.restart_policy.window = w;
+                }
+                self.finish(rf, &rp, &[]);
+            }
+        }
+        self.finish(
+            f,
+            path,
+            &["mode", "placement", "update_config", "rollback_config", "endpoint_mode", "labels"],
+        );
+    }
+
+    /// Checks across services: dependencies exist and form no cycle, published
+    /// ports are unique, every service has something to run.
+    fn cross_checks(&mut self, services: &BTreeMap<String, (Service, Node)>) {
+        let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+        for (name, (svc, knode)) in services {
+            let path = join("services", name);
+            for dep in svc.depends_on.keys() {
+                if !services.contains_key(dep) {
+                    self.error(knode, &join(&join(&path, "depends_on"), dep), format!("depends on undefined service {dep:?}"));
+                }
+            }
+            if svc.argv().is_none() {
+                if let Some(image) = &svc.image {
+                    self.error(
+                        knode,
+                        &path,
+                        format!(
+                            "runs image {image:?} without a command: images need a container driver, which capstan does not have yet; add a command to run it as a process"
+                        ),
+                    );
+                } else {
+                    self.error(knode, &path, "nothing to run: set command (or entrypoint)");
+                }
+            }
+            for p in &svc.ports {
+                if let Some(other) = ports.insert(p.published, name.clone())
+                    && other != *name
+                {
+                    self.error(knode, &join(&path, "ports"), format!("port {} is already published by service {other:?}", p.published));
+                }
+            }
+        }
+        // Cycle detection by depth-first search over depends_on.
+        let mut state: BTreeMap<&str, u8> = BTreeMap::new();
+        fn visit<'a>(
+            n: &'a str,
+            services: &'a BTreeMap<String, (Service, Node)>,
+            state: &mut BTreeMap<&'a str, u8>,
+            stack: &mut Vec<&'a str>,
+        ) -> Option<Vec<&'a str>> {
+            match state.get(n) {
+                Some(1) => {
+                    let start = stack.iter().position(|s| *s == n).unwrap_or(0);
+                    let mut cycle = stack[start..].to_vec();
+                    cycle.push(n);
+                    return Some(cycle);
+                }
+                Some(_) => return None,
+                None => {}
+            }
+            state.insert(n, 1);
+            stack.push(n);
+            if let Some((svc, _)) = services.get(n) {
+                for dep in svc.depends_on.keys() {
+                    if services.contains_key(dep)
+                        && let Some(c) = visit(dep, services, state, stack)
+                    {
+                        return Some(c);
+                    }
+                }
+            }
+            stack.pop();
+            state.insert(n, 2);
+            None
+        }
+        for name in services.keys() {
+            let mut stack = Vec::new();
+            if let Some(cycle) = visit(name, services, &mut state, &mut stack) {
+                let (_, knode) = &services[cycle[0]];
+                self.error(
+                    knode,
+                    &format!("services.{}.depends_on", cycle[0]),
+                    format!("dependency cycle: {}", cycle.join(" -> ")),
+                );
+                break;
+            }
+        }
+    }
+}
+
+fn valid_service_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A compose project name: lowercase letters, digits, `-` and `_`.
+pub fn normalize_name(s: &str) -> String {
+    let out: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .collect();
+    if out.is_empty() { "default".into() } else { out }
+}
+
+/// `"8080"`, `"8080:80"`, `"8080:http"`, `"127.0.0.1:8080:80"`, with `/tcp`.
+pub fn parse_port_short(s: &str) -> Result<Port, String> {
+    let (spec, protocol) = match s.rsplit_once('/') {
+        Some((a, p)) => (a, p.to_owned()),
+        None => (s, "tcp".to_owned()),
+    };
+    if protocol != "tcp" {
+        return Err(format!("only tcp is supported, found {protocol:?}"));
+    }
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host_ip, published, target) = match parts.as_slice() {
+        [p] => (None, *p, None),
+        [p, t] => (None, *p, Some(*t)),
+        [ip, p, t] => (Some(*ip), *p, Some(*t)),
+        _ => return Err(format!("expected [HOST_IP:]PUBLISHED[:TARGET][/tcp], found {s:?}")),
+    };
+    if published.contains('-') {
+        return Err(format!("port ranges are not supported, found {s:?}"));
+    }
+    let published: u16 = match published.parse() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("expected a port number between 1 and 65535, found {published:?}")),
+    };
+    if let Some(t) = target
+        && (t.is_empty() || t.contains('-'))
+    {
+        return Err(format!("expected a target port number or name, found {t:?}"));
+    }
+    Ok(Port {
+        host_ip: host_ip.map(str::to_owned),
+        published,
+        target: target.map(str::to_owned),
+        protocol,
+    })
+}

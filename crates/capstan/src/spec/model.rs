@@ -1,0 +1,353 @@
+//! The normalized stack: what `capstan config` prints and what the daemon runs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stack {
+    pub name: String,
+    pub services: BTreeMap<String, Service>,
+    #[serde(rename = "x-capstan", default)]
+    pub settings: Settings,
+}
+
+/// Stack-wide capstan settings (top-level `x-capstan`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Range replicas' `$PORT` values are allocated from (inclusive).
+    pub port_range: [u16; 2],
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { port_range: [20000, 29999] }
+    }
+}
+
+/// A command as written: a string runs through `/bin/sh -c`, a list is an argv.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Cmd {
+    Shell(String),
+    Exec(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entrypoint: Option<Cmd>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub command: Option<Cmd>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub environment: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub working_dir: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub ports: Vec<Port>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub expose: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub healthcheck: Option<Healthcheck>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub depends_on: BTreeMap<String, Dependency>,
+    pub stop_signal: String,
+    pub stop_grace_period: Dur,
+    pub deploy: Deploy,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub profiles: Vec<String>,
+}
+
+impl Service {
+    /// The argv a process driver runs: entrypoint then command, strings through `sh -c`.
+    pub fn argv(&self) -> Option<Vec<String>> {
+        let sh = |s: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), s.to_owned()];
+        match (&self.entrypoint, &self.command) {
+            (None, None) => None,
+            (None, Some(Cmd::Shell(s))) => Some(sh(s)),
+            (None, Some(Cmd::Exec(v))) => Some(v.clone()),
+            (Some(ep), cmd) => {
+                let mut argv = match ep {
+                    Cmd::Exec(v) => v.clone(),
+                    Cmd::Shell(s) => {
+                        let mut v = sh(s);
+                        v.push("sh".into());
+                        v
+                    }
+                };
+                match cmd {
+                    None => {}
+                    Some(Cmd::Exec(v)) => argv.extend(v.iter().cloned()),
+                    Some(Cmd::Shell(s)) => argv.extend(s.split_whitespace().map(str::to_owned)),
+                }
+                Some(argv)
+            }
+        }
+    }
+
+    /// Everything that requires a restart of the replicas when it changes
+    /// (all but the replica count).
+    pub fn definition_eq(&self, other: &Service) -> bool {
+        let mut a = self.clone();
+        a.deploy.replicas = other.deploy.replicas;
+        a == *other
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Port {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub host_ip: Option<String>,
+    pub published: u16,
+    /// The service's listener: a port number or a name such as `http`; none means `$PORT`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<String>,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthTest {
+    /// `["CMD", argv…]`
+    Cmd(Vec<String>),
+    /// `["CMD-SHELL", script]`
+    Shell(String),
+    /// HTTP GET on the replica's port; healthy on 2xx/3xx.
+    Http { path: String, port: Option<u16> },
+    /// TCP connect to the replica's port.
+    Tcp { port: Option<u16> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Healthcheck {
+    pub test: HealthTest,
+    pub interval: Dur,
+    pub timeout: Dur,
+    pub retries: u32,
+    pub start_period: Dur,
+    pub start_interval: Dur,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Condition {
+    ServiceStarted,
+    ServiceHealthy,
+    ServiceCompletedSuccessfully,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dependency {
+    pub condition: Condition,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deploy {
+    pub replicas: u32,
+    pub resources: Resources,
+    pub restart_policy: RestartPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cpus: Option<f64>,
+    /// Bytes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub memory: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pids: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    None,
+    OnFailure,
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub condition: RestartCondition,
+    /// First backoff delay; doubles per consecutive failure up to 30s.
+    pub delay: Dur,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_attempts: Option<u32>,
+    /// A replica up this long has its backoff and attempt count reset.
+    pub window: Dur,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            condition: RestartCondition::None,
+            delay: Dur(Duration::from_millis(100)),
+            max_attempts: None,
+            window: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// A duration written as compose does: `1m30s`, `500ms`, `2h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total_ms = self.0.as_millis();
+        if total_ms == 0 {
+            return f.write_str("0s");
+        }
+        let (h, rem) = (total_ms / 3_600_000, total_ms % 3_600_000);
+        let (m, rem) = (rem / 60_000, rem % 60_000);
+        let (s, ms) = (rem / 1000, rem % 1000);
+        if h > 0 {
+            write!(f, "{h}h")?;
+        }
+        if m > 0 {
+            write!(f, "{m}m")?;
+        }
+        if s > 0 {
+            write!(f, "{s}s")?;
+        }
+        if ms > 0 {
+            write!(f, "{ms}ms")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `1h2m3s`, `1.5s`, `500ms`, `10us`; `0` alone is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if t.is_empty() {
+        return Err("expected a duration like 10s, 1m30s or 500ms, found an empty string".into());
+    }
+    let bad = || format!("expected a duration like 10s, 1m30s or 500ms, found {s:?}");
+    let mut total = 0f64;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * scale;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// Parses a memory size: `512m`, `1g`, `1.5GiB`, `100000` (bytes), binary multiples.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let bad = || format!("expected a size like 512m or 1g, found {s:?}");
+    let num_len = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    if num_len == 0 {
+        return Err(bad());
+    }
+    let n: f64 = t[..num_len].parse().map_err(|_| bad())?;
+    let unit = t[num_len..].trim();
+    let unit = unit.strip_suffix("ib").or_else(|| unit.strip_suffix('b')).unwrap_or(unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let v = n * mult as f64;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("ten seconds").is_err());
+        assert_eq!(Dur(Duration::from_millis(90_500)).to_string(), "1m30s500ms");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("64MB").unwrap(), 64 << 20);
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn argv_forms() {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "stop_signal": "SIGTERM", "stop_grace_period": "10s",
+            "deploy": {"replicas": 1, "resources": {"limits": {}},
+                "restart_policy": {"condition": "none", "delay": "100ms", "window": "30s"}},
+            "command": "echo hi"
+        }))
+        .unwrap();
+        assert_eq!(s.argv().unwrap(), vec!["/bin/sh", "-c", "echo hi"]);
+        s.command = Some(Cmd::Exec(vec!["a".into(), "b".into()]));
+        s.entrypoint = Some(Cmd::Exec(vec!["ep".into()]));
+        assert_eq!(s.argv().unwrap(), vec!["ep", "a", "b"]);
+    }
+}

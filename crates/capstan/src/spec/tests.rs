@@ -1,0 +1,175 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+fn opts(env: &[(&str, &str)]) -> LoadOptions {
+    LoadOptions {
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        profiles: Vec::new(),
+    }
+}
+
+fn parse(text: &str) -> Result<(Stack, Vec<Diagnostic>), LoadError> {
+    parse_text(text, "capstan.yaml", Path::new("/srv/app"), "app", BTreeMap::new(), &opts(&[]))
+}
+
+fn errors(text: &str) -> String {
+    match parse(text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn replicas_must_be_an_integer() {
+    let text = "services:\n  web:\n    command: [demo]\n    deploy:\n      replicas: two\n";
+    insta::assert_snapshot!(errors(text), @r#"capstan.yaml:5:17: services.web.deploy.replicas: expected a non-negative integer, found "two""#);
+}
+
+#[test]
+fn each_kind_of_bad_value() {
+    let text = r#"
+services:
+  web:
+    command: 42
+    ports: ["8080:80", "99999", "8000-8002:80"]
+    stop_signal: SIGNOPE
+    stop_grace_period: ten
+    restart: sometimes
+    healthcheck:
+      test: ["WAT"]
+      retries: -1
+    deploy:
+      replicas: -3
+      resources:
+        limits:
+          memory: lots
+          cpus: zero
+          pids: 0
+      restart_policy:
+        condition: maybe
+        delay: soon
+    depends_on:
+      db:
+        condition: service_ready
+  img:
+    image: nginx
+  empty: {}
+"#;
+    insta::assert_snapshot!(errors(text));
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let e = errors("services:\n  web:\n    command: [a, b\n  other: 1\n");
+    assert!(e.starts_with("capstan.yaml:"), "{e}");
+    assert!(e.contains("invalid YAML"), "{e}");
+    let (line, _) = e["capstan.yaml:".len()..].split_once(':').unwrap();
+    assert!(line.parse::<u32>().unwrap() >= 3, "{e}");
+}
+
+#[test]
+fn dependency_errors() {
+    let text = "services:\n  a:\n    command: x\n    depends_on: [b]\n  b:\n    command: x\n    depends_on: [c]\n  c:\n    command: x\n    depends_on: [a, ghost]\n";
+    insta::assert_snapshot!(errors(text));
+}
+
+#[test]
+fn image_without_command_is_refused() {
+    let e = errors("services:\n  db:\n    image: postgres:16\n");
+    assert!(e.contains("container driver"), "{e}");
+    assert!(e.starts_with("capstan.yaml:2:3: services.db:"), "{e}");
+}
+
+#[test]
+fn unknown_keys_warn_once_each() {
+    let text = "version: '3'\nservices:\n  web:\n    command: x\n    build: .\n    colour: blue\n    deploy:\n      mode: replicated\n      replica: 2\n    x-note: fine\nnetworks: {}\nx-anchors: {}\n";
+    let (_, warnings) = parse(text).unwrap();
+    let lines: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    insta::assert_snapshot!(lines.join("\n"));
+}
+
+#[test]
+fn interpolation() {
+    let text = "name: ${PROJECT:-demo}\nservices:\n  web:\n    command: [\"serve\", \"--port=$${PORT}\", \"${FLAG}\"]\n    environment:\n      A: ${A}\n      B: ${B:-fallback}\n      PASS:\n    deploy:\n      replicas: ${N:-2}\n";
+    let (stack, _) = parse_text(
+        text,
+        "capstan.yaml",
+        Path::new("/x"),
+        "x",
+        [("FLAG".to_string(), "from-dotenv".to_string()), ("A".to_string(), "dot".to_string())].into(),
+        &opts(&[("A", "shell"), ("PASS", "through"), ("N", "4")]),
+    )
+    .unwrap();
+    assert_eq!(stack.name, "demo");
+    let web = &stack.services["web"];
+    assert_eq!(web.command, Some(Cmd::Exec(vec!["serve".into(), "--port=${PORT}".into(), "from-dotenv".into()])));
+    assert_eq!(web.environment["A"], "shell", "the shell environment wins over .env");
+    assert_eq!(web.environment["B"], "fallback");
+    assert_eq!(web.environment["PASS"], "through");
+    assert_eq!(web.deploy.replicas, 4);
+
+    let e = errors("services:\n  web:\n    command: ${CMD:?set CMD to the program to run}\n");
+    assert_eq!(e, "capstan.yaml:3:14: services.web.command: required variable CMD is missing a value: set CMD to the program to run");
+}
+
+#[test]
+fn normalized_forms() {
+    let text = r#"
+services:
+  web:
+    command: demo --fast
+    environment: ["A=1", "B=two=2"]
+    restart: on-failure:5
+    stop_signal: INT
+    stop_grace_period: 1m30s
+    ports: ["127.0.0.1:8080:http", {published: 9090, target: "9090"}]
+    healthcheck:
+      test: curl -f localhost
+      interval: 2s
+    x-capstan:
+      healthcheck: {http: healthz, interval: 1s, retries: 5}
+    labels: [team=core]
+    mem_limit: 256m
+  worker:
+    command: [work]
+    depends_on:
+      web: {condition: service_healthy}
+    deploy:
+      replicas: 0
+      restart_policy: {max_attempts: 3, window: 10s}
+"#;
+    let (stack, warnings) = parse(text).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    insta::assert_snapshot!(to_yaml(&stack));
+    // The normalized form loads back to the same stack.
+    let again: Stack = serde_saphyr::from_str(&to_yaml(&stack)).unwrap();
+    assert_eq!(again, stack);
+}
+
+#[test]
+fn profiles_select_services() {
+    let text = "services:\n  web:\n    command: x\n  debug:\n    command: x\n    profiles: [dev]\n";
+    let (stack, _) = parse(text).unwrap();
+    assert_eq!(stack.services.keys().collect::<Vec<_>>(), ["web"]);
+    let mut o = opts(&[]);
+    o.profiles = vec!["dev".into()];
+    let (stack, _) = parse_text(text, "c.yaml", Path::new("/"), "x", BTreeMap::new(), &o).unwrap();
+    assert_eq!(stack.services.len(), 2);
+}
+
+#[test]
+fn examples_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let file = entry.unwrap().path().join("capstan.yaml");
+        if file.is_file() {
+            let loaded = load(&file, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert!(loaded.warnings.is_empty(), "{}: {:?}", file.display(), loaded.warnings);
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
