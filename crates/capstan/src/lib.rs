@@ -4,5 +4,8 @@
 //! supervisor, the daemon's API and the CLI.
 #![forbid(unsafe_code)]
 
-pub mod spec;
 pub mod cli;
+pub mod events;
+pub mod logs;
+pub mod spec;
+pub mod supervisor;

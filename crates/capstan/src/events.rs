@@ -1,0 +1,98 @@
+//! Lifecycle events: kept in `events.jsonl` in the data dir and streamed to
+//! subscribers. Each event is also logged through `tracing`.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Unix time in milliseconds.
+    pub time_ms: i64,
+    pub service: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub replica: Option<u32>,
+    /// started, healthy, unhealthy, exited, restarting, crash-looping, failed,
+    /// stopping, stopped, scaled, oom-killed, …
+    pub kind: String,
+    pub reason: String,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const KEEP_IN_MEMORY: usize = 10_000;
+const ROTATE_BYTES: u64 = 16 << 20;
+
+pub struct EventLog {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+    recent: Mutex<VecDeque<Event>>,
+    tx: broadcast::Sender<Event>,
+}
+
+impl EventLog {
+    /// Opens the log, keeping the tail of earlier runs for `capstan events`.
+    pub fn open(dir: &Path) -> std::io::Result<EventLog> {
+        let path = dir.join("events.jsonl");
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > ROTATE_BYTES) {
+            let _ = std::fs::rename(&path, dir.join("events.jsonl.1"));
+        }
+        let mut recent = VecDeque::new();
+        if let Ok(f) = File::open(&path) {
+            for line in BufReader::new(f).lines().map_while(Result::ok) {
+                if let Ok(e) = serde_json::from_str::<Event>(&line) {
+                    if recent.len() == KEEP_IN_MEMORY {
+                        recent.pop_front();
+                    }
+                    recent.push_back(e);
+                }
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(EventLog {
+            path,
+            file: Mutex::new(Some(file)),
+            recent: Mutex::new(recent),
+            tx: broadcast::channel(1024).0,
+        })
+    }
+
+    pub fn emit(&self, service: &str, replica: Option<u32>, kind: &str, reason: impl Into<String>) {
+        let e = Event { time_ms: now_ms(), service: service.into(), replica, kind: kind.into(), reason: reason.into() };
+        match replica {
+            Some(r) => tracing::info!(service, replica = r, kind, "{}", e.reason),
+            None => tracing::info!(service, kind, "{}", e.reason),
+        }
+        if let Some(f) = self.file.lock().unwrap().as_mut()
+            && let Ok(mut line) = serde_json::to_vec(&e)
+        {
+            line.push(b'\n');
+            if let Err(err) = f.write_all(&line) {
+                tracing::warn!(path = %self.path.display(), "cannot write event: {err}");
+            }
+        }
+        // Pushed and sent under one lock so a subscriber sees each event exactly once.
+        let mut r = self.recent.lock().unwrap();
+        if r.len() == KEEP_IN_MEMORY {
+            r.pop_front();
+        }
+        r.push_back(e.clone());
+        let _ = self.tx.send(e);
+    }
+
+    /// Subscribes, then returns the history: an event is in one or both, never neither.
+    pub fn subscribe_with_history(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let r = self.recent.lock().unwrap();
+        (r.iter().cloned().collect(), self.tx.subscribe())
+    }
+}

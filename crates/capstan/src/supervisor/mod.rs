@@ -1,0 +1,488 @@
+//! The supervisor: runs every service's replicas and keeps them as the stack says.
+//!
+//! One actor ([`Supervisor::run`]) owns the services and takes [`Command`]s; each
+//! replica is a task ([`replica::Replica`]) that publishes its [`Status`].
+
+pub mod cgroup;
+pub mod health;
+pub mod process;
+pub mod replica;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::events::EventLog;
+use crate::logs::files::FileStore;
+use crate::spec::{Condition, Service, Stack};
+
+/// What `capstan ps` shows of one replica.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub service: String,
+    pub replica: u32,
+    pub pid: Option<i32>,
+    pub port: Option<u16>,
+    /// waiting, starting, running, restarting, crash-looping, stopping, stopped, exited, failed
+    pub state: String,
+    /// none, starting, healthy, unhealthy
+    pub health: String,
+    pub restarts: u32,
+    pub started_ms: Option<i64>,
+    pub last_exit: Option<String>,
+    pub exit_code: Option<i32>,
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub revision: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// Per-service summary for `capstan ps`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub desired: u32,
+    pub stopped: bool,
+    pub has_healthcheck: bool,
+}
+
+/// State shared by the supervisor, its replica tasks and the API.
+pub struct Shared {
+    pub stack_dir: PathBuf,
+    pub events: EventLog,
+    pub logs: FileStore,
+    pub cgroups: Option<cgroup::Cgroups>,
+    pub state: Mutex<state::StateFile>,
+    status: Mutex<BTreeMap<(String, u32), Status>>,
+    services: Mutex<BTreeMap<String, ServiceStatus>>,
+    pub changed: watch::Sender<u64>,
+    ports: Mutex<BTreeSet<u16>>,
+    port_range: Mutex<[u16; 2]>,
+    warned: Mutex<BTreeSet<String>>,
+}
+
+impl Shared {
+    pub fn new(stack_dir: PathBuf, events: EventLog, logs: FileStore, cgroups: Option<cgroup::Cgroups>, state: state::StateFile) -> Shared {
+        Shared {
+            stack_dir,
+            events,
+            logs,
+            cgroups,
+            state: Mutex::new(state),
+            status: Mutex::default(),
+            services: Mutex::default(),
+            changed: watch::channel(0).0,
+            ports: Mutex::default(),
+            port_range: Mutex::new([20000, 29999]),
+            warned: Mutex::default(),
+        }
+    }
+
+    pub fn update(&self, service: &str, replica: u32, f: impl FnOnce(&mut Status)) {
+        {
+            let mut map = self.status.lock().unwrap();
+            let s = map.entry((service.to_owned(), replica)).or_insert_with(|| Status {
+                service: service.to_owned(),
+                replica,
+                state: "waiting".into(),
+                health: "none".into(),
+                ..Status::default()
+            });
+            f(s);
+        }
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    fn forget(&self, service: &str, replica: u32) {
+        self.status.lock().unwrap().remove(&(service.to_owned(), replica));
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    pub fn statuses(&self) -> Vec<Status> {
+        self.status.lock().unwrap().values().cloned().collect()
+    }
+
+    pub fn service_statuses(&self) -> Vec<ServiceStatus> {
+        self.services.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Whether every replica of `service` meets `cond` (a service scaled to zero does).
+    pub fn dependency_met(&self, service: &str, cond: Condition) -> bool {
+        let has_health = self.services.lock().unwrap().get(service).is_some_and(|s| s.has_healthcheck);
+        let map = self.status.lock().unwrap();
+        map.values().filter(|s| s.service == service).all(|s| match cond {
+            Condition::ServiceStarted => s.pid.is_some() || s.state == "exited",
+            Condition::ServiceHealthy if has_health => s.health == "healthy",
+            Condition::ServiceHealthy => s.pid.is_some(),
+            Condition::ServiceCompletedSuccessfully => s.state == "exited" && s.exit_code == Some(0),
+        })
+    }
+
+    /// Logs a warning once per distinct message (and records it as an event).
+    pub fn warn_once(&self, msg: String) {
+        if self.warned.lock().unwrap().insert(msg.clone()) {
+            tracing::warn!("{msg}");
+            self.events.emit("capstan", None, "warning", msg);
+        }
+    }
+
+    /// A free loopback port from the configured range, not given to another replica.
+    pub fn alloc_port(&self) -> u16 {
+        let [lo, hi] = *self.port_range.lock().unwrap();
+        let span = u32::from(hi - lo) + 1;
+        let seed = (crate::logs::now_ns() as u64 ^ u64::from(std::process::id()).rotate_left(17)) as u32;
+        let mut ports = self.ports.lock().unwrap();
+        for i in 0..span {
+            let p = lo + ((seed.wrapping_add(i)) % span) as u16;
+            if !ports.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                ports.insert(p);
+                return p;
+            }
+        }
+        // Range exhausted: let the kernel choose.
+        std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn release_port(&self, p: u16) {
+        self.ports.lock().unwrap().remove(&p);
+    }
+}
+
+pub type Reply = oneshot::Sender<Result<String, String>>;
+
+pub enum Command {
+    Apply(Box<Stack>, Reply),
+    Scale(BTreeMap<String, u32>, Reply),
+    Restart(Vec<String>, Reply),
+    Stop(Vec<String>, Reply),
+    Start(Vec<String>, Reply),
+    Down(Reply),
+}
+
+struct ReplicaHandle {
+    ctl: mpsc::Sender<replica::Ctl>,
+    task: JoinHandle<()>,
+}
+
+struct ServiceRt {
+    spec: Arc<Service>,
+    revision: String,
+    desired: u32,
+    stopped: bool,
+    replicas: BTreeMap<u32, ReplicaHandle>,
+}
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    stack: Stack,
+    services: BTreeMap<String, ServiceRt>,
+    revision_counter: u64,
+}
+
+/// Stops replicas left by a daemon that died without stopping them.
+pub async fn stop_leftovers(shared: &Shared) {
+    let records = shared.state.lock().unwrap().records();
+    let mut stops = Vec::new();
+    for r in records {
+        if !process::alive(r.pid, r.start_ticks) {
+            if let Some(cg) = &r.cgroup {
+                process::kill_leftovers(r.pid, Some(cg)).await;
+            }
+            continue;
+        }
+        shared.events.emit(
+            &r.service,
+            Some(r.replica),
+            "stopping",
+            format!("found pid {} left by a previous daemon; stopping it before starting afresh", r.pid),
+        );
+        stops.push(async move {
+            let sig = process::signal_by_name(&r.stop_signal);
+            process::stop_foreign(r.pid, r.cgroup.as_ref(), sig, Duration::from_millis(r.grace_ms)).await;
+        });
+    }
+    futures_join(stops).await;
+    shared.state.lock().unwrap().clear();
+}
+
+async fn futures_join<F: std::future::Future<Output = ()> + Send + 'static>(fs: Vec<F>) {
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// Services in start order: each after everything it depends on.
+pub fn start_order(stack: &Stack) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut left: Vec<&String> = stack.services.keys().collect();
+    while !left.is_empty() {
+        let before = left.len();
+        left.retain(|name| {
+            let ready = stack.services[*name].depends_on.keys().all(|d| out.contains(d) || !stack.services.contains_key(d));
+            if ready {
+                out.push((*name).clone());
+            }
+            !ready
+        });
+        if left.len() == before {
+            out.extend(left.drain(..).cloned());
+        }
+    }
+    out
+}
+
+impl Supervisor {
+    pub fn new(shared: Arc<Shared>, stack: Stack) -> Supervisor {
+        Supervisor { shared, stack: Stack { services: BTreeMap::new(), ..stack }, services: BTreeMap::new(), revision_counter: 0 }
+    }
+
+    pub async fn run(mut self, initial: Stack, mut rx: mpsc::Receiver<Command>) {
+        self.apply(initial).await;
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Apply(stack, reply) => {
+                    let msg = self.apply(*stack).await;
+                    let _ = reply.send(Ok(msg));
+                }
+                Command::Scale(counts, reply) => {
+                    let _ = reply.send(self.scale(counts).await);
+                }
+                Command::Restart(names, reply) => {
+                    let r = self.for_services(&names, |sv, n| Box::pin(sv.restart_service(n))).await;
+                    let _ = reply.send(r);
+                }
+                Command::Stop(names, reply) => {
+                    let r = self.for_services(&names, |sv, n| Box::pin(sv.stop_service(n))).await;
+                    let _ = reply.send(r);
+                }
+                Command::Start(names, reply) => {
+                    let r = self.for_services(&names, |sv, n| Box::pin(sv.start_service(n))).await;
+                    let _ = reply.send(r);
+                }
+                Command::Down(reply) => {
+                    self.down().await;
+                    let _ = reply.send(Ok("stopped every service".into()));
+                    return;
+                }
+            }
+        }
+        self.down().await;
+    }
+
+    async fn for_services<F>(&mut self, names: &[String], mut f: F) -> Result<String, String>
+    where
+        F: for<'a> FnMut(&'a mut Supervisor, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
+    {
+        let unknown: Vec<&String> = names.iter().filter(|n| !self.services.contains_key(*n)).collect();
+        if !unknown.is_empty() {
+            return Err(format!("no such service: {}", unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        for n in names {
+            f(self, n.clone()).await;
+        }
+        Ok(format!("done: {}", names.join(", ")))
+    }
+
+    fn publish_services(&self) {
+        let mut map = self.shared.services.lock().unwrap();
+        map.clear();
+        for (name, rt) in &self.services {
+            map.insert(
+                name.clone(),
+                ServiceStatus { name: name.clone(), desired: rt.desired, stopped: rt.stopped, has_healthcheck: rt.spec.healthcheck.is_some() },
+            );
+        }
+        drop(map);
+        self.shared.changed.send_modify(|g| *g += 1);
+    }
+
+    fn next_revision(&mut self) -> String {
+        self.revision_counter += 1;
+        self.revision_counter.to_string()
+    }
+
+    /// Makes the running services match `stack`: new ones start, removed ones stop,
+    /// changed ones restart, replica counts are met.
+    async fn apply(&mut self, stack: Stack) -> String {
+        *self.shared.port_range.lock().unwrap() = stack.settings.port_range;
+        let mut changes = Vec::new();
+        let removed: Vec<String> = self.services.keys().filter(|k| !stack.services.contains_key(*k)).cloned().collect();
+        for name in removed {
+            self.scale_to(&name, 0).await;
+            self.services.remove(&name);
+            changes.push(format!("removed {name}"));
+            self.shared.events.emit(&name, None, "removed", "service removed from the stack");
+        }
+        for name in start_order(&stack) {
+            let spec = &stack.services[&name];
+            match self.services.get(&name) {
+                Some(rt) if rt.spec.definition_eq(spec) => {
+                    if rt.desired != spec.deploy.replicas {
+                        changes.push(format!("scaled {name} to {}", spec.deploy.replicas));
+                        self.scale(BTreeMap::from([(name.clone(), spec.deploy.replicas)])).await.ok();
+                    }
+                }
+                Some(_) => {
+                    changes.push(format!("restarted {name} (definition changed)"));
+                    self.scale_to(&name, 0).await;
+                    let revision = self.next_revision();
+                    let rt = self.services.get_mut(&name).expect("present");
+                    rt.spec = Arc::new(spec.clone());
+                    rt.revision = revision;
+                    rt.desired = spec.deploy.replicas;
+                    rt.stopped = false;
+                    self.shared.events.emit(&name, None, "updated", "definition changed; replicas restarted");
+                    self.reconcile(&name);
+                }
+                None => {
+                    if !self.stack.services.is_empty() {
+                        changes.push(format!("added {name}"));
+                    }
+                    let revision = self.next_revision();
+                    self.services.insert(
+                        name.clone(),
+                        ServiceRt { spec: Arc::new(spec.clone()), revision, desired: spec.deploy.replicas, stopped: false, replicas: BTreeMap::new() },
+                    );
+                    self.reconcile(&name);
+                }
+            }
+        }
+        self.stack = stack;
+        self.publish_services();
+        if changes.is_empty() { "no changes".into() } else { changes.join("; ") }
+    }
+
+    /// Starts missing replicas of a service (up to `desired`, unless stopped).
+    fn reconcile(&mut self, name: &str) {
+        let Some(rt) = self.services.get_mut(name) else { return };
+        if rt.stopped {
+            return;
+        }
+        for idx in 0..rt.desired {
+            if rt.replicas.contains_key(&idx) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(1);
+            let r = replica::Replica { shared: self.shared.clone(), service: name.to_owned(), idx, spec: rt.spec.clone(), revision: rt.revision.clone() };
+            self.shared.update(name, idx, |s| {
+                *s = Status {
+                    service: name.to_owned(),
+                    replica: idx,
+                    state: "waiting".into(),
+                    health: "none".into(),
+                    revision: rt.revision.clone(),
+                    ..Status::default()
+                }
+            });
+            let task = tokio::spawn(r.run(rx));
+            rt.replicas.insert(idx, ReplicaHandle { ctl: tx, task });
+        }
+    }
+
+    /// Stops replicas with index >= n, all at once, and waits for them.
+    async fn scale_to(&mut self, name: &str, n: u32) {
+        let Some(rt) = self.services.get_mut(name) else { return };
+        let doomed: Vec<u32> = rt.replicas.keys().copied().filter(|i| *i >= n).collect();
+        let mut tasks = Vec::new();
+        for idx in &doomed {
+            if let Some(h) = rt.replicas.remove(idx) {
+                let _ = h.ctl.send(replica::Ctl::Stop).await;
+                tasks.push(h.task);
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        for idx in doomed {
+            self.shared.logs.close(name, idx);
+            self.shared.forget(name, idx);
+        }
+    }
+
+    async fn scale(&mut self, counts: BTreeMap<String, u32>) -> Result<String, String> {
+        for name in counts.keys() {
+            if !self.services.contains_key(name) {
+                return Err(format!("no such service: {name}"));
+            }
+        }
+        let mut done = Vec::new();
+        for (name, n) in counts {
+            let before = self.services[&name].desired;
+            self.scale_to(&name, n).await;
+            if let Some(rt) = self.services.get_mut(&name) {
+                rt.desired = n;
+            }
+            self.reconcile(&name);
+            self.shared.events.emit(&name, None, "scaled", format!("replicas {before} -> {n}"));
+            done.push(format!("{name}={n}"));
+        }
+        self.publish_services();
+        Ok(format!("scaled {}", done.join(" ")))
+    }
+
+    async fn stop_service(&mut self, name: String) {
+        self.scale_to(&name, 0).await;
+        if let Some(rt) = self.services.get_mut(&name) {
+            rt.stopped = true;
+        }
+        self.shared.events.emit(&name, None, "stopped", "service stopped");
+        self.publish_services();
+    }
+
+    async fn start_service(&mut self, name: String) {
+        if let Some(rt) = self.services.get_mut(&name) {
+            rt.stopped = false;
+        }
+        self.reconcile(&name);
+        self.publish_services();
+    }
+
+    async fn restart_service(&mut self, name: String) {
+        self.scale_to(&name, 0).await;
+        let revision = self.next_revision();
+        if let Some(rt) = self.services.get_mut(&name) {
+            rt.stopped = false;
+            rt.revision = revision;
+        }
+        self.shared.events.emit(&name, None, "restarted", "service restarted");
+        self.reconcile(&name);
+        self.publish_services();
+    }
+
+    /// Stops everything, dependents before what they depend on.
+    async fn down(&mut self) {
+        let mut order = start_order(&self.stack);
+        order.reverse();
+        // Group into levels so independent services stop together.
+        while !order.is_empty() {
+            let level: Vec<String> = order
+                .iter()
+                .filter(|n| !order.iter().any(|o| self.stack.services.get(o).is_some_and(|s| s.depends_on.contains_key(*n))))
+                .cloned()
+                .collect();
+            let level = if level.is_empty() { order.clone() } else { level };
+            let mut stops = Vec::new();
+            for name in &level {
+                if let Some(rt) = self.services.get_mut(name) {
+                    for (_, h) in std::mem::take(&mut rt.replicas) {
+                        let _ = h.ctl.send(replica::Ctl::Stop).await;
+                        stops.push(h.task);
+                    }
+                }
+            }
+            for t in stops {
+                let _ = t.await;
+            }
+            order.retain(|n| !level.contains(n));
+        }
+        self.shared.state.lock().unwrap().clear();
+    }
+}

@@ -1,0 +1,74 @@
+//! Durable record of the replicas the daemon started, so that a daemon killed
+//! with SIGKILL leaves nothing behind: the next one finds and stops them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroup::ReplicaCgroup;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub service: String,
+    pub replica: u32,
+    pub pid: i32,
+    /// Start time from /proc/PID/stat: tells a live replica from a reused pid.
+    pub start_ticks: u64,
+    pub cgroup: Option<ReplicaCgroup>,
+    pub stop_signal: String,
+    pub grace_ms: u64,
+}
+
+/// `replicas.json` in the data dir, rewritten atomically (temp file, fsync, rename).
+pub struct StateFile {
+    path: PathBuf,
+    records: BTreeMap<String, Record>,
+}
+
+impl StateFile {
+    pub fn open(dir: &Path) -> StateFile {
+        let path = dir.join("replicas.json");
+        let records = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StateFile { path, records }
+    }
+
+    pub fn records(&self) -> Vec<Record> {
+        self.records.values().cloned().collect()
+    }
+
+    pub fn insert(&mut self, r: Record) {
+        self.records.insert(format!("{}/{}", r.service, r.replica), r);
+        self.save();
+    }
+
+    pub fn remove(&mut self, service: &str, replica: u32, pid: i32) {
+        let key = format!("{service}/{replica}");
+        if self.records.get(&key).is_some_and(|r| r.pid == pid) {
+            self.records.remove(&key);
+            self.save();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.save();
+    }
+
+    fn save(&self) {
+        use std::io::Write;
+        let tmp = self.path.with_extension("json.tmp");
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(&self.records)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = result {
+            tracing::error!(path = %self.path.display(), "cannot save replica records: {e}");
+        }
+    }
+}
