@@ -4,7 +4,10 @@
 //! supervisor, the daemon's API and the CLI.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod daemon;
 pub mod events;
 pub mod logs;
 pub mod spec;

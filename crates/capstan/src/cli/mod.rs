@@ -1,1 +1,334 @@
-pub fn main() -> i32 { 0 }
+//! Command-line interface: one file per group of subcommands.
+
+mod logs;
+mod output;
+mod up;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use hyper::Method;
+
+use crate::client::{self, Client};
+use crate::spec::{self, LoadOptions, Loaded};
+
+const EXAMPLES: &str = "\
+Examples:
+  capstan up -f examples/hello/capstan.yaml     run the stack in the foreground
+  capstan up -d                                 start it in the background and return
+  capstan ps                                    replicas, their state, health, CPU and memory
+  capstan logs web -f --since 10m               follow the web service's output
+  capstan scale web=5                           run five replicas of web
+  capstan down                                  stop everything gracefully";
+
+#[derive(Parser, Debug)]
+#[command(name = "capstan", version, about = "Deploy and watch an application's services on one machine, from a compose-compatible file.", after_help = EXAMPLES)]
+pub struct Cli {
+    /// Stack file (default: capstan.yaml, compose.yaml or docker-compose.yml in the current directory).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Data directory (default: .capstan beside the stack file; also CAPSTAN_DATA_DIR).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Enable services of this profile (repeatable; also COMPOSE_PROFILES).
+    #[arg(long = "profile", global = true)]
+    profiles: Vec<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// `-f FILE` after the subcommand, as compose users type it.
+#[derive(clap::Args, Debug, Default)]
+pub struct FileOpt {
+    /// Stack file (default: capstan.yaml, compose.yaml or docker-compose.yml here).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+}
+
+/// For subcommands where `-f` means follow: the stack file by `--file` only.
+#[derive(clap::Args, Debug, Default)]
+pub struct LongFileOpt {
+    /// Stack file (default: capstan.yaml, compose.yaml or docker-compose.yml here).
+    #[arg(long = "file")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start the stack (or apply changes to the running one).
+    #[command(after_help = "Examples:\n  capstan up                 foreground; Ctrl-C stops everything\n  capstan up -d              detach once every service is started or failed\n  capstan up -d --listen 127.0.0.1:0   any free port for the API")]
+    Up(up::UpArgs),
+    /// Stop every service gracefully and exit the daemon.
+    Down {
+        #[command(flatten)]
+        f: FileOpt,
+    },
+    /// List replicas: state, health, restarts, uptime, CPU and memory.
+    Ps {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show replicas' output, merged by time.
+    Logs(logs::LogsArgs),
+    /// Set replica counts: capstan scale web=5 worker=2
+    Scale {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(required = true, value_name = "SERVICE=N")]
+        counts: Vec<String>,
+    },
+    /// Restart every replica of services.
+    Restart {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Stop services (they stay stopped until `capstan start`).
+    Stop {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Start stopped services.
+    Start {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Show lifecycle events (started, healthy, exited, restarting, …).
+    Events {
+        #[command(flatten)]
+        f: LongFileOpt,
+        #[arg(short = 'f', long = "follow")]
+        follow: bool,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print the normalized stack file (after interpolation and defaults).
+    Config {
+        #[command(flatten)]
+        f: FileOpt,
+    },
+    /// Validate the stack file only.
+    Check {
+        #[command(flatten)]
+        f: FileOpt,
+    },
+    /// Print the version.
+    Version,
+    /// Run the daemon in the foreground without progress output (used by `up -d`).
+    #[command(hide = true)]
+    Daemon(up::DaemonArgs),
+    /// Join cgroups and exec a replica's program (internal).
+    #[command(name = "__exec", hide = true)]
+    Exec {
+        #[arg(long = "cgroup")]
+        cgroups: Vec<PathBuf>,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+}
+
+/// An error with the exit code it maps to: 2 for usage and stack file errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct Usage {
+    pub msg: String,
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Usage { msg: msg.into() }.into()
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    if let Cmd::Exec { cgroups, argv } = &cli.command {
+        return crate::supervisor::process::exec_helper(cgroups, argv);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if e.downcast_ref::<Usage>().is_some() || e.downcast_ref::<spec::LoadError>().is_some() {
+                eprintln!("{e:#}");
+                2
+            } else {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    }
+}
+
+pub struct Ctx {
+    file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    profiles: Vec<String>,
+}
+
+impl Ctx {
+    fn stack_file(&self) -> Result<PathBuf> {
+        let cwd = std::env::current_dir()?;
+        spec::find_file(self.file.as_deref(), &cwd).map_err(usage)
+    }
+
+    /// Loads and validates the stack; prints warnings; errors exit 2.
+    fn load(&self) -> Result<Loaded> {
+        let file = self.stack_file()?;
+        let mut opts = LoadOptions::from_process();
+        opts.profiles.extend(self.profiles.iter().cloned());
+        match spec::load(&file, &opts) {
+            Ok(l) => {
+                for w in &l.warnings {
+                    eprintln!("warning: {w}");
+                }
+                Ok(l)
+            }
+            Err(e) => {
+                for w in &e.warnings {
+                    eprintln!("warning: {w}");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn data_dir(&self, file: &Path) -> PathBuf {
+        client::data_dir(self.data_dir.as_deref(), file)
+    }
+
+    /// The client of the running daemon for this stack.
+    fn client(&self) -> Result<Client> {
+        let (dir, hint) = match (&self.data_dir, self.stack_file()) {
+            (Some(d), _) => (d.clone(), self.file.clone()),
+            (None, Ok(f)) => (self.data_dir(&f), self.file.clone()),
+            (None, Err(e)) => return Err(e),
+        };
+        Client::find(&dir, hint.as_deref())
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let sub_file = match &cli.command {
+        Cmd::Up(a) => a.f.file.clone(),
+        Cmd::Daemon(a) => a.f.file.clone(),
+        Cmd::Logs(a) => a.f.file.clone(),
+        Cmd::Events { f, .. } => f.file.clone(),
+        Cmd::Down { f }
+        | Cmd::Ps { f, .. }
+        | Cmd::Scale { f, .. }
+        | Cmd::Restart { f, .. }
+        | Cmd::Stop { f, .. }
+        | Cmd::Start { f, .. }
+        | Cmd::Config { f }
+        | Cmd::Check { f } => f.file.clone(),
+        Cmd::Version | Cmd::Exec { .. } => None,
+    };
+    let ctx = Ctx { file: sub_file.or(cli.file), data_dir: cli.data_dir, profiles: cli.profiles };
+    match cli.command {
+        Cmd::Up(args) => up::up(&ctx, args).await,
+        Cmd::Daemon(args) => up::daemon(&ctx, args).await,
+        Cmd::Down { .. } => {
+            let c = ctx.client()?;
+            let pid = c.info.pid;
+            let v = c.json(Method::POST, "/capstan/v1/down", None).await?;
+            // Wait for the daemon process itself to finish.
+            for _ in 0..600 {
+                if !Path::new(&format!("/proc/{pid}")).exists() || crate::supervisor::process::proc_stat(pid as i32).is_some_and(|s| s.state == 'Z') {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            println!("{}", v["message"].as_str().unwrap_or("stopped"));
+            Ok(0)
+        }
+        Cmd::Ps { output, .. } => {
+            let c = ctx.client()?;
+            let v = c.json(Method::GET, "/capstan/v1/ps", None).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v["replicas"])?),
+                Output::Table => print!("{}", output::ps_table(&v)),
+            }
+            Ok(0)
+        }
+        Cmd::Logs(args) => logs::logs(&ctx, args).await,
+        Cmd::Scale { counts, .. } => {
+            let mut body = serde_json::Map::new();
+            for c in &counts {
+                let parsed = c.split_once('=').and_then(|(s, n)| Some((s.to_owned(), n.parse::<u32>().ok()?)));
+                let Some((s, n)) = parsed else {
+                    return Err(usage(format!("expected SERVICE=N, found {c:?}")));
+                };
+                body.insert(s, n.into());
+            }
+            let v = ctx.client()?.json(Method::POST, "/capstan/v1/scale", Some(body.into())).await?;
+            println!("{}", v["message"].as_str().unwrap_or("done"));
+            Ok(0)
+        }
+        Cmd::Restart { services, .. } => service_action(&ctx, "restart", services).await,
+        Cmd::Stop { services, .. } => service_action(&ctx, "stop", services).await,
+        Cmd::Start { services, .. } => service_action(&ctx, "start", services).await,
+        Cmd::Events { follow, output, .. } => {
+            let c = ctx.client()?;
+            let color = output::use_color();
+            c.stream(&format!("/capstan/v1/events?follow={follow}"), |v| {
+                match output {
+                    Output::Json => println!("{v}"),
+                    Output::Table => println!("{}", output::event_line(&v, color)),
+                }
+                true
+            })
+            .await?;
+            Ok(0)
+        }
+        Cmd::Config { .. } => {
+            let l = ctx.load()?;
+            print!("{}", spec::to_yaml(&l.stack));
+            Ok(0)
+        }
+        Cmd::Check { .. } => {
+            let l = ctx.load()?;
+            println!("{}: ok ({} services)", l.file.display(), l.stack.services.len());
+            Ok(0)
+        }
+        Cmd::Version => {
+            println!("capstan {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        Cmd::Exec { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+async fn service_action(ctx: &Ctx, action: &str, services: Vec<String>) -> Result<i32> {
+    let v = ctx
+        .client()?
+        .json(Method::POST, &format!("/capstan/v1/services/{action}"), Some(serde_json::json!({ "services": services })))
+        .await?;
+    println!("{}", v["message"].as_str().unwrap_or("done"));
+    Ok(0)
+}

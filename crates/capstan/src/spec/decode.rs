@@ -320,6 +320,18 @@ impl Decoder<'_> {
                 _ => self.error(n, &p, format!("expected a port range like 20000-29999, found {}", n.describe())),
             }
         }
+        if let Some(n) = f.take("logs") {
+            let lp = join(path, "logs");
+            if let Some(mut lf) = self.fields(n, &lp) {
+                if let Some(v) = lf.take("max_file_size").and_then(|v| self.bytes(v, &join(&lp, "max_file_size"))) {
+                    s.logs.max_file_size = v;
+                }
+                if let Some(v) = lf.take("max_total_size").and_then(|v| self.bytes(v, &join(&lp, "max_total_size"))) {
+                    s.logs.max_total_size = v;
+                }
+                self.finish(lf, &lp, &[]);
+            }
+        }
         self.finish(f, path, &[]);
         s
     }

@@ -19,11 +19,27 @@ pub struct Stack {
 pub struct Settings {
     /// Range replicas' `$PORT` values are allocated from (inclusive).
     pub port_range: [u16; 2],
+    pub logs: LogSettings,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { port_range: [20000, 29999] }
+        Settings { port_range: [20000, 29999], logs: LogSettings::default() }
+    }
+}
+
+/// Where captured output goes (`x-capstan.logs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogSettings {
+    /// A replica's log segment is rotated at this size (bytes).
+    pub max_file_size: u64,
+    /// Oldest segments are deleted beyond this total (bytes).
+    pub max_total_size: u64,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { max_file_size: 8 << 20, max_total_size: 512 << 20 }
     }
 }
 

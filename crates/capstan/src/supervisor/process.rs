@@ -2,7 +2,7 @@
 //! cgroup) and stops the whole group.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 

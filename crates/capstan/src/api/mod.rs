@@ -1,0 +1,225 @@
+//! The daemon's HTTP API. `/capstan/v1` is the control API the CLI uses (bearer
+//! token from `.capstan/token`); `/-/healthy` and `/-/ready` are open.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::logs::LogQuery;
+use crate::spec::Stack;
+use crate::supervisor::{Command, Shared};
+
+#[derive(Clone)]
+pub struct Api {
+    pub shared: Arc<Shared>,
+    pub commands: mpsc::Sender<Command>,
+    pub token: Arc<String>,
+    pub info: Arc<serde_json::Value>,
+}
+
+pub fn router(api: Api) -> Router {
+    let control = Router::new()
+        .route("/status", get(status))
+        .route("/ps", get(ps))
+        .route("/apply", post(apply))
+        .route("/scale", post(scale))
+        .route("/services/{action}", post(service_action))
+        .route("/down", post(down))
+        .route("/events", get(events))
+        .route("/logs", get(logs))
+        .layer(middleware::from_fn_with_state(api.clone(), auth));
+    Router::new()
+        .nest("/capstan/v1", control)
+        .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))
+        .route("/-/ready", get(|| async { "Capstan is Ready.\n" }))
+        .with_state(api)
+}
+
+async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see .capstan/token)")
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(serde_json::json!({"status": "error", "error": msg.into()}))).into_response()
+}
+
+async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json((*api.info).clone())
+}
+
+async fn ps(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "services": api.shared.service_statuses(),
+        "replicas": api.shared.statuses(),
+    }))
+}
+
+async fn send(api: &Api, make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if api.commands.send(make(tx)).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down");
+    }
+    match rx.await {
+        Ok(Ok(msg)) => Json(serde_json::json!({"status": "ok", "message": msg})).into_response(),
+        Ok(Err(msg)) => error(StatusCode::BAD_REQUEST, msg),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down"),
+    }
+}
+
+async fn apply(State(api): State<Api>, Json(stack): Json<Stack>) -> Response {
+    send(&api, |tx| Command::Apply(Box::new(stack), tx)).await
+}
+
+async fn scale(State(api): State<Api>, Json(counts): Json<BTreeMap<String, u32>>) -> Response {
+    send(&api, |tx| Command::Scale(counts, tx)).await
+}
+
+#[derive(Deserialize)]
+struct Names {
+    services: Vec<String>,
+}
+
+async fn service_action(State(api): State<Api>, Path(action): Path<String>, Json(n): Json<Names>) -> Response {
+    match action.as_str() {
+        "restart" => send(&api, |tx| Command::Restart(n.services, tx)).await,
+        "stop" => send(&api, |tx| Command::Stop(n.services, tx)).await,
+        "start" => send(&api, |tx| Command::Start(n.services, tx)).await,
+        other => error(StatusCode::NOT_FOUND, format!("unknown action {other:?}; expected restart, stop or start")),
+    }
+}
+
+async fn down(State(api): State<Api>) -> Response {
+    send(&api, Command::Down).await
+}
+
+#[derive(Deserialize, Default)]
+struct StreamParams {
+    #[serde(default)]
+    follow: bool,
+    /// Comma-separated service names.
+    #[serde(default)]
+    service: Option<String>,
+    replica: Option<u32>,
+    since_ns: Option<i64>,
+    tail: Option<usize>,
+}
+
+fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok::<_, Infallible>);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "cannot build response"))
+}
+
+fn line<T: serde::Serialize>(v: &T) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response {
+    let (history, mut live) = api.shared.events.subscribe_with_history();
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        for e in history.iter().filter(|e| p.since_ns.is_none_or(|s| e.time_ms * 1_000_000 >= s)) {
+            if tx.send(line(e)).await.is_err() {
+                return;
+            }
+        }
+        while p.follow {
+            match live.recv().await {
+                Ok(e) => {
+                    if tx.send(line(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    ndjson(rx)
+}
+
+async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response {
+    let q = LogQuery {
+        services: p.service.as_deref().map(|s| s.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default(),
+        replica: p.replica,
+        since_ns: p.since_ns,
+        tail: p.tail,
+    };
+    let shared = api.shared.clone();
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::task::spawn(async move {
+        let (history, mut live) = shared.logs.query_and_subscribe(&q);
+        // Highest sequence number sent per replica, so nothing is sent twice.
+        let mut sent: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        for r in history {
+            sent.insert((r.service.clone(), r.replica), r.seq);
+            if tx.send(line(&r)).await.is_err() {
+                return;
+            }
+        }
+        while p.follow {
+            match live.recv().await {
+                Ok(r) => {
+                    if !q.wants(&r.service, r.replica) {
+                        continue;
+                    }
+                    let last = sent.entry((r.service.clone(), r.replica)).or_insert(0);
+                    if r.seq <= *last {
+                        continue;
+                    }
+                    *last = r.seq;
+                    if tx.send(line(&*r)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind the broadcast: catch up from the files.
+                    let mut missed = Vec::new();
+                    for ((service, replica), seq) in &sent {
+                        missed.extend(shared.logs.after(service, *replica, *seq));
+                    }
+                    missed.sort_by_key(|r| r.ts_ns);
+                    for r in missed {
+                        let last = sent.entry((r.service.clone(), r.replica)).or_insert(0);
+                        if r.seq > *last {
+                            *last = r.seq;
+                            if tx.send(line(&r)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    ndjson(rx)
+}

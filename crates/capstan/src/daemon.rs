@@ -1,0 +1,145 @@
+//! The daemon: holds the data dir lock, runs the supervisor and serves the API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::events::EventLog;
+use crate::logs::files::FileStore;
+use crate::spec::Stack;
+use crate::supervisor::{self, Command, Shared, Supervisor, cgroup::Cgroups, state::StateFile};
+
+/// `daemon.json` in the data dir: how the CLI finds a running daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub file: PathBuf,
+    pub started_ms: i64,
+}
+
+pub struct Options {
+    pub file: PathBuf,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub stack: Stack,
+    pub log_max_file: u64,
+    pub log_max_total: u64,
+}
+
+/// Reads the bearer token, creating it (mode 0600) on first start.
+pub fn ensure_token(data_dir: &Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_owned());
+    }
+    let mut raw = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .context("reading /dev/urandom for the API token")?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+/// A stable id for the stack's cgroups: its name and a hash of its file's path.
+pub fn stack_id(stack: &Stack, file: &Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in file.to_string_lossy().bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{}-{:08x}", stack.name, h as u32)
+}
+
+/// Takes the data dir's lock; fails if another daemon holds it.
+pub fn lock(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = data_dir.join("daemon.lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, e)) => bail!("another capstan daemon is running for {} ({e})", data_dir.display()),
+    }
+}
+
+/// Runs until `down` or SIGTERM/SIGINT, then stops every replica and returns.
+/// `ready` gets the bound address once the API listens.
+pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> Result<()> {
+    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    let _lock = lock(&opts.data_dir)?;
+    let token = ensure_token(&opts.data_dir)?;
+    let events = EventLog::open(&opts.data_dir).context("opening the event log")?;
+    let logs = FileStore::open(&opts.data_dir.join("logs"), opts.log_max_file, opts.log_max_total).context("opening the log store")?;
+    let cgroups = match Cgroups::detect(&stack_id(&opts.stack, &opts.file)) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            events.emit("capstan", None, "warning", format!("cgroups unavailable ({why}): resource limits are not applied; CPU and memory come from /proc"));
+            None
+        }
+    };
+    let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let shared = Arc::new(Shared::new(stack_dir, events, logs, cgroups.clone(), StateFile::open(&opts.data_dir)));
+    supervisor::stop_leftovers(&shared).await;
+
+    let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let info = DaemonInfo { pid: std::process::id(), addr, file: opts.file.clone(), started_ms: crate::events::now_ms() };
+    let info_path = opts.data_dir.join("daemon.json");
+    std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?).context("writing daemon.json")?;
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let sup = Supervisor::new(shared.clone(), opts.stack.clone());
+    let sup_task = tokio::spawn(sup.run(opts.stack.clone(), cmd_rx));
+    let api = crate::api::Api {
+        shared: shared.clone(),
+        commands: cmd_tx.clone(),
+        token: Arc::new(token),
+        info: Arc::new(serde_json::json!({
+            "name": opts.stack.name,
+            "file": opts.file,
+            "pid": info.pid,
+            "addr": addr,
+            "version": env!("CARGO_PKG_VERSION"),
+            "cgroups": cgroups.as_ref().map(|c| c.version()),
+        })),
+    };
+    shared.events.emit("capstan", None, "daemon-started", format!("pid {} listening on {addr}", info.pid));
+    if let Some(r) = ready {
+        let _ = r.send(addr);
+    }
+    let server = axum::serve(listener, crate::api::router(api));
+    let shutdown_tx = cmd_tx.clone();
+    let signals = async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let (tx, _rx) = oneshot::channel();
+        let _ = shutdown_tx.send(Command::Down(tx)).await;
+    };
+    tokio::spawn(signals);
+    // The supervisor returns after `down`; then the server stops.
+    let result = server
+        .with_graceful_shutdown(async move {
+            let _ = sup_task.await;
+        })
+        .await;
+    shared.events.emit("capstan", None, "daemon-stopped", "every service stopped; daemon exiting");
+    let _ = std::fs::remove_file(&info_path);
+    result.context("serving the API")
+}
