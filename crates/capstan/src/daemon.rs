@@ -139,6 +139,9 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             let _ = sup_task.await;
         })
         .await;
+    if let Some(cg) = &cgroups {
+        cg.remove_base();
+    }
     shared.events.emit("capstan", None, "daemon-stopped", "every service stopped; daemon exiting");
     let _ = std::fs::remove_file(&info_path);
     result.context("serving the API")

@@ -94,6 +94,17 @@ impl Cgroups {
         }
     }
 
+    /// Removes the stack's own directories once its replicas' cgroups are gone.
+    pub fn remove_base(&self) {
+        let roots: Vec<&PathBuf> = match &self.layout {
+            Layout::V2 { root } => vec![root],
+            Layout::V1 { memory, cpu, cpuacct, pids } => std::iter::once(memory).chain(cpu).chain(cpuacct).chain(pids).collect(),
+        };
+        for r in roots {
+            let _ = fs::remove_dir(r.join(&self.base));
+        }
+    }
+
     /// Creates (or reuses) the cgroup of one replica and writes its limits.
     pub fn create(&self, name: &str, limits: &Limits) -> io::Result<ReplicaCgroup> {
         let rel = self.base.join(name);
@@ -154,7 +165,7 @@ impl Cgroups {
 }
 
 fn create_dir(p: &Path) -> io::Result<()> {
-    match fs::create_dir(p) {
+    match fs::create_dir_all(p) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
         _ => Ok(()),
     }

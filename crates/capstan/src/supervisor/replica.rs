@@ -283,13 +283,11 @@ impl Replica {
         if let Some(t) = health_task {
             t.abort();
         }
+        // Read before the cgroup is removed with the leftovers.
+        let oom = launch.cgroup.as_ref().is_some_and(|c| c.oom_kills() > oom_before);
         process::kill_leftovers(pid, launch.cgroup.as_ref()).await;
         for c in captures {
             let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
-        }
-        let oom = launch.cgroup.as_ref().is_some_and(|c| c.oom_kills() > oom_before);
-        if let Some(cg) = &launch.cgroup {
-            cg.remove();
         }
         self.shared.state.lock().unwrap().remove(&self.service, self.idx, pid);
         self.shared.release_port(port);

@@ -1,0 +1,161 @@
+//! Helpers for end-to-end tests: a stack in a temp dir, driven by the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn capstan_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_capstan"))
+}
+
+/// The demo service binary, built beside capstan (`cargo build --workspace`).
+pub fn demo_bin() -> PathBuf {
+    let p = capstan_bin().with_file_name("capstan-demo");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first (scripts/test does)", p.display());
+    p
+}
+
+pub struct TestStack {
+    pub dir: tempfile::TempDir,
+    /// A unique value put in every replica's environment, to find its processes in /proc.
+    pub marker: String,
+}
+
+impl TestStack {
+    /// Writes `yaml` (with `{demo}` and `{marker}` substituted) as capstan.yaml.
+    pub fn new(yaml: &str) -> TestStack {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("t{}x{}", std::process::id(), dir.path().file_name().unwrap().to_string_lossy().replace('.', ""));
+        let stack = TestStack { dir, marker };
+        stack.write(yaml);
+        stack
+    }
+
+    pub fn write(&self, yaml: &str) {
+        let text = yaml.replace("{demo}", &demo_bin().display().to_string()).replace("{marker}", &self.marker);
+        std::fs::write(self.file(), text).unwrap();
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.dir.path().join("capstan.yaml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join(".capstan")
+    }
+
+    /// Runs `capstan ARGS` in the stack's directory.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("NO_COLOR", "1")
+            .env_remove("CAPSTAN_DATA_DIR")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects success, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "capstan {args:?} failed: {}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn up(&self) -> String {
+        self.ok(&["up", "-d", "--listen", "127.0.0.1:0", "--wait-timeout", "60s"])
+    }
+
+    pub fn ps(&self) -> Vec<Value> {
+        let out = self.ok(&["ps", "--output", "json"]);
+        serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+    }
+
+    pub fn replicas(&self, service: &str) -> Vec<Value> {
+        self.ps().into_iter().filter(|r| r["service"] == service).collect()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        let out = self.ok(&["events", "--output", "json"]);
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    pub fn daemon_pid(&self) -> i32 {
+        let info: Value = serde_json::from_slice(&std::fs::read(self.data_dir().join("daemon.json")).unwrap()).unwrap();
+        info["pid"].as_i64().unwrap() as i32
+    }
+
+    /// Pids of live processes that carry this stack's marker in their environment.
+    pub fn marked_pids(&self) -> Vec<i32> {
+        let needle = format!("CAPSTAN_TEST_MARKER={}", self.marker);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+            if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+                continue;
+            }
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next().unwrap_or('?')));
+            if state.is_some_and(|c| c != 'Z') {
+                out.push(pid);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Text of every stored log line of a service (read from the files).
+    pub fn stored_logs(&self, service: &str) -> String {
+        let mut out = String::new();
+        let root = self.data_dir().join("logs").join(service);
+        for r in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(r.path()).into_iter().flatten().flatten() {
+                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        // Best effort: stop the daemon and anything left, even when a test failed.
+        let _ = self.run(&["down"]);
+        for pid in self.marked_pids() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with(|c| c != 'Z'))).unwrap_or(false)
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
