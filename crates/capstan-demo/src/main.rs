@@ -17,7 +17,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-const BUCKETS: [f64; 11] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const BUCKETS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 #[derive(Default)]
 struct Histogram {
@@ -50,7 +52,12 @@ impl App {
 
     fn record(&self, path: &str, code: u16, started: Instant) {
         let secs = started.elapsed().as_secs_f64();
-        *self.requests.lock().unwrap().entry((path.to_owned(), code)).or_default() += 1;
+        *self
+            .requests
+            .lock()
+            .unwrap()
+            .entry((path.to_owned(), code))
+            .or_default() += 1;
         let mut lat = self.latency.lock().unwrap();
         let h = lat.entry(path.to_owned()).or_default();
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -64,13 +71,19 @@ impl App {
         log(
             "info",
             "request",
-            &[("path", path.into()), ("code", code.into()), ("duration_ms", (secs * 1000.0).into())],
+            &[
+                ("path", path.into()),
+                ("code", code.into()),
+                ("duration_ms", (secs * 1000.0).into()),
+            ],
         );
     }
 }
 
 fn now_rfc3339() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     format!("{}.{:03}", d.as_secs(), d.subsec_millis())
 }
 
@@ -86,7 +99,10 @@ fn log(level: &str, msg: &str, fields: &[(&str, serde_json::Value)]) {
 }
 
 fn env_f64(name: &str) -> f64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 async fn hello(State(app): State<Arc<App>>) -> Response {
@@ -96,7 +112,11 @@ async fn hello(State(app): State<Arc<App>>) -> Response {
         return (StatusCode::INTERNAL_SERVER_ERROR, "injected failure\n").into_response();
     }
     app.record("/", 200, started);
-    format!("hello from {} version {} replica {}\n", app.service, app.version, app.replica).into_response()
+    format!(
+        "hello from {} version {} replica {}\n",
+        app.service, app.version, app.replica
+    )
+    .into_response()
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> &'static str {
@@ -106,7 +126,11 @@ async fn healthz(State(app): State<Arc<App>>) -> &'static str {
 
 async fn work(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let started = Instant::now();
-    let ms: u64 = q.get("ms").and_then(|v| v.parse().ok()).unwrap_or(10).min(60_000);
+    let ms: u64 = q
+        .get("ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .min(60_000);
     let spins = tokio::task::spawn_blocking(move || {
         let until = Instant::now() + Duration::from_millis(ms);
         let mut x = 0u64;
@@ -125,7 +149,11 @@ async fn work(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, Stri
 
 async fn alloc(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let started = Instant::now();
-    let mb: usize = q.get("mb").and_then(|v| v.parse().ok()).unwrap_or(1).min(64 * 1024);
+    let mb: usize = q
+        .get("mb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .min(64 * 1024);
     // Touch every page so the memory is really resident.
     let block: Vec<u8> = (0..mb << 20).map(|i| (i % 251) as u8).collect();
     let total = {
@@ -134,7 +162,11 @@ async fn alloc(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, Str
         held.iter().map(Vec::len).sum::<usize>() >> 20
     };
     app.record("/alloc", 200, started);
-    log("info", "allocated", &[("mb", mb.into()), ("total_mb", total.into())]);
+    log(
+        "info",
+        "allocated",
+        &[("mb", mb.into()), ("total_mb", total.into())],
+    );
     format!("holding {total} MiB\n").into_response()
 }
 
@@ -144,21 +176,48 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     out.push_str("# HELP demo_requests_total Requests handled, by path and status code.\n");
     out.push_str("# TYPE demo_requests_total counter\n");
     for ((path, code), n) in app.requests.lock().unwrap().iter() {
-        let _ = writeln!(out, "demo_requests_total{{path=\"{path}\",code=\"{code}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "demo_requests_total{{path=\"{path}\",code=\"{code}\"}} {n}"
+        );
     }
     out.push_str("# HELP demo_request_duration_seconds Request latency.\n");
     out.push_str("# TYPE demo_request_duration_seconds histogram\n");
     for (path, h) in app.latency.lock().unwrap().iter() {
         for (b, c) in BUCKETS.iter().zip(h.counts) {
-            let _ = writeln!(out, "demo_request_duration_seconds_bucket{{path=\"{path}\",le=\"{b}\"}} {c}");
+            let _ = writeln!(
+                out,
+                "demo_request_duration_seconds_bucket{{path=\"{path}\",le=\"{b}\"}} {c}"
+            );
         }
-        let _ = writeln!(out, "demo_request_duration_seconds_bucket{{path=\"{path}\",le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "demo_request_duration_seconds_sum{{path=\"{path}\"}} {}", h.sum);
-        let _ = writeln!(out, "demo_request_duration_seconds_count{{path=\"{path}\"}} {}", h.count);
+        let _ = writeln!(
+            out,
+            "demo_request_duration_seconds_bucket{{path=\"{path}\",le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(
+            out,
+            "demo_request_duration_seconds_sum{{path=\"{path}\"}} {}",
+            h.sum
+        );
+        let _ = writeln!(
+            out,
+            "demo_request_duration_seconds_count{{path=\"{path}\"}} {}",
+            h.count
+        );
     }
-    out.push_str("# HELP demo_build_info Version of the demo service.\n# TYPE demo_build_info gauge\n");
+    out.push_str(
+        "# HELP demo_build_info Version of the demo service.\n# TYPE demo_build_info gauge\n",
+    );
     let _ = writeln!(out, "demo_build_info{{version=\"{}\"}} 1", app.version);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn shutdown_signal() {
@@ -169,13 +228,24 @@ async fn shutdown_signal() {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    log("info", "shutting down, finishing in-flight requests", &[("signal", which.into())]);
+    log(
+        "info",
+        "shutting down, finishing in-flight requests",
+        &[("signal", which.into())],
+    );
 }
 
 #[tokio::main]
 async fn main() {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64 | 1;
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+        | 1;
     let app = Arc::new(App {
         version: std::env::var("VERSION").unwrap_or_else(|_| "dev".into()),
         replica: std::env::var("CAPSTAN_REPLICA").unwrap_or_else(|_| "0".into()),
@@ -209,12 +279,26 @@ async fn main() {
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
         Ok(l) => l,
         Err(e) => {
-            log("error", "cannot listen", &[("port", port.into()), ("error", e.to_string().into())]);
+            log(
+                "error",
+                "cannot listen",
+                &[("port", port.into()), ("error", e.to_string().into())],
+            );
             std::process::exit(1);
         }
     };
-    log("info", "listening", &[("port", port.into()), ("version", app.version.clone().into())]);
-    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await {
+    log(
+        "info",
+        "listening",
+        &[
+            ("port", port.into()),
+            ("version", app.version.clone().into()),
+        ],
+    );
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+    {
         log("error", "server failed", &[("error", e.to_string().into())]);
         std::process::exit(1);
     }

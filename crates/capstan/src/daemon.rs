@@ -66,21 +66,35 @@ pub fn stack_id(stack: &Stack, file: &Path) -> String {
 /// Takes the data dir's lock; fails if another daemon holds it.
 pub fn lock(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     let path = data_dir.join("daemon.lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
     match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => Ok(l),
-        Err((_, e)) => bail!("another capstan daemon is running for {} ({e})", data_dir.display()),
+        Err((_, e)) => bail!(
+            "another capstan daemon is running for {} ({e})",
+            data_dir.display()
+        ),
     }
 }
 
 /// Runs until `down` or SIGTERM/SIGINT, then stops every replica and returns.
 /// `ready` gets the bound address once the API listens.
 pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> Result<()> {
-    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
     let _lock = lock(&opts.data_dir)?;
     let token = ensure_token(&opts.data_dir)?;
     let events = EventLog::open(&opts.data_dir).context("opening the event log")?;
-    let logs = FileStore::open(&opts.data_dir.join("logs"), opts.log_max_file, opts.log_max_total).context("opening the log store")?;
+    let logs = FileStore::open(
+        &opts.data_dir.join("logs"),
+        opts.log_max_file,
+        opts.log_max_total,
+    )
+    .context("opening the log store")?;
     let cgroups = match Cgroups::detect(&stack_id(&opts.stack, &opts.file)) {
         Ok(c) => Some(c),
         Err(why) => {
@@ -89,12 +103,25 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         }
     };
     let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let shared = Arc::new(Shared::new(stack_dir, events, logs, cgroups.clone(), StateFile::open(&opts.data_dir)));
+    let shared = Arc::new(Shared::new(
+        stack_dir,
+        events,
+        logs,
+        cgroups.clone(),
+        StateFile::open(&opts.data_dir),
+    ));
     supervisor::stop_leftovers(&shared).await;
 
-    let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr()?;
-    let info = DaemonInfo { pid: std::process::id(), addr, file: opts.file.clone(), started_ms: crate::events::now_ms() };
+    let info = DaemonInfo {
+        pid: std::process::id(),
+        addr,
+        file: opts.file.clone(),
+        started_ms: crate::events::now_ms(),
+    };
     let info_path = opts.data_dir.join("daemon.json");
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?).context("writing daemon.json")?;
 
@@ -114,7 +141,12 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             "cgroups": cgroups.as_ref().map(|c| c.version()),
         })),
     };
-    shared.events.emit("capstan", None, "daemon-started", format!("pid {} listening on {addr}", info.pid));
+    shared.events.emit(
+        "capstan",
+        None,
+        "daemon-started",
+        format!("pid {} listening on {addr}", info.pid),
+    );
     if let Some(r) = ready {
         let _ = r.send(addr);
     }
@@ -122,7 +154,10 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let shutdown_tx = cmd_tx.clone();
     let signals = async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return std::future::pending().await;
         };
         tokio::select! {
@@ -142,7 +177,12 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     if let Some(cg) = &cgroups {
         cg.remove_base();
     }
-    shared.events.emit("capstan", None, "daemon-stopped", "every service stopped; daemon exiting");
+    shared.events.emit(
+        "capstan",
+        None,
+        "daemon-stopped",
+        "every service stopped; daemon exiting",
+    );
     let _ = std::fs::remove_file(&info_path);
     result.context("serving the API")
 }

@@ -68,7 +68,13 @@ impl EventLog {
     }
 
     pub fn emit(&self, service: &str, replica: Option<u32>, kind: &str, reason: impl Into<String>) {
-        let e = Event { time_ms: now_ms(), service: service.into(), replica, kind: kind.into(), reason: reason.into() };
+        let e = Event {
+            time_ms: now_ms(),
+            service: service.into(),
+            replica,
+            kind: kind.into(),
+            reason: reason.into(),
+        };
         match replica {
             Some(r) => tracing::info!(service, replica = r, kind, "{}", e.reason),
             None => tracing::info!(service, kind, "{}", e.reason),

@@ -14,7 +14,11 @@ pub fn capstan_bin() -> PathBuf {
 /// The demo service binary, built beside capstan (`cargo build --workspace`).
 pub fn demo_bin() -> PathBuf {
     let p = capstan_bin().with_file_name("capstan-demo");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first (scripts/test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first (scripts/test does)",
+        p.display()
+    );
     p
 }
 
@@ -28,14 +32,24 @@ impl TestStack {
     /// Writes `yaml` (with `{demo}` and `{marker}` substituted) as capstan.yaml.
     pub fn new(yaml: &str) -> TestStack {
         let dir = tempfile::tempdir().unwrap();
-        let marker = format!("t{}x{}", std::process::id(), dir.path().file_name().unwrap().to_string_lossy().replace('.', ""));
+        let marker = format!(
+            "t{}x{}",
+            std::process::id(),
+            dir.path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace('.', "")
+        );
         let stack = TestStack { dir, marker };
         stack.write(yaml);
         stack
     }
 
     pub fn write(&self, yaml: &str) {
-        let text = yaml.replace("{demo}", &demo_bin().display().to_string()).replace("{marker}", &self.marker);
+        let text = yaml
+            .replace("{demo}", &demo_bin().display().to_string())
+            .replace("{marker}", &self.marker);
         std::fs::write(self.file(), text).unwrap();
     }
 
@@ -61,30 +75,54 @@ impl TestStack {
     /// Runs and expects success, returning stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "capstan {args:?} failed: {}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "capstan {args:?} failed: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn up(&self) -> String {
-        self.ok(&["up", "-d", "--listen", "127.0.0.1:0", "--wait-timeout", "60s"])
+        self.ok(&[
+            "up",
+            "-d",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait-timeout",
+            "60s",
+        ])
     }
 
     pub fn ps(&self) -> Vec<Value> {
         let out = self.ok(&["ps", "--output", "json"]);
-        serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn replicas(&self, service: &str) -> Vec<Value> {
-        self.ps().into_iter().filter(|r| r["service"] == service).collect()
+        self.ps()
+            .into_iter()
+            .filter(|r| r["service"] == service)
+            .collect()
     }
 
     pub fn events(&self) -> Vec<Value> {
         let out = self.ok(&["events", "--output", "json"]);
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub fn daemon_pid(&self) -> i32 {
-        let info: Value = serde_json::from_slice(&std::fs::read(self.data_dir().join("daemon.json")).unwrap()).unwrap();
+        let info: Value =
+            serde_json::from_slice(&std::fs::read(self.data_dir().join("daemon.json")).unwrap())
+                .unwrap();
         info["pid"].as_i64().unwrap() as i32
     }
 
@@ -93,12 +131,21 @@ impl TestStack {
         let needle = format!("CAPSTAN_TEST_MARKER={}", self.marker);
         let mut out = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
             if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
                 continue;
             }
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next().unwrap_or('?')));
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(") ")
+                        .map(|(_, r)| r.chars().next().unwrap_or('?'))
+                });
             if state.is_some_and(|c| c != 'Z') {
                 out.push(pid);
             }
@@ -137,13 +184,22 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with(|c| c != 'Z'))).unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| r.starts_with(|c| c != 'Z'))
+        })
+        .unwrap_or(false)
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<String> {

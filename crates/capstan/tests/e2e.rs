@@ -42,33 +42,79 @@ fn up_ps_restart_on_kill_and_down() {
     assert!(web.iter().all(healthy), "{web:?}");
     let ports: Vec<u64> = web.iter().map(|r| r["port"].as_u64().unwrap()).collect();
     let body = http_get(ports[1] as u16, "/").unwrap();
-    assert!(body.contains("hello from web version 2.0.0 replica 1"), "{body}");
+    assert!(
+        body.contains("hello from web version 2.0.0 replica 1"),
+        "{body}"
+    );
 
     // depends_on service_healthy: the client started only after every web replica was healthy.
     let events = s.events();
-    let last_healthy = events.iter().filter(|e| e["service"] == "web" && e["kind"] == "healthy").map(|e| e["time_ms"].as_i64().unwrap()).max().unwrap();
-    let client_started = events.iter().find(|e| e["service"] == "client" && e["kind"] == "started").unwrap();
-    assert!(client_started["time_ms"].as_i64().unwrap() >= last_healthy, "{events:?}");
+    let last_healthy = events
+        .iter()
+        .filter(|e| e["service"] == "web" && e["kind"] == "healthy")
+        .map(|e| e["time_ms"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let client_started = events
+        .iter()
+        .find(|e| e["service"] == "client" && e["kind"] == "started")
+        .unwrap();
+    assert!(
+        client_started["time_ms"].as_i64().unwrap() >= last_healthy,
+        "{events:?}"
+    );
 
     // Killing a replica's process: it is restarted, with an event, and becomes healthy again.
     let victim = web[0]["pid"].as_i64().unwrap();
-    assert!(std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
-    let restarted = wait_for("web-0 restarted and healthy", Duration::from_secs(20), || {
-        s.replicas("web").into_iter().find(|r| r["replica"] == 0 && r["restarts"] == 1 && healthy(r) && r["pid"].as_i64() != Some(victim))
-    });
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let restarted = wait_for(
+        "web-0 restarted and healthy",
+        Duration::from_secs(20),
+        || {
+            s.replicas("web").into_iter().find(|r| {
+                r["replica"] == 0
+                    && r["restarts"] == 1
+                    && healthy(r)
+                    && r["pid"].as_i64() != Some(victim)
+            })
+        },
+    );
     assert_eq!(restarted["last_exit"], "killed by SIGKILL");
     let events = s.events();
-    assert!(events.iter().any(|e| e["replica"] == 0 && e["kind"] == "exited" && e["reason"].as_str().unwrap().contains("SIGKILL")), "{events:?}");
-    assert!(events.iter().any(|e| e["replica"] == 0 && e["kind"] == "restarting" && e["reason"].as_str().unwrap().starts_with("restarting in")), "{events:?}");
+    assert!(
+        events.iter().any(|e| e["replica"] == 0
+            && e["kind"] == "exited"
+            && e["reason"].as_str().unwrap().contains("SIGKILL")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["replica"] == 0
+            && e["kind"] == "restarting"
+            && e["reason"].as_str().unwrap().starts_with("restarting in")),
+        "{events:?}"
+    );
 
     // down: SIGTERM first (the demo logs its clean shutdown), nothing left in /proc.
     let daemon = s.daemon_pid();
     assert_eq!(s.marked_pids().len(), 4, "3 web + 1 client");
     s.ok(&["down"]);
     assert!(!alive(daemon), "the daemon exited");
-    assert!(s.marked_pids().is_empty(), "processes left: {:?}", s.marked_pids());
+    assert!(
+        s.marked_pids().is_empty(),
+        "processes left: {:?}",
+        s.marked_pids()
+    );
     let logs = s.stored_logs("web");
-    assert!(logs.matches("signal\\\":\\\"SIGTERM").count() >= 3 || logs.matches("SIGTERM").count() >= 3, "{logs}");
+    assert!(
+        logs.matches("signal\\\":\\\"SIGTERM").count() >= 3 || logs.matches("SIGTERM").count() >= 3,
+        "{logs}"
+    );
     assert!(logs.matches("clean shutdown").count() >= 3, "{logs}");
 }
 
@@ -84,15 +130,36 @@ services:
 "#,
     );
     let out = s.run(&["up", "-d", "--listen", "127.0.0.1:0"]);
-    assert_eq!(out.status.code(), Some(1), "up reports the failure: {out:?}");
-    let r = wait_for("crash-looping", Duration::from_secs(20), || s.replicas("broken").into_iter().find(|r| r["state"] == "crash-looping"));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "up reports the failure: {out:?}"
+    );
+    let r = wait_for("crash-looping", Duration::from_secs(20), || {
+        s.replicas("broken")
+            .into_iter()
+            .find(|r| r["state"] == "crash-looping")
+    });
     assert_eq!(r["last_exit"], "exited with code 3");
     assert!(r["restarts"].as_u64().unwrap() >= 3);
     let events = s.events();
-    assert!(events.iter().any(|e| e["kind"] == "crash-looping"), "{events:?}");
+    assert!(
+        events.iter().any(|e| e["kind"] == "crash-looping"),
+        "{events:?}"
+    );
     // Backoff grows: the announced delays are increasing.
-    let delays: Vec<String> = events.iter().filter(|e| e["kind"] == "restarting").map(|e| e["reason"].as_str().unwrap().to_owned()).collect();
-    assert!(delays.len() >= 3 && delays[0] == "restarting in 100ms" && delays[1] == "restarting in 200ms" && delays[2] == "restarting in 400ms", "{delays:?}");
+    let delays: Vec<String> = events
+        .iter()
+        .filter(|e| e["kind"] == "restarting")
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        delays.len() >= 3
+            && delays[0] == "restarting in 100ms"
+            && delays[1] == "restarting in 200ms"
+            && delays[2] == "restarting in 400ms",
+        "{delays:?}"
+    );
     assert!(s.ok(&["logs", "broken"]).contains("about to fail"));
 }
 
@@ -103,15 +170,30 @@ fn sigkill_of_the_daemon_then_up_leaves_exactly_the_configured_replicas() {
     let before = s.marked_pids();
     assert_eq!(before.len(), 3);
     let daemon = s.daemon_pid();
-    assert!(std::process::Command::new("kill").args(["-9", &daemon.to_string()]).status().unwrap().success());
-    wait_for("daemon gone", Duration::from_secs(5), || (!alive(daemon)).then_some(()));
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &daemon.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("daemon gone", Duration::from_secs(5), || {
+        (!alive(daemon)).then_some(())
+    });
     let out = s.up();
     assert!(out.contains("2/2 healthy"), "{out}");
     let after = s.marked_pids();
     assert_eq!(after.len(), 3, "exactly the configured replicas: {after:?}");
-    assert!(before.iter().all(|p| !after.contains(p)), "old replicas were stopped: {before:?} {after:?}");
+    assert!(
+        before.iter().all(|p| !after.contains(p)),
+        "old replicas were stopped: {before:?} {after:?}"
+    );
     let events = s.events();
-    assert!(events.iter().any(|e| e["kind"] == "stopping" && e["reason"].as_str().unwrap().contains("previous daemon")), "{events:?}");
+    assert!(
+        events.iter().any(|e| e["kind"] == "stopping"
+            && e["reason"].as_str().unwrap().contains("previous daemon")),
+        "{events:?}"
+    );
 }
 
 #[test]
@@ -119,7 +201,9 @@ fn scale_up_and_down_and_apply_changes() {
     let s = TestStack::new(&WEB.replace("replicas: 3", "replicas: 1"));
     s.up();
     s.ok(&["scale", "web=5"]);
-    wait_for("5 healthy web replicas", Duration::from_secs(30), || (s.replicas("web").iter().filter(|r| healthy(r)).count() == 5).then_some(()));
+    wait_for("5 healthy web replicas", Duration::from_secs(30), || {
+        (s.replicas("web").iter().filter(|r| healthy(r)).count() == 5).then_some(())
+    });
     assert_eq!(s.marked_pids().len(), 6);
     s.ok(&["scale", "web=1"]);
     let web = s.replicas("web");
@@ -137,7 +221,10 @@ fn scale_up_and_down_and_apply_changes() {
     assert_eq!(s.daemon_pid(), daemon);
     assert_eq!(s.replicas("web").len(), 2);
     // Changing the definition restarts the service with the new environment.
-    s.write(&WEB.replace("replicas: 3", "replicas: 2").replace("2.0.0", "3.0.0"));
+    s.write(
+        &WEB.replace("replicas: 3", "replicas: 2")
+            .replace("2.0.0", "3.0.0"),
+    );
     let out = s.up();
     assert!(out.contains("restarted web"), "{out}");
     let port = s.replicas("web")[0]["port"].as_u64().unwrap() as u16;
@@ -162,14 +249,6 @@ services:
     environment: {CAPSTAN_TEST_MARKER: "{marker}"}
 "#,
     );
-    let mut follower = std::process::Command::new(capstan_bin())
-        .args(["logs", "chatty", "-f", "--output", "json"])
-        .current_dir(s.dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The follower started before the daemon: it fails; start it again after up.
-    let _ = follower.wait();
     s.up();
     let mut follower = std::process::Command::new(capstan_bin())
         .args(["logs", "chatty", "-f", "--output", "json"])
@@ -191,13 +270,22 @@ services:
         }
         seqs
     });
-    let seqs = wait_for("the follower to read line 400", Duration::from_secs(30), || reader.is_finished().then_some(()));
-    let _ = seqs;
+    wait_for(
+        "the follower to read line 400",
+        Duration::from_secs(30),
+        || reader.is_finished().then_some(()),
+    );
     let seqs = reader.join().unwrap();
     let _ = follower.kill();
     let _ = follower.wait();
-    assert_eq!(seqs, (1..=400).collect::<Vec<u64>>(), "every line once, in order");
-    let segments = std::fs::read_dir(s.data_dir().join("logs/chatty/0")).unwrap().count();
+    assert_eq!(
+        seqs,
+        (1..=400).collect::<Vec<u64>>(),
+        "every line once, in order"
+    );
+    let segments = std::fs::read_dir(s.data_dir().join("logs/chatty/0"))
+        .unwrap()
+        .count();
     assert!(segments > 3, "the log rotated ({segments} segments)");
 
     let all = s.ok(&["logs", "web"]);
@@ -226,7 +314,13 @@ services:
     );
     s.up();
     let events = s.events();
-    if let Some(w) = events.iter().find(|e| e["kind"] == "warning" && e["reason"].as_str().unwrap().contains("cgroups unavailable")) {
+    if let Some(w) = events.iter().find(|e| {
+        e["kind"] == "warning"
+            && e["reason"]
+                .as_str()
+                .unwrap()
+                .contains("cgroups unavailable")
+    }) {
         eprintln!("skipping: {}", w["reason"]);
         return;
     }
@@ -235,19 +329,33 @@ services:
     // Allocate past the limit: the kernel kills the replica.
     let _ = http_get(port, "/alloc?mb=32");
     let _ = http_get(port, "/alloc?mb=64");
-    let ev = wait_for("an oom-killed event", Duration::from_secs(20), || s.events().into_iter().find(|e| e["kind"] == "oom-killed"));
+    let ev = wait_for("an oom-killed event", Duration::from_secs(20), || {
+        s.events().into_iter().find(|e| e["kind"] == "oom-killed")
+    });
     assert_eq!(ev["service"], "hog");
-    let r = wait_for("hog restarted", Duration::from_secs(20), || s.replicas("hog").into_iter().find(|r| r["restarts"] == 1 && r["state"] == "running"));
-    assert!(r["last_exit"].as_str().unwrap().contains("out of memory"), "{r:?}");
+    let r = wait_for("hog restarted", Duration::from_secs(20), || {
+        s.replicas("hog")
+            .into_iter()
+            .find(|r| r["restarts"] == 1 && r["state"] == "running")
+    });
+    assert!(
+        r["last_exit"].as_str().unwrap().contains("out of memory"),
+        "{r:?}"
+    );
 }
 
 #[test]
 fn invalid_stack_files_start_nothing() {
-    let s = TestStack::new("services:\n  web:\n    command: [\"{demo}\"]\n    deploy:\n      replicas: two\n");
+    let s = TestStack::new(
+        "services:\n  web:\n    command: [\"{demo}\"]\n    deploy:\n      replicas: two\n",
+    );
     let out = s.run(&["up", "-d", "--listen", "127.0.0.1:0"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim(), "capstan.yaml:5:17: services.web.deploy.replicas: expected a non-negative integer, found \"two\"");
+    assert_eq!(
+        err.trim(),
+        "capstan.yaml:5:17: services.web.deploy.replicas: expected a non-negative integer, found \"two\""
+    );
     assert!(!s.data_dir().join("daemon.json").exists());
     assert_eq!(s.run(&["check"]).status.code(), Some(2));
 }
@@ -258,7 +366,10 @@ fn commands_without_a_daemon_say_how_to_start_one() {
     let out = s.run(&["ps"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no capstan daemon is running") && err.contains("capstan up"), "{err}");
+    assert!(
+        err.contains("no capstan daemon is running") && err.contains("capstan up"),
+        "{err}"
+    );
     let cfg = s.ok(&["config"]);
     assert!(cfg.contains("replicas: 1"), "{cfg}");
     assert_eq!(s.run(&["scale", "web"]).status.code(), Some(2));

@@ -55,7 +55,10 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
     if ok {
         next.run(req).await
     } else {
-        error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see .capstan/token)")
+        error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see .capstan/token)",
+        )
     }
 }
 
@@ -64,7 +67,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(serde_json::json!({"status": "error", "error": msg.into()}))).into_response()
+    (
+        code,
+        Json(serde_json::json!({"status": "error", "error": msg.into()})),
+    )
+        .into_response()
 }
 
 async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
@@ -78,15 +85,24 @@ async fn ps(State(api): State<Api>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn send(api: &Api, make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command) -> Response {
+async fn send(
+    api: &Api,
+    make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command,
+) -> Response {
     let (tx, rx) = oneshot::channel();
     if api.commands.send(make(tx)).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        );
     }
     match rx.await {
         Ok(Ok(msg)) => Json(serde_json::json!({"status": "ok", "message": msg})).into_response(),
         Ok(Err(msg)) => error(StatusCode::BAD_REQUEST, msg),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down"),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        ),
     }
 }
 
@@ -103,12 +119,19 @@ struct Names {
     services: Vec<String>,
 }
 
-async fn service_action(State(api): State<Api>, Path(action): Path<String>, Json(n): Json<Names>) -> Response {
+async fn service_action(
+    State(api): State<Api>,
+    Path(action): Path<String>,
+    Json(n): Json<Names>,
+) -> Response {
     match action.as_str() {
         "restart" => send(&api, |tx| Command::Restart(n.services, tx)).await,
         "stop" => send(&api, |tx| Command::Stop(n.services, tx)).await,
         "start" => send(&api, |tx| Command::Start(n.services, tx)).await,
-        other => error(StatusCode::NOT_FOUND, format!("unknown action {other:?}; expected restart, stop or start")),
+        other => error(
+            StatusCode::NOT_FOUND,
+            format!("unknown action {other:?}; expected restart, stop or start"),
+        ),
     }
 }
 
@@ -129,7 +152,10 @@ struct StreamParams {
 }
 
 fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok::<_, Infallible>);
+    let stream = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, Infallible>,
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
@@ -146,12 +172,18 @@ async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Respon
     let (history, mut live) = api.shared.events.subscribe_with_history();
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
-        for e in history.iter().filter(|e| p.since_ns.is_none_or(|s| e.time_ms * 1_000_000 >= s)) {
+        for e in history
+            .iter()
+            .filter(|e| p.since_ns.is_none_or(|s| e.time_ms * 1_000_000 >= s))
+        {
             if tx.send(line(e)).await.is_err() {
                 return;
             }
         }
-        while p.follow {
+        if !p.follow {
+            return;
+        }
+        loop {
             match live.recv().await {
                 Ok(e) => {
                     if tx.send(line(&e)).await.is_err() {
@@ -168,7 +200,16 @@ async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Respon
 
 async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response {
     let q = LogQuery {
-        services: p.service.as_deref().map(|s| s.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default(),
+        services: p
+            .service
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
         replica: p.replica,
         since_ns: p.since_ns,
         tail: p.tail,
@@ -185,7 +226,10 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
                 return;
             }
         }
-        while p.follow {
+        if !p.follow {
+            return;
+        }
+        loop {
             match live.recv().await {
                 Ok(r) => {
                     if !q.wants(&r.service, r.replica) {

@@ -36,7 +36,9 @@ fn parse_since(s: &str) -> Result<i64> {
     }
     match s.parse::<jiff::Timestamp>() {
         Ok(t) => Ok(t.as_nanosecond() as i64),
-        Err(_) => Err(super::usage(format!("--since: expected a duration like 10m or a time like 2026-01-02T15:04:05Z, found {s:?}"))),
+        Err(_) => Err(super::usage(format!(
+            "--since: expected a duration like 10m or a time like 2026-01-02T15:04:05Z, found {s:?}"
+        ))),
     }
 }
 
@@ -68,7 +70,9 @@ pub async fn logs(ctx: &Ctx, a: LogsArgs) -> Result<i32> {
                 let mut s = output::paint(&format!("{who:<10} |"), &who, color);
                 if a.timestamps {
                     let ts = v["ts_ns"].as_i64().unwrap_or(0);
-                    let t = jiff::Timestamp::from_nanosecond(i128::from(ts)).map(|t| t.to_string()).unwrap_or_default();
+                    let t = jiff::Timestamp::from_nanosecond(i128::from(ts))
+                        .map(|t| t.to_string())
+                        .unwrap_or_default();
                     s.push(' ');
                     s.push_str(&t);
                 }

@@ -64,7 +64,9 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Start the stack (or apply changes to the running one).
-    #[command(after_help = "Examples:\n  capstan up                 foreground; Ctrl-C stops everything\n  capstan up -d              detach once every service is started or failed\n  capstan up -d --listen 127.0.0.1:0   any free port for the API")]
+    #[command(
+        after_help = "Examples:\n  capstan up                 foreground; Ctrl-C stops everything\n  capstan up -d              detach once every service is started or failed\n  capstan up -d --listen 127.0.0.1:0   any free port for the API"
+    )]
     Up(up::UpArgs),
     /// Stop every service gracefully and exit the daemon.
     Down {
@@ -164,7 +166,11 @@ pub fn main() -> i32 {
     if let Cmd::Exec { cgroups, argv } = &cli.command {
         return crate::supervisor::process::exec_helper(cgroups, argv);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -174,7 +180,8 @@ pub fn main() -> i32 {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            if e.downcast_ref::<Usage>().is_some() || e.downcast_ref::<spec::LoadError>().is_some() {
+            if e.downcast_ref::<Usage>().is_some() || e.downcast_ref::<spec::LoadError>().is_some()
+            {
                 eprintln!("{e:#}");
                 2
             } else {
@@ -249,7 +256,11 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Check { f } => f.file.clone(),
         Cmd::Version | Cmd::Exec { .. } => None,
     };
-    let ctx = Ctx { file: sub_file.or(cli.file), data_dir: cli.data_dir, profiles: cli.profiles };
+    let ctx = Ctx {
+        file: sub_file.or(cli.file),
+        data_dir: cli.data_dir,
+        profiles: cli.profiles,
+    };
     match cli.command {
         Cmd::Up(args) => up::up(&ctx, args).await,
         Cmd::Daemon(args) => up::daemon(&ctx, args).await,
@@ -259,7 +270,10 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = c.json(Method::POST, "/capstan/v1/down", None).await?;
             // Wait for the daemon process itself to finish.
             for _ in 0..600 {
-                if !Path::new(&format!("/proc/{pid}")).exists() || crate::supervisor::process::proc_stat(pid as i32).is_some_and(|s| s.state == 'Z') {
+                if !Path::new(&format!("/proc/{pid}")).exists()
+                    || crate::supervisor::process::proc_stat(pid as i32)
+                        .is_some_and(|s| s.state == 'Z')
+                {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -280,13 +294,18 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Scale { counts, .. } => {
             let mut body = serde_json::Map::new();
             for c in &counts {
-                let parsed = c.split_once('=').and_then(|(s, n)| Some((s.to_owned(), n.parse::<u32>().ok()?)));
+                let parsed = c
+                    .split_once('=')
+                    .and_then(|(s, n)| Some((s.to_owned(), n.parse::<u32>().ok()?)));
                 let Some((s, n)) = parsed else {
                     return Err(usage(format!("expected SERVICE=N, found {c:?}")));
                 };
                 body.insert(s, n.into());
             }
-            let v = ctx.client()?.json(Method::POST, "/capstan/v1/scale", Some(body.into())).await?;
+            let v = ctx
+                .client()?
+                .json(Method::POST, "/capstan/v1/scale", Some(body.into()))
+                .await?;
             println!("{}", v["message"].as_str().unwrap_or("done"));
             Ok(0)
         }
@@ -313,7 +332,11 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Check { .. } => {
             let l = ctx.load()?;
-            println!("{}: ok ({} services)", l.file.display(), l.stack.services.len());
+            println!(
+                "{}: ok ({} services)",
+                l.file.display(),
+                l.stack.services.len()
+            );
             Ok(0)
         }
         Cmd::Version => {
@@ -327,7 +350,11 @@ async fn run(cli: Cli) -> Result<i32> {
 async fn service_action(ctx: &Ctx, action: &str, services: Vec<String>) -> Result<i32> {
     let v = ctx
         .client()?
-        .json(Method::POST, &format!("/capstan/v1/services/{action}"), Some(serde_json::json!({ "services": services })))
+        .json(
+            Method::POST,
+            &format!("/capstan/v1/services/{action}"),
+            Some(serde_json::json!({ "services": services })),
+        )
         .await?;
     println!("{}", v["message"].as_str().unwrap_or("done"));
     Ok(0)

@@ -13,7 +13,9 @@ pub fn paint(text: &str, key: &str, color: bool) -> String {
     if !color {
         return text.to_owned();
     }
-    let h = key.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let h = key
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     format!("\x1b[{}m{text}\x1b[0m", COLORS[h as usize % COLORS.len()])
 }
 
@@ -25,7 +27,11 @@ pub fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{b}B") } else { format!("{v:.1}{}", UNITS[i]) }
+    if i == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
 }
 
 pub fn human_duration_ms(ms: i64) -> String {
@@ -41,7 +47,15 @@ pub fn human_duration_ms(ms: i64) -> String {
 /// Left-aligned columns separated by two spaces.
 pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for r in rows {
         let mut line = String::new();
@@ -60,7 +74,14 @@ pub fn table(rows: &[Vec<String>]) -> String {
 
 pub fn ps_table(v: &serde_json::Value) -> String {
     let now = crate::events::now_ms();
-    let mut rows = vec![["SERVICE", "REPLICA", "PID", "STATE", "HEALTH", "RESTARTS", "UPTIME", "CPU", "MEM", "PORT"].map(String::from).to_vec()];
+    let mut rows = vec![
+        [
+            "SERVICE", "REPLICA", "PID", "STATE", "HEALTH", "RESTARTS", "UPTIME", "CPU", "MEM",
+            "PORT",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     let empty = Vec::new();
     for r in v["replicas"].as_array().unwrap_or(&empty) {
         let pid = r["pid"].as_i64();
@@ -75,17 +96,41 @@ pub fn ps_table(v: &serde_json::Value) -> String {
                 (Some(_), Some(s)) => human_duration_ms(now - s),
                 _ => "-".into(),
             },
-            r["cpu_percent"].as_f64().map_or("-".into(), |c| format!("{c:.1}%")),
+            r["cpu_percent"]
+                .as_f64()
+                .map_or("-".into(), |c| format!("{c:.1}%")),
             r["memory_bytes"].as_u64().map_or("-".into(), human_bytes),
-            r["port"].as_u64().filter(|_| pid.is_some()).map_or("-".into(), |p| p.to_string()),
+            r["port"]
+                .as_u64()
+                .filter(|_| pid.is_some())
+                .map_or("-".into(), |p| p.to_string()),
         ]);
     }
     for s in v["services"].as_array().unwrap_or(&empty) {
         let name = s["name"].as_str().unwrap_or("");
-        let has = v["replicas"].as_array().unwrap_or(&empty).iter().any(|r| r["service"] == name);
+        let has = v["replicas"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .any(|r| r["service"] == name);
         if !has {
-            let state = if s["stopped"].as_bool() == Some(true) { "stopped" } else { "scaled to 0" };
-            rows.push(vec![name.to_owned(), "-".into(), "-".into(), state.into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()]);
+            let state = if s["stopped"].as_bool() == Some(true) {
+                "stopped"
+            } else {
+                "scaled to 0"
+            };
+            rows.push(vec![
+                name.to_owned(),
+                "-".into(),
+                "-".into(),
+                state.into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
         }
     }
     table(&rows)
@@ -93,11 +138,18 @@ pub fn ps_table(v: &serde_json::Value) -> String {
 
 pub fn event_line(v: &serde_json::Value, color: bool) -> String {
     let ts = v["time_ms"].as_i64().unwrap_or(0);
-    let time = jiff::Timestamp::from_millisecond(ts).map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_default();
+    let time = jiff::Timestamp::from_millisecond(ts)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_default();
     let service = v["service"].as_str().unwrap_or("");
     let who = match v["replica"].as_u64() {
         Some(r) => format!("{service}-{r}"),
         None => service.to_owned(),
     };
-    format!("{time}  {}  {:<14} {}", paint(&format!("{who:<12}"), &who, color), v["kind"].as_str().unwrap_or(""), v["reason"].as_str().unwrap_or(""))
+    format!(
+        "{time}  {}  {:<14} {}",
+        paint(&format!("{who:<12}"), &who, color),
+        v["kind"].as_str().unwrap_or(""),
+        v["reason"].as_str().unwrap_or("")
+    )
 }

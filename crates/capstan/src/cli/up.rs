@@ -61,20 +61,34 @@ pub async fn daemon(ctx: &Ctx, args: DaemonArgs) -> Result<i32> {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
     let opts = options(ctx, args.listen)?;
-    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating {}", opts.data_dir.display()))?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating {}", opts.data_dir.display()))?;
     // A daemon already runs for this stack: hand it the new definition.
     if let Ok(client) = Client::find(&opts.data_dir, None)
-        && client.json(Method::GET, "/capstan/v1/status", None).await.is_ok()
+        && client
+            .json(Method::GET, "/capstan/v1/status", None)
+            .await
+            .is_ok()
     {
         let body = serde_json::to_value(&opts.stack)?;
-        let v = client.json(Method::POST, "/capstan/v1/apply", Some(body)).await?;
-        println!("applied to the running daemon (pid {}): {}", client.info.pid, v["message"].as_str().unwrap_or(""));
+        let v = client
+            .json(Method::POST, "/capstan/v1/apply", Some(body))
+            .await?;
+        println!(
+            "applied to the running daemon (pid {}): {}",
+            client.info.pid,
+            v["message"].as_str().unwrap_or("")
+        );
         let ok = settle(&client, args.wait_timeout).await?;
         return Ok(if ok { 0 } else { 1 });
     }
@@ -93,10 +107,16 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
     }
     let client = Client::find(&data_dir, None)?;
     let started_ms = crate::events::now_ms();
-    println!("capstan daemon pid {} listening on {} (Ctrl-C stops everything)", client.info.pid, client.info.addr);
+    println!(
+        "capstan daemon pid {} listening on {} (Ctrl-C stops everything)",
+        client.info.pid, client.info.addr
+    );
     settle(&client, args.wait_timeout).await?;
     let color = output::use_color();
-    let path = format!("/capstan/v1/events?follow=true&since_ns={}", started_ms * 1_000_000);
+    let path = format!(
+        "/capstan/v1/events?follow=true&since_ns={}",
+        started_ms * 1_000_000
+    );
     let follow = client.stream(&path, |v| {
         if v["kind"] != "daemon-started" {
             println!("{}", output::event_line(&v, color));
@@ -116,14 +136,26 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
 
 async fn detach(opts: &daemon::Options, args: &UpArgs, ctx: &Ctx) -> Result<i32> {
     let log_path = opts.data_dir.join("daemon.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("daemon").arg("-f").arg(&opts.file).arg("--data-dir").arg(&opts.data_dir).arg("--listen").arg(args.listen.to_string());
+    cmd.arg("daemon")
+        .arg("-f")
+        .arg(&opts.file)
+        .arg("--data-dir")
+        .arg(&opts.data_dir)
+        .arg("--listen")
+        .arg(args.listen.to_string());
     for p in &ctx.profiles {
         cmd.arg("--profile").arg(p);
     }
-    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     let mut child = cmd.spawn().context("starting the daemon")?;
     let pid = child.id();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -131,20 +163,32 @@ async fn detach(opts: &daemon::Options, args: &UpArgs, ctx: &Ctx) -> Result<i32>
         if let Some(status) = child.try_wait()? {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(10).collect();
-            bail!("the daemon exited ({status}) during startup:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "the daemon exited ({status}) during startup:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         if let Ok(c) = Client::find(&opts.data_dir, None)
             && c.info.pid == pid
-            && c.json(Method::GET, "/capstan/v1/status", None).await.is_ok()
+            && c.json(Method::GET, "/capstan/v1/status", None)
+                .await
+                .is_ok()
         {
             break c;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the daemon did not become ready within 30s; see {}", log_path.display());
+            bail!(
+                "the daemon did not become ready within 30s; see {}",
+                log_path.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    println!("capstan daemon pid {pid} listening on {} (logs: {})", client.info.addr, log_path.display());
+    println!(
+        "capstan daemon pid {pid} listening on {} (logs: {})",
+        client.info.addr,
+        log_path.display()
+    );
     let ok = settle(&client, args.wait_timeout).await?;
     // The daemon is not our child any more in spirit: leave it running.
     drop(child);
@@ -167,35 +211,73 @@ fn progress(v: &serde_json::Value) -> BTreeMap<String, Progress> {
         let name = s["name"].as_str().unwrap_or("").to_owned();
         let desired = s["desired"].as_u64().unwrap_or(0) as usize;
         let has_hc = s["has_healthcheck"].as_bool().unwrap_or(false);
-        let mine: Vec<&serde_json::Value> = replicas.iter().filter(|r| r["service"] == name.as_str()).collect();
+        let mine: Vec<&serde_json::Value> = replicas
+            .iter()
+            .filter(|r| r["service"] == name.as_str())
+            .collect();
         let st = |r: &serde_json::Value| r["state"].as_str().unwrap_or("").to_owned();
         let ready = mine
             .iter()
             .filter(|r| {
                 let s = st(r);
-                (s == "running" && (!has_hc || r["health"] == "healthy")) || (s == "exited" && r["exit_code"] == 0)
+                (s == "running" && (!has_hc || r["health"] == "healthy"))
+                    || (s == "exited" && r["exit_code"] == 0)
             })
             .count();
-        let bad: Vec<String> = mine.iter().map(|r| st(r)).filter(|s| s == "crash-looping" || s == "failed").collect();
-        let waiting = mine.iter().find(|r| st(r) == "waiting").and_then(|r| r["message"].as_str().map(str::to_owned));
+        let bad: Vec<String> = mine
+            .iter()
+            .map(|r| st(r))
+            .filter(|s| s == "crash-looping" || s == "failed")
+            .collect();
+        let waiting = mine
+            .iter()
+            .find(|r| st(r) == "waiting")
+            .and_then(|r| r["message"].as_str().map(str::to_owned));
         let word = if has_hc { "healthy" } else { "running" };
         let p = if s["stopped"].as_bool() == Some(true) {
-            Progress { text: "stopped".into(), settled: true, ok: true }
+            Progress {
+                text: "stopped".into(),
+                settled: true,
+                ok: true,
+            }
         } else if !bad.is_empty() {
-            Progress { text: format!("{}/{desired} {word}, {} {}", ready, bad.len(), bad[0]), settled: true, ok: false }
+            Progress {
+                text: format!("{}/{desired} {word}, {} {}", ready, bad.len(), bad[0]),
+                settled: true,
+                ok: false,
+            }
         } else if ready >= desired {
-            Progress { text: format!("{ready}/{desired} {word}"), settled: true, ok: true }
+            Progress {
+                text: format!("{ready}/{desired} {word}"),
+                settled: true,
+                ok: true,
+            }
         } else if let Some(w) = waiting.filter(|w| !w.is_empty()) {
-            Progress { text: w, settled: false, ok: false }
+            Progress {
+                text: w,
+                settled: false,
+                ok: false,
+            }
         } else {
-            Progress { text: format!("{ready}/{desired} {word}, starting"), settled: false, ok: false }
+            Progress {
+                text: format!("{ready}/{desired} {word}, starting"),
+                settled: false,
+                ok: false,
+            }
         };
         out.insert(name, p);
     }
     // A service waiting on a failed dependency will not start: count it as settled.
-    let failed: Vec<String> = out.iter().filter(|(_, p)| p.settled && !p.ok).map(|(n, _)| n.clone()).collect();
+    let failed: Vec<String> = out
+        .iter()
+        .filter(|(_, p)| p.settled && !p.ok)
+        .map(|(n, _)| n.clone())
+        .collect();
     for p in out.values_mut() {
-        if !p.settled && p.text.starts_with("waiting for") && failed.iter().any(|f| p.text.contains(f.as_str())) {
+        if !p.settled
+            && p.text.starts_with("waiting for")
+            && failed.iter().any(|f| p.text.contains(f.as_str()))
+        {
             p.settled = true;
             p.text.push_str(" (a dependency failed)");
         }
@@ -221,7 +303,10 @@ async fn settle(client: &Client, timeout: Duration) -> Result<bool> {
             if tty {
                 let bar = bars.entry(name.clone()).or_insert_with(|| {
                     let b = multi.add(indicatif::ProgressBar::new_spinner());
-                    b.set_style(indicatif::ProgressStyle::with_template("{spinner} {prefix:.bold} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template("{spinner} {prefix:.bold} {msg}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                    );
                     b.set_prefix(name.clone());
                     b.enable_steady_tick(Duration::from_millis(100));
                     b
@@ -240,7 +325,10 @@ async fn settle(client: &Client, timeout: Duration) -> Result<bool> {
             break (v, now);
         }
         if tokio::time::Instant::now() > deadline {
-            println!("still starting after {}; see `capstan ps` and `capstan events`", crate::spec::Dur(timeout));
+            println!(
+                "still starting after {}; see `capstan ps` and `capstan events`",
+                crate::spec::Dur(timeout)
+            );
             break (v, now);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -253,4 +341,3 @@ async fn settle(client: &Client, timeout: Duration) -> Result<bool> {
     print!("{}", output::ps_table(&final_state.0));
     Ok(final_state.1.values().all(|p| p.ok))
 }
-

@@ -51,11 +51,17 @@ pub struct FileStore {
 }
 
 fn seg_path(dir: &Path, service: &str, replica: u32, seg: u64) -> PathBuf {
-    dir.join(service).join(replica.to_string()).join(format!("{seg:012}.jsonl"))
+    dir.join(service)
+        .join(replica.to_string())
+        .join(format!("{seg:012}.jsonl"))
 }
 
 fn seg_id(p: &Path) -> Option<u64> {
-    p.file_name()?.to_str()?.strip_suffix(".jsonl")?.parse().ok()
+    p.file_name()?
+        .to_str()?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
 }
 
 /// Segment files of one replica, oldest first.
@@ -78,7 +84,10 @@ fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let e = e.ok()?;
-            e.file_type().ok()?.is_dir().then(|| Some((e.file_name().to_str()?.to_owned(), e.path())))?
+            e.file_type()
+                .ok()?
+                .is_dir()
+                .then(|| Some((e.file_name().to_str()?.to_owned(), e.path())))?
         })
         .collect();
     out.sort();
@@ -91,7 +100,11 @@ fn parse_line(text: &str, service: &str, replica: u32) -> Option<LogRecord> {
         ts_ns: l.t,
         service: service.to_owned(),
         replica,
-        stream: if l.s == 'e' { Stream::Stderr } else { Stream::Stdout },
+        stream: if l.s == 'e' {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        },
         seq: l.q,
         line: l.l.into_owned(),
         partial: l.p,
@@ -99,7 +112,9 @@ fn parse_line(text: &str, service: &str, replica: u32) -> Option<LogRecord> {
 }
 
 fn read_segment(p: &Path, service: &str, replica: u32) -> Vec<LogRecord> {
-    let Ok(f) = File::open(p) else { return Vec::new() };
+    let Ok(f) = File::open(p) else {
+        return Vec::new();
+    };
     BufReader::new(f)
         .lines()
         .map_while(Result::ok)
@@ -139,12 +154,22 @@ impl FileStore {
             dir: dir.to_path_buf(),
             max_segment: max_segment.max(1024),
             max_total: max_total.max(4096),
-            inner: Mutex::new(Inner { writers: HashMap::new(), segments, next_seg, total }),
+            inner: Mutex::new(Inner {
+                writers: HashMap::new(),
+                segments,
+                next_seg,
+                total,
+            }),
             tx: broadcast::channel(4096).0,
         })
     }
 
-    fn new_segment(&self, inner: &mut Inner, service: &str, replica: u32) -> std::io::Result<(File, u64)> {
+    fn new_segment(
+        &self,
+        inner: &mut Inner,
+        service: &str,
+        replica: u32,
+    ) -> std::io::Result<(File, u64)> {
         let seg = inner.next_seg;
         inner.next_seg += 1;
         let p = seg_path(&self.dir, service, replica, seg);
@@ -154,14 +179,25 @@ impl FileStore {
         Ok((f, seg))
     }
 
-    fn writer<'a>(&self, inner: &'a mut Inner, service: &str, replica: u32) -> std::io::Result<&'a mut Writer> {
+    fn writer<'a>(
+        &self,
+        inner: &'a mut Inner,
+        service: &str,
+        replica: u32,
+    ) -> std::io::Result<&'a mut Writer> {
         let key = (service.to_owned(), replica);
         if !inner.writers.contains_key(&key) {
             let rdir = self.dir.join(service).join(replica.to_string());
             let existing = replica_segments(&rdir);
-            let seq = existing.iter().rev().find_map(|(_, p)| last_seq(p)).unwrap_or(0);
+            let seq = existing
+                .iter()
+                .rev()
+                .find_map(|(_, p)| last_seq(p))
+                .unwrap_or(0);
             let (file, seg, size) = match existing.last() {
-                Some((id, p)) if fs::metadata(p).map(|m| m.len()).unwrap_or(u64::MAX) < self.max_segment => {
+                Some((id, p))
+                    if fs::metadata(p).map(|m| m.len()).unwrap_or(u64::MAX) < self.max_segment =>
+                {
                     let f = OpenOptions::new().append(true).open(p)?;
                     (f, *id, fs::metadata(p)?.len())
                 }
@@ -170,19 +206,42 @@ impl FileStore {
                     (f, id, 0)
                 }
             };
-            inner.writers.insert(key.clone(), Writer { file, seg, size, seq });
+            inner.writers.insert(
+                key.clone(),
+                Writer {
+                    file,
+                    seg,
+                    size,
+                    seq,
+                },
+            );
         }
         Ok(inner.writers.get_mut(&key).expect("inserted above"))
     }
 
     /// Appends one line of a replica's output and returns the stored record.
-    pub fn append(&self, service: &str, replica: u32, stream: Stream, line: String, partial: bool) -> std::io::Result<Arc<LogRecord>> {
+    pub fn append(
+        &self,
+        service: &str,
+        replica: u32,
+        stream: Stream,
+        line: String,
+        partial: bool,
+    ) -> std::io::Result<Arc<LogRecord>> {
         let ts_ns = super::now_ns();
         let mut guard = self.inner.lock().unwrap();
         let inner = &mut *guard;
         let w = self.writer(inner, service, replica)?;
         w.seq += 1;
-        let rec = Arc::new(LogRecord { ts_ns, service: service.to_owned(), replica, stream, seq: w.seq, line, partial });
+        let rec = Arc::new(LogRecord {
+            ts_ns,
+            service: service.to_owned(),
+            replica,
+            stream,
+            seq: w.seq,
+            line,
+            partial,
+        });
         let mut bytes = serde_json::to_vec(&Line {
             t: ts_ns,
             s: if stream == Stream::Stderr { 'e' } else { 'o' },
@@ -200,7 +259,10 @@ impl FileStore {
         inner.total += bytes.len() as u64;
         if size >= self.max_segment {
             let (file, id) = self.new_segment(inner, service, replica)?;
-            let w = inner.writers.get_mut(&(service.to_owned(), replica)).expect("writer exists");
+            let w = inner
+                .writers
+                .get_mut(&(service.to_owned(), replica))
+                .expect("writer exists");
             w.file = file;
             w.seg = id;
             w.size = 0;
@@ -215,7 +277,9 @@ impl FileStore {
     fn enforce_cap(&self, inner: &mut Inner) {
         let open: Vec<u64> = inner.writers.values().map(|w| w.seg).collect();
         while inner.total > self.max_total {
-            let Some((&id, _)) = inner.segments.iter().find(|(id, _)| !open.contains(id)) else { break };
+            let Some((&id, _)) = inner.segments.iter().find(|(id, _)| !open.contains(id)) else {
+                break;
+            };
             let (p, size) = inner.segments.remove(&id).expect("found above");
             let _ = fs::remove_file(&p);
             inner.total = inner.total.saturating_sub(size);
@@ -224,7 +288,11 @@ impl FileStore {
 
     /// Forgets the writer of a replica that went away (its files stay).
     pub fn close(&self, service: &str, replica: u32) {
-        self.inner.lock().unwrap().writers.remove(&(service.to_owned(), replica));
+        self.inner
+            .lock()
+            .unwrap()
+            .writers
+            .remove(&(service.to_owned(), replica));
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
@@ -233,7 +301,10 @@ impl FileStore {
 
     /// Subscribes and reads history under one lock, so a follower misses nothing
     /// and sees nothing twice.
-    pub fn query_and_subscribe(&self, q: &LogQuery) -> (Vec<LogRecord>, broadcast::Receiver<Arc<LogRecord>>) {
+    pub fn query_and_subscribe(
+        &self,
+        q: &LogQuery,
+    ) -> (Vec<LogRecord>, broadcast::Receiver<Arc<LogRecord>>) {
         let _guard = self.inner.lock().unwrap();
         let rx = self.tx.subscribe();
         (self.query_unlocked(q), rx)
@@ -264,7 +335,9 @@ impl FileStore {
         let mut all = Vec::new();
         for (service, sdir) in subdirs(&self.dir) {
             for (rname, rdir) in subdirs(&sdir) {
-                let Ok(replica) = rname.parse::<u32>() else { continue };
+                let Ok(replica) = rname.parse::<u32>() else {
+                    continue;
+                };
                 if !q.wants(&service, replica) {
                     continue;
                 }
@@ -274,7 +347,9 @@ impl FileStore {
                     let seg = read_segment(p, &service, replica);
                     let oldest = seg.first().map(|r| r.ts_ns);
                     recs.splice(0..0, seg);
-                    if q.tail.is_some_and(|t| recs.len() >= t) || q.since_ns.zip(oldest).is_some_and(|(s, o)| o < s) {
+                    if q.tail.is_some_and(|t| recs.len() >= t)
+                        || q.since_ns.zip(oldest).is_some_and(|(s, o)| o < s)
+                    {
                         break;
                     }
                 }
@@ -288,7 +363,9 @@ impl FileStore {
                 all.extend(recs);
             }
         }
-        all.sort_by(|a, b| (a.ts_ns, &a.service, a.replica, a.seq).cmp(&(b.ts_ns, &b.service, b.replica, b.seq)));
+        all.sort_by(|a, b| {
+            (a.ts_ns, &a.service, a.replica, a.seq).cmp(&(b.ts_ns, &b.service, b.replica, b.seq))
+        });
         all
     }
 }
@@ -302,7 +379,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path(), 1024, 8 * 1024).unwrap();
         for i in 0..400 {
-            store.append("web", i % 2, Stream::Stdout, format!("line {i:04} {}", "x".repeat(40)), false).unwrap();
+            store
+                .append(
+                    "web",
+                    i % 2,
+                    Stream::Stdout,
+                    format!("line {i:04} {}", "x".repeat(40)),
+                    false,
+                )
+                .unwrap();
         }
         let segs = replica_segments(&dir.path().join("web/0"));
         assert!(segs.len() > 2, "rotated into several segments");
@@ -311,13 +396,25 @@ mod tests {
             .chain(fs::read_dir(dir.path().join("web/1")).unwrap())
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
-        assert!(total <= 8 * 1024 + 2 * 1024, "total {total} is near the cap");
-        let last = store.query(&LogQuery { tail: Some(3), replica: Some(0), ..Default::default() });
-        assert_eq!(last.iter().map(|r| r.seq).collect::<Vec<_>>(), [198, 199, 200]);
+        assert!(
+            total <= 8 * 1024 + 2 * 1024,
+            "total {total} is near the cap"
+        );
+        let last = store.query(&LogQuery {
+            tail: Some(3),
+            replica: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(
+            last.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [198, 199, 200]
+        );
         drop(store);
         // Reopened, sequences continue where they stopped.
         let store = FileStore::open(dir.path(), 1024, 8 * 1024).unwrap();
-        let r = store.append("web", 0, Stream::Stderr, "again".into(), false).unwrap();
+        let r = store
+            .append("web", 0, Stream::Stderr, "again".into(), false)
+            .unwrap();
         assert_eq!(r.seq, 201);
         let after = store.after("web", 0, 199);
         assert_eq!(after.iter().map(|r| r.seq).collect::<Vec<_>>(), [200, 201]);

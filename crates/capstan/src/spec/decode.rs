@@ -4,16 +4,33 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use super::Diagnostic;
 use super::interp::{self, Vars};
 use super::model::*;
 use super::yaml::{Kind, Node};
-use super::Diagnostic;
 
 /// Compose service keys capstan reads.
 const SERVICE_KEYS: &[&str] = &[
-    "image", "command", "entrypoint", "environment", "env_file", "working_dir", "ports",
-    "expose", "healthcheck", "depends_on", "stop_signal", "stop_grace_period", "restart",
-    "deploy", "labels", "profiles", "cpus", "mem_limit", "pids_limit", "x-capstan",
+    "image",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "working_dir",
+    "ports",
+    "expose",
+    "healthcheck",
+    "depends_on",
+    "stop_signal",
+    "stop_grace_period",
+    "restart",
+    "deploy",
+    "labels",
+    "profiles",
+    "cpus",
+    "mem_limit",
+    "pids_limit",
+    "x-capstan",
 ];
 
 /// Signals a replica may be stopped with.
@@ -46,7 +63,11 @@ impl<'n> Fields<'n> {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 impl Decoder<'_> {
@@ -70,14 +91,22 @@ impl Decoder<'_> {
 
     fn fields<'n>(&mut self, node: &'n Node, path: &str) -> Option<Fields<'n>> {
         let Kind::Map(entries) = &node.kind else {
-            self.error(node, path, format!("expected a mapping, found {}", node.describe()));
+            self.error(
+                node,
+                path,
+                format!("expected a mapping, found {}", node.describe()),
+            );
             return None;
         };
         let mut out = Vec::with_capacity(entries.len());
         let mut seen = BTreeSet::new();
         for (k, v) in entries {
             let Some(key) = k.scalar_text() else {
-                self.error(k, path, format!("expected a string key, found {}", k.describe()));
+                self.error(
+                    k,
+                    path,
+                    format!("expected a string key, found {}", k.describe()),
+                );
                 continue;
             };
             if !seen.insert(key.clone()) {
@@ -86,7 +115,10 @@ impl Decoder<'_> {
             }
             out.push((key, k, v));
         }
-        Some(Fields { entries: out, taken: BTreeSet::new() })
+        Some(Fields {
+            entries: out,
+            taken: BTreeSet::new(),
+        })
     }
 
     /// Warns about each key that was not taken: `unsupported` ones as known but not
@@ -108,7 +140,11 @@ impl Decoder<'_> {
     /// Interpolates a scalar's text; other nodes come back as they are.
     fn text(&mut self, node: &Node, path: &str) -> Option<String> {
         let Some(raw) = node.scalar_text() else {
-            self.error(node, path, format!("expected a string, found {}", node.describe()));
+            self.error(
+                node,
+                path,
+                format!("expected a string, found {}", node.describe()),
+            );
             return None;
         };
         if !matches!(node.kind, Kind::Str(_)) {
@@ -135,7 +171,9 @@ impl Decoder<'_> {
         let what = "a non-negative integer";
         let value = match &node.kind {
             Kind::Int(i) if *i >= 0 => Some(*i as u64),
-            Kind::Str(_) => self.text(node, path).and_then(|t| t.trim().parse::<u64>().ok()),
+            Kind::Str(_) => self
+                .text(node, path)
+                .and_then(|t| t.trim().parse::<u64>().ok()),
             _ => None,
         };
         match value {
@@ -146,7 +184,11 @@ impl Decoder<'_> {
             }
             None => {
                 if self.errors.last().is_none_or(|e| e.path != path) {
-                    self.error(node, path, format!("expected {what}, found {}", node.describe()));
+                    self.error(
+                        node,
+                        path,
+                        format!("expected {what}, found {}", node.describe()),
+                    );
                 }
                 None
             }
@@ -160,12 +202,20 @@ impl Decoder<'_> {
                 "true" | "True" | "TRUE" => Some(true),
                 "false" | "False" | "FALSE" => Some(false),
                 other => {
-                    self.error(node, path, format!("expected true or false, found {other:?}"));
+                    self.error(
+                        node,
+                        path,
+                        format!("expected true or false, found {other:?}"),
+                    );
                     None
                 }
             },
             _ => {
-                self.error(node, path, format!("expected true or false, found {}", node.describe()));
+                self.error(
+                    node,
+                    path,
+                    format!("expected true or false, found {}", node.describe()),
+                );
                 None
             }
         }
@@ -190,7 +240,11 @@ impl Decoder<'_> {
                 .filter_map(|(i, n)| self.text(n, &format!("{path}[{i}]")))
                 .collect(),
             _ => {
-                self.error(node, path, format!("expected a list of strings, found {}", node.describe()));
+                self.error(
+                    node,
+                    path,
+                    format!("expected a list of strings, found {}", node.describe()),
+                );
                 Vec::new()
             }
         }
@@ -205,7 +259,10 @@ impl Decoder<'_> {
                 self.error(
                     node,
                     path,
-                    format!("expected a string or a list of strings, found {}", node.describe()),
+                    format!(
+                        "expected a string or a list of strings, found {}",
+                        node.describe()
+                    ),
                 );
                 None
             }
@@ -218,7 +275,9 @@ impl Decoder<'_> {
         match &node.kind {
             Kind::Null => {}
             Kind::Map(_) => {
-                let Some(f) = self.fields(node, path) else { return out };
+                let Some(f) = self.fields(node, path) else {
+                    return out;
+                };
                 for (key, _, v) in &f.entries {
                     let p = join(path, key);
                     match &v.kind {
@@ -230,7 +289,14 @@ impl Decoder<'_> {
                             }
                         }
                         Kind::Seq(_) | Kind::Map(_) => {
-                            self.error(v, &p, format!("expected a string, number or boolean, found {}", v.describe()));
+                            self.error(
+                                v,
+                                &p,
+                                format!(
+                                    "expected a string, number or boolean, found {}",
+                                    v.describe()
+                                ),
+                            );
                         }
                         _ => {
                             if let Some(t) = self.text(v, &p) {
@@ -243,7 +309,9 @@ impl Decoder<'_> {
             Kind::Seq(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let p = format!("{path}[{i}]");
-                    let Some(t) = self.text(item, &p) else { continue };
+                    let Some(t) = self.text(item, &p) else {
+                        continue;
+                    };
                     match t.split_once('=') {
                         Some((k, v)) => {
                             out.insert(k.to_owned(), v.to_owned());
@@ -259,14 +327,22 @@ impl Decoder<'_> {
                     }
                 }
             }
-            _ => self.error(node, path, format!("expected a mapping or a list, found {}", node.describe())),
+            _ => self.error(
+                node,
+                path,
+                format!("expected a mapping or a list, found {}", node.describe()),
+            ),
         }
         out
     }
 
     pub fn stack(&mut self, root: &Node, default_name: &str) -> Option<Stack> {
         if matches!(root.kind, Kind::Null) {
-            self.error(root, "services", "the stack file is empty: define at least one service");
+            self.error(
+                root,
+                "services",
+                "the stack file is empty: define at least one service",
+            );
             return None;
         }
         let mut top = self.fields(root, "")?;
@@ -290,7 +366,11 @@ impl Decoder<'_> {
                     for (sname, knode, snode) in &sf.entries {
                         let path = join("services", sname);
                         if !valid_service_name(sname) {
-                            self.error(knode, &path, "service names may use only a-z, 0-9, '-', '_' and '.'");
+                            self.error(
+                                knode,
+                                &path,
+                                "service names may use only a-z, 0-9, '-', '_' and '.'",
+                            );
                             continue;
                         }
                         if let Some(svc) = self.service(snode, &path) {
@@ -300,7 +380,11 @@ impl Decoder<'_> {
                 }
             }
         }
-        self.finish(top, "", &["networks", "volumes", "secrets", "configs", "include"]);
+        self.finish(
+            top,
+            "",
+            &["networks", "volumes", "secrets", "configs", "include"],
+        );
         self.cross_checks(&services);
         Some(Stack {
             name,
@@ -311,22 +395,40 @@ impl Decoder<'_> {
 
     fn settings(&mut self, node: &Node, path: &str) -> Settings {
         let mut s = Settings::default();
-        let Some(mut f) = self.fields(node, path) else { return s };
+        let Some(mut f) = self.fields(node, path) else {
+            return s;
+        };
         if let Some(n) = f.take("port_range") {
             let p = join(path, "port_range");
             let text = self.text(n, &p).unwrap_or_default();
-            match text.split_once('-').map(|(a, b)| (a.trim().parse::<u16>(), b.trim().parse::<u16>())) {
+            match text
+                .split_once('-')
+                .map(|(a, b)| (a.trim().parse::<u16>(), b.trim().parse::<u16>()))
+            {
                 Some((Ok(a), Ok(b))) if a > 0 && a <= b => s.port_range = [a, b],
-                _ => self.error(n, &p, format!("expected a port range like 20000-29999, found {}", n.describe())),
+                _ => self.error(
+                    n,
+                    &p,
+                    format!(
+                        "expected a port range like 20000-29999, found {}",
+                        n.describe()
+                    ),
+                ),
             }
         }
         if let Some(n) = f.take("logs") {
             let lp = join(path, "logs");
             if let Some(mut lf) = self.fields(n, &lp) {
-                if let Some(v) = lf.take("max_file_size").and_then(|v| self.bytes(v, &join(&lp, "max_file_size"))) {
+                if let Some(v) = lf
+                    .take("max_file_size")
+                    .and_then(|v| self.bytes(v, &join(&lp, "max_file_size")))
+                {
                     s.logs.max_file_size = v;
                 }
-                if let Some(v) = lf.take("max_total_size").and_then(|v| self.bytes(v, &join(&lp, "max_total_size"))) {
+                if let Some(v) = lf
+                    .take("max_total_size")
+                    .and_then(|v| self.bytes(v, &join(&lp, "max_total_size")))
+                {
                     s.logs.max_total_size = v;
                 }
                 self.finish(lf, &lp, &[]);
@@ -340,8 +442,12 @@ impl Decoder<'_> {
         let mut f = self.fields(node, path)?;
         let errors_before = self.errors.len();
         let image = self.string_opt(f.take("image"), &join(path, "image"));
-        let command = f.take("command").and_then(|n| self.cmd(n, &join(path, "command")));
-        let entrypoint = f.take("entrypoint").and_then(|n| self.cmd(n, &join(path, "entrypoint")));
+        let command = f
+            .take("command")
+            .and_then(|n| self.cmd(n, &join(path, "command")));
+        let entrypoint = f
+            .take("entrypoint")
+            .and_then(|n| self.cmd(n, &join(path, "entrypoint")));
 
         let mut environment = BTreeMap::new();
         if let Some(n) = f.take("env_file") {
@@ -350,10 +456,16 @@ impl Decoder<'_> {
         if let Some(n) = f.take("environment") {
             environment.extend(self.key_values(n, &join(path, "environment"), true));
         }
-        let working_dir = self.string_opt(f.take("working_dir"), &join(path, "working_dir")).map(|d| {
-            let p = Path::new(&d);
-            if p.is_absolute() { d } else { self.dir.join(p).to_string_lossy().into_owned() }
-        });
+        let working_dir = self
+            .string_opt(f.take("working_dir"), &join(path, "working_dir"))
+            .map(|d| {
+                let p = Path::new(&d);
+                if p.is_absolute() {
+                    d
+                } else {
+                    self.dir.join(p).to_string_lossy().into_owned()
+                }
+            });
         let ports = match f.take("ports") {
             Some(n) => self.ports(n, &join(path, "ports")),
             None => Vec::new(),
@@ -379,11 +491,22 @@ impl Decoder<'_> {
                 let p = join(path, "stop_signal");
                 let t = self.text(n, &p).unwrap_or_default();
                 let up = t.to_ascii_uppercase();
-                let full = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+                let full = if up.starts_with("SIG") {
+                    up
+                } else {
+                    format!("SIG{up}")
+                };
                 if SIGNALS.contains(&full.as_str()) {
                     full
                 } else {
-                    self.error(n, &p, format!("unknown signal {t:?}; expected one of {}", SIGNALS.join(", ")));
+                    self.error(
+                        n,
+                        &p,
+                        format!(
+                            "unknown signal {t:?}; expected one of {}",
+                            SIGNALS.join(", ")
+                        ),
+                    );
                     "SIGTERM".into()
                 }
             }
@@ -444,12 +567,47 @@ impl Decoder<'_> {
             None => Vec::new(),
         };
         let unsupported = [
-            "build", "container_name", "networks", "volumes", "network_mode", "hostname", "user",
-            "cap_add", "cap_drop", "privileged", "tty", "stdin_open", "logging", "secrets",
-            "configs", "extra_hosts", "dns", "ulimits", "init", "platform", "pull_policy",
-            "devices", "tmpfs", "read_only", "shm_size", "security_opt", "sysctls", "extends",
-            "links", "external_links", "mem_reservation", "memswap_limit", "cpu_shares",
-            "cpuset", "group_add", "ipc", "pid", "annotations", "attach", "develop", "scale",
+            "build",
+            "container_name",
+            "networks",
+            "volumes",
+            "network_mode",
+            "hostname",
+            "user",
+            "cap_add",
+            "cap_drop",
+            "privileged",
+            "tty",
+            "stdin_open",
+            "logging",
+            "secrets",
+            "configs",
+            "extra_hosts",
+            "dns",
+            "ulimits",
+            "init",
+            "platform",
+            "pull_policy",
+            "devices",
+            "tmpfs",
+            "read_only",
+            "shm_size",
+            "security_opt",
+            "sysctls",
+            "extends",
+            "links",
+            "external_links",
+            "mem_reservation",
+            "memswap_limit",
+            "cpu_shares",
+            "cpuset",
+            "group_add",
+            "ipc",
+            "pid",
+            "annotations",
+            "attach",
+            "develop",
+            "scale",
         ];
         debug_assert!(unsupported.iter().all(|k| !SERVICE_KEYS.contains(k)));
         self.finish(f, path, &unsupported);
@@ -483,7 +641,14 @@ impl Decoder<'_> {
                 .map(|(i, n)| (n.clone(), format!("{path}[{i}]")))
                 .collect(),
             _ => {
-                self.error(node, path, format!("expected a path or a list of paths, found {}", node.describe()));
+                self.error(
+                    node,
+                    path,
+                    format!(
+                        "expected a path or a list of paths, found {}",
+                        node.describe()
+                    ),
+                );
                 return BTreeMap::new();
             }
         };
@@ -491,9 +656,13 @@ impl Decoder<'_> {
         for (item, p) in items {
             let (file, required) = match &item.kind {
                 Kind::Map(_) => {
-                    let Some(mut f) = self.fields(&item, &p) else { continue };
+                    let Some(mut f) = self.fields(&item, &p) else {
+                        continue;
+                    };
                     let file = f.take("path").and_then(|n| self.text(n, &join(&p, "path")));
-                    let required = f.take("required").and_then(|n| self.boolean(n, &join(&p, "required")));
+                    let required = f
+                        .take("required")
+                        .and_then(|n| self.boolean(n, &join(&p, "required")));
                     self.finish(f, &p, &["format"]);
                     let Some(file) = file else {
                         self.error(&item, &p, "missing key: path");
@@ -515,7 +684,11 @@ impl Decoder<'_> {
                     }
                 },
                 Err(_) if !required => {}
-                Err(e) => self.error(&item, &p, format!("cannot read env file {}: {e}", full.display())),
+                Err(e) => self.error(
+                    &item,
+                    &p,
+                    format!("cannot read env file {}: {e}", full.display()),
+                ),
             }
         }
         out
@@ -523,7 +696,11 @@ impl Decoder<'_> {
 
     fn ports(&mut self, node: &Node, path: &str) -> Vec<Port> {
         let Kind::Seq(items) = &node.kind else {
-            self.error(node, path, format!("expected a list of ports, found {}", node.describe()));
+            self.error(
+                node,
+                path,
+                format!("expected a list of ports, found {}", node.describe()),
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -531,13 +708,15 @@ impl Decoder<'_> {
             let p = format!("{path}[{i}]");
             let port = match &item.kind {
                 Kind::Map(_) => self.port_long(item, &p),
-                _ => self.text(item, &p).and_then(|t| match parse_port_short(&t) {
-                    Ok(port) => Some(port),
-                    Err(e) => {
-                        self.error(item, &p, e);
-                        None
-                    }
-                }),
+                _ => self
+                    .text(item, &p)
+                    .and_then(|t| match parse_port_short(&t) {
+                        Ok(port) => Some(port),
+                        Err(e) => {
+                            self.error(item, &p, e);
+                            None
+                        }
+                    }),
             };
             out.extend(port);
         }
@@ -548,7 +727,9 @@ impl Decoder<'_> {
         let mut f = self.fields(node, path)?;
         let target = self.string_opt(f.take("target"), &join(path, "target"));
         let published = match f.take("published") {
-            Some(n) => self.uint(n, &join(path, "published"), 65535).map(|v| v as u16),
+            Some(n) => self
+                .uint(n, &join(path, "published"), 65535)
+                .map(|v| v as u16),
             None => None,
         };
         let host_ip = self.string_opt(f.take("host_ip"), &join(path, "host_ip"));
@@ -561,20 +742,37 @@ impl Decoder<'_> {
             (_, Some(t)) => match t.parse::<u16>() {
                 Ok(p) if p > 0 => p,
                 _ => {
-                    self.error(node, path, "missing key: published (the host port to listen on)");
+                    self.error(
+                        node,
+                        path,
+                        "missing key: published (the host port to listen on)",
+                    );
                     return None;
                 }
             },
             _ => {
-                self.error(node, path, "missing key: published (the host port to listen on)");
+                self.error(
+                    node,
+                    path,
+                    "missing key: published (the host port to listen on)",
+                );
                 return None;
             }
         };
         if protocol != "tcp" {
-            self.error(node, &join(path, "protocol"), format!("only tcp is supported, found {protocol:?}"));
+            self.error(
+                node,
+                &join(path, "protocol"),
+                format!("only tcp is supported, found {protocol:?}"),
+            );
             return None;
         }
-        Some(Port { host_ip, published, target, protocol })
+        Some(Port {
+            host_ip,
+            published,
+            target,
+            protocol,
+        })
     }
 
     fn healthcheck(&mut self, node: &Node, path: &str) -> Option<Healthcheck> {
@@ -616,7 +814,11 @@ impl Decoder<'_> {
                         ),
                     }
                 }
-                _ => self.error(n, &p, format!("expected a string or a list, found {}", n.describe())),
+                _ => self.error(
+                    n,
+                    &p,
+                    format!("expected a string or a list, found {}", n.describe()),
+                ),
             }
         }
         if let Some(n) = f.take("disable") {
@@ -635,14 +837,20 @@ impl Decoder<'_> {
             }
         }
         if let Some(n) = f.take("retries") {
-            hc.retries = self.uint(n, &join(path, "retries"), u32::MAX as u64).unwrap_or(3) as u32;
+            hc.retries = self
+                .uint(n, &join(path, "retries"), u32::MAX as u64)
+                .unwrap_or(3) as u32;
         }
         self.finish(f, path, &[]);
         if disabled {
             return None;
         }
         if !has_test && !test_given {
-            self.error(node, path, "missing key: test (or x-capstan.healthcheck with http or tcp)");
+            self.error(
+                node,
+                path,
+                "missing key: test (or x-capstan.healthcheck with http or tcp)",
+            );
             return None;
         }
         Some(hc)
@@ -650,11 +858,16 @@ impl Decoder<'_> {
 
     /// Per-service `x-capstan`: HTTP and TCP health checks, with compose timing keys.
     fn service_x_capstan(&mut self, node: &Node, path: &str, hc: &mut Option<Healthcheck>) {
-        let Some(mut f) = self.fields(node, path) else { return };
+        let Some(mut f) = self.fields(node, path) else {
+            return;
+        };
         if let Some(n) = f.take("healthcheck") {
             let hp = join(path, "healthcheck");
             if let Some(mut h) = self.fields(n, &hp) {
-                let port = h.take("port").and_then(|p| self.uint(p, &join(&hp, "port"), 65535)).map(|p| p as u16);
+                let port = h
+                    .take("port")
+                    .and_then(|p| self.uint(p, &join(&hp, "port"), 65535))
+                    .map(|p| p as u16);
                 let test = if let Some(http) = h.take("http") {
                     self.text(http, &join(&hp, "http")).map(|mut path| {
                         if !path.starts_with('/') {
@@ -667,7 +880,9 @@ impl Decoder<'_> {
                         Kind::Bool(true) => Some(HealthTest::Tcp { port }),
                         _ => self
                             .uint(tcp, &join(&hp, "tcp"), 65535)
-                            .map(|p| HealthTest::Tcp { port: Some(p as u16) }),
+                            .map(|p| HealthTest::Tcp {
+                                port: Some(p as u16),
+                            }),
                     }
                 } else {
                     self.error(n, &hp, "expected http: <path> or tcp: true|<port>");
@@ -694,7 +909,9 @@ impl Decoder<'_> {
                     }
                 }
                 if let Some(n) = h.take("retries") {
-                    out.retries = self.uint(n, &join(&hp, "retries"), u32::MAX as u64).unwrap_or(3) as u32;
+                    out.retries = self
+                        .uint(n, &join(&hp, "retries"), u32::MAX as u64)
+                        .unwrap_or(3) as u32;
                 }
                 self.finish(h, &hp, &[]);
                 if let Some(test) = test {
@@ -703,7 +920,11 @@ impl Decoder<'_> {
                 }
             }
         }
-        self.finish(f, path, &["autoscale", "metrics", "rollout", "protocol", "idle_after"]);
+        self.finish(
+            f,
+            path,
+            &["autoscale", "metrics", "rollout", "protocol", "idle_after"],
+        );
     }
 
     fn depends_on(&mut self, node: &Node, path: &str) -> BTreeMap<String, Dependency> {
@@ -711,14 +932,25 @@ impl Decoder<'_> {
         match &node.kind {
             Kind::Seq(_) => {
                 for name in self.string_list(node, path) {
-                    out.insert(name, Dependency { condition: Condition::ServiceStarted, required: true });
+                    out.insert(
+                        name,
+                        Dependency {
+                            condition: Condition::ServiceStarted,
+                            required: true,
+                        },
+                    );
                 }
             }
             Kind::Map(_) => {
-                let Some(f) = self.fields(node, path) else { return out };
+                let Some(f) = self.fields(node, path) else {
+                    return out;
+                };
                 for (name, _, v) in &f.entries {
                     let p = join(path, name);
-                    let mut dep = Dependency { condition: Condition::ServiceStarted, required: true };
+                    let mut dep = Dependency {
+                        condition: Condition::ServiceStarted,
+                        required: true,
+                    };
                     if !matches!(v.kind, Kind::Null)
                         && let Some(mut df) = self.fields(v, &p)
                     {
@@ -748,7 +980,14 @@ impl Decoder<'_> {
                     out.insert(name.clone(), dep);
                 }
             }
-            _ => self.error(node, path, format!("expected a list or a mapping of services, found {}", node.describe())),
+            _ => self.error(
+                node,
+                path,
+                format!(
+                    "expected a list or a mapping of services, found {}",
+                    node.describe()
+                ),
+            ),
         }
         out
     }
@@ -757,13 +996,22 @@ impl Decoder<'_> {
         let v = match &node.kind {
             Kind::Int(i) => Some(*i as f64),
             Kind::Float(f) => Some(*f),
-            Kind::Str(_) => self.text(node, path).and_then(|t| t.trim().parse::<f64>().ok()),
+            Kind::Str(_) => self
+                .text(node, path)
+                .and_then(|t| t.trim().parse::<f64>().ok()),
             _ => None,
         };
         match v {
             Some(v) if v > 0.0 && v.is_finite() => Some(v),
             _ => {
-                self.error(node, path, format!("expected a positive number of CPUs such as 0.5, found {}", node.describe()));
+                self.error(
+                    node,
+                    path,
+                    format!(
+                        "expected a positive number of CPUs such as 0.5, found {}",
+                        node.describe()
+                    ),
+                );
                 None
             }
         }
@@ -787,21 +1035,32 @@ impl Decoder<'_> {
     fn pids(&mut self, node: &Node, path: &str) -> Option<i64> {
         let v = match &node.kind {
             Kind::Int(i) => Some(*i),
-            Kind::Str(_) => self.text(node, path).and_then(|t| t.trim().parse::<i64>().ok()),
+            Kind::Str(_) => self
+                .text(node, path)
+                .and_then(|t| t.trim().parse::<i64>().ok()),
             _ => None,
         };
         match v {
             Some(-1) => None,
             Some(v) if v > 0 => Some(v),
             _ => {
-                self.error(node, path, format!("expected a positive integer or -1, found {}", node.describe()));
+                self.error(
+                    node,
+                    path,
+                    format!(
+                        "expected a positive integer or -1, found {}",
+                        node.describe()
+                    ),
+                );
                 None
             }
         }
     }
 
     fn deploy(&mut self, node: &Node, path: &str, deploy: &mut Deploy) {
-        let Some(mut f) = self.fields(node, path) else { return };
+        let Some(mut f) = self.fields(node, path) else {
+            return;
+        };
         if let Some(n) = f.take("replicas") {
             deploy.replicas = self.uint(n, &join(path, "replicas"), 10_000).unwrap_or(1) as u32;
         }
@@ -838,18 +1097,29 @@ impl Decoder<'_> {
                         Some("none") => policy.condition = RestartCondition::None,
                         Some("on-failure") => policy.condition = RestartCondition::OnFailure,
                         Some("any") => policy.condition = RestartCondition::Any,
-                        Some(o) => self.error(c, &cp, format!("expected none, on-failure or any, found {o:?}")),
+                        Some(o) => self.error(
+                            c,
+                            &cp,
+                            format!("expected none, on-failure or any, found {o:?}"),
+                        ),
                         None => {}
                     }
                 }
-                if let Some(d) = rf.take("delay").and_then(|d| self.duration(d, &join(&rp, "delay"))) {
+                if let Some(d) = rf
+                    .take("delay")
+                    .and_then(|d| self.duration(d, &join(&rp, "delay")))
+                {
                     deploy.restart_policy.delay = d;
                 }
                 if let Some(m) = rf.take("max_attempts") {
-                    deploy.restart_policy.max_attempts =
-                        self.uint(m, &join(&rp, "max_attempts"), u32::MAX as u64).map(|v| v as u32);
+                    deploy.restart_policy.max_attempts = self
+                        .uint(m, &join(&rp, "max_attempts"), u32::MAX as u64)
+                        .map(|v| v as u32);
                 }
-                if let Some(w) = rf.take("window").and_then(|w| self.duration(w, &join(&rp, "window"))) {
+                if let Some(w) = rf
+                    .take("window")
+                    .and_then(|w| self.duration(w, &join(&rp, "window")))
+                {
                     deploy.restart_policy.window = w;
                 }
                 self.finish(rf, &rp, &[]);
@@ -858,7 +1128,14 @@ impl Decoder<'_> {
         self.finish(
             f,
             path,
-            &["mode", "placement", "update_config", "rollback_config", "endpoint_mode", "labels"],
+            &[
+                "mode",
+                "placement",
+                "update_config",
+                "rollback_config",
+                "endpoint_mode",
+                "labels",
+            ],
         );
     }
 
@@ -870,7 +1147,11 @@ impl Decoder<'_> {
             let path = join("services", name);
             for dep in svc.depends_on.keys() {
                 if !services.contains_key(dep) {
-                    self.error(knode, &join(&join(&path, "depends_on"), dep), format!("depends on undefined service {dep:?}"));
+                    self.error(
+                        knode,
+                        &join(&join(&path, "depends_on"), dep),
+                        format!("depends on undefined service {dep:?}"),
+                    );
                 }
             }
             if svc.argv().is_none() {
@@ -890,7 +1171,14 @@ impl Decoder<'_> {
                 if let Some(other) = ports.insert(p.published, name.clone())
                     && other != *name
                 {
-                    self.error(knode, &join(&path, "ports"), format!("port {} is already published by service {other:?}", p.published));
+                    self.error(
+                        knode,
+                        &join(&path, "ports"),
+                        format!(
+                            "port {} is already published by service {other:?}",
+                            p.published
+                        ),
+                    );
                 }
             }
         }
@@ -943,7 +1231,9 @@ impl Decoder<'_> {
 }
 
 fn valid_service_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// A compose project name: lowercase letters, digits, `-` and `_`.
@@ -953,7 +1243,11 @@ pub fn normalize_name(s: &str) -> String {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
         .collect();
-    if out.is_empty() { "default".into() } else { out }
+    if out.is_empty() {
+        "default".into()
+    } else {
+        out
+    }
 }
 
 /// `"8080"`, `"8080:80"`, `"8080:http"`, `"127.0.0.1:8080:80"`, with `/tcp`.
@@ -970,19 +1264,29 @@ pub fn parse_port_short(s: &str) -> Result<Port, String> {
         [p] => (None, *p, None),
         [p, t] => (None, *p, Some(*t)),
         [ip, p, t] => (Some(*ip), *p, Some(*t)),
-        _ => return Err(format!("expected [HOST_IP:]PUBLISHED[:TARGET][/tcp], found {s:?}")),
+        _ => {
+            return Err(format!(
+                "expected [HOST_IP:]PUBLISHED[:TARGET][/tcp], found {s:?}"
+            ));
+        }
     };
     if published.contains('-') {
         return Err(format!("port ranges are not supported, found {s:?}"));
     }
     let published: u16 = match published.parse() {
         Ok(p) if p > 0 => p,
-        _ => return Err(format!("expected a port number between 1 and 65535, found {published:?}")),
+        _ => {
+            return Err(format!(
+                "expected a port number between 1 and 65535, found {published:?}"
+            ));
+        }
     };
     if let Some(t) = target
         && (t.is_empty() || t.contains('-'))
     {
-        return Err(format!("expected a target port number or name, found {t:?}"));
+        return Err(format!(
+            "expected a target port number or name, found {t:?}"
+        ));
     }
     Ok(Port {
         host_ip: host_ip.map(str::to_owned),

@@ -9,7 +9,10 @@ pub struct Vars {
 }
 
 impl Vars {
-    pub fn new(dotenv: BTreeMap<String, String>, env: impl IntoIterator<Item = (String, String)>) -> Self {
+    pub fn new(
+        dotenv: BTreeMap<String, String>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
         let mut vars = dotenv;
         vars.extend(env);
         Vars { vars }
@@ -41,7 +44,9 @@ pub fn interpolate(input: &str, vars: &Vars) -> Result<String, String> {
         } else {
             let len = rest
                 .char_indices()
-                .find(|&(j, c)| !(c == '_' || c.is_ascii_alphanumeric()) || (j == 0 && c.is_ascii_digit()))
+                .find(|&(j, c)| {
+                    !(c == '_' || c.is_ascii_alphanumeric()) || (j == 0 && c.is_ascii_digit())
+                })
                 .map(|(j, _)| j)
                 .unwrap_or(rest.len());
             if len == 0 {
@@ -94,7 +99,11 @@ fn expand_braced(body: &str, vars: &Vars) -> Result<String, String> {
         return Ok(value.unwrap_or("").to_owned());
     }
     if op.starts_with(":-") {
-        return if set_nonempty { Ok(value.unwrap_or("").to_owned()) } else { arg(2) };
+        return if set_nonempty {
+            Ok(value.unwrap_or("").to_owned())
+        } else {
+            arg(2)
+        };
     }
     if op.starts_with('-') {
         return match value {
@@ -104,19 +113,37 @@ fn expand_braced(body: &str, vars: &Vars) -> Result<String, String> {
     }
     if op.starts_with(":?") || op.starts_with('?') {
         let strict = op.starts_with(':');
-        let ok = if strict { set_nonempty } else { value.is_some() };
+        let ok = if strict {
+            set_nonempty
+        } else {
+            value.is_some()
+        };
         if ok {
             return Ok(value.unwrap_or("").to_owned());
         }
         let msg = arg(if strict { 2 } else { 1 })?;
-        let msg = if msg.is_empty() { format!("variable {name} is required") } else { msg };
-        return Err(format!("required variable {name} is missing a value: {msg}"));
+        let msg = if msg.is_empty() {
+            format!("variable {name} is required")
+        } else {
+            msg
+        };
+        return Err(format!(
+            "required variable {name} is missing a value: {msg}"
+        ));
     }
     if op.starts_with(":+") {
-        return if set_nonempty { arg(2) } else { Ok(String::new()) };
+        return if set_nonempty {
+            arg(2)
+        } else {
+            Ok(String::new())
+        };
     }
     if op.starts_with('+') {
-        return if value.is_some() { arg(1) } else { Ok(String::new()) };
+        return if value.is_some() {
+            arg(1)
+        } else {
+            Ok(String::new())
+        };
     }
     Err(format!("invalid variable reference \"${{{body}}}\""))
 }
@@ -140,7 +167,11 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, Strin
             return Err((idx + 1, format!("expected KEY=VALUE, found {line:?}")));
         };
         let key = key.trim();
-        if key.is_empty() || !key.chars().all(|c| c == '_' || c == '.' || c == '-' || c.is_ascii_alphanumeric()) {
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c == '_' || c == '.' || c == '-' || c.is_ascii_alphanumeric())
+        {
             return Err((idx + 1, format!("invalid variable name {key:?}")));
         }
         let value = value.trim();

@@ -12,7 +12,14 @@ use std::path::{Path, PathBuf};
 pub use model::*;
 
 /// Names tried, in order, when no `-f` is given.
-pub const DEFAULT_FILES: &[&str] = &["capstan.yaml", "capstan.yml", "compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
+pub const DEFAULT_FILES: &[&str] = &[
+    "capstan.yaml",
+    "capstan.yml",
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yml",
+    "docker-compose.yaml",
+];
 
 /// One error or warning about a stack file, printed as `file:line:col: path: message`.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +83,12 @@ impl LoadOptions {
         let env: BTreeMap<String, String> = std::env::vars().collect();
         let profiles = env
             .get("COMPOSE_PROFILES")
-            .map(|p| p.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .map(|p| {
+                p.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default();
         LoadOptions { env, profiles }
     }
@@ -105,7 +117,12 @@ pub fn find_file(given: Option<&Path>, dir: &Path) -> Result<PathBuf, String> {
 
 fn single(file: &str, message: String) -> LoadError {
     LoadError {
-        errors: vec![Diagnostic { file: file.to_owned(), pos: yaml::Pos { line: 0, col: 0 }, path: String::new(), message }],
+        errors: vec![Diagnostic {
+            file: file.to_owned(),
+            pos: yaml::Pos { line: 0, col: 0 },
+            path: String::new(),
+            message,
+        }],
         warnings: Vec::new(),
     }
 }
@@ -113,24 +130,44 @@ fn single(file: &str, message: String) -> LoadError {
 /// Reads, interpolates and validates a stack file. Nothing is returned unless the
 /// whole file is valid.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
-    let display = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let abs = std::path::absolute(path).map_err(|e| single(&display, format!("cannot resolve path: {e}")))?;
-    let text = std::fs::read_to_string(&abs).map_err(|e| single(&display, format!("cannot read {}: {e}", abs.display())))?;
+    let display = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let abs = std::path::absolute(path)
+        .map_err(|e| single(&display, format!("cannot resolve path: {e}")))?;
+    let text = std::fs::read_to_string(&abs)
+        .map_err(|e| single(&display, format!("cannot read {}: {e}", abs.display())))?;
     let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
     let dotenv = match std::fs::read_to_string(dir.join(".env")) {
         Ok(t) => interp::parse_env_file(&t)
             .map_err(|(line, msg)| LoadError {
-                errors: vec![Diagnostic { file: ".env".into(), pos: yaml::Pos { line: line as u64, col: 1 }, path: String::new(), message: msg }],
+                errors: vec![Diagnostic {
+                    file: ".env".into(),
+                    pos: yaml::Pos {
+                        line: line as u64,
+                        col: 1,
+                    },
+                    path: String::new(),
+                    message: msg,
+                }],
                 warnings: Vec::new(),
             })?
             .into_iter()
             .collect(),
         Err(_) => BTreeMap::new(),
     };
-    let default_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let default_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut stack = parse_text(&text, &display, &dir, &default_name, dotenv, opts)?;
     let warnings = std::mem::take(&mut stack.1);
-    Ok(Loaded { stack: stack.0, warnings, file: abs })
+    Ok(Loaded {
+        stack: stack.0,
+        warnings,
+        file: abs,
+    })
 }
 
 /// Parses stack text (the part of [`load`] that needs no file system, except `env_file`).
@@ -143,11 +180,23 @@ pub fn parse_text(
     opts: &LoadOptions,
 ) -> Result<(Stack, Vec<Diagnostic>), LoadError> {
     let root = yaml::parse(text).map_err(|e| LoadError {
-        errors: vec![Diagnostic { file: display.to_owned(), pos: e.pos, path: String::new(), message: format!("invalid YAML: {}", e.message) }],
+        errors: vec![Diagnostic {
+            file: display.to_owned(),
+            pos: e.pos,
+            path: String::new(),
+            message: format!("invalid YAML: {}", e.message),
+        }],
         warnings: Vec::new(),
     })?;
     let vars = interp::Vars::new(dotenv, opts.env.clone());
-    let mut dec = decode::Decoder { file: display.to_owned(), dir, vars: &vars, env: &opts.env, errors: Vec::new(), warnings: Vec::new() };
+    let mut dec = decode::Decoder {
+        file: display.to_owned(),
+        dir,
+        vars: &vars,
+        env: &opts.env,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
     let stack = dec.stack(&root, default_name);
     let mut errors = dec.errors;
     let mut warnings = dec.warnings;
@@ -155,7 +204,9 @@ pub fn parse_text(
     warnings.sort_by_key(|d| (d.pos.line, d.pos.col));
     match stack {
         Some(mut stack) if errors.is_empty() => {
-            stack.services.retain(|_, s| s.profiles.is_empty() || s.profiles.iter().any(|p| opts.profiles.contains(p)));
+            stack.services.retain(|_, s| {
+                s.profiles.is_empty() || s.profiles.iter().any(|p| opts.profiles.contains(p))
+            });
             Ok((stack, warnings))
         }
         _ => Err(LoadError { errors, warnings }),

@@ -24,7 +24,10 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { port_range: [20000, 29999], logs: LogSettings::default() }
+        Settings {
+            port_range: [20000, 29999],
+            logs: LogSettings::default(),
+        }
     }
 }
 
@@ -39,7 +42,10 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { max_file_size: 8 << 20, max_total_size: 512 << 20 }
+        LogSettings {
+            max_file_size: 8 << 20,
+            max_total_size: 512 << 20,
+        }
     }
 }
 
@@ -261,7 +267,9 @@ impl Serialize for Dur {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -286,7 +294,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -306,13 +316,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let bad = || format!("expected a size like 512m or 1g, found {s:?}");
-    let num_len = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let num_len = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     if num_len == 0 {
         return Err(bad());
     }
     let n: f64 = t[..num_len].parse().map_err(|_| bad())?;
     let unit = t[num_len..].trim();
-    let unit = unit.strip_suffix("ib").or_else(|| unit.strip_suffix('b')).unwrap_or(unit);
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(unit);
     let mult: u64 = match unit {
         "" => 1,
         "k" => 1 << 10,

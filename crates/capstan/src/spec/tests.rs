@@ -5,13 +5,23 @@ use super::*;
 
 fn opts(env: &[(&str, &str)]) -> LoadOptions {
     LoadOptions {
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         profiles: Vec::new(),
     }
 }
 
 fn parse(text: &str) -> Result<(Stack, Vec<Diagnostic>), LoadError> {
-    parse_text(text, "capstan.yaml", Path::new("/srv/app"), "app", BTreeMap::new(), &opts(&[]))
+    parse_text(
+        text,
+        "capstan.yaml",
+        Path::new("/srv/app"),
+        "app",
+        BTreeMap::new(),
+        &opts(&[]),
+    )
 }
 
 fn errors(text: &str) -> String {
@@ -98,20 +108,37 @@ fn interpolation() {
         "capstan.yaml",
         Path::new("/x"),
         "x",
-        [("FLAG".to_string(), "from-dotenv".to_string()), ("A".to_string(), "dot".to_string())].into(),
+        [
+            ("FLAG".to_string(), "from-dotenv".to_string()),
+            ("A".to_string(), "dot".to_string()),
+        ]
+        .into(),
         &opts(&[("A", "shell"), ("PASS", "through"), ("N", "4")]),
     )
     .unwrap();
     assert_eq!(stack.name, "demo");
     let web = &stack.services["web"];
-    assert_eq!(web.command, Some(Cmd::Exec(vec!["serve".into(), "--port=${PORT}".into(), "from-dotenv".into()])));
-    assert_eq!(web.environment["A"], "shell", "the shell environment wins over .env");
+    assert_eq!(
+        web.command,
+        Some(Cmd::Exec(vec![
+            "serve".into(),
+            "--port=${PORT}".into(),
+            "from-dotenv".into()
+        ]))
+    );
+    assert_eq!(
+        web.environment["A"], "shell",
+        "the shell environment wins over .env"
+    );
     assert_eq!(web.environment["B"], "fallback");
     assert_eq!(web.environment["PASS"], "through");
     assert_eq!(web.deploy.replicas, 4);
 
     let e = errors("services:\n  web:\n    command: ${CMD:?set CMD to the program to run}\n");
-    assert_eq!(e, "capstan.yaml:3:14: services.web.command: required variable CMD is missing a value: set CMD to the program to run");
+    assert_eq!(
+        e,
+        "capstan.yaml:3:14: services.web.command: required variable CMD is missing a value: set CMD to the program to run"
+    );
 }
 
 #[test]
@@ -166,8 +193,14 @@ fn examples_load() {
     for entry in std::fs::read_dir(&root).unwrap() {
         let file = entry.unwrap().path().join("capstan.yaml");
         if file.is_file() {
-            let loaded = load(&file, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            assert!(loaded.warnings.is_empty(), "{}: {:?}", file.display(), loaded.warnings);
+            let loaded = load(&file, &LoadOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert!(
+                loaded.warnings.is_empty(),
+                "{}: {:?}",
+                file.display(),
+                loaded.warnings
+            );
             n += 1;
         }
     }

@@ -13,8 +13,15 @@ use crate::spec::Limits;
 
 #[derive(Debug, Clone)]
 enum Layout {
-    V2 { root: PathBuf },
-    V1 { memory: PathBuf, cpu: Option<PathBuf>, cpuacct: Option<PathBuf>, pids: Option<PathBuf> },
+    V2 {
+        root: PathBuf,
+    },
+    V1 {
+        memory: PathBuf,
+        cpu: Option<PathBuf>,
+        cpuacct: Option<PathBuf>,
+        pids: Option<PathBuf>,
+    },
 }
 
 /// The cgroup hierarchy capstan places replicas in.
@@ -37,14 +44,20 @@ fn mounts() -> Vec<(String, PathBuf, String)> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let mount_point = left.split(' ').nth(4).unwrap_or_default();
         let mut r = right.split(' ');
         let fstype = r.next().unwrap_or_default();
         let _source = r.next();
         let opts = r.next().unwrap_or_default();
         if fstype == "cgroup" || fstype == "cgroup2" {
-            out.push((fstype.to_owned(), PathBuf::from(mount_point), opts.to_owned()));
+            out.push((
+                fstype.to_owned(),
+                PathBuf::from(mount_point),
+                opts.to_owned(),
+            ));
         }
     }
     out
@@ -67,9 +80,13 @@ impl Cgroups {
         let base = PathBuf::from("capstan").join(stack_id);
         let ms = mounts();
         if let Some((_, root, _)) = ms.iter().find(|(t, _, _)| t == "cgroup2") {
-            let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let controllers =
+                fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
             if controllers.split_whitespace().any(|c| c == "memory") && writable_dir(root) {
-                return Ok(Cgroups { layout: Layout::V2 { root: root.clone() }, base });
+                return Ok(Cgroups {
+                    layout: Layout::V2 { root: root.clone() },
+                    base,
+                });
             }
         }
         let v1 = |name: &str| {
@@ -79,10 +96,18 @@ impl Cgroups {
         };
         match v1("memory") {
             Some(memory) if writable_dir(&memory) => Ok(Cgroups {
-                layout: Layout::V1 { memory, cpu: v1("cpu"), cpuacct: v1("cpuacct"), pids: v1("pids") },
+                layout: Layout::V1 {
+                    memory,
+                    cpu: v1("cpu"),
+                    cpuacct: v1("cpuacct"),
+                    pids: v1("pids"),
+                },
                 base,
             }),
-            Some(memory) => Err(format!("cgroup v1 memory hierarchy {} is not writable", memory.display())),
+            Some(memory) => Err(format!(
+                "cgroup v1 memory hierarchy {} is not writable",
+                memory.display()
+            )),
             None => Err("no writable cgroup hierarchy with a memory controller".into()),
         }
     }
@@ -98,7 +123,16 @@ impl Cgroups {
     pub fn remove_base(&self) {
         let roots: Vec<&PathBuf> = match &self.layout {
             Layout::V2 { root } => vec![root],
-            Layout::V1 { memory, cpu, cpuacct, pids } => std::iter::once(memory).chain(cpu).chain(cpuacct).chain(pids).collect(),
+            Layout::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => std::iter::once(memory)
+                .chain(cpu)
+                .chain(cpuacct)
+                .chain(pids)
+                .collect(),
         };
         for r in roots {
             let _ = fs::remove_dir(r.join(&self.base));
@@ -120,16 +154,34 @@ impl Cgroups {
                 let _ = fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu +pids");
                 let dir = root.join(&rel);
                 create_dir(&dir)?;
-                write(&dir, "memory.max", &limits.memory.map_or("max".into(), |m| m.to_string()))?;
+                write(
+                    &dir,
+                    "memory.max",
+                    &limits.memory.map_or("max".into(), |m| m.to_string()),
+                )?;
                 if limits.memory.is_some() {
                     let _ = fs::write(dir.join("memory.swap.max"), "0");
                 }
-                let cpu = limits.cpus.map_or("max 100000".into(), |c| format!("{} 100000", (c * 100_000.0).round() as u64));
+                let cpu = limits.cpus.map_or("max 100000".into(), |c| {
+                    format!("{} 100000", (c * 100_000.0).round() as u64)
+                });
                 write(&dir, "cpu.max", &cpu)?;
-                write(&dir, "pids.max", &limits.pids.map_or("max".into(), |p| p.to_string()))?;
-                Ok(ReplicaCgroup { v2: true, dirs: vec![dir] })
+                write(
+                    &dir,
+                    "pids.max",
+                    &limits.pids.map_or("max".into(), |p| p.to_string()),
+                )?;
+                Ok(ReplicaCgroup {
+                    v2: true,
+                    dirs: vec![dir],
+                })
             }
-            Layout::V1 { memory, cpu, cpuacct, pids } => {
+            Layout::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => {
                 let mut dirs = Vec::new();
                 let mdir = memory.join(&rel);
                 create_dir(&mdir)?;
@@ -143,7 +195,9 @@ impl Cgroups {
                     let d = cpu.join(&rel);
                     create_dir(&d)?;
                     write(&d, "cpu.cfs_period_us", "100000")?;
-                    let quota = limits.cpus.map_or("-1".into(), |c| ((c * 100_000.0).round() as i64).to_string());
+                    let quota = limits.cpus.map_or("-1".into(), |c| {
+                        ((c * 100_000.0).round() as i64).to_string()
+                    });
                     write(&d, "cpu.cfs_quota_us", &quota)?;
                     dirs.push(d);
                 }
@@ -155,7 +209,11 @@ impl Cgroups {
                 if let Some(pids) = pids {
                     let d = pids.join(&rel);
                     create_dir(&d)?;
-                    write(&d, "pids.max", &limits.pids.map_or("max".into(), |p| p.to_string()))?;
+                    write(
+                        &d,
+                        "pids.max",
+                        &limits.pids.map_or("max".into(), |p| p.to_string()),
+                    )?;
                     dirs.push(d);
                 }
                 Ok(ReplicaCgroup { v2: false, dirs })
@@ -172,7 +230,12 @@ fn create_dir(p: &Path) -> io::Result<()> {
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
-    fs::write(dir.join(file), value).map_err(|e| io::Error::new(e.kind(), format!("writing {value:?} to {}: {e}", dir.join(file).display())))
+    fs::write(dir.join(file), value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value:?} to {}: {e}", dir.join(file).display()),
+        )
+    })
 }
 
 fn read_u64(p: &Path) -> Option<u64> {
@@ -214,16 +277,27 @@ impl ReplicaCgroup {
         let (usage, stat, inactive) = if self.v2 {
             ("memory.current", "memory.stat", "inactive_file")
         } else {
-            ("memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+            (
+                "memory.usage_in_bytes",
+                "memory.stat",
+                "total_inactive_file",
+            )
         };
         let used = read_u64(&self.find(usage)?)?;
-        let inactive = self.find(stat).and_then(|p| keyed(&p, inactive)).unwrap_or(0);
+        let inactive = self
+            .find(stat)
+            .and_then(|p| keyed(&p, inactive))
+            .unwrap_or(0);
         Some(used.saturating_sub(inactive))
     }
 
     /// How many processes of this cgroup the kernel OOM-killed so far.
     pub fn oom_kills(&self) -> u64 {
-        let (file, key) = if self.v2 { ("memory.events", "oom_kill") } else { ("memory.oom_control", "oom_kill") };
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill")
+        } else {
+            ("memory.oom_control", "oom_kill")
+        };
         self.find(file).and_then(|p| keyed(&p, key)).unwrap_or(0)
     }
 
@@ -233,7 +307,11 @@ impl ReplicaCgroup {
             .dirs
             .iter()
             .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
-            .flat_map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<_>>())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<_>>()
+            })
             .collect();
         out.sort_unstable();
         out.dedup();

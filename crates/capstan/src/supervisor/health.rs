@@ -16,16 +16,25 @@ pub enum Health {
 }
 
 /// Runs one probe: `Ok` when healthy, `Err(reason)` otherwise.
-pub async fn probe(test: &HealthTest, port: u16, env: &BTreeMap<String, String>, timeout: Duration) -> Result<(), String> {
+pub async fn probe(
+    test: &HealthTest,
+    port: u16,
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<(), String> {
     let run = async {
         match test {
             HealthTest::Cmd(argv) => exec(argv, env).await,
-            HealthTest::Shell(script) => exec(&["/bin/sh".into(), "-c".into(), script.clone()], env).await,
+            HealthTest::Shell(script) => {
+                exec(&["/bin/sh".into(), "-c".into(), script.clone()], env).await
+            }
             HealthTest::Http { path, port: p } => http(p.unwrap_or(port), path).await,
-            HealthTest::Tcp { port: p } => tokio::net::TcpStream::connect(("127.0.0.1", p.unwrap_or(port)))
-                .await
-                .map(drop)
-                .map_err(|e| format!("tcp connect to port {}: {e}", p.unwrap_or(port))),
+            HealthTest::Tcp { port: p } => {
+                tokio::net::TcpStream::connect(("127.0.0.1", p.unwrap_or(port)))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("tcp connect to port {}: {e}", p.unwrap_or(port)))
+            }
         }
     };
     match tokio::time::timeout(timeout, run).await {
@@ -43,13 +52,21 @@ async fn exec(argv: &[String], env: &BTreeMap<String, String>) -> Result<(), Str
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let out = cmd.output().await.map_err(|e| format!("cannot run {prog:?}: {e}"))?;
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {prog:?}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
         let err = err.trim();
-        Err(format!("command exited with {}{}{}", out.status, if err.is_empty() { "" } else { ": " }, err.chars().take(200).collect::<String>()))
+        Err(format!(
+            "command exited with {}{}{}",
+            out.status,
+            if err.is_empty() { "" } else { ": " },
+            err.chars().take(200).collect::<String>()
+        ))
     }
 }
 
@@ -58,12 +75,19 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| format!("GET {path} on port {port}: {e}"))?;
-    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: capstan-health\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(|e| format!("GET {path}: {e}"))?;
+    let req = format!(
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: capstan-health\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("GET {path}: {e}"))?;
     let mut buf = vec![0u8; 256];
     let mut n = 0;
     while n < 16 {
-        let r = s.read(&mut buf[n..]).await.map_err(|e| format!("GET {path}: {e}"))?;
+        let r = s
+            .read(&mut buf[n..])
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
         if r == 0 {
             break;
         }
@@ -75,7 +99,11 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("GET {path}: not an HTTP response"))?;
-    if (200..400).contains(&code) { Ok(()) } else { Err(format!("GET {path} returned {code}")) }
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("GET {path} returned {code}"))
+    }
 }
 
 /// Probes forever, sending a [`Health`] on every change of status. Follows
@@ -84,7 +112,12 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
 /// consecutive failures make the replica unhealthy, one success makes it healthy.
 /// The first probe runs after at most 250ms, not a whole interval, so a fast
 /// replica becomes healthy quickly.
-pub async fn watch(hc: Healthcheck, port: u16, env: BTreeMap<String, String>, tx: mpsc::Sender<Health>) {
+pub async fn watch(
+    hc: Healthcheck,
+    port: u16,
+    env: BTreeMap<String, String>,
+    tx: mpsc::Sender<Health>,
+) {
     let started = tokio::time::Instant::now();
     let mut failures = 0u32;
     let mut current: Option<bool> = None;
@@ -100,8 +133,11 @@ pub async fn watch(hc: Healthcheck, port: u16, env: BTreeMap<String, String>, tx
                 if !starting {
                     failures += 1;
                 }
-                (failures >= hc.retries.max(1) && current != Some(false))
-                    .then(|| Health::Unhealthy(format!("{failures} consecutive failed checks, last: {reason}")))
+                (failures >= hc.retries.max(1) && current != Some(false)).then(|| {
+                    Health::Unhealthy(format!(
+                        "{failures} consecutive failed checks, last: {reason}"
+                    ))
+                })
             }
         };
         if let Some(h) = next {
@@ -110,6 +146,11 @@ pub async fn watch(hc: Healthcheck, port: u16, env: BTreeMap<String, String>, tx
                 return;
             }
         }
-        tokio::time::sleep(if starting { hc.start_interval.0 } else { hc.interval.0 }).await;
+        tokio::time::sleep(if starting {
+            hc.start_interval.0
+        } else {
+            hc.interval.0
+        })
+        .await;
     }
 }

@@ -69,7 +69,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(stack_dir: PathBuf, events: EventLog, logs: FileStore, cgroups: Option<cgroup::Cgroups>, state: state::StateFile) -> Shared {
+    pub fn new(
+        stack_dir: PathBuf,
+        events: EventLog,
+        logs: FileStore,
+        cgroups: Option<cgroup::Cgroups>,
+        state: state::StateFile,
+    ) -> Shared {
         Shared {
             stack_dir,
             events,
@@ -88,20 +94,25 @@ impl Shared {
     pub fn update(&self, service: &str, replica: u32, f: impl FnOnce(&mut Status)) {
         {
             let mut map = self.status.lock().unwrap();
-            let s = map.entry((service.to_owned(), replica)).or_insert_with(|| Status {
-                service: service.to_owned(),
-                replica,
-                state: "waiting".into(),
-                health: "none".into(),
-                ..Status::default()
-            });
+            let s = map
+                .entry((service.to_owned(), replica))
+                .or_insert_with(|| Status {
+                    service: service.to_owned(),
+                    replica,
+                    state: "waiting".into(),
+                    health: "none".into(),
+                    ..Status::default()
+                });
             f(s);
         }
         self.changed.send_modify(|g| *g += 1);
     }
 
     fn forget(&self, service: &str, replica: u32) {
-        self.status.lock().unwrap().remove(&(service.to_owned(), replica));
+        self.status
+            .lock()
+            .unwrap()
+            .remove(&(service.to_owned(), replica));
         self.changed.send_modify(|g| *g += 1);
     }
 
@@ -115,14 +126,23 @@ impl Shared {
 
     /// Whether every replica of `service` meets `cond` (a service scaled to zero does).
     pub fn dependency_met(&self, service: &str, cond: Condition) -> bool {
-        let has_health = self.services.lock().unwrap().get(service).is_some_and(|s| s.has_healthcheck);
+        let has_health = self
+            .services
+            .lock()
+            .unwrap()
+            .get(service)
+            .is_some_and(|s| s.has_healthcheck);
         let map = self.status.lock().unwrap();
-        map.values().filter(|s| s.service == service).all(|s| match cond {
-            Condition::ServiceStarted => s.pid.is_some() || s.state == "exited",
-            Condition::ServiceHealthy if has_health => s.health == "healthy",
-            Condition::ServiceHealthy => s.pid.is_some(),
-            Condition::ServiceCompletedSuccessfully => s.state == "exited" && s.exit_code == Some(0),
-        })
+        map.values()
+            .filter(|s| s.service == service)
+            .all(|s| match cond {
+                Condition::ServiceStarted => s.pid.is_some() || s.state == "exited",
+                Condition::ServiceHealthy if has_health => s.health == "healthy",
+                Condition::ServiceHealthy => s.pid.is_some(),
+                Condition::ServiceCompletedSuccessfully => {
+                    s.state == "exited" && s.exit_code == Some(0)
+                }
+            })
     }
 
     /// Logs a warning once per distinct message (and records it as an event).
@@ -137,7 +157,8 @@ impl Shared {
     pub fn alloc_port(&self) -> u16 {
         let [lo, hi] = *self.port_range.lock().unwrap();
         let span = u32::from(hi - lo) + 1;
-        let seed = (crate::logs::now_ns() as u64 ^ u64::from(std::process::id()).rotate_left(17)) as u32;
+        let seed =
+            (crate::logs::now_ns() as u64 ^ u64::from(std::process::id()).rotate_left(17)) as u32;
         let mut ports = self.ports.lock().unwrap();
         for i in 0..span {
             let p = lo + ((seed.wrapping_add(i)) % span) as u16;
@@ -147,7 +168,10 @@ impl Shared {
             }
         }
         // Range exhausted: let the kernel choose.
-        std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+        std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
     }
 
     pub fn release_port(&self, p: u16) {
@@ -201,11 +225,20 @@ pub async fn stop_leftovers(shared: &Shared) {
             &r.service,
             Some(r.replica),
             "stopping",
-            format!("found pid {} left by a previous daemon; stopping it before starting afresh", r.pid),
+            format!(
+                "found pid {} left by a previous daemon; stopping it before starting afresh",
+                r.pid
+            ),
         );
         stops.push(async move {
             let sig = process::signal_by_name(&r.stop_signal);
-            process::stop_foreign(r.pid, r.cgroup.as_ref(), sig, Duration::from_millis(r.grace_ms)).await;
+            process::stop_foreign(
+                r.pid,
+                r.cgroup.as_ref(),
+                sig,
+                Duration::from_millis(r.grace_ms),
+            )
+            .await;
         });
     }
     futures_join(stops).await;
@@ -226,7 +259,10 @@ pub fn start_order(stack: &Stack) -> Vec<String> {
     while !left.is_empty() {
         let before = left.len();
         left.retain(|name| {
-            let ready = stack.services[*name].depends_on.keys().all(|d| out.contains(d) || !stack.services.contains_key(d));
+            let ready = stack.services[*name]
+                .depends_on
+                .keys()
+                .all(|d| out.contains(d) || !stack.services.contains_key(d));
             if ready {
                 out.push((*name).clone());
             }
@@ -241,7 +277,15 @@ pub fn start_order(stack: &Stack) -> Vec<String> {
 
 impl Supervisor {
     pub fn new(shared: Arc<Shared>, stack: Stack) -> Supervisor {
-        Supervisor { shared, stack: Stack { services: BTreeMap::new(), ..stack }, services: BTreeMap::new(), revision_counter: 0 }
+        Supervisor {
+            shared,
+            stack: Stack {
+                services: BTreeMap::new(),
+                ..stack
+            },
+            services: BTreeMap::new(),
+            revision_counter: 0,
+        }
     }
 
     pub async fn run(mut self, initial: Stack, mut rx: mpsc::Receiver<Command>) {
@@ -256,15 +300,21 @@ impl Supervisor {
                     let _ = reply.send(self.scale(counts).await);
                 }
                 Command::Restart(names, reply) => {
-                    let r = self.for_services(&names, |sv, n| Box::pin(sv.restart_service(n))).await;
+                    let r = self
+                        .for_services(&names, |sv, n| Box::pin(sv.restart_service(n)))
+                        .await;
                     let _ = reply.send(r);
                 }
                 Command::Stop(names, reply) => {
-                    let r = self.for_services(&names, |sv, n| Box::pin(sv.stop_service(n))).await;
+                    let r = self
+                        .for_services(&names, |sv, n| Box::pin(sv.stop_service(n)))
+                        .await;
                     let _ = reply.send(r);
                 }
                 Command::Start(names, reply) => {
-                    let r = self.for_services(&names, |sv, n| Box::pin(sv.start_service(n))).await;
+                    let r = self
+                        .for_services(&names, |sv, n| Box::pin(sv.start_service(n)))
+                        .await;
                     let _ = reply.send(r);
                 }
                 Command::Down(reply) => {
@@ -279,11 +329,25 @@ impl Supervisor {
 
     async fn for_services<F>(&mut self, names: &[String], mut f: F) -> Result<String, String>
     where
-        F: for<'a> FnMut(&'a mut Supervisor, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
+        F: for<'a> FnMut(
+            &'a mut Supervisor,
+            String,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
     {
-        let unknown: Vec<&String> = names.iter().filter(|n| !self.services.contains_key(*n)).collect();
+        let unknown: Vec<&String> = names
+            .iter()
+            .filter(|n| !self.services.contains_key(*n))
+            .collect();
         if !unknown.is_empty() {
-            return Err(format!("no such service: {}", unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+            return Err(format!(
+                "no such service: {}",
+                unknown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         for n in names {
             f(self, n.clone()).await;
@@ -297,7 +361,12 @@ impl Supervisor {
         for (name, rt) in &self.services {
             map.insert(
                 name.clone(),
-                ServiceStatus { name: name.clone(), desired: rt.desired, stopped: rt.stopped, has_healthcheck: rt.spec.healthcheck.is_some() },
+                ServiceStatus {
+                    name: name.clone(),
+                    desired: rt.desired,
+                    stopped: rt.stopped,
+                    has_healthcheck: rt.spec.healthcheck.is_some(),
+                },
             );
         }
         drop(map);
@@ -314,12 +383,19 @@ impl Supervisor {
     async fn apply(&mut self, stack: Stack) -> String {
         *self.shared.port_range.lock().unwrap() = stack.settings.port_range;
         let mut changes = Vec::new();
-        let removed: Vec<String> = self.services.keys().filter(|k| !stack.services.contains_key(*k)).cloned().collect();
+        let removed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|k| !stack.services.contains_key(*k))
+            .cloned()
+            .collect();
         for name in removed {
             self.scale_to(&name, 0).await;
             self.services.remove(&name);
             changes.push(format!("removed {name}"));
-            self.shared.events.emit(&name, None, "removed", "service removed from the stack");
+            self.shared
+                .events
+                .emit(&name, None, "removed", "service removed from the stack");
         }
         for name in start_order(&stack) {
             let spec = &stack.services[&name];
@@ -327,7 +403,9 @@ impl Supervisor {
                 Some(rt) if rt.spec.definition_eq(spec) => {
                     if rt.desired != spec.deploy.replicas {
                         changes.push(format!("scaled {name} to {}", spec.deploy.replicas));
-                        self.scale(BTreeMap::from([(name.clone(), spec.deploy.replicas)])).await.ok();
+                        self.scale(BTreeMap::from([(name.clone(), spec.deploy.replicas)]))
+                            .await
+                            .ok();
                     }
                 }
                 Some(_) => {
@@ -339,7 +417,12 @@ impl Supervisor {
                     rt.revision = revision;
                     rt.desired = spec.deploy.replicas;
                     rt.stopped = false;
-                    self.shared.events.emit(&name, None, "updated", "definition changed; replicas restarted");
+                    self.shared.events.emit(
+                        &name,
+                        None,
+                        "updated",
+                        "definition changed; replicas restarted",
+                    );
                     self.reconcile(&name);
                 }
                 None => {
@@ -349,7 +432,13 @@ impl Supervisor {
                     let revision = self.next_revision();
                     self.services.insert(
                         name.clone(),
-                        ServiceRt { spec: Arc::new(spec.clone()), revision, desired: spec.deploy.replicas, stopped: false, replicas: BTreeMap::new() },
+                        ServiceRt {
+                            spec: Arc::new(spec.clone()),
+                            revision,
+                            desired: spec.deploy.replicas,
+                            stopped: false,
+                            replicas: BTreeMap::new(),
+                        },
                     );
                     self.reconcile(&name);
                 }
@@ -357,12 +446,18 @@ impl Supervisor {
         }
         self.stack = stack;
         self.publish_services();
-        if changes.is_empty() { "no changes".into() } else { changes.join("; ") }
+        if changes.is_empty() {
+            "no changes".into()
+        } else {
+            changes.join("; ")
+        }
     }
 
     /// Starts missing replicas of a service (up to `desired`, unless stopped).
     fn reconcile(&mut self, name: &str) {
-        let Some(rt) = self.services.get_mut(name) else { return };
+        let Some(rt) = self.services.get_mut(name) else {
+            return;
+        };
         if rt.stopped {
             return;
         }
@@ -371,7 +466,13 @@ impl Supervisor {
                 continue;
             }
             let (tx, rx) = mpsc::channel(1);
-            let r = replica::Replica { shared: self.shared.clone(), service: name.to_owned(), idx, spec: rt.spec.clone(), revision: rt.revision.clone() };
+            let r = replica::Replica {
+                shared: self.shared.clone(),
+                service: name.to_owned(),
+                idx,
+                spec: rt.spec.clone(),
+                revision: rt.revision.clone(),
+            };
             self.shared.update(name, idx, |s| {
                 *s = Status {
                     service: name.to_owned(),
@@ -389,7 +490,9 @@ impl Supervisor {
 
     /// Stops replicas with index >= n, all at once, and waits for them.
     async fn scale_to(&mut self, name: &str, n: u32) {
-        let Some(rt) = self.services.get_mut(name) else { return };
+        let Some(rt) = self.services.get_mut(name) else {
+            return;
+        };
         let doomed: Vec<u32> = rt.replicas.keys().copied().filter(|i| *i >= n).collect();
         let mut tasks = Vec::new();
         for idx in &doomed {
@@ -421,7 +524,9 @@ impl Supervisor {
                 rt.desired = n;
             }
             self.reconcile(&name);
-            self.shared.events.emit(&name, None, "scaled", format!("replicas {before} -> {n}"));
+            self.shared
+                .events
+                .emit(&name, None, "scaled", format!("replicas {before} -> {n}"));
             done.push(format!("{name}={n}"));
         }
         self.publish_services();
@@ -433,7 +538,9 @@ impl Supervisor {
         if let Some(rt) = self.services.get_mut(&name) {
             rt.stopped = true;
         }
-        self.shared.events.emit(&name, None, "stopped", "service stopped");
+        self.shared
+            .events
+            .emit(&name, None, "stopped", "service stopped");
         self.publish_services();
     }
 
@@ -452,7 +559,9 @@ impl Supervisor {
             rt.stopped = false;
             rt.revision = revision;
         }
-        self.shared.events.emit(&name, None, "restarted", "service restarted");
+        self.shared
+            .events
+            .emit(&name, None, "restarted", "service restarted");
         self.reconcile(&name);
         self.publish_services();
     }
@@ -465,10 +574,21 @@ impl Supervisor {
         while !order.is_empty() {
             let level: Vec<String> = order
                 .iter()
-                .filter(|n| !order.iter().any(|o| self.stack.services.get(o).is_some_and(|s| s.depends_on.contains_key(*n))))
+                .filter(|n| {
+                    !order.iter().any(|o| {
+                        self.stack
+                            .services
+                            .get(o)
+                            .is_some_and(|s| s.depends_on.contains_key(*n))
+                    })
+                })
                 .cloned()
                 .collect();
-            let level = if level.is_empty() { order.clone() } else { level };
+            let level = if level.is_empty() {
+                order.clone()
+            } else {
+                level
+            };
             let mut stops = Vec::new();
             for name in &level {
                 if let Some(rt) = self.services.get_mut(name) {

@@ -38,7 +38,9 @@ pub fn spawn(launch: &Launch) -> std::io::Result<tokio::process::Child> {
     if let Some(dir) = &launch.working_dir {
         cmd.current_dir(dir);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd.process_group(0);
     cmd.kill_on_drop(false);
     cmd.spawn()
@@ -61,7 +63,11 @@ pub fn exec_helper(cgroups: &[PathBuf], argv: &[String]) -> i32 {
     };
     let err = std::process::Command::new(prog).args(args).exec();
     eprintln!("capstan: cannot run {prog:?}: {err}");
-    if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }
+    if err.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
 }
 
 pub fn signal_by_name(name: &str) -> Signal {
@@ -75,7 +81,9 @@ pub fn signal_group(pgid: i32, sig: Signal) -> bool {
 
 /// Pids whose process group is `pgid`, from /proc.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| proc_stat(*pid).is_some_and(|s| s.pgrp == pgid && s.state != 'Z'))
         .collect()
@@ -180,4 +188,3 @@ pub const TICKS_PER_SEC: u64 = 100;
 pub fn page_size() -> u64 {
     4096
 }
-

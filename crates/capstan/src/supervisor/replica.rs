@@ -37,7 +37,13 @@ enum Outcome {
     /// Told to stop; the process is gone.
     Stopped,
     /// The process ended by itself (or was ended for being unhealthy).
-    Exited { code: Option<i32>, signal: Option<i32>, uptime: Duration, unhealthy: bool, oom: bool },
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        uptime: Duration,
+        unhealthy: bool,
+        oom: bool,
+    },
     SpawnFailed(String),
 }
 
@@ -47,7 +53,9 @@ impl Replica {
     }
 
     fn event(&self, kind: &str, reason: impl Into<String>) {
-        self.shared.events.emit(&self.service, Some(self.idx), kind, reason);
+        self.shared
+            .events
+            .emit(&self.service, Some(self.idx), kind, reason);
     }
 
     pub async fn run(self, mut ctl: mpsc::Receiver<Ctl>) {
@@ -72,7 +80,13 @@ impl Replica {
                     self.event("failed", format!("cannot start: {e}"));
                     (false, Duration::ZERO)
                 }
-                Outcome::Exited { code, signal, uptime, unhealthy, oom } => {
+                Outcome::Exited {
+                    code,
+                    signal,
+                    uptime,
+                    unhealthy,
+                    oom,
+                } => {
                     let how = describe_exit(*code, *signal, *oom);
                     self.set(|s| {
                         s.pid = None;
@@ -80,9 +94,18 @@ impl Replica {
                         s.exit_code = *code;
                     });
                     if *oom {
-                        self.event("oom-killed", format!("killed by the kernel: memory limit reached ({how})"));
+                        self.event(
+                            "oom-killed",
+                            format!("killed by the kernel: memory limit reached ({how})"),
+                        );
                     }
-                    self.event("exited", format!("{how} after {}", crate::spec::Dur(Duration::from_millis(uptime.as_millis() as u64))));
+                    self.event(
+                        "exited",
+                        format!(
+                            "{how} after {}",
+                            crate::spec::Dur(Duration::from_millis(uptime.as_millis() as u64))
+                        ),
+                    );
                     (*code == Some(0) && !unhealthy, *uptime)
                 }
             };
@@ -112,15 +135,28 @@ impl Replica {
                 return;
             }
             let delay = backoff(policy.delay.0, failures);
-            let state = if failures >= CRASH_LOOP_AFTER { "crash-looping" } else { "restarting" };
+            let state = if failures >= CRASH_LOOP_AFTER {
+                "crash-looping"
+            } else {
+                "restarting"
+            };
             if failures == CRASH_LOOP_AFTER {
-                self.event("crash-looping", format!("failed {failures} times in a row; restarting with backoff up to {}", crate::spec::Dur(MAX_BACKOFF)));
+                self.event(
+                    "crash-looping",
+                    format!(
+                        "failed {failures} times in a row; restarting with backoff up to {}",
+                        crate::spec::Dur(MAX_BACKOFF)
+                    ),
+                );
             }
             self.set(|s| {
                 s.state = state.into();
                 s.health = "none".into();
             });
-            self.event("restarting", format!("restarting in {}", crate::spec::Dur(delay)));
+            self.event(
+                "restarting",
+                format!("restarting in {}", crate::spec::Dur(delay)),
+            );
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = ctl.recv() => {
@@ -179,7 +215,12 @@ impl Replica {
         Launch {
             argv: self.spec.argv().unwrap_or_default(),
             env,
-            working_dir: self.spec.working_dir.as_ref().map(Into::into).or_else(|| Some(self.shared.stack_dir.clone())),
+            working_dir: self
+                .spec
+                .working_dir
+                .as_ref()
+                .map(Into::into)
+                .or_else(|| Some(self.shared.stack_dir.clone())),
             cgroup: None,
         }
     }
@@ -188,9 +229,15 @@ impl Replica {
         let port = self.shared.alloc_port();
         let mut launch = self.launch(port);
         launch.cgroup = self.shared.cgroups.as_ref().and_then(|cg| {
-            cg.create(&format!("{}-{}", self.service, self.idx), &self.spec.deploy.resources.limits)
-                .map_err(|e| self.shared.warn_once(format!("cannot create cgroup, running without limits: {e}")))
-                .ok()
+            cg.create(
+                &format!("{}-{}", self.service, self.idx),
+                &self.spec.deploy.resources.limits,
+            )
+            .map_err(|e| {
+                self.shared
+                    .warn_once(format!("cannot create cgroup, running without limits: {e}"))
+            })
+            .ok()
         });
         self.set(|s| {
             s.state = "starting".into();
@@ -219,8 +266,20 @@ impl Replica {
         let oom_before = launch.cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let mut captures = Vec::new();
         for (stream, reader) in [
-            (Stream::Stdout, child.stdout.take().map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
-            (Stream::Stderr, child.stderr.take().map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+            (
+                Stream::Stdout,
+                child
+                    .stdout
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+            (
+                Stream::Stderr,
+                child
+                    .stderr
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
         ] {
             let Some(reader) = reader else { continue };
             let shared = self.shared.clone();
@@ -238,12 +297,20 @@ impl Replica {
         self.set(|s| {
             s.pid = Some(pid);
             s.state = "running".into();
-            s.health = if has_health { "starting".into() } else { "none".into() };
+            s.health = if has_health {
+                "starting".into()
+            } else {
+                "none".into()
+            };
             s.started_ms = Some(crate::events::now_ms());
         });
         self.event("started", format!("pid {pid}, port {port}"));
         let (htx, mut hrx) = mpsc::channel(4);
-        let health_task = self.spec.healthcheck.clone().map(|hc| tokio::spawn(health::watch(hc, port, launch.env.clone(), htx)));
+        let health_task = self
+            .spec
+            .healthcheck
+            .clone()
+            .map(|hc| tokio::spawn(health::watch(hc, port, launch.env.clone(), htx)));
         let mut sampler = Sampler::new(pid, launch.cgroup.clone());
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let mut unhealthy = false;
@@ -284,12 +351,19 @@ impl Replica {
             t.abort();
         }
         // Read before the cgroup is removed with the leftovers.
-        let oom = launch.cgroup.as_ref().is_some_and(|c| c.oom_kills() > oom_before);
+        let oom = launch
+            .cgroup
+            .as_ref()
+            .is_some_and(|c| c.oom_kills() > oom_before);
         process::kill_leftovers(pid, launch.cgroup.as_ref()).await;
         for c in captures {
             let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
         }
-        self.shared.state.lock().unwrap().remove(&self.service, self.idx, pid);
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .remove(&self.service, self.idx, pid);
         self.shared.release_port(port);
         use std::os::unix::process::ExitStatusExt;
         let code = status.and_then(|s| s.code());
@@ -298,17 +372,33 @@ impl Replica {
             self.event("stopped", describe_exit(code, signal, false));
             return Outcome::Stopped;
         }
-        Outcome::Exited { code, signal, uptime: started.elapsed(), unhealthy, oom }
+        Outcome::Exited {
+            code,
+            signal,
+            uptime: started.elapsed(),
+            unhealthy,
+            oom,
+        }
     }
 
     /// Stop signal to the group, the grace period, then SIGKILL.
-    async fn stop_child(&self, child: &mut tokio::process::Child, pgid: i32) -> Option<std::process::ExitStatus> {
+    async fn stop_child(
+        &self,
+        child: &mut tokio::process::Child,
+        pgid: i32,
+    ) -> Option<std::process::ExitStatus> {
         let sig = process::signal_by_name(&self.spec.stop_signal);
         process::signal_group(pgid, sig);
         match tokio::time::timeout(self.spec.stop_grace_period.0, child.wait()).await {
             Ok(st) => st.ok(),
             Err(_) => {
-                self.event("killing", format!("did not exit within {}; sending SIGKILL", self.spec.stop_grace_period));
+                self.event(
+                    "killing",
+                    format!(
+                        "did not exit within {}; sending SIGKILL",
+                        self.spec.stop_grace_period
+                    ),
+                );
                 process::signal_group(pgid, Signal::SIGKILL);
                 child.wait().await.ok()
             }
@@ -334,8 +424,14 @@ pub fn describe_exit(code: Option<i32>, signal: Option<i32>, oom: bool) -> Strin
     match (code, signal) {
         (Some(c), _) => format!("exited with code {c}"),
         (None, Some(s)) => {
-            let name = Signal::try_from(s).map(|s| s.as_str().to_owned()).unwrap_or_else(|_| s.to_string());
-            if oom { format!("killed by {name} (out of memory)") } else { format!("killed by {name}") }
+            let name = Signal::try_from(s)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| s.to_string());
+            if oom {
+                format!("killed by {name} (out of memory)")
+            } else {
+                format!("killed by {name}")
+            }
         }
         _ => "exited".into(),
     }
@@ -350,7 +446,11 @@ struct Sampler {
 
 impl Sampler {
     fn new(pid: i32, cgroup: Option<super::cgroup::ReplicaCgroup>) -> Self {
-        Sampler { pid, cgroup, last: None }
+        Sampler {
+            pid,
+            cgroup,
+            last: None,
+        }
     }
 
     fn sample(&mut self) -> (Option<f64>, Option<u64>) {

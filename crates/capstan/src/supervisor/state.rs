@@ -41,7 +41,8 @@ impl StateFile {
     }
 
     pub fn insert(&mut self, r: Record) {
-        self.records.insert(format!("{}/{}", r.service, r.replica), r);
+        self.records
+            .insert(format!("{}/{}", r.service, r.replica), r);
         self.save();
     }
 
