@@ -102,6 +102,20 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             None
         }
     };
+    let published: Vec<String> = opts
+        .stack
+        .services
+        .iter()
+        .flat_map(|(n, s)| s.ports.iter().map(move |p| format!("{}->{n}", p.published)))
+        .collect();
+    if !published.is_empty() {
+        events.emit(
+            "capstan",
+            None,
+            "warning",
+            format!("published ports ({}) are validated but not served yet: the proxy is not built; reach replicas on their $PORT (see `capstan ps`)", published.join(", ")),
+        );
+    }
     let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let shared = Arc::new(Shared::new(
         stack_dir,

@@ -172,7 +172,7 @@ impl Drop for TestStack {
         // Best effort: stop the daemon and anything left, even when a test failed.
         let _ = self.run(&["down"]);
         for pid in self.marked_pids() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            sigkill(pid);
         }
     }
 }
@@ -190,6 +190,13 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+pub fn sigkill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 pub fn alive(pid: i32) -> bool {

@@ -66,13 +66,7 @@ fn up_ps_restart_on_kill_and_down() {
 
     // Killing a replica's process: it is restarted, with an event, and becomes healthy again.
     let victim = web[0]["pid"].as_i64().unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &victim.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigkill(victim as i32);
     let restarted = wait_for(
         "web-0 restarted and healthy",
         Duration::from_secs(20),
@@ -170,13 +164,7 @@ fn sigkill_of_the_daemon_then_up_leaves_exactly_the_configured_replicas() {
     let before = s.marked_pids();
     assert_eq!(before.len(), 3);
     let daemon = s.daemon_pid();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &daemon.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigkill(daemon);
     wait_for("daemon gone", Duration::from_secs(5), || {
         (!alive(daemon)).then_some(())
     });

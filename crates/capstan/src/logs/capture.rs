@@ -46,11 +46,12 @@ fn memchr(b: &[u8]) -> Option<usize> {
 
 /// The largest index <= `max` that does not split a UTF-8 sequence (when the data is UTF-8).
 fn utf8_boundary(b: &[u8], max: usize) -> usize {
-    let mut i = max;
-    while i > max.saturating_sub(4) && i > 0 && (b[i] & 0xC0) == 0x80 {
+    let mut i = max.min(b.len());
+    let lowest = i.saturating_sub(3);
+    while i > lowest && i < b.len() && (b[i] & 0xC0) == 0x80 {
         i -= 1;
     }
-    if i == 0 { max } else { i }
+    if i == 0 { max.min(b.len()) } else { i }
 }
 
 #[cfg(test)]
