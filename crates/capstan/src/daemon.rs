@@ -95,7 +95,8 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         opts.log_max_total,
     )
     .context("opening the log store")?;
-    let cgroups = match Cgroups::detect(&stack_id(&opts.stack, &opts.file)) {
+    let id = stack_id(&opts.stack, &opts.file);
+    let cgroups = match Cgroups::detect(&id) {
         Ok(c) => Some(c),
         Err(why) => {
             events.emit("capstan", None, "warning", format!("cgroups unavailable ({why}): resource limits are not applied; CPU and memory come from /proc"));
@@ -118,6 +119,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     }
     let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let shared = Arc::new(Shared::new(
+        id,
         stack_dir,
         events,
         logs,
@@ -142,7 +144,9 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let sup = Supervisor::new(shared.clone(), opts.stack.clone());
     let sup_task = tokio::spawn(sup.run(opts.stack.clone(), cmd_rx));
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let api = crate::api::Api {
+        stopping: stopping_rx.clone(),
         shared: shared.clone(),
         commands: cmd_tx.clone(),
         token: Arc::new(token),
@@ -183,11 +187,19 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     };
     tokio::spawn(signals);
     // The supervisor returns after `down`; then the server stops.
-    let result = server
-        .with_graceful_shutdown(async move {
-            let _ = sup_task.await;
-        })
-        .await;
+    // Open streams (events -f, logs -f) end when `stopping` flips, so the
+    // graceful shutdown does not wait on followers; 5s bounds it regardless.
+    let server = server.with_graceful_shutdown(async move {
+        let _ = sup_task.await;
+        let _ = stopping_tx.send(true);
+    });
+    let result = tokio::select! {
+        r = server => r,
+        _ = async move {
+            let _ = stopping_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        } => Ok(()),
+    };
     if let Some(cg) = &cgroups {
         cg.remove_base();
     }

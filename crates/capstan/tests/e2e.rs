@@ -363,3 +363,177 @@ fn commands_without_a_daemon_say_how_to_start_one() {
     assert_eq!(s.run(&["scale", "web"]).status.code(), Some(2));
     assert_eq!(s.run(&["bogus-command"]).status.code(), Some(2));
 }
+
+/// Crash safety: the daemon is killed with SIGKILL at random points (while starting
+/// replicas, while scaling, while running) in repeated trials; afterwards one `up`
+/// leaves exactly the configured replicas and `down` leaves nothing.
+#[test]
+fn repeated_sigkill_of_the_daemon_at_random_points() {
+    let s = TestStack::new(&WEB.replace("replicas: 3", "replicas: 2"));
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut random = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for trial in 0..6 {
+        let mut daemon = std::process::Command::new(capstan_bin())
+            .args(["daemon", "--listen", "127.0.0.1:0"])
+            .current_dir(s.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = random(1500);
+        std::thread::sleep(Duration::from_millis(delay));
+        if trial % 2 == 1 {
+            // Kill it in the middle of a scale-up when it is already serving.
+            let _ = s.run(&["scale", "web=4"]);
+            std::thread::sleep(Duration::from_millis(random(300)));
+        }
+        eprintln!(
+            "trial {trial}: SIGKILL after {delay}ms, {} stack processes alive",
+            s.marked_pids().len()
+        );
+        sigkill(daemon.id() as i32);
+        let _ = daemon.wait();
+    }
+    let out = s.up();
+    assert!(out.contains("2/2 healthy"), "{out}");
+    let pids = s.marked_pids();
+    assert_eq!(pids.len(), 3, "exactly 2 web + 1 client: {pids:?}");
+    let recorded: Vec<i64> = s.ps().iter().filter_map(|r| r["pid"].as_i64()).collect();
+    assert_eq!(recorded.len(), 3);
+    assert!(
+        pids.iter().all(|p| recorded.contains(&i64::from(*p))),
+        "every live process is a replica capstan knows: {pids:?} vs {recorded:?}"
+    );
+    s.ok(&["down"]);
+    assert!(s.marked_pids().is_empty(), "left: {:?}", s.marked_pids());
+}
+
+#[test]
+fn stop_start_restart_and_events_follow() {
+    let s = TestStack::new(&WEB.replace("replicas: 3", "replicas: 2"));
+    s.up();
+    let mut follower = std::process::Command::new(capstan_bin())
+        .args(["events", "-f", "--output", "json"])
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut kinds = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            let done = v["kind"] == "restarted";
+            kinds.push(format!(
+                "{}:{}",
+                v["service"].as_str().unwrap(),
+                v["kind"].as_str().unwrap()
+            ));
+            if done {
+                break;
+            }
+        }
+        kinds
+    });
+    let before: Vec<i64> = s
+        .replicas("web")
+        .iter()
+        .map(|r| r["pid"].as_i64().unwrap())
+        .collect();
+    s.ok(&["stop", "web"]);
+    assert!(s.replicas("web").is_empty());
+    assert!(s.ok(&["ps"]).contains("stopped"));
+    assert_eq!(s.marked_pids().len(), 1, "only the client is left");
+    s.ok(&["start", "web"]);
+    wait_for("web back", Duration::from_secs(20), || {
+        (s.replicas("web").iter().filter(|r| healthy(r)).count() == 2).then_some(())
+    });
+    s.ok(&["restart", "web"]);
+    let after: Vec<i64> = s
+        .replicas("web")
+        .iter()
+        .filter_map(|r| r["pid"].as_i64())
+        .collect();
+    assert!(after.iter().all(|p| !before.contains(p)));
+    wait_for(
+        "the event follower to see the restart",
+        Duration::from_secs(20),
+        || reader.is_finished().then_some(()),
+    );
+    let kinds = reader.join().unwrap();
+    let _ = follower.kill();
+    let _ = follower.wait();
+    for want in [
+        "web:stopping",
+        "web:stopped",
+        "web:started",
+        "web:healthy",
+        "web:restarted",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "{want} missing from {kinds:?}"
+        );
+    }
+    assert_eq!(s.run(&["stop", "nope"]).status.code(), Some(1));
+}
+
+/// `capstan up` in the foreground: SIGINT (Ctrl-C) stops every replica and exits 0.
+#[test]
+fn foreground_up_stops_everything_on_ctrl_c() {
+    let s = TestStack::new(&WEB.replace("replicas: 3", "replicas: 2"));
+    let mut up = std::process::Command::new(capstan_bin())
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .current_dir(s.dir.path())
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("2/2 healthy") {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("progress output");
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    assert_eq!(s.marked_pids().len(), 3);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(s.marked_pids().is_empty(), "left: {:?}", s.marked_pids());
+    let mut rest = String::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    assert!(
+        rest.contains("stopping") && rest.contains("stopped"),
+        "{rest}"
+    );
+}

@@ -25,6 +25,8 @@ pub struct Api {
     pub commands: mpsc::Sender<Command>,
     pub token: Arc<String>,
     pub info: Arc<serde_json::Value>,
+    /// Becomes true when the daemon is stopping: open streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -170,6 +172,7 @@ fn line<T: serde::Serialize>(v: &T) -> Bytes {
 
 async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response {
     let (history, mut live) = api.shared.events.subscribe_with_history();
+    let mut stopping = api.stopping.clone();
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
         for e in history
@@ -184,7 +187,11 @@ async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Respon
             return;
         }
         loop {
-            match live.recv().await {
+            let next = tokio::select! {
+                r = live.recv() => r,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            match next {
                 Ok(e) => {
                     if tx.send(line(&e)).await.is_err() {
                         return;
@@ -216,6 +223,7 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
     };
     let shared = api.shared.clone();
     let (tx, rx) = mpsc::channel(1024);
+    let mut stopping = api.stopping.clone();
     tokio::task::spawn(async move {
         let (history, mut live) = shared.logs.query_and_subscribe(&q);
         // Highest sequence number sent per replica, so nothing is sent twice.
@@ -230,7 +238,11 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
             return;
         }
         loop {
-            match live.recv().await {
+            let next = tokio::select! {
+                r = live.recv() => r,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            match next {
                 Ok(r) => {
                     if !q.wants(&r.service, r.replica) {
                         continue;

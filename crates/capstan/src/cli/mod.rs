@@ -315,12 +315,15 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Events { follow, output, .. } => {
             let c = ctx.client()?;
             let color = output::use_color();
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
             c.stream(&format!("/capstan/v1/events?follow={follow}"), |v| {
-                match output {
-                    Output::Json => println!("{v}"),
-                    Output::Table => println!("{}", output::event_line(&v, color)),
-                }
-                true
+                let line = match output {
+                    Output::Json => v.to_string(),
+                    Output::Table => output::event_line(&v, color),
+                };
+                // Stop quietly when the reader goes away (e.g. `| head`).
+                writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
             })
             .await?;
             Ok(0)

@@ -55,6 +55,8 @@ pub struct ServiceStatus {
 
 /// State shared by the supervisor, its replica tasks and the API.
 pub struct Shared {
+    /// Identifies this stack's processes (`CAPSTAN_STACK` in their environment).
+    pub stack_id: String,
     pub stack_dir: PathBuf,
     pub events: EventLog,
     pub logs: FileStore,
@@ -70,6 +72,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
+        stack_id: String,
         stack_dir: PathBuf,
         events: EventLog,
         logs: FileStore,
@@ -77,6 +80,7 @@ impl Shared {
         state: state::StateFile,
     ) -> Shared {
         Shared {
+            stack_id,
             stack_dir,
             events,
             logs,
@@ -240,6 +244,32 @@ pub async fn stop_leftovers(shared: &Shared) {
             )
             .await;
         });
+    }
+    futures_join(stops).await;
+    // A daemon killed between spawning a replica and recording it leaves a process
+    // no record names: find those by the stack id in their environment.
+    let mut groups: BTreeSet<i32> = BTreeSet::new();
+    for pid in process::pids_with_env("CAPSTAN_STACK", &shared.stack_id) {
+        if let Some(st) = process::proc_stat(pid) {
+            groups.insert(st.pgrp);
+        }
+    }
+    let mut stops = Vec::new();
+    for pgid in groups {
+        shared.events.emit(
+            "capstan",
+            None,
+            "stopping",
+            format!(
+                "found process group {pgid} of this stack left by a previous daemon; stopping it"
+            ),
+        );
+        stops.push(process::stop_foreign(
+            pgid,
+            None,
+            nix::sys::signal::Signal::SIGTERM,
+            Duration::from_secs(10),
+        ));
     }
     futures_join(stops).await;
     shared.state.lock().unwrap().clear();

@@ -116,6 +116,23 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
     })
 }
 
+/// Live processes (not this one) whose environment has `name=value`.
+pub fn pids_with_env(name: &str, value: &str) -> Vec<i32> {
+    let needle = format!("{name}={value}");
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .filter(|&pid| proc_stat(pid).is_some_and(|s| s.state != 'Z'))
+        .collect()
+}
+
 /// True while the process with this pid and start time exists and is not a zombie.
 pub fn alive(pid: i32, start_ticks: u64) -> bool {
     proc_stat(pid).is_some_and(|s| s.start_ticks == start_ticks && s.state != 'Z')

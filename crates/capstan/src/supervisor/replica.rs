@@ -212,6 +212,7 @@ impl Replica {
         env.insert("CAPSTAN_SERVICE".into(), self.service.clone());
         env.insert("CAPSTAN_REPLICA".into(), self.idx.to_string());
         env.insert("CAPSTAN_REVISION".into(), self.revision.clone());
+        env.insert("CAPSTAN_STACK".into(), self.shared.stack_id.clone());
         Launch {
             argv: self.spec.argv().unwrap_or_default(),
             env,
