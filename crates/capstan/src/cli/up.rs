@@ -96,6 +96,7 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
         return detach(&opts, &args, ctx).await;
     }
     init_tracing("warn");
+    let started_ms = crate::events::now_ms();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let data_dir = opts.data_dir.clone();
     let mut daemon_task = tokio::spawn(daemon::run(opts, Some(ready_tx)));
@@ -106,7 +107,6 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
         };
     }
     let client = Client::find(&data_dir, None)?;
-    let started_ms = crate::events::now_ms();
     println!(
         "capstan daemon pid {} listening on {} (Ctrl-C stops everything)",
         client.info.pid, client.info.addr
