@@ -451,7 +451,8 @@ impl Sampler {
         Sampler {
             pid,
             cgroup,
-            last: None,
+            // A fresh process (and cgroup) has used no CPU yet.
+            last: Some((Instant::now(), 0)),
         }
     }
 
