@@ -29,7 +29,8 @@ where
             start = end + 1;
         }
         buf.drain(..start);
-        while buf.len() >= MAX_LINE {
+        // Strictly longer, so the byte after the cut is known and no character is split.
+        while buf.len() > MAX_LINE {
             let cut = utf8_boundary(&buf, MAX_LINE);
             emit(String::from_utf8_lossy(&buf[..cut]).into_owned(), true);
             buf.drain(..cut);

@@ -314,7 +314,10 @@ impl Replica {
             .map(|hc| tokio::spawn(health::watch(hc, port, launch.env.clone(), htx)));
         let mut sampler = Sampler::new(pid, launch.cgroup.clone());
         // The first sample comes after a second, so CPU % has a span to measure.
-        let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(1), Duration::from_secs(2));
+        let mut tick = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(2),
+        );
         let mut unhealthy = false;
         let mut stopped = false;
         let status = loop {
