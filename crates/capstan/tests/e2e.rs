@@ -537,3 +537,81 @@ fn foreground_up_stops_everything_on_ctrl_c() {
         "{rest}"
     );
 }
+
+/// An exec health check that starts failing makes the replica unhealthy, and the
+/// restart policy restarts it; `stop_signal` and `stop_grace_period` are honoured.
+#[test]
+fn unhealthy_replicas_restart_and_stop_signals_are_honoured() {
+    let s = TestStack::new(
+        r#"
+services:
+  checked:
+    command: ["sh", "-c", "touch healthy-$$CAPSTAN_REPLICA; exec sleep 600"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    healthcheck:
+      test: ["CMD-SHELL", "test -f healthy-$$CAPSTAN_REPLICA"]
+      interval: 200ms
+      timeout: 1s
+      retries: 2
+    restart: always
+  polite:
+    command: ["sh", "-c", "trap 'echo got-int; exit 0' INT; while true; do sleep 0.1; done"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    stop_signal: SIGINT
+  stubborn:
+    command: ["sh", "-c", "trap '' TERM; echo ignoring TERM; while true; do sleep 0.1; done"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    stop_grace_period: 1s
+"#,
+    );
+    s.up();
+    let r = &s.replicas("checked")[0];
+    assert!(healthy(r), "{r:?}");
+    std::fs::remove_file(s.dir.path().join("healthy-0")).unwrap();
+    let ev = wait_for("an unhealthy event", Duration::from_secs(20), || {
+        s.events().into_iter().find(|e| e["kind"] == "unhealthy")
+    });
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2 consecutive failed checks"),
+        "{ev:?}"
+    );
+    // The restarted replica recreates its file and is healthy again.
+    wait_for(
+        "checked restarted and healthy",
+        Duration::from_secs(20),
+        || {
+            s.replicas("checked")
+                .into_iter()
+                .find(|r| r["restarts"] == 1 && healthy(r))
+        },
+    );
+
+    s.ok(&["stop", "polite", "stubborn"]);
+    let events = s.events();
+    let killing = events
+        .iter()
+        .find(|e| e["service"] == "stubborn" && e["kind"] == "killing")
+        .expect("SIGKILL after the grace period");
+    assert!(
+        killing["reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not exit within 1s"),
+        "{killing:?}"
+    );
+    let stopped = events
+        .iter()
+        .find(|e| e["service"] == "stubborn" && e["kind"] == "stopped")
+        .unwrap();
+    assert_eq!(stopped["reason"], "killed by SIGKILL");
+    let polite = events
+        .iter()
+        .find(|e| e["service"] == "polite" && e["kind"] == "stopped")
+        .unwrap();
+    assert_eq!(polite["reason"], "exited with code 0");
+    assert!(s.ok(&["logs", "polite"]).contains("got-int"));
+    assert_eq!(s.marked_pids().len(), 1, "only the checked replica is left");
+}

@@ -206,3 +206,44 @@ fn examples_load() {
     }
     assert!(n >= 1);
 }
+
+#[test]
+fn env_files_and_dotenv_beside_the_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "TAG=from-dotenv\nREPLICAS=2\n").unwrap();
+    std::fs::write(dir.path().join("web.env"), "# defaults\nA=file\nB=file\n").unwrap();
+    std::fs::write(
+        dir.path().join("capstan.yaml"),
+        "services:\n  web:\n    command: [serve, \"${TAG}\"]\n    env_file: [web.env, {path: missing.env, required: false}]\n    environment: {B: inline}\n    working_dir: sub\n    deploy: {replicas: \"${REPLICAS}\"}\n",
+    )
+    .unwrap();
+    let loaded = load(&dir.path().join("capstan.yaml"), &opts(&[])).unwrap();
+    let web = &loaded.stack.services["web"];
+    assert_eq!(
+        web.command,
+        Some(Cmd::Exec(vec!["serve".into(), "from-dotenv".into()]))
+    );
+    assert_eq!(web.environment["A"], "file");
+    assert_eq!(
+        web.environment["B"], "inline",
+        "environment wins over env_file"
+    );
+    assert_eq!(web.deploy.replicas, 2);
+    assert_eq!(
+        web.working_dir.as_deref(),
+        Some(dir.path().join("sub").to_str().unwrap())
+    );
+
+    std::fs::write(
+        dir.path().join("capstan.yaml"),
+        "services:\n  web:\n    command: x\n    env_file: nope.env\n",
+    )
+    .unwrap();
+    let e = load(&dir.path().join("capstan.yaml"), &opts(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("capstan.yaml:4:15: services.web.env_file: cannot read env file"),
+        "{e}"
+    );
+}
