@@ -167,6 +167,55 @@ impl TestStack {
     }
 }
 
+/// A `capstan … -f` process whose JSON lines are collected until one matches.
+pub struct Follower {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<Vec<Value>>,
+}
+
+impl Follower {
+    /// Waits until the awaited line came (or panics after `timeout`), stops the process
+    /// and returns every line read.
+    pub fn finish(mut self, what: &str, timeout: Duration) -> Vec<Value> {
+        wait_for(what, timeout, || self.reader.is_finished().then_some(()));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reader.join().unwrap()
+    }
+}
+
+impl TestStack {
+    /// Starts `capstan ARGS` (a following command with JSON output) and reads its
+    /// lines until `last` returns true for one.
+    pub fn follow(
+        &self,
+        args: &[&str],
+        last: impl Fn(&Value) -> bool + Send + 'static,
+    ) -> Follower {
+        let mut child = Command::new(capstan_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = Vec::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+                let done = last(&v);
+                lines.push(v);
+                if done {
+                    break;
+                }
+            }
+            lines
+        });
+        Follower { child, reader }
+    }
+}
+
 impl Drop for TestStack {
     fn drop(&mut self) {
         // Best effort: stop the daemon and anything left, even when a test failed.

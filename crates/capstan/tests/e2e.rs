@@ -238,34 +238,14 @@ services:
 "#,
     );
     s.up();
-    let mut follower = std::process::Command::new(capstan_bin())
-        .args(["logs", "chatty", "-f", "--output", "json"])
-        .current_dir(s.dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = follower.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut seqs = Vec::new();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-            let text = v["line"].as_str().unwrap().to_owned();
-            seqs.push(v["seq"].as_u64().unwrap());
-            if text == "line 400" {
-                break;
-            }
-        }
-        seqs
+    let follower = s.follow(&["logs", "chatty", "-f", "--output", "json"], |v| {
+        v["line"] == "line 400"
     });
-    wait_for(
-        "the follower to read line 400",
-        Duration::from_secs(30),
-        || reader.is_finished().then_some(()),
-    );
-    let seqs = reader.join().unwrap();
-    let _ = follower.kill();
-    let _ = follower.wait();
+    let seqs: Vec<u64> = follower
+        .finish("the follower to read line 400", Duration::from_secs(30))
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(
         seqs,
         (1..=400).collect::<Vec<u64>>(),
@@ -421,29 +401,8 @@ fn repeated_sigkill_of_the_daemon_at_random_points() {
 fn stop_start_restart_and_events_follow() {
     let s = TestStack::new(&WEB.replace("replicas: 3", "replicas: 2"));
     s.up();
-    let mut follower = std::process::Command::new(capstan_bin())
-        .args(["events", "-f", "--output", "json"])
-        .current_dir(s.dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = follower.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut kinds = Vec::new();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-            let done = v["kind"] == "restarted";
-            kinds.push(format!(
-                "{}:{}",
-                v["service"].as_str().unwrap(),
-                v["kind"].as_str().unwrap()
-            ));
-            if done {
-                break;
-            }
-        }
-        kinds
+    let follower = s.follow(&["events", "-f", "--output", "json"], |v| {
+        v["kind"] == "restarted"
     });
     let before: Vec<i64> = s
         .replicas("web")
@@ -465,14 +424,20 @@ fn stop_start_restart_and_events_follow() {
         .filter_map(|r| r["pid"].as_i64())
         .collect();
     assert!(after.iter().all(|p| !before.contains(p)));
-    wait_for(
-        "the event follower to see the restart",
-        Duration::from_secs(20),
-        || reader.is_finished().then_some(()),
-    );
-    let kinds = reader.join().unwrap();
-    let _ = follower.kill();
-    let _ = follower.wait();
+    let kinds: Vec<String> = follower
+        .finish(
+            "the event follower to see the restart",
+            Duration::from_secs(20),
+        )
+        .iter()
+        .map(|v| {
+            format!(
+                "{}:{}",
+                v["service"].as_str().unwrap(),
+                v["kind"].as_str().unwrap()
+            )
+        })
+        .collect();
     for want in [
         "web:stopping",
         "web:stopped",

@@ -164,6 +164,24 @@ fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response {
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "cannot build response"))
 }
 
+/// A follower fell behind the broadcast and missed items.
+struct Lagged;
+
+/// The next broadcast item; `None` once the daemon is stopping or the sender is gone.
+async fn next_live<T: Clone>(
+    live: &mut broadcast::Receiver<T>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<Result<T, Lagged>> {
+    tokio::select! {
+        r = live.recv() => match r {
+            Ok(v) => Some(Ok(v)),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(Err(Lagged)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        },
+        _ = stopping.wait_for(|s| *s) => None,
+    }
+}
+
 fn line<T: serde::Serialize>(v: &T) -> Bytes {
     let mut b = serde_json::to_vec(v).unwrap_or_default();
     b.push(b'\n');
@@ -186,19 +204,14 @@ async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Respon
         if !p.follow {
             return;
         }
-        loop {
-            let next = tokio::select! {
-                r = live.recv() => r,
-                _ = stopping.wait_for(|s| *s) => return,
-            };
+        while let Some(next) = next_live(&mut live, &mut stopping).await {
             match next {
                 Ok(e) => {
                     if tx.send(line(&e)).await.is_err() {
                         return;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
+                Err(Lagged) => continue,
             }
         }
     });
@@ -237,11 +250,7 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
         if !p.follow {
             return;
         }
-        loop {
-            let next = tokio::select! {
-                r = live.recv() => r,
-                _ = stopping.wait_for(|s| *s) => return,
-            };
+        while let Some(next) = next_live(&mut live, &mut stopping).await {
             match next {
                 Ok(r) => {
                     if !q.wants(&r.service, r.replica) {
@@ -256,7 +265,7 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
                         return;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
+                Err(Lagged) => {
                     // Fell behind the broadcast: catch up from the files.
                     let mut missed = Vec::new();
                     for ((service, replica), seq) in &sent {
@@ -273,7 +282,6 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
                         }
                     }
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     });

@@ -138,47 +138,34 @@ pub fn alive(pid: i32, start_ticks: u64) -> bool {
     proc_stat(pid).is_some_and(|s| s.start_ticks == start_ticks && s.state != 'Z')
 }
 
+/// Processes of a replica still alive: its process group and its cgroup.
+fn members(pgid: i32, cgroup: Option<&ReplicaCgroup>) -> Vec<i32> {
+    let mut m = group_members(pgid);
+    if let Some(cg) = cgroup {
+        m.extend(cg.pids());
+    }
+    m.sort_unstable();
+    m.dedup();
+    m
+}
+
 /// Stops a process group that is not our child (left by a previous daemon): the
 /// stop signal, up to `grace` for it to exit, then SIGKILL for what remains.
 pub async fn stop_foreign(pgid: i32, cgroup: Option<&ReplicaCgroup>, sig: Signal, grace: Duration) {
-    let members = |cg: Option<&ReplicaCgroup>| {
-        let mut m = group_members(pgid);
-        if let Some(cg) = cg {
-            m.extend(cg.pids());
-        }
-        m.sort_unstable();
-        m.dedup();
-        m
-    };
     signal_group(pgid, sig);
     let deadline = tokio::time::Instant::now() + grace;
-    while tokio::time::Instant::now() < deadline && !members(cgroup).is_empty() {
+    while tokio::time::Instant::now() < deadline && !members(pgid, cgroup).is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for _ in 0..100 {
-        let left = members(cgroup);
-        if left.is_empty() {
-            break;
-        }
-        signal_group(pgid, Signal::SIGKILL);
-        for pid in left {
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if let Some(cg) = cgroup {
-        cg.remove();
-    }
+    kill_leftovers(pgid, cgroup).await;
 }
 
 /// Kills whatever is left of a replica after its main process exited: the rest
-/// of its process group and of its cgroup (daemonized children included).
+/// of its process group and of its cgroup (daemonized children included), then
+/// removes the cgroup.
 pub async fn kill_leftovers(pgid: i32, cgroup: Option<&ReplicaCgroup>) {
     for _ in 0..100 {
-        let mut left = group_members(pgid);
-        if let Some(cg) = cgroup {
-            left.extend(cg.pids());
-        }
+        let left = members(pgid, cgroup);
         if left.is_empty() {
             break;
         }
