@@ -580,3 +580,43 @@ services:
     assert!(s.ok(&["logs", "polite"]).contains("got-int"));
     assert_eq!(s.marked_pids().len(), 1, "only the checked replica is left");
 }
+
+/// The control API wants the bearer token from `.capstan/token` (mode 0600);
+/// the health endpoints are open.
+#[test]
+fn the_control_api_requires_the_token() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let s = TestStack::new(
+        "services:\n  idle:\n    command: [sleep, \"600\"]\n    environment: {CAPSTAN_TEST_MARKER: \"{marker}\"}\n",
+    );
+    s.up();
+    let token_path = s.data_dir().join("token");
+    assert_eq!(
+        std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.data_dir().join("daemon.json")).unwrap()).unwrap();
+    let addr = info["addr"].as_str().unwrap().to_owned();
+    let get = |path: &str, auth: Option<&str>| {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let auth = auth
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(get("/capstan/v1/ps", None).starts_with("HTTP/1.0 401"));
+    assert!(get("/capstan/v1/ps", Some("wrong")).starts_with("HTTP/1.0 401"));
+    let ok = get("/capstan/v1/ps", Some(token.trim()));
+    assert!(
+        ok.starts_with("HTTP/1.0 200") && ok.contains("\"idle\""),
+        "{ok}"
+    );
+    assert!(get("/-/healthy", None).starts_with("HTTP/1.0 200"));
+    assert!(get("/-/ready", None).starts_with("HTTP/1.0 200"));
+}

@@ -267,11 +267,7 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
                 }
                 Err(Lagged) => {
                     // Fell behind the broadcast: catch up from the files.
-                    let mut missed = Vec::new();
-                    for ((service, replica), seq) in &sent {
-                        missed.extend(shared.logs.after(service, *replica, *seq));
-                    }
-                    missed.sort_by_key(|r| r.ts_ns);
+                    let missed = shared.logs.catch_up(&q, &sent);
                     for r in missed {
                         let last = sent.entry((r.service.clone(), r.replica)).or_insert(0);
                         if r.seq > *last {

@@ -315,6 +315,41 @@ impl FileStore {
         self.query_unlocked(q)
     }
 
+    /// What a follower that fell behind missed: records the query selects that come
+    /// after the last sequence number `sent` per replica (replicas not in `sent`,
+    /// new ones, from their start), in time order.
+    pub fn catch_up(&self, q: &LogQuery, sent: &BTreeMap<(String, u32), u64>) -> Vec<LogRecord> {
+        let mut missed = Vec::new();
+        for (service, replica) in self.replicas(q) {
+            let seq = sent.get(&(service.clone(), replica)).copied().unwrap_or(0);
+            missed.extend(
+                self.after(&service, replica, seq)
+                    .into_iter()
+                    .filter(|r| q.since_ns.is_none_or(|s| r.ts_ns >= s)),
+            );
+        }
+        missed.sort_by(|a, b| {
+            (a.ts_ns, &a.service, a.replica, a.seq).cmp(&(b.ts_ns, &b.service, b.replica, b.seq))
+        });
+        missed
+    }
+
+    /// The replicas with stored output that a query selects.
+    fn replicas(&self, q: &LogQuery) -> Vec<(String, u32)> {
+        let _guard = self.inner.lock().unwrap();
+        let mut out = Vec::new();
+        for (service, sdir) in subdirs(&self.dir) {
+            for (rname, _) in subdirs(&sdir) {
+                if let Ok(replica) = rname.parse::<u32>()
+                    && q.wants(&service, replica)
+                {
+                    out.push((service.clone(), replica));
+                }
+            }
+        }
+        out
+    }
+
     /// Records after the given sequence number of one replica (to catch up after lag).
     pub fn after(&self, service: &str, replica: u32, seq: u64) -> Vec<LogRecord> {
         let _guard = self.inner.lock().unwrap();
@@ -416,6 +451,35 @@ mod tests {
             .append("web", 0, Stream::Stderr, "again".into(), false)
             .unwrap();
         assert_eq!(r.seq, 201);
+        // A follower that saw web/0 up to 199 and web/1 not at all catches up with
+        // web/0's rest and all of web/1, in time order.
+        let sent = BTreeMap::from([(("web".to_string(), 0), 199)]);
+        let missed = store.catch_up(
+            &LogQuery {
+                services: vec!["web".into()],
+                ..Default::default()
+            },
+            &sent,
+        );
+        assert_eq!(
+            missed
+                .iter()
+                .filter(|r| r.replica == 0)
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
+            [200, 201]
+        );
+        let web1: Vec<u64> = missed
+            .iter()
+            .filter(|r| r.replica == 1)
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(web1.last(), Some(&200));
+        assert!(
+            web1.windows(2).all(|w| w[1] == w[0] + 1),
+            "no gaps in what the cap kept"
+        );
+        assert!(missed.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns));
         let after = store.after("web", 0, 199);
         assert_eq!(after.iter().map(|r| r.seq).collect::<Vec<_>>(), [200, 201]);
     }
