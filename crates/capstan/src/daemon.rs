@@ -96,7 +96,12 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     )
     .context("opening the log store")?;
     let id = stack_id(&opts.stack, &opts.file);
-    let cgroups = match Cgroups::detect(&id) {
+    let detected = if std::env::var("CAPSTAN_CGROUPS").is_ok_and(|v| v == "off") {
+        Err("turned off by CAPSTAN_CGROUPS=off".to_owned())
+    } else {
+        Cgroups::detect(&id)
+    };
+    let cgroups = match detected {
         Ok(c) => Some(c),
         Err(why) => {
             events.emit("capstan", None, "warning", format!("cgroups unavailable ({why}): resource limits are not applied; CPU and memory come from /proc"));

@@ -63,8 +63,14 @@ impl TestStack {
 
     /// Runs `capstan ARGS` in the stack's directory.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    /// Runs `capstan ARGS` with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(capstan_bin())
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
             .env_remove("CAPSTAN_DATA_DIR")

@@ -620,3 +620,56 @@ fn the_control_api_requires_the_token() {
     assert!(get("/-/healthy", None).starts_with("HTTP/1.0 200"));
     assert!(get("/-/ready", None).starts_with("HTTP/1.0 200"));
 }
+
+/// Without cgroups (here turned off, as where they are not writable) capstan warns
+/// once, applies no limits, and still reports CPU and memory from /proc.
+#[test]
+fn without_cgroups_resources_come_from_proc() {
+    let s = TestStack::new(
+        r#"
+services:
+  web:
+    command: ["{demo}"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    x-capstan:
+      healthcheck: {http: /healthz, interval: 300ms}
+    deploy:
+      replicas: 2
+      resources: {limits: {memory: 32m}}
+"#,
+    );
+    let out = s.run_env(
+        &["up", "-d", "--listen", "127.0.0.1:0"],
+        &[("CAPSTAN_CGROUPS", "off")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let warnings: Vec<_> = s
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "warning")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("limits are not applied")
+    );
+    let web = wait_for(
+        "resource figures from /proc",
+        Duration::from_secs(10),
+        || {
+            let web = s.replicas("web");
+            web.iter()
+                .all(|r| {
+                    r["memory_bytes"].as_u64().is_some_and(|m| m > 1 << 20)
+                        && r["cpu_percent"].is_number()
+                })
+                .then_some(web)
+        },
+    );
+    // No cgroup: the replica is in capstan's own cgroup.
+    let pid = web[0]["pid"].as_i64().unwrap();
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(!cg.contains("/capstan/"), "{cg}");
+}
