@@ -1,7 +1,7 @@
 //! Helpers for end-to-end tests: a stack in a temp dir, driven by the real binary.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -272,8 +272,4 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-pub fn path_str(p: &Path) -> String {
-    p.display().to_string()
 }

@@ -295,10 +295,6 @@ impl FileStore {
             .remove(&(service.to_owned(), replica));
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
-        self.tx.subscribe()
-    }
-
     /// Subscribes and reads history under one lock, so a follower misses nothing
     /// and sees nothing twice.
     pub fn query_and_subscribe(
