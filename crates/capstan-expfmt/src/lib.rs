@@ -44,7 +44,11 @@ impl Format {
     /// decides: `application/openmetrics-text` is OpenMetrics, anything else text).
     pub fn from_content_type(content_type: &str) -> Format {
         let media = content_type.split(';').next().unwrap_or("").trim();
-        if media.eq_ignore_ascii_case("application/openmetrics-text") { Format::OpenMetrics } else { Format::Text }
+        if media.eq_ignore_ascii_case("application/openmetrics-text") {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
     }
 
     /// The `Accept` header a scraper sends: OpenMetrics preferred, text as fallback.
@@ -169,15 +173,25 @@ impl<'a> Parser<'a> {
         match std::str::from_utf8(input) {
             Ok(s) => Ok(Parser::new(s, format)),
             Err(e) => {
-                let line = input[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-                Err(ParseError { line, message: "invalid UTF-8".into() })
+                let line = input[..e.valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
+                Err(ParseError {
+                    line,
+                    message: "invalid UTF-8".into(),
+                })
             }
         }
     }
 
     fn fail(&mut self, message: impl Into<String>) -> Option<Result<Entry<'a>, ParseError>> {
         self.done = true;
-        Some(Err(ParseError { line: self.line_no, message: message.into() }))
+        Some(Err(ParseError {
+            line: self.line_no,
+            message: message.into(),
+        }))
     }
 }
 

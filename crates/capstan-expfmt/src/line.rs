@@ -36,7 +36,10 @@ impl<'a> Labels<'a> {
 
     /// The value of one label, if present.
     pub fn get(&self, name: &str) -> Option<Cow<'a, str>> {
-        self.iter().filter_map(Result::ok).find(|(n, _)| *n == name).map(|(_, v)| v)
+        self.iter()
+            .filter_map(Result::ok)
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
     }
 }
 
@@ -52,17 +55,25 @@ impl<'a> Iterator for LabelIter<'a> {
         if s.is_empty() {
             return None;
         }
-        let name_len = s.find(|c: char| !(c == '_' || c.is_ascii_alphanumeric())).unwrap_or(s.len());
+        let name_len = s
+            .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
+            .unwrap_or(s.len());
         let name = &s[..name_len];
         let after = s[name_len..].trim_start_matches([' ', '\t']);
         let Some(after) = after.strip_prefix('=') else {
             self.rest = "";
-            return Some(Err(ParseError { line: 0, message: "malformed labels".into() }));
+            return Some(Err(ParseError {
+                line: 0,
+                message: "malformed labels".into(),
+            }));
         };
         let after = after.trim_start_matches([' ', '\t']);
         let Some(body) = after.strip_prefix('"') else {
             self.rest = "";
-            return Some(Err(ParseError { line: 0, message: "malformed labels".into() }));
+            return Some(Err(ParseError {
+                line: 0,
+                message: "malformed labels".into(),
+            }));
         };
         let end = quoted_end(body).unwrap_or(body.len());
         self.rest = body.get(end + 1..).unwrap_or("");
@@ -157,12 +168,17 @@ fn scan_labels(s: &str, strict: bool) -> Result<(&str, &str), String> {
                 }
                 return Ok((&s[..i], &s[i + 1..]));
             }
-            Some(_) if count > 0 && !after_comma => return Err("expected ',' or '}' after a label".into()),
+            Some(_) if count > 0 && !after_comma => {
+                return Err("expected ',' or '}' after a label".into());
+            }
             Some(_) => {}
         }
         let start = i;
         if !(b[i] == b'_' || b[i].is_ascii_alphabetic()) {
-            return Err(format!("invalid label name starting at {:?}", s[i..].chars().take(10).collect::<String>()));
+            return Err(format!(
+                "invalid label name starting at {:?}",
+                s[i..].chars().take(10).collect::<String>()
+            ));
         }
         while i < b.len() && (b[i] == b'_' || b[i].is_ascii_alphanumeric()) {
             i += 1;
@@ -188,7 +204,8 @@ fn scan_labels(s: &str, strict: bool) -> Result<(&str, &str), String> {
             return Err(format!("expected '\"' to open the value of label {name:?}"));
         }
         i += 1;
-        let end = quoted_end(&s[i..]).ok_or_else(|| format!("unterminated value of label {name:?}"))?;
+        let end =
+            quoted_end(&s[i..]).ok_or_else(|| format!("unterminated value of label {name:?}"))?;
         i += end + 1;
         skip_ws(&mut i);
         after_comma = false;
@@ -204,7 +221,11 @@ fn scan_labels(s: &str, strict: bool) -> Result<(&str, &str), String> {
 pub(crate) fn om_float(s: &str) -> Option<f64> {
     let body = s.strip_prefix(['+', '-']).unwrap_or(s);
     if body.eq_ignore_ascii_case("inf") || body.eq_ignore_ascii_case("infinity") {
-        return Some(if s.starts_with('-') { f64::NEG_INFINITY } else { f64::INFINITY });
+        return Some(if s.starts_with('-') {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
     }
     if s.eq_ignore_ascii_case("nan") {
         return Some(f64::NAN);
@@ -245,7 +266,8 @@ pub(crate) fn om_float(s: &str) -> Option<f64> {
 /// A float as the text format accepts it (Go's ParseFloat, minus hex forms).
 fn text_float(s: &str) -> Option<f64> {
     let first = *s.as_bytes().first()?;
-    if !(first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'.' | b'i' | b'I' | b'n' | b'N')) {
+    if !(first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'.' | b'i' | b'I' | b'n' | b'N'))
+    {
         return None;
     }
     s.parse().ok()
@@ -258,15 +280,25 @@ fn om_timestamp(s: &str) -> Result<i64, String> {
     }
 }
 
-fn metadata<'a>(keyword: &str, name: &'a str, rest: Option<&'a str>, format: Format) -> Result<Entry<'a>, String> {
+fn metadata<'a>(
+    keyword: &str,
+    name: &'a str,
+    rest: Option<&'a str>,
+    format: Format,
+) -> Result<Entry<'a>, String> {
     if !is_metric_name(name) {
         return Err(format!("invalid metric name {name:?} in # {keyword}"));
     }
     match keyword {
-        "HELP" => Ok(Entry::Help { name, text: unescape(rest.unwrap_or(""), format == Format::Text) }),
+        "HELP" => Ok(Entry::Help {
+            name,
+            text: unescape(rest.unwrap_or(""), format == Format::Text),
+        }),
         "TYPE" => {
             let t = rest.unwrap_or("");
-            MetricType::parse(t, format).map(|kind| Entry::Type { name, kind }).ok_or_else(|| format!("unknown metric type {t:?}"))
+            MetricType::parse(t, format)
+                .map(|kind| Entry::Type { name, kind })
+                .ok_or_else(|| format!("unknown metric type {t:?}"))
         }
         _ => {
             let unit = rest.unwrap_or("");
@@ -294,15 +326,25 @@ pub(crate) fn parse_text_line(line: &str) -> Result<Line<'_>, String> {
         }
         let rest = rest.trim_start_matches([' ', '\t']);
         let (name, arg) = match rest.find([' ', '\t']) {
-            Some(i) => (&rest[..i], Some(rest[i + 1..].trim_start_matches([' ', '\t']))),
+            Some(i) => (
+                &rest[..i],
+                Some(rest[i + 1..].trim_start_matches([' ', '\t'])),
+            ),
             None => (rest, None),
         };
-        let arg = if keyword == "TYPE" { arg.map(str::trim_end) } else { arg };
+        let arg = if keyword == "TYPE" {
+            arg.map(str::trim_end)
+        } else {
+            arg
+        };
         return metadata(keyword, name, arg, Format::Text).map(Line::Entry);
     }
     let n = name_len(line);
     if n == 0 {
-        return Err(format!("invalid metric name at {:?}", line.chars().take(20).collect::<String>()));
+        return Err(format!(
+            "invalid metric name at {:?}",
+            line.chars().take(20).collect::<String>()
+        ));
     }
     let name = &line[..n];
     let mut rest = line[n..].trim_start_matches([' ', '\t']);
@@ -313,16 +355,27 @@ pub(crate) fn parse_text_line(line: &str) -> Result<Line<'_>, String> {
         rest = after.trim_start_matches([' ', '\t']);
     }
     let mut fields = rest.split_ascii_whitespace();
-    let v = fields.next().ok_or_else(|| format!("missing value for {name}"))?;
+    let v = fields
+        .next()
+        .ok_or_else(|| format!("missing value for {name}"))?;
     let value = text_float(v).ok_or_else(|| format!("invalid value {v:?} for {name}"))?;
     let timestamp_ms = match fields.next() {
         None => None,
-        Some(t) => Some(t.parse::<i64>().map_err(|_| format!("invalid timestamp {t:?} for {name}"))?),
+        Some(t) => Some(
+            t.parse::<i64>()
+                .map_err(|_| format!("invalid timestamp {t:?} for {name}"))?,
+        ),
     };
     if let Some(extra) = fields.next() {
         return Err(format!("unexpected {extra:?} after the sample of {name}"));
     }
-    Ok(Line::Entry(Entry::Sample(Sample { name, labels, value, timestamp_ms, exemplar: None })))
+    Ok(Line::Entry(Entry::Sample(Sample {
+        name,
+        labels,
+        value,
+        timestamp_ms,
+        exemplar: None,
+    })))
 }
 
 pub(crate) fn parse_om_line(line: &str) -> Result<Line<'_>, String> {
@@ -334,22 +387,37 @@ pub(crate) fn parse_om_line(line: &str) -> Result<Line<'_>, String> {
             return Ok(Line::Eof);
         }
         for keyword in ["HELP", "TYPE", "UNIT"] {
-            let Some(rest) = comment.strip_prefix(' ').and_then(|c| c.strip_prefix(keyword)) else { continue };
-            let rest = rest.strip_prefix(' ').ok_or_else(|| format!("expected a metric name after # {keyword}"))?;
+            let Some(rest) = comment
+                .strip_prefix(' ')
+                .and_then(|c| c.strip_prefix(keyword))
+            else {
+                continue;
+            };
+            let rest = rest
+                .strip_prefix(' ')
+                .ok_or_else(|| format!("expected a metric name after # {keyword}"))?;
             let (name, arg) = match rest.split_once(' ') {
                 Some((n, a)) => (n, Some(a)),
                 None => (rest, None),
             };
             if arg.is_none() {
-                return Err(format!("expected a space and a value after # {keyword} {name}"));
+                return Err(format!(
+                    "expected a space and a value after # {keyword} {name}"
+                ));
             }
             return metadata(keyword, name, arg, Format::OpenMetrics).map(Line::Entry);
         }
-        return Err(format!("unexpected comment line {:?}", line.chars().take(30).collect::<String>()));
+        return Err(format!(
+            "unexpected comment line {:?}",
+            line.chars().take(30).collect::<String>()
+        ));
     }
     let n = name_len(line);
     if n == 0 {
-        return Err(format!("invalid metric name at {:?}", line.chars().take(20).collect::<String>()));
+        return Err(format!(
+            "invalid metric name at {:?}",
+            line.chars().take(20).collect::<String>()
+        ));
     }
     let name = &line[..n];
     let mut rest = &line[n..];
@@ -359,8 +427,12 @@ pub(crate) fn parse_om_line(line: &str) -> Result<Line<'_>, String> {
         labels = Labels { raw: inside };
         rest = after;
     }
-    let rest = rest.strip_prefix(' ').ok_or_else(|| format!("expected one space before the value of {name}"))?;
-    let (v, mut rest) = rest.split_once(' ').map_or((rest, None), |(a, b)| (a, Some(b)));
+    let rest = rest
+        .strip_prefix(' ')
+        .ok_or_else(|| format!("expected one space before the value of {name}"))?;
+    let (v, mut rest) = rest
+        .split_once(' ')
+        .map_or((rest, None), |(a, b)| (a, Some(b)));
     let value = om_float(v).ok_or_else(|| format!("invalid value {v:?} for {name}"))?;
     let mut timestamp_ms = None;
     if let Some(r) = rest
@@ -373,29 +445,52 @@ pub(crate) fn parse_om_line(line: &str) -> Result<Line<'_>, String> {
     let exemplar = match rest {
         None => None,
         Some(r) => {
-            let r = r.strip_prefix("# ").ok_or_else(|| format!("unexpected text after the sample of {name}"))?;
+            let r = r
+                .strip_prefix("# ")
+                .ok_or_else(|| format!("unexpected text after the sample of {name}"))?;
             Some(parse_exemplar(r)?)
         }
     };
-    Ok(Line::Entry(Entry::Sample(Sample { name, labels, value, timestamp_ms, exemplar })))
+    Ok(Line::Entry(Entry::Sample(Sample {
+        name,
+        labels,
+        value,
+        timestamp_ms,
+        exemplar,
+    })))
 }
 
 fn parse_exemplar(s: &str) -> Result<Exemplar<'_>, String> {
-    let r = s.strip_prefix('{').ok_or("expected '{' to open the exemplar's labels")?;
+    let r = s
+        .strip_prefix('{')
+        .ok_or("expected '{' to open the exemplar's labels")?;
     let (inside, after) = scan_labels(r, true)?;
     let labels = Labels { raw: inside };
     let chars: usize = labels
         .iter()
-        .map(|l| l.map(|(n, v)| n.chars().count() + v.chars().count()).unwrap_or(0))
+        .map(|l| {
+            l.map(|(n, v)| n.chars().count() + v.chars().count())
+                .unwrap_or(0)
+        })
         .sum();
     if chars > 128 {
-        return Err(format!("exemplar labels have {chars} characters, more than 128"));
+        return Err(format!(
+            "exemplar labels have {chars} characters, more than 128"
+        ));
     }
-    let after = after.strip_prefix(' ').ok_or("expected a space before the exemplar's value")?;
-    let (v, t) = after.split_once(' ').map_or((after, None), |(a, b)| (a, Some(b)));
+    let after = after
+        .strip_prefix(' ')
+        .ok_or("expected a space before the exemplar's value")?;
+    let (v, t) = after
+        .split_once(' ')
+        .map_or((after, None), |(a, b)| (a, Some(b)));
     let value = om_float(v).ok_or_else(|| format!("invalid exemplar value {v:?}"))?;
     let timestamp_ms = t.map(om_timestamp).transpose()?;
-    Ok(Exemplar { labels, value, timestamp_ms })
+    Ok(Exemplar {
+        labels,
+        value,
+        timestamp_ms,
+    })
 }
 
 #[cfg(test)]
@@ -404,7 +499,19 @@ mod tests {
 
     #[test]
     fn floats() {
-        for (s, ok) in [("1", true), ("-1.5e3", true), (".5", true), ("1.", true), ("+Inf", true), ("NaN", true), ("0x1p-3", false), ("1_2", false), ("", false), ("e5", false), ("1e", false)] {
+        for (s, ok) in [
+            ("1", true),
+            ("-1.5e3", true),
+            (".5", true),
+            ("1.", true),
+            ("+Inf", true),
+            ("NaN", true),
+            ("0x1p-3", false),
+            ("1_2", false),
+            ("", false),
+            ("e5", false),
+            ("1e", false),
+        ] {
             assert_eq!(om_float(s).is_some(), ok, "{s}");
         }
     }
@@ -414,6 +521,9 @@ mod tests {
         let (inside, rest) = scan_labels(r#"a="x\"y",b="\\n\n\z"} 1"#, true).unwrap();
         assert_eq!(rest, " 1");
         let got: Vec<_> = Labels { raw: inside }.iter().map(Result::unwrap).collect();
-        assert_eq!(got, vec![("a", Cow::from("x\"y")), ("b", Cow::from("\\n\n\\z"))]);
+        assert_eq!(
+            got,
+            vec![("a", Cow::from("x\"y")), ("b", Cow::from("\\n\n\\z"))]
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! stateset constraints.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::line::om_float;
 use crate::{Entry, MetricType, Sample};
@@ -19,17 +20,53 @@ fn suffixes(kind: MetricType) -> &'static [&'static str] {
     }
 }
 
+/// FNV-1a: a fast 64-bit hash, enough to tell label sets apart.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn add(&mut self, s: &str) {
+        for b in s.bytes() {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        // A separator, so ("ab","c") and ("a","bc") differ.
+        self.0 = (self.0 ^ 0xff).wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+/// A hasher for keys that are hashes already.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 #[derive(Default)]
 struct Point {
-    /// Labels other than `le`/`quantile` (and a stateset's own label).
-    key: String,
+    /// Hash of the labels other than `le`/`quantile` (and a stateset's own label).
+    key: u64,
     buckets: Vec<(f64, f64)>,
     inf_bucket: Option<f64>,
     negative_bucket: bool,
     count: Option<f64>,
     sum: Option<f64>,
-    /// Each series of the point: name and all labels → last timestamp.
-    series: Vec<(String, Option<i64>)>,
+    /// Each series of the point (hash of name and all labels) → last timestamp.
+    series: Vec<(u64, Option<i64>)>,
 }
 
 struct Family<'a> {
@@ -39,7 +76,7 @@ struct Family<'a> {
     help: bool,
     unit: Option<&'a str>,
     sampled: bool,
-    points_seen: HashSet<String>,
+    points_seen: HashSet<u64, BuildHasherDefault<Identity>>,
     point: Option<Point>,
 }
 
@@ -55,7 +92,11 @@ impl<'a> Validator<'a> {
     pub(crate) fn check(&mut self, e: &Entry<'a>) -> Result<(), String> {
         match e {
             Entry::Help { name, .. } => self.metadata(name, |f| {
-                if std::mem::replace(&mut f.help, true) { Err(format!("second # HELP for {}", f.name)) } else { Ok(()) }
+                if std::mem::replace(&mut f.help, true) {
+                    Err(format!("second # HELP for {}", f.name))
+                } else {
+                    Ok(())
+                }
             }),
             Entry::Unit { name, unit } => self.metadata(name, |f| {
                 if f.unit.replace(unit).is_some() {
@@ -76,7 +117,10 @@ impl<'a> Validator<'a> {
                 for s in suffixes(kind) {
                     let sample_name = format!("{name}{s}");
                     if !s.is_empty() && self.families.contains(sample_name.as_str()) {
-                        return Err(format!("the {} family {name} clashes with the family {sample_name}", kind.as_str()));
+                        return Err(format!(
+                            "the {} family {name} clashes with the family {sample_name}",
+                            kind.as_str()
+                        ));
                     }
                     self.reserved.insert(sample_name);
                 }
@@ -87,7 +131,11 @@ impl<'a> Validator<'a> {
     }
 
     /// Applies metadata to the family `name`, starting it if needed.
-    fn metadata(&mut self, name: &'a str, apply: impl FnOnce(&mut Family<'a>) -> Result<(), String>) -> Result<(), String> {
+    fn metadata(
+        &mut self,
+        name: &'a str,
+        apply: impl FnOnce(&mut Family<'a>) -> Result<(), String>,
+    ) -> Result<(), String> {
         if self.current.as_ref().is_none_or(|f| f.name != name) {
             self.start_family(name)?;
         }
@@ -101,7 +149,9 @@ impl<'a> Validator<'a> {
     fn start_family(&mut self, name: &'a str) -> Result<(), String> {
         self.close_family()?;
         if !self.families.insert(name) || self.reserved.contains(name) {
-            return Err(format!("metric family {name} appears twice or clashes with another family's samples"));
+            return Err(format!(
+                "metric family {name} appears twice or clashes with another family's samples"
+            ));
         }
         self.current = Some(Family {
             name,
@@ -110,7 +160,7 @@ impl<'a> Validator<'a> {
             help: false,
             unit: None,
             sampled: false,
-            points_seen: HashSet::new(),
+            points_seen: HashSet::default(),
             point: None,
         });
         Ok(())
@@ -143,23 +193,53 @@ impl<'a> Validator<'a> {
         let kind = f.kind;
         let fname = f.name;
         let bad = |what: &str| Err(format!("{}: {what}", s.name));
-        let le = s.labels.get("le");
-        let quantile = s.labels.get("quantile");
+        // One pass over the labels: le, quantile, the point's key and the series' identity.
+        let (mut le, mut quantile, mut has_own_label) = (None, None, false);
+        let mut key = Fnv::new();
+        let mut series = Fnv::new();
+        series.add(s.name);
+        for l in s.labels.iter() {
+            let (n, val) = l.map_err(|e| e.message)?;
+            series.add(n);
+            series.add(&val);
+            match n {
+                "le" => le = Some(val),
+                "quantile" => quantile = Some(val),
+                _ if kind == MetricType::StateSet && n == fname => has_own_label = true,
+                _ => {
+                    key.add(n);
+                    key.add(&val);
+                }
+            }
+        }
+        let (key, series) = (key.0, series.0);
         let v = s.value;
-        let exemplar_ok = matches!((kind, suffix), (MetricType::Counter, "_total") | (MetricType::Histogram | MetricType::GaugeHistogram, "_bucket"));
+        let exemplar_ok = matches!(
+            (kind, suffix),
+            (MetricType::Counter, "_total")
+                | (
+                    MetricType::Histogram | MetricType::GaugeHistogram,
+                    "_bucket"
+                )
+        );
         if s.exemplar.is_some() && !exemplar_ok {
             return bad("exemplars are allowed only on counter totals and histogram buckets");
         }
         match (kind, suffix) {
-            (MetricType::Counter, "_total") | (MetricType::Histogram, "_count" | "_sum") | (MetricType::Summary, "_count" | "_sum") | (MetricType::GaugeHistogram, "_gcount") => {
-                if v.is_nan() || v < 0.0 {
-                    return bad("must be a non-negative number");
-                }
+            (MetricType::Counter, "_total")
+            | (MetricType::Histogram, "_count" | "_sum")
+            | (MetricType::Summary, "_count" | "_sum")
+            | (MetricType::GaugeHistogram, "_gcount")
+                if v.is_nan() || v < 0.0 =>
+            {
+                return bad("must be a non-negative number");
             }
             (MetricType::GaugeHistogram, "_gsum") if v.is_nan() => return bad("must not be NaN"),
             (MetricType::Histogram | MetricType::GaugeHistogram, "_bucket") => {
-                let Some(le) = &le else { return bad("a bucket needs an le label") };
-                if om_float(le).is_none_or(f64::is_nan) {
+                let Some(le) = &le else {
+                    return bad("a bucket needs an le label");
+                };
+                if le_bound(le).is_nan() {
                     return bad("le must be a number");
                 }
                 if v.is_nan() || v < 0.0 {
@@ -167,7 +247,9 @@ impl<'a> Validator<'a> {
                 }
             }
             (MetricType::Summary, "") => {
-                let Some(q) = quantile.as_deref().and_then(om_float) else { return bad("a summary quantile needs a quantile label") };
+                let Some(q) = quantile.as_deref().and_then(om_float) else {
+                    return bad("a summary quantile needs a quantile label");
+                };
                 if !(0.0..=1.0).contains(&q) {
                     return bad("quantile must be between 0 and 1");
                 }
@@ -177,7 +259,7 @@ impl<'a> Validator<'a> {
             }
             (MetricType::Info, _) if v != 1.0 => return bad("info values must be 1"),
             (MetricType::StateSet, _) => {
-                if s.labels.get(fname).is_none() {
+                if !has_own_label {
                     return bad("a stateset sample needs a label named after its family");
                 }
                 if v != 0.0 && v != 1.0 {
@@ -186,37 +268,25 @@ impl<'a> Validator<'a> {
             }
             _ => {}
         }
-        // Which metric point (label set without le/quantile) the sample belongs to.
-        let mut key = String::new();
-        let mut series = String::from(s.name);
-        for l in s.labels.iter() {
-            let (n, val) = l.map_err(|e| e.message)?;
-            series.push('\u{0}');
-            series.push_str(n);
-            series.push('=');
-            series.push_str(&val);
-            if n == "le" || n == "quantile" || (kind == MetricType::StateSet && n == fname) {
-                continue;
-            }
-            key.push_str(n);
-            key.push('=');
-            key.push_str(&val);
-            key.push('\u{0}');
-        }
         if f.point.as_ref().is_none_or(|p| p.key != key) {
             if let Some(p) = f.point.take() {
                 close_point(f, p)?;
             }
-            if !f.points_seen.insert(key.clone()) {
+            if !f.points_seen.insert(key) {
                 return bad("samples of one metric point must be together");
             }
-            f.point = Some(Point { key, ..Point::default() });
+            f.point = Some(Point {
+                key,
+                ..Point::default()
+            });
         }
         let p = f.point.as_mut().expect("set above");
         match p.series.iter_mut().find(|(k, _)| *k == series) {
             Some((_, last)) => match (*last, s.timestamp_ms) {
                 (Some(a), Some(b)) if b < a => return bad("timestamps must not go backwards"),
-                (Some(_), None) | (None, Some(_)) => return bad("either every sample of a series has a timestamp or none"),
+                (Some(_), None) | (None, Some(_)) => {
+                    return bad("either every sample of a series has a timestamp or none");
+                }
                 (None, None) => return bad("a series without timestamps appears twice"),
                 _ => *last = s.timestamp_ms,
             },
@@ -224,8 +294,8 @@ impl<'a> Validator<'a> {
         }
         match suffix {
             "_bucket" => {
-                let le_text = le.unwrap_or_default();
-                let bound = om_float(&le_text).unwrap_or(f64::NAN);
+                let le_text = le.as_deref().unwrap_or_default();
+                let bound = le_bound(le_text);
                 if le_text == "+Inf" {
                     p.inf_bucket = Some(v);
                 }
@@ -240,13 +310,26 @@ impl<'a> Validator<'a> {
     }
 }
 
+/// The bound of a bucket: a fast path for plain numbers, NaN when invalid.
+fn le_bound(le: &str) -> f64 {
+    if le == "+Inf" {
+        return f64::INFINITY;
+    }
+    om_float(le).unwrap_or(f64::NAN)
+}
+
 fn check_unit(f: &Family<'_>) -> Result<(), String> {
-    let Some(unit) = f.unit.filter(|u| !u.is_empty()) else { return Ok(()) };
+    let Some(unit) = f.unit.filter(|u| !u.is_empty()) else {
+        return Ok(());
+    };
     if matches!(f.kind, MetricType::Info | MetricType::StateSet) {
         return Err(format!("{} metrics have no unit", f.kind.as_str()));
     }
     if !f.name.ends_with(&format!("_{unit}")) {
-        return Err(format!("the name {} must end with _{unit}, its unit", f.name));
+        return Err(format!(
+            "the name {} must end with _{unit}, its unit",
+            f.name
+        ));
     }
     Ok(())
 }
@@ -262,7 +345,11 @@ fn close_point(f: &Family<'_>, p: Point) -> Result<(), String> {
     match f.kind {
         MetricType::Histogram | MetricType::GaugeHistogram => {
             let gauge = f.kind == MetricType::GaugeHistogram;
-            let Some(inf) = p.inf_bucket else { return Err(format!("{name}: a histogram needs a bucket with le=\"+Inf\"")) };
+            let Some(inf) = p.inf_bucket else {
+                return Err(format!(
+                    "{name}: a histogram needs a bucket with le=\"+Inf\""
+                ));
+            };
             if p.buckets.windows(2).any(|w| w[1].0 <= w[0].0) {
                 return Err(format!("{name}: buckets must be in increasing le order"));
             }
@@ -271,17 +358,27 @@ fn close_point(f: &Family<'_>, p: Point) -> Result<(), String> {
             }
             match (p.count, p.sum) {
                 (Some(_), None) | (None, Some(_)) => {
-                    return Err(format!("{name}: {} and {} come together", if gauge { "_gcount" } else { "_count" }, if gauge { "_gsum" } else { "_sum" }));
+                    return Err(format!(
+                        "{name}: {} and {} come together",
+                        if gauge { "_gcount" } else { "_count" },
+                        if gauge { "_gsum" } else { "_sum" }
+                    ));
                 }
-                (Some(c), _) if !gauge && c != inf => return Err(format!("{name}: _count must equal the +Inf bucket")),
+                (Some(c), _) if !gauge && c != inf => {
+                    return Err(format!("{name}: _count must equal the +Inf bucket"));
+                }
                 _ => {}
             }
             if let Some(sum) = p.sum {
                 if !gauge && p.negative_bucket {
-                    return Err(format!("{name}: a histogram with negative buckets has no _sum"));
+                    return Err(format!(
+                        "{name}: a histogram with negative buckets has no _sum"
+                    ));
                 }
                 if gauge && sum < 0.0 && !p.negative_bucket {
-                    return Err(format!("{name}: _gsum is negative without negative buckets"));
+                    return Err(format!(
+                        "{name}: _gsum is negative without negative buckets"
+                    ));
                 }
             }
         }

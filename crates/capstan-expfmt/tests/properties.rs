@@ -27,11 +27,20 @@ fn value_text(v: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n").replace('"', "\\\"")
+    s.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('"', "\\\"")
 }
 
 fn arb_value() -> impl Strategy<Value = f64> {
-    prop_oneof![any::<f64>(), Just(f64::NAN), Just(f64::INFINITY), Just(-0.0), (-1e6..1e6f64), (0i64..1_000_000).prop_map(|i| i as f64)]
+    prop_oneof![
+        any::<f64>(),
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(-0.0),
+        (-1e6..1e6f64),
+        (0i64..1_000_000).prop_map(|i| i as f64)
+    ]
 }
 
 proptest! {
