@@ -1,11 +1,21 @@
 //! capstan's time-series storage engine. No async runtime, no HTTP.
 //!
-//! Built so far: the bit-level sample chunk codec ([`chunk`]). The head, WAL,
-//! index, blocks and query API are being added; see `FORMAT.md` and the README.
+//! Built so far: the sample chunk codec ([`chunk`]), label sets and matchers
+//! ([`labels`]), the inverted index ([`index`]), the write-ahead log ([`wal`]) and
+//! the in-memory head with its appender and query API ([`db`]). Blocks,
+//! compaction and retention come next; see `FORMAT.md` and the README.
 #![forbid(unsafe_code)]
 
 mod bits;
 pub mod chunk;
+pub mod db;
+pub mod index;
+pub mod labels;
+pub mod wal;
+
+pub use db::{Db, Options, Reject};
+pub use labels::{Labels, MatchOp, Matcher};
+pub use wal::Fsync;
 
 /// The stale marker Prometheus writes when a series disappears: a NaN with this bit pattern.
 pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;

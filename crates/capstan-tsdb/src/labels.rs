@@ -1,0 +1,114 @@
+//! Label sets and matchers.
+
+use std::fmt;
+
+/// A series' identity: label pairs sorted by name, names unique, `__name__` included.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    /// Sorts the pairs by name; a later duplicate name wins; empty values are dropped
+    /// (an empty label value means "no label", as in Prometheus).
+    pub fn new(mut pairs: Vec<(String, String)>) -> Labels {
+        pairs.retain(|(_, v)| !v.is_empty());
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        Labels(pairs)
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
+        Labels::new(pairs.into_iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok().map(|i| self.0[i].1.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A 64-bit hash of the pairs (FNV-1a), stable across runs.
+    pub fn hash64(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (n, v) in &self.0 {
+            for b in n.bytes().chain([0xff]).chain(v.bytes()).chain([0xfe]) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+}
+
+impl fmt::Display for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.get("__name__").unwrap_or("");
+        f.write_str(name)?;
+        f.write_str("{")?;
+        let mut first = true;
+        for (n, v) in self.iter().filter(|(n, _)| *n != "__name__") {
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            write!(f, "{n}={v:?}")?;
+        }
+        f.write_str("}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchOp {
+    Equal,
+    NotEqual,
+    Regex,
+    NotRegex,
+}
+
+/// A label matcher as PromQL writes it: `name="v"`, `!=`, `=~`, `!~`. Regexes are
+/// fully anchored, as in Prometheus.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    pub name: String,
+    pub op: MatchOp,
+    pub value: String,
+    re: Option<regex::Regex>,
+}
+
+impl Matcher {
+    pub fn new(name: &str, op: MatchOp, value: &str) -> Result<Matcher, regex::Error> {
+        let re = match op {
+            MatchOp::Regex | MatchOp::NotRegex => Some(regex::Regex::new(&format!("^(?s:{value})$"))?),
+            _ => None,
+        };
+        Ok(Matcher { name: name.to_owned(), op, value: value.to_owned(), re })
+    }
+
+    pub fn eq(name: &str, value: &str) -> Matcher {
+        Matcher { name: name.to_owned(), op: MatchOp::Equal, value: value.to_owned(), re: None }
+    }
+
+    /// Whether a label value (empty when the label is absent) matches.
+    pub fn matches(&self, v: &str) -> bool {
+        match self.op {
+            MatchOp::Equal => v == self.value,
+            MatchOp::NotEqual => v != self.value,
+            MatchOp::Regex => self.re.as_ref().is_some_and(|r| r.is_match(v)),
+            MatchOp::NotRegex => !self.re.as_ref().is_some_and(|r| r.is_match(v)),
+        }
+    }
+
+    /// Whether the matcher also selects series that lack the label.
+    pub fn matches_empty(&self) -> bool {
+        self.matches("")
+    }
+}
