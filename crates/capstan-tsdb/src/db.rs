@@ -24,14 +24,23 @@ pub struct Options {
 
 impl Options {
     pub fn new(dir: impl Into<PathBuf>) -> Options {
-        Options { dir: dir.into(), fsync: Fsync::default(), max_series: 2_000_000, max_label_name_len: 1024, max_label_value_len: 16 * 1024 }
+        Options {
+            dir: dir.into(),
+            fsync: Fsync::default(),
+            max_series: 2_000_000,
+            max_label_name_len: 1024,
+            max_label_value_len: 16 * 1024,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why a sample was not stored. Rejections are counted, never fatal.
@@ -49,7 +58,12 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [Reject::OutOfOrder, Reject::DuplicateTimestamp, Reject::TooManySeries, Reject::BadLabels];
+    pub const ALL: [Reject; 4] = [
+        Reject::OutOfOrder,
+        Reject::DuplicateTimestamp,
+        Reject::TooManySeries,
+        Reject::BadLabels,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -86,14 +100,24 @@ struct State {
 
 impl State {
     fn lookup(&self, labels: &Labels, hash: u64) -> Option<SeriesId> {
-        self.by_hash.get(&hash)?.iter().copied().find(|&id| self.series[id as usize].labels == *labels)
+        self.by_hash
+            .get(&hash)?
+            .iter()
+            .copied()
+            .find(|&id| self.series[id as usize].labels == *labels)
     }
 
     fn create(&mut self, labels: Labels, hash: u64) -> SeriesId {
         let id = self.series.len() as SeriesId;
         self.index.add(id, labels.iter());
         self.by_hash.entry(hash).or_default().push(id);
-        self.series.push(MemSeries { labels, closed: Vec::new(), head: Chunk::default(), max_t: i64::MIN, last_bits: 0 });
+        self.series.push(MemSeries {
+            labels,
+            closed: Vec::new(),
+            head: Chunk::default(),
+            max_t: i64::MIN,
+            last_bits: 0,
+        });
         id
     }
 
@@ -154,8 +178,17 @@ impl Db {
     pub fn open(opts: Options) -> Result<(Db, Replay), Error> {
         let wal_dir = opts.dir.join("wal");
         let mut pending: Vec<Record> = Vec::new();
-        let (wal, replay) = Wal::open(&wal_dir, opts.fsync, |r| pending.push(r)).map_err(|source| Error::Io { path: wal_dir.clone(), source })?;
-        let mut state = State { series: Vec::new(), by_hash: HashMap::new(), index: Index::default(), wal };
+        let (wal, replay) =
+            Wal::open(&wal_dir, opts.fsync, |r| pending.push(r)).map_err(|source| Error::Io {
+                path: wal_dir.clone(),
+                source,
+            })?;
+        let mut state = State {
+            series: Vec::new(),
+            by_hash: HashMap::new(),
+            index: Index::default(),
+            wal,
+        };
         for r in pending {
             match r {
                 Record::Series { id, labels } => {
@@ -167,18 +200,29 @@ impl Db {
                 }
                 Record::Samples(samples) => {
                     for (id, t, v) in samples {
-                        if (id as usize) < state.series.len() && t > state.series[id as usize].max_t {
+                        if (id as usize) < state.series.len() && t > state.series[id as usize].max_t
+                        {
                             state.apply(id, t, v);
                         }
                     }
                 }
             }
         }
-        Ok((Db { opts, state: Mutex::new(state), stats: Stats::default() }, replay))
+        Ok((
+            Db {
+                opts,
+                state: Mutex::new(state),
+                stats: Stats::default(),
+            },
+            replay,
+        ))
     }
 
     pub fn appender(&self) -> Appender<'_> {
-        Appender { db: self, batch: Vec::new() }
+        Appender {
+            db: self,
+            batch: Vec::new(),
+        }
     }
 
     pub fn series_count(&self) -> usize {
@@ -186,12 +230,20 @@ impl Db {
     }
 
     pub fn wal_size(&self) -> u64 {
-        self.state.lock().unwrap().wal.size()
+        self.state.lock().unwrap().wal.total_size()
     }
 
     /// Forces the WAL to disk (for `Fsync::Every`, call it on a timer).
     pub fn sync(&self) -> Result<(), Error> {
-        self.state.lock().unwrap().wal.sync().map_err(|source| Error::Io { path: self.opts.dir.join("wal"), source })
+        self.state
+            .lock()
+            .unwrap()
+            .wal
+            .sync()
+            .map_err(|source| Error::Io {
+                path: self.opts.dir.join("wal"),
+                source,
+            })
     }
 
     /// Series all matchers select that may have samples in `[mint, maxt]`.
@@ -209,7 +261,12 @@ impl Db {
                 if !s.head.is_empty() {
                     chunks.push(Arc::from(s.head.bytes()));
                 }
-                Some(SeriesData { labels: s.labels.clone(), chunks, mint, maxt })
+                Some(SeriesData {
+                    labels: s.labels.clone(),
+                    chunks,
+                    mint,
+                    maxt,
+                })
             })
             .collect()
     }
@@ -248,7 +305,9 @@ impl Appender<'_> {
         let mut created: Vec<(Labels, u64)> = Vec::new();
         for (labels, t, v) in self.batch {
             let bad = labels.get("__name__").is_none()
-                || labels.iter().any(|(n, v)| n.len() > db.opts.max_label_name_len || v.len() > db.opts.max_label_value_len);
+                || labels.iter().any(|(n, v)| {
+                    n.len() > db.opts.max_label_name_len || v.len() > db.opts.max_label_value_len
+                });
             if bad {
                 *rejected.entry(Reject::BadLabels).or_default() += 1;
                 continue;
@@ -264,14 +323,19 @@ impl Appender<'_> {
                             continue;
                         }
                         let id = (st.series.len() + created.len()) as SeriesId;
-                        records.push(Record::Series { id, labels: labels.clone() });
+                        records.push(Record::Series {
+                            id,
+                            labels: labels.clone(),
+                        });
                         created.push((labels, h));
                         id
                     }
                 },
             };
             let (last_t, last_bits) = newest.get(&id).copied().unwrap_or_else(|| {
-                st.series.get(id as usize).map_or((i64::MIN, 0), |s| (s.max_t, s.last_bits))
+                st.series
+                    .get(id as usize)
+                    .map_or((i64::MIN, 0), |s| (s.max_t, s.last_bits))
             });
             if t < last_t {
                 *rejected.entry(Reject::OutOfOrder).or_default() += 1;
@@ -290,7 +354,10 @@ impl Appender<'_> {
             records.push(Record::Samples(samples.clone()));
         }
         if !records.is_empty() {
-            st.wal.log(&records).map_err(|source| Error::Io { path: db.opts.dir.join("wal"), source })?;
+            st.wal.log(&records).map_err(|source| Error::Io {
+                path: db.opts.dir.join("wal"),
+                source,
+            })?;
         }
         out.new_series = created.len();
         for (labels, h) in created {
@@ -300,8 +367,12 @@ impl Appender<'_> {
             st.apply(id, t, v);
             out.appended += 1;
         }
-        db.stats.samples_appended.fetch_add(out.appended as u64, Ordering::Relaxed);
-        db.stats.series_created.fetch_add(out.new_series as u64, Ordering::Relaxed);
+        db.stats
+            .samples_appended
+            .fetch_add(out.appended as u64, Ordering::Relaxed);
+        db.stats
+            .series_created
+            .fetch_add(out.new_series as u64, Ordering::Relaxed);
         for (r, n) in &rejected {
             db.stats.rejected[*r as usize].fetch_add(*n as u64, Ordering::Relaxed);
         }
@@ -343,9 +414,21 @@ mod tests {
             assert_eq!(c.new_series, 3);
             assert_eq!(
                 c.rejected,
-                vec![(Reject::OutOfOrder, 1), (Reject::DuplicateTimestamp, 1), (Reject::TooManySeries, 1), (Reject::BadLabels, 1)]
+                vec![
+                    (Reject::OutOfOrder, 1),
+                    (Reject::DuplicateTimestamp, 1),
+                    (Reject::TooManySeries, 1),
+                    (Reject::BadLabels, 1)
+                ]
             );
-            let sel = db.select(&[Matcher::eq("__name__", "up"), Matcher::new("job", MatchOp::Regex, "a|c").unwrap()], 100_000, 199_000);
+            let sel = db.select(
+                &[
+                    Matcher::eq("__name__", "up"),
+                    Matcher::new("job", MatchOp::Regex, "a|c").unwrap(),
+                ],
+                100_000,
+                199_000,
+            );
             assert_eq!(sel.len(), 1);
             assert_eq!(sel[0].samples().count(), 100);
         }

@@ -89,8 +89,16 @@ impl Index {
         let mut ids = result.unwrap_or_else(|| self.all.clone());
         for m in exclude {
             // Series that carry the label with a value the matcher rejects go.
-            let Some(values) = self.postings.get(m.name.as_str()) else { continue };
-            let rejected = union(values.iter().filter(|(v, _)| !m.matches(v)).map(|(_, p)| p).collect());
+            let Some(values) = self.postings.get(m.name.as_str()) else {
+                continue;
+            };
+            let rejected = union(
+                values
+                    .iter()
+                    .filter(|(v, _)| !m.matches(v))
+                    .map(|(_, p)| p)
+                    .collect(),
+            );
             ids = subtract(&ids, &rejected);
         }
         ids
@@ -98,10 +106,18 @@ impl Index {
 
     /// Ids of series whose label `m.name` has a value `m` matches (label present).
     fn ids_matching(&self, m: &Matcher) -> Vec<SeriesId> {
-        let Some(values) = self.postings.get(m.name.as_str()) else { return Vec::new() };
+        let Some(values) = self.postings.get(m.name.as_str()) else {
+            return Vec::new();
+        };
         match m.op {
             MatchOp::Equal => values.get(m.value.as_str()).cloned().unwrap_or_default(),
-            _ => union(values.iter().filter(|(v, _)| m.matches(v)).map(|(_, p)| p).collect()),
+            _ => union(
+                values
+                    .iter()
+                    .filter(|(v, _)| m.matches(v))
+                    .map(|(_, p)| p)
+                    .collect(),
+            ),
         }
     }
 
@@ -112,7 +128,10 @@ impl Index {
     }
 
     pub fn label_values(&self, name: &str) -> Vec<String> {
-        self.postings.get(name).map(|v| v.keys().map(|k| k.to_string()).collect()).unwrap_or_default()
+        self.postings
+            .get(name)
+            .map(|v| v.keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -123,9 +142,18 @@ mod tests {
     use proptest::prelude::*;
 
     fn matcher() -> impl Strategy<Value = Matcher> {
-        (prop::sample::select(vec!["a", "b", "c"]), 0u8..4, prop::sample::select(vec!["", "x", "y", "z", "x|y", ".*", ".+", "x.*"]))
+        (
+            prop::sample::select(vec!["a", "b", "c"]),
+            0u8..4,
+            prop::sample::select(vec!["", "x", "y", "z", "x|y", ".*", ".+", "x.*"]),
+        )
             .prop_map(|(n, op, v)| {
-                let op = [MatchOp::Equal, MatchOp::NotEqual, MatchOp::Regex, MatchOp::NotRegex][op as usize];
+                let op = [
+                    MatchOp::Equal,
+                    MatchOp::NotEqual,
+                    MatchOp::Regex,
+                    MatchOp::NotRegex,
+                ][op as usize];
                 Matcher::new(n, op, v).unwrap()
             })
     }

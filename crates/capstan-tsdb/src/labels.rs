@@ -18,11 +18,19 @@ impl Labels {
     }
 
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
-        Labels::new(pairs.into_iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect())
+        Labels::new(
+            pairs
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+        )
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok().map(|i| self.0[i].1.as_str())
+        self.0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -87,14 +95,26 @@ pub struct Matcher {
 impl Matcher {
     pub fn new(name: &str, op: MatchOp, value: &str) -> Result<Matcher, regex::Error> {
         let re = match op {
-            MatchOp::Regex | MatchOp::NotRegex => Some(regex::Regex::new(&format!("^(?s:{value})$"))?),
+            MatchOp::Regex | MatchOp::NotRegex => {
+                Some(regex::Regex::new(&format!("^(?s:{value})$"))?)
+            }
             _ => None,
         };
-        Ok(Matcher { name: name.to_owned(), op, value: value.to_owned(), re })
+        Ok(Matcher {
+            name: name.to_owned(),
+            op,
+            value: value.to_owned(),
+            re,
+        })
     }
 
     pub fn eq(name: &str, value: &str) -> Matcher {
-        Matcher { name: name.to_owned(), op: MatchOp::Equal, value: value.to_owned(), re: None }
+        Matcher {
+            name: name.to_owned(),
+            op: MatchOp::Equal,
+            value: value.to_owned(),
+            re: None,
+        }
     }
 
     /// Whether a label value (empty when the label is absent) matches.

@@ -110,7 +110,10 @@ impl Record {
                     let value = std::str::from_utf8(get_bytes(b, &mut pos)?).ok()?;
                     pairs.push((name.to_owned(), value.to_owned()));
                 }
-                Record::Series { id, labels: Labels::new(pairs) }
+                Record::Series {
+                    id,
+                    labels: Labels::new(pairs),
+                }
             }
             SAMPLES => {
                 let n = get_uvarint(b, &mut pos)? as usize;
@@ -165,7 +168,11 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 impl Wal {
     /// Opens (or creates) the log in `dir`, calling `apply` for every good record
     /// in order. A bad record ends the log: it and everything after it is removed.
-    pub fn open(dir: &Path, fsync: Fsync, mut apply: impl FnMut(Record)) -> io::Result<(Wal, Replay)> {
+    pub fn open(
+        dir: &Path,
+        fsync: Fsync,
+        mut apply: impl FnMut(Record),
+    ) -> io::Result<(Wal, Replay)> {
         fs::create_dir_all(dir)?;
         let segs = segments(dir)?;
         let mut replay = Replay::default();
@@ -203,14 +210,21 @@ impl Wal {
             total += pos as u64;
             if let Some(why) = bad {
                 let cut = data.len() - pos;
-                OpenOptions::new().write(true).open(&path)?.set_len(pos as u64)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(pos as u64)?;
                 let later = &segs[i + 1..];
                 for &m in later {
                     fs::remove_file(segment_path(dir, m))?;
                 }
                 replay.truncated = Some(format!(
                     "WAL segment {n:08}: {why} at byte {pos}; cut {cut} bytes{}",
-                    if later.is_empty() { String::new() } else { format!(" and removed {} later segments", later.len()) }
+                    if later.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and removed {} later segments", later.len())
+                    }
                 ));
                 break;
             }
@@ -218,7 +232,19 @@ impl Wal {
         let path = segment_path(dir, last);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
-        Ok((Wal { dir: dir.to_path_buf(), segment: last, file, size, total, fsync, last_sync: Instant::now(), dirty: false }, replay))
+        Ok((
+            Wal {
+                dir: dir.to_path_buf(),
+                segment: last,
+                file,
+                size,
+                total,
+                fsync,
+                last_sync: Instant::now(),
+                dirty: false,
+            },
+            replay,
+        ))
     }
 
     /// Appends records in one write; syncs as the policy says.
@@ -230,7 +256,10 @@ impl Wal {
         if self.size > 0 && self.size + buf.len() as u64 > SEGMENT_SIZE {
             self.file.sync_all()?;
             self.segment += 1;
-            self.file = OpenOptions::new().create(true).append(true).open(segment_path(&self.dir, self.segment))?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(segment_path(&self.dir, self.segment))?;
             self.size = 0;
         }
         self.file.write_all(&buf)?;
@@ -255,7 +284,7 @@ impl Wal {
     }
 
     /// Bytes in all segments.
-    pub fn size(&self) -> u64 {
+    pub fn total_size(&self) -> u64 {
         self.total
     }
 }
@@ -265,13 +294,20 @@ mod tests {
     use super::*;
 
     fn series(id: u32) -> Record {
-        Record::Series { id, labels: Labels::from_pairs([("__name__", "up"), ("job", "x")]) }
+        Record::Series {
+            id,
+            labels: Labels::from_pairs([("__name__", "up"), ("job", "x")]),
+        }
     }
 
     #[test]
     fn records_round_trip_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let recs = vec![series(0), Record::Samples(vec![(0, -5, f64::NAN), (0, 1_700_000_000_000, 1.5)]), series(1)];
+        let recs = vec![
+            series(0),
+            Record::Samples(vec![(0, -5, f64::NAN), (0, 1_700_000_000_000, 1.5)]),
+            series(1),
+        ];
         {
             let (mut wal, replay) = Wal::open(dir.path(), Fsync::Always, |_| {}).unwrap();
             assert_eq!(replay.records, 0);
@@ -286,7 +322,9 @@ mod tests {
         let mut got = Vec::new();
         let (mut wal, replay) = Wal::open(dir.path(), Fsync::Always, |r| got.push(r)).unwrap();
         assert_eq!(got.len(), 3);
-        assert!(matches!(&got[1], Record::Samples(s) if s[0].2.is_nan() && s[1] == (0, 1_700_000_000_000, 1.5)));
+        assert!(
+            matches!(&got[1], Record::Samples(s) if s[0].2.is_nan() && s[1] == (0, 1_700_000_000_000, 1.5))
+        );
         assert!(replay.truncated.unwrap().contains("cut 7 bytes"));
         assert_eq!(fs::metadata(&seg).unwrap().len(), good);
         // Appending continues after the cut.
