@@ -133,6 +133,35 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     ));
     supervisor::stop_leftovers(&shared).await;
 
+    let tsdb_dir = opts.data_dir.join("tsdb");
+    let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
+    tsdb_opts.fsync = capstan_tsdb::Fsync::Every(std::time::Duration::from_secs(1));
+    let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
+        .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
+    if let Some(cut) = replay.truncated {
+        shared
+            .events
+            .emit("capstan", None, "warning", format!("metrics store: {cut}"));
+    }
+    let db = Arc::new(db);
+    let syncer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if let Err(e) = tokio::task::block_in_place(|| db.sync()) {
+                    tracing::error!("cannot sync the metrics store: {e}");
+                }
+            }
+        })
+    };
+    let (scrape_stop, scrape_stop_rx) = tokio::sync::watch::channel(false);
+    let scraper = tokio::spawn(crate::scrape::run(
+        shared.clone(),
+        db.clone(),
+        scrape_stop_rx,
+    ));
+
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
@@ -152,6 +181,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
+        db: db.clone(),
         shared: shared.clone(),
         commands: cmd_tx.clone(),
         token: Arc::new(token),
@@ -194,8 +224,16 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     // The supervisor returns after `down`; then the server stops.
     // Open streams (events -f, logs -f) end when `stopping` flips, so the
     // graceful shutdown does not wait on followers; 5s bounds it regardless.
+    let db_for_shutdown = db.clone();
     let server = server.with_graceful_shutdown(async move {
         let _ = sup_task.await;
+        // Replicas are gone: the scraper marks their series stale and stops.
+        let _ = scrape_stop.send(true);
+        let _ = scraper.await;
+        syncer.abort();
+        if let Err(e) = tokio::task::block_in_place(|| db_for_shutdown.sync()) {
+            tracing::error!("cannot sync the metrics store: {e}");
+        }
         let _ = stopping_tx.send(true);
     });
     let result = tokio::select! {

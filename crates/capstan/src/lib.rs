@@ -10,5 +10,6 @@ pub mod client;
 pub mod daemon;
 pub mod events;
 pub mod logs;
+pub mod scrape;
 pub mod spec;
 pub mod supervisor;

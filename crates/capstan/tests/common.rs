@@ -125,6 +125,26 @@ impl TestStack {
             .collect()
     }
 
+    /// GET on the daemon's API with the token; the JSON answer.
+    pub fn api(&self, path: &str) -> Value {
+        use std::io::{Read, Write};
+        let info: Value =
+            serde_json::from_slice(&std::fs::read(self.data_dir().join("daemon.json")).unwrap())
+                .unwrap();
+        let token = std::fs::read_to_string(self.data_dir().join("token")).unwrap();
+        let mut c = std::net::TcpStream::connect(info["addr"].as_str().unwrap()).unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            token.trim()
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
     pub fn daemon_pid(&self) -> i32 {
         let info: Value =
             serde_json::from_slice(&std::fs::read(self.data_dir().join("daemon.json")).unwrap())

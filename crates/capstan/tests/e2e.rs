@@ -673,3 +673,97 @@ services:
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(!cg.contains("/capstan/"), "{cg}");
 }
+
+fn last_value(series: &serde_json::Value) -> String {
+    series["samples"].as_array().unwrap().last().unwrap()[1]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The daemon scrapes every replica into the metrics store: `up` and the other
+/// synthetic series, the demo's own metrics; a stopped replica's series end with a
+/// stale marker; everything survives a SIGKILL of the daemon.
+#[test]
+fn replicas_are_scraped_and_series_survive_a_daemon_kill() {
+    let s = TestStack::new(
+        r#"
+x-capstan:
+  scrape_interval: 1s
+services:
+  web:
+    command: ["{demo}"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    x-capstan:
+      healthcheck: {http: /healthz, interval: 300ms}
+    deploy: {replicas: 2}
+  quiet:
+    command: ["sleep", "600"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    x-capstan:
+      metrics: {disable: true}
+"#,
+    );
+    s.up();
+    let port = s.replicas("web")[1]["port"].as_u64().unwrap() as u16;
+    assert!(http_get(port, "/").unwrap().contains("hello"));
+    let ups = wait_for("up = 1 for both replicas", Duration::from_secs(20), || {
+        let ups = s.api("/capstan/v1/tsdb/select?name=up");
+        let ups = ups.as_array().unwrap().clone();
+        (ups.len() == 2 && ups.iter().all(|u| last_value(u) == "1")).then_some(ups)
+    });
+    for u in &ups {
+        assert_eq!(u["labels"]["job"], "web");
+        assert!(
+            u["labels"]["instance"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
+    }
+    let scraped = s.api("/capstan/v1/tsdb/select?name=scrape_samples_scraped&replica=1");
+    assert!(
+        last_value(&scraped[0]).parse::<f64>().unwrap() > 5.0,
+        "{scraped}"
+    );
+    let hello = wait_for(
+        "the demo's request counter",
+        Duration::from_secs(10),
+        || {
+            let v = s.api("/capstan/v1/tsdb/select?name=demo_requests_total&replica=1&path=/");
+            v.as_array().unwrap().first().cloned()
+        },
+    );
+    assert_eq!(hello["labels"]["code"], "200");
+
+    // Scale down: replica 1's series are marked stale.
+    s.ok(&["scale", "web=1"]);
+    let up1 = wait_for(
+        "a stale marker for replica 1",
+        Duration::from_secs(10),
+        || {
+            let v = s.api("/capstan/v1/tsdb/select?name=up&replica=1");
+            (last_value(&v[0]) == "stale").then_some(v)
+        },
+    );
+    let n_before = up1[0]["samples"].as_array().unwrap().len();
+    let demo1 = s.api("/capstan/v1/tsdb/select?name=demo_requests_total&replica=1&path=/");
+    assert_eq!(last_value(&demo1[0]), "stale");
+
+    // SIGKILL the daemon: what was scraped comes back from the WAL.
+    std::thread::sleep(Duration::from_millis(1500));
+    sigkill(s.daemon_pid());
+    s.up();
+    let up1 = s.api("/capstan/v1/tsdb/select?name=up&replica=1");
+    assert!(
+        up1[0]["samples"].as_array().unwrap().len() >= n_before,
+        "{up1}"
+    );
+    assert_eq!(last_value(&up1[0]), "stale");
+    assert!(
+        s.api("/capstan/v1/tsdb/select?name=up&service=quiet")
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}

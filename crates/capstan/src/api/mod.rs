@@ -27,6 +27,7 @@ pub struct Api {
     pub info: Arc<serde_json::Value>,
     /// Becomes true when the daemon is stopping: open streams end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    pub db: Arc<capstan_tsdb::Db>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -39,6 +40,7 @@ pub fn router(api: Api) -> Router {
         .route("/down", post(down))
         .route("/events", get(events))
         .route("/logs", get(logs))
+        .route("/tsdb/select", get(tsdb_select))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
     Router::new()
         .nest("/capstan/v1", control)
@@ -282,4 +284,51 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
         }
     });
     ndjson(rx)
+}
+
+/// Raw samples of the series whose labels equal every query parameter (`name` is
+/// the metric name; `since_ms` bounds the time). Stale markers show as "stale".
+/// A debugging view until the Prometheus query API exists.
+async fn tsdb_select(
+    State(api): State<Api>,
+    Query(mut params): Query<BTreeMap<String, String>>,
+) -> Response {
+    let since = params
+        .remove("since_ms")
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(i64::MIN);
+    let matchers: Vec<capstan_tsdb::Matcher> = params
+        .iter()
+        .map(|(k, v)| capstan_tsdb::Matcher::eq(if k == "name" { "__name__" } else { k }, v))
+        .collect();
+    if matchers.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give at least one label, e.g. ?name=up",
+        );
+    }
+    let db = api.db.clone();
+    let out = tokio::task::block_in_place(|| {
+        db.select(&matchers, since, i64::MAX)
+            .iter()
+            .map(|s| {
+                let labels: BTreeMap<&str, &str> = s.labels.iter().collect();
+                let samples: Vec<(i64, String)> = s
+                    .samples()
+                    .map(|(t, v)| {
+                        (
+                            t,
+                            if capstan_tsdb::is_stale(v) {
+                                "stale".to_owned()
+                            } else {
+                                v.to_string()
+                            },
+                        )
+                    })
+                    .collect();
+                serde_json::json!({"labels": labels, "samples": samples})
+            })
+            .collect::<Vec<_>>()
+    });
+    Json(serde_json::Value::Array(out)).into_response()
 }

@@ -416,6 +416,18 @@ impl Decoder<'_> {
                 ),
             }
         }
+        if let Some(n) = f.take("scrape_interval")
+            && let Some(d) = self.duration(n, &join(path, "scrape_interval"))
+        {
+            if d.0 < std::time::Duration::from_secs(1) {
+                self.error(
+                    n,
+                    &join(path, "scrape_interval"),
+                    format!("the scrape interval must be at least 1s, found {d}"),
+                );
+            }
+            s.scrape_interval = d;
+        }
         if let Some(n) = f.take("logs") {
             let lp = join(path, "logs");
             if let Some(mut lf) = self.fields(n, &lp) {
@@ -479,8 +491,9 @@ impl Decoder<'_> {
             Some(n) => self.healthcheck(n, &join(path, "healthcheck")),
             None => None,
         };
-        if let Some(x) = xcap {
-            self.service_x_capstan(x, &join(path, "x-capstan"), &mut healthcheck);
+        let mut x = ServiceX::default();
+        if let Some(xn) = xcap {
+            self.service_x_capstan(xn, &join(path, "x-capstan"), &mut healthcheck, &mut x);
         }
         let depends_on = match f.take("depends_on") {
             Some(n) => self.depends_on(n, &join(path, "depends_on")),
@@ -629,6 +642,7 @@ impl Decoder<'_> {
             deploy,
             labels,
             profiles,
+            x,
         })
     }
 
@@ -857,7 +871,13 @@ impl Decoder<'_> {
     }
 
     /// Per-service `x-capstan`: HTTP and TCP health checks, with compose timing keys.
-    fn service_x_capstan(&mut self, node: &Node, path: &str, hc: &mut Option<Healthcheck>) {
+    fn service_x_capstan(
+        &mut self,
+        node: &Node,
+        path: &str,
+        hc: &mut Option<Healthcheck>,
+        x: &mut ServiceX,
+    ) {
         let Some(mut f) = self.fields(node, path) else {
             return;
         };
@@ -920,11 +940,40 @@ impl Decoder<'_> {
                 }
             }
         }
-        self.finish(
-            f,
-            path,
-            &["autoscale", "metrics", "rollout", "protocol", "idle_after"],
-        );
+        if let Some(n) = f.take("metrics") {
+            let mp = join(path, "metrics");
+            if let Some(mut mf) = self.fields(n, &mp) {
+                let m = &mut x.metrics;
+                if let Some(p) = self.string_opt(mf.take("path"), &join(&mp, "path")) {
+                    m.path = if p.starts_with('/') {
+                        p
+                    } else {
+                        format!("/{p}")
+                    };
+                }
+                if let Some(p) = mf.take("port") {
+                    m.port = self.uint(p, &join(&mp, "port"), 65535).map(|p| p as u16);
+                }
+                if let Some(i) = mf
+                    .take("interval")
+                    .and_then(|i| self.duration(i, &join(&mp, "interval")))
+                {
+                    if i.0 < std::time::Duration::from_secs(1) {
+                        self.error(
+                            n,
+                            &join(&mp, "interval"),
+                            format!("the scrape interval must be at least 1s, found {i}"),
+                        );
+                    }
+                    m.interval = Some(i);
+                }
+                if let Some(d) = mf.take("disable") {
+                    m.disable = self.boolean(d, &join(&mp, "disable")).unwrap_or(false);
+                }
+                self.finish(mf, &mp, &[]);
+            }
+        }
+        self.finish(f, path, &["autoscale", "rollout", "protocol", "idle_after"]);
     }
 
     fn depends_on(&mut self, node: &Node, path: &str) -> BTreeMap<String, Dependency> {

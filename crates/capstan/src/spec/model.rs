@@ -20,6 +20,13 @@ pub struct Settings {
     /// Range replicas' `$PORT` values are allocated from (inclusive).
     pub port_range: [u16; 2],
     pub logs: LogSettings,
+    /// Default scrape interval (Prometheus' global default: 15s; at least 1s).
+    #[serde(default = "default_scrape_interval")]
+    pub scrape_interval: Dur,
+}
+
+fn default_scrape_interval() -> Dur {
+    Dur::secs(15)
 }
 
 impl Default for Settings {
@@ -27,6 +34,7 @@ impl Default for Settings {
         Settings {
             port_range: [20000, 29999],
             logs: LogSettings::default(),
+            scrape_interval: default_scrape_interval(),
         }
     }
 }
@@ -84,6 +92,57 @@ pub struct Service {
     pub labels: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub profiles: Vec<String>,
+    /// Capstan's own per-service settings (`x-capstan`).
+    #[serde(
+        rename = "x-capstan",
+        default,
+        skip_serializing_if = "ServiceX::is_default"
+    )]
+    pub x: ServiceX,
+}
+
+/// Per-service `x-capstan` settings other than health checks.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ServiceX {
+    #[serde(default, skip_serializing_if = "MetricsTarget::is_default")]
+    pub metrics: MetricsTarget,
+}
+
+impl ServiceX {
+    fn is_default(&self) -> bool {
+        *self == ServiceX::default()
+    }
+}
+
+/// Where and how often each replica's metrics are scraped (`x-capstan.metrics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsTarget {
+    pub path: String,
+    /// Port to scrape; default the replica's `$PORT`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub port: Option<u16>,
+    /// Scrape interval; default the stack's `x-capstan.scrape_interval`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub interval: Option<Dur>,
+    #[serde(default)]
+    pub disable: bool,
+}
+
+impl Default for MetricsTarget {
+    fn default() -> Self {
+        MetricsTarget {
+            path: "/metrics".into(),
+            port: None,
+            interval: None,
+            disable: false,
+        }
+    }
+}
+
+impl MetricsTarget {
+    fn is_default(&self) -> bool {
+        *self == MetricsTarget::default()
+    }
 }
 
 impl Service {

@@ -67,6 +67,8 @@ pub struct Shared {
     pub changed: watch::Sender<u64>,
     ports: Mutex<BTreeSet<u16>>,
     port_range: Mutex<[u16; 2]>,
+    /// Default scrape interval and each service's metrics endpoint, for the scraper.
+    scrape: Mutex<(Duration, BTreeMap<String, crate::spec::MetricsTarget>)>,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -91,6 +93,7 @@ impl Shared {
             changed: watch::channel(0).0,
             ports: Mutex::default(),
             port_range: Mutex::new([20000, 29999]),
+            scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new())),
             warned: Mutex::default(),
         }
     }
@@ -118,6 +121,11 @@ impl Shared {
             .unwrap()
             .remove(&(service.to_owned(), replica));
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// The default scrape interval and every service's metrics endpoint.
+    pub fn scrape_specs(&self) -> (Duration, BTreeMap<String, crate::spec::MetricsTarget>) {
+        self.scrape.lock().unwrap().clone()
     }
 
     pub fn statuses(&self) -> Vec<Status> {
@@ -412,6 +420,14 @@ impl Supervisor {
     /// changed ones restart, replica counts are met.
     async fn apply(&mut self, stack: Stack) -> String {
         *self.shared.port_range.lock().unwrap() = stack.settings.port_range;
+        *self.shared.scrape.lock().unwrap() = (
+            stack.settings.scrape_interval.0,
+            stack
+                .services
+                .iter()
+                .map(|(n, s)| (n.clone(), s.x.metrics.clone()))
+                .collect(),
+        );
         let mut changes = Vec::new();
         let removed: Vec<String> = self
             .services

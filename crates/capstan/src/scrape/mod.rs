@@ -1,0 +1,236 @@
+//! Scraping: every replica's metrics endpoint is a target; each target has a loop
+//! that fetches, parses (capstan-expfmt) and appends to the tsdb, with the
+//! synthetic series and staleness markers Prometheus writes.
+
+mod http;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_expfmt::{Entry, Format, Parser};
+use capstan_tsdb::{Db, Labels, STALE_NAN_BITS};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::supervisor::Shared;
+
+/// Labels set on every series of a target; a scraped label of the same name is
+/// kept as `exported_<name>` (Prometheus' `honor_labels: false`).
+const TARGET_LABELS: [&str; 4] = ["job", "instance", "service", "replica"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: String,
+    pub path: String,
+    pub interval: Duration,
+    pub labels: Vec<(String, String)>,
+}
+
+impl Target {
+    fn key(&self) -> String {
+        format!("{}{}", self.addr, self.path)
+    }
+}
+
+/// What each running replica exposes, from the supervisor's status and the specs.
+pub fn targets(shared: &Shared) -> Vec<Target> {
+    let specs = shared.scrape_specs();
+    let default_interval = specs.0;
+    shared
+        .statuses()
+        .into_iter()
+        .filter(|s| s.pid.is_some() && s.state == "running")
+        .filter_map(|s| {
+            let m = specs.1.get(&s.service)?;
+            if m.disable {
+                return None;
+            }
+            let port = m.port.or(s.port)?;
+            let addr = format!("127.0.0.1:{port}");
+            Some(Target {
+                path: m.path.clone(),
+                interval: m.interval.map_or(default_interval, |d| d.0),
+                labels: vec![
+                    ("job".into(), s.service.clone()),
+                    ("instance".into(), addr.clone()),
+                    ("service".into(), s.service.clone()),
+                    ("replica".into(), s.replica.to_string()),
+                ],
+                addr,
+            })
+        })
+        .collect()
+}
+
+/// Runs scrape loops for the targets as they come and go, until `stop` is set.
+pub async fn run(shared: Arc<Shared>, db: Arc<Db>, mut stop: watch::Receiver<bool>) {
+    let mut loops: BTreeMap<String, (Target, watch::Sender<bool>, JoinHandle<()>)> =
+        BTreeMap::new();
+    let mut changed = shared.changed.subscribe();
+    loop {
+        let want: BTreeMap<String, Target> =
+            targets(&shared).into_iter().map(|t| (t.key(), t)).collect();
+        let gone: Vec<String> = loops
+            .keys()
+            .filter(|k| want.get(*k) != loops.get(*k).map(|l| &l.0))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some((_, tx, task)) = loops.remove(&k) {
+                let _ = tx.send(true);
+                let _ = task.await;
+            }
+        }
+        for (k, t) in want {
+            if let std::collections::btree_map::Entry::Vacant(slot) = loops.entry(k) {
+                let (tx, rx) = watch::channel(false);
+                let task = tokio::spawn(scrape_loop(db.clone(), t.clone(), rx));
+                slot.insert((t, tx, task));
+            }
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    for (_, (_, tx, task)) in loops {
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+}
+
+fn stale() -> f64 {
+    f64::from_bits(STALE_NAN_BITS)
+}
+
+/// Builds a series' labels: the scraped ones, then the target's (which win).
+fn series_labels(name: &str, scraped: &[(String, String)], target: &[(String, String)]) -> Labels {
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(scraped.len() + target.len() + 1);
+    pairs.push(("__name__".into(), name.to_owned()));
+    for (n, v) in scraped {
+        if TARGET_LABELS.contains(&n.as_str()) {
+            pairs.push((format!("exported_{n}"), v.clone()));
+        } else if n != "__name__" {
+            pairs.push((n.clone(), v.clone()));
+        }
+    }
+    pairs.extend(target.iter().cloned());
+    Labels::new(pairs)
+}
+
+async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool>) {
+    // Spread targets over the interval, like Prometheus, by a hash of the target.
+    let offset_ms = target
+        .key()
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+        % target.interval.as_millis().max(1) as u64;
+    let interval_ms = target.interval.as_millis() as i64;
+    let now = crate::events::now_ms();
+    let first = now - now.rem_euclid(interval_ms) + offset_ms as i64;
+    let first = if first < now {
+        first + interval_ms
+    } else {
+        first
+    };
+    let timeout = target.interval.min(Duration::from_secs(10));
+    let mut previous: HashSet<Labels> = HashSet::new();
+    let mut k: i64 = 0;
+    loop {
+        // Scheduled times, not the wall clock: a regular series costs one bit a sample.
+        let t = first + k * interval_ms;
+        let wait = (t - crate::events::now_ms()).max(0) as u64;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        k += 1;
+        let started = std::time::Instant::now();
+        let result = http::get(&target.addr, &target.path, Format::ACCEPT, timeout).await;
+        let mut batch: Vec<(Labels, i64, f64)> = Vec::new();
+        let mut current: HashSet<Labels> = HashSet::new();
+        let mut scraped = 0usize;
+        let up = match result {
+            Ok(resp) if resp.status == 200 => {
+                let format = Format::from_content_type(&resp.content_type);
+                match Parser::from_bytes(&resp.body, format) {
+                    Ok(parser) => {
+                        let mut ok = true;
+                        for e in parser {
+                            match e {
+                                Ok(Entry::Sample(s)) => {
+                                    let scraped_labels: Vec<(String, String)> = s
+                                        .labels()
+                                        .filter_map(Result::ok)
+                                        .map(|(n, v)| (n.to_owned(), v.into_owned()))
+                                        .collect();
+                                    let labels =
+                                        series_labels(s.name, &scraped_labels, &target.labels);
+                                    scraped += 1;
+                                    current.insert(labels.clone());
+                                    batch.push((labels, s.timestamp_ms.unwrap_or(t), s.value));
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::debug!(target = %target.key(), "parse error: {e}");
+                                    ok = false;
+                                    break;
+                                }
+                            }
+                        }
+                        ok
+                    }
+                    Err(_) => false,
+                }
+            }
+            Ok(resp) => {
+                tracing::debug!(target = %target.key(), status = resp.status, "scrape failed");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(target = %target.key(), "scrape failed: {e}");
+                false
+            }
+        };
+        if !up {
+            // A failed scrape keeps nothing of what it read, as in Prometheus.
+            batch.clear();
+            current.clear();
+            scraped = 0;
+        }
+        let added = current.iter().filter(|l| !previous.contains(*l)).count();
+        let duration = started.elapsed().as_secs_f64();
+        for (name, v) in [
+            ("up", if up { 1.0 } else { 0.0 }),
+            ("scrape_duration_seconds", duration),
+            ("scrape_samples_scraped", scraped as f64),
+            ("scrape_samples_post_metric_relabeling", scraped as f64),
+            ("scrape_series_added", added as f64),
+        ] {
+            let labels = series_labels(name, &[], &target.labels);
+            current.insert(labels.clone());
+            batch.push((labels, t, v));
+        }
+        // Series gone since the last scrape get a stale marker.
+        for gone in previous.difference(&current) {
+            batch.push((gone.clone(), t, stale()));
+        }
+        previous = current;
+        let mut a = db.appender();
+        for (l, ts, v) in batch {
+            a.add(l, ts, v);
+        }
+        if let Err(e) = tokio::task::block_in_place(|| a.commit()) {
+            tracing::error!(target = %target.key(), "cannot store samples: {e}");
+        }
+    }
+    // The target went away: everything it exposed is stale now (after its last sample).
+    let t = crate::events::now_ms().max(first + k * interval_ms - interval_ms + 1);
+    let mut a = db.appender();
+    for l in previous {
+        a.add(l, t, stale());
+    }
+    let _ = tokio::task::block_in_place(|| a.commit());
+}
