@@ -30,6 +30,8 @@ pub struct Api {
     pub db: Arc<capstan_tsdb::Db>,
 }
 
+pub mod remote_write;
+
 pub fn router(api: Api) -> Router {
     let control = Router::new()
         .route("/status", get(status))
@@ -42,8 +44,13 @@ pub fn router(api: Api) -> Router {
         .route("/logs", get(logs))
         .route("/tsdb/select", get(tsdb_select))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
+    let ingest = Router::new()
+        .route("/api/v1/write", post(remote_write::write))
+        .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
+        .layer(middleware::from_fn_with_state(api.clone(), auth));
     Router::new()
         .nest("/capstan/v1", control)
+        .merge(ingest)
         .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))
         .route("/-/ready", get(|| async { "Capstan is Ready.\n" }))
         .with_state(api)

@@ -1,0 +1,125 @@
+//! Prometheus remote_write 1.0 receiver: `POST /api/v1/write`, a snappy-compressed
+//! (block format) protobuf `WriteRequest`. Bad bodies get 400 with the reason;
+//! samples the store rejects are counted and reported, the rest are kept.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use capstan_tsdb::Labels;
+use prost::Message;
+
+use super::Api;
+
+/// The messages of prometheus/prompb (remote.proto, types.proto) that capstan reads.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WriteRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub timeseries: Vec<TimeSeries>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TimeSeries {
+    #[prost(message, repeated, tag = "1")]
+    pub labels: Vec<Label>,
+    #[prost(message, repeated, tag = "2")]
+    pub samples: Vec<Sample>,
+    /// Native histograms (field 4) are counted, not stored.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub histograms: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Label {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Sample {
+    #[prost(double, tag = "1")]
+    pub value: f64,
+    #[prost(int64, tag = "2")]
+    pub timestamp: i64,
+}
+
+/// Largest body accepted, compressed and uncompressed.
+const MAX_BODY: usize = 32 << 20;
+
+fn bad(msg: impl Into<String>) -> Response {
+    (StatusCode::BAD_REQUEST, msg.into()).into_response()
+}
+
+pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
+    let encoding = headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !encoding.eq_ignore_ascii_case("snappy") {
+        return bad(format!(
+            "expected Content-Encoding: snappy, found {encoding:?}"
+        ));
+    }
+    if body.len() > MAX_BODY {
+        return bad(format!(
+            "body of {} bytes is over the {MAX_BODY}-byte limit",
+            body.len()
+        ));
+    }
+    let raw = match snap::raw::decompress_len(&body) {
+        Ok(n) if n > MAX_BODY => {
+            return bad(format!(
+                "uncompressed body of {n} bytes is over the {MAX_BODY}-byte limit"
+            ));
+        }
+        Ok(_) => match snap::raw::Decoder::new().decompress_vec(&body) {
+            Ok(r) => r,
+            Err(e) => return bad(format!("body is not snappy block-compressed: {e}")),
+        },
+        Err(e) => return bad(format!("body is not snappy block-compressed: {e}")),
+    };
+    let req = match WriteRequest::decode(raw.as_slice()) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("body is not a remote_write WriteRequest: {e}")),
+    };
+    let mut histograms = 0usize;
+    let db = api.db.clone();
+    let mut a = db.appender();
+    for ts in req.timeseries {
+        histograms += ts.histograms.len();
+        let labels = Labels::new(ts.labels.into_iter().map(|l| (l.name, l.value)).collect());
+        for s in ts.samples {
+            a.add(labels.clone(), s.timestamp, s.value);
+        }
+    }
+    let committed = match tokio::task::block_in_place(|| a.commit()) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot store samples: {e}"),
+            )
+                .into_response();
+        }
+    };
+    let rejected: usize = committed.rejected.iter().map(|(_, n)| n).sum();
+    if rejected > 0 || histograms > 0 {
+        let mut why: Vec<String> = committed
+            .rejected
+            .iter()
+            .map(|(r, n)| format!("{}={n}", r.as_str()))
+            .collect();
+        if histograms > 0 {
+            why.push(format!("native_histograms_unsupported={histograms}"));
+        }
+        // 400: the sender must not retry these; the accepted samples are kept.
+        return bad(format!(
+            "stored {} samples; rejected: {}",
+            committed.appended,
+            why.join(", ")
+        ));
+    }
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,170 @@
+//! Remote write: a real Prometheus scrapes a real node_exporter and pushes the
+//! samples to capstan with remote_write; capstan then holds them. Bad bodies get 400.
+//! Needs `prometheus` and `prometheus-node-exporter` (scripts/test installs them).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn need(bin: &str) -> String {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = format!("{dir}/{bin}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{bin} is not installed: run scripts/test, which installs prometheus and prometheus-node-exporter"
+    );
+}
+
+fn post(addr: &str, token: &str, path: &str, headers: &str, body: &[u8]) -> String {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n{headers}\r\n", body.len()).unwrap();
+    c.write_all(body).unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_real_prometheus_remote_writes_node_exporter_samples_into_capstan() {
+    let prometheus = need("prometheus");
+    let node_exporter = need("prometheus-node-exporter");
+    let s = TestStack::new(
+        "services:\n  idle:\n    command: [sleep, \"600\"]\n    environment: {CAPSTAN_TEST_MARKER: \"{marker}\"}\n    x-capstan:\n      metrics: {disable: true}\n",
+    );
+    s.up();
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.data_dir().join("daemon.json")).unwrap()).unwrap();
+    let addr = info["addr"].as_str().unwrap().to_owned();
+    let token_file = s.data_dir().join("token");
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // Bad bodies: 400 with a reason, never 5xx.
+    let r = post(
+        &addr,
+        &token,
+        "/api/v1/write",
+        "Content-Encoding: snappy\r\n",
+        b"not snappy at all",
+    );
+    assert!(r.starts_with("HTTP/1.0 400") && r.contains("snappy"), "{r}");
+    let r = post(&addr, &token, "/api/v1/write", "", b"");
+    assert!(
+        r.starts_with("HTTP/1.0 400") && r.contains("Content-Encoding"),
+        "{r}"
+    );
+    let junk = snap::raw::Encoder::new()
+        .compress_vec(&[0xff, 0xff, 0xff, 0x0f, 0x01])
+        .unwrap();
+    let r = post(
+        &addr,
+        &token,
+        "/api/v1/write",
+        "Content-Encoding: snappy\r\n",
+        &junk,
+    );
+    assert!(
+        r.starts_with("HTTP/1.0 400") && r.contains("WriteRequest"),
+        "{r}"
+    );
+    assert!(
+        post(
+            &addr,
+            "wrong",
+            "/api/v1/write",
+            "Content-Encoding: snappy\r\n",
+            &junk
+        )
+        .starts_with("HTTP/1.0 401")
+    );
+
+    let ne_port = free_port();
+    let _ne = Killed(
+        Command::new(&node_exporter)
+            .args([
+                format!("--web.listen-address=127.0.0.1:{ne_port}"),
+                "--collector.disable-defaults".into(),
+                "--collector.cpu".into(),
+                "--collector.loadavg".into(),
+                "--collector.meminfo".into(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let prom_dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: node
+    static_configs: [{{targets: ["127.0.0.1:{ne_port}"]}}]
+remote_write:
+  - url: http://{addr}/api/v1/write
+    authorization: {{credentials_file: {}}}
+    queue_config: {{batch_send_deadline: 1s, min_backoff: 100ms, max_backoff: 1s}}
+"#,
+        token_file.display()
+    );
+    std::fs::write(prom_dir.path().join("prometheus.yml"), config).unwrap();
+    let prom_port = free_port();
+    let _prom = Killed(
+        Command::new(&prometheus)
+            .arg(format!(
+                "--config.file={}",
+                prom_dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cpu = wait_for(
+        "node_cpu_seconds_total pushed by Prometheus",
+        Duration::from_secs(60),
+        || {
+            let v = s.api("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=node&mode=idle");
+            let v = v.as_array().unwrap().clone();
+            v.iter()
+                .any(|x| x["samples"].as_array().unwrap().len() >= 3)
+                .then_some(v)
+        },
+    );
+    assert_eq!(cpu[0]["labels"]["instance"], format!("127.0.0.1:{ne_port}"));
+    let up = s.api("/capstan/v1/tsdb/select?name=up&job=node");
+    assert_eq!(up[0]["samples"].as_array().unwrap().last().unwrap()[1], "1");
+    let load = s.api("/capstan/v1/tsdb/select?name=node_load1&job=node");
+    assert_eq!(load.as_array().unwrap().len(), 1, "{load}");
+}
