@@ -166,6 +166,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr()?;
+    *shared.api_addr.lock().unwrap() = Some(addr.to_string());
     let info = DaemonInfo {
         pid: std::process::id(),
         addr,

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod collect;
 pub mod daemon;
 pub mod events;
 pub mod logs;

@@ -708,7 +708,7 @@ services:
     let port = s.replicas("web")[1]["port"].as_u64().unwrap() as u16;
     assert!(http_get(port, "/").unwrap().contains("hello"));
     let ups = wait_for("up = 1 for both replicas", Duration::from_secs(20), || {
-        let ups = s.api("/capstan/v1/tsdb/select?name=up");
+        let ups = s.api("/capstan/v1/tsdb/select?name=up&job=web");
         let ups = ups.as_array().unwrap().clone();
         (ups.len() == 2 && ups.iter().all(|u| last_value(u) == "1")).then_some(ups)
     });
@@ -721,10 +721,14 @@ services:
                 .starts_with("127.0.0.1:")
         );
     }
-    let scraped = s.api("/capstan/v1/tsdb/select?name=scrape_samples_scraped&replica=1");
-    assert!(
-        last_value(&scraped[0]).parse::<f64>().unwrap() > 5.0,
-        "{scraped}"
+    // After the request, the demo exposes its counter and histogram too.
+    wait_for(
+        "scrape_samples_scraped to grow",
+        Duration::from_secs(10),
+        || {
+            let v = s.api("/capstan/v1/tsdb/select?name=scrape_samples_scraped&replica=1");
+            (last_value(&v[0]).parse::<f64>().unwrap() > 5.0).then_some(())
+        },
     );
     let hello = wait_for(
         "the demo's request counter",
@@ -735,6 +739,27 @@ services:
         },
     );
     assert_eq!(hello["labels"]["code"], "200");
+
+    // capstan scrapes itself: its replicas' resources and the host.
+    let mem = wait_for(
+        "container memory of both replicas",
+        Duration::from_secs(10),
+        || {
+            let v = s
+                .api("/capstan/v1/tsdb/select?name=container_memory_working_set_bytes&service=web");
+            (v.as_array().unwrap().len() == 2).then_some(v)
+        },
+    );
+    assert!(last_value(&mem[0]).parse::<f64>().unwrap() > 0.0, "{mem}");
+    let own_up = s.api("/capstan/v1/tsdb/select?name=up&job=capstan");
+    assert_eq!(last_value(&own_up[0]), "1");
+    let cpu = s.api("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=node&mode=idle");
+    assert!(!cpu.as_array().unwrap().is_empty(), "{cpu}");
+    let head = s.api("/capstan/v1/tsdb/select?name=capstan_tsdb_head_series");
+    assert!(
+        last_value(&head[0]).parse::<f64>().unwrap() > 10.0,
+        "{head}"
+    );
 
     // Scale down: replica 1's series are marked stale.
     s.ok(&["scale", "web=1"]);

@@ -155,7 +155,7 @@ remote_write:
         "node_cpu_seconds_total pushed by Prometheus",
         Duration::from_secs(60),
         || {
-            let v = s.api("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=node&mode=idle");
+            let v = s.api(&format!("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=node&mode=idle&instance=127.0.0.1:{ne_port}"));
             let v = v.as_array().unwrap().clone();
             v.iter()
                 .any(|x| x["samples"].as_array().unwrap().len() >= 3)
@@ -163,8 +163,12 @@ remote_write:
         },
     );
     assert_eq!(cpu[0]["labels"]["instance"], format!("127.0.0.1:{ne_port}"));
-    let up = s.api("/capstan/v1/tsdb/select?name=up&job=node");
+    let up = s.api(&format!(
+        "/capstan/v1/tsdb/select?name=up&job=node&instance=127.0.0.1:{ne_port}"
+    ));
     assert_eq!(up[0]["samples"].as_array().unwrap().last().unwrap()[1], "1");
-    let load = s.api("/capstan/v1/tsdb/select?name=node_load1&job=node");
+    let load = s.api(&format!(
+        "/capstan/v1/tsdb/select?name=node_load1&job=node&instance=127.0.0.1:{ne_port}"
+    ));
     assert_eq!(load.as_array().unwrap().len(), 1, "{load}");
 }

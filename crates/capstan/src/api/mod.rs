@@ -51,6 +51,8 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .nest("/capstan/v1", control)
         .merge(ingest)
+        .route("/metrics", get(own_metrics))
+        .route("/metrics/node", get(node_metrics))
         .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))
         .route("/-/ready", get(|| async { "Capstan is Ready.\n" }))
         .with_state(api)
@@ -338,4 +340,18 @@ async fn tsdb_select(
             .collect::<Vec<_>>()
     });
     Json(serde_json::Value::Array(out)).into_response()
+}
+
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// capstan's own metrics and its replicas' resources.
+async fn own_metrics(State(api): State<Api>) -> Response {
+    let text = tokio::task::block_in_place(|| crate::collect::own::collect(&api.shared, &api.db));
+    ([(header::CONTENT_TYPE, TEXT_FORMAT)], text).into_response()
+}
+
+/// The host's metrics, with node_exporter's names.
+async fn node_metrics() -> Response {
+    let text = tokio::task::block_in_place(crate::collect::node::collect);
+    ([(header::CONTENT_TYPE, TEXT_FORMAT)], text).into_response()
 }

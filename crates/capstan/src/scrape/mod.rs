@@ -15,10 +15,6 @@ use tokio::task::JoinHandle;
 
 use crate::supervisor::Shared;
 
-/// Labels set on every series of a target; a scraped label of the same name is
-/// kept as `exported_<name>` (Prometheus' `honor_labels: false`).
-const TARGET_LABELS: [&str; 4] = ["job", "instance", "service", "replica"];
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub addr: String,
@@ -37,7 +33,25 @@ impl Target {
 pub fn targets(shared: &Shared) -> Vec<Target> {
     let specs = shared.scrape_specs();
     let default_interval = specs.0;
-    shared
+    // capstan scrapes itself, as Prometheus does, and the host through itself.
+    let own = shared
+        .api_addr
+        .lock()
+        .unwrap()
+        .clone()
+        .into_iter()
+        .flat_map(|addr| {
+            [("capstan", "/metrics"), ("node", "/metrics/node")].map(|(job, path)| Target {
+                addr: addr.clone(),
+                path: path.into(),
+                interval: default_interval,
+                labels: vec![
+                    ("job".into(), job.into()),
+                    ("instance".into(), addr.clone()),
+                ],
+            })
+        });
+    let replicas = shared
         .statuses()
         .into_iter()
         .filter(|s| s.pid.is_some() && s.state == "running")
@@ -59,8 +73,8 @@ pub fn targets(shared: &Shared) -> Vec<Target> {
                 ],
                 addr,
             })
-        })
-        .collect()
+        });
+    own.chain(replicas).collect()
 }
 
 /// Runs scrape loops for the targets as they come and go, until `stop` is set.
@@ -105,12 +119,13 @@ fn stale() -> f64 {
     f64::from_bits(STALE_NAN_BITS)
 }
 
-/// Builds a series' labels: the scraped ones, then the target's (which win).
+/// Builds a series' labels: the scraped ones, then the target's; a scraped label
+/// the target also sets is kept as `exported_<name>` (Prometheus' `honor_labels: false`).
 fn series_labels(name: &str, scraped: &[(String, String)], target: &[(String, String)]) -> Labels {
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(scraped.len() + target.len() + 1);
     pairs.push(("__name__".into(), name.to_owned()));
     for (n, v) in scraped {
-        if TARGET_LABELS.contains(&n.as_str()) {
+        if target.iter().any(|(t, _)| t == n) {
             pairs.push((format!("exported_{n}"), v.clone()));
         } else if n != "__name__" {
             pairs.push((n.clone(), v.clone()));

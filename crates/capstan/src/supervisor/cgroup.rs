@@ -291,6 +291,16 @@ impl ReplicaCgroup {
         Some(used.saturating_sub(inactive))
     }
 
+    /// Anonymous memory (RSS) in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let (stat, key) = if self.v2 {
+            ("memory.stat", "anon")
+        } else {
+            ("memory.stat", "total_rss")
+        };
+        keyed(&self.find(stat)?, key)
+    }
+
     /// How many processes of this cgroup the kernel OOM-killed so far.
     pub fn oom_kills(&self) -> u64 {
         let (file, key) = if self.v2 {

@@ -38,7 +38,16 @@ pub struct Status {
     pub last_exit: Option<String>,
     pub exit_code: Option<i32>,
     pub cpu_percent: Option<f64>,
+    /// CPU time used by the current process (and its cgroup), in seconds.
+    #[serde(default)]
+    pub cpu_seconds_total: Option<f64>,
+    /// Working set: memory in use minus inactive file cache.
     pub memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_rss_bytes: Option<u64>,
+    /// The enforced memory limit, when a cgroup enforces one.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
     pub revision: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
@@ -69,6 +78,8 @@ pub struct Shared {
     port_range: Mutex<[u16; 2]>,
     /// Default scrape interval and each service's metrics endpoint, for the scraper.
     scrape: Mutex<(Duration, BTreeMap<String, crate::spec::MetricsTarget>)>,
+    /// The daemon's own listener, scraped for its own and the host's metrics.
+    pub api_addr: Mutex<Option<String>>,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -94,6 +105,7 @@ impl Shared {
             ports: Mutex::default(),
             port_range: Mutex::new([20000, 29999]),
             scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new())),
+            api_addr: Mutex::new(None),
             warned: Mutex::default(),
         }
     }

@@ -295,7 +295,16 @@ impl Replica {
             }));
         }
         let has_health = self.spec.healthcheck.is_some();
+        let memory_limit = self
+            .spec
+            .deploy
+            .resources
+            .limits
+            .memory
+            .filter(|_| launch.cgroup.is_some());
         self.set(|s| {
+            s.memory_limit_bytes = memory_limit;
+            s.cpu_seconds_total = Some(0.0);
             s.pid = Some(pid);
             s.state = "running".into();
             s.health = if has_health {
@@ -344,10 +353,12 @@ impl Replica {
                     break self.stop_child(&mut child, pid).await;
                 }
                 _ = tick.tick() => {
-                    let (cpu, mem) = sampler.sample();
+                    let x = sampler.sample();
                     self.set(|s| {
-                        s.cpu_percent = cpu;
-                        s.memory_bytes = mem;
+                        s.cpu_percent = x.cpu_percent;
+                        s.cpu_seconds_total = x.cpu_seconds;
+                        s.memory_bytes = x.working_set;
+                        s.memory_rss_bytes = x.rss;
                     });
                 }
             }
@@ -442,6 +453,13 @@ pub fn describe_exit(code: Option<i32>, signal: Option<i32>, oom: bool) -> Strin
     }
 }
 
+struct Sample {
+    cpu_percent: Option<f64>,
+    cpu_seconds: Option<f64>,
+    working_set: Option<u64>,
+    rss: Option<u64>,
+}
+
 /// CPU % and memory of a replica, from its cgroup or else from /proc.
 struct Sampler {
     pid: i32,
@@ -459,7 +477,7 @@ impl Sampler {
         }
     }
 
-    fn sample(&mut self) -> (Option<f64>, Option<u64>) {
+    fn sample(&mut self) -> Sample {
         let stat = process::proc_stat(self.pid);
         let cpu_ns = self
             .cgroup
@@ -482,7 +500,17 @@ impl Sampler {
         if let Some(c) = cpu_ns {
             self.last = Some((now, c));
         }
-        (pct, mem)
+        let rss = self
+            .cgroup
+            .as_ref()
+            .and_then(|c| c.rss_bytes())
+            .or_else(|| stat.map(|s| s.rss_pages * process::page_size()));
+        Sample {
+            cpu_percent: pct,
+            cpu_seconds: cpu_ns.map(|c| c as f64 / 1e9),
+            working_set: mem,
+            rss,
+        }
     }
 }
 

@@ -1,0 +1,166 @@
+//! capstan's own metrics and its replicas' resources (cAdvisor names).
+
+use capstan_tsdb::{Db, Reject};
+
+use super::Exposition;
+use crate::supervisor::Shared;
+
+const STATES: [&str; 9] = [
+    "waiting",
+    "starting",
+    "running",
+    "restarting",
+    "crash-looping",
+    "stopping",
+    "stopped",
+    "exited",
+    "failed",
+];
+
+pub fn collect(shared: &Shared, db: &Db) -> String {
+    let mut e = Exposition::default();
+    let replicas = shared.statuses();
+    let labels = |s: &crate::supervisor::Status| (s.service.clone(), s.replica.to_string());
+
+    e.family(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative CPU time consumed by the replica, in seconds.",
+    );
+    for s in &replicas {
+        if let Some(v) = s.cpu_seconds_total.filter(|_| s.pid.is_some()) {
+            let (svc, r) = labels(s);
+            e.sample(
+                "container_cpu_usage_seconds_total",
+                &[("service", &svc), ("replica", &r)],
+                v,
+            );
+        }
+    }
+    e.family(
+        "container_memory_working_set_bytes",
+        "gauge",
+        "Current working set of the replica, in bytes.",
+    );
+    for s in &replicas {
+        if let Some(v) = s.memory_bytes.filter(|_| s.pid.is_some()) {
+            let (svc, r) = labels(s);
+            e.sample(
+                "container_memory_working_set_bytes",
+                &[("service", &svc), ("replica", &r)],
+                v as f64,
+            );
+        }
+    }
+    e.family(
+        "container_memory_rss",
+        "gauge",
+        "Size of the replica's RSS, in bytes.",
+    );
+    for s in &replicas {
+        if let Some(v) = s.memory_rss_bytes.filter(|_| s.pid.is_some()) {
+            let (svc, r) = labels(s);
+            e.sample(
+                "container_memory_rss",
+                &[("service", &svc), ("replica", &r)],
+                v as f64,
+            );
+        }
+    }
+    e.family(
+        "container_spec_memory_limit_bytes",
+        "gauge",
+        "Memory limit of the replica, in bytes (0: none).",
+    );
+    for s in replicas.iter().filter(|s| s.pid.is_some()) {
+        let (svc, r) = labels(s);
+        e.sample(
+            "container_spec_memory_limit_bytes",
+            &[("service", &svc), ("replica", &r)],
+            s.memory_limit_bytes.unwrap_or(0) as f64,
+        );
+    }
+    e.family(
+        "capstan_replica_restarts_total",
+        "counter",
+        "Restarts of the replica since the daemon started it.",
+    );
+    for s in &replicas {
+        let (svc, r) = labels(s);
+        e.sample(
+            "capstan_replica_restarts_total",
+            &[("service", &svc), ("replica", &r)],
+            f64::from(s.restarts),
+        );
+    }
+    e.family(
+        "capstan_replica_state",
+        "gauge",
+        "1 for the replica's current state.",
+    );
+    for s in &replicas {
+        let (svc, r) = labels(s);
+        for st in STATES {
+            e.sample(
+                "capstan_replica_state",
+                &[("service", &svc), ("replica", &r), ("state", st)],
+                if s.state == st { 1.0 } else { 0.0 },
+            );
+        }
+    }
+    e.family(
+        "capstan_replica_healthy",
+        "gauge",
+        "1 when the replica's health check passes, 0 when it fails (absent without a check).",
+    );
+    for s in replicas
+        .iter()
+        .filter(|s| s.health == "healthy" || s.health == "unhealthy")
+    {
+        let (svc, r) = labels(s);
+        e.sample(
+            "capstan_replica_healthy",
+            &[("service", &svc), ("replica", &r)],
+            if s.health == "healthy" { 1.0 } else { 0.0 },
+        );
+    }
+
+    use std::sync::atomic::Ordering::Relaxed;
+    e.single(
+        "capstan_tsdb_head_series",
+        "gauge",
+        "Series in the metrics store's head.",
+        db.series_count() as f64,
+    );
+    e.single(
+        "capstan_tsdb_samples_appended_total",
+        "counter",
+        "Samples stored.",
+        db.stats.samples_appended.load(Relaxed) as f64,
+    );
+    e.single(
+        "capstan_tsdb_series_created_total",
+        "counter",
+        "Series created.",
+        db.stats.series_created.load(Relaxed) as f64,
+    );
+    e.family(
+        "capstan_tsdb_samples_rejected_total",
+        "counter",
+        "Samples not stored, by reason.",
+    );
+    for r in Reject::ALL {
+        e.sample(
+            "capstan_tsdb_samples_rejected_total",
+            &[("reason", r.as_str())],
+            db.stats.rejected(r) as f64,
+        );
+    }
+    e.single(
+        "capstan_tsdb_wal_size_bytes",
+        "gauge",
+        "Size of the write-ahead log.",
+        db.wal_size() as f64,
+    );
+    e.finish()
+}
