@@ -89,7 +89,14 @@ struct MemSeries {
     head: Chunk,
     max_t: i64,
     last_bits: u64,
+    /// Equal to `max_t`/`last_bits` except while a commit checks its batch.
+    pending_t: i64,
+    pending_bits: u64,
 }
+
+/// A series' handle for [`Appender::add_ref`]; valid for the life of the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeriesRef(SeriesId);
 
 struct State {
     series: Vec<MemSeries>,
@@ -117,6 +124,8 @@ impl State {
             head: Chunk::default(),
             max_t: i64::MIN,
             last_bits: 0,
+            pending_t: i64::MIN,
+            pending_bits: 0,
         });
         id
     }
@@ -130,6 +139,8 @@ impl State {
         }
         s.max_t = t;
         s.last_bits = v.to_bits();
+        s.pending_t = t;
+        s.pending_bits = v.to_bits();
     }
 }
 
@@ -225,6 +236,15 @@ impl Db {
         }
     }
 
+    /// The reference of an existing series, for [`Appender::add_ref`].
+    pub fn series_ref(&self, labels: &Labels) -> Option<SeriesRef> {
+        self.state
+            .lock()
+            .unwrap()
+            .lookup(labels, labels.hash64())
+            .map(SeriesRef)
+    }
+
     pub fn series_count(&self) -> usize {
         self.state.lock().unwrap().series.len()
     }
@@ -283,12 +303,23 @@ impl Db {
 /// Collects samples, then stores them all with one WAL write.
 pub struct Appender<'a> {
     db: &'a Db,
-    batch: Vec<(Labels, i64, f64)>,
+    batch: Vec<(Item, i64, f64)>,
+}
+
+enum Item {
+    Labels(Labels),
+    Ref(SeriesId),
 }
 
 impl Appender<'_> {
     pub fn add(&mut self, labels: Labels, t: i64, v: f64) {
-        self.batch.push((labels, t, v));
+        self.batch.push((Item::Labels(labels), t, v));
+    }
+
+    /// Adds a sample to a series known by its reference (see [`Db::series_ref`]),
+    /// skipping the label lookup.
+    pub fn add_ref(&mut self, series: SeriesRef, t: i64, v: f64) {
+        self.batch.push((Item::Ref(series.0), t, v));
     }
 
     /// Writes the batch to the WAL (synced per the policy), then to memory.
@@ -300,43 +331,53 @@ impl Appender<'_> {
         let mut rejected: HashMap<Reject, usize> = HashMap::new();
         let mut records = Vec::new();
         let mut samples = Vec::with_capacity(self.batch.len());
-        // Newest timestamp and value per series including this batch.
+        // Newest timestamp and value of series created by this batch; existing
+        // series track theirs in `pending_t`/`pending_bits` while the batch is checked.
         let mut newest: HashMap<SeriesId, (i64, u64)> = HashMap::new();
         let mut created: Vec<(Labels, u64)> = Vec::new();
-        for (labels, t, v) in self.batch {
-            let bad = labels.get("__name__").is_none()
-                || labels.iter().any(|(n, v)| {
-                    n.len() > db.opts.max_label_name_len || v.len() > db.opts.max_label_value_len
-                });
-            if bad {
-                *rejected.entry(Reject::BadLabels).or_default() += 1;
-                continue;
-            }
-            let h = labels.hash64();
-            let id = match st.lookup(&labels, h) {
-                Some(id) => id,
-                None => match created.iter().position(|(l, _)| *l == labels) {
-                    Some(i) => (st.series.len() + i) as SeriesId,
-                    None => {
-                        if st.series.len() + created.len() >= db.opts.max_series {
-                            *rejected.entry(Reject::TooManySeries).or_default() += 1;
-                            continue;
-                        }
-                        let id = (st.series.len() + created.len()) as SeriesId;
-                        records.push(Record::Series {
-                            id,
-                            labels: labels.clone(),
+        for (item, t, v) in self.batch {
+            let id = match item {
+                Item::Ref(id) if (id as usize) < st.series.len() => id,
+                Item::Ref(_) => {
+                    *rejected.entry(Reject::BadLabels).or_default() += 1;
+                    continue;
+                }
+                Item::Labels(labels) => {
+                    let bad = labels.get("__name__").is_none()
+                        || labels.iter().any(|(n, v)| {
+                            n.len() > db.opts.max_label_name_len
+                                || v.len() > db.opts.max_label_value_len
                         });
-                        created.push((labels, h));
-                        id
+                    if bad {
+                        *rejected.entry(Reject::BadLabels).or_default() += 1;
+                        continue;
                     }
-                },
+                    let h = labels.hash64();
+                    match st.lookup(&labels, h) {
+                        Some(id) => id,
+                        None => match created.iter().position(|(l, _)| *l == labels) {
+                            Some(i) => (st.series.len() + i) as SeriesId,
+                            None => {
+                                if st.series.len() + created.len() >= db.opts.max_series {
+                                    *rejected.entry(Reject::TooManySeries).or_default() += 1;
+                                    continue;
+                                }
+                                let id = (st.series.len() + created.len()) as SeriesId;
+                                records.push(Record::Series {
+                                    id,
+                                    labels: labels.clone(),
+                                });
+                                created.push((labels, h));
+                                id
+                            }
+                        },
+                    }
+                }
             };
-            let (last_t, last_bits) = newest.get(&id).copied().unwrap_or_else(|| {
-                st.series
-                    .get(id as usize)
-                    .map_or((i64::MIN, 0), |s| (s.max_t, s.last_bits))
-            });
+            let (last_t, last_bits) = match st.series.get(id as usize) {
+                Some(s) => (s.pending_t, s.pending_bits),
+                None => newest.get(&id).copied().unwrap_or((i64::MIN, 0)),
+            };
             if t < last_t {
                 *rejected.entry(Reject::OutOfOrder).or_default() += 1;
                 continue;
@@ -347,18 +388,41 @@ impl Appender<'_> {
                 }
                 continue;
             }
-            newest.insert(id, (t, v.to_bits()));
+            match st.series.get_mut(id as usize) {
+                Some(s) => {
+                    s.pending_t = t;
+                    s.pending_bits = v.to_bits();
+                }
+                None => {
+                    newest.insert(id, (t, v.to_bits()));
+                }
+            }
             samples.push((id, t, v));
         }
+        let n_samples = samples.len();
         if !samples.is_empty() {
-            records.push(Record::Samples(samples.clone()));
+            records.push(Record::Samples(samples));
         }
-        if !records.is_empty() {
-            st.wal.log(&records).map_err(|source| Error::Io {
+        if let Err(source) = if records.is_empty() {
+            Ok(())
+        } else {
+            st.wal.log(&records)
+        } {
+            // Nothing was stored: forget what the batch would have advanced.
+            for s in st.series.iter_mut() {
+                s.pending_t = s.max_t;
+                s.pending_bits = s.last_bits;
+            }
+            return Err(Error::Io {
                 path: db.opts.dir.join("wal"),
                 source,
-            })?;
+            });
         }
+        let samples = match records.pop() {
+            Some(Record::Samples(s)) => s,
+            _ => Vec::new(),
+        };
+        debug_assert_eq!(samples.len(), n_samples);
         out.new_series = created.len();
         for (labels, h) in created {
             st.create(labels, h);

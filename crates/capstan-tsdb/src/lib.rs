@@ -13,7 +13,7 @@ pub mod index;
 pub mod labels;
 pub mod wal;
 
-pub use db::{Db, Options, Reject};
+pub use db::{Db, Options, Reject, SeriesRef};
 pub use labels::{Labels, MatchOp, Matcher};
 pub use wal::Fsync;
 
