@@ -44,7 +44,7 @@ grep -E 'max RSS' "$work/prom.err"
 echo "== capstan-tsdb bench_write $metrics $scrapes"
 /usr/bin/time -f "max RSS %M KiB, CPU %U s user %S s sys" target/release/examples/bench_write "$work/series.json" "$metrics" "$scrapes" 2> "$work/cap.err" | tee "$work/cap.out"
 cat "$work/cap.err"
-cap_rate=$(grep -o '[0-9]* samples/s' "$work/cap.out" | awk '{print $1}')
+cap_rate=$(grep -o '[0-9]* samples/s' "$work/cap.out" | head -1 | awk '{print $1}')
 cap_rss=$(grep -o 'max RSS [0-9]*' "$work/cap.err" | awk '{print $3}')
 echo "== append throughput: capstan $cap_rate samples/s, Prometheus $prom_rate samples/s, ratio $(awk "BEGIN{printf \"%.2f\", $cap_rate/$prom_rate}")x"
 echo "== peak RSS: capstan $cap_rss KiB ($(awk "BEGIN{printf \"%.0f\", $cap_rss*1024/$metrics}") B/series), Prometheus $prom_rss KiB ($(awk "BEGIN{printf \"%.0f\", $prom_rss*1024/$metrics}") B/series)"

@@ -102,7 +102,8 @@ struct State {
     series: Vec<MemSeries>,
     by_hash: HashMap<u64, Vec<SeriesId>>,
     index: Index,
-    wal: Wal,
+    /// Set once the log is replayed.
+    wal: Option<Wal>,
 }
 
 impl State {
@@ -188,37 +189,34 @@ impl Db {
     /// Opens the database, replaying the WAL. A torn tail is cut (see `Replay`).
     pub fn open(opts: Options) -> Result<(Db, Replay), Error> {
         let wal_dir = opts.dir.join("wal");
-        let mut pending: Vec<Record> = Vec::new();
-        let (wal, replay) =
-            Wal::open(&wal_dir, opts.fsync, |r| pending.push(r)).map_err(|source| Error::Io {
-                path: wal_dir.clone(),
-                source,
-            })?;
         let mut state = State {
             series: Vec::new(),
             by_hash: HashMap::new(),
             index: Index::default(),
-            wal,
+            wal: None,
         };
-        for r in pending {
-            match r {
-                Record::Series { id, labels } => {
-                    // Ids are dense and logged in order; anything else is skipped.
-                    if id as usize == state.series.len() {
-                        let h = labels.hash64();
-                        state.create(labels, h);
-                    }
+        // Records are applied as they are read: replay holds one segment, not the log.
+        let (wal, replay) = Wal::open(&wal_dir, opts.fsync, |r| match r {
+            Record::Series { id, labels } => {
+                // Ids are dense and logged in order; anything else is skipped.
+                if id as usize == state.series.len() {
+                    let h = labels.hash64();
+                    state.create(labels, h);
                 }
-                Record::Samples(samples) => {
-                    for (id, t, v) in samples {
-                        if (id as usize) < state.series.len() && t > state.series[id as usize].max_t
-                        {
-                            state.apply(id, t, v);
-                        }
+            }
+            Record::Samples(samples) => {
+                for (id, t, v) in samples {
+                    if (id as usize) < state.series.len() && t > state.series[id as usize].max_t {
+                        state.apply(id, t, v);
                     }
                 }
             }
-        }
+        })
+        .map_err(|source| Error::Io {
+            path: wal_dir.clone(),
+            source,
+        })?;
+        state.wal = Some(wal);
         Ok((
             Db {
                 opts,
@@ -250,7 +248,12 @@ impl Db {
     }
 
     pub fn wal_size(&self) -> u64 {
-        self.state.lock().unwrap().wal.total_size()
+        self.state
+            .lock()
+            .unwrap()
+            .wal
+            .as_ref()
+            .map_or(0, Wal::total_size)
     }
 
     /// Forces the WAL to disk (for `Fsync::Every`, call it on a timer).
@@ -259,7 +262,8 @@ impl Db {
             .lock()
             .unwrap()
             .wal
-            .sync()
+            .as_mut()
+            .map_or(Ok(()), Wal::sync)
             .map_err(|source| Error::Io {
                 path: self.opts.dir.join("wal"),
                 source,
@@ -406,7 +410,7 @@ impl Appender<'_> {
         if let Err(source) = if records.is_empty() {
             Ok(())
         } else {
-            st.wal.log(&records)
+            st.wal.as_mut().expect("opened").log(&records)
         } {
             // Nothing was stored: forget what the batch would have advanced.
             for s in st.series.iter_mut() {
