@@ -1,12 +1,13 @@
 //! The database: an in-memory head of compressed chunks per series, indexed, with
 //! every commit written to the WAL first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::chunk::{AppendError, Chunk, ChunkIter};
+use crate::block::{self, Block, SeriesChunks, TimedChunk};
+use crate::chunk::{AppendError, Chunk, ChunkIter, MAX_SAMPLES};
 use crate::index::{Index, SeriesId};
 use crate::labels::{Labels, Matcher};
 use crate::wal::{Fsync, Record, Replay, Wal};
@@ -20,6 +21,12 @@ pub struct Options {
     pub max_series: usize,
     pub max_label_name_len: usize,
     pub max_label_value_len: usize,
+    /// Time range of the blocks the head is cut into (default 2h).
+    pub block_range_ms: i64,
+    /// Blocks entirely older than this before the newest sample are deleted (default 15d).
+    pub retention_ms: i64,
+    /// Oldest blocks are deleted while the blocks take more bytes than this.
+    pub retention_bytes: Option<u64>,
 }
 
 impl Options {
@@ -30,6 +37,9 @@ impl Options {
             max_series: 2_000_000,
             max_label_name_len: 1024,
             max_label_value_len: 16 * 1024,
+            block_range_ms: 2 * 3_600_000,
+            retention_ms: 15 * 86_400_000,
+            retention_bytes: None,
         }
     }
 }
@@ -85,7 +95,8 @@ pub struct Committed {
 
 struct MemSeries {
     labels: Labels,
-    closed: Vec<Arc<[u8]>>,
+    /// Full chunks still in memory, with their first and last timestamps.
+    closed: Vec<TimedChunk>,
     head: Chunk,
     max_t: i64,
     last_bits: u64,
@@ -104,6 +115,10 @@ struct State {
     index: Index,
     /// Set once the log is replayed.
     wal: Option<Wal>,
+    /// On-disk blocks, oldest first.
+    blocks: Vec<Arc<Block>>,
+    /// Every sample before this time is in the blocks, none in the head.
+    persisted_until: i64,
 }
 
 impl State {
@@ -135,7 +150,8 @@ impl State {
         let s = &mut self.series[id as usize];
         if let Err(AppendError::Full) = s.head.append(t, v) {
             let full = std::mem::take(&mut s.head);
-            s.closed.push(Arc::from(full.bytes()));
+            let (mint, maxt) = full.first_last().unwrap_or((t, t));
+            s.closed.push((Arc::from(full.bytes()), mint, maxt));
             let _ = s.head.append(t, v);
         }
         s.max_t = t;
@@ -189,11 +205,23 @@ impl Db {
     /// Opens the database, replaying the WAL. A torn tail is cut (see `Replay`).
     pub fn open(opts: Options) -> Result<(Db, Replay), Error> {
         let wal_dir = opts.dir.join("wal");
+        let blocks_dir = opts.dir.join("blocks");
+        let blocks = open_blocks(&blocks_dir).map_err(|source| Error::Io {
+            path: blocks_dir.clone(),
+            source,
+        })?;
+        let persisted_until = blocks
+            .iter()
+            .map(|b| b.meta.boundary)
+            .max()
+            .unwrap_or(i64::MIN);
         let mut state = State {
             series: Vec::new(),
             by_hash: HashMap::new(),
             index: Index::default(),
             wal: None,
+            blocks,
+            persisted_until,
         };
         // Records are applied as they are read: replay holds one segment, not the log.
         let (wal, replay) = Wal::open(&wal_dir, opts.fsync, |r| match r {
@@ -206,7 +234,8 @@ impl Db {
             }
             Record::Samples(samples) => {
                 for (id, t, v) in samples {
-                    if (id as usize) < state.series.len() && t > state.series[id as usize].max_t {
+                    let fresh = t > state.series.get(id as usize).map_or(i64::MAX, |s| s.max_t);
+                    if fresh && t >= persisted_until {
                         state.apply(id, t, v);
                     }
                 }
@@ -225,6 +254,150 @@ impl Db {
             },
             replay,
         ))
+    }
+
+    /// Cuts the head's old samples into a block once the head spans 1.5 block
+    /// ranges, checkpoints the WAL, and applies retention. Call it periodically.
+    pub fn maintain(&self) -> Result<Maintained, Error> {
+        let mut st = self.state.lock().unwrap();
+        let mut done = Maintained::default();
+        let head_max = st.series.iter().map(|s| s.max_t).max().unwrap_or(i64::MIN);
+        let head_min = st
+            .series
+            .iter()
+            .filter_map(|s| {
+                s.closed
+                    .first()
+                    .map(|c| c.1)
+                    .or_else(|| s.head.first_last().map(|f| f.0))
+            })
+            .min()
+            .unwrap_or(i64::MAX);
+        let range = self.opts.block_range_ms.max(1);
+        if head_max != i64::MIN && head_max.saturating_sub(head_min) > range + range / 2 {
+            let boundary = (head_max - range / 2).div_euclid(range) * range;
+            if boundary > head_min && boundary > st.persisted_until {
+                done.block = Some(self.cut(&mut st, boundary)?);
+            }
+        }
+        // Retention by time, then by size; never the newest block.
+        let blocks_dir = self.opts.dir.join("blocks");
+        let io = |source| Error::Io {
+            path: blocks_dir.clone(),
+            source,
+        };
+        while st.blocks.len() > 1
+            && st.blocks[0].meta.boundary < head_max.saturating_sub(self.opts.retention_ms)
+        {
+            let b = st.blocks.remove(0);
+            std::fs::remove_dir_all(&b.dir).map_err(io)?;
+            done.deleted += 1;
+        }
+        if let Some(max) = self.opts.retention_bytes {
+            while st.blocks.len() > 1 && st.blocks.iter().map(|b| b.meta.bytes).sum::<u64>() > max {
+                let b = st.blocks.remove(0);
+                std::fs::remove_dir_all(&b.dir).map_err(io)?;
+                done.deleted += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Moves every head sample before `boundary` into a new block, then rewrites
+    /// the WAL as a snapshot of what stays in memory.
+    fn cut(&self, st: &mut State, boundary: i64) -> Result<PathBuf, Error> {
+        let mut series_out = Vec::new();
+        for s in st.series.iter_mut() {
+            let mut moved: Vec<TimedChunk> = Vec::new();
+            let mut kept: Vec<TimedChunk> = Vec::new();
+            for c in s.closed.drain(..) {
+                if c.2 < boundary {
+                    moved.push(c);
+                } else if c.1 >= boundary {
+                    kept.push(c);
+                } else {
+                    let samples: Vec<(i64, f64)> =
+                        ChunkIter::from_bytes(&c.0).into_iter().flatten().collect();
+                    moved.extend(encode(samples.iter().filter(|x| x.0 < boundary)));
+                    kept.extend(encode(samples.iter().filter(|x| x.0 >= boundary)));
+                }
+            }
+            if s.head.first_last().is_some_and(|f| f.0 < boundary) {
+                let samples: Vec<(i64, f64)> = s.head.iter().collect();
+                moved.extend(encode(samples.iter().filter(|x| x.0 < boundary)));
+                let mut head = Chunk::default();
+                for (t, v) in samples.iter().filter(|x| x.0 >= boundary) {
+                    let _ = head.append(*t, *v);
+                }
+                s.head = head;
+            }
+            s.closed = kept;
+            if !moved.is_empty() {
+                series_out.push(SeriesChunks {
+                    labels: s.labels.clone(),
+                    chunks: moved,
+                });
+            }
+        }
+        let blocks_dir = self.opts.dir.join("blocks");
+        std::fs::create_dir_all(&blocks_dir).map_err(|source| Error::Io {
+            path: blocks_dir.clone(),
+            source,
+        })?;
+        let dir = block::write(&blocks_dir, &series_out, boundary).map_err(|source| Error::Io {
+            path: blocks_dir.clone(),
+            source,
+        })?;
+        let b = Block::open(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        st.blocks.push(Arc::new(b));
+        st.persisted_until = boundary;
+        // The WAL now only needs what is still in memory.
+        let mut records: Vec<Record> = st
+            .series
+            .iter()
+            .enumerate()
+            .map(|(id, s)| Record::Series {
+                id: id as u32,
+                labels: s.labels.clone(),
+            })
+            .collect();
+        let mut samples = Vec::new();
+        for (id, s) in st.series.iter().enumerate() {
+            for c in &s.closed {
+                samples.extend(
+                    ChunkIter::from_bytes(&c.0)
+                        .into_iter()
+                        .flatten()
+                        .map(|(t, v)| (id as u32, t, v)),
+                );
+            }
+            samples.extend(s.head.iter().map(|(t, v)| (id as u32, t, v)));
+        }
+        records.push(Record::Samples(samples));
+        let wal_dir = self.opts.dir.join("wal");
+        st.wal
+            .as_mut()
+            .expect("opened")
+            .checkpoint(&records)
+            .map_err(|source| Error::Io {
+                path: wal_dir,
+                source,
+            })?;
+        Ok(dir)
+    }
+
+    /// On-disk blocks: (directory, first and last sample time, bytes).
+    pub fn blocks(&self) -> Vec<(PathBuf, i64, i64, u64)> {
+        self.state
+            .lock()
+            .unwrap()
+            .blocks
+            .iter()
+            .map(|b| (b.dir.clone(), b.meta.mint, b.meta.maxt, b.meta.bytes))
+            .collect()
     }
 
     pub fn appender(&self) -> Appender<'_> {
@@ -272,35 +445,86 @@ impl Db {
 
     /// Series all matchers select that may have samples in `[mint, maxt]`.
     pub fn select(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<SeriesData> {
-        let st = self.state.lock().unwrap();
-        st.index
-            .select(matchers)
-            .into_iter()
-            .filter_map(|id| {
-                let s = &st.series[id as usize];
-                if s.max_t < mint {
-                    return None;
-                }
-                let mut chunks = s.closed.clone();
-                if !s.head.is_empty() {
-                    chunks.push(Arc::from(s.head.bytes()));
-                }
-                Some(SeriesData {
-                    labels: s.labels.clone(),
-                    chunks,
-                    mint,
-                    maxt,
+        let (blocks, mut out) = {
+            let st = self.state.lock().unwrap();
+            let head: BTreeMap<Labels, Vec<Arc<[u8]>>> = st
+                .index
+                .select(matchers)
+                .into_iter()
+                .filter_map(|id| {
+                    let s = &st.series[id as usize];
+                    let mut chunks: Vec<Arc<[u8]>> = s
+                        .closed
+                        .iter()
+                        .filter(|c| c.2 >= mint && c.1 <= maxt)
+                        .map(|c| c.0.clone())
+                        .collect();
+                    if !s.head.is_empty() && s.max_t >= mint {
+                        chunks.push(Arc::from(s.head.bytes()));
+                    }
+                    (!chunks.is_empty()).then(|| (s.labels.clone(), chunks))
                 })
+                .collect();
+            let blocks: Vec<Arc<Block>> = st
+                .blocks
+                .iter()
+                .filter(|b| b.meta.maxt >= mint && b.meta.mint <= maxt)
+                .cloned()
+                .collect();
+            (blocks, head)
+        };
+        // Blocks hold older samples than the head: their chunks go first, oldest block first.
+        let mut from_blocks: BTreeMap<Labels, Vec<Arc<[u8]>>> = BTreeMap::new();
+        for b in &blocks {
+            for id in b.select(matchers) {
+                match b.chunks(id, mint, maxt) {
+                    Ok(chunks) if !chunks.is_empty() => {
+                        from_blocks
+                            .entry(b.labels(id).clone())
+                            .or_default()
+                            .extend(chunks.into_iter().map(|c| c.0));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing_error(&format!("{e}")),
+                }
+            }
+        }
+        for (labels, mut chunks) in from_blocks {
+            if let Some(head) = out.remove(&labels) {
+                chunks.extend(head);
+            }
+            out.insert(labels, chunks);
+        }
+        out.into_iter()
+            .map(|(labels, chunks)| SeriesData {
+                labels,
+                chunks,
+                mint,
+                maxt,
             })
             .collect()
     }
 
     pub fn label_names(&self) -> Vec<String> {
-        self.state.lock().unwrap().index.label_names()
+        let st = self.state.lock().unwrap();
+        let mut names: Vec<String> = st.index.label_names();
+        for b in &st.blocks {
+            names.extend(b.label_names());
+        }
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn label_values(&self, name: &str) -> Vec<String> {
-        self.state.lock().unwrap().index.label_values(name)
+        let st = self.state.lock().unwrap();
+        let mut values = st.index.label_values(name);
+        for b in &st.blocks {
+            values.extend(b.label_values(name));
+        }
+        values.sort();
+        values.dedup();
+        values
     }
 }
 
@@ -340,6 +564,11 @@ impl Appender<'_> {
         let mut newest: HashMap<SeriesId, (i64, u64)> = HashMap::new();
         let mut created: Vec<(Labels, u64)> = Vec::new();
         for (item, t, v) in self.batch {
+            // Older than what the blocks hold: refused before a series is made for it.
+            if t < st.persisted_until {
+                *rejected.entry(Reject::OutOfOrder).or_default() += 1;
+                continue;
+            }
             let id = match item {
                 Item::Ref(id) if (id as usize) < st.series.len() => id,
                 Item::Ref(_) => {
@@ -382,7 +611,7 @@ impl Appender<'_> {
                 Some(s) => (s.pending_t, s.pending_bits),
                 None => newest.get(&id).copied().unwrap_or((i64::MIN, 0)),
             };
-            if t < last_t {
+            if t < last_t || t < st.persisted_until {
                 *rejected.entry(Reject::OutOfOrder).or_default() += 1;
                 continue;
             }
@@ -509,4 +738,54 @@ mod tests {
         assert_eq!(got[499], (499_000, 249.5));
         assert_eq!(db.label_values("job"), vec!["a", "b"]);
     }
+}
+
+/// What [`Db::maintain`] did.
+#[derive(Debug, Default)]
+pub struct Maintained {
+    /// The block written, if the head was cut.
+    pub block: Option<PathBuf>,
+    /// Blocks deleted by retention.
+    pub deleted: usize,
+}
+
+/// Encodes samples (in time order) into full chunks with their time ranges.
+fn encode<'a>(samples: impl Iterator<Item = &'a (i64, f64)>) -> Vec<TimedChunk> {
+    let mut out = Vec::new();
+    let mut c = Chunk::default();
+    for (t, v) in samples {
+        if c.len() == MAX_SAMPLES as usize {
+            let (a, b) = c.first_last().expect("not empty");
+            out.push((Arc::from(c.bytes()), a, b));
+            c = Chunk::default();
+        }
+        let _ = c.append(*t, *v);
+    }
+    if let Some((a, b)) = c.first_last() {
+        out.push((Arc::from(c.bytes()), a, b));
+    }
+    out
+}
+
+/// Opens every complete block in `dir`, oldest first; leftovers of an
+/// interrupted write (`*.tmp`) are removed.
+fn open_blocks(dir: &std::path::Path) -> std::io::Result<Vec<Arc<Block>>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "tmp") {
+            std::fs::remove_dir_all(&p)?;
+            continue;
+        }
+        out.push(Arc::new(Block::open(&p)?));
+    }
+    out.sort_by_key(|b| b.meta.boundary);
+    Ok(out)
+}
+
+fn tracing_error(msg: &str) {
+    eprintln!("capstan-tsdb: {msg}");
 }

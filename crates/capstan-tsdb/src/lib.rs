@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod bits;
+pub mod block;
 pub mod chunk;
 pub mod db;
 pub mod index;

@@ -23,6 +23,8 @@ fn value(series: i64, batch: i64) -> f64 {
 fn opts(dir: &str) -> Options {
     let mut o = Options::new(dir);
     o.fsync = Fsync::Always;
+    // Small blocks, so kills also land in block writes and WAL checkpoints.
+    o.block_range_ms = 40_000;
     o
 }
 
@@ -54,6 +56,9 @@ fn crash_child() {
             a.add(labels(i), batch * 1000, value(i, batch));
         }
         a.commit().unwrap();
+        if batch % 25 == 0 {
+            db.maintain().unwrap();
+        }
         writeln!(out, "ack {batch}").unwrap();
         out.flush().unwrap();
     }
@@ -150,8 +155,14 @@ fn sigkill_at_random_points_loses_no_acknowledged_sample() {
         acked > 100,
         "the child made progress ({acked} batches acknowledged)"
     );
+    let (db, _) = Db::open(opts(&path)).unwrap();
+    let blocks = db.blocks().len();
+    assert!(
+        blocks > 3,
+        "kills happened while blocks were being cut ({blocks} blocks)"
+    );
     println!(
-        "60 kills, {} batches acknowledged, {truncations} torn tails cut",
+        "60 kills, {} batches acknowledged, {truncations} torn tails cut, {blocks} blocks",
         acked + 1
     );
 }

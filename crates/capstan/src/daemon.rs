@@ -146,11 +146,27 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let db = Arc::new(db);
     let syncer = {
         let db = db.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
+            let mut tick = 0u64;
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 if let Err(e) = tokio::task::block_in_place(|| db.sync()) {
                     tracing::error!("cannot sync the metrics store: {e}");
+                }
+                tick += 1;
+                // Once a minute: cut old samples into a block, apply retention.
+                if tick % 60 == 0 {
+                    match tokio::task::block_in_place(|| db.maintain()) {
+                        Ok(m) => {
+                            if let Some(b) = m.block {
+                                tracing::info!(block = %b.display(), deleted = m.deleted, "metrics store: head cut into a block");
+                            }
+                        }
+                        Err(e) => {
+                            shared.warn_once(format!("metrics store maintenance failed: {e}"))
+                        }
+                    }
                 }
             }
         })

@@ -1,0 +1,248 @@
+//! Immutable on-disk blocks: the chunks of a time range and an index of the
+//! series they belong to. Written to a temporary directory, fsynced, then renamed
+//! into place, so a block is either whole or absent. Layout in `FORMAT.md`.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::index::Index;
+use crate::labels::Labels;
+use crate::wal::{get_uvarint, put_uvarint};
+
+/// An encoded chunk with the timestamps of its first and last samples.
+pub type TimedChunk = (Arc<[u8]>, i64, i64);
+
+/// A chunk's place in the `chunks` file and the time range of its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkMeta {
+    pub offset: u64,
+    pub len: u32,
+    pub mint: i64,
+    pub maxt: i64,
+}
+
+/// One series of a block being written: its labels and encoded chunks.
+pub struct SeriesChunks {
+    pub labels: Labels,
+    pub chunks: Vec<TimedChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub mint: i64,
+    pub maxt: i64,
+    /// The block holds every sample before this time that the head had (exclusive).
+    pub boundary: i64,
+    pub series: usize,
+    pub chunks: usize,
+    pub bytes: u64,
+}
+
+pub struct Block {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    series: Vec<(Labels, Vec<ChunkMeta>)>,
+    index: Index,
+    chunks: File,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Writes a block for `series` (sorted or not) into `parent`, named after its time
+/// range; returns its directory.
+pub fn write(parent: &Path, series: &[SeriesChunks], boundary: i64) -> io::Result<PathBuf> {
+    let mint = series
+        .iter()
+        .flat_map(|s| s.chunks.iter().map(|c| c.1))
+        .min()
+        .unwrap_or(0);
+    let maxt = series
+        .iter()
+        .flat_map(|s| s.chunks.iter().map(|c| c.2))
+        .max()
+        .unwrap_or(0);
+    let name = format!(
+        "{:020}-{:020}",
+        mint.wrapping_sub(i64::MIN) as u64,
+        boundary.wrapping_sub(i64::MIN) as u64
+    );
+    let tmp = parent.join(format!("{name}.tmp"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    let mut chunks = io::BufWriter::new(File::create(tmp.join("chunks"))?);
+    let mut index = Vec::new();
+    let mut offset = 0u64;
+    let mut n_chunks = 0;
+    for s in series {
+        put_uvarint(&mut index, s.labels.len() as u64);
+        for (n, v) in s.labels.iter() {
+            put_uvarint(&mut index, n.len() as u64);
+            index.extend_from_slice(n.as_bytes());
+            put_uvarint(&mut index, v.len() as u64);
+            index.extend_from_slice(v.as_bytes());
+        }
+        put_uvarint(&mut index, s.chunks.len() as u64);
+        for (bytes, cmin, cmax) in &s.chunks {
+            chunks.write_all(&(bytes.len() as u32).to_be_bytes())?;
+            chunks.write_all(&crc32fast::hash(bytes).to_be_bytes())?;
+            chunks.write_all(bytes)?;
+            put_uvarint(&mut index, offset);
+            put_uvarint(&mut index, bytes.len() as u64);
+            put_uvarint(&mut index, ((cmin << 1) ^ (cmin >> 63)) as u64);
+            put_uvarint(&mut index, (cmax - cmin) as u64);
+            offset += 8 + bytes.len() as u64;
+            n_chunks += 1;
+        }
+    }
+    let crc = crc32fast::hash(&index);
+    index.extend_from_slice(&crc.to_be_bytes());
+    let chunks = chunks.into_inner().map_err(|e| e.into_error())?;
+    chunks.sync_all()?;
+    let mut f = File::create(tmp.join("index"))?;
+    f.write_all(&index)?;
+    f.sync_all()?;
+    let meta = json!({"version": 1, "mint": mint, "maxt": maxt, "boundary": boundary, "series": series.len(), "chunks": n_chunks, "bytes": offset + index.len() as u64});
+    let mut f = File::create(tmp.join("meta.json"))?;
+    f.write_all(
+        serde_json::to_string_pretty(&meta)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    f.sync_all()?;
+    let dir = parent.join(&name);
+    fs::rename(&tmp, &dir)?;
+    File::open(parent)?.sync_all()?;
+    Ok(dir)
+}
+
+impl Block {
+    pub fn open(dir: &Path) -> io::Result<Block> {
+        let meta: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("meta.json"))?)
+            .map_err(|e| invalid(format!("meta.json: {e}")))?;
+        let num = |k: &str| {
+            meta[k]
+                .as_i64()
+                .ok_or_else(|| invalid(format!("meta.json: missing {k}")))
+        };
+        if meta["version"] != 1 {
+            return Err(invalid("unknown block version"));
+        }
+        let meta = Meta {
+            mint: num("mint")?,
+            maxt: num("maxt")?,
+            boundary: num("boundary")?,
+            series: num("series")? as usize,
+            chunks: num("chunks")? as usize,
+            bytes: num("bytes")? as u64,
+        };
+        let data = fs::read(dir.join("index"))?;
+        if data.len() < 4 {
+            return Err(invalid("index too short"));
+        }
+        let (body, crc) = data.split_at(data.len() - 4);
+        if crc32fast::hash(body).to_be_bytes() != crc {
+            return Err(invalid("index checksum does not match"));
+        }
+        let mut pos = 0;
+        let mut series = Vec::with_capacity(meta.series);
+        let mut index = Index::default();
+        let bad = || invalid("index is malformed");
+        while pos < body.len() {
+            let n = get_uvarint(body, &mut pos).ok_or_else(bad)? as usize;
+            let mut pairs = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                let mut s = || -> Option<String> {
+                    let len = get_uvarint(body, &mut pos)? as usize;
+                    let b = body.get(pos..pos.checked_add(len)?)?;
+                    pos += len;
+                    String::from_utf8(b.to_vec()).ok()
+                };
+                let name = s().ok_or_else(bad)?;
+                let value = s().ok_or_else(bad)?;
+                pairs.push((name, value));
+            }
+            let labels = Labels::new(pairs);
+            let k = get_uvarint(body, &mut pos).ok_or_else(bad)? as usize;
+            let mut chunks = Vec::with_capacity(k.min(1 << 16));
+            for _ in 0..k {
+                let offset = get_uvarint(body, &mut pos).ok_or_else(bad)?;
+                let len = get_uvarint(body, &mut pos).ok_or_else(bad)? as u32;
+                let z = get_uvarint(body, &mut pos).ok_or_else(bad)?;
+                let mint = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                let maxt = mint.wrapping_add(get_uvarint(body, &mut pos).ok_or_else(bad)? as i64);
+                chunks.push(ChunkMeta {
+                    offset,
+                    len,
+                    mint,
+                    maxt,
+                });
+            }
+            index.add(series.len() as u32, labels.iter());
+            series.push((labels, chunks));
+        }
+        let chunks = File::open(dir.join("chunks"))?;
+        Ok(Block {
+            dir: dir.to_path_buf(),
+            meta,
+            series,
+            index,
+            chunks,
+        })
+    }
+
+    pub fn select(&self, matchers: &[crate::labels::Matcher]) -> Vec<u32> {
+        self.index.select(matchers)
+    }
+
+    pub fn labels(&self, id: u32) -> &Labels {
+        &self.series[id as usize].0
+    }
+
+    pub fn label_names(&self) -> Vec<String> {
+        self.index.label_names()
+    }
+
+    pub fn label_values(&self, name: &str) -> Vec<String> {
+        self.index.label_values(name)
+    }
+
+    /// Every series with its chunk references (for compaction and checks).
+    pub fn series(&self) -> impl Iterator<Item = (&Labels, &[ChunkMeta])> {
+        self.series.iter().map(|(l, c)| (l, c.as_slice()))
+    }
+
+    /// The chunks of series `id` that overlap `[mint, maxt]`, read from disk and checked.
+    pub fn chunks(&self, id: u32, mint: i64, maxt: i64) -> io::Result<Vec<TimedChunk>> {
+        let mut out = Vec::new();
+        for c in self.series[id as usize]
+            .1
+            .iter()
+            .filter(|c| c.maxt >= mint && c.mint <= maxt)
+        {
+            out.push((self.read_chunk(c)?, c.mint, c.maxt));
+        }
+        Ok(out)
+    }
+
+    pub fn read_chunk(&self, c: &ChunkMeta) -> io::Result<Arc<[u8]>> {
+        let mut buf = vec![0u8; 8 + c.len as usize];
+        self.chunks.read_exact_at(&mut buf, c.offset)?;
+        let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_be_bytes(buf[4..8].try_into().expect("4 bytes"));
+        if len != c.len || crc32fast::hash(&buf[8..]) != crc {
+            return Err(invalid(format!(
+                "chunk at {} in {} fails its checksum",
+                c.offset,
+                self.dir.display()
+            )));
+        }
+        Ok(Arc::from(&buf[8..]))
+    }
+}
