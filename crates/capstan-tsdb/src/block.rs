@@ -77,16 +77,27 @@ pub fn write(parent: &Path, series: &[SeriesChunks], boundary: i64) -> io::Resul
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     let mut chunks = io::BufWriter::new(File::create(tmp.join("chunks"))?);
+    // Symbol table: every distinct label name and value once, sorted.
+    let mut symbols: Vec<&str> = series
+        .iter()
+        .flat_map(|s| s.labels.iter().flat_map(|(n, v)| [n, v]))
+        .collect();
+    symbols.sort_unstable();
+    symbols.dedup();
+    let symbol_id = |x: &str| symbols.binary_search(&x).expect("collected above") as u64;
     let mut index = Vec::new();
+    put_uvarint(&mut index, symbols.len() as u64);
+    for sym in &symbols {
+        put_uvarint(&mut index, sym.len() as u64);
+        index.extend_from_slice(sym.as_bytes());
+    }
     let mut offset = 0u64;
     let mut n_chunks = 0;
     for s in series {
         put_uvarint(&mut index, s.labels.len() as u64);
         for (n, v) in s.labels.iter() {
-            put_uvarint(&mut index, n.len() as u64);
-            index.extend_from_slice(n.as_bytes());
-            put_uvarint(&mut index, v.len() as u64);
-            index.extend_from_slice(v.as_bytes());
+            put_uvarint(&mut index, symbol_id(n));
+            put_uvarint(&mut index, symbol_id(v));
         }
         put_uvarint(&mut index, s.chunks.len() as u64);
         for (bytes, cmin, cmax) in &s.chunks {
@@ -154,18 +165,27 @@ impl Block {
         let mut series = Vec::with_capacity(meta.series);
         let mut index = Index::default();
         let bad = || invalid("index is malformed");
+        let n_symbols = get_uvarint(body, &mut pos).ok_or_else(bad)? as usize;
+        let mut symbols = Vec::with_capacity(n_symbols.min(1 << 20));
+        for _ in 0..n_symbols {
+            let len = get_uvarint(body, &mut pos).ok_or_else(bad)? as usize;
+            let b = body
+                .get(pos..pos.checked_add(len).ok_or_else(bad)?)
+                .ok_or_else(bad)?;
+            pos += len;
+            symbols.push(std::str::from_utf8(b).map_err(|_| bad())?);
+        }
         while pos < body.len() {
             let n = get_uvarint(body, &mut pos).ok_or_else(bad)? as usize;
             let mut pairs = Vec::with_capacity(n.min(64));
             for _ in 0..n {
-                let mut s = || -> Option<String> {
-                    let len = get_uvarint(body, &mut pos)? as usize;
-                    let b = body.get(pos..pos.checked_add(len)?)?;
-                    pos += len;
-                    String::from_utf8(b.to_vec()).ok()
+                let mut sym = || {
+                    symbols
+                        .get(get_uvarint(body, &mut pos)? as usize)
+                        .map(|s| s.to_string())
                 };
-                let name = s().ok_or_else(bad)?;
-                let value = s().ok_or_else(bad)?;
+                let name = sym().ok_or_else(bad)?;
+                let value = sym().ok_or_else(bad)?;
                 pairs.push((name, value));
             }
             let labels = Labels::new(pairs);

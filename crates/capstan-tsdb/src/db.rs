@@ -389,6 +389,16 @@ impl Db {
         Ok(dir)
     }
 
+    /// Moves every head sample before `boundary` into a block now, whatever the
+    /// head's span (for benchmarks, tests and tools; `maintain` does it on its own).
+    pub fn cut_before(&self, boundary: i64) -> Result<Option<PathBuf>, Error> {
+        let mut st = self.state.lock().unwrap();
+        if boundary <= st.persisted_until {
+            return Ok(None);
+        }
+        self.cut(&mut st, boundary).map(Some)
+    }
+
     /// On-disk blocks: (directory, first and last sample time, bytes).
     pub fn blocks(&self) -> Vec<(PathBuf, i64, i64, u64)> {
         self.state
