@@ -70,6 +70,21 @@ fn main() {
         }
     }
     let (mut ours, mut gorilla, mut n) = (0usize, 0usize, 0usize);
+    let mut costly: Vec<(usize, &String)> = Vec::new();
+    for (name, samples) in &series {
+        let mut c = Chunk::default();
+        for &(t, v) in samples.iter().take(MAX_SAMPLES as usize) {
+            c.append(t, v).unwrap();
+        }
+        costly.push((c.size(), name));
+    }
+    costly.sort_by(|a, b| b.cmp(a));
+    if std::env::var("TOP").is_ok() {
+        for (size, name) in costly.iter().take(15) {
+            let vals: Vec<f64> = series[*name].iter().take(4).map(|s| s.1).collect();
+            println!("{size:6} bytes  {name}  {vals:?}");
+        }
+    }
     for samples in series.values() {
         for part in samples.chunks(MAX_SAMPLES as usize) {
             let mut c = Chunk::default();
