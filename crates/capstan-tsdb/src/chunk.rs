@@ -59,22 +59,29 @@ fn unzigzag(z: u64) -> i64 {
 }
 
 /// Prefix codes for integers (zig-zag encoded), and two value-only markers.
-const BUCKETS: [(u64, u32, u32); 6] = [
-    // (prefix bits, prefix length, payload bits)
-    (0b0, 1, 0),
-    (0b10, 2, 6),
-    (0b110, 3, 13),
-    (0b1110, 4, 24),
-    (0b11110, 5, 40),
-    (0b111110, 6, 64),
-];
-const RESCALE: (u64, u32) = (0b1111110, 7);
-const XOR: (u64, u32) = (0b1111111, 7);
+/// Payload sizes of the integer buckets; bucket n is written as n one-bits, a
+/// zero bit, then its payload. After as many ones as there are buckets come the
+/// markers: `…0` rescale, `…1` XOR.
+const PAYLOADS: [u32; NB] = PAYLOAD_BITS;
+const NB: usize = PAYLOAD_BITS.len();
+const PAYLOAD_BITS: [u32; 7] = [0, 6, 11, 17, 24, 32, 64];
+
+fn put_prefix(w: &mut BitWriter, ones: u32, terminated: bool) {
+    w.bits((1u64 << ones) - 1, ones);
+    if terminated {
+        w.bit(false);
+    }
+}
+
+fn put_marker(w: &mut BitWriter, xor: bool) {
+    put_prefix(w, NB as u32, false);
+    w.bit(xor);
+}
 
 fn put_int(w: &mut BitWriter, z: u64) {
-    for (prefix, len, payload) in BUCKETS {
+    for (n, payload) in PAYLOADS.into_iter().enumerate() {
         if payload == 64 || z < (1u64 << payload) {
-            w.bits(prefix, len);
+            put_prefix(w, n as u32, true);
             if payload > 0 {
                 w.bits(z, payload);
             }
@@ -101,16 +108,16 @@ fn get_int(r: &mut BitReader<'_>) -> Option<u64> {
 /// (`…0` rescale, `…1` XOR).
 fn get_value_code(r: &mut BitReader<'_>) -> Option<Code> {
     let mut ones = 0;
-    while ones < 6 && r.bit()? {
+    while ones < NB && r.bit()? {
         ones += 1;
     }
-    if ones == 6 {
+    if ones == NB {
         return Some(if r.bit()? { Code::Xor } else { Code::Rescale });
     }
-    Some(Code::Int(if ones == 0 {
+    Some(Code::Int(if PAYLOADS[ones] == 0 {
         0
     } else {
-        r.bits(BUCKETS[ones].2)?
+        r.bits(PAYLOADS[ones])?
     }))
 }
 
@@ -272,7 +279,7 @@ fn encode_value(w: &mut BitWriter, s: &mut State, v: f64) {
             && let Some(dod) = d.checked_sub(prev_delta)
         {
             if sc != s.scale {
-                w.bits(RESCALE.0, RESCALE.1);
+                put_marker(w, false);
                 w.bits(u64::from(sc), 4);
                 s.scale = sc;
             }
@@ -283,7 +290,7 @@ fn encode_value(w: &mut BitWriter, s: &mut State, v: f64) {
             return;
         }
     }
-    w.bits(XOR.0, XOR.1);
+    put_marker(w, true);
     put_xor(w, v, s.v);
     s.v = v;
     s.m = to_int(v, s.scale);
