@@ -231,6 +231,22 @@ fn filesystems(e: &mut Exposition) {
     }
 }
 
+/// Counter families over per-device rows: (name, column, scale, help) each.
+fn device_table(
+    e: &mut Exposition,
+    rows: &[(String, Vec<f64>)],
+    families: &[(&str, usize, f64, &str)],
+) {
+    for &(name, i, scale, help) in families {
+        e.family(name, "counter", help);
+        for (dev, v) in rows {
+            if let Some(x) = v.get(i) {
+                e.sample(name, &[("device", dev)], x * scale);
+            }
+        }
+    }
+}
+
 fn network(e: &mut Exposition) {
     let Ok(text) = fs::read_to_string("/proc/net/dev") else {
         return;
@@ -248,55 +264,60 @@ fn network(e: &mut Exposition) {
             ))
         })
         .collect();
-    for (name, i, help) in [
-        (
-            "node_network_receive_bytes_total",
-            0,
-            "Network device statistic receive_bytes.",
-        ),
-        (
-            "node_network_receive_packets_total",
-            1,
-            "Network device statistic receive_packets.",
-        ),
-        (
-            "node_network_receive_errs_total",
-            2,
-            "Network device statistic receive_errs.",
-        ),
-        (
-            "node_network_receive_drop_total",
-            3,
-            "Network device statistic receive_drop.",
-        ),
-        (
-            "node_network_transmit_bytes_total",
-            8,
-            "Network device statistic transmit_bytes.",
-        ),
-        (
-            "node_network_transmit_packets_total",
-            9,
-            "Network device statistic transmit_packets.",
-        ),
-        (
-            "node_network_transmit_errs_total",
-            10,
-            "Network device statistic transmit_errs.",
-        ),
-        (
-            "node_network_transmit_drop_total",
-            11,
-            "Network device statistic transmit_drop.",
-        ),
-    ] {
-        e.family(name, "counter", help);
-        for (dev, v) in &rows {
-            if let Some(x) = v.get(i) {
-                e.sample(name, &[("device", dev)], *x);
-            }
-        }
-    }
+    device_table(
+        e,
+        &rows,
+        &[
+            (
+                "node_network_receive_bytes_total",
+                0,
+                1.0,
+                "Network device statistic receive_bytes.",
+            ),
+            (
+                "node_network_receive_packets_total",
+                1,
+                1.0,
+                "Network device statistic receive_packets.",
+            ),
+            (
+                "node_network_receive_errs_total",
+                2,
+                1.0,
+                "Network device statistic receive_errs.",
+            ),
+            (
+                "node_network_receive_drop_total",
+                3,
+                1.0,
+                "Network device statistic receive_drop.",
+            ),
+            (
+                "node_network_transmit_bytes_total",
+                8,
+                1.0,
+                "Network device statistic transmit_bytes.",
+            ),
+            (
+                "node_network_transmit_packets_total",
+                9,
+                1.0,
+                "Network device statistic transmit_packets.",
+            ),
+            (
+                "node_network_transmit_errs_total",
+                10,
+                1.0,
+                "Network device statistic transmit_errs.",
+            ),
+            (
+                "node_network_transmit_drop_total",
+                11,
+                1.0,
+                "Network device statistic transmit_drop.",
+            ),
+        ],
+    );
 }
 
 fn disks(e: &mut Exposition) {
@@ -315,57 +336,54 @@ fn disks(e: &mut Exposition) {
         })
         .collect();
     // Fields after the device name: reads, merged, sectors read, ms reading, writes, merged, sectors written, ms writing, in progress, ms doing I/O.
-    for (name, i, scale, help) in [
-        (
-            "node_disk_reads_completed_total",
-            0,
-            1.0,
-            "The total number of reads completed successfully.",
-        ),
-        (
-            "node_disk_read_bytes_total",
-            2,
-            512.0,
-            "The total number of bytes read successfully.",
-        ),
-        (
-            "node_disk_read_time_seconds_total",
-            3,
-            0.001,
-            "The total number of seconds spent by all reads.",
-        ),
-        (
-            "node_disk_writes_completed_total",
-            4,
-            1.0,
-            "The total number of writes completed successfully.",
-        ),
-        (
-            "node_disk_written_bytes_total",
-            6,
-            512.0,
-            "The total number of bytes written successfully.",
-        ),
-        (
-            "node_disk_write_time_seconds_total",
-            7,
-            0.001,
-            "This is the total number of seconds spent by all writes.",
-        ),
-        (
-            "node_disk_io_time_seconds_total",
-            9,
-            0.001,
-            "Total seconds spent doing I/Os.",
-        ),
-    ] {
-        e.family(name, "counter", help);
-        for (dev, v) in &rows {
-            if let Some(x) = v.get(i) {
-                e.sample(name, &[("device", dev)], x * scale);
-            }
-        }
-    }
+    device_table(
+        e,
+        &rows,
+        &[
+            (
+                "node_disk_reads_completed_total",
+                0,
+                1.0,
+                "The total number of reads completed successfully.",
+            ),
+            (
+                "node_disk_read_bytes_total",
+                2,
+                512.0,
+                "The total number of bytes read successfully.",
+            ),
+            (
+                "node_disk_read_time_seconds_total",
+                3,
+                0.001,
+                "The total number of seconds spent by all reads.",
+            ),
+            (
+                "node_disk_writes_completed_total",
+                4,
+                1.0,
+                "The total number of writes completed successfully.",
+            ),
+            (
+                "node_disk_written_bytes_total",
+                6,
+                512.0,
+                "The total number of bytes written successfully.",
+            ),
+            (
+                "node_disk_write_time_seconds_total",
+                7,
+                0.001,
+                "This is the total number of seconds spent by all writes.",
+            ),
+            (
+                "node_disk_io_time_seconds_total",
+                9,
+                0.001,
+                "Total seconds spent doing I/Os.",
+            ),
+        ],
+    );
 }
 
 #[cfg(test)]

@@ -17,82 +17,77 @@ const STATES: [&str; 9] = [
     "failed",
 ];
 
+/// One family with a sample per replica for which `value` gives a figure.
+fn per_replica(
+    e: &mut Exposition,
+    replicas: &[crate::supervisor::Status],
+    (name, kind, help): (&str, &str, &str),
+    value: impl Fn(&crate::supervisor::Status) -> Option<f64>,
+) {
+    e.family(name, kind, help);
+    for s in replicas {
+        if let Some(v) = value(s) {
+            let r = s.replica.to_string();
+            e.sample(name, &[("service", &s.service), ("replica", &r)], v);
+        }
+    }
+}
+
 pub fn collect(shared: &Shared, db: &Db) -> String {
     let mut e = Exposition::default();
     let replicas = shared.statuses();
     let labels = |s: &crate::supervisor::Status| (s.service.clone(), s.replica.to_string());
-
-    e.family(
-        "container_cpu_usage_seconds_total",
-        "counter",
-        "Cumulative CPU time consumed by the replica, in seconds.",
+    let running = |s: &crate::supervisor::Status| s.pid.is_some();
+    per_replica(
+        &mut e,
+        &replicas,
+        (
+            "container_cpu_usage_seconds_total",
+            "counter",
+            "Cumulative CPU time consumed by the replica, in seconds.",
+        ),
+        |s| s.cpu_seconds_total.filter(|_| running(s)),
     );
-    for s in &replicas {
-        if let Some(v) = s.cpu_seconds_total.filter(|_| s.pid.is_some()) {
-            let (svc, r) = labels(s);
-            e.sample(
-                "container_cpu_usage_seconds_total",
-                &[("service", &svc), ("replica", &r)],
-                v,
-            );
-        }
-    }
-    e.family(
-        "container_memory_working_set_bytes",
-        "gauge",
-        "Current working set of the replica, in bytes.",
+    per_replica(
+        &mut e,
+        &replicas,
+        (
+            "container_memory_working_set_bytes",
+            "gauge",
+            "Current working set of the replica, in bytes.",
+        ),
+        |s| s.memory_bytes.filter(|_| running(s)).map(|v| v as f64),
     );
-    for s in &replicas {
-        if let Some(v) = s.memory_bytes.filter(|_| s.pid.is_some()) {
-            let (svc, r) = labels(s);
-            e.sample(
-                "container_memory_working_set_bytes",
-                &[("service", &svc), ("replica", &r)],
-                v as f64,
-            );
-        }
-    }
-    e.family(
-        "container_memory_rss",
-        "gauge",
-        "Size of the replica's RSS, in bytes.",
+    per_replica(
+        &mut e,
+        &replicas,
+        (
+            "container_memory_rss",
+            "gauge",
+            "Size of the replica's RSS, in bytes.",
+        ),
+        |s| s.memory_rss_bytes.filter(|_| running(s)).map(|v| v as f64),
     );
-    for s in &replicas {
-        if let Some(v) = s.memory_rss_bytes.filter(|_| s.pid.is_some()) {
-            let (svc, r) = labels(s);
-            e.sample(
-                "container_memory_rss",
-                &[("service", &svc), ("replica", &r)],
-                v as f64,
-            );
-        }
-    }
-    e.family(
-        "container_spec_memory_limit_bytes",
-        "gauge",
-        "Memory limit of the replica, in bytes (0: none).",
-    );
-    for s in replicas.iter().filter(|s| s.pid.is_some()) {
-        let (svc, r) = labels(s);
-        e.sample(
+    per_replica(
+        &mut e,
+        &replicas,
+        (
             "container_spec_memory_limit_bytes",
-            &[("service", &svc), ("replica", &r)],
-            s.memory_limit_bytes.unwrap_or(0) as f64,
-        );
-    }
-    e.family(
-        "capstan_replica_restarts_total",
-        "counter",
-        "Restarts of the replica since the daemon started it.",
+            "gauge",
+            "Memory limit of the replica, in bytes (0: none).",
+        ),
+        |s| running(s).then(|| s.memory_limit_bytes.unwrap_or(0) as f64),
     );
-    for s in &replicas {
-        let (svc, r) = labels(s);
-        e.sample(
+    per_replica(
+        &mut e,
+        &replicas,
+        (
             "capstan_replica_restarts_total",
-            &[("service", &svc), ("replica", &r)],
-            f64::from(s.restarts),
-        );
-    }
+            "counter",
+            "Restarts of the replica since the daemon started it.",
+        ),
+        |s| Some(f64::from(s.restarts)),
+    );
     e.family(
         "capstan_replica_state",
         "gauge",
