@@ -310,6 +310,17 @@ fn metadata<'a>(
     }
 }
 
+/// The metric name at the start of a sample line, and what follows it.
+fn split_name(line: &str) -> Result<(&str, &str), String> {
+    match name_len(line) {
+        0 => Err(format!(
+            "invalid metric name at {:?}",
+            line.chars().take(20).collect::<String>()
+        )),
+        n => Ok((&line[..n], &line[n..])),
+    }
+}
+
 pub(crate) fn parse_text_line(line: &str) -> Result<Line<'_>, String> {
     let line = line.trim_start_matches([' ', '\t']);
     if line.trim_end().is_empty() {
@@ -339,15 +350,8 @@ pub(crate) fn parse_text_line(line: &str) -> Result<Line<'_>, String> {
         };
         return metadata(keyword, name, arg, Format::Text).map(Line::Entry);
     }
-    let n = name_len(line);
-    if n == 0 {
-        return Err(format!(
-            "invalid metric name at {:?}",
-            line.chars().take(20).collect::<String>()
-        ));
-    }
-    let name = &line[..n];
-    let mut rest = line[n..].trim_start_matches([' ', '\t']);
+    let (name, after_name) = split_name(line)?;
+    let mut rest = after_name.trim_start_matches([' ', '\t']);
     let mut labels = Labels::default();
     if let Some(r) = rest.strip_prefix('{') {
         let (inside, after) = scan_labels(r, false)?;
@@ -412,15 +416,8 @@ pub(crate) fn parse_om_line(line: &str) -> Result<Line<'_>, String> {
             line.chars().take(30).collect::<String>()
         ));
     }
-    let n = name_len(line);
-    if n == 0 {
-        return Err(format!(
-            "invalid metric name at {:?}",
-            line.chars().take(20).collect::<String>()
-        ));
-    }
-    let name = &line[..n];
-    let mut rest = &line[n..];
+    let (name, after_name) = split_name(line)?;
+    let mut rest = after_name;
     let mut labels = Labels::default();
     if let Some(r) = rest.strip_prefix('{') {
         let (inside, after) = scan_labels(r, true)?;
