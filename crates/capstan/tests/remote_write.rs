@@ -172,3 +172,91 @@ remote_write:
     ));
     assert_eq!(load.as_array().unwrap().len(), 1, "{load}");
 }
+
+/// `x-capstan.scrape_configs`: a static target (a real node_exporter) scraped with
+/// its job, static labels and metric relabeling; a sample limit fails the scrape.
+#[test]
+fn static_scrape_configs_with_relabeling_and_sample_limit() {
+    let node_exporter = need("prometheus-node-exporter");
+    let ne_port = free_port();
+    let _ne = Killed(
+        Command::new(&node_exporter)
+            .args([
+                format!("--web.listen-address=127.0.0.1:{ne_port}"),
+                "--collector.disable-defaults".into(),
+                "--collector.cpu".into(),
+                "--collector.loadavg".into(),
+                "--collector.meminfo".into(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stack = format!(
+        r#"
+x-capstan:
+  scrape_interval: 1s
+  scrape_configs:
+    - job_name: hosts
+      static_configs:
+        - targets: ["127.0.0.1:{ne_port}"]
+          labels: {{team: ops}}
+      metric_relabel_configs:
+        - source_labels: [__name__]
+          regex: node_cpu_.*
+          action: drop
+        - source_labels: [__name__]
+          regex: node_load(.*)
+          target_label: window
+          replacement: "$${{1}}m"   # $$: a literal $ after compose interpolation
+    - job_name: limited
+      sample_limit: 10
+      static_configs:
+        - targets: ["127.0.0.1:{ne_port}"]
+services:
+  idle:
+    command: [sleep, "600"]
+    environment: {{CAPSTAN_TEST_MARKER: "{{marker}}"}}
+    x-capstan:
+      metrics: {{disable: true}}
+"#
+    );
+    let s = TestStack::new(&stack);
+    s.up();
+    let load = wait_for(
+        "node_load1 from the static target",
+        Duration::from_secs(20),
+        || {
+            let v = s.api("/capstan/v1/tsdb/select?name=node_load1&job=hosts");
+            v.as_array().unwrap().first().cloned()
+        },
+    );
+    assert_eq!(load["labels"]["team"], "ops");
+    assert_eq!(load["labels"]["window"], "1m");
+    assert_eq!(load["labels"]["instance"], format!("127.0.0.1:{ne_port}"));
+    let up = s.api("/capstan/v1/tsdb/select?name=up&job=hosts");
+    assert_eq!(up[0]["samples"].as_array().unwrap().last().unwrap()[1], "1");
+    assert!(
+        s.api("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=hosts")
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "dropped by relabeling"
+    );
+    let limited = wait_for("the limited job's up", Duration::from_secs(10), || {
+        let v = s.api("/capstan/v1/tsdb/select?name=up&job=limited");
+        v.as_array().unwrap().first().cloned()
+    });
+    assert_eq!(
+        limited["samples"].as_array().unwrap().last().unwrap()[1],
+        "0",
+        "over its sample limit, the scrape fails"
+    );
+    assert!(
+        s.api("/capstan/v1/tsdb/select?name=node_load1&job=limited")
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}

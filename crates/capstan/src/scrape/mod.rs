@@ -3,6 +3,7 @@
 //! synthetic series and staleness markers Prometheus writes.
 
 mod http;
+pub mod relabel;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -15,18 +16,153 @@ use tokio::task::JoinHandle;
 
 use crate::supervisor::Shared;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub addr: String,
+    /// Path and query string.
     pub path: String,
     pub interval: Duration,
+    pub timeout: Duration,
     pub labels: Vec<(String, String)>,
+    pub honor_labels: bool,
+    pub honor_timestamps: bool,
+    pub sample_limit: u64,
+    /// `metric_relabel_configs`, compiled; `rules_key` tells configurations apart.
+    pub rules: Arc<Vec<relabel::Rule>>,
+    pub rules_key: String,
 }
 
-impl Target {
-    fn key(&self) -> String {
-        format!("{}{}", self.addr, self.path)
+impl PartialEq for Target {
+    fn eq(&self, o: &Target) -> bool {
+        (
+            &self.addr,
+            &self.path,
+            self.interval,
+            self.timeout,
+            &self.labels,
+            self.honor_labels,
+            self.honor_timestamps,
+            self.sample_limit,
+            &self.rules_key,
+        ) == (
+            &o.addr,
+            &o.path,
+            o.interval,
+            o.timeout,
+            &o.labels,
+            o.honor_labels,
+            o.honor_timestamps,
+            o.sample_limit,
+            &o.rules_key,
+        )
     }
+}
+
+impl Eq for Target {}
+
+impl Target {
+    /// A target with Prometheus' defaults for the options.
+    fn simple(
+        addr: String,
+        path: String,
+        interval: Duration,
+        labels: Vec<(String, String)>,
+    ) -> Target {
+        Target {
+            addr,
+            path,
+            interval,
+            timeout: interval.min(Duration::from_secs(10)),
+            labels,
+            honor_labels: false,
+            honor_timestamps: true,
+            sample_limit: 0,
+            rules: Arc::new(Vec::new()),
+            rules_key: String::new(),
+        }
+    }
+
+    fn key(&self) -> String {
+        let job = self
+            .labels
+            .iter()
+            .find(|(n, _)| n == "job")
+            .map_or("", |(_, v)| v.as_str());
+        format!("{job}/{}{}", self.addr, self.path)
+    }
+}
+
+/// The static targets of `x-capstan.scrape_configs`.
+fn static_targets(
+    configs: &[crate::spec::ScrapeConfig],
+    default_interval: Duration,
+) -> Vec<Target> {
+    let mut out = Vec::new();
+    for c in configs {
+        let interval = c.scrape_interval.map_or(default_interval, |d| d.0);
+        let timeout = c
+            .scrape_timeout
+            .map_or(Duration::from_secs(10), |d| d.0)
+            .min(interval);
+        let rules: Vec<relabel::Rule> = c
+            .metric_relabel_configs
+            .iter()
+            .filter_map(|r| relabel::Rule::new(r.clone()).ok())
+            .collect();
+        let rules = Arc::new(rules);
+        let rules_key = serde_json::to_string(&c.metric_relabel_configs).unwrap_or_default();
+        let mut path = c.metrics_path.clone();
+        let query: Vec<String> = c
+            .params
+            .iter()
+            .flat_map(|(k, vs)| {
+                vs.iter()
+                    .map(move |v| format!("{}={}", encode(k), encode(v)))
+            })
+            .collect();
+        if !query.is_empty() {
+            path.push(if path.contains('?') { '&' } else { '?' });
+            path.push_str(&query.join("&"));
+        }
+        for sc in &c.static_configs {
+            for addr in &sc.targets {
+                let mut labels: Vec<(String, String)> = vec![
+                    ("job".into(), c.job_name.clone()),
+                    ("instance".into(), addr.clone()),
+                ];
+                for (k, v) in &sc.labels {
+                    labels.retain(|(n, _)| n != k);
+                    labels.push((k.clone(), v.clone()));
+                }
+                out.push(Target {
+                    addr: addr.clone(),
+                    path: path.clone(),
+                    interval,
+                    timeout,
+                    labels,
+                    honor_labels: c.honor_labels,
+                    honor_timestamps: c.honor_timestamps,
+                    sample_limit: c.sample_limit,
+                    rules: rules.clone(),
+                    rules_key: rules_key.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Percent-encodes a query string component.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// What each running replica exposes, from the supervisor's status and the specs.
@@ -41,14 +177,16 @@ pub fn targets(shared: &Shared) -> Vec<Target> {
         .clone()
         .into_iter()
         .flat_map(|addr| {
-            [("capstan", "/metrics"), ("node", "/metrics/node")].map(|(job, path)| Target {
-                addr: addr.clone(),
-                path: path.into(),
-                interval: default_interval,
-                labels: vec![
-                    ("job".into(), job.into()),
-                    ("instance".into(), addr.clone()),
-                ],
+            [("capstan", "/metrics"), ("node", "/metrics/node")].map(|(job, path)| {
+                Target::simple(
+                    addr.clone(),
+                    path.into(),
+                    default_interval,
+                    vec![
+                        ("job".into(), job.into()),
+                        ("instance".into(), addr.clone()),
+                    ],
+                )
             })
         });
     let replicas = shared
@@ -62,19 +200,22 @@ pub fn targets(shared: &Shared) -> Vec<Target> {
             }
             let port = m.port.or(s.port)?;
             let addr = format!("127.0.0.1:{port}");
-            Some(Target {
-                path: m.path.clone(),
-                interval: m.interval.map_or(default_interval, |d| d.0),
-                labels: vec![
+            let interval = m.interval.map_or(default_interval, |d| d.0);
+            Some(Target::simple(
+                addr.clone(),
+                m.path.clone(),
+                interval,
+                vec![
                     ("job".into(), s.service.clone()),
                     ("instance".into(), addr.clone()),
                     ("service".into(), s.service.clone()),
                     ("replica".into(), s.replica.to_string()),
                 ],
-                addr,
-            })
+            ))
         });
-    own.chain(replicas).collect()
+    own.chain(replicas)
+        .chain(static_targets(&specs.2, default_interval))
+        .collect()
 }
 
 /// Runs scrape loops for the targets as they come and go, until `stop` is set.
@@ -121,9 +262,25 @@ fn stale() -> f64 {
 
 /// Builds a series' labels: the scraped ones, then the target's; a scraped label
 /// the target also sets is kept as `exported_<name>` (Prometheus' `honor_labels: false`).
-fn series_labels(name: &str, scraped: &[(String, String)], target: &[(String, String)]) -> Labels {
+fn series_labels(
+    name: &str,
+    scraped: &[(String, String)],
+    target: &[(String, String)],
+    honor: bool,
+) -> Vec<(String, String)> {
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(scraped.len() + target.len() + 1);
     pairs.push(("__name__".into(), name.to_owned()));
+    if honor {
+        // honor_labels: the scraped labels win; target labels fill the gaps.
+        pairs.extend(scraped.iter().filter(|(n, _)| n != "__name__").cloned());
+        pairs.extend(
+            target
+                .iter()
+                .filter(|(t, _)| !scraped.iter().any(|(n, _)| n == t))
+                .cloned(),
+        );
+        return pairs;
+    }
     for (n, v) in scraped {
         if target.iter().any(|(t, _)| t == n) {
             pairs.push((format!("exported_{n}"), v.clone()));
@@ -132,7 +289,7 @@ fn series_labels(name: &str, scraped: &[(String, String)], target: &[(String, St
         }
     }
     pairs.extend(target.iter().cloned());
-    Labels::new(pairs)
+    pairs
 }
 
 async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool>) {
@@ -150,7 +307,7 @@ async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool
     } else {
         first
     };
-    let timeout = target.interval.min(Duration::from_secs(10));
+    let timeout = target.timeout;
     let mut previous: HashSet<Labels> = HashSet::new();
     let mut k: i64 = 0;
     loop {
@@ -181,11 +338,30 @@ async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool
                                         .filter_map(Result::ok)
                                         .map(|(n, v)| (n.to_owned(), v.into_owned()))
                                         .collect();
-                                    let labels =
-                                        series_labels(s.name, &scraped_labels, &target.labels);
                                     scraped += 1;
+                                    let pairs = series_labels(
+                                        s.name,
+                                        &scraped_labels,
+                                        &target.labels,
+                                        target.honor_labels,
+                                    );
+                                    let pairs = if target.rules.is_empty() {
+                                        Some(pairs)
+                                    } else {
+                                        relabel::apply(pairs, &target.rules)
+                                    };
+                                    let Some(pairs) = pairs.filter(|p| {
+                                        p.iter().any(|(n, v)| n == "__name__" && !v.is_empty())
+                                    }) else {
+                                        continue;
+                                    };
+                                    let labels = Labels::new(pairs);
                                     current.insert(labels.clone());
-                                    batch.push((labels, s.timestamp_ms.unwrap_or(t), s.value));
+                                    let ts = s
+                                        .timestamp_ms
+                                        .filter(|_| target.honor_timestamps)
+                                        .unwrap_or(t);
+                                    batch.push((labels, ts, s.value));
                                 }
                                 Ok(_) => {}
                                 Err(e) => {
@@ -209,6 +385,13 @@ async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool
                 false
             }
         };
+        // Over the sample limit (counted after relabeling), the scrape fails.
+        let over_limit = target.sample_limit > 0 && batch.len() as u64 > target.sample_limit;
+        if over_limit {
+            tracing::debug!(target = %target.key(), samples = batch.len(), limit = target.sample_limit, "sample limit exceeded");
+        }
+        let post_relabel = batch.len();
+        let up = up && !over_limit;
         if !up {
             // A failed scrape keeps nothing of what it read, as in Prometheus.
             batch.clear();
@@ -221,10 +404,13 @@ async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool
             ("up", if up { 1.0 } else { 0.0 }),
             ("scrape_duration_seconds", duration),
             ("scrape_samples_scraped", scraped as f64),
-            ("scrape_samples_post_metric_relabeling", scraped as f64),
+            (
+                "scrape_samples_post_metric_relabeling",
+                if up { post_relabel as f64 } else { 0.0 },
+            ),
             ("scrape_series_added", added as f64),
         ] {
-            let labels = series_labels(name, &[], &target.labels);
+            let labels = Labels::new(series_labels(name, &[], &target.labels, false));
             current.insert(labels.clone());
             batch.push((labels, t, v));
         }

@@ -416,6 +416,9 @@ impl Decoder<'_> {
                 ),
             }
         }
+        if let Some(n) = f.take("scrape_configs") {
+            s.scrape_configs = self.scrape_configs(n, &join(path, "scrape_configs"));
+        }
         if let Some(n) = f.take("scrape_interval")
             && let Some(d) = self.duration(n, &join(path, "scrape_interval"))
         {
@@ -448,6 +451,93 @@ impl Decoder<'_> {
         }
         self.finish(f, path, &[]);
         s
+    }
+
+    /// A node as JSON, strings interpolated, for the parts read through serde.
+    fn json(&mut self, node: &Node, path: &str) -> serde_json::Value {
+        use serde_json::Value;
+        match &node.kind {
+            Kind::Null => Value::Null,
+            Kind::Bool(b) => Value::Bool(*b),
+            Kind::Int(i) => Value::from(*i),
+            Kind::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+            Kind::Str(_) => Value::String(self.text(node, path).unwrap_or_default()),
+            Kind::Seq(items) => Value::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| self.json(n, &format!("{path}[{i}]")))
+                    .collect(),
+            ),
+            Kind::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = k.scalar_text().unwrap_or_default();
+                        let value = self.json(v, &join(path, &key));
+                        (key, value)
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn scrape_configs(&mut self, node: &Node, path: &str) -> Vec<ScrapeConfig> {
+        let Kind::Seq(items) = &node.kind else {
+            self.error(
+                node,
+                path,
+                format!(
+                    "expected a list of scrape configs, found {}",
+                    node.describe()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut out: Vec<ScrapeConfig> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let value = self.json(item, &p);
+            match serde_json::from_value::<ScrapeConfig>(value) {
+                Err(e) => self.error(item, &p, e.to_string()),
+                Ok(c) => {
+                    if c.scheme != "http" {
+                        self.error(
+                            item,
+                            &join(&p, "scheme"),
+                            format!("only http is supported, found {:?}", c.scheme),
+                        );
+                    }
+                    if out.iter().any(|o| o.job_name == c.job_name) {
+                        self.error(
+                            item,
+                            &join(&p, "job_name"),
+                            format!("job {:?} is defined twice", c.job_name),
+                        );
+                    }
+                    for (j, sc) in c.static_configs.iter().enumerate() {
+                        for t in &sc.targets {
+                            if t.rsplit_once(':').is_none_or(|(h, port)| {
+                                h.is_empty() || port.parse::<u16>().is_err()
+                            }) {
+                                self.error(
+                                    item,
+                                    &format!("{p}.static_configs[{j}].targets"),
+                                    format!("expected host:port, found {t:?}"),
+                                );
+                            }
+                        }
+                    }
+                    for (j, r) in c.metric_relabel_configs.iter().enumerate() {
+                        if let Err(e) = crate::scrape::relabel::Rule::new(r.clone()) {
+                            self.error(item, &format!("{p}.metric_relabel_configs[{j}]"), e);
+                        }
+                    }
+                    out.push(c);
+                }
+            }
+        }
+        out
     }
 
     fn service(&mut self, node: &Node, path: &str) -> Option<Service> {

@@ -23,6 +23,55 @@ pub struct Settings {
     /// Default scrape interval (Prometheus' global default: 15s; at least 1s).
     #[serde(default = "default_scrape_interval")]
     pub scrape_interval: Dur,
+    /// Extra targets in Prometheus' `scrape_configs` shape (static targets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scrape_configs: Vec<ScrapeConfig>,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_scheme() -> String {
+    "http".into()
+}
+
+/// One entry of `x-capstan.scrape_configs`, as Prometheus writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeConfig {
+    pub job_name: String,
+    #[serde(default)]
+    pub static_configs: Vec<StaticConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape_interval: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape_timeout: Option<Dur>,
+    #[serde(default = "default_metrics_path")]
+    pub metrics_path: String,
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub honor_labels: bool,
+    #[serde(default = "default_true")]
+    pub honor_timestamps: bool,
+    /// Most samples a scrape may have after relabeling; more fails the scrape (0: no limit).
+    #[serde(default)]
+    pub sample_limit: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metric_relabel_configs: Vec<crate::scrape::relabel::RelabelConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    pub targets: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_scrape_interval() -> Dur {
@@ -35,6 +84,7 @@ impl Default for Settings {
             port_range: [20000, 29999],
             logs: LogSettings::default(),
             scrape_interval: default_scrape_interval(),
+            scrape_configs: Vec::new(),
         }
     }
 }

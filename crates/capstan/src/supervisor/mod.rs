@@ -62,6 +62,14 @@ pub struct ServiceStatus {
     pub has_healthcheck: bool,
 }
 
+/// What the scraper needs from the stack: the default interval, each service's
+/// metrics endpoint, and the static scrape configs.
+pub type ScrapeSpecs = (
+    Duration,
+    BTreeMap<String, crate::spec::MetricsTarget>,
+    Vec<crate::spec::ScrapeConfig>,
+);
+
 /// State shared by the supervisor, its replica tasks and the API.
 pub struct Shared {
     /// Identifies this stack's processes (`CAPSTAN_STACK` in their environment).
@@ -77,7 +85,7 @@ pub struct Shared {
     ports: Mutex<BTreeSet<u16>>,
     port_range: Mutex<[u16; 2]>,
     /// Default scrape interval and each service's metrics endpoint, for the scraper.
-    scrape: Mutex<(Duration, BTreeMap<String, crate::spec::MetricsTarget>)>,
+    scrape: Mutex<ScrapeSpecs>,
     /// The daemon's own listener, scraped for its own and the host's metrics.
     pub api_addr: Mutex<Option<String>>,
     warned: Mutex<BTreeSet<String>>,
@@ -104,7 +112,7 @@ impl Shared {
             changed: watch::channel(0).0,
             ports: Mutex::default(),
             port_range: Mutex::new([20000, 29999]),
-            scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new())),
+            scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new(), Vec::new())),
             api_addr: Mutex::new(None),
             warned: Mutex::default(),
         }
@@ -136,7 +144,7 @@ impl Shared {
     }
 
     /// The default scrape interval and every service's metrics endpoint.
-    pub fn scrape_specs(&self) -> (Duration, BTreeMap<String, crate::spec::MetricsTarget>) {
+    pub fn scrape_specs(&self) -> ScrapeSpecs {
         self.scrape.lock().unwrap().clone()
     }
 
@@ -439,6 +447,7 @@ impl Supervisor {
                 .iter()
                 .map(|(n, s)| (n.clone(), s.x.metrics.clone()))
                 .collect(),
+            stack.settings.scrape_configs.clone(),
         );
         let mut changes = Vec::new();
         let removed: Vec<String> = self
