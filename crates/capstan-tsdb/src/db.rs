@@ -119,6 +119,8 @@ struct State {
     blocks: Vec<Arc<Block>>,
     /// Every sample before this time is in the blocks, none in the head.
     persisted_until: i64,
+    /// Label names and values, shared by all series.
+    symbols: std::collections::HashSet<Arc<str>>,
 }
 
 impl State {
@@ -131,6 +133,7 @@ impl State {
     }
 
     fn create(&mut self, labels: Labels, hash: u64) -> SeriesId {
+        let labels = labels.interned(&mut self.symbols);
         let id = self.series.len() as SeriesId;
         self.index.add(id, labels.iter());
         self.by_hash.entry(hash).or_default().push(id);
@@ -222,6 +225,7 @@ impl Db {
             wal: None,
             blocks,
             persisted_until,
+            symbols: Default::default(),
         };
         // Records are applied as they are read: replay holds one segment, not the log.
         let (wal, replay) = Wal::open(&wal_dir, opts.fsync, |r| match r {

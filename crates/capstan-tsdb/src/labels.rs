@@ -1,10 +1,12 @@
 //! Label sets and matchers.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 
 /// A series' identity: label pairs sorted by name, names unique, `__name__` included.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Labels(Vec<(String, String)>);
+pub struct Labels(Vec<(Arc<str>, Arc<str>)>);
 
 impl Labels {
     /// Sorts the pairs by name; a later duplicate name wins; empty values are dropped
@@ -14,7 +16,7 @@ impl Labels {
         pairs.reverse();
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         pairs.dedup_by(|a, b| a.0 == b.0);
-        Labels(pairs)
+        Labels(pairs.into_iter().map(|(n, v)| (Arc::from(n), Arc::from(v))).collect())
     }
 
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
@@ -28,13 +30,13 @@ impl Labels {
 
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .binary_search_by(|(n, _)| (**n).cmp(name))
             .ok()
-            .map(|i| self.0[i].1.as_str())
+            .map(|i| &*self.0[i].1)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.0.iter().map(|(n, v)| (&**n, &**v))
     }
 
     pub fn len(&self) -> usize {
@@ -43,6 +45,19 @@ impl Labels {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The same labels with every string taken from (or added to) `symbols`, so
+    /// that series share their names and values in memory.
+    pub fn interned(&self, symbols: &mut HashSet<Arc<str>>) -> Labels {
+        let mut get = |s: &Arc<str>| match symbols.get(s) {
+            Some(x) => x.clone(),
+            None => {
+                symbols.insert(s.clone());
+                s.clone()
+            }
+        };
+        Labels(self.0.iter().map(|(n, v)| (get(n), get(v))).collect())
     }
 
     /// A 64-bit hash of the pairs (FNV-1a), stable across runs.
