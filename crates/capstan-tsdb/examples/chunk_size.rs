@@ -79,6 +79,23 @@ fn main() {
         costly.push((c.size(), name));
     }
     costly.sort_by(|a, b| b.cmp(a));
+    if std::env::var("BY_NAME").is_ok() {
+        let mut by: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (size, name) in &costly {
+            let e = by.entry(name.split('{').next().unwrap_or("")).or_default();
+            e.0 += size;
+            e.1 += 1;
+        }
+        let mut v: Vec<_> = by.into_iter().collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.1.0));
+        let total: usize = costly.iter().map(|c| c.0).sum();
+        for (name, (bytes, n)) in v.iter().take(15) {
+            println!(
+                "{:5.1}%  {bytes:7} bytes  {n:4} series  {name}",
+                100.0 * *bytes as f64 / total as f64
+            );
+        }
+    }
     if std::env::var("TOP").is_ok() {
         for (size, name) in costly.iter().take(15) {
             let vals: Vec<f64> = series[*name].iter().take(4).map(|s| s.1).collect();

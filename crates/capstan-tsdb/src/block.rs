@@ -17,14 +17,19 @@ use crate::wal::{get_uvarint, put_uvarint};
 /// An encoded chunk with the timestamps of its first and last samples.
 pub type TimedChunk = (Arc<[u8]>, i64, i64);
 
-/// A chunk's place in the `chunks` file and the time range of its samples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkMeta {
+/// Where a series' chunks are in the `chunks` file (one compressed run per
+/// series) and the time range of each chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRun {
     pub offset: u64,
     pub len: u32,
-    pub mint: i64,
-    pub maxt: i64,
+    pub chunks: Vec<(i64, i64)>,
 }
+
+/// zstd level for chunk runs: most of the gain, little CPU.
+const ZSTD_LEVEL: i32 = 3;
+/// Largest uncompressed run accepted when reading (a guard against bad data).
+const MAX_RUN: usize = 256 << 20;
 
 /// One series of a block being written: its labels and encoded chunks.
 pub struct SeriesChunks {
@@ -46,7 +51,7 @@ pub struct Meta {
 pub struct Block {
     pub dir: PathBuf,
     pub meta: Meta,
-    series: Vec<(Labels, Vec<ChunkMeta>)>,
+    series: Vec<(Labels, SeriesRun)>,
     index: Index,
     chunks: File,
 }
@@ -99,18 +104,25 @@ pub fn write(parent: &Path, series: &[SeriesChunks], boundary: i64) -> io::Resul
             put_uvarint(&mut index, symbol_id(n));
             put_uvarint(&mut index, symbol_id(v));
         }
+        // The series' chunks, each length-prefixed, compressed as one zstd frame.
+        let mut run = Vec::new();
+        for (bytes, _, _) in &s.chunks {
+            run.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            run.extend_from_slice(bytes);
+        }
+        let frame = zstd::bulk::compress(&run, ZSTD_LEVEL)?;
+        chunks.write_all(&(frame.len() as u32).to_be_bytes())?;
+        chunks.write_all(&crc32fast::hash(&frame).to_be_bytes())?;
+        chunks.write_all(&frame)?;
+        put_uvarint(&mut index, offset);
+        put_uvarint(&mut index, frame.len() as u64);
         put_uvarint(&mut index, s.chunks.len() as u64);
-        for (bytes, cmin, cmax) in &s.chunks {
-            chunks.write_all(&(bytes.len() as u32).to_be_bytes())?;
-            chunks.write_all(&crc32fast::hash(bytes).to_be_bytes())?;
-            chunks.write_all(bytes)?;
-            put_uvarint(&mut index, offset);
-            put_uvarint(&mut index, bytes.len() as u64);
+        for (_, cmin, cmax) in &s.chunks {
             put_uvarint(&mut index, ((cmin << 1) ^ (cmin >> 63)) as u64);
             put_uvarint(&mut index, (cmax - cmin) as u64);
-            offset += 8 + bytes.len() as u64;
-            n_chunks += 1;
         }
+        offset += 8 + frame.len() as u64;
+        n_chunks += s.chunks.len();
     }
     let crc = crc32fast::hash(&index);
     index.extend_from_slice(&crc.to_be_bytes());
@@ -119,7 +131,7 @@ pub fn write(parent: &Path, series: &[SeriesChunks], boundary: i64) -> io::Resul
     let mut f = File::create(tmp.join("index"))?;
     f.write_all(&index)?;
     f.sync_all()?;
-    let meta = json!({"version": 1, "mint": mint, "maxt": maxt, "boundary": boundary, "series": series.len(), "chunks": n_chunks, "bytes": offset + index.len() as u64});
+    let meta = json!({"version": 2, "mint": mint, "maxt": maxt, "boundary": boundary, "series": series.len(), "chunks": n_chunks, "bytes": offset + index.len() as u64});
     let mut f = File::create(tmp.join("meta.json"))?;
     f.write_all(
         serde_json::to_string_pretty(&meta)
@@ -142,7 +154,7 @@ impl Block {
                 .as_i64()
                 .ok_or_else(|| invalid(format!("meta.json: missing {k}")))
         };
-        if meta["version"] != 1 {
+        if meta["version"] != 2 {
             return Err(invalid("unknown block version"));
         }
         let meta = Meta {
@@ -189,23 +201,23 @@ impl Block {
                 pairs.push((name, value));
             }
             let labels = Labels::new(pairs);
+            let offset = get_uvarint(body, &mut pos).ok_or_else(bad)?;
+            let len = get_uvarint(body, &mut pos).ok_or_else(bad)? as u32;
             let k = get_uvarint(body, &mut pos).ok_or_else(bad)? as usize;
             let mut chunks = Vec::with_capacity(k.min(1 << 16));
             for _ in 0..k {
-                let offset = get_uvarint(body, &mut pos).ok_or_else(bad)?;
-                let len = get_uvarint(body, &mut pos).ok_or_else(bad)? as u32;
                 let z = get_uvarint(body, &mut pos).ok_or_else(bad)?;
                 let mint = ((z >> 1) as i64) ^ -((z & 1) as i64);
                 let maxt = mint.wrapping_add(get_uvarint(body, &mut pos).ok_or_else(bad)? as i64);
-                chunks.push(ChunkMeta {
-                    offset,
-                    len,
-                    mint,
-                    maxt,
-                });
+                chunks.push((mint, maxt));
             }
+            let run = SeriesRun {
+                offset,
+                len,
+                chunks,
+            };
             index.add(series.len() as u32, labels.iter());
-            series.push((labels, chunks));
+            series.push((labels, run));
         }
         let chunks = File::open(dir.join("chunks"))?;
         Ok(Block {
@@ -233,36 +245,52 @@ impl Block {
         self.index.label_values(name)
     }
 
-    /// Every series with its chunk references (for compaction and checks).
-    pub fn series(&self) -> impl Iterator<Item = (&Labels, &[ChunkMeta])> {
-        self.series.iter().map(|(l, c)| (l, c.as_slice()))
+    /// Every series with its run (for compaction and checks).
+    pub fn series(&self) -> impl Iterator<Item = (&Labels, &SeriesRun)> {
+        self.series.iter().map(|(l, r)| (l, r))
     }
 
     /// The chunks of series `id` that overlap `[mint, maxt]`, read from disk and checked.
     pub fn chunks(&self, id: u32, mint: i64, maxt: i64) -> io::Result<Vec<TimedChunk>> {
-        let mut out = Vec::new();
-        for c in self.series[id as usize]
-            .1
-            .iter()
-            .filter(|c| c.maxt >= mint && c.mint <= maxt)
-        {
-            out.push((self.read_chunk(c)?, c.mint, c.maxt));
+        let run = &self.series[id as usize].1;
+        if !run.chunks.iter().any(|c| c.1 >= mint && c.0 <= maxt) {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let all = self.read_run(run)?;
+        Ok(all
+            .into_iter()
+            .filter(|c| c.2 >= mint && c.1 <= maxt)
+            .collect())
     }
 
-    pub fn read_chunk(&self, c: &ChunkMeta) -> io::Result<Arc<[u8]>> {
-        let mut buf = vec![0u8; 8 + c.len as usize];
-        self.chunks.read_exact_at(&mut buf, c.offset)?;
-        let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
-        let crc = u32::from_be_bytes(buf[4..8].try_into().expect("4 bytes"));
-        if len != c.len || crc32fast::hash(&buf[8..]) != crc {
+    /// All chunks of a series' run, decompressed and checked.
+    pub fn read_run(&self, run: &SeriesRun) -> io::Result<Vec<TimedChunk>> {
+        let mut frame = vec![0u8; 8 + run.len as usize];
+        self.chunks.read_exact_at(&mut frame, run.offset)?;
+        let len = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
+        if len != run.len || crc32fast::hash(&frame[8..]) != crc {
             return Err(invalid(format!(
-                "chunk at {} in {} fails its checksum",
-                c.offset,
+                "chunks at {} in {} fail their checksum",
+                run.offset,
                 self.dir.display()
             )));
         }
-        Ok(Arc::from(&buf[8..]))
+        let data = zstd::bulk::decompress(&frame[8..], MAX_RUN)
+            .map_err(|e| invalid(format!("chunks at {}: {e}", run.offset)))?;
+        let mut out = Vec::with_capacity(run.chunks.len());
+        let mut pos = 0;
+        for &(cmin, cmax) in &run.chunks {
+            let n = data
+                .get(pos..pos + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+                .ok_or_else(|| invalid("chunk run is cut short"))?;
+            let bytes = data
+                .get(pos + 4..pos + 4 + n)
+                .ok_or_else(|| invalid("chunk run is cut short"))?;
+            out.push((Arc::from(bytes), cmin, cmax));
+            pos += 4 + n;
+        }
+        Ok(out)
     }
 }

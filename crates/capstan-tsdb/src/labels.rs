@@ -16,7 +16,12 @@ impl Labels {
         pairs.reverse();
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         pairs.dedup_by(|a, b| a.0 == b.0);
-        Labels(pairs.into_iter().map(|(n, v)| (Arc::from(n), Arc::from(v))).collect())
+        Labels(
+            pairs
+                .into_iter()
+                .map(|(n, v)| (Arc::from(n), Arc::from(v)))
+                .collect(),
+        )
     }
 
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
