@@ -43,6 +43,8 @@ pub struct Meta {
     pub maxt: i64,
     /// The block holds every sample before this time that the head had (exclusive).
     pub boundary: i64,
+    /// Names of the blocks this one replaced by compaction.
+    pub parents: Vec<String>,
     pub series: usize,
     pub chunks: usize,
     pub bytes: u64,
@@ -62,7 +64,14 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 
 /// Writes a block for `series` (sorted or not) into `parent`, named after its time
 /// range; returns its directory.
-pub fn write(parent: &Path, series: &[SeriesChunks], boundary: i64) -> io::Result<PathBuf> {
+/// Writes a block; `parents` names the blocks it replaces (a compaction), which
+/// opening the store deletes if a crash left them behind.
+pub fn write(
+    parent: &Path,
+    series: &[SeriesChunks],
+    boundary: i64,
+    parents: &[String],
+) -> io::Result<PathBuf> {
     let mint = series
         .iter()
         .flat_map(|s| s.chunks.iter().map(|c| c.1))
@@ -131,7 +140,7 @@ pub fn write(parent: &Path, series: &[SeriesChunks], boundary: i64) -> io::Resul
     let mut f = File::create(tmp.join("index"))?;
     f.write_all(&index)?;
     f.sync_all()?;
-    let meta = json!({"version": 2, "mint": mint, "maxt": maxt, "boundary": boundary, "series": series.len(), "chunks": n_chunks, "bytes": offset + index.len() as u64});
+    let meta = json!({"version": 2, "mint": mint, "maxt": maxt, "boundary": boundary, "series": series.len(), "chunks": n_chunks, "bytes": offset + index.len() as u64, "parents": parents});
     let mut f = File::create(tmp.join("meta.json"))?;
     f.write_all(
         serde_json::to_string_pretty(&meta)
@@ -161,6 +170,14 @@ impl Block {
             mint: num("mint")?,
             maxt: num("maxt")?,
             boundary: num("boundary")?,
+            parents: meta["parents"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
             series: num("series")? as usize,
             chunks: num("chunks")? as usize,
             bytes: num("bytes")? as u64,
@@ -239,6 +256,14 @@ impl Block {
 
     pub fn label_names(&self) -> Vec<String> {
         self.index.label_names()
+    }
+
+    /// The block's directory name.
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     pub fn label_values(&self, name: &str) -> Vec<String> {

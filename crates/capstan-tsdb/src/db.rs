@@ -284,6 +284,7 @@ impl Db {
                 done.block = Some(self.cut(&mut st, boundary)?);
             }
         }
+        done.compacted = self.compact(&mut st)?;
         // Retention by time, then by size; never the newest block.
         let blocks_dir = self.opts.dir.join("blocks");
         let io = |source| Error::Io {
@@ -294,13 +295,13 @@ impl Db {
             && st.blocks[0].meta.boundary < head_max.saturating_sub(self.opts.retention_ms)
         {
             let b = st.blocks.remove(0);
-            std::fs::remove_dir_all(&b.dir).map_err(io)?;
+            delete_block(&b.dir).map_err(io)?;
             done.deleted += 1;
         }
         if let Some(max) = self.opts.retention_bytes {
             while st.blocks.len() > 1 && st.blocks.iter().map(|b| b.meta.bytes).sum::<u64>() > max {
                 let b = st.blocks.remove(0);
-                std::fs::remove_dir_all(&b.dir).map_err(io)?;
+                delete_block(&b.dir).map_err(io)?;
                 done.deleted += 1;
             }
         }
@@ -348,10 +349,11 @@ impl Db {
             path: blocks_dir.clone(),
             source,
         })?;
-        let dir = block::write(&blocks_dir, &series_out, boundary).map_err(|source| Error::Io {
-            path: blocks_dir.clone(),
-            source,
-        })?;
+        let dir =
+            block::write(&blocks_dir, &series_out, boundary, &[]).map_err(|source| Error::Io {
+                path: blocks_dir.clone(),
+                source,
+            })?;
         let b = Block::open(&dir).map_err(|source| Error::Io {
             path: dir.clone(),
             source,
@@ -401,6 +403,72 @@ impl Db {
             return Ok(None);
         }
         self.cut(&mut st, boundary).map(Some)
+    }
+
+    /// Merges blocks that fall in one window of 3, 9 or 27 block ranges (up to a
+    /// tenth of the retention) into one block; the newest window is left to fill.
+    fn compact(&self, st: &mut State) -> Result<usize, Error> {
+        let range = self.opts.block_range_ms.max(1);
+        let max_level = (self.opts.retention_ms / 10).max(range * 3);
+        let blocks_dir = self.opts.dir.join("blocks");
+        let io = |source| Error::Io {
+            path: blocks_dir.clone(),
+            source,
+        };
+        let mut compacted = 0;
+        for level in [range * 3, range * 9, range * 27] {
+            if level > max_level {
+                break;
+            }
+            loop {
+                let window = |b: &Block| b.meta.mint.div_euclid(level);
+                let fits = |b: &Block| (b.meta.boundary - 1).div_euclid(level) == window(b);
+                let newest = st
+                    .blocks
+                    .last()
+                    .map(|b| (b.meta.boundary - 1).div_euclid(level));
+                let mut groups: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+                for (i, b) in st.blocks.iter().enumerate() {
+                    if fits(b) && Some(window(b)) != newest {
+                        groups.entry(window(b)).or_default().push(i);
+                    }
+                }
+                let Some(group) = groups.into_values().find(|g| g.len() >= 2) else {
+                    break;
+                };
+                let parents: Vec<Arc<Block>> =
+                    group.iter().map(|&i| st.blocks[i].clone()).collect();
+                let mut merged: BTreeMap<Labels, Vec<TimedChunk>> = BTreeMap::new();
+                for b in &parents {
+                    for (labels, run) in b.series() {
+                        merged
+                            .entry(labels.clone())
+                            .or_default()
+                            .extend(b.read_run(run).map_err(io)?);
+                    }
+                }
+                let series: Vec<SeriesChunks> = merged
+                    .into_iter()
+                    .map(|(labels, chunks)| SeriesChunks { labels, chunks })
+                    .collect();
+                let boundary = parents
+                    .iter()
+                    .map(|b| b.meta.boundary)
+                    .max()
+                    .unwrap_or(i64::MIN);
+                let names: Vec<String> = parents.iter().map(|b| b.name()).collect();
+                let dir = block::write(&blocks_dir, &series, boundary, &names).map_err(io)?;
+                let new = Arc::new(Block::open(&dir).map_err(io)?);
+                st.blocks.retain(|b| !names.contains(&b.name()));
+                st.blocks.push(new);
+                st.blocks.sort_by_key(|b| b.meta.boundary);
+                for b in &parents {
+                    delete_block(&b.dir).map_err(io)?;
+                }
+                compacted += parents.len();
+            }
+        }
+        Ok(compacted)
     }
 
     /// On-disk blocks: (directory, first and last sample time, bytes).
@@ -761,6 +829,8 @@ pub struct Maintained {
     pub block: Option<PathBuf>,
     /// Blocks deleted by retention.
     pub deleted: usize,
+    /// Blocks merged into larger ones.
+    pub compacted: usize,
 }
 
 /// Encodes samples (in time order) into full chunks with their time ranges.
@@ -790,14 +860,36 @@ fn open_blocks(dir: &std::path::Path) -> std::io::Result<Vec<Arc<Block>>> {
     };
     for e in entries.flatten() {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "tmp") {
+        // Leftovers of a block write or a block deletion that a crash interrupted.
+        if p.extension().is_some_and(|x| x == "tmp" || x == "deleted") {
             std::fs::remove_dir_all(&p)?;
             continue;
         }
         out.push(Arc::new(Block::open(&p)?));
     }
+    // A compaction that wrote its block but was stopped before deleting the blocks
+    // it replaced: delete them now.
+    let replaced: std::collections::HashSet<String> = out
+        .iter()
+        .flat_map(|b| b.meta.parents.iter().cloned())
+        .collect();
+    for b in out.iter().filter(|b| replaced.contains(&b.name())) {
+        delete_block(&b.dir)?;
+    }
+    out.retain(|b| !replaced.contains(&b.name()));
     out.sort_by_key(|b| b.meta.boundary);
     Ok(out)
+}
+
+/// Deletes a block so that a crash cannot leave half of it: renamed away first
+/// (atomic), then removed; a leftover `.deleted` directory is removed on open.
+fn delete_block(dir: &std::path::Path) -> std::io::Result<()> {
+    let gone = dir.with_extension("deleted");
+    std::fs::rename(dir, &gone)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    std::fs::remove_dir_all(&gone)
 }
 
 fn tracing_error(msg: &str) {

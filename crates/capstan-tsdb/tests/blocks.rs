@@ -83,12 +83,21 @@ fn cut_query_reopen_and_retention() {
     assert_eq!(db.label_values("job"), vec!["a", "b"]);
 
     // Many more hours: more blocks, and the oldest fall out of retention.
+    let mut compacted = 0;
     for h in 0..10 {
         write(&db, 200 + h * 60, 260 + h * 60);
-        db.maintain().unwrap();
+        compacted += db.maintain().unwrap().compacted;
     }
+    assert!(
+        compacted >= 2,
+        "1h blocks were merged into 3h blocks ({compacted})"
+    );
     let blocks = db.blocks();
-    assert!(blocks.len() >= 3, "{blocks:?}");
+    assert!((2..=6).contains(&blocks.len()), "{blocks:?}");
+    // Every block but the newest covers a whole 3h window or less.
+    for b in &blocks {
+        assert!(b.2 - b.1 < 3 * 3_600_000, "{b:?}");
+    }
     let oldest = all(&db, "a")[0].0;
     assert!(
         oldest >= (800 - 6 * 60 - 120) * 60_000,
@@ -100,4 +109,48 @@ fn cut_query_reopen_and_retention() {
     );
     let newest = all(&db, "a").last().copied().unwrap();
     assert_eq!(newest, (799 * 60_000, 799.0));
+}
+
+/// A compaction stopped after writing its block but before deleting the blocks it
+/// replaced: opening the store finishes it, and nothing is counted twice.
+#[test]
+fn an_interrupted_compaction_is_finished_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.retention_ms = 100 * 3_600_000;
+    {
+        let (db, _) = Db::open(o.clone()).unwrap();
+        for h in 0..8 {
+            write(&db, h * 60, h * 60 + 60);
+            db.maintain().unwrap();
+        }
+        assert!(db.blocks().len() >= 2);
+    }
+    // Simulate the crash: copy a block back under its old name, as if not yet deleted.
+    let blocks_dir = dir.path().join("blocks");
+    let (db, _) = Db::open(o.clone()).unwrap();
+    let before = all(&db, "a");
+    let merged = db.blocks().into_iter().map(|b| b.0).find(|p| {
+        std::fs::read_to_string(p.join("meta.json"))
+            .unwrap()
+            .contains("\"parents\": [\n")
+    });
+    drop(db);
+    if let Some(m) = merged {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(m.join("meta.json")).unwrap()).unwrap();
+        let parent = meta["parents"][0].as_str().unwrap();
+        std::fs::create_dir_all(blocks_dir.join(parent)).unwrap();
+        for f in ["meta.json", "index", "chunks"] {
+            std::fs::copy(m.join(f), blocks_dir.join(parent).join(f)).unwrap();
+        }
+        let (db, _) = Db::open(o).unwrap();
+        assert!(
+            !blocks_dir.join(parent).exists(),
+            "the replaced block was deleted on open"
+        );
+        assert_eq!(all(&db, "a"), before, "no sample counted twice");
+    } else {
+        panic!("no compacted block to test with");
+    }
 }
