@@ -51,35 +51,98 @@ impl<'a> Iterator for LabelIter<'a> {
     type Item = Result<(&'a str, Cow<'a, str>), ParseError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let s = self.rest.trim_start_matches([' ', '\t', ',']);
-        if s.is_empty() {
+        let text = self.rest;
+        let b = text.as_bytes();
+        let skip_ws = |mut i: usize| {
+            while i < b.len() && matches!(b[i], b' ' | b'\t') {
+                i += 1;
+            }
+            i
+        };
+        let mut i = 0;
+        while i < b.len() && matches!(b[i], b' ' | b'\t' | b',') {
+            i += 1;
+        }
+        if i == b.len() {
             return None;
         }
-        let name_len = s
-            .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
-            .unwrap_or(s.len());
-        let name = &s[..name_len];
-        let after = s[name_len..].trim_start_matches([' ', '\t']);
-        let Some(after) = after.strip_prefix('=') else {
-            self.rest = "";
-            return Some(Err(ParseError {
+        let start = i;
+        while i < b.len() && LABEL_CHAR[b[i] as usize] {
+            i += 1;
+        }
+        let name = &text[start..i];
+        i = skip_ws(i);
+        let malformed = || {
+            Some(Err(ParseError {
                 line: 0,
                 message: "malformed labels".into(),
-            }));
+            }))
         };
-        let after = after.trim_start_matches([' ', '\t']);
-        let Some(body) = after.strip_prefix('"') else {
+        if b.get(i) != Some(&b'=') {
             self.rest = "";
-            return Some(Err(ParseError {
-                line: 0,
-                message: "malformed labels".into(),
-            }));
-        };
-        let end = quoted_end(body).unwrap_or(body.len());
+            return malformed();
+        }
+        i = skip_ws(i + 1);
+        if b.get(i) != Some(&b'"') {
+            self.rest = "";
+            return malformed();
+        }
+        let body = &text[i + 1..];
+        let (end, escaped) = quoted_end_escaped(body).unwrap_or((body.len(), false));
         self.rest = body.get(end + 1..).unwrap_or("");
-        Some(Ok((name, unescape(&body[..end], false))))
+        let raw = &body[..end];
+        Some(Ok((
+            name,
+            if escaped {
+                unescape(raw, false)
+            } else {
+                Cow::Borrowed(raw)
+            },
+        )))
     }
 }
+
+/// Like [`quoted_end`], also telling whether the string holds a backslash.
+fn quoted_end_escaped(s: &str) -> Option<(usize, bool)> {
+    let b = s.as_bytes();
+    let mut escaped = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => {
+                escaped = true;
+                i += 2;
+            }
+            b'"' => return Some((i, escaped)),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Bytes allowed in label names (after the first).
+const LABEL_CHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b == b'_' || b.is_ascii_alphanumeric();
+        c += 1;
+    }
+    t
+};
+
+/// Bytes allowed in metric names (after the first).
+const NAME_CHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b == b'_' || b == b':' || b.is_ascii_alphanumeric();
+        c += 1;
+    }
+    t
+};
 
 /// Index of the closing quote of a quoted string whose opening quote was just consumed.
 fn quoted_end(s: &str) -> Option<usize> {
@@ -136,7 +199,9 @@ fn name_len(s: &str) -> usize {
     if b.is_empty() || !is_name_start(b[0]) {
         return 0;
     }
-    b.iter().position(|&c| !is_name_char(c)).unwrap_or(b.len())
+    b.iter()
+        .position(|&c| !NAME_CHAR[c as usize])
+        .unwrap_or(b.len())
 }
 
 fn is_metric_name(s: &str) -> bool {
