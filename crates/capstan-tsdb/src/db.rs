@@ -645,6 +645,8 @@ impl Appender<'_> {
         // series track theirs in `pending_t`/`pending_bits` while the batch is checked.
         let mut newest: HashMap<SeriesId, (i64, u64)> = HashMap::new();
         let mut created: Vec<(Labels, u64)> = Vec::new();
+        // Series this batch creates, by hash: the batch may name one many times.
+        let mut created_by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
         for (item, t, v) in self.batch {
             // Older than what the blocks hold: refused before a series is made for it.
             if t < st.persisted_until {
@@ -670,7 +672,10 @@ impl Appender<'_> {
                     let h = labels.hash64();
                     match st.lookup(&labels, h) {
                         Some(id) => id,
-                        None => match created.iter().position(|(l, _)| *l == labels) {
+                        None => match created_by_hash
+                            .get(&h)
+                            .and_then(|c| c.iter().copied().find(|&i| created[i].0 == labels))
+                        {
                             Some(i) => (st.series.len() + i) as SeriesId,
                             None => {
                                 if st.series.len() + created.len() >= db.opts.max_series {
@@ -682,6 +687,7 @@ impl Appender<'_> {
                                     id,
                                     labels: labels.clone(),
                                 });
+                                created_by_hash.entry(h).or_default().push(created.len());
                                 created.push((labels, h));
                                 id
                             }

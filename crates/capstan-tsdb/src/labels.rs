@@ -65,12 +65,25 @@ impl Labels {
         Labels(self.0.iter().map(|(n, v)| (get(n), get(v))).collect())
     }
 
-    /// A 64-bit hash of the pairs (FNV-1a), stable across runs.
+    /// A 64-bit hash of the pairs, stable across runs.
     pub fn hash64(&self) -> u64 {
+        // Multiply-rotate over eight bytes at a time, then the length of each
+        // string, so ("ab","c") and ("a","bc") differ.
+        let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for (n, v) in &self.0 {
-            for b in n.bytes().chain([0xff]).chain(v.bytes()).chain([0xfe]) {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            for s in [n.as_bytes(), v.as_bytes()] {
+                let mut chunks = s.chunks_exact(8);
+                for c in &mut chunks {
+                    h = mix(h, u64::from_le_bytes(c.try_into().expect("8 bytes")));
+                }
+                let rest = chunks.remainder();
+                if !rest.is_empty() {
+                    let mut w = [0u8; 8];
+                    w[..rest.len()].copy_from_slice(rest);
+                    h = mix(h, u64::from_le_bytes(w));
+                }
+                h = mix(h, s.len() as u64);
             }
         }
         h
