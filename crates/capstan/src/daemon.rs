@@ -136,6 +136,10 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let tsdb_dir = opts.data_dir.join("tsdb");
     let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
     tsdb_opts.fsync = capstan_tsdb::Fsync::Every(std::time::Duration::from_secs(1));
+    let storage = &opts.stack.settings.storage;
+    tsdb_opts.retention_ms = storage.retention.0.as_millis() as i64;
+    tsdb_opts.retention_bytes = storage.retention_size;
+    tsdb_opts.max_series = storage.max_series as usize;
     let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
         .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
     if let Some(cut) = replay.truncated {

@@ -26,6 +26,27 @@ pub struct Settings {
     /// Extra targets in Prometheus' `scrape_configs` shape (static targets).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scrape_configs: Vec<ScrapeConfig>,
+    /// The metrics store's limits (`x-capstan.storage`).
+    #[serde(default)]
+    pub storage: StorageSettings,
+}
+
+/// Retention and limits of the metrics store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageSettings {
+    /// Blocks older than this are deleted (Prometheus' `--storage.tsdb.retention.time`).
+    pub retention: Dur,
+    /// Oldest blocks are deleted while the blocks take more than this (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_size: Option<u64>,
+    /// Most series in memory; samples of new series beyond it are rejected and counted.
+    pub max_series: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings { retention: Dur::secs(15 * 86_400), retention_size: None, max_series: 2_000_000 }
+    }
 }
 
 fn default_metrics_path() -> String {
@@ -85,6 +106,7 @@ impl Default for Settings {
             logs: LogSettings::default(),
             scrape_interval: default_scrape_interval(),
             scrape_configs: Vec::new(),
+            storage: StorageSettings::default(),
         }
     }
 }
@@ -382,7 +404,7 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// Parses `1h2m3s`, `1.5s`, `500ms`, `10us`; `0` alone is zero.
+/// Parses `1h2m3s`, `1.5s`, `500ms`, `10us`, `15d`, `2w`; `0` alone is zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t == "0" {
@@ -413,6 +435,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            // Days and weeks, as Prometheus' retention flags write them.
+            "d" => 86_400.0,
+            "w" => 604_800.0,
             _ => return Err(bad()),
         };
         total += n * scale;
