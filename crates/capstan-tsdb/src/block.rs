@@ -275,6 +275,15 @@ impl Block {
         self.series.iter().map(|(l, r)| (l, r))
     }
 
+    /// Whether series `id` has a chunk overlapping `[mint, maxt]`.
+    pub fn has_samples_in(&self, id: u32, mint: i64, maxt: i64) -> bool {
+        self.series[id as usize]
+            .1
+            .chunks
+            .iter()
+            .any(|c| c.1 >= mint && c.0 <= maxt)
+    }
+
     /// The chunks of series `id` that overlap `[mint, maxt]`, read from disk and checked.
     pub fn chunks(&self, id: u32, mint: i64, maxt: i64) -> io::Result<Vec<TimedChunk>> {
         let run = &self.series[id as usize].1;

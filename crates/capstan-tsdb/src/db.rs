@@ -587,6 +587,36 @@ impl Db {
             .collect()
     }
 
+    /// Label sets of the series the matchers select that have samples in
+    /// `[mint, maxt]`, from the index and chunk time ranges (no sample is decoded).
+    pub fn series_in_range(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<Labels> {
+        let st = self.state.lock().unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for id in st.index.select(matchers) {
+            let s = &st.series[id as usize];
+            let first = s
+                .closed
+                .first()
+                .map(|c| c.1)
+                .or_else(|| s.head.first_last().map(|f| f.0));
+            if s.max_t >= mint && first.is_some_and(|f| f <= maxt) {
+                out.insert(s.labels.clone());
+            }
+        }
+        for b in st
+            .blocks
+            .iter()
+            .filter(|b| b.meta.maxt >= mint && b.meta.mint <= maxt)
+        {
+            for id in b.select(matchers) {
+                if b.has_samples_in(id, mint, maxt) {
+                    out.insert(b.labels(id).clone());
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     pub fn label_names(&self) -> Vec<String> {
         let st = self.state.lock().unwrap();
         let mut names: Vec<String> = st.index.label_names();

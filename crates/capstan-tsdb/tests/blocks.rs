@@ -81,6 +81,16 @@ fn cut_query_reopen_and_retention() {
     assert_eq!(all(&db, "a").len(), 200);
     assert_eq!(all(&db, "b").len(), 150);
     assert_eq!(db.label_values("job"), vec!["a", "b"]);
+    // Series lookups over a time range: b stopped at minute 150.
+    let late = db.series_in_range(&[Matcher::eq("__name__", "x")], 160 * 60_000, 170 * 60_000);
+    assert_eq!(
+        late.iter()
+            .map(|l| l.get("job").unwrap())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    let early = db.series_in_range(&[], 0, 60_000);
+    assert_eq!(early.len(), 2, "both series, from the block");
 
     // Many more hours: more blocks, and the oldest fall out of retention.
     let mut compacted = 0;

@@ -419,13 +419,22 @@ impl Decoder<'_> {
         if let Some(n) = f.take("storage") {
             let sp = join(path, "storage");
             if let Some(mut sf) = self.fields(n, &sp) {
-                if let Some(d) = sf.take("retention").and_then(|d| self.duration(d, &join(&sp, "retention"))) {
+                if let Some(d) = sf
+                    .take("retention")
+                    .and_then(|d| self.duration(d, &join(&sp, "retention")))
+                {
                     s.storage.retention = d;
                 }
-                if let Some(b) = sf.take("retention_size").and_then(|b| self.bytes(b, &join(&sp, "retention_size"))) {
+                if let Some(b) = sf
+                    .take("retention_size")
+                    .and_then(|b| self.bytes(b, &join(&sp, "retention_size")))
+                {
                     s.storage.retention_size = Some(b);
                 }
-                if let Some(m) = sf.take("max_series").and_then(|m| self.uint(m, &join(&sp, "max_series"), u32::MAX as u64)) {
+                if let Some(m) = sf
+                    .take("max_series")
+                    .and_then(|m| self.uint(m, &join(&sp, "max_series"), u32::MAX as u64))
+                {
                     s.storage.max_series = m;
                 }
                 self.finish(sf, &sp, &[]);

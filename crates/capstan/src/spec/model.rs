@@ -45,7 +45,11 @@ pub struct StorageSettings {
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        StorageSettings { retention: Dur::secs(15 * 86_400), retention_size: None, max_series: 2_000_000 }
+        StorageSettings {
+            retention: Dur::secs(15 * 86_400),
+            retention_size: None,
+            max_series: 2_000_000,
+        }
     }
 }
 

@@ -252,12 +252,18 @@ fn env_files_and_dotenv_beside_the_stack() {
 fn storage_and_scrape_settings() {
     let text = "x-capstan:\n  scrape_interval: 5s\n  storage: {retention: 30d, retention_size: 10g, max_series: 1000}\nservices:\n  web:\n    command: x\n";
     let e = errors(&text.replace("30d", "30days"));
-    assert_eq!(e, "capstan.yaml:3:24: x-capstan.storage.retention: expected a duration like 10s, 1m30s or 500ms, found \"30days\"");
+    assert_eq!(
+        e,
+        "capstan.yaml:3:24: x-capstan.storage.retention: expected a duration like 10s, 1m30s or 500ms, found \"30days\""
+    );
     let (stack, _) = parse(&text.replace("30d", "4w2d")).unwrap();
     assert_eq!(stack.settings.storage.retention, Dur::secs(720 * 3600));
     assert_eq!(stack.settings.storage.retention_size, Some(10 << 30));
     assert_eq!(stack.settings.storage.max_series, 1000);
     assert_eq!(stack.settings.scrape_interval, Dur::secs(5));
     let e = errors("x-capstan:\n  scrape_interval: 500ms\nservices:\n  web:\n    command: x\n");
-    assert!(e.contains("x-capstan.scrape_interval: the scrape interval must be at least 1s"), "{e}");
+    assert!(
+        e.contains("x-capstan.scrape_interval: the scrape interval must be at least 1s"),
+        "{e}"
+    );
 }
