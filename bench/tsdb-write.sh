@@ -41,6 +41,16 @@ prom_rate=$(grep -o 'samples/sec: [0-9.e+]*' "$work/prom.out" | awk '{printf "%.
 prom_rss=$(grep -o 'max RSS [0-9]*' "$work/prom.err" | awk '{print $3}')
 grep -E 'samples/sec' "$work/prom.out"
 grep -E 'max RSS' "$work/prom.err"
+# Prometheus' restart: time until /-/ready on the WAL the benchmark left.
+printf 'global:\n  scrape_interval: 1h\n' > "$work/prom.yml"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+start=$(date +%s%N)
+prometheus --config.file="$work/prom.yml" --storage.tsdb.path="$work/prom/storage" --web.listen-address=127.0.0.1:$port > "$work/prom-replay.log" 2>&1 &
+prom_pid=$!
+for _ in $(seq 1 3000); do curl -sf localhost:$port/-/ready >/dev/null && break; sleep 0.1; done
+prom_ready_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+kill $prom_pid; wait $prom_pid 2>/dev/null || true
+echo "Prometheus restart: ready after $prom_ready_ms ms ($(grep -o 'wal_replay_duration=[^ ]*' "$work/prom-replay.log"))"
 echo "== capstan-tsdb bench_write $metrics $scrapes"
 /usr/bin/time -f "max RSS %M KiB, CPU %U s user %S s sys" target/release/examples/bench_write "$work/series.json" "$metrics" "$scrapes" 2> "$work/cap.err" | tee "$work/cap.out"
 cat "$work/cap.err"
@@ -48,3 +58,4 @@ cap_rate=$(grep -o '[0-9]* samples/s' "$work/cap.out" | head -1 | awk '{print $1
 cap_rss=$(grep -o 'max RSS [0-9]*' "$work/cap.err" | awk '{print $3}')
 echo "== append throughput: capstan $cap_rate samples/s, Prometheus $prom_rate samples/s, ratio $(awk "BEGIN{printf \"%.2f\", $cap_rate/$prom_rate}")x"
 echo "== peak RSS: capstan $cap_rss KiB ($(awk "BEGIN{printf \"%.0f\", $cap_rss*1024/$metrics}") B/series), Prometheus $prom_rss KiB ($(awk "BEGIN{printf \"%.0f\", $prom_rss*1024/$metrics}") B/series)"
+echo "== restart to ready: capstan $(grep -o 'samples in [0-9.]*s' "$work/cap.out" | tail -1 | awk '{print $3}') (WAL replay), Prometheus ${prom_ready_ms} ms (process start to /-/ready)"

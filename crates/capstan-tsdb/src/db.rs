@@ -111,7 +111,9 @@ pub struct SeriesRef(SeriesId);
 
 struct State {
     series: Vec<MemSeries>,
-    by_hash: HashMap<u64, Vec<SeriesId>>,
+    /// Label-set hash → series; hashes of more than one series go to `by_hash_more`.
+    by_hash: crate::fxhash::FxHashMap<u64, SeriesId>,
+    by_hash_more: crate::fxhash::FxHashMap<u64, Vec<SeriesId>>,
     index: Index,
     /// Set once the log is replayed.
     wal: Option<Wal>,
@@ -120,12 +122,16 @@ struct State {
     /// Every sample before this time is in the blocks, none in the head.
     persisted_until: i64,
     /// Label names and values, shared by all series.
-    symbols: std::collections::HashSet<Arc<str>>,
+    symbols: crate::fxhash::FxHashSet<Arc<str>>,
 }
 
 impl State {
     fn lookup(&self, labels: &Labels, hash: u64) -> Option<SeriesId> {
-        self.by_hash
+        let first = *self.by_hash.get(&hash)?;
+        if self.series[first as usize].labels == *labels {
+            return Some(first);
+        }
+        self.by_hash_more
             .get(&hash)?
             .iter()
             .copied()
@@ -136,7 +142,12 @@ impl State {
         let labels = labels.interned(&mut self.symbols);
         let id = self.series.len() as SeriesId;
         self.index.add(id, labels.iter());
-        self.by_hash.entry(hash).or_default().push(id);
+        // The first series of a hash goes in `by_hash`, any other in `by_hash_more`.
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.by_hash.entry(hash) {
+            slot.insert(id);
+        } else {
+            self.by_hash_more.entry(hash).or_default().push(id);
+        }
         self.series.push(MemSeries {
             labels,
             closed: Vec::new(),
@@ -220,7 +231,8 @@ impl Db {
             .unwrap_or(i64::MIN);
         let mut state = State {
             series: Vec::new(),
-            by_hash: HashMap::new(),
+            by_hash: Default::default(),
+            by_hash_more: Default::default(),
             index: Index::default(),
             wal: None,
             blocks,
@@ -676,7 +688,7 @@ impl Appender<'_> {
         let mut newest: HashMap<SeriesId, (i64, u64)> = HashMap::new();
         let mut created: Vec<(Labels, u64)> = Vec::new();
         // Series this batch creates, by hash: the batch may name one many times.
-        let mut created_by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut created_by_hash: crate::fxhash::FxHashMap<u64, Vec<usize>> = Default::default();
         for (item, t, v) in self.batch {
             // Older than what the blocks hold: refused before a series is made for it.
             if t < st.persisted_until {

@@ -1,6 +1,8 @@
 //! The inverted index: label name → value → postings (sorted series ids).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::fxhash::FxHashMap;
 
 use crate::labels::{MatchOp, Matcher};
 
@@ -9,7 +11,7 @@ pub type SeriesId = u32;
 #[derive(Default)]
 pub struct Index {
     /// name → value → sorted ids.
-    postings: HashMap<Box<str>, BTreeMap<Box<str>, Vec<SeriesId>>>,
+    postings: FxHashMap<Box<str>, BTreeMap<Box<str>, Vec<SeriesId>>>,
     /// Every id, sorted (ids are handed out in increasing order).
     all: Vec<SeriesId>,
 }
@@ -56,8 +58,17 @@ impl Index {
     pub fn add<'a>(&mut self, id: SeriesId, labels: impl Iterator<Item = (&'a str, &'a str)>) {
         self.all.push(id);
         for (n, v) in labels {
-            let values = self.postings.entry(n.into()).or_default();
-            values.entry(v.into()).or_default().push(id);
+            // Keys are allocated only for names and values not seen before.
+            let values = match self.postings.get_mut(n) {
+                Some(v) => v,
+                None => self.postings.entry(n.into()).or_default(),
+            };
+            match values.get_mut(v) {
+                Some(ids) => ids.push(id),
+                None => {
+                    values.insert(v.into(), vec![id]);
+                }
+            }
         }
     }
 

@@ -1,6 +1,5 @@
 //! Label sets and matchers.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -54,7 +53,7 @@ impl Labels {
 
     /// The same labels with every string taken from (or added to) `symbols`, so
     /// that series share their names and values in memory.
-    pub fn interned(&self, symbols: &mut HashSet<Arc<str>>) -> Labels {
+    pub fn interned(&self, symbols: &mut crate::fxhash::FxHashSet<Arc<str>>) -> Labels {
         let mut get = |s: &Arc<str>| match symbols.get(s) {
             Some(x) => x.clone(),
             None => {

@@ -10,6 +10,7 @@ mod bits;
 pub mod block;
 pub mod chunk;
 pub mod db;
+mod fxhash;
 pub mod index;
 pub mod labels;
 pub mod wal;
