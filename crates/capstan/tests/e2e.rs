@@ -755,6 +755,11 @@ services:
     assert_eq!(last_value(&own_up[0]), "1");
     let cpu = s.api("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=node&mode=idle");
     assert!(!cpu.as_array().unwrap().is_empty(), "{cpu}");
+    let scrapes = s.api("/capstan/v1/tsdb/select?name=capstan_scrapes_total&result=ok");
+    assert!(
+        last_value(&scrapes[0]).parse::<f64>().unwrap() >= 1.0,
+        "{scrapes}"
+    );
     let head = s.api("/capstan/v1/tsdb/select?name=capstan_tsdb_head_series");
     assert!(
         last_value(&head[0]).parse::<f64>().unwrap() > 10.0,

@@ -121,6 +121,34 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
     }
 
     use std::sync::atomic::Ordering::Relaxed;
+    let st = &shared.scrape_stats;
+    e.single(
+        "capstan_scrape_targets",
+        "gauge",
+        "Targets being scraped.",
+        st.targets.load(Relaxed) as f64,
+    );
+    e.family(
+        "capstan_scrapes_total",
+        "counter",
+        "Scrapes done, by result.",
+    );
+    e.sample(
+        "capstan_scrapes_total",
+        &[("result", "ok")],
+        st.ok.load(Relaxed) as f64,
+    );
+    e.sample(
+        "capstan_scrapes_total",
+        &[("result", "failed")],
+        st.failed.load(Relaxed) as f64,
+    );
+    e.single(
+        "capstan_scrape_duration_seconds_total",
+        "counter",
+        "Time spent scraping (fetch, parse, store), in seconds.",
+        st.duration_us.load(Relaxed) as f64 / 1e6,
+    );
     e.single(
         "capstan_tsdb_head_series",
         "gauge",

@@ -240,10 +240,19 @@ pub async fn run(shared: Arc<Shared>, db: Arc<Db>, mut stop: watch::Receiver<boo
         for (k, t) in want {
             if let std::collections::btree_map::Entry::Vacant(slot) = loops.entry(k) {
                 let (tx, rx) = watch::channel(false);
-                let task = tokio::spawn(scrape_loop(db.clone(), t.clone(), rx));
+                let task = tokio::spawn(scrape_loop(
+                    db.clone(),
+                    t.clone(),
+                    rx,
+                    shared.scrape_stats.clone(),
+                ));
                 slot.insert((t, tx, task));
             }
         }
+        shared
+            .scrape_stats
+            .targets
+            .store(loops.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = changed.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -292,7 +301,30 @@ fn series_labels(
     pairs
 }
 
-async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool>) {
+/// Counters of the scrape loops, for capstan's own `/metrics`.
+#[derive(Debug, Default)]
+pub struct ScrapeStats {
+    pub targets: std::sync::atomic::AtomicU64,
+    pub ok: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Total time spent scraping, in microseconds.
+    pub duration_us: std::sync::atomic::AtomicU64,
+}
+
+impl ScrapeStats {
+    fn record(&self, up: bool, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if up { &self.ok } else { &self.failed }.fetch_add(1, Relaxed);
+        self.duration_us.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+}
+
+async fn scrape_loop(
+    db: Arc<Db>,
+    target: Target,
+    mut stop: watch::Receiver<bool>,
+    stats: Arc<ScrapeStats>,
+) {
     // Spread targets over the interval, like Prometheus, by a hash of the target.
     let offset_ms = target
         .key()
@@ -423,9 +455,21 @@ async fn scrape_loop(db: Arc<Db>, target: Target, mut stop: watch::Receiver<bool
         for (l, ts, v) in batch {
             a.add(l, ts, v);
         }
-        if let Err(e) = tokio::task::block_in_place(|| a.commit()) {
-            tracing::error!(target = %target.key(), "cannot store samples: {e}");
+        match tokio::task::block_in_place(|| a.commit()) {
+            Ok(c) => {
+                for (reason, n) in &c.rejected {
+                    // Limits and bad labels are the operator's to fix: say so (late samples are routine).
+                    if matches!(
+                        reason,
+                        capstan_tsdb::Reject::TooManySeries | capstan_tsdb::Reject::BadLabels
+                    ) {
+                        tracing::warn!(target = %target.key(), reason = reason.as_str(), samples = n, "samples rejected by the metrics store's limits");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(target = %target.key(), "cannot store samples: {e}"),
         }
+        stats.record(up, started.elapsed());
     }
     // The target went away: everything it exposed is stale now (after its last sample).
     let t = crate::events::now_ms().max(first + k * interval_ms - interval_ms + 1);

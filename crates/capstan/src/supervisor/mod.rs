@@ -88,6 +88,7 @@ pub struct Shared {
     scrape: Mutex<ScrapeSpecs>,
     /// The daemon's own listener, scraped for its own and the host's metrics.
     pub api_addr: Mutex<Option<String>>,
+    pub scrape_stats: Arc<crate::scrape::ScrapeStats>,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -114,6 +115,7 @@ impl Shared {
             port_range: Mutex::new([20000, 29999]),
             scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new(), Vec::new())),
             api_addr: Mutex::new(None),
+            scrape_stats: Arc::default(),
             warned: Mutex::default(),
         }
     }
