@@ -66,26 +66,16 @@ impl Labels {
 
     /// A 64-bit hash of the pairs, stable across runs.
     pub fn hash64(&self) -> u64 {
-        // Multiply-rotate over eight bytes at a time, then the length of each
-        // string, so ("ab","c") and ("a","bc") differ.
-        let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        use std::hash::Hasher;
+        let mut h = crate::fxhash::FxHasher::default();
         for (n, v) in &self.0 {
+            // Each string then its length, so ("ab","c") and ("a","bc") differ.
             for s in [n.as_bytes(), v.as_bytes()] {
-                let mut chunks = s.chunks_exact(8);
-                for c in &mut chunks {
-                    h = mix(h, u64::from_le_bytes(c.try_into().expect("8 bytes")));
-                }
-                let rest = chunks.remainder();
-                if !rest.is_empty() {
-                    let mut w = [0u8; 8];
-                    w[..rest.len()].copy_from_slice(rest);
-                    h = mix(h, u64::from_le_bytes(w));
-                }
-                h = mix(h, s.len() as u64);
+                h.write(s);
+                h.write_usize(s.len());
             }
         }
-        h
+        h.finish()
     }
 }
 

@@ -134,6 +134,14 @@ impl Record {
     }
 }
 
+fn encode_all(records: &[Record]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for r in records {
+        r.encode(&mut buf);
+    }
+    buf
+}
+
 pub struct Wal {
     dir: PathBuf,
     segment: u64,
@@ -249,10 +257,7 @@ impl Wal {
 
     /// Appends records in one write; syncs as the policy says.
     pub fn log(&mut self, records: &[Record]) -> io::Result<()> {
-        let mut buf = Vec::new();
-        for r in records {
-            r.encode(&mut buf);
-        }
+        let buf = encode_all(records);
         if self.size > 0 && self.size + buf.len() as u64 > SEGMENT_SIZE {
             self.file.sync_all()?;
             self.segment += 1;
@@ -286,10 +291,7 @@ impl Wal {
             .append(true)
             .open(segment_path(&self.dir, self.segment))?;
         self.size = 0;
-        let mut buf = Vec::new();
-        for r in records {
-            r.encode(&mut buf);
-        }
+        let buf = encode_all(records);
         self.file.write_all(&buf)?;
         self.file.sync_all()?;
         self.size = buf.len() as u64;

@@ -39,6 +39,24 @@ fn need(bin: &str) -> String {
     );
 }
 
+/// A real node_exporter with a few collectors, on a free loopback port.
+fn start_node_exporter(bin: &str) -> (Killed, u16) {
+    let port = free_port();
+    let child = Command::new(bin)
+        .args([
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--collector.disable-defaults".into(),
+            "--collector.cpu".into(),
+            "--collector.loadavg".into(),
+            "--collector.meminfo".into(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Killed(child), port)
+}
+
 fn post(addr: &str, token: &str, path: &str, headers: &str, body: &[u8]) -> String {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     write!(c, "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n{headers}\r\n", body.len()).unwrap();
@@ -104,21 +122,7 @@ fn a_real_prometheus_remote_writes_node_exporter_samples_into_capstan() {
         .starts_with("HTTP/1.0 401")
     );
 
-    let ne_port = free_port();
-    let _ne = Killed(
-        Command::new(&node_exporter)
-            .args([
-                format!("--web.listen-address=127.0.0.1:{ne_port}"),
-                "--collector.disable-defaults".into(),
-                "--collector.cpu".into(),
-                "--collector.loadavg".into(),
-                "--collector.meminfo".into(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_ne, ne_port) = start_node_exporter(&node_exporter);
     let prom_dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"global:
@@ -178,21 +182,7 @@ remote_write:
 #[test]
 fn static_scrape_configs_with_relabeling_and_sample_limit() {
     let node_exporter = need("prometheus-node-exporter");
-    let ne_port = free_port();
-    let _ne = Killed(
-        Command::new(&node_exporter)
-            .args([
-                format!("--web.listen-address=127.0.0.1:{ne_port}"),
-                "--collector.disable-defaults".into(),
-                "--collector.cpu".into(),
-                "--collector.loadavg".into(),
-                "--collector.meminfo".into(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_ne, ne_port) = start_node_exporter(&node_exporter);
     let stack = format!(
         r#"
 x-capstan:
