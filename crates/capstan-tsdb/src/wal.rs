@@ -255,17 +255,23 @@ impl Wal {
         ))
     }
 
+    /// Syncs and closes the current segment and starts the next one.
+    fn next_segment(&mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        self.segment += 1;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.dir, self.segment))?;
+        self.size = 0;
+        Ok(())
+    }
+
     /// Appends records in one write; syncs as the policy says.
     pub fn log(&mut self, records: &[Record]) -> io::Result<()> {
         let buf = encode_all(records);
         if self.size > 0 && self.size + buf.len() as u64 > SEGMENT_SIZE {
-            self.file.sync_all()?;
-            self.segment += 1;
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(segment_path(&self.dir, self.segment))?;
-            self.size = 0;
+            self.next_segment()?;
         }
         self.file.write_all(&buf)?;
         self.size += buf.len() as u64;
@@ -283,14 +289,8 @@ impl Wal {
     /// in memory), syncs it, then deletes every older segment. A crash in between
     /// leaves old and new segments, whose replay gives the same state.
     pub fn checkpoint(&mut self, records: &[Record]) -> io::Result<()> {
-        self.file.sync_all()?;
         let old = self.segment;
-        self.segment += 1;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(&self.dir, self.segment))?;
-        self.size = 0;
+        self.next_segment()?;
         let buf = encode_all(records);
         self.file.write_all(&buf)?;
         self.file.sync_all()?;

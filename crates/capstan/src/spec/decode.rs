@@ -443,16 +443,10 @@ impl Decoder<'_> {
         if let Some(n) = f.take("scrape_configs") {
             s.scrape_configs = self.scrape_configs(n, &join(path, "scrape_configs"));
         }
-        if let Some(n) = f.take("scrape_interval")
-            && let Some(d) = self.duration(n, &join(path, "scrape_interval"))
+        if let Some(d) = f
+            .take("scrape_interval")
+            .and_then(|n| self.scrape_interval(n, &join(path, "scrape_interval")))
         {
-            if d.0 < std::time::Duration::from_secs(1) {
-                self.error(
-                    n,
-                    &join(path, "scrape_interval"),
-                    format!("the scrape interval must be at least 1s, found {d}"),
-                );
-            }
             s.scrape_interval = d;
         }
         if let Some(n) = f.take("logs") {
@@ -905,14 +899,7 @@ impl Decoder<'_> {
 
     fn healthcheck(&mut self, node: &Node, path: &str) -> Option<Healthcheck> {
         let mut f = self.fields(node, path)?;
-        let mut hc = Healthcheck {
-            test: HealthTest::Tcp { port: None },
-            interval: Dur::secs(30),
-            timeout: Dur::secs(30),
-            retries: 3,
-            start_period: Dur::secs(0),
-            start_interval: Dur::secs(5),
-        };
+        let mut hc = Healthcheck::compose_defaults();
         let mut disabled = false;
         let mut has_test = false;
         let test_given = f.entries.iter().any(|(k, _, _)| k == "test");
@@ -952,23 +939,7 @@ impl Decoder<'_> {
         if let Some(n) = f.take("disable") {
             disabled |= self.boolean(n, &join(path, "disable")).unwrap_or(false);
         }
-        for (key, slot) in [
-            ("interval", &mut hc.interval),
-            ("timeout", &mut hc.timeout),
-            ("start_period", &mut hc.start_period),
-            ("start_interval", &mut hc.start_interval),
-        ] {
-            if let Some(n) = f.take(key)
-                && let Some(d) = self.duration(n, &join(path, key))
-            {
-                *slot = d;
-            }
-        }
-        if let Some(n) = f.take("retries") {
-            hc.retries = self
-                .uint(n, &join(path, "retries"), u32::MAX as u64)
-                .unwrap_or(3) as u32;
-        }
+        self.healthcheck_timing(&mut f, path, &mut hc);
         self.finish(f, path, &[]);
         if disabled {
             return None;
@@ -1022,31 +993,8 @@ impl Decoder<'_> {
                     self.error(n, &hp, "expected http: <path> or tcp: true|<port>");
                     None
                 };
-                let mut out = hc.clone().unwrap_or(Healthcheck {
-                    test: HealthTest::Tcp { port: None },
-                    interval: Dur::secs(30),
-                    timeout: Dur::secs(30),
-                    retries: 3,
-                    start_period: Dur::secs(0),
-                    start_interval: Dur::secs(5),
-                });
-                for (key, slot) in [
-                    ("interval", &mut out.interval),
-                    ("timeout", &mut out.timeout),
-                    ("start_period", &mut out.start_period),
-                    ("start_interval", &mut out.start_interval),
-                ] {
-                    if let Some(n) = h.take(key)
-                        && let Some(d) = self.duration(n, &join(&hp, key))
-                    {
-                        *slot = d;
-                    }
-                }
-                if let Some(n) = h.take("retries") {
-                    out.retries = self
-                        .uint(n, &join(&hp, "retries"), u32::MAX as u64)
-                        .unwrap_or(3) as u32;
-                }
+                let mut out = hc.clone().unwrap_or(Healthcheck::compose_defaults());
+                self.healthcheck_timing(&mut h, &hp, &mut out);
                 self.finish(h, &hp, &[]);
                 if let Some(test) = test {
                     out.test = test;
@@ -1068,18 +1016,8 @@ impl Decoder<'_> {
                 if let Some(p) = mf.take("port") {
                     m.port = self.uint(p, &join(&mp, "port"), 65535).map(|p| p as u16);
                 }
-                if let Some(i) = mf
-                    .take("interval")
-                    .and_then(|i| self.duration(i, &join(&mp, "interval")))
-                {
-                    if i.0 < std::time::Duration::from_secs(1) {
-                        self.error(
-                            n,
-                            &join(&mp, "interval"),
-                            format!("the scrape interval must be at least 1s, found {i}"),
-                        );
-                    }
-                    m.interval = Some(i);
+                if let Some(i) = mf.take("interval") {
+                    m.interval = self.scrape_interval(i, &join(&mp, "interval"));
                 }
                 if let Some(d) = mf.take("disable") {
                     m.disable = self.boolean(d, &join(&mp, "disable")).unwrap_or(false);
@@ -1088,6 +1026,41 @@ impl Decoder<'_> {
             }
         }
         self.finish(f, path, &["autoscale", "rollout", "protocol", "idle_after"]);
+    }
+
+    /// `interval`, `timeout`, `start_period`, `start_interval` and `retries` of a
+    /// health check (compose's keys, also under `x-capstan.healthcheck`).
+    fn healthcheck_timing(&mut self, f: &mut Fields<'_>, path: &str, hc: &mut Healthcheck) {
+        for (key, slot) in [
+            ("interval", &mut hc.interval),
+            ("timeout", &mut hc.timeout),
+            ("start_period", &mut hc.start_period),
+            ("start_interval", &mut hc.start_interval),
+        ] {
+            if let Some(n) = f.take(key)
+                && let Some(d) = self.duration(n, &join(path, key))
+            {
+                *slot = d;
+            }
+        }
+        if let Some(n) = f.take("retries") {
+            hc.retries = self
+                .uint(n, &join(path, "retries"), u32::MAX as u64)
+                .unwrap_or(3) as u32;
+        }
+    }
+
+    /// A scrape interval: a duration of at least 1s.
+    fn scrape_interval(&mut self, node: &Node, path: &str) -> Option<Dur> {
+        let d = self.duration(node, path)?;
+        if d.0 < std::time::Duration::from_secs(1) {
+            self.error(
+                node,
+                path,
+                format!("the scrape interval must be at least 1s, found {d}"),
+            );
+        }
+        Some(d)
     }
 
     fn depends_on(&mut self, node: &Node, path: &str) -> BTreeMap<String, Dependency> {

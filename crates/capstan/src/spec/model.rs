@@ -291,6 +291,21 @@ pub struct Healthcheck {
     pub start_interval: Dur,
 }
 
+impl Healthcheck {
+    /// Compose's defaults (30s interval and timeout, 3 retries, 5s start interval),
+    /// with a TCP check until a test is set.
+    pub fn compose_defaults() -> Healthcheck {
+        Healthcheck {
+            test: HealthTest::Tcp { port: None },
+            interval: Dur::secs(30),
+            timeout: Dur::secs(30),
+            retries: 3,
+            start_period: Dur::secs(0),
+            start_interval: Dur::secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Condition {
