@@ -1,8 +1,26 @@
-//! PromQL for capstan: the evaluator over a storage trait, and a runner for
-//! Prometheus' promqltest scripts.
-//!
-//! Built so far: the promqltest script parser ([`promqltest`]). The evaluator
-//! comes next (issue 4).
+//! PromQL for capstan: an evaluator of Prometheus 3's query language over a
+//! storage trait ([`Storage`], implemented by capstan-tsdb and by an in-memory
+//! store), and a runner for Prometheus' promqltest scripts ([`runner`]).
 #![forbid(unsafe_code)]
 
+mod aggregate;
+mod binary;
+mod engine;
+mod functions;
+pub mod mathx;
 pub mod promqltest;
+pub mod runner;
+mod storage;
+mod value;
+
+pub use engine::{Engine, EngineOptions, parse};
+pub use promql_parser;
+
+/// A vector selector's matchers as storage matchers (several sets for `or` selectors).
+pub fn selector_matchers(
+    vs: &promql_parser::parser::VectorSelector,
+) -> Result<Vec<Vec<capstan_tsdb::Matcher>>, Error> {
+    engine::matcher_sets(vs)
+}
+pub use storage::{MemPoint, MemStorage, Selected, Storage};
+pub use value::{Error, QueryOutput, QueryValue, Sample, Series, Stats, Value};

@@ -32,6 +32,37 @@ impl Labels {
         )
     }
 
+    /// Builds labels from pairs already sorted by name with unique names and no
+    /// empty values (the caller keeps the invariant; shared strings stay shared).
+    pub fn from_sorted(pairs: Vec<(Arc<str>, Arc<str>)>) -> Labels {
+        debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
+        Labels(pairs)
+    }
+
+    /// The pairs, sorted by name.
+    pub fn pairs(&self) -> &[(Arc<str>, Arc<str>)] {
+        &self.0
+    }
+
+    /// The same labels without the ones `drop` names.
+    pub fn without(&self, drop: impl Fn(&str) -> bool) -> Labels {
+        Labels(self.0.iter().filter(|(n, _)| !drop(n)).cloned().collect())
+    }
+
+    /// The same labels with `name` set to `value` (removed when `value` is empty).
+    pub fn with(&self, name: &str, value: &str) -> Labels {
+        let mut v = self.0.clone();
+        match v.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) if value.is_empty() => {
+                v.remove(i);
+            }
+            Ok(i) => v[i].1 = Arc::from(value),
+            Err(_) if value.is_empty() => {}
+            Err(i) => v.insert(i, (Arc::from(name), Arc::from(value))),
+        }
+        Labels(v)
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .binary_search_by(|(n, _)| (**n).cmp(name))
@@ -128,6 +159,20 @@ impl Matcher {
             value: value.to_owned(),
             re,
         })
+    }
+
+    /// A regex matcher from an already compiled, already anchored regex.
+    pub fn with_regex(name: &str, negate: bool, value: &str, re: regex::Regex) -> Matcher {
+        Matcher {
+            name: name.to_owned(),
+            op: if negate {
+                MatchOp::NotRegex
+            } else {
+                MatchOp::Regex
+            },
+            value: value.to_owned(),
+            re: Some(re),
+        }
     }
 
     pub fn eq(name: &str, value: &str) -> Matcher {

@@ -203,6 +203,11 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
         db: db.clone(),
+        engine: crate::api::prom::engine(),
+        query_stats: Default::default(),
+        started: jiff::Timestamp::now(),
+        retention: format!("{}d", storage.retention.0.as_secs() / 86_400),
+        reads_need_token: !addr.ip().is_loopback(),
         shared: shared.clone(),
         commands: cmd_tx.clone(),
         token: Arc::new(token),

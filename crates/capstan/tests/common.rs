@@ -293,3 +293,113 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// A child process killed when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn need(bin: &str) -> String {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = format!("{dir}/{bin}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{bin} is not installed: run scripts/test, which installs prometheus and prometheus-node-exporter"
+    );
+}
+
+/// A real node_exporter with a few collectors, on a free loopback port.
+pub fn start_node_exporter(bin: &str) -> (Killed, u16) {
+    let port = free_port();
+    let child = std::process::Command::new(bin)
+        .args([
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--collector.disable-defaults".into(),
+            "--collector.cpu".into(),
+            "--collector.loadavg".into(),
+            "--collector.meminfo".into(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (Killed(child), port)
+}
+
+/// A real Prometheus with `config` (prometheus.yml text) on loopback `port`;
+/// returns the process, its address and its directory.
+pub fn start_prometheus(config: &str, port: u16) -> (Killed, String, tempfile::TempDir) {
+    let bin = need("prometheus");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let child = std::process::Command::new(bin)
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (Killed(child), format!("127.0.0.1:{port}"), dir)
+}
+
+/// GET `path` on `addr` without a token; the status code and the body.
+pub fn http_fetch(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (code, body.to_owned())
+}
+
+/// The daemon's address, from daemon.json.
+pub fn daemon_addr(s: &TestStack) -> String {
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(s.data_dir().join("daemon.json")).unwrap()).unwrap();
+    info["addr"].as_str().unwrap().to_owned()
+}
+
+/// prometheus.yml text: scrape `jobs` (name, target address) every second and
+/// remote-write every sample to capstan at `addr` with the token in `token_file`.
+pub fn remote_writing_config(
+    jobs: &[(&str, String)],
+    addr: &str,
+    token_file: &std::path::Path,
+) -> String {
+    let mut c = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
+    for (job, target) in jobs {
+        c.push_str(&format!(
+            "  - job_name: {job}\n    static_configs: [{{targets: [\"{target}\"]}}]\n"
+        ));
+    }
+    c.push_str(&format!(
+        "remote_write:\n  - url: http://{addr}/api/v1/write\n    authorization: {{credentials_file: {}}}\n    queue_config: {{batch_send_deadline: 1s, min_backoff: 100ms, max_backoff: 1s}}\n",
+        token_file.display()
+    ));
+    c
+}

@@ -477,9 +477,10 @@ fn foreground_up_stops_everything_on_ctrl_c() {
     });
     let mut seen = String::new();
     while !seen.contains("2/2 healthy") {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("progress output");
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(e) => panic!("progress output ({e}); so far:\n{seen}"),
+        };
         seen.push_str(&line);
         seen.push('\n');
     }
@@ -777,14 +778,24 @@ services:
         },
     );
     let n_before = up1[0]["samples"].as_array().unwrap().len();
+    let instance = up1[0]["labels"]["instance"].as_str().unwrap().to_owned();
     let demo1 = s.api("/capstan/v1/tsdb/select?name=demo_requests_total&replica=1&path=/");
     assert_eq!(last_value(&demo1[0]), "stale");
+    // PromQL sees the stale marker: only replica 0 is `up` now, within the lookback.
+    let q = s.api("/api/v1/query?query=up%7Bjob%3D%22web%22%7D");
+    let result = q["data"]["result"].as_array().unwrap();
+    assert_eq!(result.len(), 1, "{q}");
+    assert_eq!(result[0]["metric"]["replica"], "0", "{q}");
 
     // SIGKILL the daemon: what was scraped comes back from the WAL.
     std::thread::sleep(Duration::from_millis(1500));
     sigkill(s.daemon_pid());
     s.up();
-    let up1 = s.api("/capstan/v1/tsdb/select?name=up&replica=1");
+    // The restarted daemon starts a new replica 1 on another port: look at the old one.
+    let up1 = s.api(&format!(
+        "/capstan/v1/tsdb/select?name=up&replica=1&instance={instance}"
+    ));
+    assert_eq!(up1.as_array().unwrap().len(), 1, "{up1}");
     assert!(
         up1[0]["samples"].as_array().unwrap().len() >= n_before,
         "{up1}"

@@ -5,57 +5,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn need(bin: &str) -> String {
-    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
-        let p = format!("{dir}/{bin}");
-        if std::path::Path::new(&p).exists() {
-            return p;
-        }
-    }
-    panic!(
-        "{bin} is not installed: run scripts/test, which installs prometheus and prometheus-node-exporter"
-    );
-}
-
-/// A real node_exporter with a few collectors, on a free loopback port.
-fn start_node_exporter(bin: &str) -> (Killed, u16) {
-    let port = free_port();
-    let child = Command::new(bin)
-        .args([
-            format!("--web.listen-address=127.0.0.1:{port}"),
-            "--collector.disable-defaults".into(),
-            "--collector.cpu".into(),
-            "--collector.loadavg".into(),
-            "--collector.meminfo".into(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    (Killed(child), port)
-}
 
 fn post(addr: &str, token: &str, path: &str, headers: &str, body: &[u8]) -> String {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
@@ -68,7 +20,6 @@ fn post(addr: &str, token: &str, path: &str, headers: &str, body: &[u8]) -> Stri
 
 #[test]
 fn a_real_prometheus_remote_writes_node_exporter_samples_into_capstan() {
-    let prometheus = need("prometheus");
     let node_exporter = need("prometheus-node-exporter");
     let s = TestStack::new(
         "services:\n  idle:\n    command: [sleep, \"600\"]\n    environment: {CAPSTAN_TEST_MARKER: \"{marker}\"}\n    x-capstan:\n      metrics: {disable: true}\n",
@@ -123,38 +74,13 @@ fn a_real_prometheus_remote_writes_node_exporter_samples_into_capstan() {
     );
 
     let (_ne, ne_port) = start_node_exporter(&node_exporter);
-    let prom_dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: node
-    static_configs: [{{targets: ["127.0.0.1:{ne_port}"]}}]
-remote_write:
-  - url: http://{addr}/api/v1/write
-    authorization: {{credentials_file: {}}}
-    queue_config: {{batch_send_deadline: 1s, min_backoff: 100ms, max_backoff: 1s}}
-"#,
-        token_file.display()
-    );
-    std::fs::write(prom_dir.path().join("prometheus.yml"), config).unwrap();
     let prom_port = free_port();
-    let _prom = Killed(
-        Command::new(&prometheus)
-            .arg(format!(
-                "--config.file={}",
-                prom_dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                prom_dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let config = remote_writing_config(
+        &[("node", format!("127.0.0.1:{ne_port}"))],
+        &addr,
+        &token_file,
     );
+    let _prom = start_prometheus(&config, prom_port);
     let cpu = wait_for(
         "node_cpu_seconds_total pushed by Prometheus",
         Duration::from_secs(60),

@@ -28,8 +28,16 @@ pub struct Api {
     /// Becomes true when the daemon is stopping: open streams end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     pub db: Arc<capstan_tsdb::Db>,
+    pub engine: Arc<capstan_promql::Engine>,
+    pub query_stats: Arc<prom::QueryStats>,
+    pub started: jiff::Timestamp,
+    /// The storage retention as Prometheus' runtimeinfo shows it (`15d`).
+    pub retention: String,
+    /// Listening beyond loopback: the query API wants the token too.
+    pub reads_need_token: bool,
 }
 
+pub mod prom;
 pub mod remote_write;
 
 pub fn router(api: Api) -> Router {
@@ -48,8 +56,28 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/write", post(remote_write::write))
         .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
+    let read = Router::new()
+        .route("/query", get(prom::query).post(prom::query))
+        .route(
+            "/query_range",
+            get(prom::query_range).post(prom::query_range),
+        )
+        .route("/series", get(prom::series).post(prom::series))
+        .route("/labels", get(prom::labels).post(prom::labels))
+        .route("/label/{name}/values", get(prom::label_values))
+        .route("/metadata", get(prom::metadata))
+        .route("/targets", get(prom::targets))
+        .route("/status/buildinfo", get(prom::buildinfo))
+        .route("/status/runtimeinfo", get(prom::runtimeinfo))
+        .route("/status/tsdb", get(prom::tsdb_status))
+        .route(
+            "/format_query",
+            get(prom::format_query).post(prom::format_query),
+        )
+        .layer(middleware::from_fn_with_state(api.clone(), read_auth));
     Router::new()
         .nest("/capstan/v1", control)
+        .nest("/api/v1", read)
         .merge(ingest)
         .route("/metrics", get(own_metrics))
         .route("/metrics/node", get(node_metrics))
@@ -73,6 +101,14 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
             "missing or wrong bearer token (see .capstan/token)",
         )
     }
+}
+
+/// Read endpoints are open on loopback, and want the token otherwise.
+async fn read_auth(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if !api.reads_need_token {
+        return next.run(req).await;
+    }
+    auth(State(api), req, next).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -2,6 +2,7 @@
 
 mod logs;
 mod output;
+mod query;
 mod up;
 
 use std::path::{Path, PathBuf};
@@ -119,6 +120,13 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
+    /// Evaluate a PromQL expression against the running daemon's metrics.
+    #[command(
+        after_help = "Examples:\n  capstan query up\n  capstan query 'sum by (service) (rate(container_cpu_usage_seconds_total[1m]))'\n  capstan query 'up' --range 1h --step 15s\n  capstan query 'up' -o json"
+    )]
+    Query(query::QueryArgs),
+    /// Run Prometheus test scripts (promqltest language) against the PromQL engine.
+    Promtest(query::PromtestArgs),
     /// Print the normalized stack file (after interpolation and defaults).
     Config {
         #[command(flatten)]
@@ -254,7 +262,8 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Start { f, .. }
         | Cmd::Config { f }
         | Cmd::Check { f } => f.file.clone(),
-        Cmd::Version | Cmd::Exec { .. } => None,
+        Cmd::Query(a) => a.f.file.clone(),
+        Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) => None,
     };
     let ctx = Ctx {
         file: sub_file.or(cli.file),
@@ -291,6 +300,8 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Logs(args) => logs::logs(&ctx, args).await,
+        Cmd::Query(args) => query::query(&ctx, args).await,
+        Cmd::Promtest(args) => query::promtest(args),
         Cmd::Scale { counts, .. } => {
             let mut body = serde_json::Map::new();
             for c in &counts {

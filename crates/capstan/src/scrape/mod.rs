@@ -153,7 +153,7 @@ fn static_targets(
 }
 
 /// Percent-encodes a query string component.
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

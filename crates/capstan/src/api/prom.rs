@@ -1,0 +1,748 @@
+//! The Prometheus HTTP API (`/api/v1/…`): queries through capstan-promql over the
+//! daemon's store, series and label lookups, targets, status pages — the same
+//! JSON shapes, value encoding, error envelope and status codes as Prometheus.
+
+// Parameter helpers return the error response itself, sent as is.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use capstan_promql::mathx::format_value;
+use capstan_promql::{Engine, EngineOptions, QueryOutput, QueryValue};
+use capstan_tsdb::{Labels, Matcher};
+
+use super::Api;
+
+/// Prometheus refuses range queries with more points per series than this.
+pub const MAX_POINTS: i64 = 11_000;
+
+/// The query engine the API and the daemon's controllers share.
+pub fn engine() -> Arc<Engine> {
+    Arc::new(Engine::new(EngineOptions::default()))
+}
+
+pub(crate) fn err(kind: &str, msg: impl std::fmt::Display) -> Response {
+    let code = match kind {
+        "bad_data" => StatusCode::BAD_REQUEST,
+        "execution" => StatusCode::UNPROCESSABLE_ENTITY,
+        "timeout" | "canceled" | "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "not_found" => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let body = serde_json::json!({"status": "error", "errorType": kind, "error": msg.to_string()});
+    (code, axum::Json(body)).into_response()
+}
+
+fn ok_json(data: serde_json::Value) -> Response {
+    axum::Json(serde_json::json!({"status": "success", "data": data})).into_response()
+}
+
+/// Parameters from the query string and, for POST, a form-encoded body; repeated
+/// keys (`match[]`) keep every value.
+pub(crate) struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub(crate) fn from(
+        query: Option<String>,
+        method: &Method,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Params {
+        let mut v: Vec<(String, String)> = Vec::new();
+        if let Some(q) = query {
+            v.extend(form_urlencoded_pairs(&q));
+        }
+        let form = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|c| c.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+        if method == Method::POST && form {
+            v.extend(form_urlencoded_pairs(&String::from_utf8_lossy(body)));
+        }
+        Params(v)
+    }
+
+    pub(crate) fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+    }
+
+    fn all(&self, k: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+fn form_urlencoded_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            x => out.push(x),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A time as the API takes it: Unix seconds (with a fraction) or RFC 3339.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(f) = s.parse::<f64>() {
+        if f.is_finite() {
+            return Ok((f * 1000.0).round() as i64);
+        }
+    }
+    match s {
+        // Prometheus' own spellings of the extremes.
+        "-292273086-05-16T16:47:06Z" => return Ok(i64::MIN / 2),
+        "292277025-08-17T07:12:55.807Z" => return Ok(i64::MAX / 2),
+        _ => {}
+    }
+    s.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .map_err(|_| format!("cannot parse {s:?} to a valid timestamp"))
+}
+
+/// A duration as the API takes it: seconds (with a fraction) or `5m`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    if let Ok(f) = s.parse::<f64>() {
+        if f.is_finite() {
+            return Ok((f * 1000.0).round() as i64);
+        }
+    }
+    capstan_promql::promqltest::parse_duration_ms(s)
+        .ok_or_else(|| format!("cannot parse {s:?} to a valid duration"))
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn ts_json(out: &mut String, t: i64) {
+    let (s, ms) = (t.div_euclid(1000), t.rem_euclid(1000));
+    if ms == 0 {
+        let _ = write!(out, "{s}");
+    } else {
+        let frac = format!("{ms:03}");
+        let _ = write!(out, "{s}.{}", frac.trim_end_matches('0'));
+    }
+}
+
+fn labels_json(out: &mut String, l: &Labels) {
+    out.push('{');
+    for (i, (n, v)) in l.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(n).unwrap());
+        out.push(':');
+        out.push_str(&serde_json::to_string(v).unwrap());
+    }
+    out.push('}');
+}
+
+fn point_json(out: &mut String, t: i64, v: f64) {
+    out.push('[');
+    ts_json(out, t);
+    out.push_str(",\"");
+    out.push_str(&format_value(v));
+    out.push_str("\"]");
+}
+
+/// The `data` object of a query response, written directly (results can be large).
+pub fn result_json(v: &QueryValue) -> String {
+    let mut out = String::with_capacity(256);
+    out.push_str("{\"resultType\":\"");
+    out.push_str(v.type_name());
+    out.push_str("\",\"result\":");
+    match v {
+        QueryValue::Scalar(t, x) => point_json(&mut out, *t, *x),
+        QueryValue::String(t, s) => {
+            out.push('[');
+            ts_json(&mut out, *t);
+            out.push(',');
+            out.push_str(&serde_json::to_string(s).unwrap());
+            out.push(']');
+        }
+        QueryValue::Vector(samples) => {
+            out.push('[');
+            for (i, s) in samples.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str("{\"metric\":");
+                labels_json(&mut out, &s.labels);
+                out.push_str(",\"value\":");
+                point_json(&mut out, s.t, s.v);
+                out.push('}');
+            }
+            out.push(']');
+        }
+        QueryValue::Matrix(series) => {
+            out.push('[');
+            for (i, s) in series.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str("{\"metric\":");
+                labels_json(&mut out, &s.labels);
+                out.push_str(",\"values\":[");
+                for (k, (t, x)) in s.points.iter().enumerate() {
+                    if k > 0 {
+                        out.push(',');
+                    }
+                    point_json(&mut out, *t, *x);
+                }
+                out.push_str("]}");
+            }
+            out.push(']');
+        }
+    }
+    out.push('}');
+    out
+}
+
+fn query_response(o: &QueryOutput, stats: bool) -> Response {
+    let mut body = String::from("{\"status\":\"success\",\"data\":");
+    let mut data = result_json(&o.value);
+    if stats {
+        data.pop();
+        let s = &o.stats;
+        let _ = write!(
+            data,
+            ",\"stats\":{{\"timings\":{{\"evalTotalTime\":{e},\"resultSortTime\":0,\"queryPreparationTime\":0,\"innerEvalTime\":{e},\"execQueueTime\":0,\"execTotalTime\":{e}}},\"samples\":{{\"totalQueryableSamples\":{},\"peakSamples\":{}}}}}}}",
+            s.total_samples,
+            s.peak_samples,
+            e = s.exec_seconds
+        );
+    }
+    body.push_str(&data);
+    if !o.warnings.is_empty() {
+        body.push_str(",\"warnings\":");
+        body.push_str(&serde_json::to_string(&o.warnings).unwrap());
+    }
+    if !o.infos.is_empty() {
+        body.push_str(",\"infos\":");
+        body.push_str(&serde_json::to_string(&o.infos).unwrap());
+    }
+    body.push('}');
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn timeout_param(p: &Params) -> Result<Option<Duration>, Response> {
+    match p.get("timeout") {
+        None => Ok(None),
+        Some(t) => parse_duration(t)
+            .map(|ms| Some(Duration::from_millis(ms.max(0) as u64)))
+            .map_err(|e| err("bad_data", format!("invalid parameter \"timeout\": {e}"))),
+    }
+}
+
+fn run_query(
+    api: &Api,
+    timeout: Option<Duration>,
+    f: impl FnOnce(&Engine, &capstan_tsdb::Db) -> Result<QueryOutput, capstan_promql::Error>,
+) -> Result<QueryOutput, Response> {
+    let engine = match timeout {
+        Some(t) if t < api.engine.opts.timeout => Engine::new(EngineOptions {
+            timeout: t,
+            ..api.engine.opts.clone()
+        }),
+        _ => (*api.engine).clone(),
+    };
+    let r = tokio::task::block_in_place(|| f(&engine, &api.db));
+    if let Ok(o) = &r {
+        api.query_stats.record(o);
+    }
+    r.map_err(|e| {
+        let msg = match &e {
+            capstan_promql::Error::Parse(m) => format!("invalid parameter \"query\": {m}"),
+            other => other.to_string(),
+        };
+        err(e.error_type(), msg)
+    })
+}
+
+pub async fn query(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let Some(expr) = p.get("query") else {
+        return err("bad_data", "invalid parameter \"query\": query is required");
+    };
+    let t = match p.get("time").map(parse_time) {
+        None => now_ms(),
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return err("bad_data", format!("invalid parameter \"time\": {e}")),
+    };
+    let timeout = match timeout_param(&p) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match run_query(&api, timeout, |e, db| e.instant(db, expr, t)) {
+        Ok(o) => query_response(&o, p.get("stats").is_some()),
+        Err(r) => r,
+    }
+}
+
+pub async fn query_range(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let Some(expr) = p.get("query") else {
+        return err("bad_data", "invalid parameter \"query\": query is required");
+    };
+    let mut times = [0i64; 2];
+    for (i, name) in ["start", "end"].iter().enumerate() {
+        match p.get(name).map(parse_time) {
+            Some(Ok(t)) => times[i] = t,
+            Some(Err(e)) => return err("bad_data", format!("invalid parameter \"{name}\": {e}")),
+            None => {
+                return err(
+                    "bad_data",
+                    format!("invalid parameter \"{name}\": {name} is required"),
+                );
+            }
+        }
+    }
+    let [start, end] = times;
+    if end < start {
+        return err(
+            "bad_data",
+            "invalid parameter \"end\": end timestamp must not be before start time",
+        );
+    }
+    let step = match p.get("step").map(parse_duration) {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return err("bad_data", format!("invalid parameter \"step\": {e}")),
+        None => return err("bad_data", "invalid parameter \"step\": step is required"),
+    };
+    if step <= 0 {
+        return err(
+            "bad_data",
+            "invalid parameter \"step\": zero or negative query resolution step widths are not accepted. Try a positive integer",
+        );
+    }
+    if (end - start) / step > MAX_POINTS {
+        return err(
+            "bad_data",
+            "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
+        );
+    }
+    let timeout = match timeout_param(&p) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match run_query(&api, timeout, |e, db| e.range(db, expr, start, end, step)) {
+        Ok(o) => query_response(&o, p.get("stats").is_some()),
+        Err(r) => r,
+    }
+}
+
+/// `match[]` selectors, each parsed into matcher sets.
+fn match_params(p: &Params) -> Result<Vec<Vec<Matcher>>, Response> {
+    let mut out = Vec::new();
+    for m in p.all("match[]") {
+        let e = capstan_promql::parse(m)
+            .map_err(|e| err("bad_data", format!("invalid parameter \"match[]\": {e}")))?;
+        let capstan_promql::promql_parser::parser::Expr::VectorSelector(vs) = e else {
+            return Err(err(
+                "bad_data",
+                format!("invalid parameter \"match[]\": {m:?} is not a series selector"),
+            ));
+        };
+        out.extend(
+            capstan_promql::selector_matchers(&vs)
+                .map_err(|e| err("bad_data", format!("invalid parameter \"match[]\": {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+fn range_params(p: &Params) -> Result<(i64, i64), Response> {
+    let get = |name: &str, default: i64| match p.get(name) {
+        None | Some("") => Ok(default),
+        Some(s) => {
+            parse_time(s).map_err(|e| err("bad_data", format!("invalid parameter \"{name}\": {e}")))
+        }
+    };
+    Ok((get("start", i64::MIN / 2)?, get("end", i64::MAX / 2)?))
+}
+
+fn limit_param(p: &Params) -> Result<usize, Response> {
+    match p.get("limit") {
+        None | Some("") | Some("0") => Ok(usize::MAX),
+        Some(s) => s.parse::<usize>().map_err(|_| {
+            err(
+                "bad_data",
+                format!("invalid parameter \"limit\": {s:?} is not a number"),
+            )
+        }),
+    }
+}
+
+fn matching_series(api: &Api, sets: &[Vec<Matcher>], start: i64, end: i64) -> Vec<Labels> {
+    let mut all = std::collections::BTreeSet::new();
+    tokio::task::block_in_place(|| {
+        for set in sets {
+            all.extend(api.db.series_in_range(set, start, end));
+        }
+    });
+    all.into_iter().collect()
+}
+
+pub async fn series(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let sets = match match_params(&p) {
+        Ok(s) if s.is_empty() => return err("bad_data", "no match[] parameter provided"),
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let ((start, end), limit) = match (range_params(&p), limit_param(&p)) {
+        (Ok(r), Ok(l)) => (r, l),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let found = matching_series(&api, &sets, start, end);
+    let data: Vec<BTreeMap<&str, &str>> = found
+        .iter()
+        .take(limit)
+        .map(|l| l.iter().collect())
+        .collect();
+    ok_json(serde_json::to_value(data).unwrap())
+}
+
+pub async fn labels(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let (sets, (start, end), limit) = match (match_params(&p), range_params(&p), limit_param(&p)) {
+        (Ok(s), Ok(r), Ok(l)) => (s, r, l),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    };
+    let names: Vec<String> =
+        if sets.is_empty() && p.get("start").is_none() && p.get("end").is_none() {
+            api.db.label_names()
+        } else {
+            let sets = if sets.is_empty() {
+                vec![vec![
+                    Matcher::new("__name__", capstan_tsdb::MatchOp::Regex, ".+").unwrap(),
+                ]]
+            } else {
+                sets
+            };
+            let mut n: Vec<String> = matching_series(&api, &sets, start, end)
+                .iter()
+                .flat_map(|l| l.iter().map(|(n, _)| n.to_owned()).collect::<Vec<_>>())
+                .collect();
+            n.sort();
+            n.dedup();
+            n
+        };
+    ok_json(serde_json::to_value(names.into_iter().take(limit).collect::<Vec<_>>()).unwrap())
+}
+
+pub async fn label_values(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let (sets, (start, end), limit) = match (match_params(&p), range_params(&p), limit_param(&p)) {
+        (Ok(s), Ok(r), Ok(l)) => (s, r, l),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    };
+    let name = name
+        .strip_prefix("U__")
+        .map(unescape_utf8_name)
+        .unwrap_or(name);
+    let values: Vec<String> =
+        if sets.is_empty() && p.get("start").is_none() && p.get("end").is_none() {
+            api.db.label_values(&name)
+        } else {
+            let sets = if sets.is_empty() {
+                vec![vec![
+                    Matcher::new(&name, capstan_tsdb::MatchOp::Regex, ".+").unwrap(),
+                ]]
+            } else {
+                sets
+            };
+            let mut v: Vec<String> = matching_series(&api, &sets, start, end)
+                .iter()
+                .filter_map(|l| l.get(&name).map(str::to_owned))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+    ok_json(serde_json::to_value(values.into_iter().take(limit).collect::<Vec<_>>()).unwrap())
+}
+
+/// Label names in a URL path may be written `U__` + underscore-escaped UTF-8.
+fn unescape_utf8_name(s: &str) -> String {
+    let mut out = String::new();
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '_' {
+            out.push(c);
+            continue;
+        }
+        if it.peek() == Some(&'_') {
+            it.next();
+            out.push('_');
+            continue;
+        }
+        let hex: String = it.by_ref().take_while(|c| *c != '_').collect();
+        if let Some(ch) = u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+pub async fn metadata() -> Response {
+    // Capstan does not keep the metadata (HELP, TYPE) of scraped metrics yet.
+    ok_json(serde_json::json!({}))
+}
+
+pub async fn targets(State(api): State<Api>) -> Response {
+    let targets = crate::scrape::targets(&api.shared);
+    let mut active = Vec::new();
+    tokio::task::block_in_place(|| {
+        for t in &targets {
+            let job = t
+                .labels
+                .iter()
+                .find(|(n, _)| n == "job")
+                .map(|x| x.1.clone())
+                .unwrap_or_default();
+            let instance = t
+                .labels
+                .iter()
+                .find(|(n, _)| n == "instance")
+                .map(|x| x.1.clone())
+                .unwrap_or_default();
+            let sel = |name: &str| {
+                vec![
+                    Matcher::eq("__name__", name),
+                    Matcher::eq("job", &job),
+                    Matcher::eq("instance", &instance),
+                ]
+            };
+            let now = now_ms();
+            let last = |name: &str| {
+                api.db
+                    .select(&sel(name), now - 3_600_000, now)
+                    .iter()
+                    .filter_map(|s| {
+                        s.samples()
+                            .filter(|(_, v)| !capstan_tsdb::is_stale(*v))
+                            .last()
+                    })
+                    .max_by_key(|p| p.0)
+            };
+            let up = last("up");
+            let dur = last("scrape_duration_seconds");
+            let health = match up {
+                None => "unknown",
+                Some((_, 1.0)) => "up",
+                Some(_) => "down",
+            };
+            let labels: BTreeMap<&str, &str> = t
+                .labels
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let url = format!("http://{}{}", t.addr, t.path);
+            active.push(serde_json::json!({
+                "discoveredLabels": {"__address__": t.addr, "__metrics_path__": t.path, "__scheme__": "http", "job": job},
+                "labels": labels,
+                "scrapePool": job,
+                "scrapeUrl": url,
+                "globalUrl": url,
+                "lastError": if health == "down" { "scrape failed (see the daemon's log)" } else { "" },
+                "lastScrape": up.map(|(t, _)| jiff::Timestamp::from_millisecond(t).map(|x| x.to_string()).unwrap_or_default()).unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
+                "lastScrapeDuration": dur.map(|d| d.1).unwrap_or(0.0),
+                "health": health,
+                "scrapeInterval": format!("{}s", t.interval.as_secs()),
+                "scrapeTimeout": format!("{}s", t.timeout.as_secs()),
+            }));
+        }
+    });
+    ok_json(
+        serde_json::json!({"activeTargets": active, "droppedTargets": [], "droppedTargetCounts": {}}),
+    )
+}
+
+pub async fn buildinfo() -> Response {
+    ok_json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "revision": "",
+        "branch": "",
+        "buildUser": "",
+        "buildDate": "",
+        "goVersion": "",
+        "application": "capstan",
+    }))
+}
+
+pub async fn runtimeinfo(State(api): State<Api>) -> Response {
+    let cwd = std::env::current_dir()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    ok_json(serde_json::json!({
+        "startTime": api.started.to_string(),
+        "CWD": cwd,
+        "reloadConfigSuccess": true,
+        "lastConfigTime": api.started.to_string(),
+        "corruptionCount": 0,
+        "goroutineCount": 0,
+        "GOMAXPROCS": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "GOMEMLIMIT": 0,
+        "GOGC": "",
+        "GODEBUG": "",
+        "storageRetention": api.retention.clone(),
+    }))
+}
+
+pub async fn tsdb_status(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
+    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let limit = p
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(10);
+    let all = tokio::task::block_in_place(|| {
+        api.db.series_in_range(
+            &[Matcher::new("__name__", capstan_tsdb::MatchOp::Regex, ".+").unwrap()],
+            i64::MIN / 2,
+            i64::MAX / 2,
+        )
+    });
+    let mut by_name: BTreeMap<String, u64> = BTreeMap::new();
+    let mut values_by_label: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let mut by_pair: BTreeMap<String, u64> = BTreeMap::new();
+    let mut bytes_by_label: BTreeMap<String, u64> = BTreeMap::new();
+    for l in &all {
+        *by_name
+            .entry(l.get("__name__").unwrap_or("").to_owned())
+            .or_default() += 1;
+        for (n, v) in l.iter() {
+            values_by_label
+                .entry(n.to_owned())
+                .or_default()
+                .insert(v.to_owned());
+            *by_pair.entry(format!("{n}={v}")).or_default() += 1;
+        }
+    }
+    for (n, vals) in &values_by_label {
+        bytes_by_label.insert(n.clone(), vals.iter().map(|v| v.len() as u64).sum());
+    }
+    let top = |m: BTreeMap<String, u64>| {
+        let mut v: Vec<(String, u64)> = m.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(limit);
+        v.into_iter()
+            .map(|(name, value)| serde_json::json!({"name": name, "value": value}))
+            .collect::<Vec<_>>()
+    };
+    let pairs: usize = values_by_label.values().map(|v| v.len()).sum();
+    ok_json(serde_json::json!({
+        "headStats": {
+            "numSeries": api.db.series_count(),
+            "numLabelPairs": pairs,
+            "chunkCount": 0,
+            "minTime": 0,
+            "maxTime": now_ms(),
+        },
+        "seriesCountByMetricName": top(by_name),
+        "labelValueCountByLabelName": top(values_by_label.into_iter().map(|(k, v)| (k, v.len() as u64)).collect()),
+        "memoryInBytesByLabelName": top(bytes_by_label),
+        "seriesCountByLabelValuePair": top(by_pair),
+    }))
+}
+
+pub async fn format_query(
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let Some(expr) = p.get("query") else {
+        return err("bad_data", "invalid parameter \"query\": query is required");
+    };
+    match capstan_promql::parse(expr) {
+        Ok(e) => ok_json(serde_json::Value::String(e.prettify())),
+        Err(e) => err("bad_data", format!("invalid parameter \"query\": {e}")),
+    }
+}
+
+/// Counters of the queries served, for capstan's own `/metrics`.
+#[derive(Debug, Default)]
+pub struct QueryStats {
+    pub queries: std::sync::atomic::AtomicU64,
+    pub samples: std::sync::atomic::AtomicU64,
+    /// Total evaluation time, in microseconds.
+    pub micros: std::sync::atomic::AtomicU64,
+}
+
+impl QueryStats {
+    fn record(&self, o: &QueryOutput) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.queries.fetch_add(1, Relaxed);
+        self.samples.fetch_add(o.stats.total_samples, Relaxed);
+        self.micros
+            .fetch_add((o.stats.exec_seconds * 1e6) as u64, Relaxed);
+    }
+}
