@@ -141,7 +141,9 @@ fn generate() -> Vec<Gen> {
     ];
     for i in 0..1000 {
         for (method, code) in combos {
-            let mut v = rng.below(1000) as f64;
+            // Counters far from zero: Prometheus 2.42 limits extrapolation towards
+            // zero differently from Prometheus 3 (prometheus#13725).
+            let mut v = (1_000_000 + rng.below(1000)) as f64;
             let rate = 1 + rng.below(20);
             let values = (0..STEPS)
                 .map(|_| {
@@ -168,7 +170,7 @@ fn generate() -> Vec<Gen> {
         0.01, 0.03, 0.08, 0.2, 0.45, 0.7, 0.85, 0.93, 0.97, 0.99, 0.997, 1.0,
     ];
     for i in 0..400 {
-        let mut counts = [0f64; 12];
+        let mut counts = cdf.map(|c| (100_000.0 * c as f64).round());
         let mut per_le: Vec<Vec<f64>> = vec![Vec::new(); 12];
         for _ in 0..STEPS {
             let n = (10 + rng.below(40)) as f64;
@@ -370,16 +372,26 @@ fn local_db(data: &[Gen], start: i64) -> (tempfile::TempDir, capstan_tsdb::Db) {
     (dir, db)
 }
 
-/// `--local [ITERATIONS]`: the engine alone on an in-process store, for profiling.
+/// `--local [ITERATIONS]`: the engine alone on an in-process store, for profiling;
+/// `ONLY=text` runs the queries whose name and kind contain it.
 fn local(iters: usize) {
-    let end = 1_800_000_000_000;
+    let end = 1_800_000_007_000;
     let start = end - (STEPS as i64 - 1) * STEP_MS;
     let data = generate();
     let (_dir, db) = local_db(&data, start);
     drop(data);
     let engine = capstan_promql::Engine::new(capstan_promql::EngineOptions::default());
+    let only = std::env::var("ONLY").unwrap_or_default();
     for (name, q) in QUERIES {
         for mode in [Mode::Instant, Mode::Range] {
+            let kind = if matches!(mode, Mode::Instant) {
+                "instant"
+            } else {
+                "range"
+            };
+            if !format!("{name} {kind}").contains(&only) {
+                continue;
+            }
             let mut ms = Vec::new();
             for _ in 0..iters {
                 let t = Instant::now();
@@ -432,7 +444,9 @@ fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let end = now / STEP_MS * STEP_MS - STEP_MS;
+    // Samples 7 s off the minute grid, so that no subquery step's window
+    // boundary falls on a sample either.
+    let end = now / STEP_MS * STEP_MS - STEP_MS + 7_000;
     let start = end - (STEPS as i64 - 1) * STEP_MS;
     let data = generate();
     let samples = data.len() * STEPS;

@@ -448,9 +448,11 @@ impl<'a> Ev<'a> {
         let selected = self.select(vs, first - lb + 1, last)?;
         let n = self.steps();
         let mut out = Vec::with_capacity(selected.len());
+        let mut samples = Vec::new();
         for s in selected {
             self.check_deadline("series selection")?;
-            let samples: Vec<(i64, f64)> = s.samples.collect();
+            samples.clear();
+            (s.load)(&mut samples);
             let mut points = Vec::with_capacity(n.min(samples.len() * 8 + 1));
             let mut hi = 0;
             for i in 0..n {
@@ -560,10 +562,15 @@ impl<'a> Ev<'a> {
     ) -> Result<Option<RangeSeries>, Error> {
         self.check_deadline("range evaluation")?;
         Ok(match &mut arg.source {
-            RangeSource::Stored(it) => it.next().map(|s| RangeSeries {
-                labels: s.labels,
-                drop_name: false,
-                samples: s.samples.filter(|p| !capstan_tsdb::is_stale(p.1)).collect(),
+            RangeSource::Stored(it) => it.next().map(|s| {
+                let mut samples = Vec::new();
+                (s.load)(&mut samples);
+                samples.retain(|p| !capstan_tsdb::is_stale(p.1));
+                RangeSeries {
+                    labels: s.labels,
+                    drop_name: false,
+                    samples,
+                }
             }),
             RangeSource::Evaluated(it) => it.next().map(|s| RangeSeries {
                 labels: s.labels,

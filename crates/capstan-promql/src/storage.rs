@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 
 use capstan_tsdb::{Labels, Matcher};
 
-/// One selected series. Samples come in time order and may be decoded lazily.
+/// One selected series; its samples are read when the evaluator gets to it.
 pub struct Selected<'a> {
     pub labels: Labels,
-    pub samples: Box<dyn Iterator<Item = (i64, f64)> + 'a>,
+    /// Appends the series' samples in the selected range to the vector, in time order.
+    pub load: Box<dyn FnOnce(&mut Vec<(i64, f64)>) + 'a>,
     /// The series holds native histogram samples in the range: the evaluator
     /// refuses such data rather than answer with wrong numbers.
     pub has_histograms: bool,
@@ -24,14 +25,10 @@ impl Storage for capstan_tsdb::Db {
     fn select(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<Selected<'_>> {
         capstan_tsdb::Db::select(self, matchers, mint, maxt)
             .into_iter()
-            .map(|s| {
-                let labels = s.labels.clone();
-                let samples: Vec<(i64, f64)> = s.samples().collect();
-                Selected {
-                    labels,
-                    samples: Box::new(samples.into_iter()),
-                    has_histograms: false,
-                }
+            .map(|mut s| Selected {
+                labels: std::mem::take(&mut s.labels),
+                load: Box::new(move |out: &mut Vec<(i64, f64)>| s.read_into(out)),
+                has_histograms: false,
             })
             .collect()
     }
@@ -89,10 +86,12 @@ impl Storage for MemStorage {
                 let has_histograms = pts.iter().any(|p| p.1 == MemPoint::Histogram);
                 Some(Selected {
                     labels: l.clone(),
-                    samples: Box::new(pts.iter().filter_map(|(t, p)| match p {
-                        MemPoint::Float(v) => Some((*t, *v)),
-                        MemPoint::Histogram => None,
-                    })),
+                    load: Box::new(move |out: &mut Vec<(i64, f64)>| {
+                        out.extend(pts.iter().filter_map(|(t, p)| match p {
+                            MemPoint::Float(v) => Some((*t, *v)),
+                            MemPoint::Histogram => None,
+                        }))
+                    }),
                     has_histograms,
                 })
             })

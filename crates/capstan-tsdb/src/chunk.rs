@@ -46,8 +46,13 @@ fn to_int(v: f64, scale: u8) -> Option<i64> {
     (from_int(m, scale).to_bits() == v.to_bits()).then_some(m)
 }
 
+#[inline(always)]
 fn from_int(m: i64, scale: u8) -> f64 {
-    m as f64 / POW10[scale as usize]
+    if scale == 0 {
+        m as f64
+    } else {
+        m as f64 / POW10[scale as usize]
+    }
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -97,6 +102,7 @@ enum Code {
 }
 
 /// Reads an integer code; `None` on a marker or a truncated stream.
+#[inline(always)]
 fn get_int(r: &mut BitReader<'_>) -> Option<u64> {
     match get_value_code(r)? {
         Code::Int(z) => Some(z),
@@ -106,11 +112,9 @@ fn get_int(r: &mut BitReader<'_>) -> Option<u64> {
 
 /// Reads a value code: the integer buckets, or after six ones a marker
 /// (`…0` rescale, `…1` XOR).
+#[inline(always)]
 fn get_value_code(r: &mut BitReader<'_>) -> Option<Code> {
-    let mut ones = 0;
-    while ones < NB && r.bit()? {
-        ones += 1;
-    }
+    let ones = r.unary(NB as u32)? as usize;
     if ones == NB {
         return Some(if r.bit()? { Code::Xor } else { Code::Rescale });
     }
@@ -151,7 +155,7 @@ fn get_xor(r: &mut BitReader<'_>, prev: f64) -> Option<f64> {
 }
 
 /// Decoder and encoder share this state, so both take the same decisions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct State {
     t: i64,
     t_delta: i64,
@@ -257,7 +261,8 @@ impl Chunk {
         ChunkIter {
             r: BitReader::new(self.w.bytes()),
             left: self.count,
-            state: None,
+            s: State::default(),
+            started: false,
             failed: false,
         }
     }
@@ -301,7 +306,9 @@ fn encode_value(w: &mut BitWriter, s: &mut State, v: f64) {
 pub struct ChunkIter<'a> {
     r: BitReader<'a>,
     left: u16,
-    state: Option<State>,
+    /// Valid once the first sample is read.
+    s: State,
+    started: bool,
     failed: bool,
 }
 
@@ -312,7 +319,8 @@ impl<'a> ChunkIter<'a> {
         Some(ChunkIter {
             r: BitReader::new(&bytes[2..]),
             left: count,
-            state: None,
+            s: State::default(),
+            started: false,
             failed: false,
         })
     }
@@ -322,69 +330,125 @@ impl<'a> ChunkIter<'a> {
         self.failed
     }
 
+    #[inline]
     fn step(&mut self) -> Option<(i64, f64)> {
-        let r = &mut self.r;
-        let Some(mut s) = self.state else {
-            let t = r.bits(64)? as i64;
-            let scale = r.bits(4)? as u8;
-            if scale > MAX_SCALE {
-                return None;
-            }
-            let (v, m) = if r.bit()? {
-                let v = f64::from_bits(r.bits(64)?);
-                (v, to_int(v, scale))
-            } else {
-                let m = unzigzag(get_int(r)?);
-                (from_int(m, scale), Some(m))
-            };
-            self.state = Some(State {
-                t,
-                t_delta: 0,
-                v,
-                scale,
-                m,
-                m_delta: 0,
-            });
-            return Some((t, v));
-        };
-        let dod = unzigzag(get_int(r)?);
-        s.t_delta = s.t_delta.wrapping_add(dod);
-        s.t = s.t.wrapping_add(s.t_delta);
-        let mut code = get_value_code(r)?;
-        if let Code::Rescale = code {
-            let sc = r.bits(4)? as u8;
-            if sc <= s.scale || sc > MAX_SCALE {
-                return None;
-            }
-            let k = IPOW10[(sc - s.scale) as usize];
-            s.m = Some(s.m?.checked_mul(k)?);
-            s.m_delta = s.m_delta.checked_mul(k)?;
-            s.scale = sc;
-            code = get_value_code(r)?;
+        if !self.started {
+            self.s = first(&mut self.r)?;
+            self.started = true;
+        } else {
+            next(&mut self.r, &mut self.s)?;
         }
-        match code {
-            Code::Int(z) => {
-                let d = s.m_delta.checked_add(unzigzag(z))?;
-                let m = s.m?.checked_add(d)?;
-                s.m = Some(m);
-                s.m_delta = d;
-                s.v = from_int(m, s.scale);
-            }
-            Code::Xor => {
-                s.v = get_xor(r, s.v)?;
-                s.m = to_int(s.v, s.scale);
-                s.m_delta = 0;
-            }
-            Code::Rescale => return None,
+        Some((self.s.t, self.s.v))
+    }
+}
+
+/// Reads a chunk's first sample.
+#[inline(always)]
+fn first(r: &mut BitReader<'_>) -> Option<State> {
+    let t = r.bits(64)? as i64;
+    let scale = r.bits(4)? as u8;
+    if scale > MAX_SCALE {
+        return None;
+    }
+    let (v, m) = if r.bit()? {
+        let v = f64::from_bits(r.bits(64)?);
+        (v, to_int(v, scale))
+    } else {
+        let m = unzigzag(get_int(r)?);
+        (from_int(m, scale), Some(m))
+    };
+    Some(State {
+        t,
+        t_delta: 0,
+        v,
+        scale,
+        m,
+        m_delta: 0,
+    })
+}
+
+/// Reads the next sample into `s`; `None` on a damaged stream.
+#[inline(always)]
+fn next(r: &mut BitReader<'_>, s: &mut State) -> Option<()> {
+    let dod = unzigzag(get_int(r)?);
+    s.t_delta = s.t_delta.wrapping_add(dod);
+    s.t = s.t.wrapping_add(s.t_delta);
+    let mut code = get_value_code(r)?;
+    if let Code::Rescale = code {
+        let sc = r.bits(4)? as u8;
+        if sc <= s.scale || sc > MAX_SCALE {
+            return None;
         }
-        self.state = Some(s);
-        Some((s.t, s.v))
+        let k = IPOW10[(sc - s.scale) as usize];
+        s.m = Some(s.m?.checked_mul(k)?);
+        s.m_delta = s.m_delta.checked_mul(k)?;
+        s.scale = sc;
+        code = get_value_code(r)?;
+    }
+    match code {
+        Code::Int(z) => {
+            let d = s.m_delta.checked_add(unzigzag(z))?;
+            let m = s.m?.checked_add(d)?;
+            s.m = Some(m);
+            s.m_delta = d;
+            s.v = from_int(m, s.scale);
+        }
+        Code::Xor => {
+            s.v = get_xor(r, s.v)?;
+            s.m = to_int(s.v, s.scale);
+            s.m_delta = 0;
+        }
+        Code::Rescale => return None,
+    }
+    Some(())
+}
+
+/// What [`decode_into`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// Every sample was read.
+    All,
+    /// A sample after `maxt` was reached; the chunks after this one are later still.
+    PastEnd,
+    /// The stream is damaged; the samples before the damage were kept.
+    Damaged,
+}
+
+/// Appends the samples of an encoded chunk with `mint <= t <= maxt` to `out`:
+/// the same samples as [`ChunkIter`], decoded in one loop with the state in locals.
+pub fn decode_into(bytes: &[u8], mint: i64, maxt: i64, out: &mut Vec<(i64, f64)>) -> Decoded {
+    let Some(count) = bytes.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return Decoded::Damaged;
+    };
+    if count == 0 {
+        return Decoded::All;
+    }
+    let mut r = BitReader::new(&bytes[2..]);
+    let Some(mut s) = first(&mut r) else {
+        return Decoded::Damaged;
+    };
+    let mut left = count;
+    loop {
+        if s.t > maxt {
+            return Decoded::PastEnd;
+        }
+        if s.t >= mint {
+            out.push((s.t, s.v));
+        }
+        left -= 1;
+        if left == 0 {
+            return Decoded::All;
+        }
+        if next(&mut r, &mut s).is_none() {
+            return Decoded::Damaged;
+        }
     }
 }
 
 impl Iterator for ChunkIter<'_> {
     type Item = (i64, f64);
 
+    #[inline]
     fn next(&mut self) -> Option<(i64, f64)> {
         if self.left == 0 || self.failed {
             return None;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::block::{self, Block, SeriesChunks, TimedChunk};
-use crate::chunk::{AppendError, Chunk, ChunkIter, MAX_SAMPLES};
+use crate::chunk::{AppendError, Chunk, ChunkIter, Decoded, MAX_SAMPLES};
 use crate::index::{Index, SeriesId};
 use crate::labels::{Labels, Matcher};
 use crate::wal::{Fsync, Record, Replay, Wal};
@@ -212,6 +212,15 @@ impl SeriesData {
             .flat_map(|c| ChunkIter::from_bytes(c).into_iter().flatten())
             .skip_while(move |(t, _)| *t < mint)
             .take_while(move |(t, _)| *t <= maxt)
+    }
+
+    /// Appends the same samples to `out`, decoding chunk after chunk in one loop.
+    pub fn read_into(&self, out: &mut Vec<(i64, f64)>) {
+        for c in &self.chunks {
+            if crate::chunk::decode_into(c, self.mint, self.maxt, out) == Decoded::PastEnd {
+                return;
+            }
+        }
     }
 }
 

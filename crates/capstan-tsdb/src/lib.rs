@@ -15,7 +15,7 @@ pub mod index;
 pub mod labels;
 pub mod wal;
 
-pub use db::{Db, Options, Reject, SeriesRef};
+pub use db::{Db, Options, Reject, SeriesData, SeriesRef};
 pub use labels::{Labels, MatchOp, Matcher};
 pub use wal::Fsync;
 

@@ -14,7 +14,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use capstan_promql::mathx::format_value;
 use capstan_promql::{Engine, EngineOptions, QueryOutput, QueryValue};
 use capstan_tsdb::{Labels, Matcher};
 
@@ -151,11 +150,21 @@ fn now_ms() -> i64 {
 
 fn ts_json(out: &mut String, t: i64) {
     let (s, ms) = (t.div_euclid(1000), t.rem_euclid(1000));
-    if ms == 0 {
-        let _ = write!(out, "{s}");
-    } else {
-        let frac = format!("{ms:03}");
-        let _ = write!(out, "{s}.{}", frac.trim_end_matches('0'));
+    let _ = write!(out, "{s}");
+    if ms != 0 {
+        // Milliseconds as a decimal fraction without trailing zeros.
+        let digits = [ms / 100, ms / 10 % 10, ms % 10];
+        let len = if ms % 100 == 0 {
+            1
+        } else if ms % 10 == 0 {
+            2
+        } else {
+            3
+        };
+        out.push('.');
+        for d in &digits[..len] {
+            out.push(char::from(b'0' + *d as u8));
+        }
     }
 }
 
@@ -176,7 +185,7 @@ fn point_json(out: &mut String, t: i64, v: f64) {
     out.push('[');
     ts_json(out, t);
     out.push_str(",\"");
-    out.push_str(&format_value(v));
+    capstan_promql::mathx::write_value(out, v);
     out.push_str("\"]");
 }
 
