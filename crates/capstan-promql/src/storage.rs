@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 
 use capstan_tsdb::{Labels, Matcher};
 
+/// Appends a series' samples in the selected range to the vector, in time order.
+pub type Loader<'a> = Box<dyn FnOnce(&mut Vec<(i64, f64)>) + 'a>;
+
 /// One selected series; its samples are read when the evaluator gets to it.
 pub struct Selected<'a> {
     pub labels: Labels,
-    /// Appends the series' samples in the selected range to the vector, in time order.
-    pub load: Box<dyn FnOnce(&mut Vec<(i64, f64)>) + 'a>,
+    pub load: Loader<'a>,
     /// The series holds native histogram samples in the range: the evaluator
     /// refuses such data rather than answer with wrong numbers.
     pub has_histograms: bool,
