@@ -170,7 +170,7 @@ fn generate() -> Vec<Gen> {
         0.01, 0.03, 0.08, 0.2, 0.45, 0.7, 0.85, 0.93, 0.97, 0.99, 0.997, 1.0,
     ];
     for i in 0..400 {
-        let mut counts = cdf.map(|c| (100_000.0 * c as f64).round());
+        let mut counts = cdf.map(|c| (100_000.0 * c).round());
         let mut per_le: Vec<Vec<f64>> = vec![Vec::new(); 12];
         for _ in 0..STEPS {
             let n = (10 + rng.below(40)) as f64;
