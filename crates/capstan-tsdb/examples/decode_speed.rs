@@ -3,8 +3,10 @@
 use capstan_tsdb::chunk::{Chunk, ChunkIter, decode_into};
 use std::time::Instant;
 
+type Shape = (&'static str, fn(i64) -> f64);
+
 fn main() {
-    let shapes: [(&str, fn(i64) -> f64); 3] = [
+    let shapes: [Shape; 3] = [
         ("steady counter", |i| 1000.0 + i as f64 * 3.0),
         ("random counter", |i| (i * 37 + (i * i * 7919) % 29) as f64),
         ("gauge with decimals", |i| {
