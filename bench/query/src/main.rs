@@ -410,7 +410,11 @@ fn local(iters: usize) {
             } else {
                 "range"
             };
-            println!("{name:>22} {kind:>8}: {:8.2} ms", median(ms));
+            let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
+            println!(
+                "{name:>22} {kind:>8}: median {:8.2} ms, min {min:8.2} ms",
+                median(ms)
+            );
         }
     }
 }

@@ -162,7 +162,9 @@ impl State {
 
     fn apply(&mut self, id: SeriesId, t: i64, v: f64) {
         let s = &mut self.series[id as usize];
-        if let Err(AppendError::Full) = s.head.append(t, v) {
+        if s.head.len() >= HEAD_CHUNK_SAMPLES
+            || matches!(s.head.append(t, v), Err(AppendError::Full))
+        {
             let full = std::mem::take(&mut s.head);
             let (mint, maxt) = full.first_last().unwrap_or((t, t));
             s.closed.push((Arc::from(full.bytes()), mint, maxt));
@@ -334,23 +336,26 @@ impl Db {
     fn cut(&self, st: &mut State, boundary: i64) -> Result<PathBuf, Error> {
         let mut series_out = Vec::new();
         for s in st.series.iter_mut() {
-            let mut moved: Vec<TimedChunk> = Vec::new();
+            // What moves is re-encoded into full-size chunks.
+            let mut moving: Vec<(i64, f64)> = Vec::new();
             let mut kept: Vec<TimedChunk> = Vec::new();
             for c in s.closed.drain(..) {
-                if c.2 < boundary {
-                    moved.push(c);
-                } else if c.1 >= boundary {
+                if c.1 >= boundary {
                     kept.push(c);
+                    continue;
+                }
+                let samples = ChunkIter::from_bytes(&c.0).into_iter().flatten();
+                if c.2 < boundary {
+                    moving.extend(samples);
                 } else {
-                    let samples: Vec<(i64, f64)> =
-                        ChunkIter::from_bytes(&c.0).into_iter().flatten().collect();
-                    moved.extend(encode(samples.iter().filter(|x| x.0 < boundary)));
+                    let samples: Vec<(i64, f64)> = samples.collect();
+                    moving.extend(samples.iter().filter(|x| x.0 < boundary));
                     kept.extend(encode(samples.iter().filter(|x| x.0 >= boundary)));
                 }
             }
             if s.head.first_last().is_some_and(|f| f.0 < boundary) {
                 let samples: Vec<(i64, f64)> = s.head.iter().collect();
-                moved.extend(encode(samples.iter().filter(|x| x.0 < boundary)));
+                moving.extend(samples.iter().filter(|x| x.0 < boundary));
                 let mut head = Chunk::default();
                 for (t, v) in samples.iter().filter(|x| x.0 >= boundary) {
                     let _ = head.append(*t, *v);
@@ -358,6 +363,7 @@ impl Db {
                 s.head = head;
             }
             s.closed = kept;
+            let moved = encode(moving.iter());
             if !moved.is_empty() {
                 series_out.push(SeriesChunks {
                     labels: s.labels.clone(),
@@ -548,9 +554,9 @@ impl Db {
 
     /// Series all matchers select that may have samples in `[mint, maxt]`.
     pub fn select(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<SeriesData> {
-        let (blocks, mut out) = {
+        let (blocks, head) = {
             let st = self.state.lock().unwrap();
-            let head: BTreeMap<Labels, Vec<Arc<[u8]>>> = st
+            let head: Vec<(Labels, Vec<Arc<[u8]>>)> = st
                 .index
                 .select(matchers)
                 .into_iter()
@@ -576,6 +582,18 @@ impl Db {
                 .collect();
             (blocks, head)
         };
+        let series = |(labels, chunks)| SeriesData {
+            labels,
+            chunks,
+            mint,
+            maxt,
+        };
+        if blocks.is_empty() {
+            let mut head = head;
+            head.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            return head.into_iter().map(series).collect();
+        }
+        let mut out: BTreeMap<Labels, Vec<Arc<[u8]>>> = head.into_iter().collect();
         // Blocks hold older samples than the head: their chunks go first, oldest block first.
         let mut from_blocks: BTreeMap<Labels, Vec<Arc<[u8]>>> = BTreeMap::new();
         for b in &blocks {
@@ -598,14 +616,7 @@ impl Db {
             }
             out.insert(labels, chunks);
         }
-        out.into_iter()
-            .map(|(labels, chunks)| SeriesData {
-                labels,
-                chunks,
-                mint,
-                maxt,
-            })
-            .collect()
+        out.into_iter().map(series).collect()
     }
 
     /// Label sets of the series the matchers select that have samples in
@@ -889,6 +900,11 @@ pub struct Maintained {
     /// Blocks merged into larger ones.
     pub compacted: usize,
 }
+
+/// Samples per chunk in the head: half of a block's [`MAX_SAMPLES`], so that a
+/// query for the latest minutes decodes fewer samples before its window (a
+/// chunk decodes from its start). Cutting a block joins them into full chunks.
+const HEAD_CHUNK_SAMPLES: usize = MAX_SAMPLES as usize / 2;
 
 /// Encodes samples (in time order) into full chunks with their time ranges.
 fn encode<'a>(samples: impl Iterator<Item = &'a (i64, f64)>) -> Vec<TimedChunk> {
