@@ -529,12 +529,16 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut worst: f64 = 0.0;
+    let only = std::env::var("ONLY").unwrap_or_default();
     for (name, q) in QUERIES {
         for mode in [Mode::Instant, Mode::Range] {
             let kind = match mode {
                 Mode::Instant => "instant",
                 Mode::Range => "range 1h / 15s",
             };
+            if !format!("{name} {kind}").contains(&only) {
+                continue;
+            }
             let path = query_path(q, mode, start + EVAL_SHIFT_MS, end + EVAL_SHIFT_MS, false);
             // Same answer from both (series count and sum of values).
             let a = digest(&capstan.get_json(&path));

@@ -1,8 +1,8 @@
 //! Aggregation operators over instant vectors, by step and group.
 
+use capstan_tsdb::FxHashMap as HashMap;
 use capstan_tsdb::Labels;
 use promql_parser::parser::{AggregateExpr, LabelModifier};
-use std::collections::HashMap;
 
 use crate::engine::Ev;
 use crate::mathx::{format_plain, kahan_inc, nan_first_cmp, quantile};
@@ -179,7 +179,7 @@ pub(crate) fn eval(ev: &mut Ev<'_>, a: &AggregateExpr) -> Result<Value, Error> {
     let mut groups: Vec<Labels> = Vec::new();
     // A group keyed by a name still to be dropped drops it too (delayed removal).
     let mut drop: Vec<bool> = Vec::new();
-    let mut index: HashMap<Labels, usize> = HashMap::new();
+    let mut index: HashMap<Labels, usize> = HashMap::default();
     for s in &input {
         let g = grouping_labels(&s.labels, modifier);
         let has_name = g.get("__name__").is_some();
@@ -252,7 +252,7 @@ fn quantile_agg(
     modifier: &Option<LabelModifier>,
     phi: &[f64],
 ) -> Result<Value, Error> {
-    let mut index: HashMap<Labels, usize> = HashMap::new();
+    let mut index: HashMap<Labels, usize> = HashMap::default();
     let mut groups: Vec<(Labels, Vec<Vec<f64>>)> = Vec::new();
     let steps = ev.steps();
     for s in &input {
@@ -287,7 +287,7 @@ fn count_values(
     if !valid_label_name(label) {
         return Err(exec(format!("invalid label name {label:?}")));
     }
-    let mut index: HashMap<Labels, usize> = HashMap::new();
+    let mut index: HashMap<Labels, usize> = HashMap::default();
     let mut out: Vec<Series> = Vec::new();
     let steps = ev.steps();
     let mut counts: Vec<Vec<f64>> = Vec::new();
@@ -369,7 +369,7 @@ fn select_k(
         }
     }
     let mut group_of = Vec::with_capacity(input.len());
-    let mut index: HashMap<Labels, usize> = HashMap::new();
+    let mut index: HashMap<Labels, usize> = HashMap::default();
     for s in &input {
         let g = grouping_labels(&s.labels, modifier);
         let n = index.len();
@@ -410,16 +410,27 @@ fn select_k(
                     if agg == Agg::Limitk {
                         m[..k].to_vec()
                     } else {
-                        // NaN is never preferred; ties keep input order.
-                        if agg == Agg::Topk {
-                            m.sort_by(|a, b| nan_first_cmp(&b.1, &a.1));
-                        } else {
-                            m.sort_by(|a, b| match (a.1.is_nan(), b.1.is_nan()) {
-                                (true, false) => std::cmp::Ordering::Greater,
-                                (false, true) => std::cmp::Ordering::Less,
-                                _ => nan_first_cmp(&a.1, &b.1),
-                            });
+                        // NaN is never preferred; ties keep input order (members
+                        // are in input order, so their index breaks ties): a total
+                        // order, so selecting the k first then sorting them gives
+                        // what a stable sort of all would.
+                        let by_value = |a: &(usize, f64), b: &(usize, f64)| {
+                            if agg == Agg::Topk {
+                                nan_first_cmp(&b.1, &a.1)
+                            } else {
+                                match (a.1.is_nan(), b.1.is_nan()) {
+                                    (true, false) => std::cmp::Ordering::Greater,
+                                    (false, true) => std::cmp::Ordering::Less,
+                                    _ => nan_first_cmp(&a.1, &b.1),
+                                }
+                            }
+                        };
+                        let total =
+                            |a: &(usize, f64), b: &(usize, f64)| by_value(a, b).then(a.0.cmp(&b.0));
+                        if k < m.len() {
+                            m.select_nth_unstable_by(k - 1, total);
                         }
+                        m[..k].sort_unstable_by(total);
                         m[..k].to_vec()
                     }
                 }

@@ -1,7 +1,7 @@
 //! Binary operators: arithmetic, comparisons (with and without `bool`), set
 //! operators, and vector matching (`on`, `ignoring`, `group_left`, `group_right`).
 
-use std::collections::HashMap;
+use capstan_tsdb::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use capstan_tsdb::Labels;
@@ -204,7 +204,7 @@ fn set_op(
 ) -> Vec<Series> {
     let lsig: Vec<Labels> = l.iter().map(|s| signature(&s.labels, matching)).collect();
     let rsig: Vec<Labels> = r.iter().map(|s| signature(&s.labels, matching)).collect();
-    let mut ids: HashMap<&Labels, usize> = HashMap::new();
+    let mut ids: HashMap<&Labels, usize> = HashMap::default();
     let lid = intern(&mut ids, &lsig);
     let rid = intern(&mut ids, &rsig);
     let nsig = ids.len();
@@ -275,7 +275,7 @@ fn vector_vector(
         .map(|s| signature(&s.labels, matching))
         .collect();
     let osig: Vec<Labels> = one.iter().map(|s| signature(&s.labels, matching)).collect();
-    let mut ids: HashMap<&Labels, usize> = HashMap::new();
+    let mut ids: HashMap<&Labels, usize> = HashMap::default();
     let oid = intern(&mut ids, &osig);
     // Many-side series whose signature no one-side series has never match.
     let mid: Vec<Option<usize>> = msig.iter().map(|s| ids.get(s).copied()).collect();
@@ -286,9 +286,9 @@ fn vector_vector(
     let drop = !comparison || return_bool;
 
     // Output labels for each (many, one) pair, computed once.
-    let mut result_labels: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut result_labels: HashMap<(usize, usize), usize> = HashMap::default();
     let mut out: Vec<Series> = Vec::new();
-    let mut out_index: HashMap<Labels, usize> = HashMap::new();
+    let mut out_index: HashMap<Labels, usize> = HashMap::default();
     let mut one_at = vec![(usize::MAX, 0usize, 0.0f64); nsig];
     let mut matched_at = vec![usize::MAX; nsig];
     for i in 0..ev.steps() {
@@ -305,7 +305,7 @@ fn vector_vector(
             }
             one_at[sig] = (i, j, x);
         }
-        let mut inserted: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut inserted: HashMap<usize, Vec<usize>> = HashMap::default();
         for &(j, x) in &msteps[i] {
             let Some(sig) = mid[j] else { continue };
             let (step, oj, y) = one_at[sig];

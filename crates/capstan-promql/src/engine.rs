@@ -271,7 +271,7 @@ impl<'a> Ev<'a> {
             Value::Vector(s) => Ok(Value::Vector(self.settle(s)?)),
             Value::Matrix(s) if self.opts.delayed_name_removal => {
                 let s: Vec<Series> = s.into_iter().map(drop_flagged_name).collect();
-                let mut seen = std::collections::HashSet::new();
+                let mut seen = capstan_tsdb::FxHashSet::default();
                 for x in &s {
                     if !seen.insert(&x.labels) {
                         return Err(exec("vector cannot contain metrics with the same labelset"));
@@ -639,8 +639,8 @@ pub(crate) fn merge_same_labels(s: Vec<Series>) -> Result<Vec<Series>, Error> {
     if s.len() < 2 {
         return Ok(s);
     }
-    let mut index: std::collections::HashMap<Labels, usize> =
-        std::collections::HashMap::with_capacity(s.len());
+    let mut index: capstan_tsdb::FxHashMap<Labels, usize> =
+        capstan_tsdb::FxHashMap::with_capacity_and_hasher(s.len(), Default::default());
     let mut out: Vec<Series> = Vec::with_capacity(s.len());
     for x in s {
         match index.get(&x.labels) {

@@ -70,6 +70,26 @@ pub fn format_value(v: f64) -> String {
     s
 }
 
+/// Appends the decimal digits of `n` (faster than the formatting machinery).
+pub fn push_int(out: &mut String, n: i64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut m = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push('-');
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
 /// Appends [`format_value`]'s text to `out` (no allocation in the common case).
 pub fn write_value(out: &mut String, v: f64) {
     use std::fmt::Write;
@@ -85,7 +105,7 @@ pub fn write_value(out: &mut String, v: f64) {
     if a != 0.0 && a < 1e15 && v.fract() == 0.0 {
         // Whole numbers (most counters) print as integers; integer formatting is
         // several times faster than float formatting.
-        let _ = write!(out, "{}", v as i64);
+        push_int(out, v as i64);
         return;
     }
     if a != 0.0 && !(1e-6..1e21).contains(&a) {
@@ -141,6 +161,11 @@ mod tests {
     fn formats_like_prometheus() {
         assert_eq!(format_value(1.0), "1");
         assert_eq!(format_value(-0.0), "-0");
+        for n in [0i64, 7, -7, 10, 1_795_000_123, i64::MIN, i64::MAX] {
+            let mut s = String::new();
+            push_int(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
         assert_eq!(format_value(-1234567.0), "-1234567");
         assert_eq!(format_value(999_999_999_999_999.0), "999999999999999");
         assert_eq!(format_value(1e15), "1000000000000000");

@@ -16,6 +16,7 @@ pub mod labels;
 pub mod wal;
 
 pub use db::{Db, Options, Reject, SeriesData, SeriesRef};
+pub use fxhash::{FxBuild, FxHashMap, FxHashSet, FxHasher};
 pub use labels::{Labels, MatchOp, Matcher};
 pub use wal::Fsync;
 

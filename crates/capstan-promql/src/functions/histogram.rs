@@ -1,6 +1,6 @@
 //! `histogram_quantile` over classic histograms (series with an `le` label).
 
-use std::collections::HashMap;
+use capstan_tsdb::FxHashMap as HashMap;
 
 use capstan_tsdb::Labels;
 use promql_parser::parser::Expr;
@@ -97,7 +97,7 @@ pub(crate) fn quantile(ev: &mut Ev<'_>, phi: &Expr, v: &Expr) -> Result<Value, E
     }
     let input = ev.eval_vector(v)?;
     let steps = ev.steps();
-    let mut index: HashMap<Labels, usize> = HashMap::new();
+    let mut index: HashMap<Labels, usize> = HashMap::default();
     // Per group: its labels and, per step, the buckets (upper bound, count).
     type Buckets = Vec<Vec<(f64, f64)>>;
     let mut groups: Vec<(Labels, Buckets)> = Vec::new();

@@ -150,7 +150,7 @@ fn now_ms() -> i64 {
 
 fn ts_json(out: &mut String, t: i64) {
     let (s, ms) = (t.div_euclid(1000), t.rem_euclid(1000));
-    let _ = write!(out, "{s}");
+    capstan_promql::mathx::push_int(out, s);
     if ms != 0 {
         // Milliseconds as a decimal fraction without trailing zeros.
         let digits = [ms / 100, ms / 10 % 10, ms % 10];
@@ -191,7 +191,13 @@ fn point_json(out: &mut String, t: i64, v: f64) {
 
 /// The `data` object of a query response, written directly (results can be large).
 pub fn result_json(v: &QueryValue) -> String {
-    let mut out = String::with_capacity(256);
+    // About 32 bytes a point and 128 a series: one allocation for most results.
+    let size = match v {
+        QueryValue::Vector(s) => s.len() * 160,
+        QueryValue::Matrix(s) => s.iter().map(|x| 128 + x.points.len() * 32).sum(),
+        _ => 0,
+    };
+    let mut out = String::with_capacity(256 + size);
     out.push_str("{\"resultType\":\"");
     out.push_str(v.type_name());
     out.push_str("\",\"result\":");
