@@ -580,12 +580,13 @@ impl<'a> Ev<'a> {
         })
     }
 
-    /// Calls `f` with each step's window of `samples`: `(step, window, window end)`.
+    /// Calls `f` with each step's window of `samples`: `(step, index of the
+    /// window's first sample, window, window end)`.
     pub fn windows(
         &mut self,
         arg: &RangeArg<'_>,
         samples: &[(i64, f64)],
-        mut f: impl FnMut(&mut Self, usize, &[(i64, f64)], i64),
+        mut f: impl FnMut(&mut Self, usize, usize, &[(i64, f64)], i64),
     ) {
         let (mut lo, mut hi) = (0, 0);
         for i in 0..self.steps() {
@@ -599,7 +600,7 @@ impl<'a> Ev<'a> {
                 lo += 1;
             }
             self.stats.total_samples += (hi - lo) as u64;
-            f(self, i, &samples[lo..hi], end);
+            f(self, i, lo, &samples[lo..hi], end);
         }
     }
 
@@ -613,7 +614,7 @@ impl<'a> Ev<'a> {
         let mut out = Vec::new();
         while let Some(s) = self.next_range_series(&mut arg)? {
             let mut pts = Vec::new();
-            self.windows(&arg, &s.samples, |_, _, w, _| pts = w.to_vec());
+            self.windows(&arg, &s.samples, |_, _, _, w, _| pts = w.to_vec());
             if !pts.is_empty() {
                 out.push(Series {
                     labels: s.labels,

@@ -218,6 +218,16 @@ impl SeriesData {
 
     /// Appends the same samples to `out`, decoding chunk after chunk in one loop.
     pub fn read_into(&self, out: &mut Vec<(i64, f64)>) {
+        // At most every sample of the chunks (each chunk starts with its count).
+        let most: usize = self
+            .chunks
+            .iter()
+            .map(|c| {
+                c.get(..2)
+                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize)
+            })
+            .sum();
+        out.reserve(most);
         for c in &self.chunks {
             if crate::chunk::decode_into(c, self.mint, self.maxt, out) == Decoded::PastEnd {
                 return;

@@ -348,9 +348,25 @@ fn range_call(ev: &mut Ev<'_>, name: &str, args: &[&Expr]) -> Result<Value, Erro
                 }
             }
         }
-        let mut points = Vec::new();
+        let mut points = Vec::with_capacity(ev.steps());
         let range = arg.range;
-        ev.windows(&arg, &s.samples, |ev, i, w, end| {
+        // Counter resets before each sample (a prefix count), so that a window
+        // without any is known in O(1).
+        let resets: Vec<u32> = if counter_fn {
+            let mut n = 0;
+            let mut prev = f64::NEG_INFINITY;
+            s.samples
+                .iter()
+                .map(|&(_, v)| {
+                    n += u32::from(v < prev);
+                    prev = v;
+                    n
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        ev.windows(&arg, &s.samples, |ev, i, lo, w, end| {
             for (k, param) in params.iter().enumerate() {
                 p[k] = param[i];
             }
@@ -360,6 +376,9 @@ fn range_call(ev: &mut Ev<'_>, name: &str, args: &[&Expr]) -> Result<Value, Erro
                 end,
                 range,
                 at: t,
+                no_resets: !w.is_empty()
+                    && resets.get(lo + w.len() - 1) == resets.get(lo)
+                    && !resets.is_empty(),
             };
             if let Some(v) = f(&win, &p) {
                 points.push((t, v));

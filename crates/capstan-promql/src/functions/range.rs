@@ -11,6 +11,8 @@ pub(crate) struct Window<'s> {
     pub range: i64,
     /// The time the step is evaluated at (ms).
     pub at: i64,
+    /// Known to hold no counter reset (a decrease); false when not known.
+    pub no_resets: bool,
 }
 
 /// `rate`, `increase` and `delta`: the change over the window, extrapolated to
@@ -25,7 +27,7 @@ pub(crate) fn extrapolated(w: &Window<'_>, counter: bool, per_second: bool) -> O
     let (first_t, first_v) = s[0];
     let (last_t, last_v) = s[s.len() - 1];
     let mut result = last_v - first_v;
-    if counter {
+    if counter && !w.no_resets {
         let mut prev = first_v;
         for &(_, v) in &s[1..] {
             if v < prev {
