@@ -640,16 +640,30 @@ pub(crate) fn merge_same_labels(s: Vec<Series>) -> Result<Vec<Series>, Error> {
     if s.len() < 2 {
         return Ok(s);
     }
-    let mut index: capstan_tsdb::FxHashMap<Labels, usize> =
+    // Label-set hash → position in `out`; `more` holds hash collisions.
+    let mut index: capstan_tsdb::FxHashMap<u64, usize> =
         capstan_tsdb::FxHashMap::with_capacity_and_hasher(s.len(), Default::default());
+    let mut more: capstan_tsdb::FxHashMap<u64, Vec<usize>> = Default::default();
     let mut out: Vec<Series> = Vec::with_capacity(s.len());
     for x in s {
-        match index.get(&x.labels) {
+        let h = x.labels.hash64();
+        let found = match index.get(&h) {
+            None => None,
+            Some(&i) if out[i].labels == x.labels => Some(i),
+            Some(_) => more
+                .get(&h)
+                .and_then(|v| v.iter().copied().find(|&i| out[i].labels == x.labels)),
+        };
+        match found {
             None => {
-                index.insert(x.labels.clone(), out.len());
+                if index.contains_key(&h) {
+                    more.entry(h).or_default().push(out.len());
+                } else {
+                    index.insert(h, out.len());
+                }
                 out.push(x);
             }
-            Some(&i) => {
+            Some(i) => {
                 let o = &mut out[i];
                 let mut merged = Vec::with_capacity(o.points.len() + x.points.len());
                 let (mut a, mut b) = (0, 0);

@@ -70,24 +70,39 @@ pub fn format_value(v: f64) -> String {
     s
 }
 
+/// Pairs of decimal digits, "00" to "99".
+const DIGIT_PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
 /// Appends the decimal digits of `n` (faster than the formatting machinery).
 pub fn push_int(out: &mut String, n: i64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     let mut m = n.unsigned_abs();
-    loop {
+    while m >= 100 {
+        let d = (m % 100) as usize * 2;
+        m /= 100;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    }
+    if m >= 10 {
+        let d = m as usize * 2;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    } else {
         i -= 1;
-        buf[i] = b'0' + (m % 10) as u8;
-        m /= 10;
-        if m == 0 {
-            break;
-        }
+        buf[i] = b'0' + m as u8;
     }
     if n < 0 {
         out.push('-');
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+    // ASCII digits: one byte per char.
+    out.reserve(buf.len() - i);
+    out.extend(buf[i..].iter().map(|&b| char::from(b)));
 }
 
 /// Appends [`format_value`]'s text to `out` (no allocation in the common case).

@@ -211,6 +211,15 @@ impl Chunk {
         out
     }
 
+    /// [`Chunk::bytes`] in a shared buffer, with one allocation.
+    pub fn shared_bytes(&self) -> std::sync::Arc<[u8]> {
+        self.count
+            .to_be_bytes()
+            .into_iter()
+            .chain(self.w.bytes().iter().copied())
+            .collect()
+    }
+
     pub fn append(&mut self, t: i64, v: f64) -> Result<(), AppendError> {
         if self.count >= MAX_SAMPLES {
             return Err(AppendError::Full);

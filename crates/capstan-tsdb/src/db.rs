@@ -579,7 +579,7 @@ impl Db {
                         .map(|c| c.0.clone())
                         .collect();
                     if !s.head.is_empty() && s.max_t >= mint {
-                        chunks.push(Arc::from(s.head.bytes()));
+                        chunks.push(s.head.shared_bytes());
                     }
                     (!chunks.is_empty()).then(|| (s.labels.clone(), chunks))
                 })

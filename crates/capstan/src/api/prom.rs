@@ -168,15 +168,26 @@ fn ts_json(out: &mut String, t: i64) {
     }
 }
 
+/// A JSON string; most label names and values need no escaping.
+fn json_str(out: &mut String, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(&serde_json::Value::from(s).to_string());
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
+}
+
 fn labels_json(out: &mut String, l: &Labels) {
     out.push('{');
     for (i, (n, v)) in l.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&serde_json::to_string(n).unwrap());
+        json_str(out, n);
         out.push(':');
-        out.push_str(&serde_json::to_string(v).unwrap());
+        json_str(out, v);
     }
     out.push('}');
 }
