@@ -656,10 +656,10 @@ pub(crate) fn merge_same_labels(s: Vec<Series>) -> Result<Vec<Series>, Error> {
         };
         match found {
             None => {
-                if index.contains_key(&h) {
-                    more.entry(h).or_default().push(out.len());
+                if let std::collections::hash_map::Entry::Vacant(e) = index.entry(h) {
+                    e.insert(out.len());
                 } else {
-                    index.insert(h, out.len());
+                    more.entry(h).or_default().push(out.len());
                 }
                 out.push(x);
             }
