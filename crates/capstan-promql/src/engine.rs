@@ -403,15 +403,22 @@ impl<'a> Ev<'a> {
         }
     }
 
+    /// The series a selector selects; with `last_only`, a store may load only
+    /// each series' last sample in the range.
     fn select(
         &mut self,
         vs: &VectorSelector,
         mint: i64,
         maxt: i64,
+        last_only: bool,
     ) -> Result<Vec<Selected<'a>>, Error> {
         let mut out: Vec<Selected<'a>> = Vec::new();
         for set in matcher_sets(vs)? {
-            let found = self.st.select(&set, mint, maxt);
+            let found = if last_only {
+                self.st.select_last(&set, mint, maxt)
+            } else {
+                self.st.select(&set, mint, maxt)
+            };
             if out.is_empty() {
                 out = found;
             } else {
@@ -445,7 +452,8 @@ impl<'a> Ev<'a> {
             Some(a) => (a - off, a - off),
             None => (self.start - off, self.end - off),
         };
-        let selected = self.select(vs, first - lb + 1, last)?;
+        // One evaluation time: only the last sample before it matters.
+        let selected = self.select(vs, first - lb + 1, last, first == last)?;
         let n = self.steps();
         let mut out = Vec::with_capacity(selected.len());
         let mut samples = Vec::new();
@@ -490,7 +498,7 @@ impl<'a> Ev<'a> {
                     Some(a) => (a - off, a - off),
                     None => (self.start - off, self.end - off),
                 };
-                let selected = self.select(vs, first - range + 1, last)?;
+                let selected = self.select(vs, first - range + 1, last, false)?;
                 Ok(RangeArg {
                     range,
                     offset: off,

@@ -21,18 +21,32 @@ pub trait Storage: Sync {
     /// Series every matcher selects that may have samples in `[mint, maxt]`, in
     /// label order; their samples limited to that range.
     fn select(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<Selected<'_>>;
+
+    /// Like `select`, for a caller that uses only each series' last sample in the
+    /// range: a store may load just that one.
+    fn select_last(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<Selected<'_>> {
+        self.select(matchers, mint, maxt)
+    }
+}
+
+fn from_db<'a>(found: Vec<capstan_tsdb::SeriesData>) -> Vec<Selected<'a>> {
+    found
+        .into_iter()
+        .map(|mut s| Selected {
+            labels: std::mem::take(&mut s.labels),
+            load: Box::new(move |out: &mut Vec<(i64, f64)>| s.read_into(out)),
+            has_histograms: false,
+        })
+        .collect()
 }
 
 impl Storage for capstan_tsdb::Db {
     fn select(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<Selected<'_>> {
-        capstan_tsdb::Db::select(self, matchers, mint, maxt)
-            .into_iter()
-            .map(|mut s| Selected {
-                labels: std::mem::take(&mut s.labels),
-                load: Box::new(move |out: &mut Vec<(i64, f64)>| s.read_into(out)),
-                has_histograms: false,
-            })
-            .collect()
+        from_db(capstan_tsdb::Db::select(self, matchers, mint, maxt))
+    }
+
+    fn select_last(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<Selected<'_>> {
+        from_db(capstan_tsdb::Db::select_last(self, matchers, mint, maxt))
     }
 }
 

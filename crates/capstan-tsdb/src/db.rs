@@ -201,6 +201,8 @@ pub struct Db {
 pub struct SeriesData {
     pub labels: Labels,
     chunks: Vec<Arc<[u8]>>,
+    /// Set by [`Db::select_last`]: the series' last sample in the range, instead of chunks.
+    last: Option<(i64, f64)>,
     mint: i64,
     maxt: i64,
 }
@@ -209,15 +211,22 @@ impl SeriesData {
     /// Samples with `mint <= t <= maxt`, decoded one at a time.
     pub fn samples(&self) -> impl Iterator<Item = (i64, f64)> + '_ {
         let (mint, maxt) = (self.mint, self.maxt);
-        self.chunks
-            .iter()
-            .flat_map(|c| ChunkIter::from_bytes(c).into_iter().flatten())
-            .skip_while(move |(t, _)| *t < mint)
-            .take_while(move |(t, _)| *t <= maxt)
+        // With `last` set there are no chunks.
+        self.last.into_iter().chain(
+            self.chunks
+                .iter()
+                .flat_map(|c| ChunkIter::from_bytes(c).into_iter().flatten())
+                .skip_while(move |(t, _)| *t < mint)
+                .take_while(move |(t, _)| *t <= maxt),
+        )
     }
 
     /// Appends the same samples to `out`, decoding chunk after chunk in one loop.
     pub fn read_into(&self, out: &mut Vec<(i64, f64)>) {
+        if let Some(last) = self.last {
+            out.push(last);
+            return;
+        }
         // At most every sample of the chunks (each chunk starts with its count).
         let most: usize = self
             .chunks
@@ -564,14 +573,36 @@ impl Db {
 
     /// Series all matchers select that may have samples in `[mint, maxt]`.
     pub fn select(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<SeriesData> {
+        self.select_inner(matchers, mint, maxt, false)
+    }
+
+    /// Like [`Db::select`], for a caller that needs only each series' last sample
+    /// in the range (an instant vector selector): where the head's newest sample
+    /// is in the range, that sample alone is returned, and nothing is decoded.
+    pub fn select_last(&self, matchers: &[Matcher], mint: i64, maxt: i64) -> Vec<SeriesData> {
+        self.select_inner(matchers, mint, maxt, true)
+    }
+
+    fn select_inner(
+        &self,
+        matchers: &[Matcher],
+        mint: i64,
+        maxt: i64,
+        last_only: bool,
+    ) -> Vec<SeriesData> {
+        type Found = (Vec<Arc<[u8]>>, Option<(i64, f64)>);
         let (blocks, head) = {
             let st = self.state.lock().unwrap();
-            let head: Vec<(Labels, Vec<Arc<[u8]>>)> = st
+            let head: Vec<(Labels, Found)> = st
                 .index
                 .select(matchers)
                 .into_iter()
                 .filter_map(|id| {
                     let s = &st.series[id as usize];
+                    if last_only && !s.head.is_empty() && s.max_t >= mint && s.max_t <= maxt {
+                        let last = (s.max_t, f64::from_bits(s.last_bits));
+                        return Some((s.labels.clone(), (Vec::new(), Some(last))));
+                    }
                     let mut chunks: Vec<Arc<[u8]>> = s
                         .closed
                         .iter()
@@ -581,7 +612,7 @@ impl Db {
                     if !s.head.is_empty() && s.max_t >= mint {
                         chunks.push(s.head.shared_bytes());
                     }
-                    (!chunks.is_empty()).then(|| (s.labels.clone(), chunks))
+                    (!chunks.is_empty()).then(|| (s.labels.clone(), (chunks, None)))
                 })
                 .collect();
             let blocks: Vec<Arc<Block>> = st
@@ -592,9 +623,10 @@ impl Db {
                 .collect();
             (blocks, head)
         };
-        let series = |(labels, chunks)| SeriesData {
+        let series = |(labels, (chunks, last)): (Labels, Found)| SeriesData {
             labels,
             chunks,
+            last,
             mint,
             maxt,
         };
@@ -603,7 +635,7 @@ impl Db {
             head.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             return head.into_iter().map(series).collect();
         }
-        let mut out: BTreeMap<Labels, Vec<Arc<[u8]>>> = head.into_iter().collect();
+        let mut out: BTreeMap<Labels, Found> = head.into_iter().collect();
         // Blocks hold older samples than the head: their chunks go first, oldest block first.
         let mut from_blocks: BTreeMap<Labels, Vec<Arc<[u8]>>> = BTreeMap::new();
         for b in &blocks {
@@ -621,10 +653,16 @@ impl Db {
             }
         }
         for (labels, mut chunks) in from_blocks {
-            if let Some(head) = out.remove(&labels) {
+            let mut last = None;
+            if let Some((head, head_last)) = out.remove(&labels) {
                 chunks.extend(head);
+                last = head_last;
             }
-            out.insert(labels, chunks);
+            if last.is_some() {
+                // The head's newest sample is all that is needed.
+                chunks.clear();
+            }
+            out.insert(labels, (chunks, last));
         }
         out.into_iter().map(series).collect()
     }
