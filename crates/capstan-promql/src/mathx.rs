@@ -65,9 +65,9 @@ pub fn almost_equal(a: f64, b: f64, epsilon: f64) -> bool {
 /// A float as Prometheus formats sample values: shortest round-trip form,
 /// `NaN`, `+Inf`, `-Inf`; exponent form below 1e-6 and from 1e21 on.
 pub fn format_value(v: f64) -> String {
-    let mut s = String::new();
+    let mut s = Vec::new();
     write_value(&mut s, v);
-    s
+    String::from_utf8(s).unwrap_or_default()
 }
 
 /// Pairs of decimal digits, "00" to "99".
@@ -79,7 +79,7 @@ const DIGIT_PAIRS: &[u8; 200] = b"\
 8081828384858687888990919293949596979899";
 
 /// Appends the decimal digits of `n` (faster than the formatting machinery).
-pub fn push_int(out: &mut String, n: i64) {
+pub fn push_int(out: &mut Vec<u8>, n: i64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     let mut m = n.unsigned_abs();
@@ -98,22 +98,20 @@ pub fn push_int(out: &mut String, n: i64) {
         buf[i] = b'0' + m as u8;
     }
     if n < 0 {
-        out.push('-');
+        out.push(b'-');
     }
-    // ASCII digits: one byte per char.
-    out.reserve(buf.len() - i);
-    out.extend(buf[i..].iter().map(|&b| char::from(b)));
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// Appends [`format_value`]'s text to `out` (no allocation in the common case).
-pub fn write_value(out: &mut String, v: f64) {
-    use std::fmt::Write;
+pub fn write_value(out: &mut Vec<u8>, v: f64) {
+    use std::io::Write;
     if v.is_nan() {
-        out.push_str("NaN");
+        out.extend_from_slice(b"NaN");
         return;
     }
     if v.is_infinite() {
-        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+        out.extend_from_slice(if v > 0.0 { b"+Inf" } else { b"-Inf" });
         return;
     }
     let a = v.abs();
@@ -177,9 +175,9 @@ mod tests {
         assert_eq!(format_value(1.0), "1");
         assert_eq!(format_value(-0.0), "-0");
         for n in [0i64, 7, -7, 10, 1_795_000_123, i64::MIN, i64::MAX] {
-            let mut s = String::new();
+            let mut s = Vec::new();
             push_int(&mut s, n);
-            assert_eq!(s, n.to_string());
+            assert_eq!(s, n.to_string().as_bytes());
         }
         assert_eq!(format_value(-1234567.0), "-1234567");
         assert_eq!(format_value(999_999_999_999_999.0), "999999999999999");

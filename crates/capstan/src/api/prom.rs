@@ -148,7 +148,7 @@ fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
 
-fn ts_json(out: &mut String, t: i64) {
+fn ts_json(out: &mut Vec<u8>, t: i64) {
     let (s, ms) = (t.div_euclid(1000), t.rem_euclid(1000));
     capstan_promql::mathx::push_int(out, s);
     if ms != 0 {
@@ -161,43 +161,43 @@ fn ts_json(out: &mut String, t: i64) {
         } else {
             3
         };
-        out.push('.');
+        out.push(b'.');
         for d in &digits[..len] {
-            out.push(char::from(b'0' + *d as u8));
+            out.push(b'0' + *d as u8);
         }
     }
 }
 
 /// A JSON string; most label names and values need no escaping.
-fn json_str(out: &mut String, s: &str) {
+fn json_str(out: &mut Vec<u8>, s: &str) {
     if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(&serde_json::Value::from(s).to_string());
+        out.extend_from_slice(serde_json::Value::from(s).to_string().as_bytes());
     } else {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
     }
 }
 
-fn labels_json(out: &mut String, l: &Labels) {
-    out.push('{');
+fn labels_json(out: &mut Vec<u8>, l: &Labels) {
+    out.push(b'{');
     for (i, (n, v)) in l.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
         json_str(out, n);
-        out.push(':');
+        out.push(b':');
         json_str(out, v);
     }
-    out.push('}');
+    out.push(b'}');
 }
 
-fn point_json(out: &mut String, t: i64, v: f64) {
-    out.push('[');
+fn point_json(out: &mut Vec<u8>, t: i64, v: f64) {
+    out.push(b'[');
     ts_json(out, t);
-    out.push_str(",\"");
+    out.extend_from_slice(b",\"");
     capstan_promql::mathx::write_value(out, v);
-    out.push_str("\"]");
+    out.extend_from_slice(b"\"]");
 }
 
 /// The `data` object of a query response, written directly (results can be large).
@@ -208,55 +208,56 @@ pub fn result_json(v: &QueryValue) -> String {
         QueryValue::Matrix(s) => s.iter().map(|x| 128 + x.points.len() * 32).sum(),
         _ => 0,
     };
-    let mut out = String::with_capacity(256 + size);
-    out.push_str("{\"resultType\":\"");
-    out.push_str(v.type_name());
-    out.push_str("\",\"result\":");
+    let mut out: Vec<u8> = Vec::with_capacity(256 + size);
+    out.extend_from_slice(b"{\"resultType\":\"");
+    out.extend_from_slice(v.type_name().as_bytes());
+    out.extend_from_slice(b"\",\"result\":");
     match v {
         QueryValue::Scalar(t, x) => point_json(&mut out, *t, *x),
         QueryValue::String(t, s) => {
-            out.push('[');
+            out.push(b'[');
             ts_json(&mut out, *t);
-            out.push(',');
-            out.push_str(&serde_json::to_string(s).unwrap());
-            out.push(']');
+            out.push(b',');
+            out.extend_from_slice(serde_json::to_string(s).unwrap_or_default().as_bytes());
+            out.push(b']');
         }
         QueryValue::Vector(samples) => {
-            out.push('[');
+            out.push(b'[');
             for (i, s) in samples.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str("{\"metric\":");
+                out.extend_from_slice(b"{\"metric\":");
                 labels_json(&mut out, &s.labels);
-                out.push_str(",\"value\":");
+                out.extend_from_slice(b",\"value\":");
                 point_json(&mut out, s.t, s.v);
-                out.push('}');
+                out.push(b'}');
             }
-            out.push(']');
+            out.push(b']');
         }
         QueryValue::Matrix(series) => {
-            out.push('[');
+            out.push(b'[');
             for (i, s) in series.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str("{\"metric\":");
+                out.extend_from_slice(b"{\"metric\":");
                 labels_json(&mut out, &s.labels);
-                out.push_str(",\"values\":[");
+                out.extend_from_slice(b",\"values\":[");
                 for (k, (t, x)) in s.points.iter().enumerate() {
                     if k > 0 {
-                        out.push(',');
+                        out.push(b',');
                     }
                     point_json(&mut out, *t, *x);
                 }
-                out.push_str("]}");
+                out.extend_from_slice(b"]}");
             }
-            out.push(']');
+            out.push(b']');
         }
     }
-    out.push('}');
-    out
+    out.push(b'}');
+    // Only UTF-8 was written: label strings and ASCII.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 fn query_response(o: &QueryOutput, stats: bool) -> Response {
