@@ -6,7 +6,6 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,23 +199,26 @@ fn point_json(out: &mut Vec<u8>, t: i64, v: f64) {
     out.extend_from_slice(b"\"]");
 }
 
-/// The `data` object of a query response, written directly (results can be large).
-pub fn result_json(v: &QueryValue) -> String {
-    // About 32 bytes a point and 128 a series: one allocation for most results.
-    let size = match v {
+/// Bytes a result's JSON about takes: 32 a point, 128 a series.
+fn json_size(v: &QueryValue) -> usize {
+    256 + match v {
         QueryValue::Vector(s) => s.len() * 160,
         QueryValue::Matrix(s) => s.iter().map(|x| 128 + x.points.len() * 32).sum(),
         _ => 0,
-    };
-    let mut out: Vec<u8> = Vec::with_capacity(256 + size);
+    }
+}
+
+/// The `data` object of a query response, written directly (results can be large).
+fn result_json_into(out: &mut Vec<u8>, v: &QueryValue) {
+    out.reserve(json_size(v));
     out.extend_from_slice(b"{\"resultType\":\"");
     out.extend_from_slice(v.type_name().as_bytes());
     out.extend_from_slice(b"\",\"result\":");
     match v {
-        QueryValue::Scalar(t, x) => point_json(&mut out, *t, *x),
+        QueryValue::Scalar(t, x) => point_json(out, *t, *x),
         QueryValue::String(t, s) => {
             out.push(b'[');
-            ts_json(&mut out, *t);
+            ts_json(out, *t);
             out.push(b',');
             out.extend_from_slice(serde_json::to_string(s).unwrap_or_default().as_bytes());
             out.push(b']');
@@ -228,9 +230,9 @@ pub fn result_json(v: &QueryValue) -> String {
                     out.push(b',');
                 }
                 out.extend_from_slice(b"{\"metric\":");
-                labels_json(&mut out, &s.labels);
+                labels_json(out, &s.labels);
                 out.extend_from_slice(b",\"value\":");
-                point_json(&mut out, s.t, s.v);
+                point_json(out, s.t, s.v);
                 out.push(b'}');
             }
             out.push(b']');
@@ -242,13 +244,13 @@ pub fn result_json(v: &QueryValue) -> String {
                     out.push(b',');
                 }
                 out.extend_from_slice(b"{\"metric\":");
-                labels_json(&mut out, &s.labels);
+                labels_json(out, &s.labels);
                 out.extend_from_slice(b",\"values\":[");
                 for (k, (t, x)) in s.points.iter().enumerate() {
                     if k > 0 {
                         out.push(b',');
                     }
-                    point_json(&mut out, *t, *x);
+                    point_json(out, *t, *x);
                 }
                 out.extend_from_slice(b"]}");
             }
@@ -256,34 +258,41 @@ pub fn result_json(v: &QueryValue) -> String {
         }
     }
     out.push(b'}');
-    // Only UTF-8 was written: label strings and ASCII.
-    String::from_utf8(out).unwrap_or_default()
 }
 
 fn query_response(o: &QueryOutput, stats: bool) -> Response {
-    let mut body = String::from("{\"status\":\"success\",\"data\":");
-    let mut data = result_json(&o.value);
+    use std::io::Write;
+    let mut body: Vec<u8> = Vec::with_capacity(64 + json_size(&o.value));
+    body.extend_from_slice(b"{\"status\":\"success\",\"data\":");
+    result_json_into(&mut body, &o.value);
     if stats {
-        data.pop();
+        body.pop();
         let s = &o.stats;
         let _ = write!(
-            data,
+            body,
             ",\"stats\":{{\"timings\":{{\"evalTotalTime\":{e},\"resultSortTime\":0,\"queryPreparationTime\":0,\"innerEvalTime\":{e},\"execQueueTime\":0,\"execTotalTime\":{e}}},\"samples\":{{\"totalQueryableSamples\":{},\"peakSamples\":{}}}}}}}",
             s.total_samples,
             s.peak_samples,
             e = s.exec_seconds
         );
     }
-    body.push_str(&data);
     if !o.warnings.is_empty() {
-        body.push_str(",\"warnings\":");
-        body.push_str(&serde_json::to_string(&o.warnings).unwrap());
+        body.extend_from_slice(b",\"warnings\":");
+        body.extend_from_slice(
+            serde_json::to_string(&o.warnings)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
     }
     if !o.infos.is_empty() {
-        body.push_str(",\"infos\":");
-        body.push_str(&serde_json::to_string(&o.infos).unwrap());
+        body.extend_from_slice(b",\"infos\":");
+        body.extend_from_slice(
+            serde_json::to_string(&o.infos)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
     }
-    body.push('}');
+    body.push(b'}');
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
