@@ -143,6 +143,57 @@ pub struct Matcher {
     pub op: MatchOp,
     pub value: String,
     re: Option<regex::Regex>,
+    /// A regex of a common simple shape, matched without the regex engine.
+    fast: Option<Fast>,
+}
+
+/// Simple regex shapes (the regex is anchored, and `.` matches any character).
+#[derive(Debug, Clone, PartialEq)]
+enum Fast {
+    /// `lit`, or `a|b|c`.
+    Set(Vec<String>),
+    /// `lit.*`
+    Prefix(String),
+    /// `.*lit`
+    Suffix(String),
+    /// `.*lit.*`
+    Contains(String),
+}
+
+impl Fast {
+    fn of(pattern: &str) -> Option<Fast> {
+        let literal = |s: &str| !s.bytes().any(|b| b"\\.+*?()|[]{}^$".contains(&b));
+        let (head, rest) = match pattern.strip_prefix(".*") {
+            Some(r) => (true, r),
+            None => (false, pattern),
+        };
+        let (tail, core) = match rest.strip_suffix(".*") {
+            Some(c) => (true, c),
+            None => (false, rest),
+        };
+        match (head, tail) {
+            (false, false) => {
+                let parts: Vec<&str> = pattern.split('|').collect();
+                parts
+                    .iter()
+                    .all(|p| literal(p))
+                    .then(|| Fast::Set(parts.iter().map(|p| p.to_string()).collect()))
+            }
+            _ if !literal(core) => None,
+            (false, true) => Some(Fast::Prefix(core.to_owned())),
+            (true, false) => Some(Fast::Suffix(core.to_owned())),
+            (true, true) => Some(Fast::Contains(core.to_owned())),
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Fast::Set(set) => set.iter().any(|x| x == v),
+            Fast::Prefix(p) => v.starts_with(p.as_str()),
+            Fast::Suffix(p) => v.ends_with(p.as_str()),
+            Fast::Contains(p) => v.contains(p.as_str()),
+        }
+    }
 }
 
 impl Matcher {
@@ -157,6 +208,7 @@ impl Matcher {
             name: name.to_owned(),
             op,
             value: value.to_owned(),
+            fast: re.as_ref().and_then(|_| Fast::of(value)),
             re,
         })
     }
@@ -172,6 +224,7 @@ impl Matcher {
             },
             value: value.to_owned(),
             re: Some(re),
+            fast: Fast::of(value),
         }
     }
 
@@ -181,6 +234,7 @@ impl Matcher {
             op: MatchOp::Equal,
             value: value.to_owned(),
             re: None,
+            fast: None,
         }
     }
 
@@ -189,13 +243,59 @@ impl Matcher {
         match self.op {
             MatchOp::Equal => v == self.value,
             MatchOp::NotEqual => v != self.value,
-            MatchOp::Regex => self.re.as_ref().is_some_and(|r| r.is_match(v)),
-            MatchOp::NotRegex => !self.re.as_ref().is_some_and(|r| r.is_match(v)),
+            MatchOp::Regex | MatchOp::NotRegex => {
+                let m = match &self.fast {
+                    Some(f) => f.matches(v),
+                    None => self.re.as_ref().is_some_and(|r| r.is_match(v)),
+                };
+                m == (self.op == MatchOp::Regex)
+            }
         }
     }
 
     /// Whether the matcher also selects series that lack the label.
     pub fn matches_empty(&self) -> bool {
         self.matches("")
+    }
+}
+
+#[cfg(test)]
+mod fast_regex_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn shapes() {
+        assert_eq!(
+            Fast::of("a|bc"),
+            Some(Fast::Set(vec!["a".into(), "bc".into()]))
+        );
+        assert_eq!(Fast::of("host-1.*"), Some(Fast::Prefix("host-1".into())));
+        assert_eq!(Fast::of(".*:9100"), Some(Fast::Suffix(":9100".into())));
+        assert_eq!(Fast::of(".*err.*"), Some(Fast::Contains("err".into())));
+        assert_eq!(Fast::of("5.."), None);
+        assert_eq!(Fast::of("a\\.b"), None);
+        assert_eq!(Fast::of("(?i)a"), None);
+    }
+
+    proptest! {
+        /// Wherever a fast path applies, it agrees with the regex engine.
+        #[test]
+        fn fast_paths_agree_with_the_regex(
+            pattern in "(\\.\\*)?[ab.|*+]{0,4}(\\.\\*)?",
+            values in prop::collection::vec("[ab\n.|*]{0,5}", 1..8),
+        ) {
+            let Ok(m) = Matcher::new("x", MatchOp::Regex, &pattern) else {
+                return Ok(());
+            };
+            let re = regex::Regex::new(&format!("^(?s:{pattern})$")).unwrap();
+            for v in &values {
+                prop_assert_eq!(m.matches(v), re.is_match(v), "{:?} on {:?}", pattern, v);
+            }
+            let n = Matcher::new("x", MatchOp::NotRegex, &pattern).unwrap();
+            for v in &values {
+                prop_assert_eq!(n.matches(v), !re.is_match(v));
+            }
+        }
     }
 }
