@@ -44,7 +44,8 @@ pub struct Engine {
 
 /// Parses an expression, mapping the parser's message to a `bad_data` error.
 pub fn parse(q: &str) -> Result<Expr, Error> {
-    parser::parse(q).map_err(Error::Parse)
+    // The parser's errors come without a position: find one.
+    parser::parse(q).map_err(|e| Error::Parse(crate::position::with_position(q, &e)))
 }
 
 impl Engine {

@@ -8,6 +8,7 @@ mod binary;
 mod engine;
 mod functions;
 pub mod mathx;
+mod position;
 pub mod promqltest;
 pub mod runner;
 mod storage;

@@ -77,6 +77,24 @@ fn promtool_queries_capstan() {
         err.contains("bad_data") || err.contains("parenthesis"),
         "{err}"
     );
+    // Over HTTP: 400, bad_data, and where the error is.
+    let (code, body) = http_fetch(
+        &daemon_addr(&s),
+        "/api/v1/query?query=sum%28rate%28x%5B5m%5D%29",
+    );
+    assert_eq!(code, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["errorType"], "bad_data", "{body}");
+    assert_eq!(
+        v["error"], "invalid parameter \"query\": 1:4: parse error: unclosed left parenthesis",
+        "{body}"
+    );
+    let (code, body) = http_fetch(&daemon_addr(&s), "/api/v1/query?query=up%20%2B");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("1:5: parse error: unexpected end of input"),
+        "{body}"
+    );
     // Series, labels and label values, as promtool asks for them.
     let out = Command::new(&promtool)
         .args(["query", "series", "--match", "up", &url])
