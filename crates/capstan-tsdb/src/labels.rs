@@ -4,8 +4,47 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A series' identity: label pairs sorted by name, names unique, `__name__` included.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Hash, Default)]
 pub struct Labels(Vec<(Arc<str>, Arc<str>)>);
+
+/// Interned strings compare by pointer first (no byte comparison when equal).
+fn cmp_str(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
+    if Arc::ptr_eq(a, b) {
+        std::cmp::Ordering::Equal
+    } else {
+        a.cmp(b)
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, o: &Labels) -> bool {
+        self.0.len() == o.0.len()
+            && self.0.iter().zip(&o.0).all(|(a, b)| {
+                (Arc::ptr_eq(&a.0, &b.0) || a.0 == b.0) && (Arc::ptr_eq(&a.1, &b.1) || a.1 == b.1)
+            })
+    }
+}
+
+impl Eq for Labels {}
+
+impl Ord for Labels {
+    /// Pair by pair, name then value, as the pairs' own order would.
+    fn cmp(&self, o: &Labels) -> std::cmp::Ordering {
+        for (a, b) in self.0.iter().zip(&o.0) {
+            let c = cmp_str(&a.0, &b.0).then_with(|| cmp_str(&a.1, &b.1));
+            if c.is_ne() {
+                return c;
+            }
+        }
+        self.0.len().cmp(&o.0.len())
+    }
+}
+
+impl PartialOrd for Labels {
+    fn partial_cmp(&self, o: &Labels) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 
 impl Labels {
     /// Sorts the pairs by name; a later duplicate name wins; empty values are dropped
@@ -256,6 +295,25 @@ impl Matcher {
     /// Whether the matcher also selects series that lack the label.
     pub fn matches_empty(&self) -> bool {
         self.matches("")
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The hand-written order and equality are those of the pairs.
+        #[test]
+        fn order_is_the_pairs_order(a in prop::collection::vec(("[ab]{0,2}", "[ab]{0,2}"), 0..4),
+                                    b in prop::collection::vec(("[ab]{0,2}", "[ab]{0,2}"), 0..4)) {
+            let la = Labels(a.iter().map(|(n, v)| (Arc::from(n.as_str()), Arc::from(v.as_str()))).collect());
+            let lb = Labels(b.iter().map(|(n, v)| (Arc::from(n.as_str()), Arc::from(v.as_str()))).collect());
+            prop_assert_eq!(la.cmp(&lb), a.cmp(&b));
+            prop_assert_eq!(la == lb, a == b);
+            prop_assert_eq!(la.cmp(&la.clone()), std::cmp::Ordering::Equal);
+        }
     }
 }
 
