@@ -4,8 +4,15 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A series' identity: label pairs sorted by name, names unique, `__name__` included.
-#[derive(Debug, Clone, Hash, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Labels(Vec<(Arc<str>, Arc<str>)>);
+
+impl std::hash::Hash for Labels {
+    /// By content, as equality is.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 /// Interned strings compare by pointer first (no byte comparison when equal).
 fn cmp_str(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
