@@ -27,9 +27,11 @@ fn promtool_queries_capstan() {
     s.up();
     let addr = daemon_addr(&s);
     let url = format!("http://{addr}");
+    // Both of capstan's own jobs (itself and its host collector) scraped.
     wait_for("capstan's own up series", Duration::from_secs(30), || {
         let (_, b) = http_fetch(&addr, "/api/v1/query?query=up%7Bjob%3D%22capstan%22%7D");
-        b.contains("\"value\"").then_some(())
+        let (_, n) = http_fetch(&addr, "/api/v1/query?query=up%7Bjob%3D%22node%22%7D");
+        (b.contains("\"value\"") && n.contains("\"value\"")).then_some(())
     });
     let out = Command::new(&promtool)
         .args(["query", "instant", &url, "up"])
