@@ -73,7 +73,12 @@ fn endpoints_and_metrics() {
     assert!(m.contains("demo_build_info{version=\"9.9\"} 1"), "{m}");
     sigterm(&child);
     assert!(child.wait().unwrap().success());
-    let lines: Vec<String> = logs.try_iter().collect();
+    // Every line up to the end of the output (the reader thread may still be
+    // forwarding the last ones when the process has exited).
+    let mut lines: Vec<String> = Vec::new();
+    while let Ok(l) = logs.recv_timeout(std::time::Duration::from_secs(5)) {
+        lines.push(l);
+    }
     for l in &lines {
         serde_json::from_str::<serde_json::Value>(l)
             .unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
