@@ -546,8 +546,9 @@ fn main() {
             let close = a.0 == b.0 && (a.1 - b.1).abs() <= 1e-6 * a.1.abs().max(b.1.abs());
             if !close {
                 eprintln!(
-                    "WARNING {name} {kind}: capstan {a:?} vs Prometheus {b:?} (series, sum of values)"
+                    "{name} {kind}: the answers differ: capstan {a:?}, Prometheus {b:?} (series, sum of values)"
                 );
+                std::process::exit(1);
             }
             // Warm up, then alternate.
             for s in [&capstan, &prom] {
