@@ -79,6 +79,20 @@ fn promtool_queries_capstan() {
         err.contains("bad_data") || err.contains("parenthesis"),
         "{err}"
     );
+    // Metadata of the scraped families, from the targets' HELP and TYPE lines.
+    let (code, body) = http_fetch(&addr, "/api/v1/metadata?metric=capstan_scrape_targets");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["data"]["capstan_scrape_targets"],
+        serde_json::json!([{"type": "gauge", "help": "Targets being scraped.", "unit": ""}]),
+        "{body}"
+    );
+    let (_, body) = http_fetch(&addr, "/api/v1/metadata?limit=3");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"].as_object().unwrap().len(), 3, "{body}");
+    let (code, _) = http_fetch(&addr, "/api/v1/metadata?limit=x");
+    assert_eq!(code, 400);
     // Over HTTP: 400, bad_data, and where the error is.
     let (code, body) = http_fetch(
         &daemon_addr(&s),

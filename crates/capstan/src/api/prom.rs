@@ -587,9 +587,51 @@ fn unescape_utf8_name(s: &str) -> String {
     out
 }
 
-pub async fn metadata() -> Response {
-    // Capstan does not keep the metadata (HELP, TYPE) of scraped metrics yet.
-    ok_json(serde_json::json!({}))
+/// `/api/v1/metadata`: HELP, TYPE and UNIT of the scraped metric families, as
+/// the targets' last good scrapes gave them; `metric`, `limit` and
+/// `limit_per_metric` as in Prometheus.
+pub async fn metadata(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
+    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let limit = |key: &str| -> Result<Option<usize>, Response> {
+        match p.get(key) {
+            None | Some("") => Ok(None),
+            Some(v) => match v.parse::<i64>() {
+                // Prometheus: zero or less means no limit.
+                Ok(n) if n <= 0 => Ok(None),
+                Ok(n) => Ok(Some(n as usize)),
+                Err(_) => Err(err(
+                    "bad_data",
+                    format!("invalid {key} {v:?}: not a number"),
+                )),
+            },
+        }
+    };
+    let (limit, per_metric) = match (limit("limit"), limit("limit_per_metric")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let mut out = serde_json::Map::new();
+    for (name, metas) in api.shared.scrape_metadata.families() {
+        if p.get("metric").is_some_and(|m| !m.is_empty() && m != name) {
+            continue;
+        }
+        if limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
+        let list: Vec<serde_json::Value> = metas
+            .iter()
+            .take(per_metric.unwrap_or(usize::MAX))
+            .map(|m| {
+                serde_json::json!({
+                    "type": if m.kind.is_empty() { "unknown" } else { m.kind },
+                    "help": m.help,
+                    "unit": m.unit,
+                })
+            })
+            .collect();
+        out.insert(name, serde_json::Value::Array(list));
+    }
+    ok_json(serde_json::Value::Object(out))
 }
 
 pub async fn targets(State(api): State<Api>) -> Response {

@@ -245,6 +245,7 @@ pub async fn run(shared: Arc<Shared>, db: Arc<Db>, mut stop: watch::Receiver<boo
                     t.clone(),
                     rx,
                     shared.scrape_stats.clone(),
+                    shared.scrape_metadata.clone(),
                 ));
                 slot.insert((t, tx, task));
             }
@@ -301,6 +302,47 @@ fn series_labels(
     pairs
 }
 
+/// What a target says about one metric family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Meta {
+    pub kind: &'static str,
+    pub help: String,
+    pub unit: String,
+}
+
+/// The metadata of the families each target exposed in its last good scrape,
+/// for `/api/v1/metadata`. A target's entry goes when its scrape loop stops.
+#[derive(Debug, Default)]
+pub struct MetadataStore {
+    by_target: std::sync::Mutex<BTreeMap<String, BTreeMap<String, Meta>>>,
+}
+
+impl MetadataStore {
+    fn set(&self, target: &str, families: BTreeMap<String, Meta>) {
+        self.by_target
+            .lock()
+            .unwrap()
+            .insert(target.to_owned(), families);
+    }
+
+    fn remove(&self, target: &str) {
+        self.by_target.lock().unwrap().remove(target);
+    }
+
+    /// Each family name with its distinct metadata over all targets, by name.
+    pub fn families(&self) -> BTreeMap<String, Vec<Meta>> {
+        let mut out: BTreeMap<String, std::collections::BTreeSet<Meta>> = BTreeMap::new();
+        for families in self.by_target.lock().unwrap().values() {
+            for (name, m) in families {
+                out.entry(name.clone()).or_default().insert(m.clone());
+            }
+        }
+        out.into_iter()
+            .map(|(n, set)| (n, set.into_iter().collect()))
+            .collect()
+    }
+}
+
 /// Counters of the scrape loops, for capstan's own `/metrics`.
 #[derive(Debug, Default)]
 pub struct ScrapeStats {
@@ -324,6 +366,7 @@ async fn scrape_loop(
     target: Target,
     mut stop: watch::Receiver<bool>,
     stats: Arc<ScrapeStats>,
+    metadata: Arc<MetadataStore>,
 ) {
     // Spread targets over the interval, like Prometheus, by a hash of the target.
     let offset_ms = target
@@ -356,6 +399,7 @@ async fn scrape_loop(
         let mut batch: Vec<(Labels, i64, f64)> = Vec::new();
         let mut current: HashSet<Labels> = HashSet::new();
         let mut scraped = 0usize;
+        let mut families: BTreeMap<String, Meta> = BTreeMap::new();
         let up = match result {
             Ok(resp) if resp.status == 200 => {
                 let format = Format::from_content_type(&resp.content_type);
@@ -395,7 +439,18 @@ async fn scrape_loop(
                                         .unwrap_or(t);
                                     batch.push((labels, ts, s.value));
                                 }
-                                Ok(_) => {}
+                                Ok(Entry::Help { name, text }) => {
+                                    families.entry(name.to_owned()).or_default().help =
+                                        text.into_owned();
+                                }
+                                Ok(Entry::Type { name, kind }) => {
+                                    families.entry(name.to_owned()).or_default().kind =
+                                        kind.as_str();
+                                }
+                                Ok(Entry::Unit { name, unit }) => {
+                                    families.entry(name.to_owned()).or_default().unit =
+                                        unit.to_owned();
+                                }
                                 Err(e) => {
                                     tracing::debug!(target = %target.key(), "parse error: {e}");
                                     ok = false;
@@ -429,6 +484,8 @@ async fn scrape_loop(
             batch.clear();
             current.clear();
             scraped = 0;
+        } else {
+            metadata.set(&target.key(), std::mem::take(&mut families));
         }
         let added = current.iter().filter(|l| !previous.contains(*l)).count();
         let duration = started.elapsed().as_secs_f64();
@@ -471,7 +528,9 @@ async fn scrape_loop(
         }
         stats.record(up, started.elapsed());
     }
-    // The target went away: everything it exposed is stale now (after its last sample).
+    // The target went away: its metadata goes, and everything it exposed is stale
+    // now (after its last sample).
+    metadata.remove(&target.key());
     let t = crate::events::now_ms().max(first + k * interval_ms - interval_ms + 1);
     let mut a = db.appender();
     for l in previous {

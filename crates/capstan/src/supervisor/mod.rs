@@ -89,6 +89,8 @@ pub struct Shared {
     /// The daemon's own listener, scraped for its own and the host's metrics.
     pub api_addr: Mutex<Option<String>>,
     pub scrape_stats: Arc<crate::scrape::ScrapeStats>,
+    /// HELP, TYPE and UNIT of the metric families each target exposes.
+    pub scrape_metadata: Arc<crate::scrape::MetadataStore>,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -116,6 +118,7 @@ impl Shared {
             scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new(), Vec::new())),
             api_addr: Mutex::new(None),
             scrape_stats: Arc::default(),
+            scrape_metadata: Arc::default(),
             warned: Mutex::default(),
         }
     }
