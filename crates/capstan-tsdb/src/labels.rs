@@ -244,17 +244,20 @@ impl Fast {
 
 impl Matcher {
     pub fn new(name: &str, op: MatchOp, value: &str) -> Result<Matcher, regex::Error> {
-        let re = match op {
-            MatchOp::Regex | MatchOp::NotRegex => {
-                Some(regex::Regex::new(&format!("^(?s:{value})$"))?)
-            }
-            _ => None,
+        let regex = matches!(op, MatchOp::Regex | MatchOp::NotRegex);
+        // A simple shape needs no compiled regex (compiling costs more than
+        // most queries' matching).
+        let fast = if regex { Fast::of(value) } else { None };
+        let re = if regex && fast.is_none() {
+            Some(regex::Regex::new(&format!("^(?s:{value})$"))?)
+        } else {
+            None
         };
         Ok(Matcher {
             name: name.to_owned(),
             op,
             value: value.to_owned(),
-            fast: re.as_ref().and_then(|_| Fast::of(value)),
+            fast,
             re,
         })
     }
