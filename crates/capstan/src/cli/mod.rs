@@ -1,5 +1,6 @@
 //! Command-line interface: one file per group of subcommands.
 
+mod load;
 mod logs;
 mod output;
 mod query;
@@ -127,6 +128,11 @@ enum Cmd {
     Query(query::QueryArgs),
     /// Run Prometheus test scripts (promqltest language) against the PromQL engine.
     Promtest(query::PromtestArgs),
+    /// Send HTTP load to a URL and report latency percentiles and status codes.
+    #[command(
+        after_help = "Examples:\n  capstan load http://127.0.0.1:8080/ -c 50 -d 30s\n  capstan load http://127.0.0.1:8080/work?ms=5 --rate 200 -d 1m -o json\n  capstan load http://127.0.0.1:8080/api -m POST -H 'Content-Type: application/json' --body '{}'"
+    )]
+    Load(load::LoadArgs),
     /// Print the normalized stack file (after interpolation and defaults).
     Config {
         #[command(flatten)]
@@ -263,7 +269,7 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Config { f }
         | Cmd::Check { f } => f.file.clone(),
         Cmd::Query(a) => a.f.file.clone(),
-        Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) => None,
+        Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) | Cmd::Load(_) => None,
     };
     let ctx = Ctx {
         file: sub_file.or(cli.file),
@@ -302,6 +308,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Logs(args) => logs::logs(&ctx, args).await,
         Cmd::Query(args) => query::query(&ctx, args).await,
         Cmd::Promtest(args) => query::promtest(args),
+        Cmd::Load(args) => load::load(args).await,
         Cmd::Scale { counts, .. } => {
             let mut body = serde_json::Map::new();
             for c in &counts {
