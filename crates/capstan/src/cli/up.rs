@@ -292,7 +292,8 @@ async fn settle(client: &Client, timeout: Duration) -> Result<bool> {
     let multi = indicatif::MultiProgress::new();
     let mut bars: BTreeMap<String, indicatif::ProgressBar> = BTreeMap::new();
     let mut last: BTreeMap<String, Progress> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let began = tokio::time::Instant::now();
+    let deadline = began + timeout;
     let final_state = loop {
         let v = client.json(Method::GET, "/capstan/v1/ps", None).await?;
         let now = progress(&v);
@@ -321,7 +322,10 @@ async fn settle(client: &Client, timeout: Duration) -> Result<bool> {
             }
         }
         last = now.clone();
-        if now.values().all(|p| p.settled) {
+        // Right after start the daemon may not list the services yet: an empty
+        // list is "settled" only once it has had time to load them.
+        let listed = !now.is_empty() || began.elapsed() > Duration::from_secs(2);
+        if listed && now.values().all(|p| p.settled) {
             break (v, now);
         }
         if tokio::time::Instant::now() > deadline {
