@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use capstan::api::remote_write::{Label, Sample, TimeSeries, WriteRequest};
+use capstan::scrape::encode;
 use capstan_tsdb::Labels;
 use prost::Message;
 use serde_json::Value;
@@ -276,22 +277,36 @@ impl Server {
     }
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 #[derive(Clone, Copy)]
 enum Mode {
     Instant,
     Range,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Instant => "instant",
+            Mode::Range => "range 1h / 15s",
+        }
+    }
+
+    /// Runs `q` on capstan's engine in this process: instant at `end`, or over
+    /// `[start, end]` at the sample step (both shifted off the sample grid).
+    fn run(
+        self,
+        engine: &capstan_promql::Engine,
+        db: &capstan_tsdb::Db,
+        q: &str,
+        start: i64,
+        end: i64,
+    ) -> capstan_promql::QueryOutput {
+        match self {
+            Mode::Instant => engine.instant(db, q, end + EVAL_SHIFT_MS),
+            Mode::Range => engine.range(db, q, start + EVAL_SHIFT_MS, end + EVAL_SHIFT_MS, STEP_MS),
+        }
+        .unwrap()
+    }
 }
 
 fn query_path(q: &str, mode: Mode, start: i64, end: i64, stats: bool) -> String {
@@ -384,32 +399,17 @@ fn local(iters: usize) {
     let only = std::env::var("ONLY").unwrap_or_default();
     for (name, q) in QUERIES {
         for mode in [Mode::Instant, Mode::Range] {
-            let kind = if matches!(mode, Mode::Instant) {
-                "instant"
-            } else {
-                "range"
-            };
+            let kind = mode.name();
             if !format!("{name} {kind}").contains(&only) {
                 continue;
             }
             let mut ms = Vec::new();
             for _ in 0..iters {
                 let t = Instant::now();
-                let out = match mode {
-                    Mode::Instant => engine.instant(&db, q, end + EVAL_SHIFT_MS),
-                    Mode::Range => {
-                        engine.range(&db, q, start + EVAL_SHIFT_MS, end + EVAL_SHIFT_MS, STEP_MS)
-                    }
-                }
-                .unwrap();
+                let out = mode.run(&engine, &db, q, start, end);
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
                 drop(out);
             }
-            let kind = if matches!(mode, Mode::Instant) {
-                "instant"
-            } else {
-                "range"
-            };
             let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
             println!(
                 "{name:>22} {kind:>8}: median {:8.2} ms, min {min:8.2} ms",
@@ -532,10 +532,7 @@ fn main() {
     let only = std::env::var("ONLY").unwrap_or_default();
     for (name, q) in QUERIES {
         for mode in [Mode::Instant, Mode::Range] {
-            let kind = match mode {
-                Mode::Instant => "instant",
-                Mode::Range => "range 1h / 15s",
-            };
+            let kind = mode.name();
             if !format!("{name} {kind}").contains(&only) {
                 continue;
             }
@@ -590,13 +587,7 @@ fn main() {
                 PEAK.store(live, Relaxed);
                 let total = TOTAL.load(Relaxed);
                 let t = Instant::now();
-                let out = match mode {
-                    Mode::Instant => engine.instant(&db, q, end + EVAL_SHIFT_MS),
-                    Mode::Range => {
-                        engine.range(&db, q, start + EVAL_SHIFT_MS, end + EVAL_SHIFT_MS, STEP_MS)
-                    }
-                }
-                .unwrap();
+                let out = mode.run(&engine, &db, q, start, end);
                 engine_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 heap_peak = PEAK.load(Relaxed) - live;
                 allocated = TOTAL.load(Relaxed) - total;

@@ -731,6 +731,9 @@ pub(crate) fn matcher_sets(vs: &VectorSelector) -> Result<Vec<Vec<Matcher>>, Err
                     } else {
                         MatchOp::Regex
                     };
+                    // Compiled again, anchored as Prometheus anchors (`^(?s:…)$`; the
+                    // parser's own regex lets `.` miss newlines); simple shapes are
+                    // not compiled at all.
                     match Matcher::new(&m.name, op, &m.value) {
                         Ok(x) => x,
                         Err(_) => Matcher::with_regex(&m.name, neg, &m.value, r.clone()),

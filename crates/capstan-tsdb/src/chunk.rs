@@ -311,6 +311,11 @@ fn encode_value(w: &mut BitWriter, s: &mut State, v: f64) {
     s.m_delta = 0;
 }
 
+/// The sample count an encoded chunk starts with; `None` if it is too short.
+pub fn sample_count(bytes: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?))
+}
+
 /// Decodes a chunk lazily, one sample per `next`.
 pub struct ChunkIter<'a> {
     r: BitReader<'a>,
@@ -324,7 +329,7 @@ pub struct ChunkIter<'a> {
 impl<'a> ChunkIter<'a> {
     /// Iterates over an encoded chunk (as [`Chunk::bytes`] wrote it).
     pub fn from_bytes(bytes: &'a [u8]) -> Option<ChunkIter<'a>> {
-        let count = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?);
+        let count = sample_count(bytes)?;
         Some(ChunkIter {
             r: BitReader::new(&bytes[2..]),
             left: count,
@@ -426,7 +431,7 @@ pub enum Decoded {
 /// Appends the samples of an encoded chunk with `mint <= t <= maxt` to `out`:
 /// the same samples as [`ChunkIter`], decoded in one loop with the state in locals.
 pub fn decode_into(bytes: &[u8], mint: i64, maxt: i64, out: &mut Vec<(i64, f64)>) -> Decoded {
-    let Some(count) = bytes.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+    let Some(count) = sample_count(bytes) else {
         return Decoded::Damaged;
     };
     if count == 0 {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::block::{self, Block, SeriesChunks, TimedChunk};
-use crate::chunk::{AppendError, Chunk, ChunkIter, Decoded, MAX_SAMPLES};
+use crate::chunk::{Chunk, ChunkIter, Decoded, MAX_SAMPLES};
 use crate::index::{Index, SeriesId};
 use crate::labels::{Labels, Matcher};
 use crate::wal::{Fsync, Record, Replay, Wal};
@@ -162,14 +162,12 @@ impl State {
 
     fn apply(&mut self, id: SeriesId, t: i64, v: f64) {
         let s = &mut self.series[id as usize];
-        if s.head.len() >= HEAD_CHUNK_SAMPLES
-            || matches!(s.head.append(t, v), Err(AppendError::Full))
-        {
+        if s.head.len() >= HEAD_CHUNK_SAMPLES {
             let full = std::mem::take(&mut s.head);
             let (mint, maxt) = full.first_last().unwrap_or((t, t));
-            s.closed.push((Arc::from(full.bytes()), mint, maxt));
-            let _ = s.head.append(t, v);
+            s.closed.push((full.shared_bytes(), mint, maxt));
         }
+        let _ = s.head.append(t, v);
         s.max_t = t;
         s.last_bits = v.to_bits();
         s.pending_t = t;
@@ -231,10 +229,7 @@ impl SeriesData {
         let most: usize = self
             .chunks
             .iter()
-            .map(|c| {
-                c.get(..2)
-                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize)
-            })
+            .map(|c| crate::chunk::sample_count(c).map_or(0, usize::from))
             .sum();
         out.reserve(most);
         for c in &self.chunks {
@@ -961,13 +956,13 @@ fn encode<'a>(samples: impl Iterator<Item = &'a (i64, f64)>) -> Vec<TimedChunk> 
     for (t, v) in samples {
         if c.len() == MAX_SAMPLES as usize {
             let (a, b) = c.first_last().expect("not empty");
-            out.push((Arc::from(c.bytes()), a, b));
+            out.push((c.shared_bytes(), a, b));
             c = Chunk::default();
         }
         let _ = c.append(*t, *v);
     }
     if let Some((a, b)) = c.first_last() {
-        out.push((Arc::from(c.bytes()), a, b));
+        out.push((c.shared_bytes(), a, b));
     }
     out
 }

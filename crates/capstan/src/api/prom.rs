@@ -444,13 +444,27 @@ fn range_params(p: &Params) -> Result<(i64, i64), Response> {
     Ok((get("start", i64::MIN / 2)?, get("end", i64::MAX / 2)?))
 }
 
-fn limit_param(p: &Params) -> Result<usize, Response> {
-    match p.get("limit") {
-        None | Some("") | Some("0") => Ok(usize::MAX),
-        Some(s) => s.parse::<usize>().map_err(|_| {
+/// A limit parameter as a signed number, `None` when absent or empty.
+fn signed_param(p: &Params, name: &str) -> Result<Option<i64>, Response> {
+    match p.get(name) {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse::<i64>().map(Some).map_err(|_| {
             err(
                 "bad_data",
-                format!("invalid parameter \"limit\": {s:?} is not a number"),
+                format!("invalid parameter \"{name}\": {s:?} is not a number"),
+            )
+        }),
+    }
+}
+
+/// `limit` of series/labels/values: 0 or absent is no limit, negative is refused.
+fn limit_param(p: &Params) -> Result<usize, Response> {
+    match signed_param(p, "limit")? {
+        None | Some(0) => Ok(usize::MAX),
+        Some(n) => usize::try_from(n).map_err(|_| {
+            err(
+                "bad_data",
+                format!("invalid parameter \"limit\": \"{n}\" is not a number"),
             )
         }),
     }
@@ -592,21 +606,13 @@ fn unescape_utf8_name(s: &str) -> String {
 /// `limit_per_metric` as in Prometheus.
 pub async fn metadata(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
     let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
-    let limit = |key: &str| -> Result<Option<usize>, Response> {
-        match p.get(key) {
-            None | Some("") => Ok(None),
-            Some(v) => match v.parse::<i64>() {
-                // Prometheus: zero or less means no limit.
-                Ok(n) if n <= 0 => Ok(None),
-                Ok(n) => Ok(Some(n as usize)),
-                Err(_) => Err(err(
-                    "bad_data",
-                    format!("invalid {key} {v:?}: not a number"),
-                )),
-            },
-        }
+    // Zero or less means no limit.
+    let positive = |key: &str| -> Result<Option<usize>, Response> {
+        Ok(signed_param(&p, key)?
+            .filter(|n| *n > 0)
+            .map(|n| n as usize))
     };
-    let (limit, per_metric) = match (limit("limit"), limit("limit_per_metric")) {
+    let (limit, per_metric) = match (positive("limit"), positive("limit_per_metric")) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return e,
     };
