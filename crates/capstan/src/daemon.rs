@@ -108,20 +108,6 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             None
         }
     };
-    let published: Vec<String> = opts
-        .stack
-        .services
-        .iter()
-        .flat_map(|(n, s)| s.ports.iter().map(move |p| format!("{}->{n}", p.published)))
-        .collect();
-    if !published.is_empty() {
-        events.emit(
-            "capstan",
-            None,
-            "warning",
-            format!("published ports ({}) are validated but not served yet: the proxy is not built; reach replicas on their $PORT (see `capstan ps`)", published.join(", ")),
-        );
-    }
     let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let shared = Arc::new(Shared::new(
         id,
@@ -132,6 +118,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         StateFile::open(&opts.data_dir),
     ));
     supervisor::stop_leftovers(&shared).await;
+    let proxy_sync = tokio::spawn(crate::proxy::run(shared.clone()));
 
     let tsdb_dir = opts.data_dir.join("tsdb");
     let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
@@ -257,6 +244,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         let _ = scrape_stop.send(true);
         let _ = scraper.await;
         syncer.abort();
+        proxy_sync.abort();
         if let Err(e) = tokio::task::block_in_place(|| db_for_shutdown.sync()) {
             tracing::error!("cannot sync the metrics store: {e}");
         }

@@ -11,6 +11,7 @@ pub mod collect;
 pub mod daemon;
 pub mod events;
 pub mod logs;
+pub mod proxy;
 pub mod scrape;
 pub mod spec;
 pub mod supervisor;

@@ -100,10 +100,10 @@ fn parse_line(text: &str, service: &str, replica: u32) -> Option<LogRecord> {
         ts_ns: l.t,
         service: service.to_owned(),
         replica,
-        stream: if l.s == 'e' {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
+        stream: match l.s {
+            'e' => Stream::Stderr,
+            'p' => Stream::Proxy,
+            _ => Stream::Stdout,
         },
         seq: l.q,
         line: l.l.into_owned(),
@@ -244,7 +244,11 @@ impl FileStore {
         });
         let mut bytes = serde_json::to_vec(&Line {
             t: ts_ns,
-            s: if stream == Stream::Stderr { 'e' } else { 'o' },
+            s: match stream {
+                Stream::Stdout => 'o',
+                Stream::Stderr => 'e',
+                Stream::Proxy => 'p',
+            },
             q: w.seq,
             l: std::borrow::Cow::Borrowed(&rec.line),
             p: partial,

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub enum Stream {
     Stdout,
     Stderr,
+    /// The proxy's access log of requests the replica answered.
+    Proxy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1025,7 +1025,91 @@ impl Decoder<'_> {
                 self.finish(mf, &mp, &[]);
             }
         }
-        self.finish(f, path, &["autoscale", "rollout", "protocol", "idle_after"]);
+        if let Some(n) = f.take("protocol") {
+            let pp = join(path, "protocol");
+            match self.text(n, &pp).as_deref() {
+                Some("http") => x.protocol = Protocol::Http,
+                Some("tcp") => x.protocol = Protocol::Tcp,
+                Some(other) => self.error(n, &pp, format!("expected http or tcp, found {other:?}")),
+                None => {}
+            }
+        }
+        if let Some(n) = f.take("cold_start_timeout")
+            && let Some(d) = self.duration(n, &join(path, "cold_start_timeout"))
+        {
+            x.cold_start_timeout = d;
+        }
+        if let Some(n) = f.take("proxy") {
+            self.proxy_settings(n, &join(path, "proxy"), &mut x.proxy);
+        }
+        self.finish(f, path, &["autoscale", "rollout", "idle_after"]);
+    }
+
+    /// `x-capstan.proxy`: balancing, timeouts, retries, limits.
+    fn proxy_settings(&mut self, node: &Node, path: &str, p: &mut ProxySettings) {
+        let Some(mut f) = self.fields(node, path) else {
+            return;
+        };
+        if let Some(n) = f.take("balance") {
+            let bp = join(path, "balance");
+            match self.text(n, &bp).as_deref() {
+                Some("p2c" | "least_request" | "ewma") => p.balance = Balance::P2c,
+                Some("round_robin" | "round-robin") => p.balance = Balance::RoundRobin,
+                Some(other) => self.error(
+                    n,
+                    &bp,
+                    format!("expected p2c or round_robin, found {other:?}"),
+                ),
+                None => {}
+            }
+        }
+        for (key, slot) in [
+            ("timeout", &mut p.timeout),
+            ("connect_timeout", &mut p.connect_timeout),
+            ("idle_timeout", &mut p.idle_timeout),
+        ] {
+            if let Some(n) = f.take(key)
+                && let Some(d) = self.duration(n, &join(path, key))
+            {
+                if d.0.is_zero() {
+                    self.error(n, &join(path, key), "must be more than 0s");
+                } else {
+                    *slot = d;
+                }
+            }
+        }
+        for (key, slot, max) in [
+            ("retries", &mut p.retries, 10u64),
+            ("max_inflight", &mut p.max_inflight, 1_000_000),
+            ("queue", &mut p.queue, 1_000_000),
+            ("eject_after", &mut p.eject_after, 1_000_000),
+        ] {
+            if let Some(n) = f.take(key)
+                && let Some(v) = self.uint(n, &join(path, key), max)
+            {
+                *slot = v as u32;
+            }
+        }
+        for (key, slot, min) in [
+            ("max_body", &mut p.max_body, 0u64),
+            ("max_header", &mut p.max_header, 8192),
+        ] {
+            if let Some(n) = f.take(key)
+                && let Some(v) = self.bytes(n, &join(path, key))
+            {
+                if v < min {
+                    self.error(n, &join(path, key), format!("must be at least {min} bytes"));
+                } else {
+                    *slot = v;
+                }
+            }
+        }
+        if let Some(n) = f.take("access_log")
+            && let Some(b) = self.boolean(n, &join(path, "access_log"))
+        {
+            p.access_log = b;
+        }
+        self.finish(f, path, &[]);
     }
 
     /// `interval`, `timeout`, `start_period`, `start_interval` and `retries` of a
@@ -1157,7 +1241,7 @@ impl Decoder<'_> {
         let text = self.text(node, path)?;
         match parse_bytes(&text) {
             Ok(0) => {
-                self.error(node, path, "a memory limit must be greater than zero");
+                self.error(node, path, "a size must be greater than zero");
                 None
             }
             Ok(b) => Some(b),

@@ -178,10 +178,107 @@ pub struct Service {
 }
 
 /// Per-service `x-capstan` settings other than health checks.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceX {
     #[serde(default, skip_serializing_if = "MetricsTarget::is_default")]
     pub metrics: MetricsTarget,
+    /// What the published ports forward: HTTP requests (default) or raw TCP.
+    #[serde(default, skip_serializing_if = "Protocol::is_http")]
+    pub protocol: Protocol,
+    /// The proxy in front of the published ports (`x-capstan.proxy`).
+    #[serde(default, skip_serializing_if = "ProxySettings::is_default")]
+    pub proxy: ProxySettings,
+    /// How long a request is held while a replica starts from zero.
+    #[serde(default = "default_cold_start_timeout")]
+    pub cold_start_timeout: Dur,
+}
+
+impl Default for ServiceX {
+    fn default() -> Self {
+        ServiceX {
+            metrics: MetricsTarget::default(),
+            protocol: Protocol::Http,
+            proxy: ProxySettings::default(),
+            cold_start_timeout: default_cold_start_timeout(),
+        }
+    }
+}
+
+fn default_cold_start_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+impl Protocol {
+    fn is_http(&self) -> bool {
+        *self == Protocol::Http
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Power of two choices over outstanding requests weighted by latency.
+    #[default]
+    P2c,
+    RoundRobin,
+}
+
+/// The proxy of a service's published ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxySettings {
+    pub balance: Balance,
+    /// Longest time from request to response headers (504 after it).
+    pub timeout: Dur,
+    pub connect_timeout: Dur,
+    /// A client connection with no request for this long is closed.
+    pub idle_timeout: Dur,
+    /// Attempts on other replicas after a connect failure.
+    pub retries: u32,
+    /// Most requests one replica gets at once (0: no limit).
+    pub max_inflight: u32,
+    /// Most requests waiting for a replica; more get 503.
+    pub queue: u32,
+    /// Largest request body, bytes (413 above).
+    pub max_body: u64,
+    /// Largest request head (request line and headers), bytes (431 above).
+    pub max_header: u64,
+    /// Consecutive failures after which a replica gets no traffic until it is
+    /// healthy again.
+    pub eject_after: u32,
+    /// One line per request into the replica's logs.
+    pub access_log: bool,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            balance: Balance::P2c,
+            timeout: Dur::secs(60),
+            connect_timeout: Dur::secs(2),
+            idle_timeout: Dur::secs(60),
+            retries: 2,
+            max_inflight: 0,
+            queue: 1000,
+            max_body: 10 << 20,
+            max_header: 64 << 10,
+            eject_after: 5,
+            access_log: true,
+        }
+    }
+}
+
+impl ProxySettings {
+    fn is_default(&self) -> bool {
+        *self == ProxySettings::default()
+    }
 }
 
 impl ServiceX {
@@ -249,10 +346,14 @@ impl Service {
     }
 
     /// Everything that requires a restart of the replicas when it changes
-    /// (all but the replica count).
+    /// (all but the replica count and the proxy's settings).
     pub fn definition_eq(&self, other: &Service) -> bool {
         let mut a = self.clone();
         a.deploy.replicas = other.deploy.replicas;
+        a.ports.clone_from(&other.ports);
+        a.x.proxy = other.x.proxy.clone();
+        a.x.protocol = other.x.protocol;
+        a.x.cold_start_timeout = other.x.cold_start_timeout;
         a == *other
     }
 }

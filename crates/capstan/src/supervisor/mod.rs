@@ -91,6 +91,8 @@ pub struct Shared {
     pub scrape_stats: Arc<crate::scrape::ScrapeStats>,
     /// HELP, TYPE and UNIT of the metric families each target exposes.
     pub scrape_metadata: Arc<crate::scrape::MetadataStore>,
+    /// The proxy of each service's published ports.
+    pub proxy: crate::proxy::Registry,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -119,6 +121,7 @@ impl Shared {
             api_addr: Mutex::new(None),
             scrape_stats: Arc::default(),
             scrape_metadata: Arc::default(),
+            proxy: crate::proxy::Registry::default(),
             warned: Mutex::default(),
         }
     }
@@ -454,6 +457,9 @@ impl Supervisor {
                 .collect(),
             stack.settings.scrape_configs.clone(),
         );
+        for problem in crate::proxy::configure(&self.shared, &stack) {
+            self.shared.warn_once(problem);
+        }
         let mut changes = Vec::new();
         let removed: Vec<String> = self
             .services
@@ -566,6 +572,8 @@ impl Supervisor {
             return;
         };
         let doomed: Vec<u32> = rt.replicas.keys().copied().filter(|i| *i >= n).collect();
+        // Requests in flight finish first; new ones go to the replicas that stay.
+        crate::proxy::drain(&self.shared, name, &doomed, rt.spec.stop_grace_period.0).await;
         let mut tasks = Vec::new();
         for idx in &doomed {
             if let Some(h) = rt.replicas.remove(idx) {
@@ -640,6 +648,7 @@ impl Supervisor {
 
     /// Stops everything, dependents before what they depend on.
     async fn down(&mut self) {
+        self.shared.proxy.close_listeners();
         let mut order = start_order(&self.stack);
         order.reverse();
         // Group into levels so independent services stop together.
@@ -663,6 +672,11 @@ impl Supervisor {
             };
             let mut stops = Vec::new();
             for name in &level {
+                if let Some(rt) = self.services.get(name) {
+                    let all: Vec<u32> = rt.replicas.keys().copied().collect();
+                    crate::proxy::drain(&self.shared, name, &all, rt.spec.stop_grace_period.0)
+                        .await;
+                }
                 if let Some(rt) = self.services.get_mut(name) {
                     for (_, h) in std::mem::take(&mut rt.replicas) {
                         let _ = h.ctl.send(replica::Ctl::Stop).await;

@@ -1,0 +1,67 @@
+//! Raw TCP forwarding for services marked `x-capstan.protocol: tcp`: each client
+//! connection is joined to one replica's, chosen like an HTTP request; a replica
+//! that refuses the connection is skipped for another.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Ctx;
+use super::balance::Lease;
+
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let (client, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("proxy for {}: accept failed: {e}", ctx.backend.service);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        tokio::spawn(forward(ctx.clone(), client));
+    }
+}
+
+async fn forward(ctx: Arc<Ctx>, mut client: TcpStream) {
+    let backend = &ctx.backend;
+    let (retries, connect_timeout, timeout) = {
+        let s = backend.settings.read().unwrap();
+        (s.retries, s.connect_timeout.0, s.timeout.0)
+    };
+    let wait = if backend.endpoints().is_empty() {
+        *backend.cold_start_timeout.read().unwrap()
+    } else {
+        timeout
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let Ok(mut lease) = backend.acquire(&[], deadline).await else {
+        // Nothing to send the bytes to: closing is all TCP can say.
+        return;
+    };
+    let mut tried = Vec::new();
+    let mut upstream = loop {
+        let ep = lease.ep.clone();
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(ep.addr)).await {
+            Ok(Ok(s)) => break s,
+            Ok(Err(e)) => ctx.failed(&ep, &format!("connect to {}: {e}", ep.addr)),
+            Err(_) => ctx.failed(&ep, &format!("connect to {}: timed out", ep.addr)),
+        }
+        tried.push(ep.replica);
+        if tried.len() > retries as usize {
+            return;
+        }
+        let Some(next) = backend.pick(&tried) else {
+            return;
+        };
+        backend.metrics.retries.fetch_add(1, Relaxed);
+        lease = Lease::new(backend.clone(), next);
+    };
+    let _ = upstream.set_nodelay(true);
+    backend.metrics.tcp_connections.fetch_add(1, Relaxed);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    drop(lease);
+}
