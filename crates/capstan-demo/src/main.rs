@@ -2,7 +2,10 @@
 //!
 //! `GET /` hello with version and replica, `GET /healthz`, `GET /metrics`
 //! (Prometheus text format), `GET /work?ms=N` burns CPU, `GET /alloc?mb=N` holds
-//! memory. Knobs: `PORT`, `VERSION`, `FAIL_RATE`, `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`.
+//! memory, `GET /headers` echoes the request's headers, `GET /echo` with
+//! `Upgrade: echo` switches protocols and echoes bytes (WebSocket-like tunnels).
+//! Knobs: `PORT`, `VERSION`, `FAIL_RATE`, `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`,
+//! `LOG_REQUESTS=0` (no line per request).
 //! Logs JSON lines on stdout; on SIGTERM finishes in-flight requests, then exits 0.
 #![forbid(unsafe_code)]
 
@@ -37,6 +40,7 @@ struct App {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     held: Mutex<Vec<Vec<u8>>>,
+    log_requests: bool,
 }
 
 impl App {
@@ -68,6 +72,9 @@ impl App {
         h.sum += secs;
         h.count += 1;
         drop(lat);
+        if !self.log_requests {
+            return;
+        }
         log(
             "info",
             "request",
@@ -220,6 +227,43 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+/// The request's headers, one `name: value` per line, in arrival order.
+async fn headers(req: axum::extract::Request) -> String {
+    let mut out = String::new();
+    for (k, v) in req.headers() {
+        out.push_str(k.as_str());
+        out.push_str(": ");
+        out.push_str(&String::from_utf8_lossy(v.as_bytes()));
+        out.push('\n');
+    }
+    out
+}
+
+/// `Upgrade: echo`: answers 101, then sends back every byte it receives.
+async fn echo(mut req: axum::extract::Request) -> Response {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"echo"));
+    if !wants {
+        return (StatusCode::BAD_REQUEST, "send Upgrade: echo\n").into_response();
+    }
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let mut io = hyper_util::rt::TokioIo::new(up);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "echo")
+        .body(axum::body::Body::empty())
+        .unwrap_or_default()
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -255,6 +299,7 @@ async fn main() {
         requests: Mutex::default(),
         latency: Mutex::default(),
         held: Mutex::default(),
+        log_requests: std::env::var("LOG_REQUESTS").ok().is_none_or(|v| v != "0"),
     });
     let delay = env_f64("STARTUP_DELAY_MS");
     if delay > 0.0 {
@@ -275,6 +320,8 @@ async fn main() {
         .route("/metrics", get(metrics))
         .route("/work", get(work))
         .route("/alloc", get(alloc))
+        .route("/headers", get(headers))
+        .route("/echo", get(echo))
         .with_state(app.clone());
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
         Ok(l) => l,

@@ -179,6 +179,7 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
             db.stats.rejected(r) as f64,
         );
     }
+    crate::proxy::metrics::expose(&mut e, &shared.proxy.backends());
     e.single(
         "capstan_tsdb_wal_size_bytes",
         "gauge",

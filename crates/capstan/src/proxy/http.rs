@@ -396,12 +396,13 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
             return forward_upgrade(fin, lease, req, client_upgrade, settings.connect_timeout.0)
                 .await;
         }
+        let replay = replayable(&req);
         let result = tokio::time::timeout_at(
             deadline,
             ep.pool.send(ep.addr, settings.connect_timeout.0, req),
         )
         .await;
-        match result {
+        let (again, reason) = match result {
             Ok(Ok((resp, conn))) => {
                 ep.observe(sent_at.elapsed());
                 let (mut parts, body) = resp.into_parts();
@@ -413,23 +414,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
             }
             Ok(Err(SendError::NotSent(ns))) => {
                 ctx.failed(&ep, &ns.reason);
-                last_failure = ns.reason;
-                exclude.push(ep.replica);
-                drop(lease);
-                if fin.retries >= settings.retries {
-                    let attempts = fin.retries + 1;
-                    return fin.local(
-                        StatusCode::BAD_GATEWAY,
-                        None,
-                        format!(
-                            "capstan: no replica of {} could be reached after {attempts} attempts: {last_failure}",
-                            backend.service,
-                        ),
-                    );
-                }
-                fin.retries += 1;
-                backend.metrics.retries.fetch_add(1, Relaxed);
-                req = ns.req;
+                (ns.req, ns.reason)
             }
             Ok(Err(SendError::Failed(e))) => {
                 let too_large = std::error::Error::source(&e)
@@ -446,7 +431,18 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
                 }
                 let reason = format!("replica {} of {} failed: {e}", ep.replica, backend.service);
                 ctx.failed(&ep, &reason);
-                return fin.local(StatusCode::BAD_GATEWAY, None, format!("capstan: {reason}"));
+                // The connection broke before any response: a request without a
+                // body and with a safe method can be sent again elsewhere.
+                match replay {
+                    Some(r) => (r, reason),
+                    None => {
+                        return fin.local(
+                            StatusCode::BAD_GATEWAY,
+                            None,
+                            format!("capstan: {reason}"),
+                        );
+                    }
+                }
             }
             Err(_) => {
                 let reason = format!(
@@ -460,8 +456,42 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
                     format!("capstan: {reason} (x-capstan.proxy.timeout)"),
                 );
             }
+        };
+        last_failure = reason;
+        exclude.push(ep.replica);
+        drop(lease);
+        if fin.retries >= settings.retries {
+            let attempts = fin.retries + 1;
+            return fin.local(
+                StatusCode::BAD_GATEWAY,
+                None,
+                format!(
+                    "capstan: no replica of {} could be reached after {attempts} attempts: {last_failure}",
+                    backend.service,
+                ),
+            );
         }
+        fin.retries += 1;
+        backend.metrics.retries.fetch_add(1, Relaxed);
+        req = again;
     }
+}
+
+/// A copy of a request that may be sent twice: a safe method and no body.
+fn replayable(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    let safe = matches!(
+        *req.method(),
+        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+    );
+    if !safe || !matches!(req.body(), ReqBody::Empty) {
+        return None;
+    }
+    let mut r = Request::new(ReqBody::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    Some(r)
 }
 
 /// Forwards an Upgrade request on its own connection; on 101 the two upgraded
