@@ -186,11 +186,18 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let sup = Supervisor::new(shared.clone(), opts.stack.clone());
     let sup_task = tokio::spawn(sup.run(opts.stack.clone(), cmd_rx));
+    let engine = crate::api::prom::engine();
+    let autoscaler = tokio::spawn(crate::autoscale::run(
+        shared.clone(),
+        db.clone(),
+        engine.clone(),
+        cmd_tx.clone(),
+    ));
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
         db: db.clone(),
-        engine: crate::api::prom::engine(),
+        engine,
         query_stats: Default::default(),
         started: jiff::Timestamp::now(),
         retention: format!("{}d", storage.retention.0.as_secs() / 86_400),
@@ -240,6 +247,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let db_for_shutdown = db.clone();
     let server = server.with_graceful_shutdown(async move {
         let _ = sup_task.await;
+        autoscaler.abort();
         // Replicas are gone: the scraper marks their series stale and stops.
         let _ = scrape_stop.send(true);
         let _ = scraper.await;

@@ -44,6 +44,7 @@ pub fn router(api: Api) -> Router {
     let control = Router::new()
         .route("/status", get(status))
         .route("/ps", get(ps))
+        .route("/autoscale", get(autoscale))
         .route("/apply", post(apply))
         .route("/scale", post(scale))
         .route("/services/{action}", post(service_action))
@@ -132,6 +133,18 @@ async fn ps(State(api): State<Api>) -> Json<serde_json::Value> {
         "services": api.shared.service_statuses(),
         "replicas": api.shared.statuses(),
     }))
+}
+
+async fn autoscale(State(api): State<Api>) -> Json<serde_json::Value> {
+    let st: Vec<crate::autoscale::ServiceStatus> = api
+        .shared
+        .autoscale_status
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    Json(serde_json::json!({ "services": st }))
 }
 
 async fn send(

@@ -91,6 +91,16 @@ enum Cmd {
         #[arg(required = true, value_name = "SERVICE=N")]
         counts: Vec<String>,
     },
+    /// Show what the autoscaler decided and why: capstan autoscale status [SERVICE]
+    Autoscale {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(value_parser = ["status"], default_value = "status")]
+        action: String,
+        service: Option<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
     /// Restart every replica of services.
     Restart {
         #[command(flatten)]
@@ -263,6 +273,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Down { f }
         | Cmd::Ps { f, .. }
         | Cmd::Scale { f, .. }
+        | Cmd::Autoscale { f, .. }
         | Cmd::Restart { f, .. }
         | Cmd::Stop { f, .. }
         | Cmd::Start { f, .. }
@@ -325,6 +336,28 @@ async fn run(cli: Cli) -> Result<i32> {
                 .json(Method::POST, "/capstan/v1/scale", Some(body.into()))
                 .await?;
             println!("{}", v["message"].as_str().unwrap_or("done"));
+            Ok(0)
+        }
+        Cmd::Autoscale {
+            service, output, ..
+        } => {
+            let v = ctx
+                .client()?
+                .json(Method::GET, "/capstan/v1/autoscale", None)
+                .await?;
+            let mut list: Vec<serde_json::Value> =
+                v["services"].as_array().cloned().unwrap_or_default();
+            if let Some(s) = &service {
+                list.retain(|x| x["service"] == s.as_str());
+                if list.is_empty() {
+                    eprintln!("capstan: {s} does not autoscale (no x-capstan.autoscale)");
+                    return Ok(1);
+                }
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Table => print!("{}", output::autoscale_table(&list)),
+            }
             Ok(0)
         }
         Cmd::Restart { services, .. } => service_action(&ctx, "restart", services).await,

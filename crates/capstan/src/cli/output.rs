@@ -153,3 +153,56 @@ pub fn event_line(v: &serde_json::Value, color: bool) -> String {
         v["reason"].as_str().unwrap_or("")
     )
 }
+
+/// `capstan autoscale status`: one block per service, a row per metric.
+pub fn autoscale_table(list: &[serde_json::Value]) -> String {
+    let now = crate::events::now_ms();
+    let mut out = String::new();
+    for s in list {
+        let name = s["service"].as_str().unwrap_or("");
+        out.push_str(&format!(
+            "{name}: {} → {} replicas (min {}, max {})",
+            s["current"], s["desired"], s["min"], s["max"]
+        ));
+        if let Some(t) = s["last_scale_ms"].as_i64() {
+            out.push_str(&format!(", last scaled {} ago", human_duration_ms(now - t)));
+        }
+        if let Some(idle) = s["idle_seconds"].as_f64() {
+            out.push_str(&format!(
+                ", idle {}",
+                human_duration_ms((idle * 1e3) as i64)
+            ));
+        }
+        out.push('\n');
+        let mut rows = vec![
+            ["METRIC", "VALUE", "TARGET", "RATIO", "WANTS"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+        for m in s["metrics"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                m["metric"].as_str().unwrap_or("").to_owned(),
+                num(&m["value"]),
+                num(&m["target"]),
+                num(&m["ratio"]),
+                m["replicas"].as_u64().map_or("-".into(), |r| r.to_string()),
+            ]);
+        }
+        if rows.len() > 1 {
+            for line in table(&rows).lines() {
+                out.push_str("  ");
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out.push_str(&format!(
+            "  reason: {}\n",
+            s["reason"].as_str().unwrap_or("")
+        ));
+    }
+    if list.is_empty() {
+        out.push_str("no service autoscales (add x-capstan.autoscale to one)\n");
+    }
+    out
+}

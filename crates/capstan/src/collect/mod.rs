@@ -20,6 +20,11 @@ impl Exposition {
     }
 
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.sample_at(name, labels, value, None);
+    }
+
+    /// A sample with an explicit timestamp (unix ms) when `t` is given.
+    pub fn sample_at(&mut self, name: &str, labels: &[(&str, &str)], value: f64, t: Option<i64>) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');
@@ -36,11 +41,15 @@ impl Exposition {
             self.out.push('}');
         }
         let _ = if value.is_nan() {
-            writeln!(self.out, " NaN")
+            write!(self.out, " NaN")
         } else if value.is_infinite() {
-            writeln!(self.out, " {}Inf", if value > 0.0 { "+" } else { "-" })
+            write!(self.out, " {}Inf", if value > 0.0 { "+" } else { "-" })
         } else {
-            writeln!(self.out, " {value}")
+            write!(self.out, " {value}")
+        };
+        let _ = match t {
+            Some(t) => writeln!(self.out, " {t}"),
+            None => writeln!(self.out),
         };
     }
 

@@ -38,16 +38,22 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
     let replicas = shared.statuses();
     let labels = |s: &crate::supervisor::Status| (s.service.clone(), s.replica.to_string());
     let running = |s: &crate::supervisor::Status| s.pid.is_some();
-    per_replica(
-        &mut e,
-        &replicas,
-        (
-            "container_cpu_usage_seconds_total",
-            "counter",
-            "Cumulative CPU time consumed by the replica, in seconds.",
-        ),
-        |s| s.cpu_seconds_total.filter(|_| running(s)),
+    e.family(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative CPU time consumed by the replica, in seconds.",
     );
+    for s in replicas.iter().filter(|s| running(s)) {
+        if let Some(v) = s.cpu_seconds_total {
+            let (svc, r) = labels(s);
+            e.sample_at(
+                "container_cpu_usage_seconds_total",
+                &[("service", &svc), ("replica", &r)],
+                v,
+                s.cpu_sampled_ms,
+            );
+        }
+    }
     per_replica(
         &mut e,
         &replicas,
@@ -180,6 +186,7 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
         );
     }
     crate::proxy::metrics::expose(&mut e, &shared.proxy.backends());
+    crate::autoscale::expose(&mut e, shared);
     e.single(
         "capstan_tsdb_wal_size_bytes",
         "gauge",

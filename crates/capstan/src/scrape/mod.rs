@@ -169,6 +169,12 @@ pub fn encode(s: &str) -> String {
 pub fn targets(shared: &Shared) -> Vec<Target> {
     let specs = shared.scrape_specs();
     let default_interval = specs.0;
+    // The autoscaler reads capstan's own families: every second when it runs.
+    let own_interval = if shared.autoscale_specs.lock().unwrap().is_empty() {
+        default_interval
+    } else {
+        default_interval.min(Duration::from_secs(1))
+    };
     // capstan scrapes itself, as Prometheus does, and the host through itself.
     let own = shared
         .api_addr
@@ -181,7 +187,11 @@ pub fn targets(shared: &Shared) -> Vec<Target> {
                 Target::simple(
                     addr.clone(),
                     path.into(),
-                    default_interval,
+                    if job == "capstan" {
+                        own_interval
+                    } else {
+                        default_interval
+                    },
                     vec![
                         ("job".into(), job.into()),
                         ("instance".into(), addr.clone()),

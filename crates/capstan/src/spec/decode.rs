@@ -679,6 +679,18 @@ impl Decoder<'_> {
         if let Some(n) = f.take("deploy") {
             self.deploy(n, &join(path, "deploy"), &mut deploy);
         }
+        if let Some(a) = &x.autoscale {
+            // The autoscaler owns the count: start within its bounds.
+            deploy.replicas = deploy.replicas.clamp(a.min, a.max.max(a.min));
+            let uses_memory = a.metrics.iter().any(|m| m.source == MetricSource::Memory);
+            if uses_memory && deploy.resources.limits.memory.is_none() {
+                self.error(
+                    node,
+                    &join(path, "x-capstan.autoscale.metrics"),
+                    "a memory metric is a percentage of the memory limit: set deploy.resources.limits.memory",
+                );
+            }
+        }
         let labels = match f.take("labels") {
             Some(n) => self.key_values(n, &join(path, "labels"), false),
             None => BTreeMap::new(),
@@ -1042,7 +1054,323 @@ impl Decoder<'_> {
         if let Some(n) = f.take("proxy") {
             self.proxy_settings(n, &join(path, "proxy"), &mut x.proxy);
         }
-        self.finish(f, path, &["autoscale", "rollout", "idle_after"]);
+        if let Some(n) = f.take("autoscale") {
+            x.autoscale = self.autoscale(n, &join(path, "autoscale"));
+        }
+        if let Some(n) = f.take("idle_after") {
+            let p = join(path, "idle_after");
+            if let Some(d) = self.duration(n, &p) {
+                match &mut x.autoscale {
+                    Some(a) => a.idle_after = d,
+                    None => self.error(n, &p, "idle_after needs autoscale with min: 0"),
+                }
+            }
+        }
+        self.finish(f, path, &["rollout"]);
+    }
+
+    /// A positive number, or a percentage such as `60%` when `percent` allows it.
+    fn number(&mut self, node: &Node, path: &str, percent: bool) -> Option<f64> {
+        let v = match &node.kind {
+            Kind::Int(i) => Some(*i as f64),
+            Kind::Float(f) => Some(*f),
+            Kind::Str(_) => self.text(node, path).and_then(|t| {
+                let t = t.trim();
+                let t = if percent {
+                    t.strip_suffix('%').unwrap_or(t)
+                } else {
+                    t
+                };
+                t.trim().parse::<f64>().ok()
+            }),
+            _ => None,
+        };
+        match v {
+            Some(v) if v > 0.0 && v.is_finite() => Some(v),
+            _ => {
+                self.error(
+                    node,
+                    path,
+                    format!(
+                        "expected a positive number{}, found {}",
+                        if percent {
+                            " or percentage such as 60%"
+                        } else {
+                            ""
+                        },
+                        node.describe()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `x-capstan.autoscale`, with Kubernetes' names for the behavior keys
+    /// (`scaleUp`, `stabilizationWindowSeconds`, …) or their snake_case forms.
+    fn autoscale(&mut self, node: &Node, path: &str) -> Option<Autoscale> {
+        let mut f = self.fields(node, path)?;
+        let mut a = Autoscale {
+            min: 1,
+            max: 1,
+            interval: Dur::secs(2),
+            tolerance: 0.1,
+            metrics: Vec::new(),
+            behavior: Behavior::default(),
+            idle_after: Dur::secs(300),
+        };
+        let int = |d: &mut Self, f: &mut Fields<'_>, keys: [&str; 2]| {
+            keys.iter().find_map(|k| {
+                f.take(k)
+                    .and_then(|n| d.uint(n, &join(path, k), 10_000).map(|v| v as u32))
+            })
+        };
+        if let Some(v) = int(self, &mut f, ["min", "minReplicas"]) {
+            a.min = v;
+        }
+        match int(self, &mut f, ["max", "maxReplicas"]) {
+            Some(v) => a.max = v,
+            None => self.error(node, path, "missing key: max (the most replicas)"),
+        }
+        if a.max == 0 {
+            self.error(node, &join(path, "max"), "max must be at least 1");
+        } else if a.min > a.max {
+            self.error(
+                node,
+                &join(path, "min"),
+                format!("min ({}) is more than max ({})", a.min, a.max),
+            );
+        }
+        if let Some(n) = f.take("interval")
+            && let Some(d) = self.duration(n, &join(path, "interval"))
+        {
+            if d.0 < std::time::Duration::from_millis(100) {
+                self.error(n, &join(path, "interval"), "must be at least 100ms");
+            } else {
+                a.interval = d;
+            }
+        }
+        if let Some(n) = f.take("tolerance") {
+            let p = join(path, "tolerance");
+            let v = match &n.kind {
+                Kind::Int(i) => Some(*i as f64),
+                Kind::Float(x) => Some(*x),
+                _ => self.text(n, &p).and_then(|t| t.trim().parse().ok()),
+            };
+            match v {
+                Some(v) if (0.0..1.0).contains(&v) => a.tolerance = v,
+                _ => self.error(
+                    n,
+                    &p,
+                    format!(
+                        "expected a number from 0 to 1 such as 0.1, found {}",
+                        n.describe()
+                    ),
+                ),
+            }
+        }
+        if let Some(n) = f.take("idle_after")
+            && let Some(d) = self.duration(n, &join(path, "idle_after"))
+        {
+            a.idle_after = d;
+        }
+        if let Some(n) = f.take("metrics") {
+            let mp = join(path, "metrics");
+            match &n.kind {
+                Kind::Seq(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(m) = self.scale_metric(item, &format!("{mp}[{i}]")) {
+                            a.metrics.push(m);
+                        }
+                    }
+                }
+                _ => self.error(
+                    n,
+                    &mp,
+                    format!("expected a list of metrics, found {}", n.describe()),
+                ),
+            }
+        }
+        if let Some(n) = f.take("behavior") {
+            let bp = join(path, "behavior");
+            if let Some(mut bf) = self.fields(n, &bp) {
+                for (keys, up) in [
+                    (["scaleUp", "scale_up"], true),
+                    (["scaleDown", "scale_down"], false),
+                ] {
+                    for k in keys {
+                        if let Some(rn) = bf.take(k) {
+                            let rules = if up {
+                                &mut a.behavior.scale_up
+                            } else {
+                                &mut a.behavior.scale_down
+                            };
+                            self.scaling_rules(rn, &join(&bp, k), rules);
+                        }
+                    }
+                }
+                self.finish(bf, &bp, &[]);
+            }
+        }
+        self.finish(f, path, &[]);
+        Some(a)
+    }
+
+    fn scale_metric(&mut self, node: &Node, path: &str) -> Option<ScaleMetric> {
+        let mut f = self.fields(node, path)?;
+        let mut found: Option<(MetricSource, Option<f64>)> = None;
+        for key in ["cpu", "memory", "rps", "inflight", "query"] {
+            let Some(n) = f.take(key) else { continue };
+            let p = join(path, key);
+            if found.is_some() {
+                self.error(n, &p, "one metric per list item");
+                continue;
+            }
+            found = Some(match key {
+                "cpu" => (MetricSource::Cpu, self.number(n, &p, true)),
+                "memory" => (MetricSource::Memory, self.number(n, &p, true)),
+                "rps" => (MetricSource::Rps, self.number(n, &p, false)),
+                "inflight" => (MetricSource::Inflight, self.number(n, &p, false)),
+                _ => {
+                    let q = self.text(n, &p).unwrap_or_default();
+                    if let Err(e) = capstan_promql::parse(&q) {
+                        self.error(n, &p, format!("not a valid PromQL expression: {e}"));
+                    }
+                    (MetricSource::Query(q), None)
+                }
+            });
+        }
+        let target = match f.take("target") {
+            Some(n) => self.number(n, &join(path, "target"), false),
+            None => None,
+        };
+        let average = match f.take("type") {
+            Some(n) => match self.text(n, &join(path, "type")).as_deref() {
+                Some("average" | "AverageValue") | None => true,
+                Some("total" | "Value") => false,
+                Some(other) => {
+                    self.error(
+                        n,
+                        &join(path, "type"),
+                        format!("expected average or total, found {other:?}"),
+                    );
+                    true
+                }
+            },
+            None => true,
+        };
+        self.finish(f, path, &[]);
+        let Some((source, inline)) = found else {
+            self.error(
+                node,
+                path,
+                "expected one of cpu, memory, rps, inflight or query",
+            );
+            return None;
+        };
+        let target = match (&source, inline, target) {
+            (MetricSource::Query(_), _, Some(t)) => t,
+            (MetricSource::Query(_), _, None) => {
+                self.error(node, path, "a query metric needs target: <value>");
+                return None;
+            }
+            (_, Some(t), _) => t,
+            _ => return None,
+        };
+        Some(ScaleMetric {
+            source,
+            target,
+            average,
+        })
+    }
+
+    fn scaling_rules(&mut self, node: &Node, path: &str, r: &mut ScalingRules) {
+        let Some(mut f) = self.fields(node, path) else {
+            return;
+        };
+        for k in ["stabilizationWindowSeconds", "stabilization_window_seconds"] {
+            if let Some(n) = f.take(k)
+                && let Some(v) = self.uint(n, &join(path, k), 3600)
+            {
+                r.stabilization = Dur::secs(v);
+            }
+        }
+        for k in ["selectPolicy", "select_policy"] {
+            if let Some(n) = f.take(k) {
+                match self.text(n, &join(path, k)).as_deref() {
+                    Some("Max" | "max") => r.select = SelectPolicy::Max,
+                    Some("Min" | "min") => r.select = SelectPolicy::Min,
+                    Some("Disabled" | "disabled") => r.select = SelectPolicy::Disabled,
+                    Some(other) => self.error(
+                        n,
+                        &join(path, k),
+                        format!("expected Max, Min or Disabled, found {other:?}"),
+                    ),
+                    None => {}
+                }
+            }
+        }
+        if let Some(n) = f.take("policies") {
+            let pp = join(path, "policies");
+            let Kind::Seq(items) = &n.kind else {
+                self.error(
+                    n,
+                    &pp,
+                    format!("expected a list of policies, found {}", n.describe()),
+                );
+                self.finish(f, path, &[]);
+                return;
+            };
+            r.policies.clear();
+            for (i, item) in items.iter().enumerate() {
+                let ip = format!("{pp}[{i}]");
+                let Some(mut pf) = self.fields(item, &ip) else {
+                    continue;
+                };
+                let kind = match pf
+                    .take("type")
+                    .and_then(|t| self.text(t, &join(&ip, "type")))
+                    .as_deref()
+                {
+                    Some("Pods" | "pods") => Some(PolicyKind::Pods),
+                    Some("Percent" | "percent") => Some(PolicyKind::Percent),
+                    other => {
+                        self.error(
+                            item,
+                            &join(&ip, "type"),
+                            format!("expected Pods or Percent, found {other:?}"),
+                        );
+                        None
+                    }
+                };
+                let value = pf
+                    .take("value")
+                    .and_then(|v| self.uint(v, &join(&ip, "value"), 100_000));
+                let mut period = None;
+                for k in ["periodSeconds", "period_seconds"] {
+                    if let Some(v) = pf.take(k) {
+                        period = self.uint(v, &join(&ip, k), 1800);
+                    }
+                }
+                self.finish(pf, &ip, &[]);
+                match (kind, value, period) {
+                    (Some(kind), Some(value), Some(p)) if value > 0 && p > 0 => {
+                        r.policies.push(ScalingPolicy {
+                            kind,
+                            value: value as u32,
+                            period: Dur::secs(p),
+                        })
+                    }
+                    (Some(_), _, _) => self.error(
+                        item,
+                        &ip,
+                        "a policy needs type, value > 0 and periodSeconds > 0",
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        self.finish(f, path, &[]);
     }
 
     /// `x-capstan.proxy`: balancing, timeouts, retries, limits.

@@ -191,6 +191,127 @@ pub struct ServiceX {
     /// How long a request is held while a replica starts from zero.
     #[serde(default = "default_cold_start_timeout")]
     pub cold_start_timeout: Dur,
+    /// The replica count follows metrics (`x-capstan.autoscale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+}
+
+/// `x-capstan.autoscale`: the Kubernetes HPA's algorithm and behavior, plus
+/// scale to zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Autoscale {
+    pub min: u32,
+    pub max: u32,
+    /// How often the metrics are read and a decision made.
+    pub interval: Dur,
+    /// Ratios within 1 ± tolerance cause no change.
+    pub tolerance: f64,
+    pub metrics: Vec<ScaleMetric>,
+    pub behavior: Behavior,
+    /// With `min: 0`: no request for this long stops the last replica.
+    pub idle_after: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleMetric {
+    pub source: MetricSource,
+    pub target: f64,
+    /// Compare the average per replica (true) or the total (false) with the target.
+    pub average: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricSource {
+    /// Percent of the CPU limit (one CPU without a limit).
+    Cpu,
+    /// Percent of the memory limit.
+    Memory,
+    /// Requests per second through the proxy.
+    Rps,
+    /// Requests in flight through the proxy.
+    Inflight,
+    Query(String),
+}
+
+impl MetricSource {
+    pub fn name(&self) -> &str {
+        match self {
+            MetricSource::Cpu => "cpu",
+            MetricSource::Memory => "memory",
+            MetricSource::Rps => "rps",
+            MetricSource::Inflight => "inflight",
+            MetricSource::Query(_) => "query",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Behavior {
+    pub scale_up: ScalingRules,
+    pub scale_down: ScalingRules,
+}
+
+impl Default for Behavior {
+    /// Kubernetes' defaults: up at once by 100% or 4 replicas per 15s (the
+    /// larger), down after a 300s window by up to 100% per 15s.
+    fn default() -> Self {
+        Behavior {
+            scale_up: ScalingRules {
+                stabilization: Dur::secs(0),
+                select: SelectPolicy::Max,
+                policies: vec![
+                    ScalingPolicy {
+                        kind: PolicyKind::Percent,
+                        value: 100,
+                        period: Dur::secs(15),
+                    },
+                    ScalingPolicy {
+                        kind: PolicyKind::Pods,
+                        value: 4,
+                        period: Dur::secs(15),
+                    },
+                ],
+            },
+            scale_down: ScalingRules {
+                stabilization: Dur::secs(300),
+                select: SelectPolicy::Max,
+                policies: vec![ScalingPolicy {
+                    kind: PolicyKind::Percent,
+                    value: 100,
+                    period: Dur::secs(15),
+                }],
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingRules {
+    /// Recommendations over this window are considered (the most conservative wins).
+    pub stabilization: Dur,
+    pub select: SelectPolicy,
+    pub policies: Vec<ScalingPolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectPolicy {
+    Max,
+    Min,
+    Disabled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingPolicy {
+    pub kind: PolicyKind,
+    pub value: u32,
+    pub period: Dur,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyKind {
+    Pods,
+    Percent,
 }
 
 impl Default for ServiceX {
@@ -200,6 +321,7 @@ impl Default for ServiceX {
             protocol: Protocol::Http,
             proxy: ProxySettings::default(),
             cold_start_timeout: default_cold_start_timeout(),
+            autoscale: None,
         }
     }
 }
@@ -354,6 +476,7 @@ impl Service {
         a.x.proxy = other.x.proxy.clone();
         a.x.protocol = other.x.protocol;
         a.x.cold_start_timeout = other.x.cold_start_timeout;
+        a.x.autoscale.clone_from(&other.x.autoscale);
         a == *other
     }
 }

@@ -41,6 +41,10 @@ pub struct Status {
     /// CPU time used by the current process (and its cgroup), in seconds.
     #[serde(default)]
     pub cpu_seconds_total: Option<f64>,
+    /// When `cpu_seconds_total` was read (unix ms), exposed as its timestamp so
+    /// rates are exact whatever the scrape's phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_sampled_ms: Option<i64>,
     /// Working set: memory in use minus inactive file cache.
     pub memory_bytes: Option<u64>,
     #[serde(default)]
@@ -93,6 +97,10 @@ pub struct Shared {
     pub scrape_metadata: Arc<crate::scrape::MetadataStore>,
     /// The proxy of each service's published ports.
     pub proxy: crate::proxy::Registry,
+    /// Services that autoscale, with their CPU and memory limits.
+    pub autoscale_specs: Mutex<BTreeMap<String, (crate::spec::Autoscale, crate::spec::Limits)>>,
+    /// What the autoscaler last decided, per service.
+    pub autoscale_status: Mutex<BTreeMap<String, crate::autoscale::ServiceStatus>>,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -122,6 +130,8 @@ impl Shared {
             scrape_stats: Arc::default(),
             scrape_metadata: Arc::default(),
             proxy: crate::proxy::Registry::default(),
+            autoscale_specs: Mutex::default(),
+            autoscale_status: Mutex::default(),
             warned: Mutex::default(),
         }
     }
@@ -457,6 +467,14 @@ impl Supervisor {
                 .collect(),
             stack.settings.scrape_configs.clone(),
         );
+        *self.shared.autoscale_specs.lock().unwrap() = stack
+            .services
+            .iter()
+            .filter_map(|(n, s)| {
+                let a = s.x.autoscale.clone()?;
+                Some((n.clone(), (a, s.deploy.resources.limits.clone())))
+            })
+            .collect();
         for problem in crate::proxy::configure(&self.shared, &stack) {
             self.shared.warn_once(problem);
         }
@@ -479,9 +497,14 @@ impl Supervisor {
             let spec = &stack.services[&name];
             match self.services.get(&name) {
                 Some(rt) if rt.spec.definition_eq(spec) => {
-                    if rt.desired != spec.deploy.replicas {
-                        changes.push(format!("scaled {name} to {}", spec.deploy.replicas));
-                        self.scale(BTreeMap::from([(name.clone(), spec.deploy.replicas)]))
+                    let want = match &spec.x.autoscale {
+                        // The autoscaler owns the count; only its bounds apply.
+                        Some(a) => rt.desired.clamp(a.min, a.max),
+                        None => spec.deploy.replicas,
+                    };
+                    if rt.desired != want {
+                        changes.push(format!("scaled {name} to {want}"));
+                        self.scale(BTreeMap::from([(name.clone(), want)]))
                             .await
                             .ok();
                     }

@@ -305,6 +305,7 @@ impl Replica {
         self.set(|s| {
             s.memory_limit_bytes = memory_limit;
             s.cpu_seconds_total = Some(0.0);
+            s.cpu_sampled_ms = Some(crate::events::now_ms());
             s.pid = Some(pid);
             s.state = "running".into();
             s.health = if has_health {
@@ -325,7 +326,7 @@ impl Replica {
         // The first sample comes after a second, so CPU % has a span to measure.
         let mut tick = tokio::time::interval_at(
             Instant::now() + Duration::from_secs(1),
-            Duration::from_secs(2),
+            Duration::from_secs(1),
         );
         let mut unhealthy = false;
         let mut stopped = false;
@@ -357,6 +358,7 @@ impl Replica {
                     self.set(|s| {
                         s.cpu_percent = x.cpu_percent;
                         s.cpu_seconds_total = x.cpu_seconds;
+                        s.cpu_sampled_ms = Some(crate::events::now_ms());
                         s.memory_bytes = x.working_set;
                         s.memory_rss_bytes = x.rss;
                     });
