@@ -110,8 +110,9 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
 /// compose: probes every `start_interval` during `start_period` (where failures do
 /// not count) until the first success, then every `interval`; `retries`
 /// consecutive failures make the replica unhealthy, one success makes it healthy.
-/// The first probe runs after at most 250ms, not a whole interval, so a fast
-/// replica becomes healthy quickly.
+/// Until the first success, probes come quickly (after 10ms, then doubling up
+/// to the interval) and their failures do not count, so a fast replica takes
+/// traffic within milliseconds of listening (a cold start waits on this).
 pub async fn watch(
     hc: Healthcheck,
     port: u16,
@@ -121,9 +122,11 @@ pub async fn watch(
     let started = tokio::time::Instant::now();
     let mut failures = 0u32;
     let mut current: Option<bool> = None;
-    tokio::time::sleep(hc.interval.0.min(Duration::from_millis(250))).await;
+    let mut quick = Duration::from_millis(10);
+    tokio::time::sleep(quick).await;
     loop {
-        let starting = started.elapsed() < hc.start_period.0 && current != Some(true);
+        let warming = current.is_none() && quick < hc.interval.0;
+        let starting = warming || (started.elapsed() < hc.start_period.0 && current != Some(true));
         let next = match probe(&hc.test, port, &env, hc.timeout.0).await {
             Ok(()) => {
                 failures = 0;
@@ -146,11 +149,14 @@ pub async fn watch(
                 return;
             }
         }
-        tokio::time::sleep(if starting {
+        let pause = if warming && current.is_none() {
+            quick = (quick * 2).min(hc.interval.0);
+            quick
+        } else if starting {
             hc.start_interval.0
         } else {
             hc.interval.0
-        })
-        .await;
+        };
+        tokio::time::sleep(pause).await;
     }
 }
