@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 rate=${2:-2000}
+# ACCESS_LOG=false turns off capstan's access log (nginx keeps its own).
 missing=()
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
@@ -40,6 +41,7 @@ services:
     x-capstan:
       healthcheck: {http: /healthz, interval: 1s}
       metrics: {disable: true}
+      proxy: {access_log: ${ACCESS_LOG:-true}}
     deploy: {replicas: 2}
 EOF
 target/release/capstan up -d -f "$work/stack/capstan.yaml" --listen 127.0.0.1:0 >/dev/null
