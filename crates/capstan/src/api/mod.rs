@@ -136,15 +136,7 @@ async fn ps(State(api): State<Api>) -> Json<serde_json::Value> {
 }
 
 async fn autoscale(State(api): State<Api>) -> Json<serde_json::Value> {
-    let st: Vec<crate::autoscale::ServiceStatus> = api
-        .shared
-        .autoscale_status
-        .lock()
-        .unwrap()
-        .values()
-        .cloned()
-        .collect();
-    Json(serde_json::json!({ "services": st }))
+    Json(serde_json::json!({ "services": crate::autoscale::statuses(&api.shared) }))
 }
 
 async fn send(

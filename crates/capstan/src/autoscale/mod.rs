@@ -53,13 +53,7 @@ pub struct ServiceStatus {
 }
 
 /// Reads one PromQL expression at the current time.
-fn query(
-    shared: &Shared,
-    db: &capstan_tsdb::Db,
-    engine: &Engine,
-    q: &str,
-) -> Result<QueryValue, String> {
-    let _ = shared;
+fn query(db: &capstan_tsdb::Db, engine: &Engine, q: &str) -> Result<QueryValue, String> {
     let now = crate::events::now_ms();
     tokio::task::block_in_place(|| engine.instant(db, q, now))
         .map(|o| o.value)
@@ -314,7 +308,7 @@ async fn evaluate(
     for m in &spec.metrics {
         let name = m.source.name().to_owned();
         let obs = match &m.source {
-            MetricSource::Query(q) => match query(shared, db, engine, q) {
+            MetricSource::Query(q) => match query(db, engine, q) {
                 Ok(v) => total(&v).map(|t| {
                     if m.average {
                         Observation::AverageOfTotal {
@@ -335,7 +329,7 @@ async fn evaluate(
             },
             src => {
                 let q = builtin_query(src, service, limits).unwrap_or_default();
-                match query(shared, db, engine, &q) {
+                match query(db, engine, &q) {
                     Ok(v) => {
                         let per = by_replica(&v);
                         if m.average {
@@ -464,38 +458,40 @@ async fn scale(
     matches!(rx.await, Ok(Ok(_)))
 }
 
-/// `capstan_autoscaler_*` families for capstan's own `/metrics`.
-pub fn expose(e: &mut crate::collect::Exposition, shared: &Shared) {
-    let st: Vec<ServiceStatus> = shared
+/// What the autoscaler last decided, for every autoscaled service.
+pub fn statuses(shared: &Shared) -> Vec<ServiceStatus> {
+    shared
         .autoscale_status
         .lock()
         .unwrap()
         .values()
         .cloned()
-        .collect();
-    e.family(
-        "capstan_autoscaler_desired_replicas",
-        "gauge",
-        "Replicas the autoscaler last decided on.",
-    );
-    for s in &st {
-        e.sample(
+        .collect()
+}
+
+/// A per-service gauge: name, help, and its value in a status.
+type CountGauge = (&'static str, &'static str, fn(&ServiceStatus) -> u32);
+
+/// `capstan_autoscaler_*` families for capstan's own `/metrics`.
+pub fn expose(e: &mut crate::collect::Exposition, shared: &Shared) {
+    let st = statuses(shared);
+    let counts: [CountGauge; 2] = [
+        (
             "capstan_autoscaler_desired_replicas",
-            &[("service", &s.service)],
-            f64::from(s.desired),
-        );
-    }
-    e.family(
-        "capstan_autoscaler_current_replicas",
-        "gauge",
-        "Replicas running when the autoscaler last looked.",
-    );
-    for s in &st {
-        e.sample(
+            "Replicas the autoscaler last decided on.",
+            |s| s.desired,
+        ),
+        (
             "capstan_autoscaler_current_replicas",
-            &[("service", &s.service)],
-            f64::from(s.current),
-        );
+            "Replicas running when the autoscaler last looked.",
+            |s| s.current,
+        ),
+    ];
+    for (name, help, value) in counts {
+        e.family(name, "gauge", help);
+        for s in &st {
+            e.sample(name, &[("service", &s.service)], f64::from(value(s)));
+        }
     }
     e.family(
         "capstan_autoscaler_metric_ratio",

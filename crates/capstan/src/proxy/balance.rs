@@ -86,6 +86,7 @@ impl Endpoint {
         self.ejected.store(false, Relaxed);
     }
 
+    #[cfg(test)]
     pub fn ewma_secs(&self) -> f64 {
         self.ewma.lock().unwrap().0
     }
@@ -269,6 +270,17 @@ impl Backend {
                 }
             }
         }
+    }
+
+    /// How long a new request may wait for a replica: the cold start timeout
+    /// when the service has none, else the request timeout.
+    pub fn queue_deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        let wait = if self.endpoints().is_empty() {
+            *self.cold_start_timeout.read().unwrap()
+        } else {
+            timeout
+        };
+        tokio::time::Instant::now() + wait
     }
 
     /// Requests in flight over every replica.

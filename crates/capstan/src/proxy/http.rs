@@ -21,45 +21,35 @@ use super::metrics::method_label;
 use super::pool::{Pool, SendError};
 use super::{AccessLine, Ctx};
 
-/// Accepts connections until the task is aborted; each connection is its own task.
+/// Serves HTTP on the listener until the task is aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("proxy for {}: accept failed: {e}", ctx.backend.service);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    super::accept_loop(listener, ctx, connection).await;
+}
+
+/// One client connection: HTTP/1.1 or h2c, each request through [`handle`].
+async fn connection(ctx: Arc<Ctx>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let (idle, max_header) = {
+        let s = ctx.backend.settings.read().unwrap();
+        (s.idle_timeout.0, s.max_header as usize)
+    };
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Covers both a slow request head and an idle keep-alive connection.
+        .header_read_timeout(idle)
+        .max_buf_size(max_header.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(max_header.min(u32::MAX as usize) as u32)
+        .keep_alive_interval(Some(idle))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let (idle, max_header) = {
-                let s = ctx.backend.settings.read().unwrap();
-                (s.idle_timeout.0, s.max_header as usize)
-            };
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                // Covers both a slow request head and an idle keep-alive connection.
-                .header_read_timeout(idle)
-                .max_buf_size(max_header.max(8192));
-            b.http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(max_header.min(u32::MAX as usize) as u32)
-                .keep_alive_interval(Some(idle))
-                .keep_alive_timeout(Duration::from_secs(20));
-            let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
-            });
-            let _ = b
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
+    });
+    let _ = b
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await;
 }
 
 /// Everything the end of a request needs: metrics, access log, pool, lease.
@@ -331,12 +321,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
     };
     let mut req = Request::from_parts(parts, body);
 
-    let queue_wait = if backend.endpoints().is_empty() {
-        *backend.cold_start_timeout.read().unwrap()
-    } else {
-        settings.timeout.0
-    };
-    let queue_deadline = tokio::time::Instant::now() + queue_wait;
+    let queue_deadline = backend.queue_deadline(settings.timeout.0);
     let mut exclude: Vec<u32> = Vec::new();
     let mut last_failure = String::new();
     loop {

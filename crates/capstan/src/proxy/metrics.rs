@@ -86,16 +86,6 @@ impl Metrics {
     pub fn ejected(&self, replica: u32) {
         *self.ejections.lock().unwrap().entry(replica).or_default() += 1;
     }
-
-    /// Requests answered per replica since the start (for `capstan ps`-like views).
-    pub fn total(&self) -> u64 {
-        self.requests
-            .lock()
-            .unwrap()
-            .values()
-            .map(|s| s.count)
-            .sum()
-    }
 }
 
 /// Writes every service's proxy families.

@@ -178,6 +178,27 @@ fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<AccessLine> {
     tx
 }
 
+/// Accepts connections until the task is aborted; each one is its own task.
+async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, serve: F)
+where
+    F: Fn(Arc<Ctx>, tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("proxy for {}: accept failed: {e}", ctx.backend.service);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve(ctx.clone(), stream, peer));
+    }
+}
+
 /// Binds a listening socket with SO_REUSEADDR (a restarted daemon can listen
 /// again while old connections linger in TIME_WAIT).
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

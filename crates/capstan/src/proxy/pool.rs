@@ -44,10 +44,6 @@ impl Pool {
         self.idle.lock().unwrap().pop()
     }
 
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap().len()
-    }
-
     /// Opens a new connection (the caller decides whether to pool it).
     pub async fn connect(
         addr: std::net::SocketAddr,

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -12,18 +11,7 @@ use super::Ctx;
 use super::balance::Lease;
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        let (client, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("proxy for {}: accept failed: {e}", ctx.backend.service);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = client.set_nodelay(true);
-        tokio::spawn(forward(ctx.clone(), client));
-    }
+    super::accept_loop(listener, ctx, |ctx, client, _| forward(ctx, client)).await;
 }
 
 async fn forward(ctx: Arc<Ctx>, mut client: TcpStream) {
@@ -32,12 +20,7 @@ async fn forward(ctx: Arc<Ctx>, mut client: TcpStream) {
         let s = backend.settings.read().unwrap();
         (s.retries, s.connect_timeout.0, s.timeout.0)
     };
-    let wait = if backend.endpoints().is_empty() {
-        *backend.cold_start_timeout.read().unwrap()
-    } else {
-        timeout
-    };
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = backend.queue_deadline(timeout);
     let Ok(mut lease) = backend.acquire(&[], deadline).await else {
         // Nothing to send the bytes to: closing is all TCP can say.
         return;

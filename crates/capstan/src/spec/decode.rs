@@ -33,6 +33,9 @@ const SERVICE_KEYS: &[&str] = &[
     "x-capstan",
 ];
 
+/// What a percentage-or-number field expects.
+const PERCENT: &str = "a positive number or percentage such as 60%";
+
 /// Signals a replica may be stopped with.
 pub const SIGNALS: &[&str] = &[
     "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGWINCH",
@@ -1069,8 +1072,9 @@ impl Decoder<'_> {
         self.finish(f, path, &["rollout"]);
     }
 
-    /// A positive number, or a percentage such as `60%` when `percent` allows it.
-    fn number(&mut self, node: &Node, path: &str, percent: bool) -> Option<f64> {
+    /// A positive finite number (`percent`: a trailing `%` is allowed); the error
+    /// says `expected {what}`.
+    fn number(&mut self, node: &Node, path: &str, percent: bool, what: &str) -> Option<f64> {
         let v = match &node.kind {
             Kind::Int(i) => Some(*i as f64),
             Kind::Float(f) => Some(*f),
@@ -1091,15 +1095,7 @@ impl Decoder<'_> {
                 self.error(
                     node,
                     path,
-                    format!(
-                        "expected a positive number{}, found {}",
-                        if percent {
-                            " or percentage such as 60%"
-                        } else {
-                            ""
-                        },
-                        node.describe()
-                    ),
+                    format!("expected {what}, found {}", node.describe()),
                 );
                 None
             }
@@ -1227,10 +1223,16 @@ impl Decoder<'_> {
                 continue;
             }
             found = Some(match key {
-                "cpu" => (MetricSource::Cpu, self.number(n, &p, true)),
-                "memory" => (MetricSource::Memory, self.number(n, &p, true)),
-                "rps" => (MetricSource::Rps, self.number(n, &p, false)),
-                "inflight" => (MetricSource::Inflight, self.number(n, &p, false)),
+                "cpu" => (MetricSource::Cpu, self.number(n, &p, true, PERCENT)),
+                "memory" => (MetricSource::Memory, self.number(n, &p, true, PERCENT)),
+                "rps" => (
+                    MetricSource::Rps,
+                    self.number(n, &p, false, "a positive number"),
+                ),
+                "inflight" => (
+                    MetricSource::Inflight,
+                    self.number(n, &p, false, "a positive number"),
+                ),
                 _ => {
                     let q = self.text(n, &p).unwrap_or_default();
                     if let Err(e) = capstan_promql::parse(&q) {
@@ -1241,7 +1243,7 @@ impl Decoder<'_> {
             });
         }
         let target = match f.take("target") {
-            Some(n) => self.number(n, &join(path, "target"), false),
+            Some(n) => self.number(n, &join(path, "target"), false, "a positive number"),
             None => None,
         };
         let average = match f.take("type") {
@@ -1541,28 +1543,7 @@ impl Decoder<'_> {
     }
 
     fn cpus(&mut self, node: &Node, path: &str) -> Option<f64> {
-        let v = match &node.kind {
-            Kind::Int(i) => Some(*i as f64),
-            Kind::Float(f) => Some(*f),
-            Kind::Str(_) => self
-                .text(node, path)
-                .and_then(|t| t.trim().parse::<f64>().ok()),
-            _ => None,
-        };
-        match v {
-            Some(v) if v > 0.0 && v.is_finite() => Some(v),
-            _ => {
-                self.error(
-                    node,
-                    path,
-                    format!(
-                        "expected a positive number of CPUs such as 0.5, found {}",
-                        node.describe()
-                    ),
-                );
-                None
-            }
-        }
+        self.number(node, path, false, "a positive number of CPUs such as 0.5")
     }
 
     fn bytes(&mut self, node: &Node, path: &str) -> Option<u64> {
