@@ -20,9 +20,11 @@ use hpa::{Observation, ReplicaValue};
 use crate::spec::{Autoscale, Limits, MetricSource};
 use crate::supervisor::{Command, Shared};
 
-/// The window of the rates the built-in metrics take (cpu, rps): a few of the
-/// one-second samples, so a load step shows within two seconds.
-const RATE_WINDOW: &str = "5s";
+/// The range of the rates the built-in metrics take (cpu, rps): `irate` over
+/// it is the rate between the last two samples (half a second apart), so a
+/// load step shows in the next evaluation; a missed scrape is tolerated. Noise
+/// is the scale-down stabilization window's business, as in the HPA.
+const RATE_WINDOW: &str = "2s";
 
 /// One metric as last read, for `capstan autoscale status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,7 +86,7 @@ fn builtin_query(source: &MetricSource, service: &str, limits: &Limits) -> Optio
     let sel = format!("{{service=\"{service}\"}}");
     Some(match source {
         MetricSource::Cpu => format!(
-            "sum by (replica) (rate(container_cpu_usage_seconds_total{sel}[{RATE_WINDOW}])) * 100 / {}",
+            "sum by (replica) (irate(container_cpu_usage_seconds_total{sel}[{RATE_WINDOW}])) * 100 / {}",
             limits.cpus.unwrap_or(1.0)
         ),
         MetricSource::Memory => format!(
@@ -92,7 +94,7 @@ fn builtin_query(source: &MetricSource, service: &str, limits: &Limits) -> Optio
             limits.memory? as f64
         ),
         MetricSource::Rps => {
-            format!("sum by (replica) (rate(http_requests_total{sel}[{RATE_WINDOW}]))")
+            format!("sum by (replica) (irate(http_requests_total{sel}[{RATE_WINDOW}]))")
         }
         MetricSource::Inflight => format!("sum by (replica) (http_requests_in_flight{sel})"),
         MetricSource::Query(_) => return None,

@@ -169,11 +169,12 @@ pub fn encode(s: &str) -> String {
 pub fn targets(shared: &Shared) -> Vec<Target> {
     let specs = shared.scrape_specs();
     let default_interval = specs.0;
-    // The autoscaler reads capstan's own families: every second when it runs.
+    // The autoscaler reads capstan's own families: twice a second when it runs,
+    // matching the replicas' sampling period.
     let own_interval = if shared.autoscale_specs.lock().unwrap().is_empty() {
         default_interval
     } else {
-        default_interval.min(Duration::from_secs(1))
+        default_interval.min(Duration::from_millis(500))
     };
     // capstan scrapes itself, as Prometheus does, and the host through itself.
     let own = shared

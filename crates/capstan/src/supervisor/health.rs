@@ -110,9 +110,10 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
 /// compose: probes every `start_interval` during `start_period` (where failures do
 /// not count) until the first success, then every `interval`; `retries`
 /// consecutive failures make the replica unhealthy, one success makes it healthy.
-/// Until the first success, probes come quickly (after 10ms, then doubling up
-/// to the interval) and their failures do not count, so a fast replica takes
-/// traffic within milliseconds of listening (a cold start waits on this).
+/// Until the first success, probes come quickly — every eighth of the time
+/// since the start, at least 2 ms apart, up to the interval — and their failures
+/// do not count, so a replica takes traffic within an eighth of its own start
+/// time of listening (a cold start waits on this).
 pub async fn watch(
     hc: Healthcheck,
     port: u16,
@@ -122,10 +123,10 @@ pub async fn watch(
     let started = tokio::time::Instant::now();
     let mut failures = 0u32;
     let mut current: Option<bool> = None;
-    let mut quick = Duration::from_millis(10);
-    tokio::time::sleep(quick).await;
+    let quick = || (started.elapsed() / 8).max(Duration::from_millis(2));
+    tokio::time::sleep(quick()).await;
     loop {
-        let warming = current.is_none() && quick < hc.interval.0;
+        let warming = current.is_none() && quick() < hc.interval.0;
         let starting = warming || (started.elapsed() < hc.start_period.0 && current != Some(true));
         let next = match probe(&hc.test, port, &env, hc.timeout.0).await {
             Ok(()) => {
@@ -150,8 +151,7 @@ pub async fn watch(
             }
         }
         let pause = if warming && current.is_none() {
-            quick = (quick * 2).min(hc.interval.0);
-            quick
+            quick()
         } else if starting {
             hc.start_interval.0
         } else {

@@ -323,11 +323,8 @@ impl Replica {
             .clone()
             .map(|hc| tokio::spawn(health::watch(hc, port, launch.env.clone(), htx)));
         let mut sampler = Sampler::new(pid, launch.cgroup.clone());
-        // The first sample comes after a second, so CPU % has a span to measure.
-        let mut tick = tokio::time::interval_at(
-            Instant::now() + Duration::from_secs(1),
-            Duration::from_secs(1),
-        );
+        // The first sample comes after one period, so CPU % has a span to measure.
+        let mut tick = tokio::time::interval_at(Instant::now() + SAMPLE_EVERY, SAMPLE_EVERY);
         let mut unhealthy = false;
         let mut stopped = false;
         let status = loop {
@@ -454,6 +451,10 @@ pub fn describe_exit(code: Option<i32>, signal: Option<i32>, oom: bool) -> Strin
         _ => "exited".into(),
     }
 }
+
+/// How often a replica's CPU and memory are read: often enough that the
+/// autoscaler sees a load step within a second.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 struct Sample {
     cpu_percent: Option<f64>,
