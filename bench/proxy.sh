@@ -2,7 +2,7 @@
 # The proxy beside nginx (Debian's nginx-light as a keep-alive reverse proxy to
 # the same two demo replicas) and direct access to one replica: throughput with
 # wrk, and latency at a moderate constant rate with `capstan load --rate`.
-# Usage: bench/proxy.sh [SECONDS] [RATE]
+# Usage: [ROUNDS=3] [ACCESS_LOG=false] bench/proxy.sh [SECONDS] [RATE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -75,14 +75,24 @@ for _ in $(seq 100); do curl -sf "127.0.0.1:$nport/" >/dev/null && curl -sf "127
 
 nginx_version=$(/usr/sbin/nginx -v 2>&1 | sed 's/.*nginx\///')
 echo "capstan $(git rev-parse --short HEAD), nginx $nginx_version, wrk, $(nproc) CPUs; replicas on ports $p0 $p1"
-declare -A rps p50 p99
+declare -A rps p50 p99 runs
+# Throughput: ROUNDS (default 3) alternating rounds, the median of each.
+rounds=${ROUNDS:-3}
 for target in direct:$p0 nginx:$nport capstan:$cport; do
-  name=${target%%:*}; port=${target#*:}
-  # Warm up, then measure.
-  wrk -t2 -c50 -d2s "http://127.0.0.1:$port/" >/dev/null
-  out=$(wrk -t2 -c50 -d"${secs}s" --latency "http://127.0.0.1:$port/")
-  rps[$name]=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  printf '%-8s wrk -t2 -c50 %ss: %10s req/s  (%s)\n' "$name" "$secs" "${rps[$name]}" "$(awk '/ 99%/ {print "p99 " $2}' <<<"$out")"
+  wrk -t2 -c50 -d2s "http://127.0.0.1:${target#*:}/" >/dev/null  # warm-up
+done
+for round in $(seq "$rounds"); do
+  for target in direct:$p0 nginx:$nport capstan:$cport; do
+    name=${target%%:*}; port=${target#*:}
+    out=$(wrk -t2 -c50 -d"${secs}s" --latency "http://127.0.0.1:$port/")
+    r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    runs[$name]="${runs[$name]:-} $r"
+    printf 'round %s %-8s wrk -t2 -c50 %ss: %10s req/s  (%s)\n' "$round" "$name" "$secs" "$r" "$(awk '/ 99%/ {print "p99 " $2}' <<<"$out")"
+  done
+done
+for name in direct nginx capstan; do
+  rps[$name]=$(tr ' ' '\n' <<<"${runs[$name]}" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  printf '%-8s median of %s: %s req/s\n' "$name" "$rounds" "${rps[$name]}"
 done
 for target in direct:$p0 nginx:$nport capstan:$cport; do
   name=${target%%:*}; port=${target#*:}

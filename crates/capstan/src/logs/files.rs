@@ -228,33 +228,89 @@ impl FileStore {
         line: String,
         partial: bool,
     ) -> std::io::Result<Arc<LogRecord>> {
+        let mut recs = self.append_many(service, stream, [(replica, line, partial)])?;
+        Ok(recs.pop().expect("one line in, one record out"))
+    }
+
+    /// Appends lines of one service's replicas in one write per segment file
+    /// (the proxy's access log comes in batches).
+    pub fn append_many(
+        &self,
+        service: &str,
+        stream: Stream,
+        lines: impl IntoIterator<Item = (u32, String, bool)>,
+    ) -> std::io::Result<Vec<Arc<LogRecord>>> {
         let ts_ns = super::now_ns();
         let mut guard = self.inner.lock().unwrap();
         let inner = &mut *guard;
+        let mut pending: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut recs = Vec::new();
+        let result = (|| {
+            for (replica, line, partial) in lines {
+                let w = self.writer(inner, service, replica)?;
+                w.seq += 1;
+                let rec = Arc::new(LogRecord {
+                    ts_ns,
+                    service: service.to_owned(),
+                    replica,
+                    stream,
+                    seq: w.seq,
+                    line,
+                    partial,
+                });
+                let i = match pending.iter().position(|(r, _)| *r == replica) {
+                    Some(i) => i,
+                    None => {
+                        pending.push((replica, Vec::new()));
+                        pending.len() - 1
+                    }
+                };
+                let buf = &mut pending[i].1;
+                serde_json::to_writer(
+                    &mut *buf,
+                    &Line {
+                        t: ts_ns,
+                        s: match stream {
+                            Stream::Stdout => 'o',
+                            Stream::Stderr => 'e',
+                            Stream::Proxy => 'p',
+                        },
+                        q: w.seq,
+                        l: std::borrow::Cow::Borrowed(&rec.line),
+                        p: partial,
+                    },
+                )?;
+                buf.push(b'\n');
+                if w.size + buf.len() as u64 >= self.max_segment {
+                    let buf = std::mem::take(buf);
+                    self.write_out(inner, service, replica, &buf)?;
+                }
+                recs.push(rec);
+            }
+            for (replica, buf) in &pending {
+                if !buf.is_empty() {
+                    self.write_out(inner, service, *replica, buf)?;
+                }
+            }
+            Ok(())
+        })();
+        // Sent under the lock so followers see records in sequence order.
+        for rec in &recs {
+            let _ = self.tx.send(rec.clone());
+        }
+        result.map(|()| recs)
+    }
+
+    /// Writes a replica's encoded lines, rotating its segment when it is full.
+    fn write_out(
+        &self,
+        inner: &mut Inner,
+        service: &str,
+        replica: u32,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
         let w = self.writer(inner, service, replica)?;
-        w.seq += 1;
-        let rec = Arc::new(LogRecord {
-            ts_ns,
-            service: service.to_owned(),
-            replica,
-            stream,
-            seq: w.seq,
-            line,
-            partial,
-        });
-        let mut bytes = serde_json::to_vec(&Line {
-            t: ts_ns,
-            s: match stream {
-                Stream::Stdout => 'o',
-                Stream::Stderr => 'e',
-                Stream::Proxy => 'p',
-            },
-            q: w.seq,
-            l: std::borrow::Cow::Borrowed(&rec.line),
-            p: partial,
-        })?;
-        bytes.push(b'\n');
-        w.file.write_all(&bytes)?;
+        w.file.write_all(bytes)?;
         w.size += bytes.len() as u64;
         let (seg, size) = (w.seg, w.size);
         if let Some(s) = inner.segments.get_mut(&seg) {
@@ -272,9 +328,7 @@ impl FileStore {
             w.size = 0;
             self.enforce_cap(inner);
         }
-        // Sent under the lock so followers see records in sequence order.
-        let _ = self.tx.send(rec.clone());
-        Ok(rec)
+        Ok(())
     }
 
     /// Deletes the oldest segments until the store fits its cap; open segments stay.

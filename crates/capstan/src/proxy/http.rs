@@ -3,7 +3,7 @@
 //! hygiene, `traceparent`, WebSocket/Upgrade tunnels, metrics and access log.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -43,9 +43,11 @@ async fn connection(ctx: Arc<Ctx>, stream: tokio::net::TcpStream, peer: SocketAd
         .max_header_list_size(max_header.min(u32::MAX as usize) as u32)
         .keep_alive_interval(Some(idle))
         .keep_alive_timeout(Duration::from_secs(20));
+    // The client's address as text, once per connection (access log, X-Forwarded-For).
+    let client: Arc<str> = peer.ip().to_string().into();
     let svc = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
+        let (ctx, client) = (ctx.clone(), client.clone());
+        async move { Ok::<_, Infallible>(handle(ctx, client, req).await) }
     });
     let _ = b
         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -60,7 +62,7 @@ struct Finish {
     path: String,
     status: u16,
     replica: Option<u32>,
-    client: IpAddr,
+    client: Arc<str>,
     trace_id: String,
     retries: u32,
     access_log: bool,
@@ -79,16 +81,25 @@ impl OnDone for Finish {
         }
         self.lease = None;
         if self.access_log {
-            let mut line = format!(
-                "method={} path={:?} status={} bytes={bytes} duration_ms={:.3} replica={} client={} trace_id={}",
+            use std::fmt::Write;
+            let us = (secs * 1e6) as u64;
+            let mut line = String::with_capacity(128 + self.path.len());
+            let _ = write!(
+                line,
+                "method={} path={:?} status={} bytes={bytes} duration_ms={}.{:03} replica=",
                 self.method,
                 self.path,
                 self.status,
-                secs * 1e3,
-                self.replica.map_or("-".to_owned(), |r| r.to_string()),
-                self.client,
-                self.trace_id,
+                us / 1000,
+                us % 1000,
             );
+            match self.replica {
+                Some(r) => {
+                    let _ = write!(line, "{r}");
+                }
+                None => line.push('-'),
+            }
+            let _ = write!(line, " client={} trace_id={}", self.client, self.trace_id);
             if self.retries > 0 {
                 line.push_str(&format!(" retries={}", self.retries));
             }
@@ -203,16 +214,24 @@ pub fn trace_id_of(v: &str) -> Option<&str> {
 
 /// A new sampled `traceparent` and its trace id.
 pub fn new_traceparent() -> (String, String) {
-    let trace = format!(
-        "{:016x}{:016x}",
-        super::random_u64(),
-        super::random_u64() | 1
-    );
-    let span = format!("{:016x}", super::random_u64() | 1);
-    (format!("00-{trace}-{span}-01"), trace)
+    fn hex(out: &mut String, x: u64) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for i in (0..16).rev() {
+            out.push(DIGITS[((x >> (i * 4)) & 0xf) as usize] as char);
+        }
+    }
+    let mut tp = String::with_capacity(55);
+    tp.push_str("00-");
+    hex(&mut tp, super::random_u64());
+    hex(&mut tp, super::random_u64() | 1);
+    tp.push('-');
+    hex(&mut tp, super::random_u64() | 1);
+    tp.push_str("-01");
+    let trace = tp[3..35].to_owned();
+    (tp, trace)
 }
 
-fn append_forwarded(h: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>) {
+fn append_forwarded(h: &mut HeaderMap, client: &str, host: Option<HeaderValue>) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -226,7 +245,7 @@ fn append_forwarded(h: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>
     if !xff.is_empty() {
         xff.push_str(", ");
     }
-    xff.push_str(&client.to_string());
+    xff.push_str(client);
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(XFF, v);
     }
@@ -240,7 +259,7 @@ fn append_forwarded(h: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<RespBody> {
+async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
     let backend = ctx.backend.clone();
     let settings = backend.settings.read().unwrap().clone();
@@ -265,7 +284,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
         path,
         status: 0,
         replica: None,
-        client: peer.ip(),
+        client: client.clone(),
         trace_id,
         retries: 0,
         access_log: settings.access_log,
@@ -298,7 +317,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, mut req: Request<Incoming>) -> 
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    append_forwarded(&mut parts.headers, peer.ip(), host.clone());
+    append_forwarded(&mut parts.headers, &client, host.clone());
     if let Ok(v) = HeaderValue::from_str(&traceparent) {
         parts.headers.insert(TRACEPARENT, v);
     }
@@ -597,7 +616,7 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         append_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1",
             Some(HeaderValue::from_static("example.com:8080")),
         );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");

@@ -154,6 +154,9 @@ pub fn random_u64() -> u64 {
     })
 }
 
+/// How long the access-log writer lets lines gather between writes.
+const ACCESS_LOG_PAUSE: Duration = Duration::from_millis(10);
+
 fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<AccessLine> {
     let mut slot = shared.proxy.access.lock().unwrap();
     if let Some(tx) = &*slot {
@@ -162,16 +165,23 @@ fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<AccessLine> {
     let (tx, mut rx) = mpsc::channel::<AccessLine>(16_384);
     let s = shared.clone();
     tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(256);
-        while rx.recv_many(&mut batch, 256).await > 0 {
+        let mut batch = Vec::with_capacity(1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            let mut by_service: BTreeMap<String, Vec<(u32, String, bool)>> = BTreeMap::new();
             for a in batch.drain(..) {
-                if let Err(e) = s
-                    .logs
-                    .append(&a.service, a.replica, Stream::Proxy, a.line, false)
-                {
+                by_service
+                    .entry(a.service)
+                    .or_default()
+                    .push((a.replica, a.line, false));
+            }
+            for (service, lines) in by_service {
+                if let Err(e) = s.logs.append_many(&service, Stream::Proxy, lines) {
                     s.warn_once(format!("cannot store access logs: {e}"));
                 }
             }
+            // Lines gather for a moment: under load, one write per replica
+            // per pause instead of one per request.
+            tokio::time::sleep(ACCESS_LOG_PAUSE).await;
         }
     });
     *slot = Some(tx.clone());
