@@ -1,0 +1,220 @@
+//! Blocks: a run of entries (of one or several streams), zstd-compressed, with
+//! their time and sequence ranges and a trigram filter in a header that can be
+//! read without decompressing. Byte layout in `FORMAT.md`.
+
+use crate::codec::{Reader, put_bytes, put_uvarint, put_varint};
+use crate::filter;
+
+/// One log line as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Entry {
+    /// Unix time in nanoseconds.
+    pub ts_ns: i64,
+    /// Store-wide sequence number, given by the store on append (ignored on input):
+    /// increasing in append order, so a cursor can resume without gaps or
+    /// duplicates.
+    pub seq: u64,
+    pub line: String,
+    /// Structured metadata (`trace_id`, `level`, …).
+    pub meta: Vec<(String, String)>,
+}
+
+/// Codec byte: zstd frame.
+pub const CODEC_ZSTD: u8 = 1;
+
+/// What a block header says, kept in memory for every block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Stream ids (of the segment file) present in the block, ascending.
+    pub streams: Vec<u32>,
+    pub min_ts: i64,
+    pub max_ts: i64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub count: u32,
+    /// Uncompressed size of the entries.
+    pub raw_len: u32,
+}
+
+/// A block encoded: header fields, then the filter, then the compressed entries.
+pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
+    let mut streams: Vec<u32> = entries.iter().map(|(s, _)| *s).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let mut raw = Vec::new();
+    let mut f = filter::Builder::default();
+    let (mut prev_ts, mut prev_seq) = (0i64, 0u64);
+    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
+    let (mut first_seq, mut last_seq) = (u64::MAX, 0u64);
+    for (s, e) in entries {
+        let si = streams.binary_search(s).unwrap_or(0);
+        put_uvarint(&mut raw, si as u64);
+        put_varint(&mut raw, e.ts_ns.wrapping_sub(prev_ts));
+        put_uvarint(&mut raw, e.seq.wrapping_sub(prev_seq));
+        put_bytes(&mut raw, e.line.as_bytes());
+        put_uvarint(&mut raw, e.meta.len() as u64);
+        for (k, v) in &e.meta {
+            put_bytes(&mut raw, k.as_bytes());
+            put_bytes(&mut raw, v.as_bytes());
+        }
+        f.add(e.line.as_bytes());
+        prev_ts = e.ts_ns;
+        prev_seq = e.seq;
+        min_ts = min_ts.min(e.ts_ns);
+        max_ts = max_ts.max(e.ts_ns);
+        first_seq = first_seq.min(e.seq);
+        last_seq = last_seq.max(e.seq);
+    }
+    let mut out = Vec::with_capacity(raw.len() / 4 + 64);
+    put_uvarint(&mut out, streams.len() as u64);
+    for s in &streams {
+        put_uvarint(&mut out, u64::from(*s));
+    }
+    put_varint(&mut out, min_ts);
+    put_varint(&mut out, max_ts);
+    put_uvarint(&mut out, first_seq);
+    put_uvarint(&mut out, last_seq);
+    put_uvarint(&mut out, entries.len() as u64);
+    put_uvarint(&mut out, raw.len() as u64);
+    put_bytes(&mut out, &f.finish());
+    out.push(CODEC_ZSTD);
+    let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
+    out.extend_from_slice(&compressed);
+    out
+}
+
+/// A decoded header and where the filter and the compressed data are in the
+/// block's bytes.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub header: Header,
+    pub filter: std::ops::Range<usize>,
+    pub data: std::ops::Range<usize>,
+}
+
+/// Largest uncompressed block accepted when reading (guards against a corrupt
+/// length asking for gigabytes).
+pub const MAX_RAW: u32 = 64 << 20;
+
+pub fn parse_header(b: &[u8]) -> Option<Parsed> {
+    let mut r = Reader::new(b);
+    let n = r.uvarint()?;
+    if n > 1 << 20 {
+        return None;
+    }
+    let mut streams = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        streams.push(u32::try_from(r.uvarint()?).ok()?);
+    }
+    let min_ts = r.varint()?;
+    let max_ts = r.varint()?;
+    let first_seq = r.uvarint()?;
+    let last_seq = r.uvarint()?;
+    let count = u32::try_from(r.uvarint()?).ok()?;
+    let raw_len = u32::try_from(r.uvarint()?).ok()?;
+    if raw_len > MAX_RAW {
+        return None;
+    }
+    let flen = usize::try_from(r.uvarint()?).ok()?;
+    let fstart = r.pos();
+    r.take(flen)?;
+    if r.u8()? != CODEC_ZSTD {
+        return None;
+    }
+    Some(Parsed {
+        header: Header {
+            streams,
+            min_ts,
+            max_ts,
+            first_seq,
+            last_seq,
+            count,
+            raw_len,
+        },
+        filter: fstart..fstart + flen,
+        data: r.pos()..b.len(),
+    })
+}
+
+/// Decodes the entries of a block: (stream id, entry) in stored order.
+pub fn decode(h: &Header, compressed: &[u8]) -> Option<Vec<(u32, Entry)>> {
+    let raw = zstd::bulk::decompress(compressed, h.raw_len as usize).ok()?;
+    if raw.len() != h.raw_len as usize {
+        return None;
+    }
+    let mut r = Reader::new(&raw);
+    let mut out = Vec::with_capacity(h.count as usize);
+    let (mut ts, mut seq) = (0i64, 0u64);
+    while !r.is_empty() {
+        let si = usize::try_from(r.uvarint()?).ok()?;
+        let stream = *h.streams.get(si)?;
+        ts = ts.wrapping_add(r.varint()?);
+        seq = seq.wrapping_add(r.uvarint()?);
+        let line = r.str()?.to_owned();
+        let n = r.uvarint()?;
+        if n > raw.len() as u64 {
+            return None;
+        }
+        let mut meta = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            meta.push((r.str()?.to_owned(), r.str()?.to_owned()));
+        }
+        out.push((
+            stream,
+            Entry {
+                ts_ns: ts,
+                seq,
+                line,
+                meta,
+            },
+        ));
+    }
+    (out.len() == h.count as usize).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(ts: i64, seq: u64, line: &str) -> Entry {
+        Entry {
+            ts_ns: ts,
+            seq,
+            line: line.into(),
+            meta: vec![("trace_id".into(), format!("{seq:032x}"))],
+        }
+    }
+
+    #[test]
+    fn round_trip_with_several_streams() {
+        let a = e(1_000, 1, "first line");
+        let b = e(900, 2, "second, older");
+        let c = e(2_000, 5, "third ü");
+        let bytes = encode(&[(7, &a), (3, &b), (7, &c)], 1);
+        let p = parse_header(&bytes).unwrap();
+        assert_eq!(p.header.streams, vec![3, 7]);
+        assert_eq!((p.header.min_ts, p.header.max_ts), (900, 2_000));
+        assert_eq!((p.header.first_seq, p.header.last_seq), (1, 5));
+        assert!(filter::may_contain(&bytes[p.filter.clone()], b"older"));
+        let got = decode(&p.header, &bytes[p.data]).unwrap();
+        assert_eq!(got, vec![(7, a), (3, b), (7, c)]);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let good = encode(&[(1, &e(5, 1, "hello there"))], 1);
+        for cut in 0..good.len() {
+            let b = &good[..cut];
+            if let Some(p) = parse_header(b) {
+                let _ = decode(&p.header, &b[p.data]);
+            }
+        }
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x5a;
+            if let Some(p) = parse_header(&b) {
+                let _ = decode(&p.header, &b[p.data]);
+            }
+        }
+    }
+}

@@ -1,0 +1,823 @@
+//! The store: appends go to an in-memory head, cut into blocks of the active
+//! segment file at `block_bytes` and at every [`Store::flush`] (the durability
+//! point); the active segment is sealed after `segment_duration` or
+//! `segment_bytes`; [`Store::maintain`] rewrites sealed segments into one-stream
+//! blocks compressed harder and enforces retention.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::block::{self, Entry};
+use crate::segment::{self, BlockRef, KIND_BLOCK, KIND_STREAM, Writer};
+use crate::{Error, Labels, filter};
+
+/// Settings; [`Options::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    /// Uncompressed bytes in the head before a block is cut.
+    pub block_bytes: usize,
+    /// The active segment is sealed after this long…
+    pub segment_duration: Duration,
+    /// …or this many bytes.
+    pub segment_bytes: u64,
+    /// Sealed segments whose newest entry is older than this are deleted.
+    pub retention: Option<Duration>,
+    /// Oldest sealed segments are deleted while the store is larger.
+    pub max_total_bytes: Option<u64>,
+    /// Longer lines are cut (at a character boundary) and marked.
+    pub max_line_bytes: usize,
+    /// Per-stream ingestion limit in bytes a second (lines over it are refused
+    /// and counted), with a burst of `rate_burst_bytes`.
+    pub rate_limit_bytes: Option<u64>,
+    pub rate_burst_bytes: u64,
+    /// zstd levels: blocks cut from the head, and blocks of sealed segments.
+    pub level_head: i32,
+    pub level_sealed: i32,
+}
+
+impl Options {
+    pub fn new(dir: impl Into<PathBuf>) -> Options {
+        Options {
+            dir: dir.into(),
+            block_bytes: 1 << 20,
+            segment_duration: Duration::from_secs(600),
+            segment_bytes: 128 << 20,
+            retention: None,
+            max_total_bytes: None,
+            max_line_bytes: 256 << 10,
+            rate_limit_bytes: None,
+            rate_burst_bytes: 8 << 20,
+            level_head: 1,
+            level_sealed: 3,
+        }
+    }
+}
+
+/// Counters since open.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub lines: AtomicU64,
+    pub bytes: AtomicU64,
+    pub truncated_lines: AtomicU64,
+    pub rate_limited_lines: AtomicU64,
+    pub rate_limited_bytes: AtomicU64,
+    pub blocks_written: AtomicU64,
+    pub segments_deleted: AtomicU64,
+}
+
+/// What an append did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub accepted: usize,
+    pub truncated: usize,
+    pub rate_limited: usize,
+    /// Sequence number of the last accepted entry.
+    pub last_seq: u64,
+}
+
+/// What opening found.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub segments: usize,
+    pub blocks: usize,
+    /// Files whose tail was cut (torn write or corruption), and why.
+    pub truncated: Vec<(PathBuf, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Which entries a read wants.
+pub struct Query<'a> {
+    /// Inclusive start and exclusive end, Unix nanoseconds.
+    pub from_ns: i64,
+    pub to_ns: i64,
+    pub streams: &'a dyn Fn(&Labels) -> bool,
+    /// Substrings every line must contain (blocks whose filter lacks one are
+    /// skipped without being read).
+    pub contains: &'a [Vec<u8>],
+    /// Only entries with a larger sequence number (a tail's cursor).
+    pub after_seq: u64,
+}
+
+/// A block of a segment, stream ids mapped to the store's.
+#[derive(Debug, Clone)]
+struct Block {
+    r: BlockRef,
+}
+
+struct Seg {
+    id: u64,
+    path: PathBuf,
+    file: File,
+    blocks: Vec<Block>,
+    bytes: u64,
+    sealed: bool,
+}
+
+impl Seg {
+    fn max_ts(&self) -> i64 {
+        self.blocks
+            .iter()
+            .map(|b| b.r.header.max_ts)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+}
+
+struct Active {
+    writer: Writer,
+    id: u64,
+    opened: SystemTime,
+    /// Store stream ids already defined in this file.
+    defined: Vec<bool>,
+    blocks: Vec<Block>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+struct Inner {
+    streams: Vec<Arc<Labels>>,
+    ids: HashMap<Labels, u32>,
+    buckets: HashMap<u32, Bucket>,
+    head: Vec<(u32, Entry)>,
+    head_bytes: usize,
+    next_seq: u64,
+    active: Option<Active>,
+    sealed: Vec<Arc<Seg>>,
+    flushed_seq: u64,
+}
+
+pub struct Store {
+    opts: Options,
+    inner: Mutex<Inner>,
+    pub stats: Stats,
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_owned(),
+        source: e,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `ID.raw`: blocks cut from the head (the active segment, or a sealed one
+/// waiting for compaction); `ID.seg`: compacted, one-stream blocks.
+fn seg_path(dir: &Path, id: u64, compacted: bool) -> PathBuf {
+    dir.join(format!(
+        "{id:016}.{}",
+        if compacted { "seg" } else { "raw" }
+    ))
+}
+
+/// Sorts by time then sequence number, in the direction asked.
+fn order(v: &mut [(Arc<Labels>, Entry)], dir: Direction) {
+    match dir {
+        Direction::Forward => v.sort_by_key(|(_, e)| (e.ts_ns, e.seq)),
+        Direction::Backward => v.sort_by_key(|(_, e)| std::cmp::Reverse((e.ts_ns, e.seq))),
+    }
+}
+
+/// Cuts a line longer than `max` at a character boundary and marks it.
+fn truncate(line: &mut String, max: usize) -> bool {
+    if line.len() <= max {
+        return false;
+    }
+    let mut cut = max;
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = line.len() - cut;
+    line.truncate(cut);
+    line.push_str(&format!(" …[truncated {dropped} bytes]"));
+    true
+}
+
+impl Inner {
+    fn stream_id(&mut self, labels: &Labels) -> u32 {
+        if let Some(id) = self.ids.get(labels) {
+            return *id;
+        }
+        let id = self.streams.len() as u32;
+        self.streams.push(Arc::new(labels.clone()));
+        self.ids.insert(labels.clone(), id);
+        id
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `opts.dir`: reads every segment, cuts torn
+    /// tails, continues the newest unsealed segment.
+    pub fn open(opts: Options) -> Result<(Store, Recovery), Error> {
+        let dir = opts.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let mut files: std::collections::BTreeMap<u64, bool> = Default::default();
+        for ent in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
+            let ent = ent.map_err(|e| io(&dir, e))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(ent.path());
+            } else if let Some((id, ext)) = name.split_once('.')
+                && let Ok(id) = id.parse::<u64>()
+                && (ext == "seg" || ext == "raw")
+            {
+                *files.entry(id).or_default() |= ext == "seg";
+            }
+        }
+        // A compacted file replaces its raw one (a crash may have left both).
+        for (id, compacted) in &files {
+            if *compacted {
+                let _ = std::fs::remove_file(seg_path(&dir, *id, false));
+            }
+        }
+        let mut inner = Inner {
+            streams: Vec::new(),
+            ids: HashMap::new(),
+            buckets: HashMap::new(),
+            head: Vec::new(),
+            head_bytes: 0,
+            next_seq: 1,
+            active: None,
+            sealed: Vec::new(),
+            flushed_seq: 0,
+        };
+        let mut rec = Recovery::default();
+        for (id, compacted) in files {
+            let path = seg_path(&dir, id, compacted);
+            let loaded = segment::load(&path).map_err(|e| io(&path, e))?;
+            if loaded.valid_len < 8 {
+                // Torn before its header was written: holds nothing.
+                rec.truncated
+                    .push((path.clone(), "no segment header; removed".into()));
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if let Some(why) = &loaded.torn {
+                rec.truncated.push((path.clone(), why.clone()));
+            }
+            let mut map: HashMap<u32, u32> = HashMap::new();
+            for (fid, labels) in &loaded.streams {
+                map.insert(*fid, inner.stream_id(labels));
+            }
+            let mut blocks = Vec::with_capacity(loaded.blocks.len());
+            for mut b in loaded.blocks {
+                let mapped: Option<Vec<u32>> = b
+                    .header
+                    .streams
+                    .iter()
+                    .map(|s| map.get(s).copied())
+                    .collect();
+                let Some(mapped) = mapped else {
+                    rec.truncated
+                        .push((path.clone(), "a block names an undefined stream".into()));
+                    continue;
+                };
+                // Positions matter: entries name their stream by index here.
+                b.header.streams = mapped;
+                inner.next_seq = inner.next_seq.max(b.header.last_seq + 1);
+                blocks.push(Block { r: b });
+            }
+            rec.segments += 1;
+            rec.blocks += blocks.len();
+            if !loaded.sealed {
+                // The segment that was active: cut at its last good record and
+                // sealed (a new one takes the appends, so stream ids of one file
+                // never mix two numberings); `maintain` compacts it.
+                let w = Writer::reopen(&path, loaded.valid_len.max(8)).map_err(|e| io(&path, e))?;
+                w.seal().map_err(|e| io(&path, e))?;
+            }
+            let file = File::open(&path).map_err(|e| io(&path, e))?;
+            let bytes = file.metadata().map_err(|e| io(&path, e))?.len();
+            inner.sealed.push(Arc::new(Seg {
+                id,
+                path,
+                file,
+                blocks,
+                bytes,
+                sealed: compacted,
+            }));
+        }
+        inner.flushed_seq = inner.next_seq - 1;
+        Ok((
+            Store {
+                opts,
+                inner: Mutex::new(inner),
+                stats: Stats::default(),
+            },
+            rec,
+        ))
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Appends entries of one stream. Sequence numbers are given here; timestamps
+    /// are the caller's. Lines over the size limit are cut and marked; lines over
+    /// the stream's rate limit are refused and counted.
+    pub fn append(&self, labels: &Labels, entries: Vec<Entry>) -> Result<Appended, Error> {
+        let mut inner = self.inner.lock().unwrap();
+        let id = inner.stream_id(labels);
+        let mut out = Appended::default();
+        for mut e in entries {
+            let size = e.line.len() + e.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            if let Some(rate) = self.opts.rate_limit_bytes {
+                let burst = self.opts.rate_burst_bytes as f64;
+                let now = std::time::Instant::now();
+                let b = inner.buckets.entry(id).or_insert(Bucket {
+                    tokens: burst,
+                    at: now,
+                });
+                b.tokens =
+                    (b.tokens + now.duration_since(b.at).as_secs_f64() * rate as f64).min(burst);
+                b.at = now;
+                if b.tokens < size as f64 {
+                    out.rate_limited += 1;
+                    self.stats.rate_limited_lines.fetch_add(1, Relaxed);
+                    self.stats
+                        .rate_limited_bytes
+                        .fetch_add(size as u64, Relaxed);
+                    continue;
+                }
+                b.tokens -= size as f64;
+            }
+            if truncate(&mut e.line, self.opts.max_line_bytes) {
+                out.truncated += 1;
+                self.stats.truncated_lines.fetch_add(1, Relaxed);
+            }
+            e.seq = inner.next_seq;
+            inner.next_seq += 1;
+            out.last_seq = e.seq;
+            out.accepted += 1;
+            self.stats.lines.fetch_add(1, Relaxed);
+            self.stats.bytes.fetch_add(e.line.len() as u64, Relaxed);
+            inner.head_bytes += size + 16;
+            inner.head.push((id, e));
+        }
+        if inner.head_bytes >= self.opts.block_bytes {
+            self.cut(&mut inner)?;
+        }
+        Ok(out)
+    }
+
+    /// Writes the head as a block of the active segment (opening one if needed).
+    fn cut(&self, inner: &mut Inner) -> Result<(), Error> {
+        if inner.head.is_empty() {
+            return Ok(());
+        }
+        let rotate = inner.active.as_ref().is_some_and(|a| {
+            a.writer.len() >= self.opts.segment_bytes
+                || a.opened.elapsed().unwrap_or_default() >= self.opts.segment_duration
+        });
+        if rotate {
+            self.seal_active(inner)?;
+        }
+        if inner.active.is_none() {
+            let mut id = now_ms();
+            let last = inner.sealed.last().map_or(0, |s| s.id);
+            id = id.max(last + 1);
+            let path = seg_path(&self.opts.dir, id, false);
+            let writer = Writer::create(&path).map_err(|e| io(&path, e))?;
+            inner.active = Some(Active {
+                writer,
+                id,
+                opened: SystemTime::now(),
+                defined: Vec::new(),
+                blocks: Vec::new(),
+            });
+        }
+        let head = std::mem::take(&mut inner.head);
+        inner.head_bytes = 0;
+        let streams = &inner.streams;
+        let a = inner.active.as_mut().expect("opened above");
+        let result = (|| {
+            for (id, _) in &head {
+                let i = *id as usize;
+                if a.defined.len() <= i {
+                    a.defined.resize(i + 1, false);
+                }
+                if !a.defined[i] {
+                    a.writer
+                        .append(KIND_STREAM, &segment::encode_stream(*id, &streams[i]))?;
+                    a.defined[i] = true;
+                }
+            }
+            let refs: Vec<(u32, &Entry)> = head.iter().map(|(s, e)| (*s, e)).collect();
+            let bytes = block::encode(&refs, self.opts.level_head);
+            let at = a.writer.append(KIND_BLOCK, &bytes)?;
+            let p = block::parse_header(&bytes).expect("a block just encoded parses");
+            a.blocks.push(Block {
+                r: BlockRef {
+                    header: p.header,
+                    offset: at,
+                    len: bytes.len() as u32,
+                    filter: p.filter.start as u32..p.filter.end as u32,
+                    data: p.data.start as u32..bytes.len() as u32,
+                },
+            });
+            Ok::<_, std::io::Error>(())
+        })();
+        match result {
+            Ok(()) => {
+                self.stats.blocks_written.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing accepted is lost: the entries go back to the head.
+                let path = a.writer.path.clone();
+                let mut back = head;
+                back.append(&mut inner.head);
+                inner.head = back;
+                inner.head_bytes = inner.head.iter().map(|(_, e)| e.line.len() + 16).sum();
+                Err(io(&path, e))
+            }
+        }
+    }
+
+    fn seal_active(&self, inner: &mut Inner) -> Result<(), Error> {
+        let Some(a) = inner.active.take() else {
+            return Ok(());
+        };
+        let path = a.writer.path.clone();
+        a.writer.seal().map_err(|e| io(&path, e))?;
+        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let bytes = file.metadata().map_err(|e| io(&path, e))?.len();
+        inner.sealed.push(Arc::new(Seg {
+            id: a.id,
+            path,
+            file,
+            blocks: a.blocks,
+            bytes,
+            sealed: false,
+        }));
+        Ok(())
+    }
+
+    /// Writes the head and syncs the active segment: every entry appended before
+    /// the call survives a crash after it. Returns the last durable sequence number.
+    pub fn flush(&self) -> Result<u64, Error> {
+        let mut inner = self.inner.lock().unwrap();
+        self.cut(&mut inner)?;
+        if let Some(a) = &inner.active {
+            a.writer.sync().map_err(|e| io(&a.writer.path, e))?;
+        }
+        inner.flushed_seq = inner.next_seq - 1;
+        Ok(inner.flushed_seq)
+    }
+
+    /// Writes the head and seals the active segment now (the next append starts
+    /// a new one); `maintain` compacts it.
+    pub fn rotate(&self) -> Result<(), Error> {
+        let mut inner = self.inner.lock().unwrap();
+        self.cut(&mut inner)?;
+        self.seal_active(&mut inner)
+    }
+
+    /// The last sequence number given out.
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().unwrap().next_seq - 1
+    }
+
+    /// Seals the active segment when it is due, rewrites sealed segments of
+    /// small mixed blocks into one-stream blocks, and deletes what retention says
+    /// must go. Meant to run every few seconds off the ingest path.
+    pub fn maintain(&self) -> Result<(), Error> {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            let due = inner.active.as_ref().is_some_and(|a| {
+                a.writer.len() >= self.opts.segment_bytes
+                    || a.opened.elapsed().unwrap_or_default() >= self.opts.segment_duration
+            });
+            if due {
+                self.cut(&mut inner)?;
+                self.seal_active(&mut inner)?;
+            }
+        }
+        let todo: Vec<Arc<Seg>> = {
+            let inner = self.inner.lock().unwrap();
+            inner.sealed.iter().filter(|s| !s.sealed).cloned().collect()
+        };
+        for seg in todo {
+            let compacted = self.compact(&seg)?;
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(slot) = inner.sealed.iter_mut().find(|s| s.id == seg.id) {
+                *slot = Arc::new(compacted);
+            }
+        }
+        self.enforce_retention()
+    }
+
+    /// Rewrites a segment as one-stream blocks in time order, renamed into place.
+    fn compact(&self, seg: &Seg) -> Result<Seg, Error> {
+        let streams: Vec<Arc<Labels>> = self.inner.lock().unwrap().streams.clone();
+        let mut by_stream: std::collections::BTreeMap<u32, Vec<Entry>> = Default::default();
+        for b in &seg.blocks {
+            let bytes = segment::read_block(&seg.file, &b.r).map_err(|e| io(&seg.path, e))?;
+            let entries = block::decode(&b.r.header, &bytes[b.r.data.start as usize..])
+                .ok_or_else(|| Error::Corrupt {
+                    path: seg.path.clone(),
+                    what: format!("block at byte {} does not decode", b.r.offset),
+                })?;
+            // Blocks hold the file's stream ids; map them back through the header.
+            for (s, e) in entries {
+                by_stream.entry(s).or_default().push(e);
+            }
+        }
+        let dest = seg_path(&self.opts.dir, seg.id, true);
+        let tmp = dest.with_extension("seg.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut w = Writer::create(&tmp).map_err(|e| io(&tmp, e))?;
+        let mut blocks = Vec::new();
+        let mut write = || -> std::io::Result<()> {
+            for (s, mut entries) in std::mem::take(&mut by_stream) {
+                entries.sort_by_key(|e| (e.ts_ns, e.seq));
+                w.append(
+                    KIND_STREAM,
+                    &segment::encode_stream(s, &streams[s as usize]),
+                )?;
+                let mut start = 0;
+                while start < entries.len() {
+                    let mut end = start;
+                    let mut size = 0;
+                    while end < entries.len() && (end == start || size < self.opts.block_bytes) {
+                        size += entries[end].line.len() + 16;
+                        end += 1;
+                    }
+                    let refs: Vec<(u32, &Entry)> =
+                        entries[start..end].iter().map(|e| (s, e)).collect();
+                    let bytes = block::encode(&refs, self.opts.level_sealed);
+                    let at = w.append(KIND_BLOCK, &bytes)?;
+                    let p = block::parse_header(&bytes).expect("a block just encoded parses");
+                    blocks.push(Block {
+                        r: BlockRef {
+                            header: p.header,
+                            offset: at,
+                            len: bytes.len() as u32,
+                            filter: p.filter.start as u32..p.filter.end as u32,
+                            data: p.data.start as u32..bytes.len() as u32,
+                        },
+                    });
+                    start = end;
+                }
+            }
+            Ok(())
+        };
+        write().map_err(|e| io(&tmp, e))?;
+        w.seal().map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        if let Ok(d) = File::open(&self.opts.dir) {
+            let _ = d.sync_all();
+        }
+        let _ = std::fs::remove_file(&seg.path);
+        let file = File::open(&dest).map_err(|e| io(&dest, e))?;
+        let bytes = file.metadata().map_err(|e| io(&dest, e))?.len();
+        Ok(Seg {
+            id: seg.id,
+            path: dest,
+            file,
+            blocks,
+            bytes,
+            sealed: true,
+        })
+    }
+
+    fn enforce_retention(&self) -> Result<(), Error> {
+        let mut inner = self.inner.lock().unwrap();
+        let now_ns = now_ms() as i64 * 1_000_000;
+        let mut total: u64 = inner.sealed.iter().map(|s| s.bytes).sum::<u64>()
+            + inner.active.as_ref().map_or(0, |a| a.writer.len());
+        let mut keep = Vec::new();
+        let sealed = std::mem::take(&mut inner.sealed);
+        let n = sealed.len();
+        for (i, s) in sealed.into_iter().enumerate() {
+            let too_old = self
+                .opts
+                .retention
+                .is_some_and(|r| s.max_ts() < now_ns - r.as_nanos() as i64);
+            // Sealed segments are oldest first; the active one always stays.
+            let too_big = self.opts.max_total_bytes.is_some_and(|m| total > m) && i < n;
+            if too_old || too_big {
+                let _ = std::fs::remove_file(&s.path);
+                total = total.saturating_sub(s.bytes);
+                self.stats.segments_deleted.fetch_add(1, Relaxed);
+            } else {
+                keep.push(s);
+            }
+        }
+        inner.sealed = keep;
+        Ok(())
+    }
+
+    /// Bytes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        let inner = self.inner.lock().unwrap();
+        inner.sealed.iter().map(|s| s.bytes).sum::<u64>()
+            + inner.active.as_ref().map_or(0, |a| a.writer.len())
+    }
+
+    /// Every stream with an entry in `[from_ns, to_ns)` that `pred` accepts.
+    pub fn series(
+        &self,
+        from_ns: i64,
+        to_ns: i64,
+        pred: &dyn Fn(&Labels) -> bool,
+    ) -> Vec<Arc<Labels>> {
+        let inner = self.inner.lock().unwrap();
+        let mut seen = vec![false; inner.streams.len()];
+        let blocks = inner
+            .sealed
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .chain(inner.active.iter().flat_map(|a| a.blocks.iter()));
+        for b in blocks {
+            if b.r.header.max_ts >= from_ns && b.r.header.min_ts < to_ns {
+                for s in &b.r.header.streams {
+                    seen[*s as usize] = true;
+                }
+            }
+        }
+        for (s, e) in &inner.head {
+            if e.ts_ns >= from_ns && e.ts_ns < to_ns {
+                seen[*s as usize] = true;
+            }
+        }
+        inner
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| seen[*i] && pred(l))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// Up to `limit` entries matching `q`, oldest first (`Forward`) or newest
+    /// first (`Backward`), ordered by time then sequence number. Blocks are read
+    /// in time order and reading stops once no further block can change the
+    /// answer.
+    pub fn select(
+        &self,
+        q: &Query<'_>,
+        dir: Direction,
+        limit: usize,
+    ) -> Result<Vec<(Arc<Labels>, Entry)>, Error> {
+        let mut all: Vec<(Arc<Labels>, Entry)> = Vec::new();
+        let key = |e: &Entry| (e.ts_ns, e.seq);
+        let mut stop_at: Option<(i64, u64)> = None;
+        self.visit(q, dir, &mut |bound, batch| {
+            if let Some(s) = stop_at {
+                // Blocks come in order of their nearest edge: once that edge is
+                // past the worst entry kept, nothing later can enter.
+                let past = match dir {
+                    Direction::Forward => bound > s.0,
+                    Direction::Backward => bound < s.0,
+                };
+                if past {
+                    return false;
+                }
+            }
+            all.extend(batch);
+            if all.len() >= limit {
+                order(&mut all, dir);
+                all.truncate(limit);
+                stop_at = all.last().map(|(_, e)| key(e));
+            }
+            true
+        })?;
+        order(&mut all, dir);
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Calls `f` with each matching block's entries (and the head's), in order of
+    /// the blocks' start (`Forward`) or end (`Backward`) time, with that bound;
+    /// `f` returns false to stop. Entries within a batch are not sorted.
+    pub fn visit(
+        &self,
+        q: &Query<'_>,
+        dir: Direction,
+        f: &mut dyn FnMut(i64, Vec<(Arc<Labels>, Entry)>) -> bool,
+    ) -> Result<(), Error> {
+        let matches_line = |e: &Entry| {
+            e.ts_ns >= q.from_ns
+                && e.ts_ns < q.to_ns
+                && e.seq > q.after_seq
+                && q.contains.iter().all(|n| {
+                    e.line
+                        .as_bytes()
+                        .windows(n.len().max(1))
+                        .any(|w| w == n.as_slice())
+                        || n.is_empty()
+                })
+        };
+        // Snapshot under the lock: which streams match, the blocks, the head.
+        let (streams, wanted, mut cands, head) = {
+            let inner = self.inner.lock().unwrap();
+            let wanted: Vec<bool> = inner.streams.iter().map(|l| (q.streams)(l)).collect();
+            let mut cands: Vec<(Arc<File>, PathBuf, Block)> = Vec::new();
+            let ok = |b: &Block| {
+                b.r.header.max_ts >= q.from_ns
+                    && b.r.header.min_ts < q.to_ns
+                    && b.r.header.last_seq > q.after_seq
+                    && b.r.header.streams.iter().any(|s| wanted[*s as usize])
+            };
+            for s in &inner.sealed {
+                let file = Arc::new(s.file.try_clone().map_err(|e| io(&s.path, e))?);
+                for b in s.blocks.iter().filter(|b| ok(b)) {
+                    cands.push((file.clone(), s.path.clone(), b.clone()));
+                }
+            }
+            if let Some(a) = &inner.active {
+                let file = Arc::new(a.writer.reader().map_err(|e| io(&a.writer.path, e))?);
+                for b in a.blocks.iter().filter(|b| ok(b)) {
+                    cands.push((file.clone(), a.writer.path.clone(), b.clone()));
+                }
+            }
+            let head: Vec<(u32, Entry)> = inner
+                .head
+                .iter()
+                .filter(|(s, e)| wanted[*s as usize] && matches_line(e))
+                .cloned()
+                .collect();
+            (inner.streams.clone(), wanted, cands, head)
+        };
+        match dir {
+            Direction::Forward => cands.sort_by_key(|c| c.2.r.header.min_ts),
+            Direction::Backward => cands.sort_by_key(|c| std::cmp::Reverse(c.2.r.header.max_ts)),
+        }
+        // The head is newest: last going forward, first going backward.
+        let head_batch = |head: Vec<(u32, Entry)>| -> (i64, Vec<(Arc<Labels>, Entry)>) {
+            let bound = match dir {
+                Direction::Forward => head.iter().map(|(_, e)| e.ts_ns).min().unwrap_or(i64::MAX),
+                Direction::Backward => head.iter().map(|(_, e)| e.ts_ns).max().unwrap_or(i64::MIN),
+            };
+            (
+                bound,
+                head.into_iter()
+                    .map(|(s, e)| (streams[s as usize].clone(), e))
+                    .collect(),
+            )
+        };
+        let mut head = Some(head);
+        if dir == Direction::Backward
+            && let Some(h) = head.take()
+            && !h.is_empty()
+        {
+            let (bound, batch) = head_batch(h);
+            if !f(bound, batch) {
+                return Ok(());
+            }
+        }
+        for (file, path, b) in cands {
+            if !q.contains.is_empty() {
+                let flt = segment::read_filter(&file, &b.r).map_err(|e| io(&path, e))?;
+                if !q.contains.iter().all(|n| filter::may_contain(&flt, n)) {
+                    continue;
+                }
+            }
+            let bytes = segment::read_block(&file, &b.r).map_err(|e| io(&path, e))?;
+            let entries = block::decode(&b.r.header, &bytes[b.r.data.start as usize..])
+                .ok_or_else(|| Error::Corrupt {
+                    path: path.clone(),
+                    what: format!("block at byte {} does not decode", b.r.offset),
+                })?;
+            let bound = match dir {
+                Direction::Forward => b.r.header.min_ts,
+                Direction::Backward => b.r.header.max_ts,
+            };
+            let batch: Vec<(Arc<Labels>, Entry)> = entries
+                .into_iter()
+                .filter(|(s, e)| {
+                    wanted.get(*s as usize).copied().unwrap_or(false) && matches_line(e)
+                })
+                .map(|(s, e)| (streams[s as usize].clone(), e))
+                .collect();
+            if !f(bound, batch) {
+                return Ok(());
+            }
+        }
+        if let Some(h) = head
+            && !h.is_empty()
+        {
+            let (bound, batch) = head_batch(h);
+            f(bound, batch);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! The store end to end: append, flush, read back in both directions, filters,
+//! cursors, reopen, compaction, retention, limits.
+
+use std::time::Duration;
+
+use capstan_logstore::{Direction, Entry, Labels, Options, Query, Store};
+
+fn entry(ts: i64, line: &str) -> Entry {
+    Entry {
+        ts_ns: ts,
+        line: line.into(),
+        ..Entry::default()
+    }
+}
+
+fn web(replica: &str) -> Labels {
+    Labels::from_pairs([
+        ("service", "web"),
+        ("replica", replica),
+        ("stream", "stdout"),
+    ])
+}
+
+fn all<'a>(contains: &'a [Vec<u8>]) -> Query<'a> {
+    Query {
+        from_ns: i64::MIN,
+        to_ns: i64::MAX,
+        streams: &|_| true,
+        contains,
+        after_seq: 0,
+    }
+}
+
+fn lines(v: &[(std::sync::Arc<Labels>, Entry)]) -> Vec<String> {
+    v.iter().map(|(_, e)| e.line.clone()).collect()
+}
+
+#[test]
+fn round_trip_orders_filters_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path());
+    o.block_bytes = 4096; // several blocks
+    let (store, rec) = Store::open(o.clone()).unwrap();
+    assert_eq!(rec.segments, 0);
+    for i in 0..1000i64 {
+        let r = if i % 2 == 0 { "0" } else { "1" };
+        let line = format!(
+            "GET /items/{i} status={} req=req-{i:06}",
+            if i % 10 == 0 { 500 } else { 200 }
+        );
+        let a = store
+            .append(
+                &web(r),
+                vec![Entry {
+                    meta: vec![("trace_id".into(), format!("{i:032x}"))],
+                    ..entry(i * 1000, &line)
+                }],
+            )
+            .unwrap();
+        assert_eq!(a.accepted, 1);
+        assert_eq!(a.last_seq, i as u64 + 1);
+    }
+    // Half flushed, half still in the head: reads see both.
+    let got = store.select(&all(&[]), Direction::Forward, 5).unwrap();
+    assert_eq!(lines(&got)[0], "GET /items/0 status=500 req=req-000000");
+    assert_eq!(got.len(), 5);
+    let got = store.select(&all(&[]), Direction::Backward, 3).unwrap();
+    assert_eq!(
+        lines(&got),
+        vec![
+            "GET /items/999 status=200 req=req-000999",
+            "GET /items/998 status=200 req=req-000998",
+            "GET /items/997 status=200 req=req-000997"
+        ]
+    );
+    assert_eq!(
+        got[0].1.meta,
+        vec![("trace_id".to_string(), format!("{:032x}", 999))]
+    );
+    // A rare string.
+    let needle = vec![b"req-000777".to_vec()];
+    let got = store
+        .select(&all(&needle), Direction::Forward, 100)
+        .unwrap();
+    assert_eq!(
+        lines(&got),
+        vec!["GET /items/777 status=200 req=req-000777"]
+    );
+    // A stream selector and a time range.
+    let q = Query {
+        from_ns: 100_000,
+        to_ns: 110_000,
+        streams: &|l: &Labels| l.get("replica") == Some("1"),
+        contains: &[],
+        after_seq: 0,
+    };
+    let got = store.select(&q, Direction::Forward, 100).unwrap();
+    assert_eq!(got.len(), 5);
+    assert!(
+        got.iter()
+            .all(|(l, e)| l.get("replica") == Some("1") && e.ts_ns % 2000 == 1000)
+    );
+    // A cursor.
+    let q = Query {
+        after_seq: 995,
+        ..all(&[])
+    };
+    assert_eq!(store.select(&q, Direction::Forward, 100).unwrap().len(), 5);
+
+    let last = store.flush().unwrap();
+    assert_eq!(last, 1000);
+    assert_eq!(store.series(0, 10_000, &|_| true).len(), 2);
+    drop(store);
+
+    let (store, rec) = Store::open(o.clone()).unwrap();
+    assert!(rec.truncated.is_empty(), "{:?}", rec.truncated);
+    let got = store
+        .select(&all(&[]), Direction::Forward, usize::MAX)
+        .unwrap();
+    assert_eq!(got.len(), 1000);
+    for (i, (_, e)) in got.iter().enumerate() {
+        assert_eq!(e.ts_ns, i as i64 * 1000);
+        assert_eq!(e.seq, i as u64 + 1);
+    }
+    // Sequence numbers continue after a reopen.
+    assert_eq!(
+        store
+            .append(&web("0"), vec![entry(5, "x")])
+            .unwrap()
+            .last_seq,
+        1001
+    );
+}
+
+#[test]
+fn compaction_keeps_every_entry_and_shrinks_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Options::new(dir.path());
+    let (store, _) = Store::open(o.clone()).unwrap();
+    for round in 0..20i64 {
+        for r in 0..3 {
+            let batch = (0..50)
+                .map(|i| {
+                    entry(
+                        round * 1_000_000 + i * 10 + r,
+                        &format!("round {round} replica {r} line {i} user=u{}", i % 7),
+                    )
+                })
+                .collect();
+            store.append(&web(&r.to_string()), batch).unwrap();
+        }
+        store.flush().unwrap();
+    }
+    let before = store
+        .select(&all(&[]), Direction::Forward, usize::MAX)
+        .unwrap();
+    let raw_bytes = store.disk_bytes();
+    store.rotate().unwrap();
+    store.maintain().unwrap();
+    let after = store
+        .select(&all(&[]), Direction::Forward, usize::MAX)
+        .unwrap();
+    assert_eq!(before, after);
+    assert!(
+        store.disk_bytes() < raw_bytes,
+        "{} !< {raw_bytes}",
+        store.disk_bytes()
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.ends_with(".seg")), "{names:?}");
+    drop(store);
+    let (store, rec) = Store::open(o).unwrap();
+    assert!(rec.truncated.is_empty());
+    assert_eq!(
+        store
+            .select(&all(&[]), Direction::Forward, usize::MAX)
+            .unwrap(),
+        after
+    );
+}
+
+#[test]
+fn retention_by_size_and_age_removes_oldest_segments_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path());
+    o.level_sealed = 1;
+    let (store, _) = Store::open(o.clone()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let hour = 3_600_000_000_000i64;
+    // Five segments: entries 5h, 4h, … 1h old, each with distinct text.
+    for age in (1..=5).rev() {
+        let batch = (0..2000)
+            .map(|i| {
+                entry(
+                    now - age * hour + i,
+                    &format!("age {age} line {i} {:x}", i * 7919 * age),
+                )
+            })
+            .collect();
+        store.append(&web("0"), batch).unwrap();
+        store.rotate().unwrap();
+        store.maintain().unwrap();
+    }
+    let count = |s: &Store| {
+        s.select(&all(&[]), Direction::Forward, usize::MAX)
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count(&store), 10_000);
+    drop(store);
+
+    o.retention = Some(Duration::from_secs(3 * 3600 + 1800));
+    let (store, _) = Store::open(o.clone()).unwrap();
+    store.maintain().unwrap();
+    assert_eq!(count(&store), 6_000, "the 5h and 4h old segments are gone");
+    let oldest = store.select(&all(&[]), Direction::Forward, 1).unwrap();
+    assert!(oldest[0].1.line.starts_with("age 3 "));
+    drop(store);
+
+    o.retention = None;
+    let one = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .len();
+    o.max_total_bytes = Some(one * 2 + one / 2);
+    let (store, _) = Store::open(o).unwrap();
+    store.maintain().unwrap();
+    assert_eq!(count(&store), 4_000, "oldest first, down to the size cap");
+    let oldest = store.select(&all(&[]), Direction::Forward, 1).unwrap();
+    assert!(oldest[0].1.line.starts_with("age 2 "));
+    assert!(
+        store
+            .stats
+            .segments_deleted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[test]
+fn long_lines_are_cut_and_rate_limits_count_what_they_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path());
+    o.max_line_bytes = 10;
+    o.rate_limit_bytes = Some(1);
+    o.rate_burst_bytes = 100;
+    let (store, _) = Store::open(o).unwrap();
+    let a = store
+        .append(&web("0"), vec![entry(1, "ééééééééé"), entry(2, "short")])
+        .unwrap();
+    assert_eq!((a.accepted, a.truncated), (2, 1));
+    let got = store.select(&all(&[]), Direction::Forward, 10).unwrap();
+    assert_eq!(got[0].1.line, "ééééé …[truncated 8 bytes]");
+    // The burst is spent: the next lines are refused and counted.
+    let a = store
+        .append(
+            &web("0"),
+            (0..10).map(|i| entry(10 + i, &"y".repeat(30))).collect(),
+        )
+        .unwrap();
+    assert!(a.rate_limited >= 8, "{a:?}");
+    assert_eq!(a.accepted + a.rate_limited, 10);
+    assert_eq!(
+        store
+            .stats
+            .rate_limited_lines
+            .load(std::sync::atomic::Ordering::Relaxed) as usize,
+        a.rate_limited
+    );
+}
