@@ -278,3 +278,66 @@ fn long_lines_are_cut_and_rate_limits_count_what_they_refuse() {
         a.rate_limited
     );
 }
+
+#[test]
+fn a_torn_or_corrupt_tail_is_cut_and_the_rest_kept() {
+    let src = tempfile::tempdir().unwrap();
+    let o = Options::new(src.path());
+    let (store, _) = Store::open(o).unwrap();
+    for round in 0..3i64 {
+        let batch = (0..100)
+            .map(|i| entry(round * 100 + i, &format!("round {round} line {i}")))
+            .collect();
+        store.append(&web("0"), batch).unwrap();
+        store.flush().unwrap();
+    }
+    drop(store);
+    let file = std::fs::read_dir(src.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&file).unwrap();
+    let whole = bytes.len();
+    let count = |dir: &std::path::Path| {
+        let (s, rec) = Store::open(Options::new(dir)).unwrap();
+        let n = s
+            .select(&all(&[]), Direction::Forward, usize::MAX)
+            .unwrap()
+            .len();
+        (n, rec.truncated.len())
+    };
+    // Cut anywhere: what survives is the flushes whose records are whole, in
+    // order, and the cut is reported unless it fell between records.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut prev = 0;
+    for cut in (0..=whole).step_by(3).chain([whole]) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file.file_name().unwrap()), &bytes[..cut]).unwrap();
+        let (n, torn) = count(dir.path());
+        assert!(
+            n % 100 == 0 && n >= prev,
+            "cut at {cut}: {n} entries after {prev}"
+        );
+        if cut == whole {
+            assert_eq!((n, torn), (300, 0));
+        }
+        prev = n;
+        seen.insert(n);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 100, 200, 300]);
+    // A flipped byte inside the last block: its checksum fails, it is cut.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = bytes.clone();
+    bad[whole - 20] ^= 0xff;
+    std::fs::write(dir.path().join(file.file_name().unwrap()), &bad).unwrap();
+    assert_eq!(count(dir.path()), (200, 1));
+    // And the store goes on appending after the cut.
+    let (s, _) = Store::open(Options::new(dir.path())).unwrap();
+    s.append(&web("0"), vec![entry(999, "after the cut")])
+        .unwrap();
+    s.flush().unwrap();
+    drop(s);
+    assert_eq!(count(dir.path()).0, 201);
+}
