@@ -341,3 +341,28 @@ fn a_torn_or_corrupt_tail_is_cut_and_the_rest_kept() {
     drop(s);
     assert_eq!(count(dir.path()).0, 201);
 }
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Any bytes after a segment header, as a raw or a compacted segment:
+        /// the store opens, reads and appends without panicking.
+        #[test]
+        fn any_segment_bytes(body in proptest::collection::vec(any::<u8>(), 0..600), compacted in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = b"CAPLOGS1".to_vec();
+            bytes.extend_from_slice(&body);
+            let name = format!("{:016}.{}", 1, if compacted { "seg" } else { "raw" });
+            std::fs::write(dir.path().join(name), &bytes).unwrap();
+            let (s, _) = Store::open(Options::new(dir.path())).unwrap();
+            let _ = s.select(&all(&[b"abc".to_vec()]), Direction::Backward, 10);
+            let _ = s.select(&all(&[]), Direction::Forward, usize::MAX);
+            let _ = s.maintain();
+            s.append(&web("0"), vec![entry(1, "still works")]).unwrap();
+            s.flush().unwrap();
+        }
+    }
+}
