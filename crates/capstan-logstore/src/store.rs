@@ -187,6 +187,9 @@ fn seg_path(dir: &Path, id: u64, compacted: bool) -> PathBuf {
     ))
 }
 
+/// A block's entries as `visit` hands them over, with the block's time bound.
+type Batch = (i64, Vec<(Arc<Labels>, Entry)>);
+
 /// Sorts by time then sequence number, in the direction asked.
 fn order(v: &mut [(Arc<Labels>, Entry)], dir: Direction) {
     match dir {
@@ -714,17 +717,15 @@ impl Store {
         dir: Direction,
         f: &mut dyn FnMut(i64, Vec<(Arc<Labels>, Entry)>) -> bool,
     ) -> Result<(), Error> {
+        let finders: Vec<memchr::memmem::Finder<'_>> =
+            q.contains.iter().map(memchr::memmem::Finder::new).collect();
+        // Plain copies, so the closures below can cross threads.
+        let (from_ns, to_ns, after_seq, contains) = (q.from_ns, q.to_ns, q.after_seq, q.contains);
         let matches_line = |e: &Entry| {
-            e.ts_ns >= q.from_ns
-                && e.ts_ns < q.to_ns
-                && e.seq > q.after_seq
-                && q.contains.iter().all(|n| {
-                    e.line
-                        .as_bytes()
-                        .windows(n.len().max(1))
-                        .any(|w| w == n.as_slice())
-                        || n.is_empty()
-                })
+            e.ts_ns >= from_ns
+                && e.ts_ns < to_ns
+                && e.seq > after_seq
+                && finders.iter().all(|f| f.find(e.line.as_bytes()).is_some())
         };
         // Snapshot under the lock: which streams match, the blocks, the head.
         let (streams, wanted, mut cands, head) = {
@@ -784,14 +785,17 @@ impl Store {
                 return Ok(());
             }
         }
-        for (file, path, b) in cands {
-            if !q.contains.is_empty() {
-                let flt = segment::read_filter(&file, &b.r).map_err(|e| io(&path, e))?;
-                if !q.contains.iter().all(|n| filter::may_contain(&flt, n)) {
-                    continue;
+        // Blocks are read and decoded a few at a time in parallel, then handed
+        // to `f` in order.
+        let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+        let load = |(file, path, b): &(Arc<File>, PathBuf, Block)| -> Result<Option<Batch>, Error> {
+            if !contains.is_empty() {
+                let flt = segment::read_filter(file, &b.r).map_err(|e| io(path, e))?;
+                if !contains.iter().all(|n| filter::may_contain(&flt, n)) {
+                    return Ok(None);
                 }
             }
-            let bytes = segment::read_block(&file, &b.r).map_err(|e| io(&path, e))?;
+            let bytes = segment::read_block(file, &b.r).map_err(|e| io(path, e))?;
             let entries = block::decode(&b.r.header, &bytes[b.r.data.start as usize..])
                 .ok_or_else(|| Error::Corrupt {
                     path: path.clone(),
@@ -801,15 +805,34 @@ impl Store {
                 Direction::Forward => b.r.header.min_ts,
                 Direction::Backward => b.r.header.max_ts,
             };
-            let batch: Vec<(Arc<Labels>, Entry)> = entries
-                .into_iter()
-                .filter(|(s, e)| {
-                    wanted.get(*s as usize).copied().unwrap_or(false) && matches_line(e)
+            Ok(Some((
+                bound,
+                entries
+                    .into_iter()
+                    .filter(|(s, e)| {
+                        wanted.get(*s as usize).copied().unwrap_or(false) && matches_line(e)
+                    })
+                    .map(|(s, e)| (streams[s as usize].clone(), e))
+                    .collect(),
+            )))
+        };
+        for window in cands.chunks(width) {
+            let loaded: Vec<_> = if window.len() == 1 {
+                vec![load(&window[0])]
+            } else {
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = window.iter().map(|c| sc.spawn(|| load(c))).collect();
+                    hs.into_iter()
+                        .map(|h| h.join().expect("block reader panicked"))
+                        .collect()
                 })
-                .map(|(s, e)| (streams[s as usize].clone(), e))
-                .collect();
-            if !f(bound, batch) {
-                return Ok(());
+            };
+            for l in loaded {
+                if let Some((bound, batch)) = l?
+                    && !f(bound, batch)
+                {
+                    return Ok(());
+                }
             }
         }
         if let Some(h) = head
