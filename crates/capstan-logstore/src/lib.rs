@@ -6,6 +6,7 @@ mod block;
 mod codec;
 mod filter;
 mod labels;
+pub mod logql;
 mod segment;
 mod store;
 
