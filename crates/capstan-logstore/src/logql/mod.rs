@@ -1,9 +1,11 @@
 //! LogQL: parsing into [`ast::Expr`].
 
 pub mod ast;
+pub mod eval;
 mod lex;
 mod parse;
 pub mod pattern;
+pub mod pipeline;
 pub mod template;
 
 pub use lex::{parse_bytes, parse_duration};
