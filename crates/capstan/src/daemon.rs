@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::EventLog;
-use crate::logs::files::FileStore;
+use crate::logs::engine::LogEngine;
 use crate::spec::Stack;
 use crate::supervisor::{self, Command, Shared, Supervisor, cgroup::Cgroups, state::StateFile};
 
@@ -89,12 +89,14 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let _lock = lock(&opts.data_dir)?;
     let token = ensure_token(&opts.data_dir)?;
     let events = EventLog::open(&opts.data_dir).context("opening the event log")?;
-    let logs = FileStore::open(
-        &opts.data_dir.join("logs"),
+    let (logs, recovery) = LogEngine::open(
+        &opts.data_dir.join("logstore"),
         opts.log_max_file,
         opts.log_max_total,
     )
     .context("opening the log store")?;
+    // The first log storage kept JSON lines under logs/: gone with the log store.
+    let _ = std::fs::remove_dir_all(opts.data_dir.join("logs"));
     let id = stack_id(&opts.stack, &opts.file);
     let detected = if std::env::var("CAPSTAN_CGROUPS").is_ok_and(|v| v == "off") {
         Err("turned off by CAPSTAN_CGROUPS=off".to_owned())
@@ -117,8 +119,20 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         cgroups.clone(),
         StateFile::open(&opts.data_dir),
     ));
+    for (path, why) in &recovery.truncated {
+        shared.events.emit(
+            "capstan",
+            None,
+            "warning",
+            format!(
+                "log store: cut {} ({why}); earlier lines are kept",
+                path.display()
+            ),
+        );
+    }
     supervisor::stop_leftovers(&shared).await;
     let proxy_sync = tokio::spawn(crate::proxy::run(shared.clone()));
+    let log_keeper = tokio::spawn(keep_logs(shared.clone()));
 
     let tsdb_dir = opts.data_dir.join("tsdb");
     let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
@@ -245,6 +259,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     // Open streams (events -f, logs -f) end when `stopping` flips, so the
     // graceful shutdown does not wait on followers; 5s bounds it regardless.
     let db_for_shutdown = db.clone();
+    let logs_for_shutdown = shared.clone();
     let server = server.with_graceful_shutdown(async move {
         let _ = sup_task.await;
         autoscaler.abort();
@@ -253,6 +268,10 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         let _ = scraper.await;
         syncer.abort();
         proxy_sync.abort();
+        log_keeper.abort();
+        if let Err(e) = tokio::task::block_in_place(|| logs_for_shutdown.logs.flush()) {
+            tracing::error!("cannot flush the log store: {e}");
+        }
         if let Err(e) = tokio::task::block_in_place(|| db_for_shutdown.sync()) {
             tracing::error!("cannot sync the metrics store: {e}");
         }
@@ -276,4 +295,26 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     );
     let _ = std::fs::remove_file(&info_path);
     result.context("serving the API")
+}
+
+/// Flushes the log store every second (the durability point of captured and
+/// pushed lines) and seals, compacts and applies retention every ten.
+async fn keep_logs(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u64.. {
+        tick.tick().await;
+        let s = shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            s.logs.flush()?;
+            if n % 10 == 9 {
+                s.logs.maintain()?;
+            }
+            Ok::<_, capstan_logstore::Error>(())
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            shared.warn_once(format!("log store: {e}"));
+        }
+    }
 }

@@ -180,16 +180,36 @@ impl TestStack {
         out
     }
 
-    /// Text of every stored log line of a service (read from the files).
+    /// Every stored log line of a service, one per line: through the API while
+    /// the daemon runs, else read from the log store itself.
     pub fn stored_logs(&self, service: &str) -> String {
-        let mut out = String::new();
-        let root = self.data_dir().join("logs").join(service);
-        for r in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            for f in std::fs::read_dir(r.path()).into_iter().flatten().flatten() {
-                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
-            }
+        let out = self.run(&["logs", service, "--output", "json"]);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|v| v["line"].as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+                .join("\n");
         }
-        out
+        let (store, _) = capstan_logstore::Store::open(capstan_logstore::Options::new(
+            self.data_dir().join("logstore"),
+        ))
+        .expect("the log store opens");
+        let q = capstan_logstore::Query {
+            from_ns: i64::MIN,
+            to_ns: i64::MAX,
+            streams: &|l| l.get("service") == Some(service),
+            contains: &[],
+            after_seq: 0,
+        };
+        store
+            .select(&q, capstan_logstore::Direction::Forward, usize::MAX)
+            .expect("the log store reads")
+            .into_iter()
+            .map(|(_, e)| e.line)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -224,7 +224,7 @@ fn logs_from_all_replicas_and_follow_across_rotation() {
     let s = TestStack::new(
         r#"
 x-capstan:
-  logs: {max_file_size: 2k, max_total_size: 10m}
+  logs: {max_file_size: 1k, max_total_size: 10m}
 services:
   web:
     command: ["{demo}"]
@@ -241,17 +241,19 @@ services:
     let follower = s.follow(&["logs", "chatty", "-f", "--output", "json"], |v| {
         v["line"] == "line 400"
     });
-    let seqs: Vec<u64> = follower
-        .finish("the follower to read line 400", Duration::from_secs(30))
-        .iter()
-        .map(|v| v["seq"].as_u64().unwrap())
-        .collect();
+    let got = follower.finish("the follower to read line 400", Duration::from_secs(30));
+    let lines: Vec<&str> = got.iter().map(|v| v["line"].as_str().unwrap()).collect();
     assert_eq!(
-        seqs,
-        (1..=400).collect::<Vec<u64>>(),
+        lines,
+        (1..=400).map(|i| format!("line {i}")).collect::<Vec<_>>(),
         "every line once, in order"
     );
-    let segments = std::fs::read_dir(s.data_dir().join("logs/chatty/0"))
+    let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence numbers increase"
+    );
+    let segments = std::fs::read_dir(s.data_dir().join("logstore"))
         .unwrap()
         .count();
     assert!(segments > 3, "the log rotated ({segments} segments)");

@@ -1,9 +1,9 @@
-//! Replica output: captured line by line ([`capture`]) and kept in a store
-//! ([`files::FileStore`]). The supervisor only sees [`LogRecord`] and the store's
-//! `append`/`query`/`subscribe`, so the storage can be swapped for the log engine.
+//! Replica output: captured line by line ([`capture`]) and kept in the log
+//! store ([`engine::LogEngine`] over `capstan-logstore`). The supervisor only sees
+//! [`LogRecord`] and the engine's `append`/`query`/`subscribe`.
 
 pub mod capture;
-pub mod files;
+pub mod engine;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,8 @@ pub struct LogRecord {
     pub service: String,
     pub replica: u32,
     pub stream: Stream,
-    /// Per-replica sequence number, increasing across restarts and rotations.
+    /// The store's sequence number: increasing in append order (so per replica
+    /// too), across restarts and rotations.
     pub seq: u64,
     pub line: String,
     /// True when the line was cut (too long, or the stream ended without a newline).

@@ -118,7 +118,7 @@ impl Default for Settings {
 /// Where captured output goes (`x-capstan.logs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogSettings {
-    /// A replica's log segment is rotated at this size (bytes).
+    /// The log store's active segment is sealed at this size (bytes).
     pub max_file_size: u64,
     /// Oldest segments are deleted beyond this total (bytes).
     pub max_total_size: u64,

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::events::EventLog;
-use crate::logs::files::FileStore;
+use crate::logs::engine::LogEngine;
 use crate::spec::{Condition, Service, Stack};
 
 /// What `capstan ps` shows of one replica.
@@ -80,7 +80,7 @@ pub struct Shared {
     pub stack_id: String,
     pub stack_dir: PathBuf,
     pub events: EventLog,
-    pub logs: FileStore,
+    pub logs: LogEngine,
     pub cgroups: Option<cgroup::Cgroups>,
     pub state: Mutex<state::StateFile>,
     status: Mutex<BTreeMap<(String, u32), Status>>,
@@ -109,7 +109,7 @@ impl Shared {
         stack_id: String,
         stack_dir: PathBuf,
         events: EventLog,
-        logs: FileStore,
+        logs: LogEngine,
         cgroups: Option<cgroup::Cgroups>,
         state: state::StateFile,
     ) -> Shared {
@@ -608,7 +608,6 @@ impl Supervisor {
             let _ = t.await;
         }
         for idx in doomed {
-            self.shared.logs.close(name, idx);
             self.shared.forget(name, idx);
         }
     }
