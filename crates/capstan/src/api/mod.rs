@@ -37,6 +37,7 @@ pub struct Api {
     pub reads_need_token: bool,
 }
 
+pub mod loki;
 pub mod prom;
 pub mod remote_write;
 
@@ -76,9 +77,21 @@ pub fn router(api: Api) -> Router {
             get(prom::format_query).post(prom::format_query),
         )
         .layer(middleware::from_fn_with_state(api.clone(), read_auth));
+    let loki_read = Router::new()
+        .route("/query", get(loki::query).post(loki::query))
+        .route(
+            "/query_range",
+            get(loki::query_range).post(loki::query_range),
+        )
+        .route("/labels", get(loki::labels).post(loki::labels))
+        .route("/label", get(loki::labels))
+        .route("/label/{name}/values", get(loki::label_values))
+        .route("/series", get(loki::series).post(loki::series))
+        .layer(middleware::from_fn_with_state(api.clone(), read_auth));
     Router::new()
         .nest("/capstan/v1", control)
         .nest("/api/v1", read)
+        .nest("/loki/api/v1", loki_read)
         .merge(ingest)
         .route("/metrics", get(own_metrics))
         .route("/metrics/node", get(node_metrics))

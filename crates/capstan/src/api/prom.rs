@@ -71,7 +71,7 @@ impl Params {
         self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
     }
 
-    fn all(&self, k: &str) -> Vec<&str> {
+    pub(crate) fn all(&self, k: &str) -> Vec<&str> {
         self.0
             .iter()
             .filter(|(n, _)| n == k)

@@ -1,0 +1,337 @@
+//! The Loki HTTP API's query side (`/loki/api/v1/…`) over the log store: LogQL
+//! `query` and `query_range` (streams, vectors, matrices), `labels`,
+//! `label/<name>/values` and `series`, with Loki's JSON shapes, so Grafana's Loki
+//! data source and logcli work against capstan.
+
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use capstan_logstore::logql::ast::{Expr, Matcher};
+use capstan_logstore::logql::eval::{self, Value};
+use capstan_logstore::logql::{self, pipeline};
+use capstan_logstore::{Direction, Labels};
+use serde_json::json;
+
+use super::Api;
+use super::prom::Params;
+
+/// Loki's default and largest line limits.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 5000;
+const HOUR_NS: i64 = 3_600_000_000_000;
+
+fn bad(msg: impl std::fmt::Display) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
+}
+
+fn now_ns() -> i64 {
+    crate::logs::now_ns()
+}
+
+/// A time as Loki takes it: Unix nanoseconds (an integer), Unix seconds with a
+/// fraction, or RFC 3339.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        // Loki reads integers as nanoseconds; shorter ones as seconds.
+        return Ok(if n.abs() < 100_000_000_000 {
+            n.saturating_mul(1_000_000_000)
+        } else {
+            n
+        });
+    }
+    if let Ok(f) = s.parse::<f64>()
+        && f.is_finite()
+    {
+        return Ok((f * 1e9) as i64);
+    }
+    s.parse::<jiff::Timestamp>()
+        .map(|t| t.as_nanosecond() as i64)
+        .map_err(|_| format!("cannot parse {s:?} as a time (Unix ns, Unix seconds or RFC 3339)"))
+}
+
+/// A step or range: `5m`, `15s`, or seconds.
+fn parse_step(s: &str) -> Result<i64, String> {
+    if let Ok(f) = s.parse::<f64>()
+        && f.is_finite()
+        && f > 0.0
+    {
+        return Ok((f * 1e9) as i64);
+    }
+    logql::parse_duration(s)
+        .filter(|d| *d > 0)
+        .ok_or_else(|| format!("cannot parse {s:?} as a step (5m, 15s or seconds)"))
+}
+
+fn range_params(p: &Params) -> Result<(i64, i64), Response> {
+    let end = match p.get("end") {
+        Some(s) => parse_time(s).map_err(|e| bad(format!("invalid parameter \"end\": {e}")))?,
+        None => now_ns(),
+    };
+    let start = match p.get("start") {
+        Some(s) => parse_time(s).map_err(|e| bad(format!("invalid parameter \"start\": {e}")))?,
+        None => end - HOUR_NS,
+    };
+    if end < start {
+        return Err(bad("the end time is before the start time"));
+    }
+    Ok((start, end))
+}
+
+fn limit_param(p: &Params) -> Result<usize, Response> {
+    match p.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n <= MAX_LIMIT => Ok(n),
+            Ok(n) => Err(bad(format!("limit {n} is over the largest, {MAX_LIMIT}"))),
+            Err(_) => Err(bad(format!("invalid parameter \"limit\": {s:?}"))),
+        },
+    }
+}
+
+fn direction_param(p: &Params) -> Result<Direction, Response> {
+    match p.get("direction").map(str::to_ascii_lowercase).as_deref() {
+        None | Some("backward") => Ok(Direction::Backward),
+        Some("forward") => Ok(Direction::Forward),
+        Some(d) => Err(bad(format!(
+            "invalid direction {d:?} (forward or backward)"
+        ))),
+    }
+}
+
+fn labels_json(l: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::Value::Object(l.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+}
+
+fn secs(ns: i64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn num(v: f64) -> String {
+    capstan_promql::mathx::format_value(v)
+}
+
+fn success(result_type: &str, result: serde_json::Value) -> Response {
+    axum::Json(json!({
+        "status": "success",
+        "data": {"resultType": result_type, "result": result, "stats": {}}
+    }))
+    .into_response()
+}
+
+fn streams_json(streams: Vec<eval::Stream>) -> serde_json::Value {
+    json!(
+        streams
+            .into_iter()
+            .map(|s| json!({
+                "stream": labels_json(&s.labels),
+                "values": s.entries.into_iter().map(|(t, l)| json!([t.to_string(), l])).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Runs the store's work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("query failed: {e}\n"),
+        )
+            .into_response()
+    })
+}
+
+pub async fn query_range(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let Some(src) = p.get("query").map(str::to_owned) else {
+        return bad("the query parameter is missing");
+    };
+    let expr = match logql::parse(&src) {
+        Ok(e) => e,
+        Err(e) => return bad(e),
+    };
+    let ((start, end), limit, dir) = match (range_params(&p), limit_param(&p), direction_param(&p))
+    {
+        (Ok(r), Ok(l), Ok(d)) => (r, l, d),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    };
+    let step = match p.get("step").or(p.get("interval")) {
+        Some(s) => match parse_step(s) {
+            Ok(v) => v,
+            Err(e) => return bad(e),
+        },
+        // Loki's default: about 250 points over the range, at least a second.
+        None => ((end - start) / 250).max(1_000_000_000),
+    };
+    let shared = api.shared.clone();
+    let out = blocking(move || match expr {
+        Expr::Log(e) => eval::select_logs(shared.logs.store(), &e, start, end, limit, dir)
+            .map(|s| success("streams", streams_json(s)))
+            .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
+        Expr::Metric(m) => match eval::eval_metric(shared.logs.store(), &m, start, end, step) {
+            Ok(Value::Vector(series)) => success(
+                "matrix",
+                json!(
+                    series
+                        .into_iter()
+                        .map(|s| json!({
+                            "metric": labels_json(&s.labels),
+                            "values": s.points.into_iter().map(|(t, v)| json!([secs(t), num(v)])).collect::<Vec<_>>(),
+                        }))
+                        .collect::<Vec<_>>()
+                ),
+            ),
+            Ok(Value::Scalar(points)) => success(
+                "matrix",
+                json!([{ "metric": {}, "values": points.into_iter().map(|(t, v)| json!([secs(t), num(v)])).collect::<Vec<_>>() }]),
+            ),
+            Err(e) => bad(e),
+        },
+    })
+    .await;
+    out.unwrap_or_else(|r| r)
+}
+
+pub async fn query(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    let Some(src) = p.get("query").map(str::to_owned) else {
+        return bad("the query parameter is missing");
+    };
+    let expr = match logql::parse(&src) {
+        Ok(e) => e,
+        Err(e) => return bad(e),
+    };
+    let t = match p.get("time").map(parse_time) {
+        None => now_ns(),
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return bad(format!("invalid parameter \"time\": {e}")),
+    };
+    let (limit, dir) = match (limit_param(&p), direction_param(&p)) {
+        (Ok(l), Ok(d)) => (l, d),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let shared = api.shared.clone();
+    let out = blocking(move || match expr {
+        // An instant log query looks back an hour from `time`, as Loki's does.
+        Expr::Log(e) => eval::select_logs(shared.logs.store(), &e, t - HOUR_NS, t + 1, limit, dir)
+            .map(|s| success("streams", streams_json(s)))
+            .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
+        Expr::Metric(m) => match eval::eval_metric(shared.logs.store(), &m, t, t, 1) {
+            Ok(Value::Vector(series)) => success(
+                "vector",
+                json!(
+                    series
+                        .into_iter()
+                        .filter_map(|s| {
+                            let (pt, v) = *s.points.last()?;
+                            Some(json!({"metric": labels_json(&s.labels), "value": [secs(pt), num(v)]}))
+                        })
+                        .collect::<Vec<_>>()
+                ),
+            ),
+            Ok(Value::Scalar(points)) => {
+                let (pt, v) = points.last().copied().unwrap_or((t, f64::NAN));
+                success("scalar", json!([secs(pt), num(v)]))
+            }
+            Err(e) => bad(e),
+        },
+    })
+    .await;
+    out.unwrap_or_else(|r| r)
+}
+
+/// Streams with lines in the range that every `match[]` selector (if any) picks.
+fn matching_streams(api: &Api, p: &Params) -> Result<Vec<std::sync::Arc<Labels>>, Response> {
+    let (start, end) = range_params(p)?;
+    let mut selectors: Vec<Vec<Matcher>> = Vec::new();
+    for m in p.all("match[]").into_iter().chain(p.all("query")) {
+        match logql::parse(m) {
+            Ok(Expr::Log(e)) => selectors.push(e.selector),
+            Ok(Expr::Metric(_)) => return Err(bad(format!("{m:?} is not a stream selector"))),
+            Err(e) => return Err(bad(e)),
+        }
+    }
+    Ok(api.shared.logs.store().series(start, end + 1, &|l| {
+        selectors.is_empty() || selectors.iter().any(|s| pipeline::selects(s, l))
+    }))
+}
+
+pub async fn labels(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    match matching_streams(&api, &p) {
+        Ok(streams) => {
+            let names: BTreeSet<&str> = streams
+                .iter()
+                .flat_map(|l| l.iter().map(|(k, _)| k))
+                .collect();
+            axum::Json(json!({"status": "success", "data": names.into_iter().collect::<Vec<_>>()}))
+                .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+pub async fn label_values(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    match matching_streams(&api, &p) {
+        Ok(streams) => {
+            let values: BTreeSet<&str> = streams.iter().filter_map(|l| l.get(&name)).collect();
+            axum::Json(json!({"status": "success", "data": values.into_iter().collect::<Vec<_>>()}))
+                .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+pub async fn series(
+    State(api): State<Api>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = Params::from(q, &method, &headers, &body);
+    match matching_streams(&api, &p) {
+        Ok(streams) => axum::Json(json!({
+            "status": "success",
+            "data": streams
+                .iter()
+                .map(|l| serde_json::Value::Object(l.iter().map(|(k, v)| (k.to_owned(), json!(v))).collect()))
+                .collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
