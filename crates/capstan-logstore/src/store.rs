@@ -114,13 +114,30 @@ struct Block {
     r: BlockRef,
 }
 
+impl Block {
+    /// The index entry of a block just encoded as `bytes` and written at `at`.
+    fn written(bytes: &[u8], at: u64) -> Block {
+        let p = block::parse_header(bytes).expect("a block just encoded parses");
+        Block {
+            r: BlockRef {
+                header: p.header,
+                offset: at,
+                len: bytes.len() as u32,
+                filter: p.filter.start as u32..p.filter.end as u32,
+                data: p.data.start as u32..bytes.len() as u32,
+            },
+        }
+    }
+}
+
 struct Seg {
     id: u64,
     path: PathBuf,
     file: File,
     blocks: Vec<Block>,
     bytes: u64,
-    sealed: bool,
+    /// An `ID.seg` file of one-stream blocks (else `ID.raw`, waiting for `maintain`).
+    compacted: bool,
 }
 
 impl Seg {
@@ -189,14 +206,6 @@ fn seg_path(dir: &Path, id: u64, compacted: bool) -> PathBuf {
 
 /// A block's entries as `visit` hands them over, with the block's time bound.
 type Batch = (i64, Vec<(Arc<Labels>, Entry)>);
-
-/// Sorts by time then sequence number, in the direction asked.
-fn order(v: &mut [(Arc<Labels>, Entry)], dir: Direction) {
-    match dir {
-        Direction::Forward => v.sort_by_key(|(_, e)| (e.ts_ns, e.seq)),
-        Direction::Backward => v.sort_by_key(|(_, e)| std::cmp::Reverse((e.ts_ns, e.seq))),
-    }
-}
 
 /// Cuts a line longer than `max` at a character boundary and marks it.
 fn truncate(line: &mut String, max: usize) -> bool {
@@ -314,7 +323,7 @@ impl Store {
                 file,
                 blocks,
                 bytes,
-                sealed: compacted,
+                compacted,
             }));
         }
         inner.flushed_seq = inner.next_seq - 1;
@@ -425,16 +434,7 @@ impl Store {
             let refs: Vec<(u32, &Entry)> = head.iter().map(|(s, e)| (*s, e)).collect();
             let bytes = block::encode(&refs, self.opts.level_head);
             let at = a.writer.append(KIND_BLOCK, &bytes)?;
-            let p = block::parse_header(&bytes).expect("a block just encoded parses");
-            a.blocks.push(Block {
-                r: BlockRef {
-                    header: p.header,
-                    offset: at,
-                    len: bytes.len() as u32,
-                    filter: p.filter.start as u32..p.filter.end as u32,
-                    data: p.data.start as u32..bytes.len() as u32,
-                },
-            });
+            a.blocks.push(Block::written(&bytes, at));
             Ok::<_, std::io::Error>(())
         })();
         match result {
@@ -468,7 +468,7 @@ impl Store {
             file,
             blocks: a.blocks,
             bytes,
-            sealed: false,
+            compacted: false,
         }));
         Ok(())
     }
@@ -515,7 +515,12 @@ impl Store {
         }
         let todo: Vec<Arc<Seg>> = {
             let inner = self.inner.lock().unwrap();
-            inner.sealed.iter().filter(|s| !s.sealed).cloned().collect()
+            inner
+                .sealed
+                .iter()
+                .filter(|s| !s.compacted)
+                .cloned()
+                .collect()
         };
         for seg in todo {
             let compacted = self.compact(&seg)?;
@@ -567,16 +572,7 @@ impl Store {
                         entries[start..end].iter().map(|e| (s, e)).collect();
                     let bytes = block::encode(&refs, self.opts.level_sealed);
                     let at = w.append(KIND_BLOCK, &bytes)?;
-                    let p = block::parse_header(&bytes).expect("a block just encoded parses");
-                    blocks.push(Block {
-                        r: BlockRef {
-                            header: p.header,
-                            offset: at,
-                            len: bytes.len() as u32,
-                            filter: p.filter.start as u32..p.filter.end as u32,
-                            data: p.data.start as u32..bytes.len() as u32,
-                        },
-                    });
+                    blocks.push(Block::written(&bytes, at));
                     start = end;
                 }
             }
@@ -597,7 +593,7 @@ impl Store {
             file,
             blocks,
             bytes,
-            sealed: true,
+            compacted: true,
         })
     }
 
@@ -680,32 +676,54 @@ impl Store {
         dir: Direction,
         limit: usize,
     ) -> Result<Vec<(Arc<Labels>, Entry)>, Error> {
-        let mut all: Vec<(Arc<Labels>, Entry)> = Vec::new();
-        let key = |e: &Entry| (e.ts_ns, e.seq);
-        let mut stop_at: Option<(i64, u64)> = None;
+        self.select_map(
+            q,
+            dir,
+            limit,
+            |l, e| Some((l, e)),
+            |(_, e)| (e.ts_ns, e.seq),
+        )
+    }
+
+    /// [`Store::select`] with each entry turned into a `T` (or dropped) by `map`
+    /// before it counts against the limit; `key` gives a `T`'s (time, sequence).
+    /// For readers that filter further (LogQL's pipeline).
+    pub fn select_map<T>(
+        &self,
+        q: &Query<'_>,
+        dir: Direction,
+        limit: usize,
+        mut map: impl FnMut(Arc<Labels>, Entry) -> Option<T>,
+        key: impl Fn(&T) -> (i64, u64),
+    ) -> Result<Vec<T>, Error> {
+        let order = |v: &mut Vec<T>| match dir {
+            Direction::Forward => v.sort_by_key(&key),
+            Direction::Backward => v.sort_by_key(|t| std::cmp::Reverse(key(t))),
+        };
+        let mut kept: Vec<T> = Vec::new();
+        let mut stop_at: Option<i64> = None;
         self.visit(q, dir, &mut |bound, batch| {
-            if let Some(s) = stop_at {
-                // Blocks come in order of their nearest edge: once that edge is
-                // past the worst entry kept, nothing later can enter.
-                let past = match dir {
-                    Direction::Forward => bound > s.0,
-                    Direction::Backward => bound < s.0,
-                };
-                if past {
-                    return false;
+            // Blocks come in order of their nearest edge: once that edge is past
+            // the worst entry kept, nothing later can enter.
+            if let Some(s) = stop_at
+                && match dir {
+                    Direction::Forward => bound > s,
+                    Direction::Backward => bound < s,
                 }
+            {
+                return false;
             }
-            all.extend(batch);
-            if all.len() >= limit {
-                order(&mut all, dir);
-                all.truncate(limit);
-                stop_at = all.last().map(|(_, e)| key(e));
+            kept.extend(batch.into_iter().filter_map(|(l, e)| map(l, e)));
+            if kept.len() >= limit {
+                order(&mut kept);
+                kept.truncate(limit);
+                stop_at = kept.last().map(|t| key(t).0);
             }
             true
         })?;
-        order(&mut all, dir);
-        all.truncate(limit);
-        Ok(all)
+        order(&mut kept);
+        kept.truncate(limit);
+        Ok(kept)
     }
 
     /// Calls `f` with each matching block's entries (and the head's), in order of

@@ -52,7 +52,9 @@ pub enum FilterOp {
 pub struct LineFilter {
     pub op: FilterOp,
     pub values: Vec<String>,
+    /// Compiled once: the regexes of `|~`/`!~`, the patterns of `|>`/`!>`.
     pub res: Vec<Regex>,
+    pub patterns: Vec<super::pattern::Pattern>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

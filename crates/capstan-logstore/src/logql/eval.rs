@@ -69,33 +69,16 @@ pub fn select_logs(
     let contains = e.required_substrings();
     let pred = |l: &crate::Labels| pipeline::selects(&e.selector, l);
     let q = query_of(from_ns, to_ns, &contains, &pred);
-    let mut kept: Vec<(i64, u64, LabelMap, String)> = Vec::new();
-    let mut stop: Option<i64> = None;
-    let sort = |v: &mut Vec<(i64, u64, LabelMap, String)>| match dir {
-        Direction::Forward => v.sort_by_key(|x| (x.0, x.1)),
-        Direction::Backward => v.sort_by_key(|x| std::cmp::Reverse((x.0, x.1))),
-    };
-    store.visit(&q, dir, &mut |bound, batch| {
-        if let Some(s) = stop
-            && ((dir == Direction::Forward && bound > s)
-                || (dir == Direction::Backward && bound < s))
-        {
-            return false;
-        }
-        for (l, en) in batch {
-            if let Some(o) = pipeline::run(e, &l, &en.meta, &en.line, en.ts_ns) {
-                kept.push((en.ts_ns, en.seq, o.labels, o.line));
-            }
-        }
-        if kept.len() >= limit {
-            sort(&mut kept);
-            kept.truncate(limit);
-            stop = kept.last().map(|k| k.0);
-        }
-        true
-    })?;
-    sort(&mut kept);
-    kept.truncate(limit);
+    let kept = store.select_map(
+        &q,
+        dir,
+        limit,
+        |l, en| {
+            pipeline::run(e, &l, &en.meta, &en.line, en.ts_ns)
+                .map(|o| (en.ts_ns, en.seq, o.labels, o.line))
+        },
+        |k| (k.0, k.1),
+    )?;
     let mut streams: BTreeMap<LabelMap, Vec<(i64, String)>> = BTreeMap::new();
     for (ts, _, mut labels, line) in kept {
         labels.remove("__error_details__");

@@ -392,12 +392,19 @@ impl Parser {
                     .collect::<R<_>>()?,
                 _ => Vec::new(),
             };
-            if matches!(op, FilterOp::Pattern | FilterOp::NotPattern) {
-                for v in &values {
-                    Pattern::parse_filter(v).map_err(|msg| ParseError { at, msg })?;
-                }
-            }
-            stages.push(Stage::Line(LineFilter { op, values, res }));
+            let patterns = match op {
+                FilterOp::Pattern | FilterOp::NotPattern => values
+                    .iter()
+                    .map(|v| Pattern::parse_filter(v).map_err(|msg| ParseError { at, msg }))
+                    .collect::<R<_>>()?,
+                _ => Vec::new(),
+            };
+            stages.push(Stage::Line(LineFilter {
+                op,
+                values,
+                res,
+                patterns,
+            }));
         }
         Ok(LogExpr { selector, stages })
     }

@@ -36,13 +36,8 @@ fn line_filter(f: &LineFilter, line: &str) -> bool {
         FilterOp::NotContains => !f.values.iter().any(|v| line.contains(v.as_str())),
         FilterOp::Match => f.res.iter().any(|r| r.is_match(line)),
         FilterOp::NotMatch => !f.res.iter().any(|r| r.is_match(line)),
-        FilterOp::Pattern | FilterOp::NotPattern => {
-            let fits = f
-                .values
-                .iter()
-                .any(|v| super::pattern::Pattern::parse_filter(v).is_ok_and(|p| p.fits(line)));
-            fits == (f.op == FilterOp::Pattern)
-        }
+        FilterOp::Pattern => f.patterns.iter().any(|p| p.fits(line)),
+        FilterOp::NotPattern => !f.patterns.iter().any(|p| p.fits(line)),
     }
 }
 

@@ -148,6 +148,40 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// What both query endpoints take: the parsed query, the line limit and the
+/// direction.
+fn query_params(p: &Params) -> Result<(Expr, usize, Direction), Response> {
+    let src = p
+        .get("query")
+        .ok_or_else(|| bad("the query parameter is missing"))?;
+    let expr = logql::parse(src).map_err(bad)?;
+    Ok((expr, limit_param(p)?, direction_param(p)?))
+}
+
+/// A log query's answer: Loki's `streams`.
+fn logs_response(
+    api: &Api,
+    e: &capstan_logstore::logql::ast::LogExpr,
+    from: i64,
+    to: i64,
+    limit: usize,
+    dir: Direction,
+) -> Response {
+    match eval::select_logs(api.shared.logs.store(), e, from, to, limit, dir) {
+        Ok(s) => success("streams", streams_json(s)),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+fn points_json(points: Vec<(i64, f64)>) -> serde_json::Value {
+    json!(
+        points
+            .into_iter()
+            .map(|(t, v)| json!([secs(t), num(v)]))
+            .collect::<Vec<_>>()
+    )
+}
+
 pub async fn query_range(
     State(api): State<Api>,
     method: Method,
@@ -156,48 +190,32 @@ pub async fn query_range(
     body: Bytes,
 ) -> Response {
     let p = Params::from(q, &method, &headers, &body);
-    let Some(src) = p.get("query").map(str::to_owned) else {
-        return bad("the query parameter is missing");
+    let parsed = query_params(&p).and_then(|(expr, limit, dir)| {
+        let (start, end) = range_params(&p)?;
+        let step = match p.get("step").or(p.get("interval")) {
+            Some(s) => parse_step(s).map_err(bad)?,
+            // Loki's default: about 250 points over the range, at least a second.
+            None => ((end - start) / 250).max(1_000_000_000),
+        };
+        Ok((expr, limit, dir, start, end, step))
+    });
+    let (expr, limit, dir, start, end, step) = match parsed {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let expr = match logql::parse(&src) {
-        Ok(e) => e,
-        Err(e) => return bad(e),
-    };
-    let ((start, end), limit, dir) = match (range_params(&p), limit_param(&p), direction_param(&p))
-    {
-        (Ok(r), Ok(l), Ok(d)) => (r, l, d),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
-    };
-    let step = match p.get("step").or(p.get("interval")) {
-        Some(s) => match parse_step(s) {
-            Ok(v) => v,
-            Err(e) => return bad(e),
-        },
-        // Loki's default: about 250 points over the range, at least a second.
-        None => ((end - start) / 250).max(1_000_000_000),
-    };
-    let shared = api.shared.clone();
     let out = blocking(move || match expr {
-        Expr::Log(e) => eval::select_logs(shared.logs.store(), &e, start, end, limit, dir)
-            .map(|s| success("streams", streams_json(s)))
-            .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
-        Expr::Metric(m) => match eval::eval_metric(shared.logs.store(), &m, start, end, step) {
+        Expr::Log(e) => logs_response(&api, &e, start, end, limit, dir),
+        Expr::Metric(m) => match eval::eval_metric(api.shared.logs.store(), &m, start, end, step) {
             Ok(Value::Vector(series)) => success(
                 "matrix",
                 json!(
                     series
                         .into_iter()
-                        .map(|s| json!({
-                            "metric": labels_json(&s.labels),
-                            "values": s.points.into_iter().map(|(t, v)| json!([secs(t), num(v)])).collect::<Vec<_>>(),
-                        }))
+                        .map(|s| json!({"metric": labels_json(&s.labels), "values": points_json(s.points)}))
                         .collect::<Vec<_>>()
                 ),
             ),
-            Ok(Value::Scalar(points)) => success(
-                "matrix",
-                json!([{ "metric": {}, "values": points.into_iter().map(|(t, v)| json!([secs(t), num(v)])).collect::<Vec<_>>() }]),
-            ),
+            Ok(Value::Scalar(points)) => success("matrix", json!([{"metric": {}, "values": points_json(points)}])),
             Err(e) => bad(e),
         },
     })
@@ -213,29 +231,23 @@ pub async fn query(
     body: Bytes,
 ) -> Response {
     let p = Params::from(q, &method, &headers, &body);
-    let Some(src) = p.get("query").map(str::to_owned) else {
-        return bad("the query parameter is missing");
+    let parsed = query_params(&p).and_then(|(expr, limit, dir)| {
+        let t = match p.get("time") {
+            None => now_ns(),
+            Some(s) => {
+                parse_time(s).map_err(|e| bad(format!("invalid parameter \"time\": {e}")))?
+            }
+        };
+        Ok((expr, limit, dir, t))
+    });
+    let (expr, limit, dir, t) = match parsed {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let expr = match logql::parse(&src) {
-        Ok(e) => e,
-        Err(e) => return bad(e),
-    };
-    let t = match p.get("time").map(parse_time) {
-        None => now_ns(),
-        Some(Ok(t)) => t,
-        Some(Err(e)) => return bad(format!("invalid parameter \"time\": {e}")),
-    };
-    let (limit, dir) = match (limit_param(&p), direction_param(&p)) {
-        (Ok(l), Ok(d)) => (l, d),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    let shared = api.shared.clone();
     let out = blocking(move || match expr {
         // An instant log query looks back an hour from `time`, as Loki's does.
-        Expr::Log(e) => eval::select_logs(shared.logs.store(), &e, t - HOUR_NS, t + 1, limit, dir)
-            .map(|s| success("streams", streams_json(s)))
-            .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
-        Expr::Metric(m) => match eval::eval_metric(shared.logs.store(), &m, t, t, 1) {
+        Expr::Log(e) => logs_response(&api, &e, t - HOUR_NS, t + 1, limit, dir),
+        Expr::Metric(m) => match eval::eval_metric(api.shared.logs.store(), &m, t, t, 1) {
             Ok(Value::Vector(series)) => success(
                 "vector",
                 json!(

@@ -271,11 +271,7 @@ async fn evaluate(
     };
     if current == 0 {
         status.reason = "scaled to zero; the next request starts a replica".into();
-        shared
-            .autoscale_status
-            .lock()
-            .unwrap()
-            .insert(service.to_owned(), status);
+        publish(shared, service, status);
         return;
     }
     // Scale to zero after idle_after without requests.
@@ -287,11 +283,7 @@ async fn evaluate(
             status.last_scale_ms = Some(crate::events::now_ms());
         }
         status.reason = reason;
-        shared
-            .autoscale_status
-            .lock()
-            .unwrap()
-            .insert(service.to_owned(), status);
+        publish(shared, service, status);
         return;
     }
     let replicas: Vec<crate::supervisor::Status> = shared
@@ -424,6 +416,11 @@ async fn evaluate(
         status.last_scale_ms = Some(crate::events::now_ms());
     }
     status.reason = reason;
+    publish(shared, service, status);
+}
+
+/// Makes a service's latest decision visible to `capstan autoscale status`.
+fn publish(shared: &Shared, service: &str, status: ServiceStatus) {
     shared
         .autoscale_status
         .lock()
