@@ -211,6 +211,7 @@ fn main() {
         streams: &|_| true,
         contains: &needle,
         after_seq: 0,
+        meta: &[],
     };
     let start = Instant::now();
     let found = store.select(&q, Direction::Backward, 100).unwrap();
@@ -225,6 +226,7 @@ fn main() {
         streams: &|l| l.get("service") == Some("api") && l.get("replica") == Some("1"),
         contains: &[],
         after_seq: 0,
+        meta: &[],
     };
     let start = Instant::now();
     let found = store.select(&q, Direction::Backward, 100).unwrap();

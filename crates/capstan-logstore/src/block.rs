@@ -43,6 +43,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     streams.dedup();
     let mut raw = Vec::new();
     let mut f = filter::Builder::default();
+    let mut toks: Vec<Vec<u8>> = Vec::new();
     let (mut prev_ts, mut prev_seq) = (0i64, 0u64);
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     let (mut first_seq, mut last_seq) = (u64::MAX, 0u64);
@@ -58,6 +59,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
             put_bytes(&mut raw, v.as_bytes());
         }
         f.add(e.line.as_bytes());
+        toks.extend(e.meta.iter().map(|(k, v)| filter::token(k, v)));
         prev_ts = e.ts_ns;
         prev_seq = e.seq;
         min_ts = min_ts.min(e.ts_ns);
@@ -77,6 +79,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     put_uvarint(&mut out, entries.len() as u64);
     put_uvarint(&mut out, raw.len() as u64);
     put_bytes(&mut out, &f.finish());
+    put_bytes(&mut out, &filter::tokens(toks.iter().map(Vec::as_slice)));
     out.push(CODEC_ZSTD);
     let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
     out.extend_from_slice(&compressed);
@@ -89,6 +92,8 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
 pub struct Parsed {
     pub header: Header,
     pub filter: std::ops::Range<usize>,
+    /// The token filter, right after the trigram filter's.
+    pub tokens: std::ops::Range<usize>,
     pub data: std::ops::Range<usize>,
 }
 
@@ -118,6 +123,9 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
     let flen = usize::try_from(r.uvarint()?).ok()?;
     let fstart = r.pos();
     r.take(flen)?;
+    let tlen = usize::try_from(r.uvarint()?).ok()?;
+    let tstart = r.pos();
+    r.take(tlen)?;
     if r.u8()? != CODEC_ZSTD {
         return None;
     }
@@ -132,6 +140,7 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
             raw_len,
         },
         filter: fstart..fstart + flen,
+        tokens: tstart..tstart + tlen,
         data: r.pos()..b.len(),
     })
 }
@@ -196,6 +205,15 @@ mod tests {
         assert_eq!((p.header.min_ts, p.header.max_ts), (900, 2_000));
         assert_eq!((p.header.first_seq, p.header.last_seq), (1, 5));
         assert!(filter::may_contain(&bytes[p.filter.clone()], b"older"));
+        let t = &bytes[p.tokens.clone()];
+        assert!(filter::may_have_token(
+            t,
+            &filter::token("trace_id", &format!("{:032x}", 5))
+        ));
+        assert!(!filter::may_have_token(
+            t,
+            &filter::token("trace_id", "absent")
+        ));
         let got = decode(&p.header, &bytes[p.data]).unwrap();
         assert_eq!(got, vec![(7, a), (3, b), (7, c)]);
     }

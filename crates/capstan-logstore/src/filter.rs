@@ -89,9 +89,92 @@ pub fn may_contain(filter: &[u8], needle: &[u8]) -> bool {
     true
 }
 
+/// A token of structured metadata: `key`, a zero byte, `value`.
+pub fn token(key: &str, value: &str) -> Vec<u8> {
+    let mut t = Vec::with_capacity(key.len() + value.len() + 1);
+    t.extend_from_slice(key.as_bytes());
+    t.push(0);
+    t.extend_from_slice(value.as_bytes());
+    t
+}
+
+/// FNV-1a over the bytes, then a 64-bit finalizer (splitmix64's).
+fn hash64(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b {
+        h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Hashes per token in a token filter.
+const TOKEN_HASHES: u64 = 4;
+/// Largest token filter: 2^20 bits (128 KiB).
+const MAX_TOKEN_BITS: usize = 1 << 20;
+
+/// The `TOKEN_HASHES` bit positions of a token in a filter of `bits` bits.
+fn token_bits(t: &[u8], bits: usize) -> impl Iterator<Item = usize> {
+    let h = hash64(t);
+    let (h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
+    let mask = (bits - 1) as u64;
+    (0..TOKEN_HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) & mask) as usize)
+}
+
+/// A Bloom filter of whole tokens (structured metadata pairs): about 12 bits per
+/// distinct token and four hashes, under 1% false positives. Empty when there
+/// are no tokens.
+pub fn tokens<'a>(tokens: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut hashes: Vec<&[u8]> = tokens.collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    if hashes.is_empty() {
+        return Vec::new();
+    }
+    let bits = (hashes.len() * 12)
+        .next_power_of_two()
+        .clamp(64, MAX_TOKEN_BITS);
+    let mut f = vec![0u8; bits / 8];
+    for t in hashes {
+        for i in token_bits(t, bits) {
+            f[i / 8] |= 1 << (i % 8);
+        }
+    }
+    f
+}
+
+/// Whether a block whose token filter is `filter` may hold `token`. A block
+/// without tokens holds none; a malformed filter may hold any.
+pub fn may_have_token(filter: &[u8], token: &[u8]) -> bool {
+    if filter.is_empty() {
+        return false;
+    }
+    let bits = filter.len() * 8;
+    if bits < 64 || !bits.is_power_of_two() {
+        return true;
+    }
+    token_bits(token, bits).all(|i| filter[i / 8] & (1 << (i % 8)) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_filters_find_every_token_and_few_others() {
+        let toks: Vec<Vec<u8>> = (0..3000)
+            .map(|i| token("trace_id", &format!("{:032x}", i * 7919)))
+            .collect();
+        let f = tokens(toks.iter().map(|t| t.as_slice()));
+        assert!(toks.iter().all(|t| may_have_token(&f, t)));
+        let false_pos = (0..10_000)
+            .filter(|i| may_have_token(&f, &token("trace_id", &format!("{:032x}", i * 7919 + 1))))
+            .count();
+        assert!(false_pos < 200, "{false_pos} of 10000 absent tokens passed");
+        assert!(!may_have_token(&tokens(std::iter::empty()), b"x"));
+        assert!(may_have_token(&[1, 2, 3], b"x"));
+    }
 
     #[test]
     fn finds_what_was_added_and_skips_most_of_the_rest() {

@@ -29,8 +29,40 @@ pub struct BlockRef {
     /// Offset of the block's bytes (the record payload) in the file.
     pub offset: u64,
     pub len: u32,
+    /// The trigram filter's bytes; the token filter's follow, in `tokens`.
     pub filter: std::ops::Range<u32>,
+    pub tokens: std::ops::Range<u32>,
     pub data: std::ops::Range<u32>,
+}
+
+impl BlockRef {
+    pub fn new(p: &block::Parsed, offset: u64, len: u32) -> BlockRef {
+        BlockRef {
+            header: p.header.clone(),
+            offset,
+            len,
+            filter: p.filter.start as u32..p.filter.end as u32,
+            tokens: p.tokens.start as u32..p.tokens.end as u32,
+            data: p.data.start as u32..len,
+        }
+    }
+}
+
+/// A block's two filters, read together.
+pub struct Filters {
+    buf: Vec<u8>,
+    trigrams: usize,
+    tokens: std::ops::Range<usize>,
+}
+
+impl Filters {
+    pub fn trigrams(&self) -> &[u8] {
+        &self.buf[..self.trigrams]
+    }
+
+    pub fn tokens(&self) -> &[u8] {
+        &self.buf[self.tokens.clone()]
+    }
 }
 
 /// What reading a segment file found.
@@ -160,13 +192,7 @@ pub fn load(path: &Path) -> std::io::Result<Loaded> {
                     bad(&mut out, pos, "malformed block header".into());
                     break;
                 };
-                out.blocks.push(BlockRef {
-                    header: p.header,
-                    offset: start,
-                    len,
-                    filter: p.filter.start as u32..p.filter.end as u32,
-                    data: p.data.start as u32..len,
-                });
+                out.blocks.push(BlockRef::new(&p, start, len));
             }
             KIND_SEAL if len == 0 && start == size => {
                 out.sealed = true;
@@ -196,11 +222,16 @@ pub fn read_block(file: &File, b: &BlockRef) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Reads only a block's filter.
-pub fn read_filter(file: &File, b: &BlockRef) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; (b.filter.end - b.filter.start) as usize];
+/// Reads only a block's filters (one read: they are next to each other).
+pub fn read_filters(file: &File, b: &BlockRef) -> std::io::Result<Filters> {
+    let mut buf = vec![0u8; (b.tokens.end - b.filter.start) as usize];
     file.read_exact_at(&mut buf, b.offset + u64::from(b.filter.start))?;
-    Ok(buf)
+    Ok(Filters {
+        buf,
+        trigrams: (b.filter.end - b.filter.start) as usize,
+        tokens: (b.tokens.start - b.filter.start) as usize
+            ..(b.tokens.end - b.filter.start) as usize,
+    })
 }
 
 /// Appends records to a segment file.

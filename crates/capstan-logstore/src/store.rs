@@ -67,6 +67,8 @@ pub struct Stats {
     pub rate_limited_lines: AtomicU64,
     pub rate_limited_bytes: AtomicU64,
     pub blocks_written: AtomicU64,
+    /// Blocks decompressed by reads (the ones filters could not skip).
+    pub blocks_decoded: AtomicU64,
     pub segments_deleted: AtomicU64,
 }
 
@@ -106,6 +108,24 @@ pub struct Query<'a> {
     pub contains: &'a [Vec<u8>],
     /// Only entries with a larger sequence number (a tail's cursor).
     pub after_seq: u64,
+    /// Structured metadata pairs every entry must carry (blocks whose token
+    /// filter lacks one are skipped without being read): a trace id finds its
+    /// entries without a time range.
+    pub meta: &'a [(String, String)],
+}
+
+impl<'a> Query<'a> {
+    /// Every entry of the streams `pred` accepts.
+    pub fn all(streams: &'a dyn Fn(&Labels) -> bool) -> Query<'a> {
+        Query {
+            from_ns: i64::MIN,
+            to_ns: i64::MAX,
+            streams,
+            contains: &[],
+            after_seq: 0,
+            meta: &[],
+        }
+    }
 }
 
 /// A block of a segment, stream ids mapped to the store's.
@@ -119,13 +139,7 @@ impl Block {
     fn written(bytes: &[u8], at: u64) -> Block {
         let p = block::parse_header(bytes).expect("a block just encoded parses");
         Block {
-            r: BlockRef {
-                header: p.header,
-                offset: at,
-                len: bytes.len() as u32,
-                filter: p.filter.start as u32..p.filter.end as u32,
-                data: p.data.start as u32..bytes.len() as u32,
-            },
+            r: BlockRef::new(&p, at, bytes.len() as u32),
         }
     }
 }
@@ -738,11 +752,16 @@ impl Store {
         let finders: Vec<memchr::memmem::Finder<'_>> =
             q.contains.iter().map(memchr::memmem::Finder::new).collect();
         // Plain copies, so the closures below can cross threads.
-        let (from_ns, to_ns, after_seq, contains) = (q.from_ns, q.to_ns, q.after_seq, q.contains);
+        let (from_ns, to_ns, after_seq, contains, meta) =
+            (q.from_ns, q.to_ns, q.after_seq, q.contains, q.meta);
+        let tokens: Vec<Vec<u8>> = meta.iter().map(|(k, v)| filter::token(k, v)).collect();
         let matches_line = |e: &Entry| {
             e.ts_ns >= from_ns
                 && e.ts_ns < to_ns
                 && e.seq > after_seq
+                && meta
+                    .iter()
+                    .all(|(k, v)| e.meta.iter().any(|(ek, ev)| ek == k && ev == v))
                 && finders.iter().all(|f| f.find(e.line.as_bytes()).is_some())
         };
         // Snapshot under the lock: which streams match, the blocks, the head.
@@ -807,13 +826,20 @@ impl Store {
         // to `f` in order.
         let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
         let load = |(file, path, b): &(Arc<File>, PathBuf, Block)| -> Result<Option<Batch>, Error> {
-            if !contains.is_empty() {
-                let flt = segment::read_filter(file, &b.r).map_err(|e| io(path, e))?;
-                if !contains.iter().all(|n| filter::may_contain(&flt, n)) {
+            if !contains.is_empty() || !tokens.is_empty() {
+                let flt = segment::read_filters(file, &b.r).map_err(|e| io(path, e))?;
+                if !contains
+                    .iter()
+                    .all(|n| filter::may_contain(flt.trigrams(), n))
+                    || !tokens
+                        .iter()
+                        .all(|t| filter::may_have_token(flt.tokens(), t))
+                {
                     return Ok(None);
                 }
             }
             let bytes = segment::read_block(file, &b.r).map_err(|e| io(path, e))?;
+            self.stats.blocks_decoded.fetch_add(1, Relaxed);
             let entries = block::decode(&b.r.header, &bytes[b.r.data.start as usize..])
                 .ok_or_else(|| Error::Corrupt {
                     path: path.clone(),

@@ -39,6 +39,7 @@ fn everything(store: &Store) -> Vec<Entry> {
         streams: &|_| true,
         contains: &[],
         after_seq: 0,
+        meta: &[],
     };
     store
         .select(&q, Direction::Forward, usize::MAX)

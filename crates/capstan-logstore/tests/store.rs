@@ -28,6 +28,7 @@ fn all<'a>(contains: &'a [Vec<u8>]) -> Query<'a> {
         streams: &|_| true,
         contains,
         after_seq: 0,
+        meta: &[],
     }
 }
 
@@ -93,6 +94,7 @@ fn round_trip_orders_filters_and_survives_reopen() {
         streams: &|l: &Labels| l.get("replica") == Some("1"),
         contains: &[],
         after_seq: 0,
+        meta: &[],
     };
     let got = store.select(&q, Direction::Forward, 100).unwrap();
     assert_eq!(got.len(), 5);
@@ -365,4 +367,62 @@ mod never_panics {
             s.flush().unwrap();
         }
     }
+}
+
+#[test]
+fn metadata_tokens_find_entries_without_a_time_range_and_skip_other_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path());
+    o.block_bytes = 2048;
+    let (store, _) = Store::open(o).unwrap();
+    for i in 0..2000i64 {
+        let e = Entry {
+            meta: vec![
+                ("trace_id".into(), format!("{:032x}", i / 4)),
+                ("span_id".into(), format!("{i:016x}")),
+            ],
+            ..entry(i * 1_000_000, &format!("span {i} of trace {}", i / 4))
+        };
+        store.append(&web(&(i % 3).to_string()), vec![e]).unwrap();
+    }
+    store.flush().unwrap();
+    let blocks = store
+        .stats
+        .blocks_written
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(blocks > 50, "{blocks} blocks");
+    let want = [("trace_id".to_string(), format!("{:032x}", 321))];
+    let before = store
+        .stats
+        .blocks_decoded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let q = Query {
+        meta: &want,
+        ..all(&[])
+    };
+    let got = store.select(&q, Direction::Forward, 100).unwrap();
+    assert_eq!(
+        lines(&got),
+        (1284..1288)
+            .map(|i| format!("span {i} of trace 321"))
+            .collect::<Vec<_>>()
+    );
+    let decoded = store
+        .stats
+        .blocks_decoded
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(decoded <= 3, "{decoded} of {blocks} blocks decoded");
+    // Compaction rebuilds the filters.
+    store.rotate().unwrap();
+    store.maintain().unwrap();
+    let got = store.select(&q, Direction::Backward, 100).unwrap();
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[0].1.line, "span 1287 of trace 321");
+    let none = [("trace_id".to_string(), "f".repeat(32))];
+    let q = Query {
+        meta: &none,
+        ..all(&[])
+    };
+    assert!(store.select(&q, Direction::Forward, 10).unwrap().is_empty());
 }

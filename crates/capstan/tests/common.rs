@@ -202,6 +202,7 @@ impl TestStack {
             streams: &|l| l.get("service") == Some(service),
             contains: &[],
             after_seq: 0,
+            meta: &[],
         };
         store
             .select(&q, capstan_logstore::Direction::Forward, usize::MAX)

@@ -53,6 +53,7 @@ fn query_of<'a>(
         streams: pred,
         contains,
         after_seq: 0,
+        meta: &[],
     }
 }
 

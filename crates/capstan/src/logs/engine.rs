@@ -225,6 +225,7 @@ impl LogEngine {
             streams: &pred,
             contains: &[],
             after_seq,
+            meta: &[],
         };
         match self.store.select(&query, dir, limit) {
             Ok(v) => v.into_iter().filter_map(|(l, e)| record(&l, e)).collect(),
