@@ -95,6 +95,14 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         opts.log_max_total,
     )
     .context("opening the log store")?;
+    let (traces, trace_recovery) = crate::traces::TraceStore::open(
+        &opts.data_dir.join("tracestore"),
+        opts.log_max_total,
+        Some(std::time::Duration::from_secs(
+            TRACE_RETENTION_DAYS * 86_400,
+        )),
+    )
+    .context("opening the trace store")?;
     // The first log storage kept JSON lines under logs/: gone with the log store.
     let _ = std::fs::remove_dir_all(opts.data_dir.join("logs"));
     let id = stack_id(&opts.stack, &opts.file);
@@ -116,16 +124,22 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         stack_dir,
         events,
         logs,
+        traces,
         cgroups.clone(),
         StateFile::open(&opts.data_dir),
     ));
-    for (path, why) in &recovery.truncated {
+    for (what, (path, why)) in recovery
+        .truncated
+        .iter()
+        .map(|t| ("log", t))
+        .chain(trace_recovery.truncated.iter().map(|t| ("trace", t)))
+    {
         shared.events.emit(
             "capstan",
             None,
             "warning",
             format!(
-                "log store: cut {} ({why}); earlier lines are kept",
+                "{what} store: cut {} ({why}); earlier entries are kept",
                 path.display()
             ),
         );
@@ -272,6 +286,9 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         if let Err(e) = tokio::task::block_in_place(|| logs_for_shutdown.logs.flush()) {
             tracing::error!("cannot flush the log store: {e}");
         }
+        if let Err(e) = tokio::task::block_in_place(|| logs_for_shutdown.traces.flush()) {
+            tracing::error!("cannot flush the trace store: {e}");
+        }
         if let Err(e) = tokio::task::block_in_place(|| db_for_shutdown.sync()) {
             tracing::error!("cannot sync the metrics store: {e}");
         }
@@ -297,8 +314,12 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     result.context("serving the API")
 }
 
-/// Flushes the log store every second (the durability point of captured and
-/// pushed lines) and seals, compacts and applies retention every ten.
+/// Days spans are kept (and at most as many bytes as logs).
+const TRACE_RETENTION_DAYS: u64 = 7;
+
+/// Flushes the log and trace stores every second (the durability point of
+/// captured and pushed lines and of spans) and seals, compacts and applies
+/// retention every ten.
 async fn keep_logs(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -307,8 +328,10 @@ async fn keep_logs(shared: Arc<Shared>) {
         let s = shared.clone();
         let r = tokio::task::spawn_blocking(move || {
             s.logs.flush()?;
+            s.traces.flush()?;
             if n % 10 == 9 {
                 s.logs.maintain()?;
+                s.traces.maintain()?;
             }
             Ok::<_, capstan_logstore::Error>(())
         })

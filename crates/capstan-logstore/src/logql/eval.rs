@@ -57,6 +57,88 @@ fn query_of<'a>(
     }
 }
 
+/// A line that passed a log query's pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub ts_ns: i64,
+    pub seq: u64,
+    pub labels: LabelMap,
+    pub line: String,
+}
+
+/// Which entries a log selection reads, besides its query.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// `[from_ns, to_ns)`, Unix nanoseconds.
+    pub from_ns: i64,
+    pub to_ns: i64,
+    /// Only entries with a sequence number above `after_seq` and at most `max_seq`
+    /// (a tail's cursor and the point its history ends).
+    pub after_seq: u64,
+    pub max_seq: u64,
+}
+
+impl Window {
+    pub fn time(from_ns: i64, to_ns: i64) -> Window {
+        Window {
+            from_ns,
+            to_ns,
+            after_seq: 0,
+            max_seq: u64::MAX,
+        }
+    }
+}
+
+/// Up to `limit` lines of the window that pass the pipeline, newest first
+/// (`Backward`) or oldest first, by time then sequence number.
+pub fn select_lines(
+    store: &Store,
+    e: &LogExpr,
+    w: Window,
+    limit: usize,
+    dir: Direction,
+) -> Result<Vec<Line>, Error> {
+    let contains = e.required_substrings();
+    let pred = |l: &crate::Labels| pipeline::selects(&e.selector, l);
+    let q = Query {
+        after_seq: w.after_seq,
+        ..query_of(w.from_ns, w.to_ns, &contains, &pred)
+    };
+    store.select_map(
+        &q,
+        dir,
+        limit,
+        |l, en| {
+            if en.seq > w.max_seq {
+                return None;
+            }
+            pipeline::run(e, &l, &en.meta, &en.line, en.ts_ns).map(|mut o| {
+                o.labels.remove("__error_details__");
+                Line {
+                    ts_ns: en.ts_ns,
+                    seq: en.seq,
+                    labels: o.labels,
+                    line: o.line,
+                }
+            })
+        },
+        |k| (k.ts_ns, k.seq),
+    )
+}
+
+/// Lines grouped by their labels after the pipeline, each group in the
+/// order given.
+pub fn group(lines: Vec<Line>) -> Vec<Stream> {
+    let mut streams: BTreeMap<LabelMap, Vec<(i64, String)>> = BTreeMap::new();
+    for l in lines {
+        streams.entry(l.labels).or_default().push((l.ts_ns, l.line));
+    }
+    streams
+        .into_iter()
+        .map(|(labels, entries)| Stream { labels, entries })
+        .collect()
+}
+
 /// Up to `limit` lines of `[from_ns, to_ns)` that pass the pipeline, newest
 /// first (`Backward`) or oldest first, grouped by their labels after it.
 pub fn select_logs(
@@ -67,28 +149,13 @@ pub fn select_logs(
     limit: usize,
     dir: Direction,
 ) -> Result<Vec<Stream>, Error> {
-    let contains = e.required_substrings();
-    let pred = |l: &crate::Labels| pipeline::selects(&e.selector, l);
-    let q = query_of(from_ns, to_ns, &contains, &pred);
-    let kept = store.select_map(
-        &q,
-        dir,
+    Ok(group(select_lines(
+        store,
+        e,
+        Window::time(from_ns, to_ns),
         limit,
-        |l, en| {
-            pipeline::run(e, &l, &en.meta, &en.line, en.ts_ns)
-                .map(|o| (en.ts_ns, en.seq, o.labels, o.line))
-        },
-        |k| (k.0, k.1),
-    )?;
-    let mut streams: BTreeMap<LabelMap, Vec<(i64, String)>> = BTreeMap::new();
-    for (ts, _, mut labels, line) in kept {
-        labels.remove("__error_details__");
-        streams.entry(labels).or_default().push((ts, line));
-    }
-    Ok(streams
-        .into_iter()
-        .map(|(labels, entries)| Stream { labels, entries })
-        .collect())
+        dir,
+    )?))
 }
 
 /// Evaluates a metric query at `start, start+step, …, end` (one point for an

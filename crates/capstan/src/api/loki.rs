@@ -347,3 +347,155 @@ pub async fn series(
         Err(r) => r,
     }
 }
+
+/// How often a tail looks for new lines.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most lines in one tail message.
+const TAIL_CHUNK: usize = 1000;
+
+/// `GET /loki/api/v1/tail` (WebSocket): the last `limit` lines since `start`,
+/// then every new line, as Loki's tail messages. Each message carries a
+/// `cursor` (a store sequence number); a tail opened with `cursor=N` resumes
+/// right after it, with nothing lost or repeated, across segment rotations and
+/// reconnects.
+pub async fn tail(
+    State(api): State<Api>,
+    RawQuery(q): RawQuery,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let parsed = (|| {
+        let (expr, limit, _) = query_params(&p)?;
+        let Expr::Log(e) = expr else {
+            return Err(bad("tail wants a log query, not a metric query"));
+        };
+        let start = match p.get("start") {
+            Some(s) => {
+                parse_time(s).map_err(|e| bad(format!("invalid parameter \"start\": {e}")))?
+            }
+            None => now_ns() - HOUR_NS,
+        };
+        let cursor = match p.get("cursor") {
+            Some(c) => Some(
+                c.parse::<u64>()
+                    .map_err(|_| bad(format!("invalid cursor {c:?}")))?,
+            ),
+            None => None,
+        };
+        Ok((e, limit, start, cursor))
+    })();
+    let (e, limit, start, cursor) = match parsed {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    ws.on_upgrade(move |socket| run_tail(api, socket, e, limit, start, cursor))
+}
+
+fn tail_message(lines: Vec<eval::Line>, cursor: u64) -> String {
+    json!({
+        "streams": streams_json(eval::group(lines)),
+        "dropped_entries": null,
+        "cursor": cursor.to_string(),
+    })
+    .to_string()
+}
+
+async fn run_tail(
+    api: Api,
+    mut socket: axum::extract::ws::WebSocket,
+    e: capstan_logstore::logql::ast::LogExpr,
+    limit: usize,
+    start: i64,
+    cursor: Option<u64>,
+) {
+    use axum::extract::ws::Message;
+    let e = std::sync::Arc::new(e);
+    let mut stopping = api.stopping.clone();
+    // The first read: the history (the last `limit` lines, or everything after
+    // the cursor), up to the store's last sequence number at that moment.
+    let mut cursor_at: Option<u64> = cursor;
+    loop {
+        let (api2, e2) = (api.clone(), e.clone());
+        let after = cursor_at;
+        let got = tokio::task::spawn_blocking(move || {
+            let store = api2.shared.logs.store();
+            let hi = store.last_seq();
+            let lines = match after {
+                None => eval::select_lines(
+                    store,
+                    &e2,
+                    eval::Window {
+                        from_ns: start,
+                        to_ns: i64::MAX,
+                        after_seq: 0,
+                        max_seq: hi,
+                    },
+                    limit,
+                    Direction::Backward,
+                )
+                .map(|mut v| {
+                    v.reverse();
+                    v
+                }),
+                Some(c) => eval::select_lines(
+                    store,
+                    &e2,
+                    eval::Window {
+                        from_ns: i64::MIN,
+                        to_ns: i64::MAX,
+                        after_seq: c,
+                        max_seq: hi,
+                    },
+                    usize::MAX,
+                    Direction::Forward,
+                ),
+            };
+            lines.map(|l| (l, hi))
+        })
+        .await;
+        let (lines, hi) = match got {
+            Ok(Ok(x)) => x,
+            Ok(Err(err)) => {
+                let _ = socket
+                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: 1011,
+                        reason: format!("reading logs: {err}").into(),
+                    })))
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        cursor_at = Some(hi);
+        let mut lines = lines;
+        while !lines.is_empty() {
+            let rest = lines.split_off(lines.len().min(TAIL_CHUNK));
+            // A chunk's cursor is its last line's, the last chunk's the read's.
+            let c = if rest.is_empty() {
+                hi
+            } else {
+                lines.last().map_or(hi, |l| l.seq)
+            };
+            if socket
+                .send(Message::Text(tail_message(lines, c).into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            lines = rest;
+        }
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(TAIL_POLL) => false,
+            m = socket.recv() => match m {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => false,
+            },
+            _ = stopping.wait_for(|s| *s) => true,
+        };
+        if stop {
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+    }
+}

@@ -37,9 +37,11 @@ pub struct Api {
     pub reads_need_token: bool,
 }
 
+pub mod ingest;
 pub mod loki;
 pub mod prom;
 pub mod remote_write;
+pub mod tempo;
 
 pub fn router(api: Api) -> Router {
     let control = Router::new()
@@ -87,12 +89,33 @@ pub fn router(api: Api) -> Router {
         .route("/label", get(loki::labels))
         .route("/label/{name}/values", get(loki::label_values))
         .route("/series", get(loki::series).post(loki::series))
+        .route("/tail", get(loki::tail))
+        .layer(middleware::from_fn_with_state(api.clone(), read_auth));
+    // Pushes are open on loopback like reads (Loki and OTLP senders, replicas'
+    // SDKs), and want the token otherwise.
+    let push = Router::new()
+        .route("/loki/api/v1/push", post(ingest::loki_push))
+        .route("/v1/logs", post(ingest::otlp_logs))
+        .route("/v1/traces", post(ingest::otlp_traces))
+        .layer(axum::extract::DefaultBodyLimit::max(ingest::MAX_BODY))
+        .layer(middleware::from_fn_with_state(api.clone(), read_auth));
+    let tempo = Router::new()
+        .route("/traces/{id}", get(tempo::trace_v1))
+        .route("/traces/{id}/logs", get(tempo::trace_logs))
+        .route("/v2/traces/{id}", get(tempo::trace_v2))
+        .route("/search", get(tempo::search))
+        .route("/search/tags", get(tempo::search_tags))
+        .route("/v2/search/tags", get(tempo::search_tags))
+        .route("/search/tag/{name}/values", get(tempo::search_tag_values))
+        .route("/echo", get(tempo::echo))
         .layer(middleware::from_fn_with_state(api.clone(), read_auth));
     Router::new()
         .nest("/capstan/v1", control)
         .nest("/api/v1", read)
         .nest("/loki/api/v1", loki_read)
+        .nest("/api", tempo)
         .merge(ingest)
+        .merge(push)
         .route("/metrics", get(own_metrics))
         .route("/metrics/node", get(node_metrics))
         .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))

@@ -26,6 +26,7 @@ fn stream_name(s: Stream) -> &'static str {
         Stream::Stdout => "stdout",
         Stream::Stderr => "stderr",
         Stream::Proxy => "proxy",
+        Stream::Otlp => "otlp",
     }
 }
 
@@ -86,7 +87,9 @@ fn record(l: &Labels, e: Entry) -> Option<LogRecord> {
         stream: match l.get("stream")? {
             "stdout" => Stream::Stdout,
             "stderr" => Stream::Stderr,
-            _ => Stream::Proxy,
+            "proxy" => Stream::Proxy,
+            "otlp" => Stream::Otlp,
+            _ => return None,
         },
         seq: e.seq,
         partial: e.meta.iter().any(|(k, v)| k == "partial" && v == "true"),
@@ -181,6 +184,45 @@ impl LogEngine {
             }
         }
         Ok(out)
+    }
+
+    /// Appends pushed entries (Loki push, OTLP logs) with their own labels and
+    /// times; `level`, `trace_id` and `span_id` are lifted from lines that do not
+    /// carry them as metadata already. Returns the entries kept and refused by
+    /// the rate limit.
+    pub fn append_pushed(
+        &self,
+        streams: Vec<(Labels, Vec<Entry>)>,
+    ) -> Result<(usize, usize), capstan_logstore::Error> {
+        let (mut kept, mut limited) = (0, 0);
+        let _order = self.order.lock().unwrap();
+        for (l, mut entries) in streams {
+            for e in &mut entries {
+                for (k, v) in lift(&e.line) {
+                    if !e.meta.iter().any(|(m, _)| *m == k) {
+                        e.meta.push((k, v));
+                    }
+                }
+            }
+            let copies: Option<Vec<Entry>> =
+                (self.tx.receiver_count() > 0).then(|| entries.clone());
+            let a = self.store.append(&l, entries)?;
+            kept += a.accepted;
+            limited += a.rate_limited;
+            // Followers see pushed entries of replica streams too.
+            if let Some(copies) = copies
+                && a.rate_limited == 0
+            {
+                let first = a.last_seq + 1 - a.accepted as u64;
+                for (i, mut e) in copies.into_iter().enumerate() {
+                    e.seq = first + i as u64;
+                    if let Some(r) = record(&l, e) {
+                        let _ = self.tx.send(Arc::new(r));
+                    }
+                }
+            }
+        }
+        Ok((kept, limited))
     }
 
     /// Makes every append so far durable.

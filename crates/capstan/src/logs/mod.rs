@@ -14,6 +14,8 @@ pub enum Stream {
     Stderr,
     /// The proxy's access log of requests the replica answered.
     Proxy,
+    /// Log records the replica sent over OTLP.
+    Otlp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -81,6 +81,8 @@ pub struct Shared {
     pub stack_dir: PathBuf,
     pub events: EventLog,
     pub logs: LogEngine,
+    /// Spans sent over OTLP and the proxy's own.
+    pub traces: Arc<crate::traces::TraceStore>,
     pub cgroups: Option<cgroup::Cgroups>,
     pub state: Mutex<state::StateFile>,
     status: Mutex<BTreeMap<(String, u32), Status>>,
@@ -110,6 +112,7 @@ impl Shared {
         stack_dir: PathBuf,
         events: EventLog,
         logs: LogEngine,
+        traces: crate::traces::TraceStore,
         cgroups: Option<cgroup::Cgroups>,
         state: state::StateFile,
     ) -> Shared {
@@ -118,6 +121,7 @@ impl Shared {
             stack_dir,
             events,
             logs,
+            traces: Arc::new(traces),
             cgroups,
             state: Mutex::new(state),
             status: Mutex::default(),

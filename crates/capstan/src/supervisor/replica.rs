@@ -213,6 +213,7 @@ impl Replica {
         env.insert("CAPSTAN_REPLICA".into(), self.idx.to_string());
         env.insert("CAPSTAN_REVISION".into(), self.revision.clone());
         env.insert("CAPSTAN_STACK".into(), self.shared.stack_id.clone());
+        otel_env(&mut env, &self.shared, &self.service, self.idx);
         Launch {
             argv: self.spec.argv().unwrap_or_default(),
             env,
@@ -529,4 +530,31 @@ mod tests {
         assert_eq!(backoff(b, 4), Duration::from_millis(800));
         assert_eq!(backoff(b, 20), MAX_BACKOFF);
     }
+}
+
+/// Points OpenTelemetry SDKs at capstan's OTLP/HTTP endpoints (unless the
+/// service's environment says otherwise): the endpoint, the protocol, the
+/// service name, and the replica as a resource attribute, which puts its OTLP
+/// logs in the replica's streams.
+fn otel_env(env: &mut BTreeMap<String, String>, shared: &Shared, service: &str, idx: u32) {
+    if let Some(addr) = shared.api_addr.lock().unwrap().clone()
+        && let Ok(a) = addr.parse::<std::net::SocketAddr>()
+    {
+        let host = if a.ip().is_unspecified() {
+            format!("127.0.0.1:{}", a.port())
+        } else {
+            a.to_string()
+        };
+        env.entry("OTEL_EXPORTER_OTLP_ENDPOINT".into())
+            .or_insert(format!("http://{host}"));
+        env.entry("OTEL_EXPORTER_OTLP_PROTOCOL".into())
+            .or_insert("http/protobuf".into());
+    }
+    env.entry("OTEL_SERVICE_NAME".into())
+        .or_insert(service.to_owned());
+    let attrs = env.entry("OTEL_RESOURCE_ATTRIBUTES".into()).or_default();
+    if !attrs.is_empty() {
+        attrs.push(',');
+    }
+    attrs.push_str(&format!("capstan.replica={idx}"));
 }
