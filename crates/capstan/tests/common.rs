@@ -424,3 +424,42 @@ pub fn remote_writing_config(
     ));
     c
 }
+
+/// POST `body` to `path` on `addr` with extra headers; the status code and the body.
+pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body.
+    let _ = c.write_all(body);
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let code = std::str::from_utf8(out.get(9..12).unwrap_or(b""))
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let at = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    (code, out[at..].to_vec())
+}
+
+/// A stack of one quiet demo service, for tests about what is pushed to capstan.
+pub const QUIET_STACK: &str = r#"
+services:
+  quiet:
+    command: ["{demo}"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    x-capstan:
+      metrics: {disable: true}
+      proxy: {access_log: false}
+"#;
