@@ -699,6 +699,45 @@ impl Store {
         )
     }
 
+    /// Up to `n` entries of the stream `labels` just before and just after the
+    /// entry at (`ts_ns`, `seq`), oldest first: the context of a match.
+    pub fn around(
+        &self,
+        labels: &Labels,
+        ts_ns: i64,
+        seq: u64,
+        n: usize,
+    ) -> Result<(Vec<Entry>, Vec<Entry>), Error> {
+        if n == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let same = |l: &Labels| l == labels;
+        let before_q = Query {
+            to_ns: ts_ns.saturating_add(1),
+            ..Query::all(&same)
+        };
+        let mut before = self.select_map(
+            &before_q,
+            Direction::Backward,
+            n,
+            |_, e| ((e.ts_ns, e.seq) < (ts_ns, seq)).then_some(e),
+            |e| (e.ts_ns, e.seq),
+        )?;
+        before.reverse();
+        let after_q = Query {
+            from_ns: ts_ns,
+            ..Query::all(&same)
+        };
+        let after = self.select_map(
+            &after_q,
+            Direction::Forward,
+            n,
+            |_, e| ((e.ts_ns, e.seq) > (ts_ns, seq)).then_some(e),
+            |e| (e.ts_ns, e.seq),
+        )?;
+        Ok((before, after))
+    }
+
     /// [`Store::select`] with each entry turned into a `T` (or dropped) by `map`
     /// before it counts against the limit; `key` gives a `T`'s (time, sequence).
     /// For readers that filter further (LogQL's pipeline).

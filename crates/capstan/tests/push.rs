@@ -83,7 +83,12 @@ fn lines(addr: &str, selector: &str) -> Vec<String> {
         .unwrap()
         .iter()
         .flat_map(|s| s["values"].as_array().unwrap().clone())
-        .map(|e| (e[0].as_str().unwrap().to_owned(), e[1].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e[0].as_str().unwrap().to_owned(),
+                e[1].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     out.sort();
     out.into_iter().map(|(_, l)| l).collect()
@@ -127,7 +132,10 @@ fn loki_push_in_every_encoding_and_bad_input() {
     let (code, body) = http_post(
         &addr,
         "/loki/api/v1/push",
-        &[("Content-Type", "application/json"), ("Content-Encoding", "gzip")],
+        &[
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "gzip"),
+        ],
         &gz.finish().unwrap(),
     );
     assert_eq!(code, 204, "{}", String::from_utf8_lossy(&body));
@@ -173,12 +181,53 @@ fn loki_push_in_every_encoding_and_bad_input() {
 
     // Bad bodies: 4xx with the reason, nothing stored.
     let bad: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
-        ("malformed JSON", vec![("Content-Type", "application/json")], b"{\"streams\": [".to_vec(), 400, "JSON"),
-        ("wrong JSON shape", vec![("Content-Type", "application/json")], br#"{"streams":[{"stream":{"app":"shop"},"values":[[1,"x"]]}]}"#.to_vec(), 400, "line 1"),
-        ("not snappy", vec![("Content-Type", "application/x-protobuf")], b"plain, not snappy".to_vec(), 400, "snappy"),
-        ("snappy, not protobuf", vec![("Content-Type", "application/x-protobuf")], snap::raw::Encoder::new().compress_vec(b"\xff\xff\xff").unwrap(), 400, "PushRequest"),
-        ("bad gzip", vec![("Content-Type", "application/json"), ("Content-Encoding", "gzip")], b"nope".to_vec(), 400, "gzip"),
-        ("unknown type", vec![("Content-Type", "text/csv")], b"a,b".to_vec(), 415, "Content-Type"),
+        (
+            "malformed JSON",
+            vec![("Content-Type", "application/json")],
+            b"{\"streams\": [".to_vec(),
+            400,
+            "JSON",
+        ),
+        (
+            "wrong JSON shape",
+            vec![("Content-Type", "application/json")],
+            br#"{"streams":[{"stream":{"app":"shop"},"values":[[1,"x"]]}]}"#.to_vec(),
+            400,
+            "line 1",
+        ),
+        (
+            "not snappy",
+            vec![("Content-Type", "application/x-protobuf")],
+            b"plain, not snappy".to_vec(),
+            400,
+            "snappy",
+        ),
+        (
+            "snappy, not protobuf",
+            vec![("Content-Type", "application/x-protobuf")],
+            snap::raw::Encoder::new()
+                .compress_vec(b"\xff\xff\xff")
+                .unwrap(),
+            400,
+            "PushRequest",
+        ),
+        (
+            "bad gzip",
+            vec![
+                ("Content-Type", "application/json"),
+                ("Content-Encoding", "gzip"),
+            ],
+            b"nope".to_vec(),
+            400,
+            "gzip",
+        ),
+        (
+            "unknown type",
+            vec![("Content-Type", "text/csv")],
+            b"a,b".to_vec(),
+            415,
+            "Content-Type",
+        ),
     ];
     for (what, headers, body, want, reason) in bad {
         let (code, b) = http_post(&addr, "/loki/api/v1/push", &headers, &body);
@@ -217,7 +266,13 @@ fn loki_push_in_every_encoding_and_bad_input() {
     assert!(body.contains("bad-name"), "{body}");
     assert_eq!(
         lines(&addr, sel),
-        vec!["json one", "json two", "gzip three", "proto four", "kept five"]
+        vec![
+            "json one",
+            "json two",
+            "gzip three",
+            "proto four",
+            "kept five"
+        ]
     );
 
     // OTLP logs in JSON: the resource's service names the stream, the record's
@@ -246,7 +301,9 @@ fn loki_push_in_every_encoding_and_bad_input() {
     let v: Value = serde_json::from_slice(&b).unwrap();
     // An int64: a string in proto3's JSON mapping, a number from some encoders.
     assert_eq!(
-        v["partialSuccess"]["rejectedLogRecords"].to_string().trim_matches('"'),
+        v["partialSuccess"]["rejectedLogRecords"]
+            .to_string()
+            .trim_matches('"'),
         "1",
         "{v}"
     );

@@ -2,6 +2,7 @@
 //! the pipeline), metric queries return series of points at each step.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::ast::*;
 use super::pipeline::{self, ERROR, LabelMap};
@@ -62,6 +63,8 @@ fn query_of<'a>(
 pub struct Line {
     pub ts_ns: i64,
     pub seq: u64,
+    /// The stream's labels as stored, and the labels after the pipeline.
+    pub stream: Arc<crate::Labels>,
     pub labels: LabelMap,
     pub line: String,
 }
@@ -117,6 +120,7 @@ pub fn select_lines(
                 Line {
                     ts_ns: en.ts_ns,
                     seq: en.seq,
+                    stream: l.clone(),
                     labels: o.labels,
                     line: o.line,
                 }

@@ -499,3 +499,101 @@ async fn run_tail(
         }
     }
 }
+
+/// Most context lines around a match.
+const MAX_CONTEXT: usize = 100;
+
+fn line_json(l: &Labels, ts_ns: i64, seq: u64, line: &str, matched: bool) -> serde_json::Value {
+    json!({
+        "ts_ns": ts_ns,
+        "seq": seq,
+        "labels": l.iter().collect::<BTreeMap<_, _>>(),
+        "line": line,
+        "match": matched,
+    })
+}
+
+/// `GET /capstan/v1/logs/search`: the CLI's `capstan logs --query/--grep -C N`.
+/// The newest `limit` lines a LogQL log query selects after `since_ns` (and
+/// after the cursor `after_seq`), oldest first, each with up to `context`
+/// lines of its stream before and after; groups that do not touch are
+/// separated by `{"sep": true}`. Answers `{"lines": […], "cursor": N}`.
+pub async fn search_logs(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
+    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let parsed = (|| {
+        let (expr, _, _) = query_params(&p)?;
+        let Expr::Log(e) = expr else {
+            return Err(bad("a metric query: use /loki/api/v1/query"));
+        };
+        let num = |k: &str, d: u64| -> Result<u64, Response> {
+            p.get(k).map_or(Ok(d), |v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("invalid parameter {k:?}: {v:?}")))
+            })
+        };
+        let limit = (num("limit", DEFAULT_LIMIT as u64)? as usize).min(MAX_LIMIT);
+        let context = (num("context", 0)? as usize).min(MAX_CONTEXT);
+        let since = match p.get("since_ns") {
+            Some(s) => s
+                .parse::<i64>()
+                .map_err(|_| bad(format!("invalid since_ns {s:?}")))?,
+            None => i64::MIN,
+        };
+        Ok((e, limit, context, since, num("after_seq", 0)?))
+    })();
+    let (e, limit, context, since, after_seq) = match parsed {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let out = blocking(move || {
+        let store = api.shared.logs.store();
+        let hi = store.last_seq();
+        let w = eval::Window {
+            from_ns: since,
+            to_ns: i64::MAX,
+            after_seq,
+            max_seq: hi,
+        };
+        let mut found = eval::select_lines(store, &e, w, limit, Direction::Backward)?;
+        found.reverse();
+        // Groups: a match with its context; overlapping groups of one stream merge.
+        let mut groups: Vec<(std::sync::Arc<Labels>, BTreeMap<(i64, u64), (String, bool)>)> =
+            Vec::new();
+        for m in found {
+            let mut g: BTreeMap<(i64, u64), (String, bool)> = BTreeMap::new();
+            let (before, after) = store.around(&m.stream, m.ts_ns, m.seq, context)?;
+            for c in before.into_iter().chain(after) {
+                g.insert((c.ts_ns, c.seq), (c.line, false));
+            }
+            g.insert((m.ts_ns, m.seq), (m.line, true));
+            let first = *g.keys().next().expect("the match is in it");
+            let last = groups.iter_mut().rev().find(|(l, _)| *l == m.stream);
+            match last {
+                Some((_, prev)) if prev.keys().next_back().is_some_and(|k| *k >= first) => {
+                    for (k, (line, matched)) in g {
+                        let e = prev.entry(k).or_insert((line, false));
+                        e.1 |= matched;
+                    }
+                }
+                _ => groups.push((m.stream.clone(), g)),
+            }
+        }
+        let mut lines = Vec::new();
+        for (i, (l, g)) in groups.iter().enumerate() {
+            if i > 0 && context > 0 {
+                lines.push(json!({"sep": true}));
+            }
+            for ((ts, seq), (line, matched)) in g {
+                lines.push(line_json(l, *ts, *seq, line, *matched));
+            }
+        }
+        Ok::<_, capstan_logstore::Error>(
+            axum::Json(json!({ "lines": lines, "cursor": hi })).into_response(),
+        )
+    })
+    .await;
+    match out {
+        Ok(Ok(r)) | Err(r) => r,
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}

@@ -54,6 +54,7 @@ pub fn router(api: Api) -> Router {
         .route("/down", post(down))
         .route("/events", get(events))
         .route("/logs", get(logs))
+        .route("/logs/search", get(loki::search_logs))
         .route("/tsdb/select", get(tsdb_select))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
     let ingest = Router::new()

@@ -25,6 +25,18 @@ pub struct LogsArgs {
     /// Show each line's time.
     #[arg(short = 't', long)]
     timestamps: bool,
+    /// A LogQL log query, e.g. '{service="web"} | json | status >= 500'.
+    #[arg(long, short = 'q')]
+    query: Option<String>,
+    /// Only lines matching this regular expression (with --query: added to it).
+    #[arg(long, short = 'g')]
+    grep: Option<String>,
+    /// Lines of context around each match of --query or --grep.
+    #[arg(short = 'C', long, value_name = "N")]
+    context: Option<usize>,
+    /// With --query or --grep: at most this many matches (the newest).
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
     /// Print JSON records instead of text.
     #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
     output: String,
@@ -42,7 +54,126 @@ fn parse_since(s: &str) -> Result<i64> {
     }
 }
 
+/// Percent-encodes a query parameter's value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A LogQL string literal.
+fn quote(s: &str) -> String {
+    if !s.contains('`') {
+        return format!("`{s}`");
+    }
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// The LogQL query `--query`, `--grep` and the services make.
+fn logql(a: &LogsArgs) -> String {
+    let mut q = match &a.query {
+        Some(q) => q.clone(),
+        None if a.services.is_empty() => r#"{service=~".+"}"#.to_owned(),
+        None => format!(
+            "{{service=~{}}}",
+            quote(
+                &a.services
+                    .iter()
+                    .map(|s| regex::escape(s))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            )
+        ),
+    };
+    if let Some(g) = &a.grep {
+        q.push_str(&format!(" |~ {}", quote(g)));
+    }
+    q
+}
+
+/// `--query`/`--grep`: matches (with context) from the daemon's LogQL search,
+/// then, with `--follow`, new matches every half second.
+async fn search(ctx: &Ctx, a: &LogsArgs) -> Result<i32> {
+    let client = ctx.client()?;
+    let q = logql(a);
+    let mut base = format!(
+        "/capstan/v1/logs/search?query={}&limit={}&context={}",
+        enc(&q),
+        a.limit,
+        a.context.unwrap_or(0)
+    );
+    if let Some(s) = &a.since {
+        base.push_str(&format!("&since_ns={}", parse_since(s)?));
+    }
+    let color = output::use_color();
+    let json = a.output == "json";
+    use std::io::Write;
+    let mut cursor = 0u64;
+    loop {
+        let v = client
+            .json(
+                hyper::Method::GET,
+                &format!("{base}&after_seq={cursor}"),
+                None,
+            )
+            .await?;
+        let mut out = std::io::stdout().lock();
+        for l in v["lines"].as_array().into_iter().flatten() {
+            let text = if json {
+                l.to_string()
+            } else if l["sep"].as_bool() == Some(true) {
+                "--".to_owned()
+            } else {
+                let labels = &l["labels"];
+                let who = match (labels["service"].as_str(), labels["replica"].as_str()) {
+                    (Some(s), Some(r)) => format!("{s}-{r}"),
+                    (Some(s), None) => s.to_owned(),
+                    _ => labels.to_string(),
+                };
+                let mark = if l["match"].as_bool() == Some(true) {
+                    '|'
+                } else {
+                    '-'
+                };
+                let mut s = output::paint(&format!("{who:<10} {mark}"), &who, color);
+                if a.timestamps {
+                    let ts = l["ts_ns"].as_i64().unwrap_or(0);
+                    s.push(' ');
+                    s.push_str(
+                        &jiff::Timestamp::from_nanosecond(i128::from(ts))
+                            .map(|t| t.to_string())
+                            .unwrap_or_default(),
+                    );
+                }
+                s.push(' ');
+                s.push_str(l["line"].as_str().unwrap_or(""));
+                s
+            };
+            if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+                return Ok(0);
+            }
+        }
+        cursor = v["cursor"].as_u64().unwrap_or(cursor);
+        if !a.follow {
+            return Ok(0);
+        }
+        drop(out);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 pub async fn logs(ctx: &Ctx, a: LogsArgs) -> Result<i32> {
+    if a.query.is_some() || a.grep.is_some() {
+        return search(ctx, &a).await;
+    }
+    if a.context.is_some() {
+        return Err(super::usage("-C goes with --query or --grep"));
+    }
     let client = ctx.client()?;
     let mut q = vec![format!("follow={}", a.follow)];
     if !a.services.is_empty() {

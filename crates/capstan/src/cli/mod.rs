@@ -4,6 +4,7 @@ mod load;
 mod logs;
 mod output;
 mod query;
+mod traces;
 mod up;
 
 use std::path::{Path, PathBuf};
@@ -82,8 +83,12 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
-    /// Show replicas' output, merged by time.
+    /// Show replicas' output, merged by time; search it with LogQL (--query, --grep, -C).
     Logs(logs::LogsArgs),
+    /// Search traces: capstan traces --service web --min-duration 300ms --errors
+    Traces(traces::TracesArgs),
+    /// Show one trace as a waterfall (--logs: with the log lines that carry its id).
+    Trace(traces::TraceArgs),
     /// Set replica counts: capstan scale web=5 worker=2
     Scale {
         #[command(flatten)]
@@ -269,6 +274,8 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Up(a) => a.f.file.clone(),
         Cmd::Daemon(a) => a.f.file.clone(),
         Cmd::Logs(a) => a.f.file.clone(),
+        Cmd::Traces(a) => a.f.file.clone(),
+        Cmd::Trace(a) => a.f.file.clone(),
         Cmd::Events { f, .. } => f.file.clone(),
         Cmd::Down { f }
         | Cmd::Ps { f, .. }
@@ -317,6 +324,8 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Logs(args) => logs::logs(&ctx, args).await,
+        Cmd::Traces(args) => traces::traces(&ctx, args).await,
+        Cmd::Trace(args) => traces::trace(&ctx, args).await,
         Cmd::Query(args) => query::query(&ctx, args).await,
         Cmd::Promtest(args) => query::promtest(args),
         Cmd::Load(args) => load::load(args).await,
