@@ -168,3 +168,65 @@ fn capture(input: &[u8]) -> Vec<(String, bool)> {
     }));
     lines
 }
+
+/// Push bodies (Loki JSON and protobuf, OTLP logs and traces in both
+/// encodings, gzip or not): never a panic, and what is accepted is valid.
+mod push_bodies {
+    use capstan::ingest::{Batch, loki, otlp};
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_800_000_000_000_000_000;
+
+    fn valid(b: &Batch) -> bool {
+        b.streams.iter().all(|(l, entries)| {
+            !l.is_empty()
+                && entries
+                    .iter()
+                    .all(|e| capstan::ingest::check_time(e.ts_ns, NOW).is_ok())
+        })
+    }
+
+    fn json_noise() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just(r#"{"streams":[{"stream":{"a":"b"},"values":[["#.to_string()),
+            Just(r#""1800000000000000000","line"]"#.to_string()),
+            Just(r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"#.to_string()),
+            Just(r#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"#.to_string()),
+            Just(r#""0102030405060708090a0b0c0d0e0f10","spanId":"0102030405060708""#.to_string()),
+            Just(r#""timeUnixNano":"1800000000000000000""#.to_string()),
+            "[\\[\\]{}:,\"0-9a-z ]{0,12}",
+        ];
+        prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..400), sel in 0u8..16) {
+            let ce = if sel & 1 == 1 { "gzip" } else { "" };
+            let enc = if sel & 8 == 0 { otlp::Encoding::Json } else { otlp::Encoding::Protobuf };
+            let r = match sel >> 1 & 3 {
+                0 => loki::decode_push("application/json", ce, &body, NOW),
+                1 => loki::decode_push("application/x-protobuf", "", &body, NOW),
+                2 => otlp::decode_logs(enc, ce, &body, NOW),
+                _ => otlp::decode_traces(enc, ce, &body, NOW),
+            };
+            if let Ok(b) = r {
+                prop_assert!(valid(&b));
+            }
+        }
+
+        #[test]
+        fn json_like_bodies_never_panic(text in json_noise()) {
+            for r in [
+                loki::decode_push("application/json", "", text.as_bytes(), NOW),
+                otlp::decode_logs(otlp::Encoding::Json, "", text.as_bytes(), NOW),
+                otlp::decode_traces(otlp::Encoding::Json, "", text.as_bytes(), NOW),
+            ] {
+                match r {
+                    Ok(b) => prop_assert!(valid(&b)),
+                    Err(e) => prop_assert!((400..500).contains(&e.status) && !e.reason.is_empty()),
+                }
+            }
+        }
+    }
+}
