@@ -208,6 +208,40 @@ fn eval(store: &Store, m: &MetricExpr, times: &[i64]) -> Result<Value, EvalError
             grouping,
             inner,
         } => {
+            // `sum by (…)` of a count, rate, byte count or sum per series is the
+            // same function over each group's lines: group while reading, so
+            // high-cardinality labels (ids in structured metadata) never
+            // become series.
+            if *op == AggOp::Sum
+                && let MetricExpr::Range {
+                    func,
+                    param,
+                    log,
+                    range_ns,
+                    offset_ns,
+                    grouping: None,
+                } = &**inner
+                && matches!(
+                    func,
+                    RangeFn::CountOverTime
+                        | RangeFn::Rate
+                        | RangeFn::BytesOverTime
+                        | RangeFn::BytesRate
+                        | RangeFn::SumOverTime
+                )
+            {
+                let all = Grouping::By(Vec::new());
+                return range(
+                    store,
+                    *func,
+                    *param,
+                    log,
+                    *range_ns,
+                    *offset_ns,
+                    Some(grouping.as_ref().unwrap_or(&all)),
+                    times,
+                );
+            }
             let v = eval(store, inner, times)?;
             let Value::Vector(series) = v else {
                 return Ok(v);
