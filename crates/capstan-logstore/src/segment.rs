@@ -222,6 +222,13 @@ pub fn read_block(file: &File, b: &BlockRef) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Reads only a block's token filter.
+pub fn read_tokens(file: &File, b: &BlockRef) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; (b.tokens.end - b.tokens.start) as usize];
+    file.read_exact_at(&mut buf, b.offset + u64::from(b.tokens.start))?;
+    Ok(buf)
+}
+
 /// Reads only a block's filters (one read: they are next to each other).
 pub fn read_filters(file: &File, b: &BlockRef) -> std::io::Result<Filters> {
     let mut buf = vec![0u8; (b.tokens.end - b.filter.start) as usize];

@@ -861,11 +861,23 @@ impl Store {
                 return Ok(());
             }
         }
+        // A lookup by metadata alone (a trace id) reads only the small token
+        // filters, one after the other: no threads for blocks it skips.
+        if contains.is_empty() && !tokens.is_empty() {
+            let mut kept = Vec::new();
+            for c in cands {
+                let t = segment::read_tokens(&c.0, &c.2.r).map_err(|e| io(&c.1, e))?;
+                if tokens.iter().all(|tk| filter::may_have_token(&t, tk)) {
+                    kept.push(c);
+                }
+            }
+            cands = kept;
+        }
         // Blocks are read and decoded a few at a time in parallel, then handed
         // to `f` in order.
         let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
         let load = |(file, path, b): &(Arc<File>, PathBuf, Block)| -> Result<Option<Batch>, Error> {
-            if !contains.is_empty() || !tokens.is_empty() {
+            if !contains.is_empty() {
                 let flt = segment::read_filters(file, &b.r).map_err(|e| io(path, e))?;
                 if !contains
                     .iter()

@@ -79,7 +79,12 @@ fn get(addr: &str, path: &str) -> (u16, String) {
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
     let code = out[9..12].parse().unwrap();
-    (code, out.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default())
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default(),
+    )
 }
 
 /// The daemon's CPU seconds so far.
@@ -133,7 +138,11 @@ fn start(bin: &Path, corpus: &Path) -> Daemon {
         .arg(dir.join("capstan.yaml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(".capstan/daemon.json")).unwrap()).unwrap();
     Daemon {
@@ -160,6 +169,14 @@ fn count(addr: &str, selector: &str) -> u64 {
         .unwrap_or(0)
 }
 
+fn last_line_seen(addr: &str) -> bool {
+    let (_, body) = get(
+        addr,
+        "/loki/api/v1/query_range?query=%7Bservice%3D%22printer%22%7D%20%7C%3D%20%22corpus-end-marker%22&limit=1&start=0",
+    );
+    body.contains("corpus-end-marker\"")
+}
+
 fn kv(k: &str, v: &str) -> KeyValue {
     KeyValue {
         key: k.into(),
@@ -171,8 +188,12 @@ fn kv(k: &str, v: &str) -> KeyValue {
 }
 
 fn main() {
-    let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10);
-    let bin = PathBuf::from(std::env::var("CAPSTAN_BIN").unwrap_or("target/release/capstan".into()));
+    let secs: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let bin =
+        PathBuf::from(std::env::var("CAPSTAN_BIN").unwrap_or("target/release/capstan".into()));
     let mut r = Rng(0x9E37_79B9_7F4A_7C15);
 
     // Captured stdout: a corpus file the service prints at once.
@@ -185,6 +206,8 @@ fn main() {
         corpus_bytes += l.len() as u64 + 1;
         writeln!(f, "{l}").unwrap();
     }
+    // The last line marks the end: found through the block filters, cheaply.
+    writeln!(f, "corpus-end-marker").unwrap();
     f.flush().unwrap();
     drop(f);
     let d = start(&bin, &corpus);
@@ -194,12 +217,20 @@ fn main() {
     std::fs::write(d.dir.join("go"), "").unwrap();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        if count(&d.addr, r#"{service="printer"}"#) >= lines_n {
+        if last_line_seen(&d.addr) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(600), "captured lines never all arrived");
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "captured lines never all arrived"
+        );
     }
     let (wall, used) = (t0.elapsed().as_secs_f64(), cpu(d.pid) - c0);
+    assert_eq!(
+        count(&d.addr, r#"{service="printer"}"#),
+        lines_n + 1,
+        "every captured line stored"
+    );
     let mb = corpus_bytes as f64 / 1e6;
     println!(
         "captured stdout: {lines_n} lines, {mb:.0} MB in {wall:.2} s wall, {used:.2} CPU s: {:.1} MB/s per core, {:.0}k lines/s per core (wall {:.1} MB/s)",
@@ -217,9 +248,8 @@ fn main() {
         let mut batch_no = 0u64;
         while t0.elapsed() < Duration::from_secs(secs) {
             let base = now_ns();
-            let mut streams: Vec<(String, Vec<(i64, String)>)> = (0..10)
-                .map(|s| (format!("pod-{s}"), Vec::new()))
-                .collect();
+            let mut streams: Vec<(String, Vec<(i64, String)>)> =
+                (0..10).map(|s| (format!("pod-{s}"), Vec::new())).collect();
             for i in 0..1000u64 {
                 let l = json_line(&mut r, (base / 1_000_000) as u64);
                 bytes += l.len() as u64;
@@ -232,7 +262,11 @@ fn main() {
                 for (pod, entries) in &streams {
                     // PushRequest.streams (1) → StreamAdapter {labels (1), entries (2)}.
                     let mut s = Vec::new();
-                    prost::encoding::string::encode(1, &format!("{{app=\"bench\", pod=\"{pod}\", enc=\"proto\"}}"), &mut s);
+                    prost::encoding::string::encode(
+                        1,
+                        &format!("{{app=\"bench\", pod=\"{pod}\", enc=\"proto\"}}"),
+                        &mut s,
+                    );
                     for (ts, line) in entries {
                         let mut t = Vec::new();
                         prost::encoding::int64::encode(1, &(ts / 1_000_000_000), &mut t);
@@ -245,13 +279,23 @@ fn main() {
                     prost::encoding::bytes::encode(1, &s, &mut req);
                 }
                 let body = snap::raw::Encoder::new().compress_vec(&req).unwrap();
-                post(&d.addr, "/loki/api/v1/push", "application/x-protobuf", &body)
+                post(
+                    &d.addr,
+                    "/loki/api/v1/push",
+                    "application/x-protobuf",
+                    &body,
+                )
             } else {
                 let body = serde_json::json!({"streams": streams.iter().map(|(pod, entries)| serde_json::json!({
                     "stream": {"app": "bench", "pod": pod, "enc": "json"},
                     "values": entries.iter().map(|(ts, l)| serde_json::json!([ts.to_string(), l])).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>()});
-                post(&d.addr, "/loki/api/v1/push", "application/json", body.to_string().as_bytes())
+                post(
+                    &d.addr,
+                    "/loki/api/v1/push",
+                    "application/json",
+                    body.to_string().as_bytes(),
+                )
             };
             assert_eq!(code, 204, "batch {batch_no}");
         }
@@ -277,13 +321,20 @@ fn main() {
             for k in 0..10u64 {
                 out.push(Span {
                     trace_id: trace.clone(),
-                    span_id: if k == 0 { root.clone() } else { r.next().to_be_bytes().to_vec() },
+                    span_id: if k == 0 {
+                        root.clone()
+                    } else {
+                        r.next().to_be_bytes().to_vec()
+                    },
                     parent_span_id: if k == 0 { Vec::new() } else { root.clone() },
                     name: PATHS[(k % 6) as usize].to_owned(),
                     kind: if k == 0 { 2 } else { 3 },
                     start_time_unix_nano: base + k * 1000,
                     end_time_unix_nano: base + k * 1000 + r.below(50_000_000),
-                    attributes: vec![kv("http.method", "GET"), kv("user.id", &format!("u{}", r.below(5000)))],
+                    attributes: vec![
+                        kv("http.method", "GET"),
+                        kv("user.id", &format!("u{}", r.below(5000))),
+                    ],
                     ..Default::default()
                 });
             }
@@ -304,7 +355,15 @@ fn main() {
                 ..Default::default()
             }],
         };
-        assert_eq!(post(&d.addr, "/v1/traces", "application/x-protobuf", &req.encode_to_vec()), 200);
+        assert_eq!(
+            post(
+                &d.addr,
+                "/v1/traces",
+                "application/x-protobuf",
+                &req.encode_to_vec()
+            ),
+            200
+        );
         spans += 1000;
     }
     let (wall, used) = (t0.elapsed().as_secs_f64(), cpu(d.pid) - c0);

@@ -38,6 +38,75 @@ fn labels(service: &str, replica: u32, stream: Stream) -> Labels {
     ])
 }
 
+/// A JSON value kept only when it is a string.
+struct Str<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Str<'de>, A::Error> {
+                while a.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<Str<'de>, A::Error> {
+                while a.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                Ok(Str(std::borrow::Cow::Borrowed("")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The keys `lift` looks for in a JSON line.
+#[derive(serde::Deserialize)]
+struct Lifted<'a> {
+    #[serde(borrow)]
+    level: Option<Str<'a>>,
+    #[serde(borrow)]
+    lvl: Option<Str<'a>>,
+    #[serde(borrow)]
+    severity: Option<Str<'a>>,
+    #[serde(borrow)]
+    trace_id: Option<Str<'a>>,
+    #[serde(borrow, rename = "traceId")]
+    trace_id_camel: Option<Str<'a>>,
+    #[serde(borrow, rename = "traceID")]
+    trace_id_upper: Option<Str<'a>>,
+    #[serde(borrow)]
+    span_id: Option<Str<'a>>,
+    #[serde(borrow, rename = "spanId")]
+    span_id_camel: Option<Str<'a>>,
+    #[serde(borrow, rename = "spanID")]
+    span_id_upper: Option<Str<'a>>,
+}
+
 /// `level`, `trace_id`, `span_id` of a JSON object or logfmt line.
 pub fn lift(line: &str) -> Vec<(String, String)> {
     const KEYS: [(&str, &str); 9] = [
@@ -62,10 +131,21 @@ pub fn lift(line: &str) -> Vec<(String, String)> {
     };
     let t = line.trim_start();
     if t.starts_with('{') {
-        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(t) {
-            for (k, v) in m {
-                if let serde_json::Value::String(s) = v {
-                    put(&k, s);
+        // Only the wanted keys are kept; the rest is skipped without building values.
+        if let Ok(m) = serde_json::from_str::<Lifted<'_>>(t) {
+            for (k, v) in [
+                ("level", m.level),
+                ("lvl", m.lvl),
+                ("severity", m.severity),
+                ("trace_id", m.trace_id),
+                ("traceId", m.trace_id_camel),
+                ("traceID", m.trace_id_upper),
+                ("span_id", m.span_id),
+                ("spanId", m.span_id_camel),
+                ("spanID", m.span_id_upper),
+            ] {
+                if let Some(Str(v)) = v {
+                    put(k, v.into_owned());
                 }
             }
         }
