@@ -272,7 +272,8 @@ impl TraceStore {
 
 /// Spans as OTLP `ResourceSpans`: one per resource and scope, as they came.
 pub fn resource_spans(rows: Vec<SpanRow>) -> Vec<ResourceSpans> {
-    let mut groups: BTreeMap<Vec<(String, String)>, (Arc<Labels>, Vec<Span>)> = BTreeMap::new();
+    type Key = Vec<(String, String)>;
+    let mut groups: BTreeMap<Key, (Arc<Labels>, Vec<Span>)> = BTreeMap::new();
     for r in rows {
         let key: Vec<(String, String)> = r
             .resource

@@ -180,7 +180,8 @@ fn loki_push_in_every_encoding_and_bad_input() {
     );
 
     // Bad bodies: 4xx with the reason, nothing stored.
-    let bad: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+    let bad: Vec<Case> = vec![
         (
             "malformed JSON",
             vec![("Content-Type", "application/json")],

@@ -23,7 +23,7 @@ use crate::ingest::{Batch, Refused, loki};
 /// Largest request body, compressed.
 pub const MAX_BODY: usize = 32 << 20;
 
-fn header<'a>(h: &'a HeaderMap, name: header::HeaderName) -> &'a str {
+fn header(h: &HeaderMap, name: header::HeaderName) -> &str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
@@ -173,7 +173,7 @@ pub async fn otlp_logs(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
         Ok((enc, rejected, why)) => otlp_answer(
             enc,
             &ExportLogsServiceResponse {
-                partial_success: (rejected > 0).then(|| ExportLogsPartialSuccess {
+                partial_success: (rejected > 0).then_some(ExportLogsPartialSuccess {
                     rejected_log_records: rejected,
                     error_message: why,
                 }),
@@ -196,7 +196,7 @@ pub async fn otlp_traces(State(api): State<Api>, headers: HeaderMap, body: Bytes
         Ok((enc, rejected, why)) => otlp_answer(
             enc,
             &ExportTraceServiceResponse {
-                partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
+                partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
                     rejected_spans: rejected,
                     error_message: why,
                 }),

@@ -500,6 +500,9 @@ async fn run_tail(
     }
 }
 
+/// A match and its context: lines by (time, sequence), with whether each matched.
+type Group = BTreeMap<(i64, u64), (String, bool)>;
+
 /// Most context lines around a match.
 const MAX_CONTEXT: usize = 100;
 
@@ -557,10 +560,9 @@ pub async fn search_logs(State(api): State<Api>, RawQuery(q): RawQuery) -> Respo
         let mut found = eval::select_lines(store, &e, w, limit, Direction::Backward)?;
         found.reverse();
         // Groups: a match with its context; overlapping groups of one stream merge.
-        let mut groups: Vec<(std::sync::Arc<Labels>, BTreeMap<(i64, u64), (String, bool)>)> =
-            Vec::new();
+        let mut groups: Vec<(std::sync::Arc<Labels>, Group)> = Vec::new();
         for m in found {
-            let mut g: BTreeMap<(i64, u64), (String, bool)> = BTreeMap::new();
+            let mut g: Group = BTreeMap::new();
             let (before, after) = store.around(&m.stream, m.ts_ns, m.seq, context)?;
             for c in before.into_iter().chain(after) {
                 g.insert((c.ts_ns, c.seq), (c.line, false));

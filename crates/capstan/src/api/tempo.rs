@@ -5,6 +5,8 @@
 //! `/api/search/tag/<name>/values`, `/api/echo`. And the correlation:
 //! `/api/traces/<id>/logs`, the log lines that carry the trace id.
 
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeSet;
 
 use axum::body::Bytes;

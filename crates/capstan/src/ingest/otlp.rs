@@ -67,7 +67,7 @@ pub fn value_text(v: &AnyValue) -> String {
         Some(any_value::Value::DoubleValue(d)) => d.to_string(),
         Some(any_value::Value::BytesValue(b)) => hex(b),
         Some(any_value::Value::ArrayValue(a)) => {
-            serde_json::Value::Array(a.values.iter().map(|v| value_json(v)).collect()).to_string()
+            serde_json::Value::Array(a.values.iter().map(value_json).collect()).to_string()
         }
         Some(any_value::Value::KvlistValue(kv)) => kv_json(&kv.values).to_string(),
         Some(any_value::Value::StringValueStrindex(_)) | None => String::new(),

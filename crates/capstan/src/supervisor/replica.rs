@@ -518,20 +518,6 @@ impl Sampler {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let b = Duration::from_millis(100);
-        assert_eq!(backoff(b, 1), Duration::from_millis(100));
-        assert_eq!(backoff(b, 2), Duration::from_millis(200));
-        assert_eq!(backoff(b, 4), Duration::from_millis(800));
-        assert_eq!(backoff(b, 20), MAX_BACKOFF);
-    }
-}
-
 /// Points OpenTelemetry SDKs at capstan's OTLP/HTTP endpoints (unless the
 /// service's environment says otherwise): the endpoint, the protocol, the
 /// service name, and the replica as a resource attribute, which puts its OTLP
@@ -557,4 +543,18 @@ fn otel_env(env: &mut BTreeMap<String, String>, shared: &Shared, service: &str, 
         attrs.push(',');
     }
     attrs.push_str(&format!("capstan.replica={idx}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Duration::from_millis(100);
+        assert_eq!(backoff(b, 1), Duration::from_millis(100));
+        assert_eq!(backoff(b, 2), Duration::from_millis(200));
+        assert_eq!(backoff(b, 4), Duration::from_millis(800));
+        assert_eq!(backoff(b, 20), MAX_BACKOFF);
+    }
 }
