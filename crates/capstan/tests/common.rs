@@ -463,3 +463,15 @@ services:
       metrics: {disable: true}
       proxy: {access_log: false}
 "#;
+
+/// Percent-encodes a query parameter's value.
+pub fn enc(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -9,17 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn enc(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[test]
 fn logql_through_the_loki_api() {
     let port = free_port();

@@ -56,17 +56,6 @@ fn now_ns() -> i64 {
         .as_nanos() as i64
 }
 
-fn enc(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Lines of `selector`, oldest first, from the Loki query API.
 fn lines(addr: &str, selector: &str) -> Vec<String> {
     let (code, body) = http_fetch(

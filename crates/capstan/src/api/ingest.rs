@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 
 use super::Api;
+use super::blocking;
 use crate::ingest::otlp::{self, Encoding};
 use crate::ingest::{Batch, Refused, loki};
 
@@ -28,22 +29,10 @@ fn header(h: &HeaderMap, name: header::HeaderName) -> &str {
 }
 
 fn plain(status: u16, msg: impl std::fmt::Display) -> Response {
-    (
+    super::text(
         StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-        format!("{msg}\n"),
+        msg,
     )
-        .into_response()
-}
-
-fn internal(e: impl std::fmt::Display) -> Response {
-    plain(500, format!("cannot store: {e}"))
-}
-
-/// Runs a store write off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Response> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)
 }
 
 pub async fn loki_push(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {

@@ -19,15 +19,12 @@ use serde_json::json;
 
 use super::Api;
 use super::prom::Params;
+use super::{bad_request as bad, blocking};
 
 /// Loki's default and largest line limits.
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 5000;
 const HOUR_NS: i64 = 3_600_000_000_000;
-
-fn bad(msg: impl std::fmt::Display) -> Response {
-    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
-}
 
 fn now_ns() -> i64 {
     crate::logs::now_ns()
@@ -133,19 +130,6 @@ fn streams_json(streams: Vec<eval::Stream>) -> serde_json::Value {
             }))
             .collect::<Vec<_>>()
     )
-}
-
-/// Runs the store's work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Response> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("query failed: {e}\n"),
-        )
-            .into_response()
-    })
 }
 
 /// What both query endpoints take: the parsed query, the line limit and the

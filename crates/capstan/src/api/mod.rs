@@ -153,6 +153,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A plain-text answer with `status` (Loki's and Tempo's error bodies).
+pub(crate) fn text(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (status, format!("{msg}\n")).into_response()
+}
+
+pub(crate) fn bad_request(msg: impl std::fmt::Display) -> Response {
+    text(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Runs store work off the async threads; a panic in it answers 500.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the request failed: {e}"),
+        )
+    })
+}
+
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
     (
         code,

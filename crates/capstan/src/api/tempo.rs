@@ -19,6 +19,7 @@ use prost::Message;
 use serde_json::json;
 
 use super::Api;
+use super::bad_request as bad;
 use super::prom::Params;
 use crate::traces::{self, Search, normalize_id};
 
@@ -27,18 +28,12 @@ const MAX_LIMIT: usize = 1000;
 /// Most log lines `/api/traces/<id>/logs` returns.
 const MAX_LOGS: usize = 5000;
 
-fn bad(msg: impl std::fmt::Display) -> Response {
-    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
-}
-
 fn internal(e: impl std::fmt::Display) -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+    super::text(StatusCode::INTERNAL_SERVER_ERROR, e)
 }
 
 async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Response {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(internal)
+    super::blocking(f).await.unwrap_or_else(|r| r)
 }
 
 fn trace_rows(api: &Api, id: &str) -> Result<Vec<traces::SpanRow>, Response> {

@@ -54,18 +54,6 @@ fn parse_since(s: &str) -> Result<i64> {
     }
 }
 
-/// Percent-encodes a query parameter's value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// A LogQL string literal.
 fn quote(s: &str) -> String {
     if !s.contains('`') {
@@ -103,7 +91,7 @@ async fn search(ctx: &Ctx, a: &LogsArgs) -> Result<i32> {
     let q = logql(a);
     let mut base = format!(
         "/capstan/v1/logs/search?query={}&limit={}&context={}",
-        enc(&q),
+        crate::scrape::encode(&q),
         a.limit,
         a.context.unwrap_or(0)
     );

@@ -53,17 +53,6 @@ pub struct TraceArgs {
     output: Output,
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn ms(ns: i64) -> String {
     let ms = ns as f64 / 1e6;
     if ms >= 1000.0 {
@@ -88,7 +77,7 @@ pub async fn traces(ctx: &Ctx, a: TracesArgs) -> Result<i32> {
         ("maxDuration", &a.max_duration),
     ] {
         if let Some(v) = v {
-            q.push(format!("{k}={}", enc(v)));
+            q.push(format!("{k}={}", crate::scrape::encode(v)));
         }
     }
     if a.errors {
@@ -102,7 +91,7 @@ pub async fn traces(ctx: &Ctx, a: TracesArgs) -> Result<i32> {
             };
             tags.push(format!("{k}={}", serde_json::to_string(v)?));
         }
-        q.push(format!("tags={}", enc(&tags.join(" "))));
+        q.push(format!("tags={}", crate::scrape::encode(&tags.join(" "))));
     }
     if let Some(s) = &a.since {
         let d = crate::spec::parse_duration(s).map_err(|e| usage(format!("--since: {e}")))?;
