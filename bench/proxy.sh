@@ -2,12 +2,13 @@
 # The proxy beside nginx (Debian's nginx-light as a keep-alive reverse proxy to
 # the same two demo replicas) and direct access to one replica: throughput with
 # wrk, and latency at a moderate constant rate with `capstan load --rate`.
-# Usage: [ROUNDS=3] [ACCESS_LOG=false] bench/proxy.sh [SECONDS] [RATE]
+# Usage: [ROUNDS=3] [ACCESS_LOG=false] [TRACES=false] bench/proxy.sh [SECONDS] [RATE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 rate=${2:-2000}
 # ACCESS_LOG=false turns off capstan's access log (nginx keeps its own).
+# TRACES=false turns off the proxy's request spans.
 missing=()
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
@@ -41,7 +42,7 @@ services:
     x-capstan:
       healthcheck: {http: /healthz, interval: 1s}
       metrics: {disable: true}
-      proxy: {access_log: ${ACCESS_LOG:-true}}
+      proxy: {access_log: ${ACCESS_LOG:-true}, traces: ${TRACES:-true}}
     deploy: {replicas: 2}
 EOF
 target/release/capstan up -d -f "$work/stack/capstan.yaml" --listen 127.0.0.1:0 >/dev/null

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
@@ -50,10 +52,9 @@ sys.stdout.flush()
 time.sleep(3600)
 "#;
 
-#[test]
-fn a_python_sdk_trace_is_found_by_id_by_search_and_with_its_logs() {
-    // The python3 on PATH: the one scripts/test installed the SDK into.
-    let python = std::env::var_os("PATH")
+/// The python3 on PATH: the one scripts/test installed the SDK into.
+fn python() -> String {
+    std::env::var_os("PATH")
         .and_then(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("python3"))
@@ -61,7 +62,12 @@ fn a_python_sdk_trace_is_found_by_id_by_search_and_with_its_logs() {
         })
         .expect("python3 on PATH")
         .display()
-        .to_string();
+        .to_string()
+}
+
+#[test]
+fn a_python_sdk_trace_is_found_by_id_by_search_and_with_its_logs() {
+    let python = python();
     let s = TestStack::new(&format!(
         r#"
 services:
@@ -264,4 +270,205 @@ services:
         "{out}"
     );
     assert!(lines[2].contains("card declined"), "{out}");
+}
+
+/// An HTTP service instrumented with the SDK: each request's server span takes
+/// its parent from the `traceparent` the proxy sends, and the response tells
+/// what the service saw.
+const WEB_APP: &str = r#"
+import json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from opentelemetry.propagate import extract
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.trace import SpanKind
+
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+tracer = provider.get_tracer("web.handler")
+
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ctx = extract(dict(self.headers.items()))
+        with tracer.start_as_current_span("handle " + self.path, context=ctx, kind=SpanKind.SERVER) as s:
+            c = s.get_span_context()
+            body = json.dumps({
+                "traceparent": self.headers.get("traceparent"),
+                "trace_id": format(c.trace_id, "032x"),
+                "span_id": format(c.span_id, "016x"),
+                "sampled": s.is_recording(),
+            }).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// GET through the proxy with optional extra header lines; the JSON body.
+fn get_json(port: u16, path: &str, headers: &str) -> Value {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: shop.test\r\nUser-Agent: otel-test\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert_eq!(out.get(9..12), Some("200"), "{out}");
+    serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+#[test]
+fn proxy_spans_join_the_applications_spans_in_one_trace() {
+    let python = python();
+    let port = free_port();
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  shop:
+    command: ["{python}", "web.py"]
+    environment: {{CAPSTAN_TEST_MARKER: "{{marker}}", PYTHONUNBUFFERED: "1"}}
+    ports: ["127.0.0.1:{port}:http"]
+    x-capstan:
+      metrics: {{disable: true}}
+"#
+    ));
+    std::fs::write(s.file().parent().unwrap().join("web.py"), WEB_APP).unwrap();
+    s.up();
+    let addr = daemon_addr(&s);
+    let spans_of = |tid: &str| -> Option<Vec<(String, Value)>> {
+        let (code, body) = http_fetch(&addr, &format!("/api/traces/{tid}"));
+        if code != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let mut out = Vec::new();
+        for b in v["batches"].as_array()? {
+            for ss in b["scopeSpans"].as_array()? {
+                let scope = ss["scope"]["name"].as_str().unwrap_or("").to_owned();
+                for sp in ss["spans"].as_array()? {
+                    out.push((scope.clone(), sp.clone()));
+                }
+            }
+        }
+        Some(out)
+    };
+    let attr = |s: &Value, k: &str| -> Value {
+        s["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|kv| kv["key"] == k)
+            .map(|kv| kv["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+
+    // Not sampled by the caller: the app sees the caller's context untouched and
+    // the proxy records nothing (checked below, once later requests are in).
+    let quiet = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let seen = wait_for("the app behind the proxy", Duration::from_secs(30), || {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(c, "GET /quiet HTTP/1.1\r\nHost: shop.test\r\ntraceparent: {quiet}\r\nConnection: close\r\n\r\n").ok()?;
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        let v: Value = serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()?;
+        Some(v)
+    });
+    assert_eq!(seen["traceparent"], quiet);
+    assert_eq!(seen["sampled"], false);
+
+    // A caller's sampled context: caller span → proxy span → app span.
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let seen = get_json(port, "/cart?id=7", &format!("traceparent: {caller}\r\n"));
+    let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
+    assert_eq!(seen["trace_id"], tid);
+    let forwarded = seen["traceparent"].as_str().unwrap();
+    assert!(forwarded.starts_with(&format!("00-{tid}-")) && forwarded.ends_with("-01"));
+    let proxy_span_id = &forwarded[36..52];
+    assert_ne!(proxy_span_id, "00f067aa0ba902b7");
+    let spans = wait_for(
+        "both spans of the caller's trace",
+        Duration::from_secs(30),
+        || spans_of(tid).filter(|s| s.len() == 2),
+    );
+    let (_, proxy) = spans
+        .iter()
+        .find(|(scope, _)| scope == "capstan.proxy")
+        .unwrap();
+    let (_, app) = spans
+        .iter()
+        .find(|(scope, _)| scope == "web.handler")
+        .unwrap();
+    assert_eq!(proxy["spanId"], proxy_span_id);
+    assert_eq!(proxy["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(app["parentSpanId"], proxy_span_id);
+    assert_eq!(app["spanId"], seen["span_id"]);
+    assert_eq!(proxy["name"], "GET");
+    assert_eq!(proxy["kind"], 2);
+    assert_eq!(attr(proxy, "url.path")["stringValue"], "/cart");
+    assert_eq!(attr(proxy, "url.query")["stringValue"], "id=7");
+    assert_eq!(
+        attr(proxy, "user_agent.original")["stringValue"],
+        "otel-test"
+    );
+    assert_eq!(
+        attr(proxy, "http.response.status_code")["intValue"]
+            .to_string()
+            .trim_matches('"'),
+        "200"
+    );
+    let num = |s: &Value, k: &str| -> i64 { s[k].as_str().unwrap().parse().unwrap() };
+    assert!(num(proxy, "startTimeUnixNano") <= num(app, "startTimeUnixNano"));
+    assert!(num(proxy, "endTimeUnixNano") >= num(app, "endTimeUnixNano"));
+
+    // No context: the proxy starts the trace and its span is the root.
+    let seen = get_json(port, "/fresh", "");
+    let tid = seen["trace_id"].as_str().unwrap().to_owned();
+    let spans = wait_for("both spans of a new trace", Duration::from_secs(30), || {
+        spans_of(&tid).filter(|s| s.len() == 2)
+    });
+    let (_, proxy) = spans
+        .iter()
+        .find(|(scope, _)| scope == "capstan.proxy")
+        .unwrap();
+    let (_, app) = spans
+        .iter()
+        .find(|(scope, _)| scope == "web.handler")
+        .unwrap();
+    assert!(
+        proxy["parentSpanId"].as_str().unwrap_or("").is_empty(),
+        "{proxy}"
+    );
+    assert_eq!(app["parentSpanId"], proxy["spanId"]);
+    // The search lists the trace under its root, the proxy's span.
+    let (code, body) = http_fetch(&addr, "/api/search?tags=url.path%3D%2Ffresh");
+    assert_eq!(code, 200);
+    let found: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(found["traces"][0]["traceID"], tid.as_str(), "{body}");
+    assert_eq!(found["traces"][0]["rootTraceName"], "GET");
+    assert_eq!(found["traces"][0]["spanCount"], 2);
+    // The access log line carries the same trace id.
+    let logs = wait_for("the access log line", Duration::from_secs(10), || {
+        let l = s.stored_logs("shop");
+        l.contains("path=\"/fresh\"").then_some(l)
+    });
+    let line = logs
+        .lines()
+        .find(|l| l.contains("path=\"/fresh\""))
+        .unwrap();
+    assert!(line.contains(&format!("trace_id={tid}")), "{line}");
+
+    // The unsampled request, sent first, left no span.
+    assert_eq!(
+        http_fetch(&addr, "/api/traces/0af7651916cd43dd8448eb211c80319c").0,
+        404
+    );
 }

@@ -12,6 +12,7 @@ use capstan_logstore::{Entry, Labels};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
 use super::{Batch, Refused, check_time, decode_body, hex};
@@ -211,8 +212,19 @@ pub fn decode_logs(
     Ok(out)
 }
 
+/// A span as the span store keeps it: its OTLP JSON, at its start, with its
+/// trace id as structured metadata.
+pub fn span_entry(s: &Span) -> Result<Entry, serde_json::Error> {
+    Ok(Entry {
+        ts_ns: i64::try_from(s.start_time_unix_nano).unwrap_or(i64::MAX),
+        seq: 0,
+        line: serde_json::to_string(s)?,
+        meta: vec![("trace_id".into(), hex(&s.trace_id))],
+    })
+}
+
 /// Labels of a span's stream: its resource attributes (as text) and its scope.
-fn span_labels(res: &[KeyValue], scope: Option<(&str, &str)>) -> Labels {
+pub fn span_labels(res: &[KeyValue], scope: Option<(&str, &str)>) -> Labels {
     let mut pairs: Vec<(String, String)> = res
         .iter()
         .filter_map(|kv| Some((kv.key.clone(), value_text(kv.value.as_ref()?))))
@@ -276,20 +288,10 @@ pub fn decode_traces(
                     out.refuse(|| format!("{}: ends before it starts", at()));
                     continue;
                 }
-                let trace = hex(&s.trace_id);
-                let line = match serde_json::to_string(&s) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        out.refuse(|| format!("{}: cannot encode: {e}", at()));
-                        continue;
-                    }
-                };
-                entries.push(Entry {
-                    ts_ns: start,
-                    seq: 0,
-                    line,
-                    meta: vec![("trace_id".into(), trace)],
-                });
+                match span_entry(&s) {
+                    Ok(e) => entries.push(e),
+                    Err(e) => out.refuse(|| format!("{}: cannot encode: {e}", at())),
+                }
             }
             if !entries.is_empty() {
                 out.streams.push((labels.clone(), entries));

@@ -13,13 +13,16 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
+use opentelemetry_proto::tonic::trace::v1::{Span, Status, span::SpanKind};
 use tokio::net::TcpListener;
 
 use super::balance::{Lease, Unavailable};
 use super::body::{OnDone, ReqBody, RespBody, TooLarge};
 use super::metrics::method_label;
 use super::pool::{Pool, SendError};
-use super::{AccessLine, Ctx};
+use super::{Ctx, Finished};
 
 /// Serves HTTP on the listener until the task is aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
@@ -64,6 +67,7 @@ struct Finish {
     replica: Option<u32>,
     client: Arc<str>,
     trace_id: String,
+    span: Option<SpanStart>,
     retries: u32,
     access_log: bool,
     lease: Option<Lease>,
@@ -80,42 +84,134 @@ impl OnDone for Finish {
             lease.ep.pool.put(conn);
         }
         self.lease = None;
-        if self.access_log {
-            use std::fmt::Write;
-            let us = (secs * 1e6) as u64;
-            let mut line = String::with_capacity(128 + self.path.len());
-            let _ = write!(
-                line,
-                "method={} path={:?} status={} bytes={bytes} duration_ms={}.{:03} replica=",
-                self.method,
-                self.path,
-                self.status,
-                us / 1000,
-                us % 1000,
-            );
-            match self.replica {
-                Some(r) => {
-                    let _ = write!(line, "{r}");
-                }
-                None => line.push('-'),
-            }
-            let _ = write!(line, " client={} trace_id={}", self.client, self.trace_id);
-            if self.retries > 0 {
-                line.push_str(&format!(" retries={}", self.retries));
-            }
-            if !completed {
-                line.push_str(" aborted=true");
-            }
-            let _ = self.ctx.access.try_send(AccessLine {
+        let line = self
+            .access_log
+            .then(|| self.access_line(bytes, us_of(secs), completed));
+        let span = self
+            .span
+            .take()
+            .map(|s| self.span(s, bytes, secs, completed));
+        if line.is_some() || span.is_some() {
+            let _ = self.ctx.access.try_send(Finished {
                 service: b.service.clone(),
                 replica: self.replica.unwrap_or(0),
                 line,
+                span,
             });
         }
     }
 }
 
+fn us_of(secs: f64) -> u64 {
+    (secs * 1e6) as u64
+}
+
+/// The proxy's span of one request, started: its ids and what the end adds to.
+struct SpanStart {
+    ids: SpanIds,
+    start_unix_ns: u64,
+    user_agent: Option<String>,
+}
+
 impl Finish {
+    /// The request as one logfmt line.
+    fn access_line(&self, bytes: u64, us: u64, completed: bool) -> String {
+        use std::fmt::Write;
+        let mut line = String::with_capacity(128 + self.path.len());
+        let _ = write!(
+            line,
+            "method={} path={:?} status={} bytes={bytes} duration_ms={}.{:03} replica=",
+            self.method,
+            self.path,
+            self.status,
+            us / 1000,
+            us % 1000,
+        );
+        match self.replica {
+            Some(r) => {
+                let _ = write!(line, "{r}");
+            }
+            None => line.push('-'),
+        }
+        let _ = write!(line, " client={} trace_id={}", self.client, self.trace_id);
+        if self.retries > 0 {
+            let _ = write!(line, " retries={}", self.retries);
+        }
+        if !completed {
+            line.push_str(" aborted=true");
+        }
+        line
+    }
+
+    /// The request as an OTLP server span (HTTP semantic conventions).
+    fn span(&self, s: SpanStart, bytes: u64, secs: f64, completed: bool) -> Span {
+        let text = |k: &str, v: &str| KeyValue {
+            key: k.to_owned(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(v.to_owned())),
+            }),
+            ..Default::default()
+        };
+        let int = |k: &str, v: i64| KeyValue {
+            key: k.to_owned(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(v)),
+            }),
+            ..Default::default()
+        };
+        let method = if self.method == "other" {
+            "_OTHER"
+        } else {
+            self.method
+        };
+        let (path, query) = self.path.split_once('?').unwrap_or((&self.path, ""));
+        let mut attributes = vec![
+            text("http.request.method", method),
+            text("url.path", path),
+            text("url.scheme", "http"),
+            text("client.address", &self.client),
+        ];
+        if !query.is_empty() {
+            attributes.push(text("url.query", query));
+        }
+        if let Some(ua) = &s.user_agent {
+            attributes.push(text("user_agent.original", ua));
+        }
+        if self.status > 0 {
+            attributes.push(int("http.response.status_code", i64::from(self.status)));
+        }
+        attributes.push(int("http.response.body.size", bytes as i64));
+        if let Some(r) = self.replica {
+            attributes.push(int("capstan.replica", i64::from(r)));
+        }
+        if self.retries > 0 {
+            attributes.push(int("capstan.retries", i64::from(self.retries)));
+        }
+        // Server spans are errors for 5xx only (4xx are the client's).
+        let error = if !completed {
+            Some("response aborted".to_owned())
+        } else if self.status >= 500 {
+            Some(String::new())
+        } else {
+            None
+        };
+        Span {
+            trace_id: s.ids.trace.to_vec(),
+            span_id: s.ids.id.to_vec(),
+            parent_span_id: s.ids.parent.map(|p| p.to_vec()).unwrap_or_default(),
+            name: method.to_owned(),
+            kind: SpanKind::Server as i32,
+            start_time_unix_nano: s.start_unix_ns,
+            end_time_unix_nano: s.start_unix_ns + (secs * 1e9) as u64,
+            attributes,
+            status: error.map(|message| Status {
+                message,
+                code: SpanStatus::Error as i32,
+            }),
+            ..Default::default()
+        }
+    }
+
     /// A response made by the proxy itself (errors), ending the request.
     fn local(
         mut self,
@@ -189,14 +285,16 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// The trace id of a valid W3C `traceparent` (version 00 layout).
-pub fn trace_id_of(v: &str) -> Option<&str> {
+/// The parts of a valid W3C `traceparent`: trace id, parent id (both lower-case
+/// hex) and flags. Versions above 00 are read by the 00 layout, as the
+/// specification asks.
+pub fn parse_traceparent(v: &str) -> Option<(&str, &str, u8)> {
     let b = v.as_bytes();
     let hex = |s: &[u8]| {
         s.iter()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
     };
-    if b.len() < 55 || (b.len() > 55 && b[0..2] == *b"00") {
+    if b.len() < 55 || (b.len() > 55 && (b[0..2] == *b"00" || b[55] != b'-')) {
         return None;
     }
     let ok = hex(&b[0..2])
@@ -209,26 +307,98 @@ pub fn trace_id_of(v: &str) -> Option<&str> {
         && hex(&b[53..55])
         && b[3..35].iter().any(|c| *c != b'0')
         && b[36..52].iter().any(|c| *c != b'0');
-    ok.then(|| &v[3..35])
+    let flags = u8::from_str_radix(v.get(53..55)?, 16).ok()?;
+    ok.then(|| (&v[3..35], &v[36..52], flags))
 }
 
-/// A new sampled `traceparent` and its trace id.
-pub fn new_traceparent() -> (String, String) {
-    fn hex(out: &mut String, x: u64) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for i in (0..16).rev() {
-            out.push(DIGITS[((x >> (i * 4)) & 0xf) as usize] as char);
-        }
+/// The trace id of a valid W3C `traceparent`.
+pub fn trace_id_of(v: &str) -> Option<&str> {
+    parse_traceparent(v).map(|(t, _, _)| t)
+}
+
+/// The ids of the proxy's span of a request.
+#[derive(Debug, Clone, PartialEq)]
+struct SpanIds {
+    trace: [u8; 16],
+    id: [u8; 8],
+    parent: Option<[u8; 8]>,
+}
+
+/// A request's place in its trace: the trace id (hex), the `traceparent` sent
+/// on, and the proxy's span when it records one.
+#[derive(Debug)]
+struct TraceCtx {
+    trace_id: String,
+    forward: String,
+    span: Option<SpanIds>,
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
     }
-    let mut tp = String::with_capacity(55);
-    tp.push_str("00-");
-    hex(&mut tp, super::random_u64());
-    hex(&mut tp, super::random_u64() | 1);
-    tp.push('-');
-    hex(&mut tp, super::random_u64() | 1);
-    tp.push_str("-01");
-    let trace = tp[3..35].to_owned();
-    (tp, trace)
+}
+
+fn unhex<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = s
+            .get(2 * i..2 * i + 2)
+            .and_then(|d| u8::from_str_radix(d, 16).ok())
+            .unwrap_or(0);
+    }
+    out
+}
+
+/// A random id with at least one bit set.
+fn random_id<const N: usize>() -> [u8; N] {
+    let mut out = [0; N];
+    for chunk in out.chunks_mut(8) {
+        let r = super::random_u64().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    out[N - 1] |= 1;
+    out
+}
+
+/// The trace context of a request that came with `incoming` (its
+/// `traceparent`, if any). A sampled or new trace gets the proxy's span when
+/// `record`, and the replica sees that span as its parent; an unsampled one
+/// goes on untouched.
+fn trace_context(incoming: Option<&str>, record: bool) -> TraceCtx {
+    let (trace, parent, flags) = match incoming.and_then(parse_traceparent) {
+        Some((t, p, f)) => {
+            if !record || f & 1 == 0 {
+                let mut forward = incoming.unwrap_or_default().to_owned();
+                if !forward.starts_with("00-") || forward.len() != 55 {
+                    // A later version goes on in the layout this proxy knows.
+                    forward = format!("00-{t}-{p}-{f:02x}");
+                }
+                return TraceCtx {
+                    trace_id: t.to_owned(),
+                    forward,
+                    span: None,
+                };
+            }
+            (unhex::<16>(t), Some(unhex::<8>(p)), f)
+        }
+        None => (random_id::<16>(), None, 1),
+    };
+    let id = random_id::<8>();
+    let mut forward = String::with_capacity(55);
+    forward.push_str("00-");
+    push_hex(&mut forward, &trace);
+    forward.push('-');
+    push_hex(&mut forward, &id);
+    forward.push('-');
+    push_hex(&mut forward, &[flags]);
+    TraceCtx {
+        trace_id: forward[3..35].to_owned(),
+        forward,
+        span: record.then_some(SpanIds { trace, id, parent }),
+    }
 }
 
 fn append_forwarded(h: &mut HeaderMap, client: &str, host: Option<HeaderValue>) {
@@ -268,15 +438,21 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let (traceparent, trace_id) = match req
-        .headers()
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| trace_id_of(v).map(|t| (v.to_owned(), t.to_owned())))
-    {
-        Some(x) => x,
-        None => new_traceparent(),
-    };
+    let tc = trace_context(
+        req.headers()
+            .get(&TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+        settings.traces,
+    );
+    let span = tc.span.map(|ids| SpanStart {
+        ids,
+        start_unix_ns: u64::try_from(crate::logs::now_ns()).unwrap_or(0),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    });
     let mut fin = Finish {
         ctx: ctx.clone(),
         start,
@@ -285,7 +461,8 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         status: 0,
         replica: None,
         client: client.clone(),
-        trace_id,
+        trace_id: tc.trace_id,
+        span,
         retries: 0,
         access_log: settings.access_log,
         lease: None,
@@ -318,7 +495,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
     });
     strip_hop_by_hop(&mut parts.headers, upgrade);
     append_forwarded(&mut parts.headers, &client, host.clone());
-    if let Ok(v) = HeaderValue::from_str(&traceparent) {
+    if let Ok(v) = HeaderValue::from_str(&tc.forward) {
         parts.headers.insert(TRACEPARENT, v);
     }
     if let Some(h) = host {
@@ -579,8 +756,51 @@ mod tests {
             None
         );
         assert_eq!(trace_id_of("garbage"), None);
-        let (tp, id) = new_traceparent();
-        assert_eq!(trace_id_of(&tp), Some(id.as_str()));
+        // A later version: read by the 00 layout, more fields allowed after a dash.
+        assert_eq!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-xyz"),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", 3))
+        );
+        assert_eq!(
+            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_proxy_span_becomes_the_replicas_parent() {
+        let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tc = trace_context(Some(client), true);
+        let ids = tc.span.clone().unwrap();
+        assert_eq!(tc.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            ids.parent,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
+        let (t, p, f) = parse_traceparent(&tc.forward).unwrap();
+        assert_eq!((t, f), ("4bf92f3577b34da6a3ce929d0e0e4736", 1));
+        assert_eq!(unhex::<8>(p), ids.id);
+        assert_ne!(p, "00f067aa0ba902b7");
+        assert_eq!(unhex::<16>(t), ids.trace);
+
+        // Not sampled by the caller, or spans off: forwarded untouched.
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let tc = trace_context(Some(unsampled), true);
+        assert_eq!((tc.forward.as_str(), tc.span), (unsampled, None));
+        let tc = trace_context(Some(client), false);
+        assert_eq!((tc.forward.as_str(), tc.span), (client, None));
+
+        // No (valid) context: a new sampled trace, the proxy's span its root.
+        for incoming in [None, Some("00-zz")] {
+            let tc = trace_context(incoming, true);
+            let ids = tc.span.clone().unwrap();
+            assert_eq!(ids.parent, None);
+            let (t, p, f) = parse_traceparent(&tc.forward).unwrap();
+            assert_eq!((t, f), (tc.trace_id.as_str(), 1));
+            assert_eq!(unhex::<8>(p), ids.id);
+            let tc = trace_context(incoming, false);
+            assert!(tc.span.is_none() && trace_id_of(&tc.forward) == Some(&tc.trace_id));
+        }
     }
 
     #[test]

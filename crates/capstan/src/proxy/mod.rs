@@ -25,23 +25,29 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use balance::{Backend, Endpoint};
+use opentelemetry_proto::tonic::trace::v1::Span;
 
 use crate::logs::Stream;
 use crate::spec::{Protocol, Stack};
 use crate::supervisor::Shared;
 
-/// One access-log line on its way to the log store.
-pub struct AccessLine {
+/// What a finished request leaves: its access-log line and its span, on their
+/// way to the log and span stores.
+pub struct Finished {
     pub service: String,
     pub replica: u32,
-    pub line: String,
+    pub line: Option<String>,
+    pub span: Option<Span>,
 }
+
+/// The instrumentation scope of the proxy's spans.
+pub const SCOPE: &str = "capstan.proxy";
 
 /// What a listener's connections share.
 pub struct Ctx {
     pub backend: Arc<Backend>,
     pub shared: Arc<Shared>,
-    pub access: mpsc::Sender<AccessLine>,
+    pub access: mpsc::Sender<Finished>,
 }
 
 impl Ctx {
@@ -116,7 +122,7 @@ pub struct Registry {
     /// Replicas without a health check that accept connections.
     tcp_ready: Mutex<BTreeSet<Key>>,
     probing: Mutex<BTreeSet<Key>>,
-    access: Mutex<Option<mpsc::Sender<AccessLine>>>,
+    access: Mutex<Option<mpsc::Sender<Finished>>>,
 }
 
 impl Registry {
@@ -154,38 +160,67 @@ pub fn random_u64() -> u64 {
     })
 }
 
-/// How long the access-log writer lets lines gather between writes.
+/// How long the access-log and span writer lets records gather between writes.
 const ACCESS_LOG_PAUSE: Duration = Duration::from_millis(10);
 
-fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<AccessLine> {
+fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<Finished> {
     let mut slot = shared.proxy.access.lock().unwrap();
     if let Some(tx) = &*slot {
         return tx.clone();
     }
-    let (tx, mut rx) = mpsc::channel::<AccessLine>(16_384);
+    let (tx, mut rx) = mpsc::channel::<Finished>(16_384);
     let s = shared.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(1024);
         while rx.recv_many(&mut batch, 1024).await > 0 {
-            let mut by_service: BTreeMap<String, Vec<(u32, String, bool)>> = BTreeMap::new();
-            for a in batch.drain(..) {
-                by_service
-                    .entry(a.service)
-                    .or_default()
-                    .push((a.replica, a.line, false));
+            let mut lines: BTreeMap<String, Vec<(u32, String, bool)>> = BTreeMap::new();
+            let mut spans: BTreeMap<String, Vec<capstan_logstore::Entry>> = BTreeMap::new();
+            for f in batch.drain(..) {
+                if let Some(span) = f.span
+                    && let Ok(e) = crate::ingest::otlp::span_entry(&span)
+                {
+                    spans.entry(f.service.clone()).or_default().push(e);
+                }
+                if let Some(line) = f.line {
+                    lines
+                        .entry(f.service)
+                        .or_default()
+                        .push((f.replica, line, false));
+                }
             }
-            for (service, lines) in by_service {
+            for (service, lines) in lines {
                 if let Err(e) = s.logs.append_many(&service, Stream::Proxy, lines) {
                     s.warn_once(format!("cannot store access logs: {e}"));
                 }
             }
-            // Lines gather for a moment: under load, one write per replica
+            let streams = spans
+                .into_iter()
+                .map(|(service, entries)| (span_labels(&service), entries))
+                .collect();
+            if let Err(e) = s.traces.append(streams) {
+                s.warn_once(format!("cannot store the proxy's spans: {e}"));
+            }
+            // Records gather for a moment: under load, one write per replica
             // per pause instead of one per request.
             tokio::time::sleep(ACCESS_LOG_PAUSE).await;
         }
     });
     *slot = Some(tx.clone());
     tx
+}
+
+/// The stream of a service's proxy spans: the service's name as the resource
+/// (as a sidecar reports for its workload) and the proxy as the scope.
+fn span_labels(service: &str) -> capstan_logstore::Labels {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    let kv = KeyValue {
+        key: "service.name".into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(service.to_owned())),
+        }),
+        ..Default::default()
+    };
+    crate::ingest::otlp::span_labels(&[kv], Some((SCOPE, env!("CARGO_PKG_VERSION"))))
 }
 
 /// Accepts connections until the task is aborted; each one is its own task.

@@ -1434,10 +1434,12 @@ impl Decoder<'_> {
                 }
             }
         }
-        if let Some(n) = f.take("access_log")
-            && let Some(b) = self.boolean(n, &join(path, "access_log"))
-        {
-            p.access_log = b;
+        for (key, slot) in [("access_log", &mut p.access_log), ("traces", &mut p.traces)] {
+            if let Some(n) = f.take(key)
+                && let Some(b) = self.boolean(n, &join(path, key))
+            {
+                *slot = b;
+            }
         }
         self.finish(f, path, &[]);
     }

@@ -377,6 +377,8 @@ pub struct ProxySettings {
     pub eject_after: u32,
     /// One line per request into the replica's logs.
     pub access_log: bool,
+    /// One span per sampled request into the span store.
+    pub traces: bool,
 }
 
 impl Default for ProxySettings {
@@ -393,6 +395,7 @@ impl Default for ProxySettings {
             max_header: 64 << 10,
             eject_after: 5,
             access_log: true,
+            traces: true,
         }
     }
 }
