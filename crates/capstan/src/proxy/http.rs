@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use capstan_logstore::Entry;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
-use opentelemetry_proto::tonic::trace::v1::{Span, Status, span::SpanKind};
 use tokio::net::TcpListener;
 
 use super::balance::{Lease, Unavailable};
@@ -143,72 +141,74 @@ impl Finish {
         line
     }
 
-    /// The request as an OTLP server span (HTTP semantic conventions).
-    fn span(&self, s: SpanStart, bytes: u64, secs: f64, completed: bool) -> Span {
-        let text = |k: &str, v: &str| KeyValue {
-            key: k.to_owned(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(v.to_owned())),
-            }),
-            ..Default::default()
-        };
-        let int = |k: &str, v: i64| KeyValue {
-            key: k.to_owned(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::IntValue(v)),
-            }),
-            ..Default::default()
-        };
+    /// The request as an OTLP server span (HTTP semantic conventions), as the
+    /// span store keeps it: OTLP JSON written directly, fields at their
+    /// defaults left out.
+    fn span(&self, s: SpanStart, bytes: u64, secs: f64, completed: bool) -> Entry {
+        use std::fmt::Write;
         let method = if self.method == "other" {
             "_OTHER"
         } else {
             self.method
         };
         let (path, query) = self.path.split_once('?').unwrap_or((&self.path, ""));
-        let mut attributes = vec![
-            text("http.request.method", method),
-            text("url.path", path),
-            text("url.scheme", "http"),
-            text("client.address", &self.client),
-        ];
-        if !query.is_empty() {
-            attributes.push(text("url.query", query));
+        let end = s.start_unix_ns + (secs * 1e9) as u64;
+        let mut j = String::with_capacity(512 + self.path.len());
+        j.push_str(r#"{"traceId":""#);
+        push_hex(&mut j, &s.ids.trace);
+        j.push_str(r#"","spanId":""#);
+        push_hex(&mut j, &s.ids.id);
+        if let Some(p) = s.ids.parent {
+            j.push_str(r#"","parentSpanId":""#);
+            push_hex(&mut j, &p);
         }
+        let _ = write!(
+            j,
+            r#"","name":"{method}","kind":2,"startTimeUnixNano":"{}","endTimeUnixNano":"{end}","attributes":["#,
+            s.start_unix_ns
+        );
+        let text = |j: &mut String, k: &str, v: &str| {
+            let _ = write!(j, r#"{{"key":"{k}","value":{{"stringValue":"#);
+            json_str(j, v);
+            j.push_str("}},");
+        };
+        let int = |j: &mut String, k: &str, v: u64| {
+            let _ = write!(j, r#"{{"key":"{k}","value":{{"intValue":"{v}"}}}},"#);
+        };
+        text(&mut j, "http.request.method", method);
+        text(&mut j, "url.path", path);
+        if !query.is_empty() {
+            text(&mut j, "url.query", query);
+        }
+        text(&mut j, "url.scheme", "http");
+        text(&mut j, "client.address", &self.client);
         if let Some(ua) = &s.user_agent {
-            attributes.push(text("user_agent.original", ua));
+            text(&mut j, "user_agent.original", ua);
         }
         if self.status > 0 {
-            attributes.push(int("http.response.status_code", i64::from(self.status)));
+            int(&mut j, "http.response.status_code", u64::from(self.status));
         }
-        attributes.push(int("http.response.body.size", bytes as i64));
+        int(&mut j, "http.response.body.size", bytes);
         if let Some(r) = self.replica {
-            attributes.push(int("capstan.replica", i64::from(r)));
+            int(&mut j, "capstan.replica", u64::from(r));
         }
         if self.retries > 0 {
-            attributes.push(int("capstan.retries", i64::from(self.retries)));
+            int(&mut j, "capstan.retries", u64::from(self.retries));
         }
+        j.pop();
+        j.push(']');
         // Server spans are errors for 5xx only (4xx are the client's).
-        let error = if !completed {
-            Some("response aborted".to_owned())
+        if !completed {
+            j.push_str(r#","status":{"code":2,"message":"response aborted"}"#);
         } else if self.status >= 500 {
-            Some(String::new())
-        } else {
-            None
-        };
-        Span {
-            trace_id: s.ids.trace.to_vec(),
-            span_id: s.ids.id.to_vec(),
-            parent_span_id: s.ids.parent.map(|p| p.to_vec()).unwrap_or_default(),
-            name: method.to_owned(),
-            kind: SpanKind::Server as i32,
-            start_time_unix_nano: s.start_unix_ns,
-            end_time_unix_nano: s.start_unix_ns + (secs * 1e9) as u64,
-            attributes,
-            status: error.map(|message| Status {
-                message,
-                code: SpanStatus::Error as i32,
-            }),
-            ..Default::default()
+            j.push_str(r#","status":{"code":2}"#);
+        }
+        j.push('}');
+        Entry {
+            ts_ns: i64::try_from(s.start_unix_ns).unwrap_or(i64::MAX),
+            seq: 0,
+            line: j,
+            meta: vec![("trace_id".into(), self.trace_id.clone())],
         }
     }
 
@@ -341,6 +341,23 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// `v` as a JSON string.
+fn json_str(out: &mut String, v: &str) {
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                use std::fmt::Write;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 fn unhex<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [0; N];
     for (i, o) in out.iter_mut().enumerate() {
@@ -364,10 +381,12 @@ fn random_id<const N: usize>() -> [u8; N] {
 }
 
 /// The trace context of a request that came with `incoming` (its
-/// `traceparent`, if any). A sampled or new trace gets the proxy's span when
-/// `record`, and the replica sees that span as its parent; an unsampled one
-/// goes on untouched.
-fn trace_context(incoming: Option<&str>, record: bool) -> TraceCtx {
+/// `traceparent`, if any), with `ratio` the share of new traces to sample
+/// (0: the proxy records nothing and leaves sampling to the replicas). A
+/// sampled trace gets the proxy's span, which the replica sees as its parent;
+/// a caller's unsampled one goes on untouched.
+fn trace_context(incoming: Option<&str>, ratio: f64) -> TraceCtx {
+    let record = ratio > 0.0;
     let (trace, parent, flags) = match incoming.and_then(parse_traceparent) {
         Some((t, p, f)) => {
             if !record || f & 1 == 0 {
@@ -384,7 +403,26 @@ fn trace_context(incoming: Option<&str>, record: bool) -> TraceCtx {
             }
             (unhex::<16>(t), Some(unhex::<8>(p)), f)
         }
-        None => (random_id::<16>(), None, 1),
+        None => {
+            let sampled = ratio >= 1.0
+                || !record
+                || (super::random_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < ratio;
+            if !sampled {
+                // Not sampled: the replica sees a context that says so.
+                let mut forward = String::with_capacity(55);
+                forward.push_str("00-");
+                push_hex(&mut forward, &random_id::<16>());
+                forward.push('-');
+                push_hex(&mut forward, &random_id::<8>());
+                forward.push_str("-00");
+                return TraceCtx {
+                    trace_id: forward[3..35].to_owned(),
+                    forward,
+                    span: None,
+                };
+            }
+            (random_id::<16>(), None, 1)
+        }
     };
     let id = random_id::<8>();
     let mut forward = String::with_capacity(55);
@@ -768,9 +806,18 @@ mod tests {
     }
 
     #[test]
+    fn span_strings_are_json() {
+        for v in ["/a?b=c", "q\"uote\\back", "tab\tnl\n\u{1}", "ünï €", ""] {
+            let mut out = String::new();
+            json_str(&mut out, v);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), v, "{out}");
+        }
+    }
+
+    #[test]
     fn the_proxy_span_becomes_the_replicas_parent() {
         let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let tc = trace_context(Some(client), true);
+        let tc = trace_context(Some(client), 1.0);
         let ids = tc.span.clone().unwrap();
         assert_eq!(tc.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
@@ -785,22 +832,39 @@ mod tests {
 
         // Not sampled by the caller, or spans off: forwarded untouched.
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-        let tc = trace_context(Some(unsampled), true);
+        let tc = trace_context(Some(unsampled), 1.0);
         assert_eq!((tc.forward.as_str(), tc.span), (unsampled, None));
-        let tc = trace_context(Some(client), false);
+        let tc = trace_context(Some(client), 0.0);
         assert_eq!((tc.forward.as_str(), tc.span), (client, None));
 
         // No (valid) context: a new sampled trace, the proxy's span its root.
         for incoming in [None, Some("00-zz")] {
-            let tc = trace_context(incoming, true);
+            let tc = trace_context(incoming, 1.0);
             let ids = tc.span.clone().unwrap();
             assert_eq!(ids.parent, None);
             let (t, p, f) = parse_traceparent(&tc.forward).unwrap();
             assert_eq!((t, f), (tc.trace_id.as_str(), 1));
             assert_eq!(unhex::<8>(p), ids.id);
-            let tc = trace_context(incoming, false);
+            let tc = trace_context(incoming, 0.0);
             assert!(tc.span.is_none() && trace_id_of(&tc.forward) == Some(&tc.trace_id));
+            assert!(tc.forward.ends_with("-01"), "sampling left to the replica");
         }
+
+        // A ratio samples about that share of new traces, and says so downstream;
+        // a caller's sampled context is always followed.
+        let tcs: Vec<TraceCtx> = (0..4000).map(|_| trace_context(None, 0.25)).collect();
+        let sampled = tcs.iter().filter(|t| t.span.is_some()).count();
+        assert!((800..1200).contains(&sampled), "{sampled}");
+        for t in &tcs {
+            assert_eq!(
+                t.forward.ends_with("-01"),
+                t.span.is_some(),
+                "{}",
+                t.forward
+            );
+            assert_eq!(trace_id_of(&t.forward), Some(t.trace_id.as_str()));
+        }
+        assert!(trace_context(Some(client), 0.001).span.is_some());
     }
 
     #[test]

@@ -25,7 +25,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use balance::{Backend, Endpoint};
-use opentelemetry_proto::tonic::trace::v1::Span;
 
 use crate::logs::Stream;
 use crate::spec::{Protocol, Stack};
@@ -37,7 +36,7 @@ pub struct Finished {
     pub service: String,
     pub replica: u32,
     pub line: Option<String>,
-    pub span: Option<Span>,
+    pub span: Option<capstan_logstore::Entry>,
 }
 
 /// The instrumentation scope of the proxy's spans.
@@ -176,10 +175,8 @@ fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<Finished> {
             let mut lines: BTreeMap<String, Vec<(u32, String, bool)>> = BTreeMap::new();
             let mut spans: BTreeMap<String, Vec<capstan_logstore::Entry>> = BTreeMap::new();
             for f in batch.drain(..) {
-                if let Some(span) = f.span
-                    && let Ok(e) = crate::ingest::otlp::span_entry(&span)
-                {
-                    spans.entry(f.service.clone()).or_default().push(e);
+                if let Some(span) = f.span {
+                    spans.entry(f.service.clone()).or_default().push(span);
                 }
                 if let Some(line) = f.line {
                     lines

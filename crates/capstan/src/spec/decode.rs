@@ -1434,11 +1434,31 @@ impl Decoder<'_> {
                 }
             }
         }
-        for (key, slot) in [("access_log", &mut p.access_log), ("traces", &mut p.traces)] {
-            if let Some(n) = f.take(key)
-                && let Some(b) = self.boolean(n, &join(path, key))
-            {
-                *slot = b;
+        if let Some(n) = f.take("access_log")
+            && let Some(b) = self.boolean(n, &join(path, "access_log"))
+        {
+            p.access_log = b;
+        }
+        if let Some(n) = f.take("traces") {
+            let tp = join(path, "traces");
+            let what = "true, false or a sampling ratio from 0 to 1 (or 0% to 100%)";
+            let ratio = match &n.kind {
+                Kind::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+                Kind::Int(i) => Some(*i as f64),
+                Kind::Float(f) => Some(*f),
+                Kind::Str(_) => self.text(n, &tp).and_then(|t| match t.trim() {
+                    "true" => Some(1.0),
+                    "false" => Some(0.0),
+                    t => match t.strip_suffix('%') {
+                        Some(pc) => pc.trim().parse::<f64>().ok().map(|v| v / 100.0),
+                        None => t.parse::<f64>().ok(),
+                    },
+                }),
+                _ => None,
+            };
+            match ratio {
+                Some(r) if (0.0..=1.0).contains(&r) => p.traces = r,
+                _ => self.error(n, &tp, format!("expected {what}, found {}", n.describe())),
             }
         }
         self.finish(f, path, &[]);

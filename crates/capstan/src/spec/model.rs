@@ -377,8 +377,10 @@ pub struct ProxySettings {
     pub eject_after: u32,
     /// One line per request into the replica's logs.
     pub access_log: bool,
-    /// One span per sampled request into the span store.
-    pub traces: bool,
+    /// Share of new traces the proxy samples and records a span for (requests
+    /// that come with a sampled `traceparent` always get one); 0 records none
+    /// and leaves sampling to the replicas.
+    pub traces: f64,
 }
 
 impl Default for ProxySettings {
@@ -395,7 +397,7 @@ impl Default for ProxySettings {
             max_header: 64 << 10,
             eject_after: 5,
             access_log: true,
-            traces: true,
+            traces: 1.0,
         }
     }
 }

@@ -267,3 +267,35 @@ fn storage_and_scrape_settings() {
         "{e}"
     );
 }
+
+#[test]
+fn proxy_trace_sampling() {
+    let text = |v: &str| {
+        format!("services:\n  web:\n    command: x\n    x-capstan:\n      proxy: {{traces: {v}}}\n")
+    };
+    let ratio = |v: &str| parse(&text(v)).unwrap().0.services["web"].x.proxy.traces;
+    assert_eq!(ratio("true"), 1.0);
+    assert_eq!(ratio("false"), 0.0);
+    assert_eq!(ratio("0.25"), 0.25);
+    assert_eq!(ratio("10%"), 0.1);
+    assert_eq!(ratio("0"), 0.0);
+    assert_eq!(
+        parse("services:\n  web:\n    command: x\n")
+            .unwrap()
+            .0
+            .services["web"]
+            .x
+            .proxy
+            .traces,
+        1.0
+    );
+    for bad in ["2", "-0.5", "often", "150%"] {
+        let e = errors(&text(bad));
+        assert!(
+            e.contains(
+                "services.web.x-capstan.proxy.traces: expected true, false or a sampling ratio"
+            ),
+            "{bad}: {e}"
+        );
+    }
+}
