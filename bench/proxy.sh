@@ -76,7 +76,17 @@ for _ in $(seq 100); do curl -sf "127.0.0.1:$nport/" >/dev/null && curl -sf "127
 
 nginx_version=$(/usr/sbin/nginx -v 2>&1 | sed 's/.*nginx\///')
 echo "capstan $(git rev-parse --short HEAD), nginx $nginx_version, wrk, $(nproc) CPUs; replicas on ports $p0 $p1"
-declare -A rps p50 p99 runs
+declare -A rps p50 p99 runs cpu reqs
+# CPU time (ticks) of the proxy's processes: capstan's daemon, nginx's master and workers.
+daemon_pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$work/stack/.capstan/daemon.json")
+pids_of() {
+  case $1 in
+    capstan) echo "$daemon_pid" ;;
+    nginx) m=$(cat "$work/nginx/nginx.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
+    *) echo "" ;;
+  esac
+}
+ticks() { local t=0 p; for p in $(pids_of "$1"); do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 # Throughput: ROUNDS (default 3) alternating rounds, the median of each.
 rounds=${ROUNDS:-3}
 for target in direct:$p0 nginx:$nport capstan:$cport; do
@@ -85,8 +95,12 @@ done
 for round in $(seq "$rounds"); do
   for target in direct:$p0 nginx:$nport capstan:$cport; do
     name=${target%%:*}; port=${target#*:}
+    t0=$(ticks "$name")
     out=$(wrk -t2 -c50 -d"${secs}s" --latency "http://127.0.0.1:$port/")
+    t1=$(ticks "$name")
     r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    cpu[$name]=$(( ${cpu[$name]:-0} + t1 - t0 ))
+    reqs[$name]=$(python3 -c "print(${reqs[$name]:-0} + int($r * $secs))")
     runs[$name]="${runs[$name]:-} $r"
     printf 'round %s %-8s wrk -t2 -c50 %ss: %10s req/s  (%s)\n' "$round" "$name" "$secs" "$r" "$(awk '/ 99%/ {print "p99 " $2}' <<<"$out")"
   done
@@ -94,6 +108,10 @@ done
 for name in direct nginx capstan; do
   rps[$name]=$(tr ' ' '\n' <<<"${runs[$name]}" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   printf '%-8s median of %s: %s req/s\n' "$name" "$rounds" "${rps[$name]}"
+done
+tck=$(getconf CLK_TCK)
+for name in nginx capstan; do
+  printf '%-8s CPU per request under wrk: %s us\n' "$name" "$(python3 -c "print(round(${cpu[$name]} / $tck / ${reqs[$name]} * 1e6, 1))")"
 done
 for target in direct:$p0 nginx:$nport capstan:$cport; do
   name=${target%%:*}; port=${target#*:}
