@@ -184,6 +184,8 @@ struct Inner {
     buckets: HashMap<u32, Bucket>,
     head: Vec<(u32, Entry)>,
     head_bytes: usize,
+    /// Head bytes per stream id.
+    stream_bytes: Vec<usize>,
     next_seq: u64,
     active: Option<Active>,
     sealed: Vec<Arc<Seg>>,
@@ -207,6 +209,40 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The head holds at most this many blocks' worth of entries (of any streams).
+const HEAD_BLOCKS: usize = 8;
+
+/// `entries` as consecutive runs of equal size, as many as there are whole
+/// `block_bytes` in them (at least one): no small remainder block.
+fn split_blocks<'e, 'a>(
+    entries: &'e [(u32, &'a Entry)],
+    block_bytes: usize,
+) -> impl Iterator<Item = &'e [(u32, &'a Entry)]> {
+    let total: usize = entries.iter().map(|(_, e)| entries_size(e)).sum();
+    let parts = (total / block_bytes.max(1)).max(1);
+    let target = total.div_ceil(parts);
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= entries.len() {
+            return None;
+        }
+        let mut end = start;
+        let mut size = 0;
+        while end < entries.len() && (end == start || size < target) {
+            size += entries_size(entries[end].1);
+            end += 1;
+        }
+        let part = &entries[start..end];
+        start = end;
+        Some(part)
+    })
+}
+
+/// An entry's share of a block's size, as the head counts it.
+fn entries_size(e: &Entry) -> usize {
+    e.line.len() + e.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + 16
 }
 
 /// `ID.raw`: blocks cut from the head (the active segment, or a sealed one
@@ -279,6 +315,7 @@ impl Store {
             buckets: HashMap::new(),
             head: Vec::new(),
             head_bytes: 0,
+            stream_bytes: Vec::new(),
             next_seq: 1,
             active: None,
             sealed: Vec::new(),
@@ -363,7 +400,7 @@ impl Store {
         let id = inner.stream_id(labels);
         let mut out = Appended::default();
         for mut e in entries {
-            let size = e.line.len() + e.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            let size = entries_size(&e) - 16;
             if let Some(rate) = self.opts.rate_limit_bytes {
                 let burst = self.opts.rate_burst_bytes as f64;
                 let now = std::time::Instant::now();
@@ -395,16 +432,31 @@ impl Store {
             self.stats.lines.fetch_add(1, Relaxed);
             self.stats.bytes.fetch_add(e.line.len() as u64, Relaxed);
             inner.head_bytes += size + 16;
+            let i = id as usize;
+            if inner.stream_bytes.len() <= i {
+                inner.stream_bytes.resize(i + 1, 0);
+            }
+            inner.stream_bytes[i] += size + 16;
             inner.head.push((id, e));
         }
-        if inner.head_bytes >= self.opts.block_bytes {
-            self.cut(&mut inner)?;
+        // A stream's entries become a block once they fill one; all streams'
+        // when the head as a whole holds a few blocks' worth.
+        if inner.head_bytes >= HEAD_BLOCKS * self.opts.block_bytes {
+            self.cut(&mut inner, None)?;
+        } else if inner
+            .stream_bytes
+            .get(id as usize)
+            .is_some_and(|b| *b >= self.opts.block_bytes)
+        {
+            self.cut(&mut inner, Some(id))?;
         }
         Ok(out)
     }
 
-    /// Writes the head as a block of the active segment (opening one if needed).
-    fn cut(&self, inner: &mut Inner) -> Result<(), Error> {
+    /// Writes the head's entries of stream `only` (of every stream: `None`) as
+    /// blocks of the active segment (opening one if needed), one stream per
+    /// block, in append order.
+    fn cut(&self, inner: &mut Inner, only: Option<u32>) -> Result<(), Error> {
         if inner.head.is_empty() {
             return Ok(());
         }
@@ -429,43 +481,70 @@ impl Store {
                 blocks: Vec::new(),
             });
         }
-        let head = std::mem::take(&mut inner.head);
-        inner.head_bytes = 0;
+        let head = match only {
+            None => std::mem::take(&mut inner.head),
+            Some(id) => {
+                let (take, keep) = std::mem::take(&mut inner.head)
+                    .into_iter()
+                    .partition(|(s, _)| *s == id);
+                inner.head = keep;
+                take
+            }
+        };
+        // Stable by stream: each stream's entries stay in append order.
+        let mut order: Vec<usize> = (0..head.len()).collect();
+        order.sort_by_key(|i| head[*i].0);
+        let refs: Vec<(u32, &Entry)> = order.iter().map(|i| (head[*i].0, &head[*i].1)).collect();
         let streams = &inner.streams;
         let a = inner.active.as_mut().expect("opened above");
+        // Entries of `refs` written so far, a prefix.
+        let mut done = 0;
+        let mut written = 0;
         let result = (|| {
-            for (id, _) in &head {
-                let i = *id as usize;
+            for run in refs.chunk_by(|x, y| x.0 == y.0) {
+                let i = run[0].0 as usize;
                 if a.defined.len() <= i {
                     a.defined.resize(i + 1, false);
                 }
                 if !a.defined[i] {
                     a.writer
-                        .append(KIND_STREAM, &segment::encode_stream(*id, &streams[i]))?;
+                        .append(KIND_STREAM, &segment::encode_stream(run[0].0, &streams[i]))?;
                     a.defined[i] = true;
                 }
+                for part in split_blocks(run, self.opts.block_bytes) {
+                    let bytes = block::encode(part, self.opts.level_head);
+                    let at = a.writer.append(KIND_BLOCK, &bytes)?;
+                    a.blocks.push(Block::written(&bytes, at));
+                    written += 1;
+                    done += part.len();
+                }
             }
-            let refs: Vec<(u32, &Entry)> = head.iter().map(|(s, e)| (*s, e)).collect();
-            let bytes = block::encode(&refs, self.opts.level_head);
-            let at = a.writer.append(KIND_BLOCK, &bytes)?;
-            a.blocks.push(Block::written(&bytes, at));
             Ok::<_, std::io::Error>(())
         })();
-        match result {
-            Ok(()) => {
-                self.stats.blocks_written.fetch_add(1, Relaxed);
-                Ok(())
-            }
+        self.stats.blocks_written.fetch_add(written, Relaxed);
+        let path = a.writer.path.clone();
+        drop(refs);
+        let failed = match result {
+            Ok(()) => None,
             Err(e) => {
-                // Nothing accepted is lost: the entries go back to the head.
-                let path = a.writer.path.clone();
-                let mut back = head;
-                back.append(&mut inner.head);
-                inner.head = back;
-                inner.head_bytes = inner.head.iter().map(|(_, e)| e.line.len() + 16).sum();
-                Err(io(&path, e))
+                // Nothing accepted is lost: entries not yet in a block go back
+                // to the head, in append order.
+                let mut back: Vec<usize> = order[done..].to_vec();
+                back.sort_unstable();
+                let mut slots: Vec<Option<(u32, Entry)>> = head.into_iter().map(Some).collect();
+                let mut returned: Vec<(u32, Entry)> =
+                    back.iter().filter_map(|i| slots[*i].take()).collect();
+                returned.append(&mut inner.head);
+                inner.head = returned;
+                Some(io(&path, e))
             }
+        };
+        inner.stream_bytes.iter_mut().for_each(|b| *b = 0);
+        for (id, e) in &inner.head {
+            inner.stream_bytes[*id as usize] += entries_size(e);
         }
+        inner.head_bytes = inner.stream_bytes.iter().sum();
+        failed.map_or(Ok(()), Err)
     }
 
     fn seal_active(&self, inner: &mut Inner) -> Result<(), Error> {
@@ -491,7 +570,7 @@ impl Store {
     /// the call survives a crash after it. Returns the last durable sequence number.
     pub fn flush(&self) -> Result<u64, Error> {
         let mut inner = self.inner.lock().unwrap();
-        self.cut(&mut inner)?;
+        self.cut(&mut inner, None)?;
         if let Some(a) = &inner.active {
             a.writer.sync().map_err(|e| io(&a.writer.path, e))?;
         }
@@ -503,7 +582,7 @@ impl Store {
     /// a new one); `maintain` compacts it.
     pub fn rotate(&self) -> Result<(), Error> {
         let mut inner = self.inner.lock().unwrap();
-        self.cut(&mut inner)?;
+        self.cut(&mut inner, None)?;
         self.seal_active(&mut inner)
     }
 
@@ -523,7 +602,7 @@ impl Store {
                     || a.opened.elapsed().unwrap_or_default() >= self.opts.segment_duration
             });
             if due {
-                self.cut(&mut inner)?;
+                self.cut(&mut inner, None)?;
                 self.seal_active(&mut inner)?;
             }
         }
@@ -537,13 +616,42 @@ impl Store {
                 .collect()
         };
         for seg in todo {
-            let compacted = self.compact(&seg)?;
+            let compacted = if self.worth_compacting(&seg) {
+                self.compact(&seg)?
+            } else {
+                // Already one-stream blocks of about full size: kept as written.
+                Seg {
+                    id: seg.id,
+                    path: seg.path.clone(),
+                    file: seg.file.try_clone().map_err(|e| io(&seg.path, e))?,
+                    blocks: seg.blocks.clone(),
+                    bytes: seg.bytes,
+                    compacted: true,
+                }
+            };
             let mut inner = self.inner.lock().unwrap();
             if let Some(slot) = inner.sealed.iter_mut().find(|s| s.id == seg.id) {
                 *slot = Arc::new(compacted);
             }
         }
         self.enforce_retention()
+    }
+
+    /// Whether rewriting a sealed segment would change its blocks much: it has
+    /// a block of several streams, or half again as many blocks as its streams'
+    /// entries would fill (many small blocks cut by flushes).
+    fn worth_compacting(&self, seg: &Seg) -> bool {
+        let mut per_stream: HashMap<u32, u64> = HashMap::new();
+        for b in &seg.blocks {
+            let h = &b.r.header;
+            if h.streams.len() != 1 {
+                return true;
+            }
+            *per_stream.entry(h.streams[0]).or_default() += u64::from(h.raw_len);
+        }
+        let full = self.opts.block_bytes.max(1) as u64;
+        let needed: u64 = per_stream.values().map(|b| b.div_ceil(full)).sum();
+        seg.blocks.len() as u64 * 2 > needed * 3
     }
 
     /// Rewrites a segment as one-stream blocks in time order, renamed into place.

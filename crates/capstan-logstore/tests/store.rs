@@ -185,6 +185,87 @@ fn compaction_keeps_every_entry_and_shrinks_blocks() {
 }
 
 #[test]
+fn full_one_stream_blocks_are_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path());
+    o.block_bytes = 4 << 10;
+    let (store, _) = Store::open(o.clone()).unwrap();
+    // Two busy streams interleaved in every batch, flushed rarely: each
+    // stream's entries are cut into blocks of their own once they fill one.
+    let mut n = 0i64;
+    for _ in 0..40 {
+        for r in ["0", "1"] {
+            let batch = (0..20)
+                .map(|i| {
+                    n += 1;
+                    entry(n, &format!("replica {r} line {i} of a busy stream {n:08}"))
+                })
+                .collect();
+            store.append(&web(r), batch).unwrap();
+        }
+    }
+    store.flush().unwrap();
+    let before = store
+        .select(&all(&[]), Direction::Forward, usize::MAX)
+        .unwrap();
+    assert_eq!(before.len(), 1600);
+    store.rotate().unwrap();
+    store.maintain().unwrap();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with(".raw"), "kept as written: {names:?}");
+    // A stream alone is read from its own blocks only.
+    let one = |l: &Labels| l.get("replica") == Some("1");
+    let decoded = store
+        .stats
+        .blocks_decoded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let got = store
+        .select(&Query::all(&one), Direction::Forward, usize::MAX)
+        .unwrap();
+    assert_eq!(got.len(), 800);
+    let decoded_one = store
+        .stats
+        .blocks_decoded
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - decoded;
+    let got_all = store
+        .select(&all(&[]), Direction::Forward, usize::MAX)
+        .unwrap();
+    assert_eq!(got_all, before);
+    let decoded_all = store
+        .stats
+        .blocks_decoded
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - decoded
+        - decoded_one;
+    assert!(
+        decoded_one * 2 <= decoded_all + 1,
+        "{decoded_one} of {decoded_all}"
+    );
+    drop(store);
+    // Reopened, still kept as written, still whole.
+    let (store, _) = Store::open(o).unwrap();
+    store.maintain().unwrap();
+    assert_eq!(
+        store
+            .select(&all(&[]), Direction::Forward, usize::MAX)
+            .unwrap(),
+        before
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".raw"))
+    );
+}
+
+#[test]
 fn retention_by_size_and_age_removes_oldest_segments_first() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = Options::new(dir.path());
