@@ -6,6 +6,10 @@
 //! sharing its request id, trace id, client IP (from 300) and user (from
 //! 5000); paths, statuses, sizes, agents and latencies vary; ids are random hex,
 //! the incompressible part. Fixed-seed generator.
+//!
+//! `IDS=0`: the same lines without request and trace ids (nginx's default
+//! `combined` format plus `rt=`, and a JSON line without ids), and one rare
+//! error line in the middle to search for. `LEVEL=n`: zstd level of compaction.
 
 use std::time::Instant;
 
@@ -64,9 +68,9 @@ fn request(r: &mut Rng) -> Request {
     }
 }
 
-fn access_line(r: &mut Rng, q: &Request, ts_ns: i64) -> String {
-    format!(
-        "{} - u{} [24/Nov/2026:00:{:02}:{:02} +0000] \"GET {}?page={} HTTP/1.1\" {} {} \"-\" \"{}\" rt={:.3} req_id={}",
+fn access_line(r: &mut Rng, q: &Request, ts_ns: i64, ids: bool) -> String {
+    let mut l = format!(
+        "{} - u{} [24/Nov/2026:00:{:02}:{:02} +0000] \"GET {}?page={} HTTP/1.1\" {} {} \"-\" \"{}\" rt={:.3}",
         q.ip,
         q.user,
         (ts_ns / 60_000_000_000) % 60,
@@ -77,13 +81,17 @@ fn access_line(r: &mut Rng, q: &Request, ts_ns: i64) -> String {
         r.below(20000),
         AGENTS[(q.user % 4) as usize],
         q.ms / 1000.0,
-        q.req
-    )
+    );
+    if ids {
+        l.push_str(" req_id=");
+        l.push_str(&q.req);
+    }
+    l
 }
 
-fn json_line(r: &mut Rng, q: &Request, ts_ns: i64) -> String {
-    format!(
-        r#"{{"ts":"2026-11-24T00:{:02}:{:02}.{:03}Z","level":"{}","msg":"request handled","method":"GET","path":"{}","status":{},"duration_ms":{:.1},"user_id":"u{}","request_id":"{}","trace_id":"{}"}}"#,
+fn json_line(r: &mut Rng, q: &Request, ts_ns: i64, ids: bool) -> String {
+    let mut l = format!(
+        r#"{{"ts":"2026-11-24T00:{:02}:{:02}.{:03}Z","level":"{}","msg":"request handled","method":"GET","path":"{}","status":{},"duration_ms":{:.1},"user_id":"u{}""#,
         (ts_ns / 60_000_000_000) % 60,
         (ts_ns / 1_000_000_000) % 60,
         (ts_ns / 1_000_000) % 1000,
@@ -98,9 +106,15 @@ fn json_line(r: &mut Rng, q: &Request, ts_ns: i64) -> String {
         q.status,
         q.ms,
         q.user,
-        q.req,
-        q.trace
-    )
+    );
+    if ids {
+        l.push_str(&format!(
+            r#","request_id":"{}","trace_id":"{}""#,
+            q.req, q.trace
+        ));
+    }
+    l.push('}');
+    l
 }
 
 fn main() {
@@ -130,18 +144,28 @@ fn main() {
     let t0 = 1_795_000_000_000_000_000i64;
     let mut rare = String::new();
     let mut n = 0u64;
+    let ids = std::env::var("IDS").map_or(true, |v| v != "0");
     while bytes < mb << 20 {
         let replica = r.below(4) as usize;
         let (mut web, mut api) = (Vec::with_capacity(500), Vec::with_capacity(500));
         for _ in 0..500 {
             let ts = t0 + n as i64 * 200_000; // 5k requests a second
             let q = request(&mut r);
+            let mut api_line = json_line(&mut r, &q, ts + 150_000, ids);
             if rare.is_empty() && bytes > (mb << 20) / 2 {
-                rare = q.req.clone();
+                if ids {
+                    rare = q.req.clone();
+                } else {
+                    rare = "payment provider timed out after 30s".into();
+                    api_line = format!(
+                        r#"{{"level":"error","msg":"{rare}","provider":"acme","user_id":"u{}"}}"#,
+                        q.user
+                    );
+                }
             }
             for (v, l) in [
-                (&mut web, access_line(&mut r, &q, ts)),
-                (&mut api, json_line(&mut r, &q, ts + 150_000)),
+                (&mut web, access_line(&mut r, &q, ts, ids)),
+                (&mut api, api_line),
             ] {
                 bytes += l.len();
                 lines += 1;
@@ -167,7 +191,10 @@ fn main() {
             }
         }
     }
-    let o = Options::new(&dir);
+    let mut o = Options::new(&dir);
+    if let Some(l) = std::env::var("LEVEL").ok().and_then(|l| l.parse().ok()) {
+        o.level_sealed = l;
+    }
     let (store, _) = Store::open(o).unwrap();
     let start = Instant::now();
     for (i, (s, batch)) in batches.into_iter().enumerate() {
@@ -186,7 +213,8 @@ fn main() {
     let disk = store.disk_bytes();
     let mbf = bytes as f64 / (1 << 20) as f64;
     println!(
-        "corpus: {mbf:.0} MiB, {lines} lines ({n} requests: an access line and a JSON line each), 8 streams"
+        "corpus: {mbf:.0} MiB, {lines} lines ({n} requests: an access line and a JSON line each{}), 8 streams",
+        if ids { ", with ids" } else { ", no ids" }
     );
     println!(
         "ingest (append + flush every 10k lines, one thread): {:.2} s = {:.0} MiB/s, {:.0}k lines/s",

@@ -19,8 +19,11 @@ pub struct Entry {
     pub meta: Vec<(String, String)>,
 }
 
-/// Codec byte: zstd frame.
+/// Codec byte: one zstd frame of entries one after the other (written by
+/// earlier versions; still read).
 pub const CODEC_ZSTD: u8 = 1;
+/// Codec byte: one zstd frame of the entries' fields in columns.
+pub const CODEC_ZSTD_COLUMNS: u8 = 2;
 
 /// What a block header says, kept in memory for every block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +37,8 @@ pub struct Header {
     pub count: u32,
     /// Uncompressed size of the entries.
     pub raw_len: u32,
+    /// How the entries are laid out ([`CODEC_ZSTD`], [`CODEC_ZSTD_COLUMNS`]).
+    pub codec: u8,
 }
 
 /// A block encoded: header fields, then the filter, then the compressed entries.
@@ -41,7 +46,14 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let mut streams: Vec<u32> = entries.iter().map(|(s, _)| *s).collect();
     streams.sort_unstable();
     streams.dedup();
-    let mut raw = Vec::new();
+    // Columns: stream indexes, time deltas, sequence deltas, line lengths,
+    // metadata, then the lines themselves, so like values sit together.
+    let mut idx = Vec::with_capacity(entries.len());
+    let mut tss = Vec::with_capacity(entries.len() * 3);
+    let mut seqs = Vec::with_capacity(entries.len());
+    let mut lens = Vec::with_capacity(entries.len() * 2);
+    let mut metas = Vec::new();
+    let mut lines = Vec::with_capacity(entries.iter().map(|(_, e)| e.line.len()).sum());
     let mut f = filter::Builder::default();
     let mut toks: Vec<Vec<u8>> = Vec::new();
     let (mut prev_ts, mut prev_seq) = (0i64, 0u64);
@@ -49,14 +61,15 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let (mut first_seq, mut last_seq) = (u64::MAX, 0u64);
     for (s, e) in entries {
         let si = streams.binary_search(s).unwrap_or(0);
-        put_uvarint(&mut raw, si as u64);
-        put_varint(&mut raw, e.ts_ns.wrapping_sub(prev_ts));
-        put_uvarint(&mut raw, e.seq.wrapping_sub(prev_seq));
-        put_bytes(&mut raw, e.line.as_bytes());
-        put_uvarint(&mut raw, e.meta.len() as u64);
+        put_uvarint(&mut idx, si as u64);
+        put_varint(&mut tss, e.ts_ns.wrapping_sub(prev_ts));
+        put_uvarint(&mut seqs, e.seq.wrapping_sub(prev_seq));
+        put_uvarint(&mut lens, e.line.len() as u64);
+        lines.extend_from_slice(e.line.as_bytes());
+        put_uvarint(&mut metas, e.meta.len() as u64);
         for (k, v) in &e.meta {
-            put_bytes(&mut raw, k.as_bytes());
-            put_bytes(&mut raw, v.as_bytes());
+            put_bytes(&mut metas, k.as_bytes());
+            put_bytes(&mut metas, v.as_bytes());
         }
         f.add(e.line.as_bytes());
         toks.extend(e.meta.iter().map(|(k, v)| filter::token(k, v)));
@@ -66,6 +79,10 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         max_ts = max_ts.max(e.ts_ns);
         first_seq = first_seq.min(e.seq);
         last_seq = last_seq.max(e.seq);
+    }
+    let mut raw = idx;
+    for col in [tss, seqs, lens, metas, lines] {
+        raw.extend_from_slice(&col);
     }
     let mut out = Vec::with_capacity(raw.len() / 4 + 64);
     put_uvarint(&mut out, streams.len() as u64);
@@ -80,7 +97,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     put_uvarint(&mut out, raw.len() as u64);
     put_bytes(&mut out, &f.finish());
     put_bytes(&mut out, &filter::tokens(toks.iter().map(Vec::as_slice)));
-    out.push(CODEC_ZSTD);
+    out.push(CODEC_ZSTD_COLUMNS);
     let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
     out.extend_from_slice(&compressed);
     out
@@ -126,7 +143,8 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
     let tlen = usize::try_from(r.uvarint()?).ok()?;
     let tstart = r.pos();
     r.take(tlen)?;
-    if r.u8()? != CODEC_ZSTD {
+    let codec = r.u8()?;
+    if codec != CODEC_ZSTD && codec != CODEC_ZSTD_COLUMNS {
         return None;
     }
     Some(Parsed {
@@ -138,6 +156,7 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
             last_seq,
             count,
             raw_len,
+            codec,
         },
         filter: fstart..fstart + flen,
         tokens: tstart..tstart + tlen,
@@ -151,7 +170,70 @@ pub fn decode(h: &Header, compressed: &[u8]) -> Option<Vec<(u32, Entry)>> {
     if raw.len() != h.raw_len as usize {
         return None;
     }
-    let mut r = Reader::new(&raw);
+    match h.codec {
+        CODEC_ZSTD_COLUMNS => decode_columns(h, &raw),
+        _ => decode_rows(h, &raw),
+    }
+}
+
+fn decode_columns(h: &Header, raw: &[u8]) -> Option<Vec<(u32, Entry)>> {
+    let n = h.count as usize;
+    // Every entry takes at least six bytes of columns.
+    if n > raw.len() / 6 {
+        return None;
+    }
+    let mut r = Reader::new(raw);
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let si = usize::try_from(r.uvarint()?).ok()?;
+        streams.push(*h.streams.get(si)?);
+    }
+    let mut ts = Vec::with_capacity(n);
+    let mut t = 0i64;
+    for _ in 0..n {
+        t = t.wrapping_add(r.varint()?);
+        ts.push(t);
+    }
+    let mut seqs = Vec::with_capacity(n);
+    let mut q = 0u64;
+    for _ in 0..n {
+        q = q.wrapping_add(r.uvarint()?);
+        seqs.push(q);
+    }
+    let mut lens = Vec::with_capacity(n);
+    for _ in 0..n {
+        lens.push(usize::try_from(r.uvarint()?).ok()?);
+    }
+    let mut metas = Vec::with_capacity(n);
+    for _ in 0..n {
+        let m = r.uvarint()?;
+        if m > raw.len() as u64 {
+            return None;
+        }
+        let mut meta = Vec::with_capacity(m as usize);
+        for _ in 0..m {
+            meta.push((r.str()?.to_owned(), r.str()?.to_owned()));
+        }
+        metas.push(meta);
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, meta) in metas.into_iter().enumerate() {
+        let line = std::str::from_utf8(r.take(lens[i])?).ok()?.to_owned();
+        out.push((
+            streams[i],
+            Entry {
+                ts_ns: ts[i],
+                seq: seqs[i],
+                line,
+                meta,
+            },
+        ));
+    }
+    r.is_empty().then_some(out)
+}
+
+fn decode_rows(h: &Header, raw: &[u8]) -> Option<Vec<(u32, Entry)>> {
+    let mut r = Reader::new(raw);
     let mut out = Vec::with_capacity(h.count as usize);
     let (mut ts, mut seq) = (0i64, 0u64);
     while !r.is_empty() {
@@ -216,6 +298,44 @@ mod tests {
         ));
         let got = decode(&p.header, &bytes[p.data]).unwrap();
         assert_eq!(got, vec![(7, a), (3, b), (7, c)]);
+    }
+
+    #[test]
+    fn blocks_of_the_row_layout_still_read() {
+        // Codec 1, as earlier versions wrote it: entries one after the other.
+        let (a, b) = (e(10, 1, "row one"), e(5, 2, "row two"));
+        let mut raw = Vec::new();
+        let mut prev = (0i64, 0u64);
+        for (si, x) in [(1u64, &a), (0, &b)] {
+            put_uvarint(&mut raw, si);
+            put_varint(&mut raw, x.ts_ns - prev.0);
+            put_uvarint(&mut raw, x.seq - prev.1);
+            put_bytes(&mut raw, x.line.as_bytes());
+            put_uvarint(&mut raw, x.meta.len() as u64);
+            for (k, v) in &x.meta {
+                put_bytes(&mut raw, k.as_bytes());
+                put_bytes(&mut raw, v.as_bytes());
+            }
+            prev = (x.ts_ns, x.seq);
+        }
+        let h = Header {
+            streams: vec![4, 9],
+            min_ts: 5,
+            max_ts: 10,
+            first_seq: 1,
+            last_seq: 2,
+            count: 2,
+            raw_len: raw.len() as u32,
+            codec: CODEC_ZSTD,
+        };
+        let z = zstd::bulk::compress(&raw, 1).unwrap();
+        assert_eq!(decode(&h, &z).unwrap(), vec![(9, a), (4, b)]);
+        // The same bytes read as columns do not decode.
+        let h = Header {
+            codec: CODEC_ZSTD_COLUMNS,
+            ..h
+        };
+        assert_eq!(decode(&h, &z), None);
     }
 
     #[test]
