@@ -166,20 +166,41 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
 
 /// Decodes the entries of a block: (stream id, entry) in stored order.
 pub fn decode(h: &Header, compressed: &[u8]) -> Option<Vec<(u32, Entry)>> {
+    decode_containing(h, compressed, None)
+}
+
+/// [`decode`], keeping only entries whose line contains `needle` (when
+/// given). Blocks in columns search their lines as one run of bytes and build
+/// only the entries that match.
+pub fn decode_containing(
+    h: &Header,
+    compressed: &[u8],
+    needle: Option<&memchr::memmem::Finder<'_>>,
+) -> Option<Vec<(u32, Entry)>> {
     let raw = zstd::bulk::decompress(compressed, h.raw_len as usize).ok()?;
     if raw.len() != h.raw_len as usize {
         return None;
     }
     match h.codec {
-        CODEC_ZSTD_COLUMNS => decode_columns(h, &raw),
-        _ => decode_rows(h, &raw),
+        CODEC_ZSTD_COLUMNS => decode_columns(h, &raw, needle),
+        _ => {
+            let mut all = decode_rows(h, &raw)?;
+            if let Some(n) = needle {
+                all.retain(|(_, e)| n.find(e.line.as_bytes()).is_some());
+            }
+            Some(all)
+        }
     }
 }
 
-fn decode_columns(h: &Header, raw: &[u8]) -> Option<Vec<(u32, Entry)>> {
+fn decode_columns(
+    h: &Header,
+    raw: &[u8],
+    needle: Option<&memchr::memmem::Finder<'_>>,
+) -> Option<Vec<(u32, Entry)>> {
     let n = h.count as usize;
-    // Every entry takes at least six bytes of columns.
-    if n > raw.len() / 6 {
+    // Every entry takes at least five bytes of columns.
+    if n > raw.len() / 5 {
         return None;
     }
     let mut r = Reader::new(raw);
@@ -200,26 +221,38 @@ fn decode_columns(h: &Header, raw: &[u8]) -> Option<Vec<(u32, Entry)>> {
         q = q.wrapping_add(r.uvarint()?);
         seqs.push(q);
     }
-    let mut lens = Vec::with_capacity(n);
+    // Line i is lines[offsets[i]..offsets[i + 1]].
+    let mut offsets = Vec::with_capacity(n + 1);
+    offsets.push(0usize);
     for _ in 0..n {
-        lens.push(usize::try_from(r.uvarint()?).ok()?);
+        let len = usize::try_from(r.uvarint()?).ok()?;
+        offsets.push(offsets.last()?.checked_add(len)?);
     }
-    let mut metas = Vec::with_capacity(n);
+    // Metadata: where each entry's pairs start; read only for kept entries.
+    let mut meta_at = Vec::with_capacity(n);
     for _ in 0..n {
+        meta_at.push(r.pos());
         let m = r.uvarint()?;
-        if m > raw.len() as u64 {
-            return None;
-        }
-        let mut meta = Vec::with_capacity(m as usize);
         for _ in 0..m {
-            meta.push((r.str()?.to_owned(), r.str()?.to_owned()));
+            r.str()?;
+            r.str()?;
         }
-        metas.push(meta);
     }
-    let mut out = Vec::with_capacity(n);
-    for (i, meta) in metas.into_iter().enumerate() {
-        let line = std::str::from_utf8(r.take(lens[i])?).ok()?.to_owned();
-        out.push((
+    let lines = r.take(*offsets.last()?)?;
+    if !r.is_empty() {
+        return None;
+    }
+    let entry = |i: usize| -> Option<(u32, Entry)> {
+        let line = std::str::from_utf8(&lines[offsets[i]..offsets[i + 1]])
+            .ok()?
+            .to_owned();
+        let mut m = Reader::new(&raw[meta_at[i]..]);
+        let count = m.uvarint()?;
+        let mut meta = Vec::with_capacity(count.min(64) as usize);
+        for _ in 0..count {
+            meta.push((m.str()?.to_owned(), m.str()?.to_owned()));
+        }
+        Some((
             streams[i],
             Entry {
                 ts_ns: ts[i],
@@ -227,9 +260,29 @@ fn decode_columns(h: &Header, raw: &[u8]) -> Option<Vec<(u32, Entry)>> {
                 line,
                 meta,
             },
-        ));
+        ))
+    };
+    let Some(needle) = needle.filter(|f| !f.needle().is_empty()) else {
+        return (0..n).map(entry).collect();
+    };
+    // One search over all lines; a hit keeps its line if it lies inside it,
+    // and the search goes on from the next line.
+    let mut out = Vec::new();
+    let mut pos = 0;
+    let len = needle.needle().len();
+    while pos < lines.len() {
+        let Some(hit) = needle.find(&lines[pos..]) else {
+            break;
+        };
+        let at = pos + hit;
+        // The line holding `at`: the last offset at or before it.
+        let i = offsets.partition_point(|o| *o <= at) - 1;
+        if at + len <= offsets[i + 1] {
+            out.push(entry(i)?);
+        }
+        pos = offsets[i + 1].max(at + 1);
     }
-    r.is_empty().then_some(out)
+    Some(out)
 }
 
 fn decode_rows(h: &Header, raw: &[u8]) -> Option<Vec<(u32, Entry)>> {
@@ -339,19 +392,58 @@ mod tests {
     }
 
     #[test]
+    fn a_needle_keeps_only_lines_that_hold_it() {
+        let lines = ["", "abc", "xxab", "cab", "", "abcabc", "zzz", "ab"];
+        let es: Vec<Entry> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| e(i as i64, i as u64 + 1, l))
+            .collect();
+        let refs: Vec<(u32, &Entry)> = es.iter().map(|x| (1, x)).collect();
+        let bytes = encode(&refs, 1);
+        let p = parse_header(&bytes).unwrap();
+        for needle in [
+            "abc", "ab", "b", "c", "bca", "zzz", "q", "x", "abcab", "cabc",
+        ] {
+            let f = memchr::memmem::Finder::new(needle);
+            let got: Vec<String> = decode_containing(&p.header, &bytes[p.data.clone()], Some(&f))
+                .unwrap()
+                .into_iter()
+                .map(|(_, e)| e.line)
+                .collect();
+            let want: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.contains(needle))
+                .collect();
+            assert_eq!(got, want, "{needle:?}");
+        }
+        let f = memchr::memmem::Finder::new("");
+        assert_eq!(
+            decode_containing(&p.header, &bytes[p.data.clone()], Some(&f))
+                .unwrap()
+                .len(),
+            lines.len()
+        );
+    }
+
+    #[test]
     fn garbage_never_panics() {
-        let good = encode(&[(1, &e(5, 1, "hello there"))], 1);
+        let good = encode(&[(1, &e(5, 1, "hello there")), (1, &e(6, 2, "there"))], 1);
+        let needle = memchr::memmem::Finder::new("ther");
         for cut in 0..good.len() {
             let b = &good[..cut];
             if let Some(p) = parse_header(b) {
-                let _ = decode(&p.header, &b[p.data]);
+                let _ = decode(&p.header, &b[p.data.clone()]);
+                let _ = decode_containing(&p.header, &b[p.data], Some(&needle));
             }
         }
         for i in 0..good.len() {
             let mut b = good.clone();
             b[i] ^= 0x5a;
             if let Some(p) = parse_header(&b) {
-                let _ = decode(&p.header, &b[p.data]);
+                let _ = decode(&p.header, &b[p.data.clone()]);
+                let _ = decode_containing(&p.header, &b[p.data], Some(&needle));
             }
         }
     }

@@ -53,7 +53,7 @@ impl Options {
             rate_limit_bytes: None,
             rate_burst_bytes: 8 << 20,
             level_head: 1,
-            level_sealed: 3,
+            level_sealed: 6,
         }
     }
 }
@@ -999,11 +999,14 @@ impl Store {
             }
             let bytes = segment::read_block(file, &b.r).map_err(|e| io(path, e))?;
             self.stats.blocks_decoded.fetch_add(1, Relaxed);
-            let entries = block::decode(&b.r.header, &bytes[b.r.data.start as usize..])
-                .ok_or_else(|| Error::Corrupt {
-                    path: path.clone(),
-                    what: format!("block at byte {} does not decode", b.r.offset),
-                })?;
+            // The longest needle picks the lines; the rest are checked after.
+            let first = finders.iter().max_by_key(|f| f.needle().len());
+            let entries =
+                block::decode_containing(&b.r.header, &bytes[b.r.data.start as usize..], first)
+                    .ok_or_else(|| Error::Corrupt {
+                        path: path.clone(),
+                        what: format!("block at byte {} does not decode", b.r.offset),
+                    })?;
             let bound = match dir {
                 Direction::Forward => b.r.header.min_ts,
                 Direction::Backward => b.r.header.max_ts,
