@@ -66,11 +66,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         put_uvarint(&mut seqs, e.seq.wrapping_sub(prev_seq));
         put_uvarint(&mut lens, e.line.len() as u64);
         lines.extend_from_slice(e.line.as_bytes());
-        put_uvarint(&mut metas, e.meta.len() as u64);
-        for (k, v) in &e.meta {
-            put_bytes(&mut metas, k.as_bytes());
-            put_bytes(&mut metas, v.as_bytes());
-        }
+        put_meta(&mut metas, e);
         f.add(e.line.as_bytes());
         toks.extend(e.meta.iter().map(|(k, v)| filter::token(k, v)));
         prev_ts = e.ts_ns;
@@ -101,6 +97,47 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
     out.extend_from_slice(&compressed);
     out
+}
+
+/// Values at least this long that occur in their line are stored as a
+/// reference into it (metadata lifted from the line repeats part of it).
+const MIN_REF: usize = 8;
+
+/// An entry's metadata in the columns layout: `m`, then per pair the key and
+/// either `0` and the value, or `1 + position` and the length of the value in
+/// the entry's line.
+fn put_meta(out: &mut Vec<u8>, e: &Entry) {
+    put_uvarint(out, e.meta.len() as u64);
+    for (k, v) in &e.meta {
+        put_bytes(out, k.as_bytes());
+        let at = if v.len() >= MIN_REF {
+            memchr::memmem::find(e.line.as_bytes(), v.as_bytes())
+        } else {
+            None
+        };
+        match at {
+            Some(p) => {
+                put_uvarint(out, p as u64 + 1);
+                put_uvarint(out, v.len() as u64);
+            }
+            None => {
+                put_uvarint(out, 0);
+                put_bytes(out, v.as_bytes());
+            }
+        }
+    }
+}
+
+/// Reads one metadata value written by [`put_meta`], given the entry's line.
+fn read_meta_value<'a>(r: &mut Reader<'a>, line: &'a str) -> Option<&'a str> {
+    match r.uvarint()? {
+        0 => r.str(),
+        p => {
+            let start = usize::try_from(p - 1).ok()?;
+            let len = usize::try_from(r.uvarint()?).ok()?;
+            line.get(start..start.checked_add(len)?)
+        }
+    }
 }
 
 /// A decoded header and where the filter and the compressed data are in the
@@ -235,7 +272,11 @@ fn decode_columns(
         let m = r.uvarint()?;
         for _ in 0..m {
             r.str()?;
-            r.str()?;
+            if r.uvarint()? == 0 {
+                r.str()?;
+            } else {
+                r.uvarint()?;
+            }
         }
     }
     let lines = r.take(*offsets.last()?)?;
@@ -243,15 +284,15 @@ fn decode_columns(
         return None;
     }
     let entry = |i: usize| -> Option<(u32, Entry)> {
-        let line = std::str::from_utf8(&lines[offsets[i]..offsets[i + 1]])
-            .ok()?
-            .to_owned();
+        let text = std::str::from_utf8(&lines[offsets[i]..offsets[i + 1]]).ok()?;
         let mut m = Reader::new(&raw[meta_at[i]..]);
         let count = m.uvarint()?;
         let mut meta = Vec::with_capacity(count.min(64) as usize);
         for _ in 0..count {
-            meta.push((m.str()?.to_owned(), m.str()?.to_owned()));
+            let k = m.str()?.to_owned();
+            meta.push((k, read_meta_value(&mut m, text)?.to_owned()));
         }
+        let line = text.to_owned();
         Some((
             streams[i],
             Entry {
@@ -389,6 +430,46 @@ mod tests {
             ..h
         };
         assert_eq!(decode(&h, &z), None);
+    }
+
+    #[test]
+    fn metadata_found_in_the_line_is_stored_once() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let line = format!(r#"{{"level":"info","trace_id":"{id}","msg":"ü ok"}}"#);
+        let with = Entry {
+            ts_ns: 1,
+            seq: 1,
+            line: line.clone(),
+            meta: vec![
+                ("level".into(), "info".into()),
+                ("trace_id".into(), id.into()),
+                ("span_id".into(), "00f067aa0ba902b7".into()),
+            ],
+        };
+        let bytes = encode(&[(1, &with)], 1);
+        let p = parse_header(&bytes).unwrap();
+        assert_eq!(
+            decode(&p.header, &bytes[p.data.clone()]).unwrap(),
+            vec![(1, with.clone())]
+        );
+        let plain = Entry {
+            meta: vec![
+                ("level".into(), "info".into()),
+                ("span_id".into(), "00f067aa0ba902b7".into()),
+            ],
+            ..with.clone()
+        };
+        let raw = |e: &Entry| {
+            let b = encode(&[(1, e)], 1);
+            parse_header(&b).unwrap().header.raw_len
+        };
+        // The trace id costs its key and a reference, not its 32 bytes.
+        assert!(
+            raw(&with) <= raw(&plain) + 16,
+            "{} vs {}",
+            raw(&with),
+            raw(&plain)
+        );
     }
 
     #[test]
