@@ -111,7 +111,7 @@ fn put_meta(out: &mut Vec<u8>, e: &Entry) {
     for (k, v) in &e.meta {
         put_bytes(out, k.as_bytes());
         let at = if v.len() >= MIN_REF {
-            memchr::memmem::find(e.line.as_bytes(), v.as_bytes())
+            find_short(e.line.as_bytes(), v.as_bytes())
         } else {
             None
         };
@@ -126,6 +126,13 @@ fn put_meta(out: &mut Vec<u8>, e: &Entry) {
             }
         }
     }
+}
+
+/// The first position of `needle` (not empty) in `hay`: candidates by the
+/// needle's first byte, for short needles in short lines where building a
+/// `memmem` searcher costs more than the search.
+fn find_short(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(needle[0], hay).find(|&p| hay[p..].starts_with(needle))
 }
 
 /// Reads one metadata value written by [`put_meta`], given the entry's line.
