@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod scrape;
 pub mod spec;
 pub mod supervisor;
+pub mod traceql;
 pub mod traces;

@@ -51,6 +51,19 @@ pub struct Summary {
     pub duration_ns: i64,
     pub spans: usize,
     pub errors: usize,
+    /// Spans that met a TraceQL query's spanset filters (a few).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matched: Vec<Matched>,
+}
+
+/// A span that met a query, as a search lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Matched {
+    pub span_id: String,
+    pub name: String,
+    pub service: String,
+    pub start_ns: i64,
+    pub duration_ns: i64,
 }
 
 /// What a search wants; every condition but the durations is about one span
@@ -68,6 +81,10 @@ pub struct Search {
     pub from_ns: i64,
     pub to_ns: i64,
     pub limit: usize,
+    /// A TraceQL query the trace must meet, and how many matching spans to
+    /// list per trace.
+    pub traceql: Option<Arc<crate::traceql::Query>>,
+    pub spans_per_set: usize,
 }
 
 fn attr_text(kvs: &[KeyValue], key: &str) -> Option<String> {
@@ -130,6 +147,7 @@ pub fn summarize(trace_id: &str, spans: &[SpanRow]) -> Summary {
         duration_ns: end.saturating_sub(start) as i64,
         spans: spans.len(),
         errors: spans.iter().filter(|r| is_error(&r.span)).count(),
+        matched: Vec::new(),
     }
 }
 
@@ -206,6 +224,20 @@ impl TraceStore {
         Ok(rows.into_iter().map(|(_, _, r)| r).collect())
     }
 
+    /// The newest `n` spans (for tag names and values).
+    pub fn recent(&self, n: usize) -> Result<Vec<SpanRow>, capstan_logstore::Error> {
+        self.store.select_map(
+            &Query::all(&|_| true),
+            Direction::Backward,
+            n,
+            |l, e| {
+                let span: Span = serde_json::from_str(&e.line).ok()?;
+                Some(SpanRow { resource: l, span })
+            },
+            |r| (r.span.start_time_unix_nano as i64, 0),
+        )
+    }
+
     /// Traces with a span that matches, newest first, with their summaries.
     pub fn search(&self, q: &Search) -> Result<Vec<Summary>, capstan_logstore::Error> {
         let service = q.service.clone();
@@ -240,7 +272,9 @@ impl TraceStore {
                     let Ok(span) = serde_json::from_str::<Span>(&e.line) else {
                         continue;
                     };
-                    if q.matches(&l, &span) {
+                    if q.matches(&l, &span)
+                        && q.traceql.as_ref().is_none_or(|t| t.any_matches(&l, &span))
+                    {
                         seen.insert(id.clone());
                         candidates.push((e.ts_ns, id.clone()));
                     }
@@ -258,11 +292,34 @@ impl TraceStore {
             if spans.is_empty() {
                 continue;
             }
-            let s = summarize(&id, &spans);
+            let mut s = summarize(&id, &spans);
             if q.min_duration_ns.is_some_and(|m| s.duration_ns < m)
                 || q.max_duration_ns.is_some_and(|m| s.duration_ns > m)
             {
                 continue;
+            }
+            if let Some(t) = &q.traceql {
+                let pairs: Vec<(&Labels, &Span)> =
+                    spans.iter().map(|r| (&*r.resource, &r.span)).collect();
+                if !t.trace_matches(&pairs) {
+                    continue;
+                }
+                s.matched = spans
+                    .iter()
+                    .filter(|r| t.any_matches(&r.resource, &r.span))
+                    .take(q.spans_per_set)
+                    .map(|r| Matched {
+                        span_id: crate::ingest::hex(&r.span.span_id),
+                        name: r.span.name.clone(),
+                        service: r.service().to_owned(),
+                        start_ns: r.span.start_time_unix_nano as i64,
+                        duration_ns: r
+                            .span
+                            .end_time_unix_nano
+                            .saturating_sub(r.span.start_time_unix_nano)
+                            as i64,
+                    })
+                    .collect();
             }
             out.push(s);
         }

@@ -206,6 +206,79 @@ services:
     assert_eq!(search("maxDuration=1ms").len(), 0);
     assert_eq!(http_fetch(&addr, "/api/search?minDuration=soon").0, 400);
 
+    // TraceQL, as Grafana's Tempo data source sends it: the matching spans come
+    // back in the trace's spanSet.
+    let tql = |q: &str| search(&format!("q={}", enc(q)));
+    let found = tql(r#"{ resource.service.name = "shop" && span.db.system = "sqlite" }"#);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["traceID"], tid.as_str());
+    let set = &found[0]["spanSets"][0];
+    assert_eq!(set["matched"], 1, "{set}");
+    assert_eq!(set["spans"][0]["name"], "SELECT stock");
+    assert_eq!(set["spans"][0]["spanID"], select["spanId"]);
+    assert_eq!(tql("{ status = error } && { kind = client }").len(), 1);
+    assert_eq!(
+        tql(r#"{ name =~ "charge.*" && statusMessage = "card declined" }"#).len(),
+        1
+    );
+    assert_eq!(tql("{ span.db.rows >= 3 && duration >= 40ms }").len(), 1);
+    assert_eq!(tql("{ duration > 1h }").len(), 0);
+    assert_eq!(tql(r#"{ .user.id = "bob" }"#).len(), 0);
+    assert_eq!(tql("{}").len(), 1);
+    let (code, body) = http_fetch(&addr, &format!("/api/search?q={}", enc("{ name = }")));
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("column 10") && body.contains("expected a value"),
+        "{body}"
+    );
+
+    // Tag names by scope and typed values, for the query editor.
+    let (code, body) = http_fetch(&addr, "/api/v2/search/tags");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let scope = |name: &str| -> Vec<String> {
+        v["scopes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| {
+                s["tags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        scope("resource").contains(&"service.name".to_owned()),
+        "{body}"
+    );
+    assert!(scope("span").contains(&"db.system".to_owned()), "{body}");
+    assert!(
+        scope("intrinsic").contains(&"duration".to_owned()),
+        "{body}"
+    );
+    let values = |tag: &str| -> Value {
+        let (code, body) = http_fetch(&addr, &format!("/api/v2/search/tag/{tag}/values"));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["tagValues"].clone()
+    };
+    assert!(
+        values("resource.service.name")
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"type": "string", "value": "shop"}))
+    );
+    assert!(
+        values("span.db.rows")
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"type": "int", "value": "3"}))
+    );
+
     // The log lines that carry the trace id, down to their spans.
     let (code, body) = http_fetch(&addr, &format!("/api/traces/{tid}/logs"));
     assert_eq!(code, 200, "{body}");

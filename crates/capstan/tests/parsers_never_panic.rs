@@ -230,3 +230,59 @@ mod push_bodies {
         }
     }
 }
+
+mod traceql_queries {
+    use capstan::traceql;
+    use proptest::prelude::*;
+
+    const TOKENS: [&str; 30] = [
+        "{",
+        "}",
+        "(",
+        ")",
+        "&&",
+        "||",
+        "!",
+        "=",
+        "!=",
+        ">",
+        ">=",
+        "<",
+        "<=",
+        "=~",
+        "!~",
+        "name",
+        "status",
+        "duration",
+        "span.http.route",
+        "resource.service.name",
+        ".x",
+        "span:kind",
+        "\"a\"",
+        "\"(\"",
+        "1.5",
+        "-3",
+        "300ms",
+        "error",
+        "server",
+        "true",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        #[test]
+        fn token_soup_never_panics(idx in prop::collection::vec(0usize..TOKENS.len(), 0..24)) {
+            let q: Vec<&str> = idx.iter().map(|i| TOKENS[*i]).collect();
+            let q = q.join(" ");
+            if let Err(e) = traceql::parse(&q) {
+                prop_assert!(e.column >= 1 && e.column <= q.chars().count() + 1, "{q}: {e}");
+            }
+        }
+
+        #[test]
+        fn any_text_never_panics(q in "\\PC{0,80}") {
+            let _ = traceql::parse(&q);
+        }
+    }
+}

@@ -106,7 +106,11 @@ pub fn router(api: Api) -> Router {
         .route("/v2/traces/{id}", get(tempo::trace_v2))
         .route("/search", get(tempo::search))
         .route("/search/tags", get(tempo::search_tags))
-        .route("/v2/search/tags", get(tempo::search_tags))
+        .route("/v2/search/tags", get(tempo::search_tags_v2))
+        .route(
+            "/v2/search/tag/{name}/values",
+            get(tempo::search_tag_values_v2),
+        )
         .route("/search/tag/{name}/values", get(tempo::search_tag_values))
         .route("/echo", get(tempo::echo))
         .layer(middleware::from_fn_with_state(api.clone(), read_auth));

@@ -151,14 +151,22 @@ fn seconds(p: &Params, name: &str) -> Result<Option<i64>, Response> {
 }
 
 fn search_params(p: &Params) -> Result<Search, Response> {
-    if p.get("q")
-        .is_some_and(|q| !q.trim().is_empty() && q.trim() != "{}")
-    {
-        return Err(bad(
-            "TraceQL queries are not supported yet; search with tags=, minDuration=, maxDuration= (and service=, name=, status=)",
-        ));
-    }
+    let traceql = match p.get("q").map(str::trim).filter(|q| !q.is_empty()) {
+        None => None,
+        Some(q) => Some(std::sync::Arc::new(
+            crate::traceql::parse(q).map_err(|e| bad(format!("invalid TraceQL query: {e}")))?,
+        )),
+    };
+    let spans_per_set = match p.get("spss") {
+        None => 3,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n <= 1000 => n,
+            _ => return Err(bad(format!("invalid spss {n:?} (0 to 1000)"))),
+        },
+    };
     let mut s = Search {
+        traceql,
+        spans_per_set,
         service: p.get("service").map(str::to_owned),
         name: p.get("name").map(str::to_owned),
         status: p.get("status").map(str::to_ascii_lowercase),
@@ -209,15 +217,33 @@ pub async fn search(
     };
     blocking(move || match api.shared.traces.search(&s) {
         Ok(found) => axum::Json(json!({
-            "traces": found.iter().map(|t| json!({
-                "traceID": t.trace_id,
-                "rootServiceName": t.root_service,
-                "rootTraceName": t.root_name,
-                "startTimeUnixNano": t.start_ns.to_string(),
-                "durationMs": t.duration_ns / 1_000_000,
-                "spanCount": t.spans,
-                "errorCount": t.errors,
-            })).collect::<Vec<_>>(),
+            "traces": found.iter().map(|t| {
+                let mut v = json!({
+                    "traceID": t.trace_id,
+                    "rootServiceName": t.root_service,
+                    "rootTraceName": t.root_name,
+                    "startTimeUnixNano": t.start_ns.to_string(),
+                    "durationMs": t.duration_ns / 1_000_000,
+                    "spanCount": t.spans,
+                    "errorCount": t.errors,
+                });
+                if s.traceql.is_some() {
+                    // Tempo's shape for TraceQL results: the matching spans.
+                    let set = json!({
+                        "spans": t.matched.iter().map(|m| json!({
+                            "spanID": m.span_id,
+                            "name": m.name,
+                            "startTimeUnixNano": m.start_ns.to_string(),
+                            "durationNanos": m.duration_ns.to_string(),
+                            "attributes": [{"key": "service.name", "value": {"stringValue": m.service}}],
+                        })).collect::<Vec<_>>(),
+                        "matched": t.matched.len(),
+                    });
+                    v["spanSet"] = set.clone();
+                    v["spanSets"] = json!([set]);
+                }
+                v
+            }).collect::<Vec<_>>(),
             "metrics": { "inspectedTraces": found.len() }
         }))
         .into_response(),
@@ -254,6 +280,135 @@ pub async fn search_tag_values(State(api): State<Api>, Path(name): Path<String>)
             .filter_map(|l| l.get(&name).map(str::to_owned))
             .collect();
         axum::Json(json!({ "tagValues": values })).into_response()
+    })
+    .await
+}
+
+/// Spans sampled for tag names and values.
+const TAG_SAMPLE: usize = 2_000;
+
+/// Span intrinsics TraceQL knows.
+const INTRINSICS: [&str; 5] = ["name", "status", "statusMessage", "kind", "duration"];
+
+/// Tag names by TraceQL scope (Tempo's v2 shape): resource attributes of the
+/// stored streams, span attributes of recent spans, intrinsics.
+pub async fn search_tags_v2(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
+    let want = q
+        .as_deref()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("scope="))
+                .map(str::to_owned)
+        })
+        .filter(|s| !s.is_empty() && s != "all");
+    blocking(move || {
+        let traces = &api.shared.traces;
+        let mut resource: BTreeSet<String> = BTreeSet::new();
+        for l in traces.store().series(i64::MIN, i64::MAX, &|_| true) {
+            resource.extend(
+                l.iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| !k.starts_with("otel.scope."))
+                    .map(str::to_owned),
+            );
+        }
+        let mut span: BTreeSet<String> = BTreeSet::new();
+        match traces.recent(TAG_SAMPLE) {
+            Ok(rows) => {
+                for r in rows {
+                    span.extend(r.span.attributes.into_iter().map(|kv| kv.key));
+                }
+            }
+            Err(e) => return internal(e),
+        }
+        let scopes: Vec<serde_json::Value> = [
+            ("resource", resource.into_iter().collect::<Vec<_>>()),
+            ("span", span.into_iter().collect()),
+            (
+                "intrinsic",
+                INTRINSICS.iter().map(|s| s.to_string()).collect(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(name, _)| want.as_deref().is_none_or(|w| w == *name))
+        .map(|(name, tags)| json!({"name": name, "tags": tags}))
+        .collect();
+        axum::Json(json!({ "scopes": scopes })).into_response()
+    })
+    .await
+}
+
+/// Values of a scoped tag (`resource.service.name`, `span.http.route`,
+/// `.x`, `name`, `status`, `kind`), typed (Tempo's v2 shape).
+pub async fn search_tag_values_v2(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    blocking(move || {
+        let traces = &api.shared.traces;
+        let mut values: BTreeSet<(&'static str, String)> = BTreeSet::new();
+        let (res_key, span_key) = match name.as_str() {
+            "status" => {
+                for v in ["error", "ok", "unset"] {
+                    values.insert(("keyword", v.into()));
+                }
+                (None, None)
+            }
+            "kind" => {
+                for v in [
+                    "unspecified",
+                    "internal",
+                    "server",
+                    "client",
+                    "producer",
+                    "consumer",
+                ] {
+                    values.insert(("keyword", v.into()));
+                }
+                (None, None)
+            }
+            "name" | "span:name" => (None, Some("")),
+            n => match (n.strip_prefix("resource."), n.strip_prefix("span.")) {
+                (Some(r), _) => (Some(r), None),
+                (_, Some(s)) => (None, Some(s)),
+                _ => {
+                    let any = n.strip_prefix('.').unwrap_or(n);
+                    (Some(any), Some(any))
+                }
+            },
+        };
+        if let Some(k) = res_key {
+            for l in traces.store().series(i64::MIN, i64::MAX, &|_| true) {
+                if let Some(v) = l.get(k) {
+                    values.insert(("string", v.to_owned()));
+                }
+            }
+        }
+        if let Some(k) = span_key {
+            let rows = match traces.recent(TAG_SAMPLE) {
+                Ok(r) => r,
+                Err(e) => return internal(e),
+            };
+            for r in rows {
+                if k.is_empty() {
+                    values.insert(("string", r.span.name));
+                    continue;
+                }
+                for kv in r.span.attributes.iter().filter(|kv| kv.key == k) {
+                    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+                    let typed = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(V::StringValue(s)) => ("string", s.clone()),
+                        Some(V::IntValue(i)) => ("int", i.to_string()),
+                        Some(V::DoubleValue(d)) => ("float", d.to_string()),
+                        Some(V::BoolValue(b)) => ("bool", b.to_string()),
+                        _ => continue,
+                    };
+                    values.insert(typed);
+                }
+            }
+        }
+        let list: Vec<serde_json::Value> = values
+            .into_iter()
+            .map(|(t, v)| json!({"type": t, "value": v}))
+            .collect();
+        axum::Json(json!({ "tagValues": list })).into_response()
     })
     .await
 }
