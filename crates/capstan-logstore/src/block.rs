@@ -55,7 +55,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let mut metas = Vec::new();
     let mut lines = Vec::with_capacity(entries.iter().map(|(_, e)| e.line.len()).sum());
     let mut f = filter::Builder::default();
-    let mut toks: Vec<Vec<u8>> = Vec::new();
+    let mut toks: Vec<u64> = Vec::new();
     let (mut prev_ts, mut prev_seq) = (0i64, 0u64);
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     let (mut first_seq, mut last_seq) = (u64::MAX, 0u64);
@@ -68,7 +68,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         lines.extend_from_slice(e.line.as_bytes());
         put_meta(&mut metas, e);
         f.add(e.line.as_bytes());
-        toks.extend(e.meta.iter().map(|(k, v)| filter::token(k, v)));
+        toks.extend(e.meta.iter().map(|(k, v)| filter::token_hash(k, v)));
         prev_ts = e.ts_ns;
         prev_seq = e.seq;
         min_ts = min_ts.min(e.ts_ns);
@@ -92,7 +92,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     put_uvarint(&mut out, entries.len() as u64);
     put_uvarint(&mut out, raw.len() as u64);
     put_bytes(&mut out, &f.finish());
-    put_bytes(&mut out, &filter::tokens(toks.iter().map(Vec::as_slice)));
+    put_bytes(&mut out, &filter::token_filter(toks));
     out.push(CODEC_ZSTD_COLUMNS);
     let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
     out.extend_from_slice(&compressed);

@@ -24,13 +24,14 @@ fn hash(x: u32) -> u32 {
 
 /// A filter being built.
 pub struct Builder {
-    bits: Vec<u64>,
+    /// Fixed size, so indexes masked to `MAX_BITS` need no bounds checks.
+    bits: Box<[u64; MAX_BITS / 64]>,
 }
 
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            bits: vec![0; MAX_BITS / 64],
+            bits: Box::new([0; MAX_BITS / 64]),
         }
     }
 }
@@ -98,15 +99,34 @@ pub fn token(key: &str, value: &str) -> Vec<u8> {
     t
 }
 
-/// FNV-1a over the bytes, then a 64-bit finalizer (splitmix64's).
-fn hash64(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv(mut h: u64, b: &[u8]) -> u64 {
     for &x in b {
         h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
     }
+    h
+}
+
+/// splitmix64's finalizer.
+fn finish64(mut h: u64) -> u64 {
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
+}
+
+/// FNV-1a over the bytes, then a 64-bit finalizer (splitmix64's).
+fn hash64(b: &[u8]) -> u64 {
+    finish64(fnv(FNV_START, b))
+}
+
+/// The hash of the token of a metadata pair (`key 0x00 value`), without
+/// building the token.
+pub fn token_hash(key: &str, value: &str) -> u64 {
+    finish64(fnv(
+        fnv(fnv(FNV_START, key.as_bytes()), &[0]),
+        value.as_bytes(),
+    ))
 }
 
 /// Hashes per token in a token filter.
@@ -114,9 +134,9 @@ const TOKEN_HASHES: u64 = 5;
 /// Largest token filter: 2^20 bits (128 KiB).
 const MAX_TOKEN_BITS: usize = 1 << 20;
 
-/// The `TOKEN_HASHES` bit positions of a token in a filter of `bits` bits.
-fn token_bits(t: &[u8], bits: usize) -> impl Iterator<Item = usize> {
-    let h = hash64(t);
+/// The `TOKEN_HASHES` bit positions of a token (by its hash) in a filter of
+/// `bits` bits.
+fn token_bits(h: u64, bits: usize) -> impl Iterator<Item = usize> {
     let (h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
     let mask = (bits - 1) as u64;
     (0..TOKEN_HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) & mask) as usize)
@@ -126,8 +146,8 @@ fn token_bits(t: &[u8], bits: usize) -> impl Iterator<Item = usize> {
 /// distinct token and five hashes, about 0.05% false positives or fewer (a
 /// trace lookup over a thousand blocks decodes one needless block in two).
 /// Empty when there are no tokens.
-pub fn tokens<'a>(tokens: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut hashes: Vec<&[u8]> = tokens.collect();
+/// Built from the tokens' hashes ([`token_hash`]).
+pub fn token_filter(mut hashes: Vec<u64>) -> Vec<u8> {
     hashes.sort_unstable();
     hashes.dedup();
     if hashes.is_empty() {
@@ -155,7 +175,7 @@ pub fn may_have_token(filter: &[u8], token: &[u8]) -> bool {
     if bits < 64 || !bits.is_power_of_two() {
         return true;
     }
-    token_bits(token, bits).all(|i| filter[i / 8] & (1 << (i % 8)) != 0)
+    token_bits(hash64(token), bits).all(|i| filter[i / 8] & (1 << (i % 8)) != 0)
 }
 
 #[cfg(test)]
@@ -163,17 +183,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pair_hashes_are_the_token_hashes() {
+        for (k, v) in [("trace_id", "4bf92f35"), ("", ""), ("level", "ü")] {
+            assert_eq!(token_hash(k, v), hash64(&token(k, v)));
+        }
+    }
+
+    #[test]
     fn token_filters_find_every_token_and_few_others() {
         let toks: Vec<Vec<u8>> = (0..3000)
             .map(|i| token("trace_id", &format!("{:032x}", i * 7919)))
             .collect();
-        let f = tokens(toks.iter().map(|t| t.as_slice()));
+        let f = token_filter(toks.iter().map(|t| hash64(t)).collect());
         assert!(toks.iter().all(|t| may_have_token(&f, t)));
         let false_pos = (0..10_000)
             .filter(|i| may_have_token(&f, &token("trace_id", &format!("{:032x}", i * 7919 + 1))))
             .count();
         assert!(false_pos < 200, "{false_pos} of 10000 absent tokens passed");
-        assert!(!may_have_token(&tokens(std::iter::empty()), b"x"));
+        assert!(!may_have_token(&token_filter(Vec::new()), b"x"));
         assert!(may_have_token(&[1, 2, 3], b"x"));
     }
 

@@ -70,9 +70,29 @@ struct JsonStream {
     values: Vec<JsonEntry>,
 }
 
+/// A timestamp string read without keeping it: its value, or the text that is
+/// not one (for the error).
+struct Ts(Result<i64, String>);
+
+impl<'de> Deserialize<'de> for Ts {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Ts;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a timestamp string of Unix nanoseconds")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Ts, E> {
+                Ok(Ts(v.parse::<i64>().map_err(|_| v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// `["<unix ns>", "<line>"]` or `["<unix ns>", "<line>", {"key": "value"}]`.
 struct JsonEntry {
-    ts: String,
+    ts: Ts,
     line: String,
     meta: BTreeMap<String, String>,
 }
@@ -88,7 +108,7 @@ impl<'de> Deserialize<'de> for JsonEntry {
                 )
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<JsonEntry, A::Error> {
-                let ts: String = s
+                let ts: Ts = s
                     .next_element()?
                     .ok_or_else(|| de::Error::invalid_length(0, &self))?;
                 let line: String = s
@@ -148,11 +168,8 @@ pub fn decode_push(
         for (i, s) in p.streams.into_iter().enumerate() {
             let pairs: Vec<(String, String)> = s.stream.into_iter().collect();
             let entries = s.values.into_iter().enumerate().map(|(j, v)| {
-                let ts = v.ts.parse::<i64>().map_err(|_| {
-                    format!(
-                        "streams[{i}].values[{j}]: timestamp {:?} is not Unix nanoseconds",
-                        v.ts
-                    )
+                let ts = v.ts.0.map_err(|t| {
+                    format!("streams[{i}].values[{j}]: timestamp {t:?} is not Unix nanoseconds")
                 })?;
                 Ok((ts, v.line, v.meta.into_iter().collect()))
             });

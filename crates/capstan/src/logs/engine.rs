@@ -278,7 +278,12 @@ impl LogEngine {
         let _order = self.order.lock().unwrap();
         for (l, mut entries) in streams {
             for e in &mut entries {
-                for (k, v) in lift(&e.line) {
+                let lifted = lift(&e.line);
+                if e.meta.is_empty() {
+                    e.meta = lifted;
+                    continue;
+                }
+                for (k, v) in lifted {
                     if !e.meta.iter().any(|(m, _)| *m == k) {
                         e.meta.push((k, v));
                     }
