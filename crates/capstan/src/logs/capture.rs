@@ -7,42 +7,65 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// Reads `reader` to its end, calling `emit(line, partial)` for every line.
-pub async fn read_lines<R, F>(mut reader: R, mut emit: F)
+pub async fn read_lines<R, F>(reader: R, mut emit: F)
 where
     R: AsyncRead + Unpin,
     F: FnMut(String, bool),
 {
+    read_line_batches(reader, |batch| {
+        for (l, p) in batch {
+            emit(l, p);
+        }
+    })
+    .await;
+}
+
+/// Reads `reader` to its end, calling `emit` with the lines (and partial
+/// records) of each read, in order: one call per read, not per line.
+pub async fn read_line_batches<R, F>(mut reader: R, mut emit: F)
+where
+    R: AsyncRead + Unpin,
+    F: FnMut(Vec<(String, bool)>),
+{
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
-    let mut chunk = vec![0u8; 16 * 1024];
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
+        let mut batch = Vec::new();
         let mut start = 0;
-        while let Some(i) = memchr(&buf[start..]) {
+        while let Some(i) = memchr::memchr(b'\n', &buf[start..]) {
             let end = start + i;
             let line = &buf[start..end];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            emit(String::from_utf8_lossy(line).into_owned(), false);
+            batch.push((text(line), false));
             start = end + 1;
         }
         buf.drain(..start);
         // Strictly longer, so the byte after the cut is known and no character is split.
         while buf.len() > MAX_LINE {
             let cut = utf8_boundary(&buf, MAX_LINE);
-            emit(String::from_utf8_lossy(&buf[..cut]).into_owned(), true);
+            batch.push((text(&buf[..cut]), true));
             buf.drain(..cut);
+        }
+        if !batch.is_empty() {
+            emit(batch);
         }
     }
     if !buf.is_empty() {
-        emit(String::from_utf8_lossy(&buf).into_owned(), true);
+        emit(vec![(text(&buf), true)]);
     }
 }
 
-fn memchr(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
+/// The bytes as text: valid UTF-8 as is, anything else lossily.
+fn text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(b).into_owned(),
+    }
 }
 
 /// The largest index <= `max` that does not split a UTF-8 sequence (when the data is UTF-8).

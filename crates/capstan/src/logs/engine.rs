@@ -212,7 +212,7 @@ impl LogEngine {
         line: String,
         partial: bool,
     ) -> Result<Arc<LogRecord>, capstan_logstore::Error> {
-        let mut recs = self.append_many(service, stream, [(replica, line, partial)])?;
+        let mut recs = self.append_lines(service, stream, [(replica, line, partial)], true)?;
         Ok(recs.pop().expect("one line in, one record out"))
     }
 
@@ -222,6 +222,18 @@ impl LogEngine {
         service: &str,
         stream: Stream,
         lines: impl IntoIterator<Item = (u32, String, bool)>,
+    ) -> Result<(), capstan_logstore::Error> {
+        self.append_lines(service, stream, lines, false).map(drop)
+    }
+
+    /// Appends lines; the stored records are built for followers (if any) and
+    /// returned when `keep`.
+    fn append_lines(
+        &self,
+        service: &str,
+        stream: Stream,
+        lines: impl IntoIterator<Item = (u32, String, bool)>,
+        keep: bool,
     ) -> Result<Vec<Arc<LogRecord>>, capstan_logstore::Error> {
         let ts_ns = super::now_ns();
         let mut by_replica: BTreeMap<u32, Vec<Entry>> = BTreeMap::new();
@@ -238,14 +250,20 @@ impl LogEngine {
             });
         }
         let _order = self.order.lock().unwrap();
+        let records = keep || self.tx.receiver_count() > 0;
         let mut out = Vec::new();
         for (replica, entries) in by_replica {
             let n = entries.len() as u64;
             let l = labels(service, replica, stream);
-            let lines: Vec<(String, bool)> = entries
-                .iter()
-                .map(|e| (e.line.clone(), e.meta.iter().any(|(k, _)| k == "partial")))
-                .collect();
+            // Copies for the records only when someone will see them.
+            let lines: Vec<(String, bool)> = if records {
+                entries
+                    .iter()
+                    .map(|e| (e.line.clone(), e.meta.iter().any(|(k, _)| k == "partial")))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let a = self.store.append(&l, entries)?;
             let first = a.last_seq + 1 - a.accepted as u64;
             debug_assert_eq!(a.accepted as u64, n, "no rate limit on replica output");
@@ -260,7 +278,9 @@ impl LogEngine {
                     partial,
                 });
                 let _ = self.tx.send(rec.clone());
-                out.push(rec);
+                if keep {
+                    out.push(rec);
+                }
             }
         }
         Ok(out)

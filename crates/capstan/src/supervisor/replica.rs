@@ -287,8 +287,9 @@ impl Replica {
             let shared = self.shared.clone();
             let (service, idx) = (self.service.clone(), self.idx);
             captures.push(tokio::spawn(async move {
-                crate::logs::capture::read_lines(reader, |line, partial| {
-                    if let Err(e) = shared.logs.append(&service, idx, stream, line, partial) {
+                crate::logs::capture::read_line_batches(reader, |batch| {
+                    let lines = batch.into_iter().map(|(l, p)| (idx, l, p));
+                    if let Err(e) = shared.logs.append_many(&service, stream, lines) {
                         shared.warn_once(format!("cannot store logs: {e}"));
                     }
                 })
