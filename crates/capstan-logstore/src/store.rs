@@ -38,6 +38,10 @@ pub struct Options {
     /// zstd levels: blocks cut from the head, and blocks of sealed segments.
     pub level_head: i32,
     pub level_sealed: i32,
+    /// Segments kept as written (full one-stream blocks at `level_head`) are
+    /// recompressed at `level_sealed` by `maintain` once nothing was appended
+    /// for this long (never: `None`).
+    pub recompress_when_idle: Option<Duration>,
 }
 
 impl Options {
@@ -54,6 +58,7 @@ impl Options {
             rate_burst_bytes: 8 << 20,
             level_head: 1,
             level_sealed: 6,
+            recompress_when_idle: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -190,6 +195,7 @@ struct Inner {
     active: Option<Active>,
     sealed: Vec<Arc<Seg>>,
     flushed_seq: u64,
+    last_append: std::time::Instant,
 }
 
 pub struct Store {
@@ -210,6 +216,9 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Bytes of segments kept as written that one idle `maintain` pass recompresses.
+const RECOMPRESS_BYTES_PER_PASS: u64 = 64 << 20;
 
 /// The head holds at most this many blocks' worth of entries (of any streams).
 const HEAD_BLOCKS: usize = 8;
@@ -320,6 +329,7 @@ impl Store {
             active: None,
             sealed: Vec::new(),
             flushed_seq: 0,
+            last_append: std::time::Instant::now(),
         };
         let mut rec = Recovery::default();
         for (id, compacted) in files {
@@ -397,6 +407,7 @@ impl Store {
     /// the stream's rate limit are refused and counted.
     pub fn append(&self, labels: &Labels, entries: Vec<Entry>) -> Result<Appended, Error> {
         let mut inner = self.inner.lock().unwrap();
+        inner.last_append = std::time::Instant::now();
         let id = inner.stream_id(labels);
         let mut out = Appended::default();
         for mut e in entries {
@@ -634,6 +645,35 @@ impl Store {
                 *slot = Arc::new(compacted);
             }
         }
+        // Idle: segments kept as written get the harder compression, a few
+        // at a time, newest data last.
+        let idle = self
+            .opts
+            .recompress_when_idle
+            .is_some_and(|d| self.inner.lock().unwrap().last_append.elapsed() >= d);
+        if idle {
+            let kept: Vec<Arc<Seg>> = {
+                let inner = self.inner.lock().unwrap();
+                inner
+                    .sealed
+                    .iter()
+                    .filter(|s| s.compacted && s.path.extension().is_some_and(|e| e == "raw"))
+                    .cloned()
+                    .collect()
+            };
+            let mut budget = RECOMPRESS_BYTES_PER_PASS;
+            for seg in kept {
+                if budget == 0 {
+                    break;
+                }
+                budget = budget.saturating_sub(seg.bytes);
+                let rewritten = self.compact(&seg)?;
+                let mut inner = self.inner.lock().unwrap();
+                if let Some(slot) = inner.sealed.iter_mut().find(|s| s.id == seg.id) {
+                    *slot = Arc::new(rewritten);
+                }
+            }
+        }
         self.enforce_retention()
     }
 
@@ -682,20 +722,11 @@ impl Store {
                     KIND_STREAM,
                     &segment::encode_stream(s, &streams[s as usize]),
                 )?;
-                let mut start = 0;
-                while start < entries.len() {
-                    let mut end = start;
-                    let mut size = 0;
-                    while end < entries.len() && (end == start || size < self.opts.block_bytes) {
-                        size += entries[end].line.len() + 16;
-                        end += 1;
-                    }
-                    let refs: Vec<(u32, &Entry)> =
-                        entries[start..end].iter().map(|e| (s, e)).collect();
-                    let bytes = block::encode(&refs, self.opts.level_sealed);
+                let refs: Vec<(u32, &Entry)> = entries.iter().map(|e| (s, e)).collect();
+                for part in split_blocks(&refs, self.opts.block_bytes) {
+                    let bytes = block::encode(part, self.opts.level_sealed);
                     let at = w.append(KIND_BLOCK, &bytes)?;
                     blocks.push(Block::written(&bytes, at));
-                    start = end;
                 }
             }
             Ok(())
