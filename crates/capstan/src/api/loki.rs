@@ -7,9 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use capstan_logstore::logql::ast::{Expr, Matcher};
 use capstan_logstore::logql::eval::{self, Value};
@@ -166,14 +165,7 @@ fn points_json(points: Vec<(i64, f64)>) -> serde_json::Value {
     )
 }
 
-pub async fn query_range(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
     let parsed = query_params(&p).and_then(|(expr, limit, dir)| {
         let (start, end) = range_params(&p)?;
         let step = match p.get("step").or(p.get("interval")) {
@@ -207,14 +199,7 @@ pub async fn query_range(
     out.unwrap_or_else(|r| r)
 }
 
-pub async fn query(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn query(State(api): State<Api>, p: Params) -> Response {
     let parsed = query_params(&p).and_then(|(expr, limit, dir)| {
         let t = match p.get("time") {
             None => now_ns(),
@@ -271,14 +256,7 @@ fn matching_streams(api: &Api, p: &Params) -> Result<Vec<std::sync::Arc<Labels>>
     }))
 }
 
-pub async fn labels(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn labels(State(api): State<Api>, p: Params) -> Response {
     match matching_streams(&api, &p) {
         Ok(streams) => {
             let names: BTreeSet<&str> = streams
@@ -292,15 +270,7 @@ pub async fn labels(
     }
 }
 
-pub async fn label_values(
-    State(api): State<Api>,
-    Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn label_values(State(api): State<Api>, Path(name): Path<String>, p: Params) -> Response {
     match matching_streams(&api, &p) {
         Ok(streams) => {
             let values: BTreeSet<&str> = streams.iter().filter_map(|l| l.get(&name)).collect();
@@ -311,14 +281,7 @@ pub async fn label_values(
     }
 }
 
-pub async fn series(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn series(State(api): State<Api>, p: Params) -> Response {
     match matching_streams(&api, &p) {
         Ok(streams) => axum::Json(json!({
             "status": "success",
@@ -347,7 +310,7 @@ pub async fn tail(
     RawQuery(q): RawQuery,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
-    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let p = Params::from_query(q);
     let parsed = (|| {
         let (expr, limit, _) = query_params(&p)?;
         let Expr::Log(e) = expr else {
@@ -506,7 +469,7 @@ fn line_json(l: &Labels, ts_ns: i64, seq: u64, line: &str, matched: bool) -> ser
 /// lines of its stream before and after; groups that do not touch are
 /// separated by `{"sep": true}`. Answers `{"lines": […], "cursor": N}`.
 pub async fn search_logs(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
-    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let p = Params::from_query(q);
     let parsed = (|| {
         let (expr, _, _) = query_params(&p)?;
         let Expr::Log(e) = expr else {

@@ -44,19 +44,16 @@ fn ok_json(data: serde_json::Value) -> Response {
 
 /// Parameters from the query string and, for POST, a form-encoded body; repeated
 /// keys (`match[]`) keep every value.
-pub(crate) struct Params(Vec<(String, String)>);
+pub struct Params(Vec<(String, String)>);
 
 impl Params {
-    pub(crate) fn from(
+    pub fn from(
         query: Option<String>,
         method: &Method,
         headers: &HeaderMap,
         body: &Bytes,
     ) -> Params {
-        let mut v: Vec<(String, String)> = Vec::new();
-        if let Some(q) = query {
-            v.extend(form_urlencoded_pairs(&q));
-        }
+        let Params(mut v) = Params::from_query(query);
         let form = headers
             .get(header::CONTENT_TYPE)
             .and_then(|c| c.to_str().ok())
@@ -67,16 +64,36 @@ impl Params {
         Params(v)
     }
 
-    pub(crate) fn get(&self, k: &str) -> Option<&str> {
+    /// The query string's parameters alone (GET-only endpoints).
+    pub fn from_query(query: Option<String>) -> Params {
+        Params(query.map_or_else(Vec::new, |q| form_urlencoded_pairs(&q)))
+    }
+
+    pub fn get(&self, k: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
     }
 
-    pub(crate) fn all(&self, k: &str) -> Vec<&str> {
+    pub fn all(&self, k: &str) -> Vec<&str> {
         self.0
             .iter()
             .filter(|(n, _)| n == k)
             .map(|(_, v)| v.as_str())
             .collect()
+    }
+}
+
+/// Handlers take the parameters as an extractor (it reads the body).
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Params {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let method = req.method().clone();
+        let headers = req.headers().clone();
+        let query = req.uri().query().map(str::to_owned);
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Params::from(query, &method, &headers, &body))
     }
 }
 
@@ -330,14 +347,7 @@ fn run_query(
     })
 }
 
-pub async fn query(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn query(State(api): State<Api>, p: Params) -> Response {
     let Some(expr) = p.get("query") else {
         return err("bad_data", "invalid parameter \"query\": query is required");
     };
@@ -356,14 +366,7 @@ pub async fn query(
     }
 }
 
-pub async fn query_range(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
     let Some(expr) = p.get("query") else {
         return err("bad_data", "invalid parameter \"query\": query is required");
     };
@@ -480,14 +483,7 @@ fn matching_series(api: &Api, sets: &[Vec<Matcher>], start: i64, end: i64) -> Ve
     all.into_iter().collect()
 }
 
-pub async fn series(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn series(State(api): State<Api>, p: Params) -> Response {
     let sets = match match_params(&p) {
         Ok(s) if s.is_empty() => return err("bad_data", "no match[] parameter provided"),
         Ok(s) => s,
@@ -506,14 +502,7 @@ pub async fn series(
     ok_json(serde_json::to_value(data).unwrap())
 }
 
-pub async fn labels(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn labels(State(api): State<Api>, p: Params) -> Response {
     let (sets, (start, end), limit) = match (match_params(&p), range_params(&p), limit_param(&p)) {
         (Ok(s), Ok(r), Ok(l)) => (s, r, l),
         (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
@@ -540,15 +529,7 @@ pub async fn labels(
     ok_json(serde_json::to_value(names.into_iter().take(limit).collect::<Vec<_>>()).unwrap())
 }
 
-pub async fn label_values(
-    State(api): State<Api>,
-    Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn label_values(State(api): State<Api>, Path(name): Path<String>, p: Params) -> Response {
     let (sets, (start, end), limit) = match (match_params(&p), range_params(&p), limit_param(&p)) {
         (Ok(s), Ok(r), Ok(l)) => (s, r, l),
         (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
@@ -605,7 +586,7 @@ fn unescape_utf8_name(s: &str) -> String {
 /// the targets' last good scrapes gave them; `metric`, `limit` and
 /// `limit_per_metric` as in Prometheus.
 pub async fn metadata(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
-    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let p = Params::from_query(q);
     // Zero or less means no limit.
     let positive = |key: &str| -> Result<Option<usize>, Response> {
         Ok(signed_param(&p, key)?
@@ -741,7 +722,7 @@ pub async fn runtimeinfo(State(api): State<Api>) -> Response {
 }
 
 pub async fn tsdb_status(State(api): State<Api>, RawQuery(q): RawQuery) -> Response {
-    let p = Params::from(q, &Method::GET, &HeaderMap::new(), &Bytes::new());
+    let p = Params::from_query(q);
     let limit = p
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())
@@ -796,13 +777,7 @@ pub async fn tsdb_status(State(api): State<Api>, RawQuery(q): RawQuery) -> Respo
     }))
 }
 
-pub async fn format_query(
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn format_query(p: Params) -> Response {
     let Some(expr) = p.get("query") else {
         return err("bad_data", "invalid parameter \"query\": query is required");
     };

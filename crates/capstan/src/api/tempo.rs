@@ -9,9 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use capstan_logstore::{Direction, Query};
 use opentelemetry_proto::tonic::trace::v1::TracesData;
@@ -203,14 +202,7 @@ fn search_params(p: &Params) -> Result<Search, Response> {
     Ok(s)
 }
 
-pub async fn search(
-    State(api): State<Api>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::from(q, &method, &headers, &body);
+pub async fn search(State(api): State<Api>, p: Params) -> Response {
     let s = match search_params(&p) {
         Ok(s) => s,
         Err(r) => return r,
