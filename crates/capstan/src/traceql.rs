@@ -12,7 +12,9 @@ use std::fmt;
 
 use capstan_logstore::Labels;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
-use opentelemetry_proto::tonic::trace::v1::{Span, status};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+use crate::traces::status_name;
 
 /// A parsed query: spanset filters joined by `&&` (binds tighter) and `||`.
 #[derive(Debug, Clone)]
@@ -507,14 +509,6 @@ fn kind_name(k: i32) -> &'static str {
     }
 }
 
-fn status_name(s: &Span) -> &'static str {
-    match s.status.as_ref().map(|s| s.code) {
-        Some(c) if c == status::StatusCode::Error as i32 => "error",
-        Some(c) if c == status::StatusCode::Ok as i32 => "ok",
-        _ => "unset",
-    }
-}
-
 fn order(op: Op, o: std::cmp::Ordering) -> bool {
     use std::cmp::Ordering::*;
     match op {
@@ -628,6 +622,7 @@ impl Query {
 mod tests {
     use super::*;
     use opentelemetry_proto::tonic::common::v1::KeyValue;
+    use opentelemetry_proto::tonic::trace::v1::status;
 
     fn kv(k: &str, v: any_value::Value) -> KeyValue {
         KeyValue {

@@ -94,7 +94,8 @@ fn attr_text(kvs: &[KeyValue], key: &str) -> Option<String> {
         .map(value_text)
 }
 
-fn status_name(s: &Span) -> &'static str {
+/// A span's status as TraceQL and Tempo name it.
+pub fn status_name(s: &Span) -> &'static str {
     match s.status.as_ref().map(|s| s.code) {
         Some(c) if c == status::StatusCode::Error as i32 => "error",
         Some(c) if c == status::StatusCode::Ok as i32 => "ok",

@@ -52,6 +52,17 @@ sys.stdout.flush()
 time.sleep(3600)
 "#;
 
+/// A span's attribute value in OTLP JSON (null when absent).
+fn attr(s: &Value, k: &str) -> Value {
+    s["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| kv["key"] == k)
+        .map(|kv| kv["value"].clone())
+        .unwrap_or(Value::Null)
+}
+
 /// The python3 on PATH: the one scripts/test installed the SDK into.
 fn python() -> String {
     std::env::var_os("PATH")
@@ -127,15 +138,6 @@ services:
     assert_eq!(root["kind"], 2, "SERVER as OTLP's integer enum");
     assert_eq!(charge["status"]["code"], 2);
     assert_eq!(charge["status"]["message"], "card declined");
-    let attr = |s: &Value, k: &str| -> Value {
-        s["attributes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|kv| kv["key"] == k)
-            .map(|kv| kv["value"].clone())
-            .unwrap_or(Value::Null)
-    };
     assert_eq!(attr(root, "user.id")["stringValue"], "ann");
     assert_eq!(
         attr(select, "db.rows")["intValue"]
@@ -432,15 +434,6 @@ services:
             }
         }
         Some(out)
-    };
-    let attr = |s: &Value, k: &str| -> Value {
-        s["attributes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|kv| kv["key"] == k)
-            .map(|kv| kv["value"].clone())
-            .unwrap_or(Value::Null)
     };
 
     // Not sampled by the caller: the app sees the caller's context untouched and

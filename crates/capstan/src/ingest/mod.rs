@@ -146,13 +146,18 @@ pub fn check_labels(pairs: &[(String, String)]) -> Result<(), String> {
 
 /// Lower-case hex of bytes.
 pub fn hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
-    }
+    push_hex(&mut s, b);
     s
+}
+
+/// Appends the lower-case hex of bytes.
+pub fn push_hex(out: &mut String, b: &[u8]) {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        out.push(D[(x >> 4) as usize] as char);
+        out.push(D[(x & 15) as usize] as char);
+    }
 }
 
 #[cfg(test)]

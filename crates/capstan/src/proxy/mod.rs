@@ -209,15 +209,12 @@ fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<Finished> {
 /// The stream of a service's proxy spans: the service's name as the resource
 /// (as a sidecar reports for its workload) and the proxy as the scope.
 fn span_labels(service: &str) -> capstan_logstore::Labels {
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-    let kv = KeyValue {
-        key: "service.name".into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(service.to_owned())),
-        }),
-        ..Default::default()
-    };
-    crate::ingest::otlp::span_labels(&[kv], Some((SCOPE, env!("CARGO_PKG_VERSION"))))
+    use crate::ingest::otlp::{SCOPE_NAME, SCOPE_VERSION};
+    capstan_logstore::Labels::from_pairs([
+        ("service.name", service),
+        (SCOPE_NAME, SCOPE),
+        (SCOPE_VERSION, env!("CARGO_PKG_VERSION")),
+    ])
 }
 
 /// Accepts connections until the task is aborted; each one is its own task.
