@@ -535,8 +535,19 @@ impl Store {
         self.stats.blocks_written.fetch_add(written, Relaxed);
         let path = a.writer.path.clone();
         drop(refs);
-        let failed = match result {
-            Ok(()) => None,
+        match result {
+            Ok(()) => {
+                match only {
+                    Some(id) => {
+                        inner.head_bytes -= std::mem::take(&mut inner.stream_bytes[id as usize]);
+                    }
+                    None => {
+                        inner.stream_bytes.iter_mut().for_each(|b| *b = 0);
+                        inner.head_bytes = 0;
+                    }
+                }
+                Ok(())
+            }
             Err(e) => {
                 // Nothing accepted is lost: entries not yet in a block go back
                 // to the head, in append order.
@@ -547,15 +558,14 @@ impl Store {
                     back.iter().filter_map(|i| slots[*i].take()).collect();
                 returned.append(&mut inner.head);
                 inner.head = returned;
-                Some(io(&path, e))
+                inner.stream_bytes.iter_mut().for_each(|b| *b = 0);
+                for (id, e) in &inner.head {
+                    inner.stream_bytes[*id as usize] += entries_size(e);
+                }
+                inner.head_bytes = inner.stream_bytes.iter().sum();
+                Err(io(&path, e))
             }
-        };
-        inner.stream_bytes.iter_mut().for_each(|b| *b = 0);
-        for (id, e) in &inner.head {
-            inner.stream_bytes[*id as usize] += entries_size(e);
         }
-        inner.head_bytes = inner.stream_bytes.iter().sum();
-        failed.map_or(Ok(()), Err)
     }
 
     fn seal_active(&self, inner: &mut Inner) -> Result<(), Error> {
