@@ -650,10 +650,7 @@ impl Store {
                     compacted: true,
                 }
             };
-            let mut inner = self.inner.lock().unwrap();
-            if let Some(slot) = inner.sealed.iter_mut().find(|s| s.id == seg.id) {
-                *slot = Arc::new(compacted);
-            }
+            self.replace_sealed(compacted);
         }
         // Idle: segments kept as written get the harder compression, a few
         // at a time, newest data last.
@@ -677,14 +674,19 @@ impl Store {
                     break;
                 }
                 budget = budget.saturating_sub(seg.bytes);
-                let rewritten = self.compact(&seg)?;
-                let mut inner = self.inner.lock().unwrap();
-                if let Some(slot) = inner.sealed.iter_mut().find(|s| s.id == seg.id) {
-                    *slot = Arc::new(rewritten);
-                }
+                self.replace_sealed(self.compact(&seg)?);
             }
         }
         self.enforce_retention()
+    }
+
+    /// Puts a rewritten sealed segment in place of the one with its id (unless
+    /// retention removed that meanwhile).
+    fn replace_sealed(&self, seg: Seg) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(slot) = inner.sealed.iter_mut().find(|s| s.id == seg.id) {
+            *slot = Arc::new(seg);
+        }
     }
 
     /// Whether rewriting a sealed segment would change its blocks much: it has
