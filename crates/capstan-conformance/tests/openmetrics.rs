@@ -1,27 +1,15 @@
-//! The OpenMetrics parser conformance cases (`../shared/testdata/openmetrics/parsers`):
+//! The OpenMetrics parser conformance cases (`$CAPSTAN_TESTDATA/openmetrics/parsers`):
 //! every case must parse exactly when its `test.json` says `shouldParse: true`.
-
-use std::path::PathBuf;
 
 use capstan_expfmt::{Format, Parser};
 
-fn cases_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/openmetrics/parsers")
-}
-
 #[test]
+#[cfg_attr(
+    not(openmetrics_data),
+    ignore = "skipped: no OpenMetrics cases at $CAPSTAN_TESTDATA/openmetrics/parsers (see crates/capstan-conformance/README.md)"
+)]
 fn openmetrics_conformance() {
-    let dir = cases_dir();
-    let mut entries: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (the shared test data must sit beside the repository)",
-                dir.display()
-            )
-        })
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
+    let entries = capstan_conformance::entries("openmetrics/parsers");
     let mut wrong = Vec::new();
     for case in &entries {
         let meta: serde_json::Value =
