@@ -1,5 +1,8 @@
 //! Any text as a PromQL expression, evaluated as an instant and a range query over
-//! a small store: the engine returns a value or an error, never panics.
+//! a small store: the engine returns a value or an error, never panics. Inputs
+//! starting with 0xff are read as token picks instead (PromQL's own tokens, with
+//! the functions and syntax of newer Prometheus versions that the engine refuses),
+//! so the fuzzer reaches deep expressions and every function quickly.
 #![no_main]
 
 use capstan_promql::{Engine, EngineOptions, MemPoint, MemStorage};
@@ -25,7 +28,14 @@ fn store() -> &'static MemStorage {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(q) = std::str::from_utf8(data) else { return };
+    let q = match data.split_first() {
+        Some((0xff, picks)) => capstan_promql::fuzzing::expression(picks),
+        _ => match std::str::from_utf8(data) {
+            Ok(q) => q.to_owned(),
+            Err(_) => return,
+        },
+    };
+    let q = q.as_str();
     let engine = Engine::new(EngineOptions {
         max_samples: 100_000,
         timeout: std::time::Duration::from_secs(2),

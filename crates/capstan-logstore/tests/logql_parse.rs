@@ -295,3 +295,56 @@ mod never_panics {
         }
     }
 }
+
+/// Queries at the nesting and operator limits parse (on a thread with the stack
+/// the daemon gives its threads); deeper or longer ones are refused before parsing.
+#[test]
+fn deep_queries_are_bounded() {
+    use capstan_logstore::logql::{MAX_NESTING, MAX_OPERATORS};
+    let sel = "{a=\"b\"}";
+    let at_limit = [
+        format!(
+            "{}count_over_time({sel}[1m]){}",
+            "sum(".repeat(MAX_NESTING - 2),
+            ")".repeat(MAX_NESTING - 2)
+        ),
+        vec![format!("count_over_time({sel}[1m])"); MAX_OPERATORS + 1].join(" + "),
+        format!(
+            "{sel} | logfmt | {}",
+            vec!["x > 1"; MAX_OPERATORS / 2].join(" or ")
+        ),
+        format!(
+            "{sel} | logfmt | {}x=1{}",
+            "(".repeat(MAX_NESTING),
+            ")".repeat(MAX_NESTING)
+        ),
+    ];
+    let over = [
+        format!("{}{sel}{}", "(".repeat(5000), ")".repeat(5000)),
+        format!(
+            "{sel} | logfmt | {}x=1{}",
+            "(".repeat(MAX_NESTING + 1),
+            ")".repeat(MAX_NESTING + 1)
+        ),
+        vec![format!("count_over_time({sel}[1m])"); MAX_OPERATORS + 2].join(" + "),
+        format!("{sel} | logfmt | {}", vec!["x > 1"; 5000].join(" and ")),
+        format!("{sel} | logfmt | {}", vec!["x > 1"; 5000].join(", ")),
+    ];
+    std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(move || {
+            for q in &at_limit {
+                parse(q).unwrap_or_else(|e| panic!("{e}: {}", &q[..80]));
+            }
+            for q in &over {
+                let e = parse(q).unwrap_err().to_string();
+                assert!(
+                    e.contains("nests deeper than 128") || e.contains("more than 1024 operators"),
+                    "{e}"
+                );
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}

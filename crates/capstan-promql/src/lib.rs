@@ -7,6 +7,8 @@ mod aggregate;
 mod binary;
 mod engine;
 mod functions;
+pub mod fuzzing;
+pub mod limits;
 pub mod mathx;
 mod position;
 pub mod promqltest;

@@ -2,98 +2,10 @@
 //! range queries: the engine answers or errs, and never panics. (`fuzz/` has the
 //! coverage-guided version of this, on arbitrary text.)
 
+use capstan_promql::fuzzing::TOKENS;
 use capstan_promql::{Engine, EngineOptions, MemPoint, MemStorage};
 use capstan_tsdb::Labels;
 use proptest::prelude::*;
-
-const TOKENS: &[&str] = &[
-    "a",
-    "b_total",
-    "h_bucket",
-    "{job=\"j\"}",
-    "{le=~\"0.*\"}",
-    "[1m]",
-    "[5m:15s]",
-    "[30s:]",
-    "(",
-    ")",
-    "(",
-    ")",
-    ",",
-    "+",
-    "-",
-    "*",
-    "/",
-    "%",
-    "^",
-    "atan2",
-    "==",
-    "!=",
-    ">",
-    "<",
-    ">=",
-    "<=",
-    "bool",
-    "and",
-    "or",
-    "unless",
-    "on(job)",
-    "ignoring(le)",
-    "group_left",
-    "group_right(le)",
-    "by (le)",
-    "without (job)",
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "count",
-    "stddev",
-    "topk(2,",
-    "bottomk(-1,",
-    "quantile(0.5,",
-    "count_values(\"v\",",
-    "limitk(1,",
-    "limit_ratio(0.5,",
-    "rate(",
-    "irate(",
-    "increase(",
-    "delta(",
-    "deriv(",
-    "predict_linear(",
-    "histogram_quantile(0.9,",
-    "label_replace(",
-    "label_join(",
-    "\"x\"",
-    "\"(.*)\"",
-    "\"$1\"",
-    "abs(",
-    "clamp(",
-    "round(",
-    "time()",
-    "vector(",
-    "scalar(",
-    "absent(",
-    "sort(",
-    "sort_by_label(",
-    "quantile_over_time(",
-    "holt_winters(",
-    "changes(",
-    "timestamp(",
-    "offset 1m",
-    "offset -30s",
-    "@ 100",
-    "@ start()",
-    "@ end()",
-    "1",
-    "0",
-    "-1",
-    "NaN",
-    "Inf",
-    "1e308",
-    "0.5",
-    "2",
-];
 
 fn store() -> MemStorage {
     let mut s = MemStorage::new();
@@ -148,4 +60,65 @@ fn limits_give_clear_errors() {
         .instant(&st, "nosuchfn(a)", 0)
         .unwrap_err();
     assert!(e.to_string().contains("nosuchfn"), "{e}");
+}
+
+/// Expressions at the nesting and operator limits evaluate (on a thread with the
+/// stack the daemon gives its threads); one level more is refused with a message
+/// before anything is parsed.
+#[test]
+fn deep_expressions_are_bounded() {
+    use capstan_promql::limits::{MAX_NESTING, MAX_OPERATORS, STACK_BYTES};
+    let at_limit = [
+        format!(
+            "{}{}{}",
+            "sum(".repeat(MAX_NESTING - 1),
+            vec!["a"; MAX_OPERATORS + 1].join(" + "),
+            ")".repeat(MAX_NESTING - 1)
+        ),
+        format!(
+            "{}{}{}",
+            "max_over_time((".repeat(MAX_NESTING / 2),
+            vec!["a"; MAX_OPERATORS + 1].join(" and "),
+            ")[1m:])".repeat(MAX_NESTING / 2)
+        ),
+        format!("{}1", "-".repeat(MAX_OPERATORS)),
+    ];
+    let over = [
+        format!(
+            "{}1{}",
+            "(".repeat(MAX_NESTING + 1),
+            ")".repeat(MAX_NESTING + 1)
+        ),
+        format!("{}a{}", "sum(".repeat(5000), ")".repeat(5000)),
+        vec!["a"; MAX_OPERATORS + 2].join(" + "),
+        vec!["a"; 100_000].join(" or "),
+        format!("{}1", "-".repeat(100_000)),
+    ];
+    std::thread::Builder::new()
+        .stack_size(STACK_BYTES)
+        .spawn(move || {
+            let engine = Engine::new(EngineOptions::default());
+            let st = MemStorage::new();
+            for q in &at_limit {
+                engine.instant(&st, q, 0).unwrap();
+                engine.range(&st, q, 0, 60_000, 15_000).unwrap();
+                capstan_promql::parse(q).unwrap().prettify();
+            }
+            for q in &over {
+                let e = engine.instant(&st, q, 0).unwrap_err().to_string();
+                assert!(
+                    e.contains("nests deeper than 128")
+                        || e.contains("more than 1024 operators")
+                        || e.contains("over the limit of 262144"),
+                    "{e}"
+                );
+                assert_eq!(
+                    capstan_promql::parse(q).unwrap_err().error_type(),
+                    "bad_data"
+                );
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }

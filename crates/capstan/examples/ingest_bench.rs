@@ -63,7 +63,7 @@ fn post(addr: &str, path: &str, ct: &str, body: &[u8]) -> u16 {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     write!(
         c,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -75,7 +75,7 @@ fn post(addr: &str, path: &str, ct: &str, body: &[u8]) -> u16 {
 
 fn get(addr: &str, path: &str) -> (u16, String) {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
     let code = out[9..12].parse().unwrap();

@@ -221,7 +221,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         engine.clone(),
         cmd_tx.clone(),
     ));
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
         db: db.clone(),
@@ -230,6 +230,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         started: jiff::Timestamp::now(),
         retention: format!("{}d", storage.retention.0.as_secs() / 86_400),
         reads_need_token: !addr.ip().is_loopback(),
+        listen: addr,
         shared: shared.clone(),
         commands: cmd_tx.clone(),
         token: Arc::new(token),
@@ -251,7 +252,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     if let Some(r) = ready {
         let _ = r.send(addr);
     }
-    let server = axum::serve(listener, crate::api::router(api));
+    let router = crate::api::router(api);
     let shutdown_tx = cmd_tx.clone();
     let signals = async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -274,7 +275,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     // graceful shutdown does not wait on followers; 5s bounds it regardless.
     let db_for_shutdown = db.clone();
     let logs_for_shutdown = shared.clone();
-    let server = server.with_graceful_shutdown(async move {
+    let stopped = async move {
         let _ = sup_task.await;
         autoscaler.abort();
         // Replicas are gone: the scraper marks their series stale and stops.
@@ -293,14 +294,14 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             tracing::error!("cannot sync the metrics store: {e}");
         }
         let _ = stopping_tx.send(true);
-    });
-    let result = tokio::select! {
-        r = server => r,
-        _ = async move {
-            let _ = stopping_rx.wait_for(|s| *s).await;
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        } => Ok(()),
     };
+    crate::api::serve::serve(
+        listener,
+        router,
+        crate::api::serve::Limits::default(),
+        stopped,
+    )
+    .await;
     if let Some(cg) = &cgroups {
         cg.remove_base();
     }
@@ -311,7 +312,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         "every service stopped; daemon exiting",
     );
     let _ = std::fs::remove_file(&info_path);
-    result.context("serving the API")
+    Ok(())
 }
 
 /// Days spans are kept (and at most as many bytes as logs).

@@ -462,9 +462,59 @@ fn field(name: &str) -> Result<Field, String> {
     ))
 }
 
+/// The longest query accepted, in bytes.
+pub const MAX_QUERY_BYTES: usize = 64 << 10;
+/// The deepest nesting of `(` and `{` accepted.
+pub const MAX_NESTING: usize = 128;
+/// The most `&&`, `||` and `!` accepted in one query.
+pub const MAX_OPERATORS: usize = 1024;
+
+/// Bounds the query's nesting and operators before it is parsed, so parsing,
+/// matching and dropping the tree recurse a bounded depth.
+fn check_shape(src: &str, toks: &[(usize, Tok)]) -> Result<(), Error> {
+    if src.len() > MAX_QUERY_BYTES {
+        return Err(Error {
+            column: 1,
+            message: format!("the query is longer than {} KiB", MAX_QUERY_BYTES >> 10),
+        });
+    }
+    let (mut depth, mut ops) = (0usize, 0usize);
+    for (at, t) in toks {
+        let fail = |message: String| Error {
+            column: at + 1,
+            message,
+        };
+        match t {
+            Tok::LParen | Tok::LBrace => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(fail(format!(
+                        "the query nests deeper than {MAX_NESTING} levels"
+                    )));
+                }
+            }
+            Tok::RParen | Tok::RBrace => depth = depth.saturating_sub(1),
+            Tok::AndAnd | Tok::OrOr | Tok::Bang => {
+                ops += 1;
+                if ops > MAX_OPERATORS {
+                    return Err(fail(format!(
+                        "the query has more than {MAX_OPERATORS} operators"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Parses a TraceQL query.
 pub fn parse(src: &str) -> Result<Query, Error> {
+    if src.len() > MAX_QUERY_BYTES {
+        return check_shape(src, &[]).map(|()| Query::Spanset(Cond::True));
+    }
     let toks = lex(src)?;
+    check_shape(src, &toks)?;
     if toks.is_empty() {
         return Ok(Query::Spanset(Cond::True));
     }
@@ -725,6 +775,62 @@ mod tests {
         assert!(!t(r#"{ kind = server } && { name = "nope" }"#));
         assert!(t(r#"{ name = "nope" } || { status = error }"#));
         assert!(!t(r#"({ name = "a" } || { name = "b" }) && {}"#));
+    }
+
+    #[test]
+    fn deep_queries_are_bounded() {
+        let at_limit = [
+            format!(
+                "{}{{}}{}",
+                "(".repeat(MAX_NESTING - 1),
+                ")".repeat(MAX_NESTING - 1)
+            ),
+            format!(
+                "{{ {} }}",
+                vec!["name = \"a\""; MAX_OPERATORS + 1].join(" && ")
+            ),
+            format!("{{ {}name = \"a\" }}", "!".repeat(MAX_OPERATORS)),
+            vec!["{}"; MAX_OPERATORS + 1].join(" || "),
+        ];
+        let over = [
+            format!("{}{{}}{}", "(".repeat(5000), ")".repeat(5000)),
+            format!(
+                "{{ {}name = \"a\"{} }}",
+                "(".repeat(MAX_NESTING),
+                ")".repeat(MAX_NESTING)
+            ),
+            format!("{{ {} }}", vec!["name = \"a\""; 5000].join(" || ")),
+            format!("{{ {}name = \"a\" }}", "!".repeat(100_000)),
+            vec!["{}"; MAX_OPERATORS + 2].join(" && "),
+        ];
+        std::thread::Builder::new()
+            .stack_size(capstan_promql::limits::STACK_BYTES)
+            .spawn(move || {
+                let span = span("a", 2, 1, false, vec![]);
+                for q in &at_limit {
+                    let parsed = parse(q).unwrap();
+                    parsed.trace_matches(&[(&Labels::default(), &span)]);
+                }
+                for q in &over {
+                    let e = parse(q).unwrap_err().to_string();
+                    assert!(
+                        e.contains("nests deeper than 128")
+                            || e.contains("more than 1024")
+                            || e.contains("longer than"),
+                        "{e}"
+                    );
+                }
+                let long = format!("{{ name = \"{}\" }}", "x".repeat(MAX_QUERY_BYTES));
+                assert!(
+                    parse(&long)
+                        .unwrap_err()
+                        .message
+                        .contains("longer than 64 KiB")
+                );
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]

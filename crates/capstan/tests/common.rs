@@ -135,7 +135,7 @@ impl TestStack {
         let mut c = std::net::TcpStream::connect(info["addr"].as_str().unwrap()).unwrap();
         write!(
             c,
-            "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            "GET {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
             token.trim()
         )
         .unwrap();
@@ -309,7 +309,7 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -390,7 +390,7 @@ pub fn start_prometheus(config: &str, port: u16) -> (Killed, String, tempfile::T
 pub fn http_fetch(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
     let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -430,7 +430,7 @@ pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) 
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     let mut req = format!(
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n",
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {

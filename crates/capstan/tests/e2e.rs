@@ -608,7 +608,7 @@ fn the_control_api_requires_the_token() {
         let auth = auth
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
+        write!(c, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").unwrap();
         let mut out = String::new();
         c.read_to_string(&mut out).unwrap();
         out

@@ -11,7 +11,7 @@ use common::*;
 
 fn post(addr: &str, token: &str, path: &str, headers: &str, body: &[u8]) -> String {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n{headers}\r\n", body.len()).unwrap();
+    write!(c, "POST {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n{headers}\r\n", body.len()).unwrap();
     c.write_all(body).unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();

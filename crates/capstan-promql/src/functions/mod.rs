@@ -15,9 +15,130 @@ use crate::mathx::{max_nan, min_nan};
 use crate::value::{Error, Series, Value, exec};
 use range::Window;
 
+/// Every function this engine evaluates, with its fewest and most arguments
+/// (`usize::MAX`: variadic). The parser knows functions of newer Prometheus
+/// versions too; a call to one not listed here is refused before evaluation.
+const FUNCTIONS: &[(&[&str], usize, usize)] = &[
+    (&["time", "pi"], 0, 0),
+    (
+        &[
+            "vector",
+            "scalar",
+            "timestamp",
+            "abs",
+            "ceil",
+            "floor",
+            "exp",
+            "sqrt",
+            "ln",
+            "log2",
+            "log10",
+            "sgn",
+            "sin",
+            "cos",
+            "tan",
+            "asin",
+            "acos",
+            "atan",
+            "sinh",
+            "cosh",
+            "tanh",
+            "asinh",
+            "acosh",
+            "atanh",
+            "deg",
+            "rad",
+            "sort",
+            "sort_desc",
+            "absent",
+            "histogram_count",
+            "histogram_sum",
+            "histogram_avg",
+            "histogram_stddev",
+            "histogram_stdvar",
+        ],
+        1,
+        1,
+    ),
+    (&["round"], 1, 2),
+    (&["clamp", "histogram_fraction"], 3, 3),
+    (&["clamp_min", "clamp_max", "histogram_quantile"], 2, 2),
+    (
+        &[
+            "day_of_month",
+            "day_of_week",
+            "day_of_year",
+            "days_in_month",
+            "hour",
+            "minute",
+            "month",
+            "year",
+        ],
+        0,
+        1,
+    ),
+    (&["label_replace"], 5, 5),
+    (&["label_join"], 3, usize::MAX),
+    (&["sort_by_label", "sort_by_label_desc"], 1, usize::MAX),
+    (
+        &[
+            "rate",
+            "increase",
+            "delta",
+            "irate",
+            "idelta",
+            "deriv",
+            "avg_over_time",
+            "sum_over_time",
+            "min_over_time",
+            "max_over_time",
+            "count_over_time",
+            "stddev_over_time",
+            "stdvar_over_time",
+            "mad_over_time",
+            "last_over_time",
+            "first_over_time",
+            "ts_of_last_over_time",
+            "ts_of_first_over_time",
+            "present_over_time",
+            "absent_over_time",
+            "changes",
+            "resets",
+        ],
+        1,
+        1,
+    ),
+    (&["quantile_over_time", "predict_linear"], 2, 2),
+    (&["holt_winters", "double_exponential_smoothing"], 3, 3),
+];
+
+/// Refuses calls this engine does not evaluate, and argument counts it does not
+/// expect, with a message instead of a failure inside the function.
+fn check_call(name: &str, args: usize) -> Result<(), Error> {
+    let Some(&(_, min, max)) = FUNCTIONS.iter().find(|(names, ..)| names.contains(&name)) else {
+        return Err(Error::Unsupported(format!(
+            "function {name}() is not supported by capstan's PromQL engine"
+        )));
+    };
+    if args < min || args > max {
+        return Err(Error::Parse(format!(
+            "expected {} argument(s) in call to \"{name}\", got {args}",
+            if min == max {
+                min.to_string()
+            } else if max == usize::MAX {
+                format!("at least {min}")
+            } else {
+                format!("{min} to {max}")
+            }
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn call(ev: &mut Ev<'_>, c: &Call) -> Result<Value, Error> {
     let name = c.func.name;
     let args: Vec<&Expr> = c.args.args.iter().map(|a| a.as_ref()).collect();
+    check_call(name, args.len())?;
     match name {
         "time" => Ok(Value::Scalar(
             (0..ev.steps()).map(|i| ev.ts(i) as f64 / 1000.0).collect(),

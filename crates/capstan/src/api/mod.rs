@@ -35,12 +35,16 @@ pub struct Api {
     pub retention: String,
     /// Listening beyond loopback: the query API wants the token too.
     pub reads_need_token: bool,
+    /// The address the API listens on (requests must name it, or loopback).
+    pub listen: std::net::SocketAddr,
 }
 
+pub mod guard;
 pub mod ingest;
 pub mod loki;
 pub mod prom;
 pub mod remote_write;
+pub mod serve;
 pub mod tempo;
 
 pub fn router(api: Api) -> Router {
@@ -125,6 +129,11 @@ pub fn router(api: Api) -> Router {
         .route("/metrics/node", get(node_metrics))
         .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))
         .route("/-/ready", get(|| async { "Capstan is Ready.\n" }))
+        .layer(middleware::from_fn_with_state(
+            guard::Hosts::new(api.listen),
+            guard::check_host,
+        ))
+        .layer(middleware::from_fn(guard::catch_panic))
         .with_state(api)
 }
 

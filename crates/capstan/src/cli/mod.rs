@@ -197,6 +197,8 @@ pub fn main() -> i32 {
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Queries recurse over their expression trees, bounded by the parsers' limits.
+        .thread_stack_size(capstan_promql::limits::STACK_BYTES)
         .enable_all()
         .build()
     {
@@ -206,7 +208,11 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run(cli)) {
+    let r = rt.block_on(run(cli));
+    // A request still running (a query stuck in its evaluation) must not keep
+    // the process alive once the daemon has stopped.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match r {
         Ok(code) => code,
         Err(e) => {
             if e.downcast_ref::<Usage>().is_some() || e.downcast_ref::<spec::LoadError>().is_some()
