@@ -110,3 +110,132 @@ pub async fn serve(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn start(limits: Limits) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let router = axum::Router::new()
+            .route("/ok", get(|| async { "fine" }))
+            .route(
+                "/boom",
+                get(|| async {
+                    let none: Option<u8> = None;
+                    format!("{}", none.expect("a deliberate failure"))
+                }),
+            )
+            .route(
+                "/boom-blocking",
+                get(|| async {
+                    tokio::task::block_in_place(|| -> &'static str {
+                        panic!("a deliberate failure in blocking work")
+                    })
+                }),
+            )
+            .layer(axum::middleware::from_fn(crate::api::guard::catch_panic));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, router, limits, async {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    async fn get_once(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Reads until the server closes the connection; `None` if it stays open
+    /// for `within`.
+    async fn closed_within(c: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+        let mut got = Vec::new();
+        tokio::time::timeout(within, c.read_to_end(&mut got))
+            .await
+            .ok()
+            .map(|_| got)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_handler_answers_500_and_is_counted() {
+        let (addr, _stop) = start(Limits::default()).await;
+        let before = crate::api::guard::PANICS.load(std::sync::atomic::Ordering::Relaxed);
+        for path in ["/boom", "/boom-blocking"] {
+            let r = get_once(addr, path).await;
+            assert!(r.starts_with("HTTP/1.0 500"), "{r}");
+            assert!(r.contains("capstan_api_panics_total"), "{r}");
+            assert!(r.contains("a deliberate failure"), "{r}");
+        }
+        let after = crate::api::guard::PANICS.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(after >= before + 2, "{before} -> {after}");
+        // The server goes on serving.
+        assert!(get_once(addr, "/ok").await.ends_with("fine"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_heads_and_idle_connections_are_closed() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, _stop) = start(limits).await;
+        // A head that never ends (slowloris): closed after the timeout.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /ok HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n")
+            .await
+            .unwrap();
+        let got = closed_within(&mut slow, Duration::from_secs(5)).await;
+        assert!(got.is_some(), "a slow head kept its connection open");
+        // A keep-alive connection that sends nothing more: closed too.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /ok HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let got = closed_within(&mut idle, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&got).ends_with("fine"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_limit_are_closed_at_once() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let (addr, stop) = start(limits).await;
+        let a = TcpStream::connect(addr).await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let got = closed_within(&mut c, Duration::from_secs(5)).await;
+        assert_eq!(got, Some(Vec::new()), "a third connection was served");
+        drop((a, b));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(get_once(addr, "/ok").await.ends_with("fine"));
+        // Shutdown is bounded: a connection left open mid-request is closed
+        // after the grace, and nothing new is accepted.
+        let mut open = TcpStream::connect(addr).await.unwrap();
+        open.write_all(b"GET /ok HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        assert!(
+            closed_within(&mut open, Duration::from_secs(8))
+                .await
+                .is_some()
+        );
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+}

@@ -188,6 +188,12 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
     crate::proxy::metrics::expose(&mut e, &shared.proxy.backends());
     crate::autoscale::expose(&mut e, shared);
     e.single(
+        "capstan_api_panics_total",
+        "counter",
+        "API requests whose handler failed (answered 500 and logged).",
+        crate::api::guard::PANICS.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    e.single(
         "capstan_tsdb_wal_size_bytes",
         "gauge",
         "Size of the write-ahead log.",
