@@ -195,6 +195,14 @@ pub fn main() -> i32 {
     if let Cmd::Exec { cgroups, argv } = &cli.command {
         return crate::supervisor::process::exec_helper(cgroups, argv);
     }
+    let hosts_daemon = match &cli.command {
+        Cmd::Daemon(_) => true,
+        Cmd::Up(a) => !a.detach,
+        _ => false,
+    };
+    if !hosts_daemon {
+        quiet_on_closed_stdout();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         // Queries recurse over their expression trees, bounded by the parsers' limits.
@@ -225,6 +233,21 @@ pub fn main() -> i32 {
             }
         }
     }
+}
+
+/// A reader that stops early (`capstan ps | head -1`) closes our stdout; the
+/// next write fails and `print!` panics. Like other command-line tools, end
+/// quietly with success then. (Not in a process hosting the daemon, which must
+/// not stop because a terminal went away.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = crate::api::guard::panic_message(info.payload());
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
 }
 
 pub struct Ctx {

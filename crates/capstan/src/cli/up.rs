@@ -18,7 +18,7 @@ pub struct UpArgs {
     pub f: super::FileOpt,
     /// Detach: return once every service is started or failed.
     #[arg(short = 'd', long)]
-    detach: bool,
+    pub detach: bool,
     /// Address of the API and dashboard.
     #[arg(long, default_value = "127.0.0.1:9700")]
     listen: SocketAddr,
