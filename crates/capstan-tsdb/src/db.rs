@@ -27,9 +27,37 @@ pub struct Options {
     pub retention_ms: i64,
     /// Oldest blocks are deleted while the blocks take more bytes than this.
     pub retention_bytes: Option<u64>,
+    /// Samples more than this ahead of the wall clock are rejected
+    /// (`too_far_in_future`), and dropped from the WAL on replay, so one sample
+    /// from a wrong clock cannot move the head, cut blocks at future boundaries
+    /// or make retention delete data. `None`: no bound (tools, tests).
+    pub max_future_ms: Option<i64>,
+    /// Samples older than the retention before the wall clock are rejected
+    /// (`too_old`): they would be deleted at once.
+    pub reject_older_than_retention: bool,
+}
+
+/// The wall clock in milliseconds since 1970.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Options {
+    /// The newest and oldest sample times accepted at `now`.
+    fn valid_times(&self, now: i64) -> (i64, i64) {
+        let newest = self
+            .max_future_ms
+            .map_or(i64::MAX, |f| now.saturating_add(f));
+        let oldest = if self.reject_older_than_retention {
+            now.saturating_sub(self.retention_ms)
+        } else {
+            i64::MIN
+        };
+        (newest, oldest)
+    }
+
     pub fn new(dir: impl Into<PathBuf>) -> Options {
         Options {
             dir: dir.into(),
@@ -40,6 +68,8 @@ impl Options {
             block_range_ms: 2 * 3_600_000,
             retention_ms: 15 * 86_400_000,
             retention_bytes: None,
+            max_future_ms: Some(10 * 60_000),
+            reject_older_than_retention: false,
         }
     }
 }
@@ -65,14 +95,20 @@ pub enum Reject {
     TooManySeries,
     /// A label name or value over its length limit, or no `__name__`.
     BadLabels,
+    /// More than `max_future_ms` ahead of the wall clock.
+    TooFarInFuture,
+    /// Older than the retention before the wall clock.
+    TooOld,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [
+    pub const ALL: [Reject; 6] = [
         Reject::OutOfOrder,
         Reject::DuplicateTimestamp,
         Reject::TooManySeries,
         Reject::BadLabels,
+        Reject::TooFarInFuture,
+        Reject::TooOld,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +117,8 @@ impl Reject {
             Reject::DuplicateTimestamp => "duplicate_timestamp",
             Reject::TooManySeries => "too_many_series",
             Reject::BadLabels => "bad_labels",
+            Reject::TooFarInFuture => "too_far_in_future",
+            Reject::TooOld => "too_old",
         }
     }
 }
@@ -180,7 +218,7 @@ impl State {
 pub struct Stats {
     pub samples_appended: AtomicU64,
     pub series_created: AtomicU64,
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; Reject::ALL.len()],
 }
 
 impl Stats {
@@ -264,8 +302,11 @@ impl Db {
             persisted_until,
             symbols: Default::default(),
         };
+        // Samples from a wrong clock, logged before the bound existed, are left out.
+        let (newest_ok, _) = opts.valid_times(now_ms());
+        let mut future = 0usize;
         // Records are applied as they are read: replay holds one segment, not the log.
-        let (wal, replay) = Wal::open(&wal_dir, opts.fsync, |r| match r {
+        let (wal, mut replay) = Wal::open(&wal_dir, opts.fsync, |r| match r {
             Record::Series { id, labels } => {
                 // Ids are dense and logged in order; anything else is skipped.
                 if id as usize == state.series.len() {
@@ -275,6 +316,10 @@ impl Db {
             }
             Record::Samples(samples) => {
                 for (id, t, v) in samples {
+                    if t > newest_ok {
+                        future += 1;
+                        continue;
+                    }
                     let fresh = t > state.series.get(id as usize).map_or(i64::MAX, |s| s.max_t);
                     if fresh && t >= persisted_until {
                         state.apply(id, t, v);
@@ -287,6 +332,7 @@ impl Db {
             source,
         })?;
         state.wal = Some(wal);
+        replay.future_dropped = future;
         Ok((
             Db {
                 opts,
@@ -302,7 +348,16 @@ impl Db {
     pub fn maintain(&self) -> Result<Maintained, Error> {
         let mut st = self.state.lock().unwrap();
         let mut done = Maintained::default();
-        let head_max = st.series.iter().map(|s| s.max_t).max().unwrap_or(i64::MIN);
+        // Cuts and retention follow the data held, but never run ahead of the
+        // wall clock (plus the accepted skew).
+        let (newest_ok, _) = self.opts.valid_times(now_ms());
+        let head_max = st
+            .series
+            .iter()
+            .map(|s| s.max_t)
+            .max()
+            .unwrap_or(i64::MIN)
+            .min(newest_ok);
         let head_min = st
             .series
             .iter()
@@ -752,7 +807,16 @@ impl Appender<'_> {
         let mut created: Vec<(Labels, u64)> = Vec::new();
         // Series this batch creates, by hash: the batch may name one many times.
         let mut created_by_hash: crate::fxhash::FxHashMap<u64, Vec<usize>> = Default::default();
+        let (newest_ok, oldest_ok) = db.opts.valid_times(now_ms());
         for (item, t, v) in self.batch {
+            if t > newest_ok {
+                *rejected.entry(Reject::TooFarInFuture).or_default() += 1;
+                continue;
+            }
+            if t < oldest_ok {
+                *rejected.entry(Reject::TooOld).or_default() += 1;
+                continue;
+            }
             // Older than what the blocks hold: refused before a series is made for it.
             if t < st.persisted_until {
                 *rejected.entry(Reject::OutOfOrder).or_default() += 1;

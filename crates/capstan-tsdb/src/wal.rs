@@ -159,6 +159,9 @@ pub struct Replay {
     pub records: usize,
     /// Set when a torn or corrupted tail was cut off: what and where.
     pub truncated: Option<String>,
+    /// Samples left out for being further ahead of the wall clock than the
+    /// database accepts.
+    pub future_dropped: usize,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {

@@ -164,3 +164,79 @@ fn an_interrupted_compaction_is_finished_on_open() {
         panic!("no compacted block to test with");
     }
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// One sample from a wrong clock (far ahead, or at `i64::MAX`) is refused: it
+/// cannot move the head, cut blocks at future boundaries, make retention delete
+/// the blocks held, or make later samples out of order. Logged before the bound
+/// existed, it is left out on replay.
+#[test]
+fn a_far_future_sample_erases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.reject_older_than_retention = true;
+    let (db, _) = Db::open(o.clone()).unwrap();
+    let hour = 3_600_000;
+    let start = now_ms() - 4 * hour;
+    let series = |job: &str| Labels::from_pairs([("__name__", "x"), ("job", job)]);
+    let mut a = db.appender();
+    for m in 0..(4 * 60) {
+        a.add(series("a"), start + m * 60_000, m as f64);
+    }
+    a.commit().unwrap();
+    db.maintain().unwrap();
+    let blocks_before = db.blocks();
+    assert!(!blocks_before.is_empty());
+    let held = all(&db, "a").len();
+
+    for t in [
+        now_ms() + 11 * 60_000,
+        now_ms() + 400 * 86_400_000,
+        i64::MAX,
+    ] {
+        let mut a = db.appender();
+        a.add(series("a"), t, 1.0);
+        a.add(series("future"), t, 1.0);
+        let c = a.commit().unwrap();
+        assert_eq!(c.appended, 0);
+        assert_eq!(c.rejected, vec![(capstan_tsdb::Reject::TooFarInFuture, 2)]);
+    }
+    // Absurdly old samples are refused too, as are those beyond the retention.
+    let mut a = db.appender();
+    a.add(series("old"), i64::MIN, 1.0);
+    a.add(series("old"), now_ms() - 7 * hour, 1.0);
+    let c = a.commit().unwrap();
+    assert_eq!(c.rejected, vec![(capstan_tsdb::Reject::TooOld, 2)]);
+    db.maintain().unwrap();
+    assert_eq!(db.blocks(), blocks_before, "no block cut or deleted");
+    // Later samples are still appended.
+    let mut a = db.appender();
+    a.add(series("a"), now_ms(), 7.0);
+    assert_eq!(a.commit().unwrap().appended, 1);
+    assert_eq!(all(&db, "a").len(), held + 1);
+    assert!(all(&db, "future").is_empty());
+    drop(db);
+
+    // A future sample logged without the bound is left out when the bound is on.
+    let mut loose = o.clone();
+    loose.max_future_ms = None;
+    let (db, _) = Db::open(loose).unwrap();
+    let mut a = db.appender();
+    a.add(series("a"), now_ms() + 400 * 86_400_000, 1.0);
+    assert_eq!(a.commit().unwrap().appended, 1);
+    drop(db);
+    let (db, replay) = Db::open(o).unwrap();
+    assert_eq!(replay.future_dropped, 1);
+    db.maintain().unwrap();
+    assert_eq!(db.blocks(), blocks_before);
+    let mut a = db.appender();
+    a.add(series("a"), now_ms() + 1, 8.0);
+    assert_eq!(a.commit().unwrap().appended, 1);
+    assert_eq!(all(&db, "a").len(), held + 2);
+}

@@ -155,12 +155,25 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     tsdb_opts.retention_ms = storage.retention.0.as_millis() as i64;
     tsdb_opts.retention_bytes = storage.retention_size;
     tsdb_opts.max_series = storage.max_series as usize;
+    tsdb_opts.max_future_ms = Some(storage.max_future.0.as_millis() as i64);
+    tsdb_opts.reject_older_than_retention = true;
     let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
         .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
     if let Some(cut) = replay.truncated {
         shared
             .events
             .emit("capstan", None, "warning", format!("metrics store: {cut}"));
+    }
+    if replay.future_dropped > 0 {
+        shared.events.emit(
+            "capstan",
+            None,
+            "warning",
+            format!(
+                "metrics store: {} logged samples more than {} ahead of the clock left out",
+                replay.future_dropped, storage.max_future
+            ),
+        );
     }
     let db = Arc::new(db);
     let syncer = {

@@ -440,6 +440,12 @@ impl Decoder<'_> {
                 {
                     s.storage.max_series = m;
                 }
+                if let Some(d) = sf
+                    .take("max_future")
+                    .and_then(|d| self.duration(d, &join(&sp, "max_future")))
+                {
+                    s.storage.max_future = d;
+                }
                 self.finish(sf, &sp, &[]);
             }
         }

@@ -41,6 +41,14 @@ pub struct StorageSettings {
     pub retention_size: Option<u64>,
     /// Most series in memory; samples of new series beyond it are rejected and counted.
     pub max_series: u64,
+    /// Samples (scraped, remote-written) further ahead of the clock than this
+    /// are rejected and counted, so a wrong clock cannot disturb stored data.
+    #[serde(default = "default_max_future")]
+    pub max_future: Dur,
+}
+
+fn default_max_future() -> Dur {
+    Dur::secs(600)
 }
 
 impl Default for StorageSettings {
@@ -49,6 +57,7 @@ impl Default for StorageSettings {
             retention: Dur::secs(15 * 86_400),
             retention_size: None,
             max_series: 2_000_000,
+            max_future: default_max_future(),
         }
     }
 }
