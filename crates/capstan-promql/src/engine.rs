@@ -45,7 +45,7 @@ pub struct Engine {
 /// Parses an expression, mapping the parser's message to a `bad_data` error.
 /// The text is checked against [`crate::limits`] first.
 pub fn parse(q: &str) -> Result<Expr, Error> {
-    crate::limits::check(q, crate::limits::PROMQL).map_err(|m| Error::Parse(format!("{m}")))?;
+    crate::limits::check(q, crate::limits::PROMQL).map_err(Error::Parse)?;
     // The parser's errors come without a position: find one.
     parser::parse(q).map_err(|e| Error::Parse(crate::position::with_position(q, &e)))
 }

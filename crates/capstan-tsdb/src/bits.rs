@@ -180,7 +180,7 @@ mod tests {
                 let mask = if *n == 64 { u64::MAX } else { (1u64 << n) - 1 };
                 prop_assert_eq!(r.bits(*n), Some(v & mask));
             }
-            if total % 8 == 0 {
+            if total.is_multiple_of(8) {
                 prop_assert_eq!(r.bits(1), None);
             }
         }

@@ -188,7 +188,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
                 }
                 tick += 1;
                 // Once a minute: cut old samples into a block, apply retention.
-                if tick % 60 == 0 {
+                if tick.is_multiple_of(60) {
                     match tokio::task::block_in_place(|| db.maintain()) {
                         Ok(m) => {
                             if let Some(b) = m.block {

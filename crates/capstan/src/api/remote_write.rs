@@ -80,15 +80,31 @@ pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> R
         },
         Err(e) => return bad(format!("body is not snappy block-compressed: {e}")),
     };
+    if let Err(e) = crate::ingest::bounds::check_protobuf(&raw, "WriteRequest") {
+        return (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+            e.reason,
+        )
+            .into_response();
+    }
     let req = match WriteRequest::decode(raw.as_slice()) {
         Ok(r) => r,
         Err(e) => return bad(format!("body is not a remote_write WriteRequest: {e}")),
     };
     let mut histograms = 0usize;
+    let (mut bad_series, mut bad_samples, mut reasons) = (0usize, 0usize, Vec::new());
     let db = api.db.clone();
     let mut a = db.appender();
-    for ts in req.timeseries {
+    for (i, ts) in req.timeseries.into_iter().enumerate() {
         histograms += ts.histograms.len();
+        if let Err(why) = check_label_names(&ts.labels) {
+            bad_series += 1;
+            bad_samples += ts.samples.len();
+            if reasons.len() < 5 {
+                reasons.push(format!("timeseries[{i}]: {why}"));
+            }
+            continue;
+        }
         let labels = Labels::new(ts.labels.into_iter().map(|l| (l.name, l.value)).collect());
         for s in ts.samples {
             a.add(labels.clone(), s.timestamp, s.value);
@@ -105,7 +121,7 @@ pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> R
         }
     };
     let rejected: usize = committed.rejected.iter().map(|(_, n)| n).sum();
-    if rejected > 0 || histograms > 0 {
+    if rejected > 0 || histograms > 0 || bad_series > 0 {
         let mut why: Vec<String> = committed
             .rejected
             .iter()
@@ -113,6 +129,12 @@ pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> R
             .collect();
         if histograms > 0 {
             why.push(format!("native_histograms_unsupported={histograms}"));
+        }
+        if bad_series > 0 {
+            why.push(format!(
+                "invalid_label_names={bad_samples} ({bad_series} series: {})",
+                reasons.join("; ")
+            ));
         }
         // 400: the sender must not retry these; the accepted samples are kept.
         return bad(format!(
@@ -122,4 +144,18 @@ pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> R
         ));
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Prometheus refuses series with an empty or repeated label name; so does capstan
+/// (storing them would silently drop or merge labels).
+fn check_label_names(labels: &[Label]) -> Result<(), String> {
+    let mut names: Vec<&str> = labels.iter().map(|l| l.name.as_str()).collect();
+    if names.iter().any(|n| n.is_empty()) {
+        return Err("a label with an empty name".into());
+    }
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(format!("label name {:?} appears more than once", w[0])),
+        None => Ok(()),
+    }
 }

@@ -124,7 +124,7 @@ mod tests {
             .route(
                 "/boom",
                 get(|| async {
-                    let none: Option<u8> = None;
+                    let none: Option<u8> = std::hint::black_box(None);
                     format!("{}", none.expect("a deliberate failure"))
                 }),
             )

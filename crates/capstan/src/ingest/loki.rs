@@ -163,6 +163,7 @@ pub fn decode_push(
     let mut out = Batch::default();
     if ct == "application/json" {
         let raw = decode_body(encoding, body)?;
+        super::bounds::check_json(&raw, "push request")?;
         let p: JsonPush = serde_json::from_slice(&raw)
             .map_err(|e| Refused::bad(format!("body is not a Loki JSON push request: {e}")))?;
         for (i, s) in p.streams.into_iter().enumerate() {
@@ -204,6 +205,7 @@ pub fn decode_push(
             )));
         }
     };
+    super::bounds::check_protobuf(&raw, "PushRequest")?;
     let p = PushRequest::decode(raw.as_slice())
         .map_err(|e| Refused::bad(format!("body is not a Loki PushRequest: {e}")))?;
     for (i, s) in p.streams.into_iter().enumerate() {

@@ -4,6 +4,7 @@
 //! body whole (malformed, too large: nothing is stored) or return the entries to
 //! store with the items they refused and why.
 
+pub mod bounds;
 pub mod loki;
 pub mod otlp;
 

@@ -52,6 +52,10 @@ fn decode<M: Message + Default + serde::de::DeserializeOwned>(
 ) -> Result<M, Refused> {
     let raw = decode_body(content_encoding, body)?;
     match enc {
+        Encoding::Protobuf => super::bounds::check_protobuf(&raw, what)?,
+        Encoding::Json => super::bounds::check_json(&raw, what)?,
+    }
+    match enc {
         Encoding::Protobuf => M::decode(&*raw)
             .map_err(|e| Refused::bad(format!("body is not a protobuf {what}: {e}"))),
         Encoding::Json => serde_json::from_slice(&raw)
