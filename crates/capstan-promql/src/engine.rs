@@ -1,6 +1,8 @@
 //! The evaluator: walks the expression once over all steps of a query, series by
 //! series, so a range query reads each series' samples once.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capstan_tsdb::{Labels, MatchOp, Matcher};
@@ -23,7 +25,16 @@ pub struct EngineOptions {
     /// Remove metric names at the end of evaluation rather than at once (the
     /// behaviour Prometheus' own test suite runs with).
     pub delayed_name_removal: bool,
+    /// Memory a query's samples may take ([`SAMPLE_BYTES`] each), checked as
+    /// series are loaded and results built, before the memory is taken.
+    pub max_memory_bytes: usize,
+    /// Set by the caller to stop the query (its client went away); checked
+    /// where the timeout is.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
+
+/// What one sample held by a query counts for in its memory budget.
+pub const SAMPLE_BYTES: usize = 16;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -33,6 +44,8 @@ impl Default for EngineOptions {
             timeout: Duration::from_secs(120),
             default_subquery_step_ms: 60_000,
             delayed_name_removal: false,
+            max_memory_bytes: 1 << 30,
+            cancel: None,
         }
     }
 }
@@ -116,6 +129,7 @@ impl Engine {
             }
         }
         let mut ev = Ev::new(st, &self.opts, start, end, step, began);
+        ev.check_room(ev.steps(), "query evaluation")?;
         let v = ev.eval(&expr)?;
         let v = ev.finish(v)?;
         let mut m = match v {
@@ -224,7 +238,8 @@ impl<'a> Ev<'a> {
     }
 
     pub fn steps(&self) -> usize {
-        ((self.end - self.start) / self.interval + 1) as usize
+        usize::try_from((self.end.saturating_sub(self.start) / self.interval).saturating_add(1))
+            .unwrap_or(usize::MAX)
     }
 
     pub fn ts(&self, i: usize) -> i64 {
@@ -251,16 +266,35 @@ impl<'a> Ev<'a> {
         if Instant::now() > self.deadline {
             return Err(Error::Timeout(what));
         }
+        if self
+            .opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(Error::Canceled(what));
+        }
         Ok(())
     }
 
     /// Accounts for `n` more samples held in memory.
     pub fn hold(&mut self, n: usize, what: &'static str) -> Result<(), Error> {
-        self.cur_samples += n;
-        if self.cur_samples > self.opts.max_samples {
+        self.cur_samples = self.cur_samples.saturating_add(n);
+        self.check_room(0, what)?;
+        self.stats.peak_samples = self.stats.peak_samples.max(self.cur_samples as u64);
+        Ok(())
+    }
+
+    /// Whether `more` samples could be held beside those held now: the sample
+    /// limit and the memory budget.
+    pub fn check_room(&self, more: usize, what: &'static str) -> Result<(), Error> {
+        let n = self.cur_samples.saturating_add(more);
+        if n > self.opts.max_samples {
             return Err(Error::TooManySamples(what));
         }
-        self.stats.peak_samples = self.stats.peak_samples.max(self.cur_samples as u64);
+        if n.saturating_mul(SAMPLE_BYTES) > self.opts.max_memory_bytes {
+            return Err(Error::OverBudget(what, self.opts.max_memory_bytes));
+        }
         Ok(())
     }
 
@@ -460,8 +494,12 @@ impl<'a> Ev<'a> {
         let n = self.steps();
         let mut out = Vec::with_capacity(selected.len());
         let mut samples = Vec::new();
+        // Held as they are built, so a query over too many series stops before
+        // its memory is taken; the caller holds the whole result again.
+        let mut held = 0;
         for s in selected {
             self.check_deadline("series selection")?;
+            self.check_room(n.min(1 << 20), "series selection")?;
             samples.clear();
             (s.load)(&mut samples);
             let mut points = Vec::with_capacity(n.min(samples.len() * 8 + 1));
@@ -481,10 +519,16 @@ impl<'a> Ev<'a> {
                 }
             }
             self.stats.total_samples += points.len() as u64;
+            if let Err(e) = self.hold(points.len(), "series selection") {
+                self.release(held + points.len());
+                return Err(e);
+            }
+            held += points.len();
             if !points.is_empty() {
                 out.push(Series::new(s.labels, points));
             }
         }
+        self.release(held);
         Ok(out)
     }
 
@@ -536,7 +580,10 @@ impl<'a> Ev<'a> {
                     self.start = inner_start;
                     self.end = inner_end;
                     self.interval = step;
-                    let r = self.eval_owned(&sq.expr);
+                    // Every step of the inner query holds a sample or more.
+                    let r = self
+                        .check_room(self.steps(), "subquery evaluation")
+                        .and_then(|()| self.eval_owned(&sq.expr));
                     (self.start, self.end, self.interval) = saved;
                     r
                 };
@@ -598,9 +645,16 @@ impl<'a> Ev<'a> {
         arg: &RangeArg<'_>,
         samples: &[(i64, f64)],
         mut f: impl FnMut(&mut Self, usize, usize, &[(i64, f64)], i64),
-    ) {
+    ) -> Result<(), Error> {
         let (mut lo, mut hi) = (0, 0);
+        // Work per step is up to the window's size: the deadline is checked
+        // every so many samples looked at.
+        let mut work = 0usize;
         for i in 0..self.steps() {
+            if work > 1 << 16 {
+                self.check_deadline("range evaluation")?;
+                work = 0;
+            }
             let t = self.ts(i);
             let end = arg.at.unwrap_or(t) - arg.offset;
             let start = end - arg.range;
@@ -611,8 +665,10 @@ impl<'a> Ev<'a> {
                 lo += 1;
             }
             self.stats.total_samples += (hi - lo) as u64;
+            work += hi - lo + 1;
             f(self, i, lo, &samples[lo..hi], end);
         }
+        Ok(())
     }
 
     /// A range vector as a value (top of an instant query): the window at the one step.
@@ -625,7 +681,7 @@ impl<'a> Ev<'a> {
         let mut out = Vec::new();
         while let Some(s) = self.next_range_series(&mut arg)? {
             let mut pts = Vec::new();
-            self.windows(&arg, &s.samples, |_, _, _, w, _| pts = w.to_vec());
+            self.windows(&arg, &s.samples, |_, _, _, w, _| pts = w.to_vec())?;
             if !pts.is_empty() {
                 out.push(Series {
                     labels: s.labels,

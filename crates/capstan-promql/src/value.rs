@@ -114,6 +114,10 @@ pub enum Error {
     TooManySamples(&'static str),
     #[error("query timed out in {0}")]
     Timeout(&'static str),
+    #[error("query was canceled in {0}")]
+    Canceled(&'static str),
+    #[error("query processing would take more than the {mib} MiB memory budget of a query in {0}", mib = .1 >> 20)]
+    OverBudget(&'static str, usize),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -123,8 +127,12 @@ impl Error {
     pub fn error_type(&self) -> &'static str {
         match self {
             Error::Parse(_) => "bad_data",
-            Error::Execution(_) | Error::TooManySamples(_) | Error::Unsupported(_) => "execution",
+            Error::Execution(_)
+            | Error::TooManySamples(_)
+            | Error::OverBudget(..)
+            | Error::Unsupported(_) => "execution",
             Error::Timeout(_) => "timeout",
+            Error::Canceled(_) => "canceled",
         }
     }
 }

@@ -122,3 +122,76 @@ fn deep_expressions_are_bounded() {
         .join()
         .unwrap();
 }
+
+/// Queries over many series, long subqueries and huge step counts are refused as
+/// their samples are counted, before their memory is taken; a canceled query
+/// stops.
+#[test]
+fn samples_and_memory_are_bounded_before_they_are_taken() {
+    let mut st = MemStorage::new();
+    for i in 0..2000 {
+        let l = Labels::from_pairs([("__name__", "many"), ("i", &i.to_string())]);
+        for k in 0..40i64 {
+            st.add(&l, k * 15_000, MemPoint::Float(k as f64));
+        }
+    }
+    let capped = Engine::new(EngineOptions {
+        max_samples: 20_000,
+        ..EngineOptions::default()
+    });
+    // 2000 series × 41 steps: refused while selecting.
+    let e = capped.range(&st, "many", 0, 600_000, 15_000).unwrap_err();
+    assert!(e.to_string().contains("series selection"), "{e}");
+    let e = capped
+        .range(&st, "rate(many[1m])", 0, 600_000, 15_000)
+        .unwrap_err();
+    assert!(e.to_string().contains("range evaluation"), "{e}");
+    // 3·10¹⁵ inner steps: refused at once, whatever the timeout.
+    let began = std::time::Instant::now();
+    let e = Engine::default()
+        .instant(&st, "count_over_time(many[100000y:1s])", 600_000)
+        .unwrap_err();
+    assert!(e.to_string().contains("subquery"), "{e}");
+    assert!(began.elapsed() < std::time::Duration::from_secs(5));
+    let e = Engine::default()
+        .range(&st, "1", 0, i64::MAX / 2, 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("too many samples"), "{e}");
+    // The memory budget binds before the sample limit when it is the smaller.
+    let budget = Engine::new(EngineOptions {
+        max_memory_bytes: 100_000,
+        ..EngineOptions::default()
+    });
+    let e = budget.range(&st, "many", 0, 600_000, 15_000).unwrap_err();
+    assert!(e.to_string().contains("memory budget"), "{e}");
+    assert_eq!(e.error_type(), "execution");
+    // A canceled query stops at its next check.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let canceled = Engine::new(EngineOptions {
+        cancel: Some(cancel),
+        ..EngineOptions::default()
+    });
+    let e = canceled.instant(&st, "sum(many)", 600_000).unwrap_err();
+    assert_eq!(e.error_type(), "canceled");
+}
+
+/// Evaluation that takes long over few samples (windows of millions of points
+/// each) still stops at the timeout.
+#[test]
+fn the_timeout_stops_work_inside_a_series() {
+    let st = MemStorage::new();
+    let engine = Engine::new(EngineOptions {
+        timeout: std::time::Duration::from_millis(200),
+        ..EngineOptions::default()
+    });
+    let began = std::time::Instant::now();
+    let e = engine
+        .instant(
+            &st,
+            "max_over_time(max_over_time(vector(1)[40m:1ms])[40m:1ms])",
+            3_600_000,
+        )
+        .unwrap_err();
+    assert_eq!(e.error_type(), "timeout", "{e}");
+    assert!(began.elapsed() < std::time::Duration::from_secs(20));
+}

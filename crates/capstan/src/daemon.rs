@@ -227,7 +227,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let sup = Supervisor::new(shared.clone(), opts.stack.clone());
     let sup_task = tokio::spawn(sup.run(opts.stack.clone(), cmd_rx));
-    let engine = crate::api::prom::engine();
+    let engine = crate::api::prom::engine(&opts.stack.settings.query);
     let autoscaler = tokio::spawn(crate::autoscale::run(
         shared.clone(),
         db.clone(),

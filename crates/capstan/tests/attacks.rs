@@ -350,3 +350,40 @@ fn decoding_bombs_are_refused_before_they_grow_the_daemon() {
     assert_eq!(code, 413, "{body}");
     d.still_fine(10);
 }
+
+/// CPU time (user + system, in clock ticks) the process has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_query() {
+    use std::io::Write;
+    let d = Daemon::start();
+    let pid = d.s.daemon_pid();
+    // Few samples, much work: it would run until the 2-minute timeout.
+    let q = "max_over_time(max_over_time(vector(1)[40m:1ms])[40m:1ms])";
+    let mut c = std::net::TcpStream::connect(&d.addr).unwrap();
+    write!(
+        c,
+        "GET /api/v1/query?query={} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        enc(q)
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let busy = cpu_ticks(pid);
+    drop(c);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let settled = cpu_ticks(pid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let idle = cpu_ticks(pid) - settled;
+    // 2 s of one busy core would be ~200 ticks.
+    assert!(
+        idle < 40,
+        "the query went on after its client left: {idle} ticks in 2 s (busy at {busy})"
+    );
+    assert_eq!(d.get("/-/healthy").0, 200);
+}

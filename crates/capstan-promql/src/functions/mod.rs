@@ -455,8 +455,16 @@ fn range_call(ev: &mut Ev<'_>, name: &str, args: &[&Expr]) -> Result<Value, Erro
     let mut out = Vec::new();
     let mut present = vec![false; ev.steps()];
     let mut p = vec![0.0; params.len()];
+    // Results are held as they are built (the caller holds them again at the end).
+    let mut held = 0;
     while let Some(s) = ev.next_range_series(&mut arg)? {
-        ev.hold(s.samples.len(), "range evaluation")?;
+        if let Err(e) = ev
+            .check_room(ev.steps().min(1 << 20), "range evaluation")
+            .and_then(|()| ev.hold(s.samples.len(), "range evaluation"))
+        {
+            ev.release(held);
+            return Err(e);
+        }
         if counter_fn {
             if let Some(n) = s.labels.get("__name__") {
                 if !["_total", "_sum", "_count", "_bucket"]
@@ -505,8 +513,13 @@ fn range_call(ev: &mut Ev<'_>, name: &str, args: &[&Expr]) -> Result<Value, Erro
                 points.push((t, v));
                 present[i] = true;
             }
-        });
+        })?;
         ev.release(s.samples.len());
+        if let Err(e) = ev.hold(points.len(), "range evaluation") {
+            ev.release(held + points.len());
+            return Err(e);
+        }
+        held += points.len();
         if !absent && !points.is_empty() {
             let mut series = Series {
                 labels: s.labels,
@@ -519,6 +532,7 @@ fn range_call(ev: &mut Ev<'_>, name: &str, args: &[&Expr]) -> Result<Value, Erro
             out.push(series);
         }
     }
+    ev.release(held);
     if absent {
         return Ok(Value::Vector(absent_series(ev, matrix, &present)));
     }

@@ -180,9 +180,18 @@ pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Response> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
+        let why = match e.try_into_panic() {
+            Ok(p) => {
+                guard::PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let msg = guard::panic_message(p.as_ref());
+                tracing::error!(panic = %msg, "a request's store work failed");
+                msg
+            }
+            Err(e) => e.to_string(),
+        };
         text(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the request failed: {e}"),
+            format!("the request failed: {why}"),
         )
     })
 }

@@ -22,8 +22,23 @@ use super::Api;
 pub const MAX_POINTS: i64 = 11_000;
 
 /// The query engine the API and the daemon's controllers share.
-pub fn engine() -> Arc<Engine> {
-    Arc::new(Engine::new(EngineOptions::default()))
+pub fn engine(q: &crate::spec::QuerySettings) -> Arc<Engine> {
+    Arc::new(Engine::new(EngineOptions {
+        timeout: q.timeout.0,
+        max_samples: usize::try_from(q.max_samples).unwrap_or(usize::MAX),
+        max_memory_bytes: usize::try_from(q.max_memory).unwrap_or(usize::MAX),
+        ..EngineOptions::default()
+    }))
+}
+
+/// Cancels a query when dropped: the request's future is dropped when its
+/// client goes away, and the evaluation stops at its next check.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 pub(crate) fn err(kind: &str, msg: impl std::fmt::Display) -> Response {
@@ -322,19 +337,23 @@ fn timeout_param(p: &Params) -> Result<Option<Duration>, Response> {
     }
 }
 
-fn run_query(
+async fn run_query(
     api: &Api,
     timeout: Option<Duration>,
-    f: impl FnOnce(&Engine, &capstan_tsdb::Db) -> Result<QueryOutput, capstan_promql::Error>,
+    f: impl FnOnce(&Engine, &capstan_tsdb::Db) -> Result<QueryOutput, capstan_promql::Error>
+    + Send
+    + 'static,
 ) -> Result<QueryOutput, Response> {
-    let engine = match timeout {
-        Some(t) if t < api.engine.opts.timeout => Engine::new(EngineOptions {
-            timeout: t,
-            ..api.engine.opts.clone()
-        }),
-        _ => (*api.engine).clone(),
-    };
-    let r = tokio::task::block_in_place(|| f(&engine, &api.db));
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let mut opts = api.engine.opts.clone();
+    if let Some(t) = timeout {
+        opts.timeout = opts.timeout.min(t);
+    }
+    opts.cancel = Some(cancel);
+    let engine = Engine::new(opts);
+    let db = api.db.clone();
+    let r = super::blocking(move || f(&engine, &db)).await?;
     if let Ok(o) = &r {
         api.query_stats.record(o);
     }
@@ -360,7 +379,8 @@ pub async fn query(State(api): State<Api>, p: Params) -> Response {
         Ok(t) => t,
         Err(r) => return r,
     };
-    match run_query(&api, timeout, |e, db| e.instant(db, expr, t)) {
+    let expr = expr.to_owned();
+    match run_query(&api, timeout, move |e, db| e.instant(db, &expr, t)).await {
         Ok(o) => query_response(&o, p.get("stats").is_some()),
         Err(r) => r,
     }
@@ -411,7 +431,12 @@ pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
         Ok(t) => t,
         Err(r) => return r,
     };
-    match run_query(&api, timeout, |e, db| e.range(db, expr, start, end, step)) {
+    let expr = expr.to_owned();
+    match run_query(&api, timeout, move |e, db| {
+        e.range(db, &expr, start, end, step)
+    })
+    .await
+    {
         Ok(o) => query_response(&o, p.get("stats").is_some()),
         Err(r) => r,
     }

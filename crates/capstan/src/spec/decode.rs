@@ -449,6 +449,30 @@ impl Decoder<'_> {
                 self.finish(sf, &sp, &[]);
             }
         }
+        if let Some(n) = f.take("query") {
+            let qp = join(path, "query");
+            if let Some(mut qf) = self.fields(n, &qp) {
+                if let Some(d) = qf
+                    .take("timeout")
+                    .and_then(|d| self.duration(d, &join(&qp, "timeout")))
+                {
+                    s.query.timeout = d;
+                }
+                if let Some(m) = qf
+                    .take("max_samples")
+                    .and_then(|m| self.uint(m, &join(&qp, "max_samples"), u32::MAX as u64))
+                {
+                    s.query.max_samples = m;
+                }
+                if let Some(b) = qf
+                    .take("max_memory")
+                    .and_then(|b| self.bytes(b, &join(&qp, "max_memory")))
+                {
+                    s.query.max_memory = b;
+                }
+                self.finish(qf, &qp, &[]);
+            }
+        }
         if let Some(n) = f.take("scrape_configs") {
             s.scrape_configs = self.scrape_configs(n, &join(path, "scrape_configs"));
         }

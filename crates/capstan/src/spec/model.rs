@@ -29,6 +29,30 @@ pub struct Settings {
     /// The metrics store's limits (`x-capstan.storage`).
     #[serde(default)]
     pub storage: StorageSettings,
+    /// Limits of every PromQL query (`x-capstan.query`).
+    #[serde(default)]
+    pub query: QuerySettings,
+}
+
+/// Limits of a PromQL query (Prometheus' `--query.*` flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuerySettings {
+    /// A query running longer is stopped (`--query.timeout`).
+    pub timeout: Dur,
+    /// Most samples a query may hold at once (`--query.max-samples`).
+    pub max_samples: u64,
+    /// Memory a query's samples may take (16 bytes each), in bytes.
+    pub max_memory: u64,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        QuerySettings {
+            timeout: Dur::secs(120),
+            max_samples: 50_000_000,
+            max_memory: 1 << 30,
+        }
+    }
 }
 
 /// Retention and limits of the metrics store.
@@ -120,6 +144,7 @@ impl Default for Settings {
             scrape_interval: default_scrape_interval(),
             scrape_configs: Vec::new(),
             storage: StorageSettings::default(),
+            query: QuerySettings::default(),
         }
     }
 }
