@@ -417,3 +417,49 @@ fn range_evaluation_steps_through_windows() {
         "too many steps is an error"
     );
 }
+
+/// Metric queries are refused as they cross a limit: series, steps, result
+/// points, and the memory of the samples read.
+#[test]
+fn metric_query_limits() {
+    use capstan_logstore::logql::eval::{Limits, eval_metric_limited};
+    let (_d, st) = store();
+    let Expr::Metric(m) = parse(r#"count_over_time({service=~".+"}[1h])"#).unwrap() else {
+        panic!()
+    };
+    let run = |l: Limits| eval_metric_limited(&st, &m, T, T + 100 * S, S, &l);
+    let err = |l: Limits| run(l).unwrap_err().to_string();
+    let Value::Vector(all) = run(Limits::default()).unwrap() else {
+        panic!()
+    };
+    let points: usize = all.iter().map(|s| s.points.len()).sum();
+    let n = all.len();
+    assert!(n > 2, "{n}");
+    let d = Limits::default();
+    let e = err(Limits {
+        max_series: n - 1,
+        ..d
+    });
+    assert!(e.contains(&format!("more than {} series", n - 1)), "{e}");
+    assert!(err(Limits { max_steps: 50, ..d }).contains("more than 50"));
+    let e = err(Limits {
+        max_points: points - 1,
+        ..d
+    });
+    assert!(
+        e.contains(&format!("more than {} points", points - 1)),
+        "{e}"
+    );
+    run(Limits {
+        max_points: points,
+        ..d
+    })
+    .unwrap();
+    assert!(
+        err(Limits {
+            max_sample_bytes: 1000,
+            ..d
+        })
+        .contains("MiB of samples")
+    );
+}

@@ -33,6 +33,31 @@ pub enum Value {
 /// Hard limits a metric query must stay within.
 pub const MAX_SERIES: usize = 50_000;
 pub const MAX_STEPS: usize = 11_000;
+/// Most points (series × steps) in a metric query's result.
+pub const MAX_POINTS: usize = 10_000_000;
+/// Memory the samples a metric query reads may take (16 bytes each, plus each
+/// series' labels), checked while reading.
+pub const MAX_SAMPLE_BYTES: usize = 1 << 30;
+
+/// The limits a metric query is evaluated under (defaults: the constants above).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_series: usize,
+    pub max_steps: usize,
+    pub max_points: usize,
+    pub max_sample_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_series: MAX_SERIES,
+            max_steps: MAX_STEPS,
+            max_points: MAX_POINTS,
+            max_sample_bytes: MAX_SAMPLE_BYTES,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -171,18 +196,33 @@ pub fn eval_metric(
     end_ns: i64,
     step_ns: i64,
 ) -> Result<Value, EvalError> {
-    let step_ns = step_ns.max(1);
-    let steps = ((end_ns - start_ns) / step_ns + 1).max(1) as usize;
-    if steps > MAX_STEPS {
-        return Err(EvalError::Limit(format!(
-            "{steps} steps is more than {MAX_STEPS}: use a larger step or a shorter range"
-        )));
-    }
-    let times: Vec<i64> = (0..steps).map(|i| start_ns + i as i64 * step_ns).collect();
-    eval(store, m, &times)
+    eval_metric_limited(store, m, start_ns, end_ns, step_ns, &Limits::default())
 }
 
-fn eval(store: &Store, m: &MetricExpr, times: &[i64]) -> Result<Value, EvalError> {
+/// [`eval_metric`] under other limits.
+pub fn eval_metric_limited(
+    store: &Store,
+    m: &MetricExpr,
+    start_ns: i64,
+    end_ns: i64,
+    step_ns: i64,
+    limits: &Limits,
+) -> Result<Value, EvalError> {
+    let step_ns = step_ns.max(1);
+    let steps = (end_ns.saturating_sub(start_ns) / step_ns)
+        .saturating_add(1)
+        .max(1) as u64;
+    if steps > limits.max_steps as u64 {
+        return Err(EvalError::Limit(format!(
+            "{steps} steps is more than {}: use a larger step or a shorter range",
+            limits.max_steps
+        )));
+    }
+    let times: Vec<i64> = (0..steps as i64).map(|i| start_ns + i * step_ns).collect();
+    eval(store, m, &times, limits)
+}
+
+fn eval(store: &Store, m: &MetricExpr, times: &[i64], limits: &Limits) -> Result<Value, EvalError> {
     match m {
         MetricExpr::Number(v) => Ok(Value::Scalar(times.iter().map(|t| (*t, *v)).collect())),
         MetricExpr::Range {
@@ -201,6 +241,7 @@ fn eval(store: &Store, m: &MetricExpr, times: &[i64]) -> Result<Value, EvalError
             *offset_ns,
             grouping.as_ref(),
             times,
+            limits,
         ),
         MetricExpr::Agg {
             op,
@@ -240,9 +281,10 @@ fn eval(store: &Store, m: &MetricExpr, times: &[i64]) -> Result<Value, EvalError
                     *offset_ns,
                     Some(grouping.as_ref().unwrap_or(&all)),
                     times,
+                    limits,
                 );
             }
-            let v = eval(store, inner, times)?;
+            let v = eval(store, inner, times, limits)?;
             let Value::Vector(series) = v else {
                 return Ok(v);
             };
@@ -260,8 +302,8 @@ fn eval(store: &Store, m: &MetricExpr, times: &[i64]) -> Result<Value, EvalError
             lhs,
             rhs,
         } => {
-            let l = eval(store, lhs, times)?;
-            let r = eval(store, rhs, times)?;
+            let l = eval(store, lhs, times, limits)?;
+            let r = eval(store, rhs, times, limits)?;
             Ok(binary(*op, *bool_modifier, l, r))
         }
     }
@@ -277,6 +319,7 @@ fn range(
     offset_ns: i64,
     grouping: Option<&Grouping>,
     times: &[i64],
+    limits: &Limits,
 ) -> Result<Value, EvalError> {
     let first = times[0] - offset_ns - range_ns;
     let last = times[times.len() - 1] - offset_ns;
@@ -288,6 +331,7 @@ fn range(
         func.needs_unwrap() || log.stages.iter().any(|s| matches!(s, Stage::Unwrap { .. }));
     let mut samples: BTreeMap<LabelMap, Vec<(i64, f64)>> = BTreeMap::new();
     let mut too_many = false;
+    let mut held = 0usize;
     store.visit(&q, Direction::Forward, &mut |_, batch| {
         for (l, en) in batch {
             let Some(o) = pipeline::run(log, &l, &en.meta, &en.line, en.ts_ns) else {
@@ -312,8 +356,19 @@ fn range(
                 Some(g) => group_labels(&labels, g),
                 None => labels,
             };
-            if !samples.contains_key(&labels) && samples.len() >= MAX_SERIES {
-                too_many = true;
+            held += 16;
+            if !samples.contains_key(&labels) {
+                if samples.len() >= limits.max_series {
+                    too_many = true;
+                    return false;
+                }
+                held += 64
+                    + labels
+                        .iter()
+                        .map(|(k, v)| 48 + k.len() + v.len())
+                        .sum::<usize>();
+            }
+            if held > limits.max_sample_bytes {
                 return false;
             }
             samples.entry(labels).or_default().push((en.ts_ns, value));
@@ -322,7 +377,14 @@ fn range(
     })?;
     if too_many {
         return Err(EvalError::Limit(format!(
-            "the query makes more than {MAX_SERIES} series: narrow the selector or aggregate with sum by (…)"
+            "the query makes more than {} series: narrow the selector or aggregate with sum by (…)",
+            limits.max_series
+        )));
+    }
+    if held > limits.max_sample_bytes {
+        return Err(EvalError::Limit(format!(
+            "the query reads more than {} MiB of samples: narrow the selector or the time range",
+            limits.max_sample_bytes >> 20
         )));
     }
     if func == RangeFn::AbsentOverTime {
@@ -351,6 +413,7 @@ fn range(
     }
     let secs = range_ns as f64 / 1e9;
     let mut out = Vec::new();
+    let mut points_out = 0usize;
     for (labels, mut pts) in samples {
         pts.sort_by_key(|p| p.0);
         let mut points = Vec::new();
@@ -404,6 +467,13 @@ fn range(
                 RangeFn::AbsentOverTime => unreachable!("handled above"),
             };
             points.push((*t, v));
+        }
+        points_out += points.len();
+        if points_out > limits.max_points {
+            return Err(EvalError::Limit(format!(
+                "the query's result has more than {} points: use a larger step, a shorter range or aggregate with sum by (…)",
+                limits.max_points
+            )));
         }
         if !points.is_empty() {
             out.push(Series { labels, points });
