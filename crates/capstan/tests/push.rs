@@ -431,3 +431,54 @@ fn tail_follows_across_rotation_and_resumes_from_a_cursor() {
         assert_eq!(got, rest);
     });
 }
+
+/// A tail resuming far behind its cursor reads the backlog page by page
+/// (`TAIL_PAGE` sequence numbers a read), every line once and in order.
+#[test]
+fn a_tail_far_behind_its_cursor_is_paged() {
+    let s = TestStack::new(QUIET_STACK);
+    s.up();
+    let addr = daemon_addr(&s);
+    let total = 30_000usize;
+    for chunk in 0..(total / 5000) {
+        let values: Vec<Value> = (0..5000)
+            .map(|k| {
+                json!([
+                    now_ns().to_string(),
+                    format!("backlog {:05}", chunk * 5000 + k)
+                ])
+            })
+            .collect();
+        let (code, body) = push_json(
+            &addr,
+            &json!({"streams": [{"stream": {"app": "backlog"}, "values": values}]}),
+        );
+        assert_eq!(code, 204, "{body}");
+    }
+    let url = format!(
+        "ws://{addr}/loki/api/v1/tail?query={}&cursor=0",
+        enc(r#"{app="backlog"}"#)
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let mut got: Vec<String> = Vec::new();
+        let mut cursors = Vec::new();
+        while got.len() < total {
+            let (l, c) = tail_lines(&next_message(&mut ws).await);
+            assert!(l.len() <= 1000, "a message of {} lines", l.len());
+            got.extend(l.into_iter().map(|(_, l)| l));
+            cursors.push(c);
+        }
+        let want: Vec<String> = (0..total).map(|i| format!("backlog {i:05}")).collect();
+        assert_eq!(got, want, "every line once, in order");
+        assert!(cursors.windows(2).all(|w| w[0] <= w[1]), "{cursors:?}");
+        // Each read ends at a page boundary while the backlog lasts.
+        for page in [10_000, 20_000] {
+            assert!(
+                cursors.contains(&page),
+                "no read ended at {page}: {cursors:?}"
+            );
+        }
+    });
+}

@@ -299,6 +299,12 @@ pub async fn series(State(api): State<Api>, p: Params) -> Response {
 const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Most lines in one tail message.
 const TAIL_CHUNK: usize = 1000;
+/// Most sequence numbers (so lines) one read of a tail covers: a follower far
+/// behind its cursor catches up page by page, never all at once.
+pub const TAIL_PAGE: u64 = 10_000;
+/// A follower that takes longer than this to take one message is dropped (its
+/// messages are not buffered for it).
+pub const TAIL_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `GET /loki/api/v1/tail` (WebSocket): the last `limit` lines since `start`,
 /// then every new line, as Loki's tail messages. Each message carries a
@@ -366,7 +372,8 @@ async fn run_tail(
         let after = cursor_at;
         let got = tokio::task::spawn_blocking(move || {
             let store = api2.shared.logs.store();
-            let hi = store.last_seq();
+            let last = store.last_seq();
+            let hi = after.map_or(last, |c| last.min(c.saturating_add(TAIL_PAGE)));
             let lines = match after {
                 None => eval::select_lines(
                     store,
@@ -397,10 +404,10 @@ async fn run_tail(
                     Direction::Forward,
                 ),
             };
-            lines.map(|l| (l, hi))
+            lines.map(|l| (l, hi, hi < last))
         })
         .await;
-        let (lines, hi) = match got {
+        let (lines, hi, behind) = match got {
             Ok(Ok(x)) => x,
             Ok(Err(err)) => {
                 let _ = socket
@@ -423,14 +430,18 @@ async fn run_tail(
             } else {
                 lines.last().map_or(hi, |l| l.seq)
             };
-            if socket
-                .send(Message::Text(tail_message(lines, c).into()))
-                .await
-                .is_err()
-            {
+            let sent = tokio::time::timeout(
+                TAIL_SEND_TIMEOUT,
+                socket.send(Message::Text(tail_message(lines, c).into())),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
                 return;
             }
             lines = rest;
+        }
+        if behind {
+            continue;
         }
         let stop = tokio::select! {
             _ = tokio::time::sleep(TAIL_POLL) => false,
