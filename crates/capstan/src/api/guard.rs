@@ -64,6 +64,46 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
     }
 }
 
+/// Requests of one kind (ingest) allowed to run at once; more wait up to `wait`
+/// for a slot, then get 429 with `Retry-After`, as Loki and Prometheus senders
+/// expect (they back off and retry).
+#[derive(Debug, Clone)]
+pub struct Slots {
+    sem: std::sync::Arc<tokio::sync::Semaphore>,
+    wait: std::time::Duration,
+}
+
+impl Slots {
+    pub fn new(n: usize, wait: std::time::Duration) -> Slots {
+        Slots {
+            sem: std::sync::Arc::new(tokio::sync::Semaphore::new(n)),
+            wait,
+        }
+    }
+}
+
+/// Ingest requests at once, and how long one waits for a slot.
+pub const INGEST_SLOTS: usize = 4;
+pub const INGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Ingest requests refused for want of a slot (`capstan_ingest_throttled_total`).
+pub static THROTTLED: AtomicU64 = AtomicU64::new(0);
+
+pub async fn limit_concurrency(State(slots): State<Slots>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(slots.wait, slots.sem.acquire()).await {
+        Ok(Ok(_permit)) => next.run(req).await,
+        _ => {
+            THROTTLED.fetch_add(1, Ordering::Relaxed);
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                "too many ingest requests at once: retry later\n",
+            )
+                .into_response()
+        }
+    }
+}
+
 /// The names a request may call this daemon by: loopback names and the address
 /// it listens on. Anything else (a DNS name rebound to 127.0.0.1 by a web page)
 /// gets 421.

@@ -61,8 +61,14 @@ pub fn router(api: Api) -> Router {
         .route("/logs/search", get(loki::search_logs))
         .route("/tsdb/select", get(tsdb_select))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
+    // One budget of concurrent ingest requests for every push endpoint.
+    let slots = guard::Slots::new(guard::INGEST_SLOTS, guard::INGEST_WAIT);
     let ingest = Router::new()
         .route("/api/v1/write", post(remote_write::write))
+        .layer(middleware::from_fn_with_state(
+            slots.clone(),
+            guard::limit_concurrency,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
     let read = Router::new()
@@ -102,6 +108,10 @@ pub fn router(api: Api) -> Router {
         .route("/loki/api/v1/push", post(ingest::loki_push))
         .route("/v1/logs", post(ingest::otlp_logs))
         .route("/v1/traces", post(ingest::otlp_traces))
+        .layer(middleware::from_fn_with_state(
+            slots,
+            guard::limit_concurrency,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(ingest::MAX_BODY))
         .layer(middleware::from_fn_with_state(api.clone(), read_auth));
     let tempo = Router::new()

@@ -183,6 +183,43 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_beyond_the_slots_wait_then_get_429() {
+        use crate::api::guard::{Slots, limit_concurrency};
+        let slots = Slots::new(1, Duration::from_millis(200));
+        let router = axum::Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    "slow"
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                slots,
+                limit_concurrency,
+            ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            router,
+            Limits::default(),
+            std::future::pending(),
+        ));
+        let first = tokio::spawn(get_once(addr, "/slow"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = get_once(addr, "/slow").await;
+        assert!(second.starts_with("HTTP/1.0 429"), "{second}");
+        assert!(
+            second.to_ascii_lowercase().contains("retry-after: 1"),
+            "{second}"
+        );
+        assert!(first.await.unwrap().ends_with("slow"));
+        // The slot is free again.
+        assert!(get_once(addr, "/slow").await.ends_with("slow"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slow_heads_and_idle_connections_are_closed() {
         let limits = Limits {
             header_read_timeout: Duration::from_millis(300),

@@ -194,6 +194,12 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
         crate::api::guard::PANICS.load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
     e.single(
+        "capstan_ingest_throttled_total",
+        "counter",
+        "Push requests (remote_write, Loki, OTLP) answered 429 for want of a free slot.",
+        crate::api::guard::THROTTLED.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    e.single(
         "capstan_tsdb_wal_size_bytes",
         "gauge",
         "Size of the write-ahead log.",
