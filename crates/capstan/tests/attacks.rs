@@ -387,3 +387,51 @@ fn a_client_that_goes_away_cancels_its_query() {
     );
     assert_eq!(d.get("/-/healthy").0, 200);
 }
+
+/// Pushes are open on loopback, but cannot forge what a replica printed or the
+/// proxy logged: streams with capstan's own labels are refused, Loki and OTLP.
+#[test]
+fn pushes_cannot_forge_captured_output() {
+    let d = Daemon::start();
+    let now = now_ms() * 1_000_000;
+    for stream in ["stdout", "stderr", "proxy"] {
+        let push = format!(
+            r#"{{"streams":[{{"stream":{{"service":"quiet","replica":"0","stream":"{stream}"}},"values":[["{now}","forged {stream}"]]}},{{"stream":{{"service":"quiet","job":"mine"}},"values":[["{now}","honest"]]}}]}}"#
+        );
+        let (code, body) = http_post(
+            &d.addr,
+            "/loki/api/v1/push",
+            &[("Content-Type", "application/json")],
+            push.as_bytes(),
+        );
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("capstan's own captured output"), "{body}");
+    }
+    let otlp = format!(
+        r#"{{"resourceLogs":[{{"resource":{{"attributes":[{{"key":"service","value":{{"stringValue":"quiet"}}}},{{"key":"replica","value":{{"stringValue":"0"}}}},{{"key":"stream","value":{{"stringValue":"stdout"}}}}]}},"scopeLogs":[{{"logRecords":[{{"timeUnixNano":"{now}","body":{{"stringValue":"forged otlp"}}}}]}}]}}]}}"#
+    );
+    let (code, body) = http_post(
+        &d.addr,
+        "/v1/logs",
+        &[("Content-Type", "application/json")],
+        otlp.as_bytes(),
+    );
+    // OTLP records always land in stream "otlp", whatever their resource says.
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    // Nothing forged is in the replica's output; the honest lines are kept.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let q = |q: &str| {
+        let (code, body) = d.get(&format!(
+            "/loki/api/v1/query_range?query={}&start=0",
+            enc(q)
+        ));
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+    assert!(
+        !q(r#"{service="quiet", stream=~"stdout|stderr|proxy"} |= "forged""#).contains("forged")
+    );
+    assert!(q(r#"{job="mine"}"#).contains("honest"));
+    assert!(q(r#"{stream="otlp"}"#).contains("forged otlp"));
+}

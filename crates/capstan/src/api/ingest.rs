@@ -40,7 +40,8 @@ pub async fn loki_push(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
     let ce = header(&headers, header::CONTENT_ENCODING).to_owned();
     let now = crate::logs::now_ns();
     let r = blocking(move || {
-        let batch = loki::decode_push(&ct, &ce, &body, now)?;
+        let mut batch = loki::decode_push(&ct, &ce, &body, now)?;
+        batch.refuse_own_streams();
         let (refused, why) = (batch.refused, batch.refusal());
         let (_, limited) = api
             .shared
@@ -150,7 +151,12 @@ async fn otlp_request(
 
 pub async fn otlp_logs(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
     let shared = api.shared.clone();
-    match otlp_request(&headers, body, otlp::decode_logs, move |b| {
+    let decode: fn(Encoding, &str, &[u8], i64) -> Result<Batch, Refused> = |e, ce, b, now| {
+        let mut batch = otlp::decode_logs(e, ce, b, now)?;
+        batch.refuse_own_streams();
+        Ok(batch)
+    };
+    match otlp_request(&headers, body, decode, move |b| {
         shared
             .logs
             .append_pushed(b.streams)

@@ -58,6 +58,32 @@ impl Batch {
         self.streams.iter().map(|(_, e)| e.len()).sum()
     }
 
+    /// Refuses streams that claim to be capstan's own captured output: a
+    /// `service`, a `replica` and `stream` = `stdout`, `stderr` or `proxy`. A
+    /// push (open on loopback) must not be able to forge what a replica printed
+    /// or the proxy logged; pushed lines keep the labels they were pushed with.
+    pub fn refuse_own_streams(&mut self) {
+        let mut kept = Vec::with_capacity(self.streams.len());
+        for (labels, entries) in std::mem::take(&mut self.streams) {
+            let own = labels.get("service").is_some()
+                && labels.get("replica").is_some()
+                && matches!(labels.get("stream"), Some("stdout" | "stderr" | "proxy"));
+            if !own {
+                kept.push((labels, entries));
+                continue;
+            }
+            for _ in &entries {
+                self.refuse(|| {
+                    format!(
+                        "stream {labels}: service, replica and stream={} are the labels of capstan's own captured output; push under other labels",
+                        labels.get("stream").unwrap_or_default()
+                    )
+                });
+            }
+        }
+        self.streams = kept;
+    }
+
     /// The refusals in one line: the count and the first reasons.
     pub fn refusal(&self) -> String {
         let more = self.refused - self.reasons.len();
