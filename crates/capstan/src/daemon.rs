@@ -54,6 +54,28 @@ pub fn ensure_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// The data dir is the user's alone: 0700, and the token 0600. Returns what
+/// was more open than that (and its mode), now repaired.
+fn make_private(data_dir: &Path) -> Result<Vec<(PathBuf, u32)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut repaired = Vec::new();
+    for (path, want) in [
+        (data_dir.to_path_buf(), 0o700),
+        (data_dir.join("token"), 0o600),
+    ] {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want))
+                .with_context(|| format!("making {} private", path.display()))?;
+            repaired.push((path, mode));
+        }
+    }
+    Ok(repaired)
+}
+
 /// A stable id for the stack's cgroups: its name and a hash of its file's path.
 pub fn stack_id(stack: &Stack, file: &Path) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -84,11 +106,24 @@ pub fn lock(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
 /// Runs until `down` or SIGTERM/SIGINT, then stops every replica and returns.
 /// `ready` gets the bound address once the API listens.
 pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> Result<()> {
+    crate::supervisor::process::private_umask();
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
     let _lock = lock(&opts.data_dir)?;
+    let repaired = make_private(&opts.data_dir)?;
     let token = ensure_token(&opts.data_dir)?;
     let events = EventLog::open(&opts.data_dir).context("opening the event log")?;
+    for (path, mode) in repaired {
+        events.emit(
+            "capstan",
+            None,
+            "warning",
+            format!(
+                "{} was readable by others (mode {mode:o}); made private",
+                path.display()
+            ),
+        );
+    }
     let (logs, recovery) = LogEngine::open(
         &opts.data_dir.join("logstore"),
         opts.log_max_file,

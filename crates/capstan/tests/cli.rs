@@ -69,3 +69,63 @@ fn commands_end_quietly_when_their_reader_goes_away() {
     }
     s.ok(&["down"]);
 }
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// The data dir and what the daemon writes in it are the user's alone; a token
+/// found readable by others is made private (with an event); replicas still run
+/// with the user's own umask.
+#[test]
+fn the_data_dir_is_private_and_replicas_keep_the_users_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = TestStack::new(
+        r#"
+services:
+  writer:
+    command: ["sh", "-c", "umask > umask.txt; touch made-by-replica; exec sleep 600"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    x-capstan: {metrics: {disable: true}}
+"#,
+    );
+    let data = s.data_dir();
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(data.join("token"), "0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    s.up();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("token")), 0o600);
+    let events = s.events();
+    assert!(
+        events.iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("token was readable by others"))),
+        "{events:?}"
+    );
+    for f in [
+        "daemon.json",
+        "events.jsonl",
+        "daemon.lock",
+        "replicas.json",
+    ] {
+        let m = mode(&data.join(f));
+        assert_eq!(m & 0o077, 0, "{f} has mode {m:o}");
+    }
+    for d in ["tsdb", "logstore", "tracestore"] {
+        assert_eq!(mode(&data.join(d)), 0o700, "{d}");
+    }
+    // The replica's own files follow the user's umask, not the daemon's.
+    let made = s.dir.path().join("made-by-replica");
+    wait_for(
+        "the replica's file",
+        std::time::Duration::from_secs(10),
+        || made.exists().then_some(()),
+    );
+    let user = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    nix::sys::stat::umask(user);
+    assert_eq!(mode(&made), 0o666 & !user.bits());
+    s.ok(&["down"]);
+}

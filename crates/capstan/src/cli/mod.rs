@@ -168,6 +168,9 @@ enum Cmd {
     Exec {
         #[arg(long = "cgroup")]
         cgroups: Vec<PathBuf>,
+        /// The umask to run the program with (octal).
+        #[arg(long)]
+        umask: Option<String>,
         #[arg(last = true)]
         argv: Vec<String>,
     },
@@ -192,8 +195,13 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    if let Cmd::Exec { cgroups, argv } = &cli.command {
-        return crate::supervisor::process::exec_helper(cgroups, argv);
+    if let Cmd::Exec {
+        cgroups,
+        umask,
+        argv,
+    } = &cli.command
+    {
+        return crate::supervisor::process::exec_helper(cgroups, umask.as_deref(), argv);
     }
     let hosts_daemon = match &cli.command {
         Cmd::Daemon(_) => true,

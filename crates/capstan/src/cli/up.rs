@@ -71,8 +71,14 @@ fn init_tracing(default: &str) {
 
 pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
     let opts = options(ctx, args.listen)?;
-    std::fs::create_dir_all(&opts.data_dir)
-        .with_context(|| format!("creating {}", opts.data_dir.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&opts.data_dir)
+            .with_context(|| format!("creating {}", opts.data_dir.display()))?;
+    }
     // A daemon already runs for this stack: hand it the new definition.
     if let Ok(client) = Client::find(&opts.data_dir, None)
         && client

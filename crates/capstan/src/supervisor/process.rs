@@ -24,10 +24,25 @@ pub struct Launch {
 /// limits apply from the program's first instruction.
 pub const EXEC_HELPER: &str = "__exec";
 
+/// The umask capstan was started with. The daemon creates its own files under
+/// 077 (its data is the user's alone); replicas run with this one again.
+pub static USER_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Makes every file and directory the daemon creates from now on private
+/// (0600/0700), remembering the user's umask for the replicas.
+pub fn private_umask() {
+    use nix::sys::stat::{Mode, umask};
+    let user = umask(Mode::from_bits_truncate(0o077));
+    let _ = USER_UMASK.set(user.bits());
+}
+
 pub fn spawn(launch: &Launch) -> std::io::Result<tokio::process::Child> {
     let exe = std::env::current_exe()?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg(EXEC_HELPER);
+    if let Some(m) = USER_UMASK.get() {
+        cmd.arg("--umask").arg(format!("{m:o}"));
+    }
     if let Some(cg) = &launch.cgroup {
         for d in &cg.dirs {
             cmd.arg("--cgroup").arg(d);
@@ -48,8 +63,11 @@ pub fn spawn(launch: &Launch) -> std::io::Result<tokio::process::Child> {
 
 /// Body of the `__exec` helper: join the cgroups, then replace this process with
 /// the program. Returns only on failure.
-pub fn exec_helper(cgroups: &[PathBuf], argv: &[String]) -> i32 {
+pub fn exec_helper(cgroups: &[PathBuf], umask: Option<&str>, argv: &[String]) -> i32 {
     use std::os::unix::process::CommandExt;
+    if let Some(m) = umask.and_then(|m| u32::from_str_radix(m, 8).ok()) {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(m));
+    }
     let pid = std::process::id().to_string();
     for d in cgroups {
         if let Err(e) = std::fs::write(d.join("cgroup.procs"), &pid) {
