@@ -11,9 +11,15 @@ use serde_json::Value;
 
 /// The demo service on a free port, stopped when dropped.
 fn demo() -> (Killed, u16) {
+    demo_failing(0.0)
+}
+
+/// The demo service answering `/` with 500 at `rate`.
+fn demo_failing(rate: f64) -> (Killed, u16) {
     let port = free_port();
     let child = Command::new(demo_bin())
         .env("PORT", port.to_string())
+        .env("FAIL_RATE", rate.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -116,4 +122,33 @@ fn an_unreachable_target_reports_connect_errors_and_fails() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("https is not supported"));
+}
+
+/// 5xx answers are failures in the summary; `--fail-on 5xx` makes them fail
+/// the command.
+#[test]
+fn server_errors_count_as_failures() {
+    let (_demo, port) = demo_failing(0.5);
+    let url = format!("http://127.0.0.1:{port}/");
+    let (code, v) = load(&[&url, "-c", "2", "-d", "1s"]);
+    assert_eq!(code, 0, "{v}");
+    let failed = v["failed"].as_u64().unwrap();
+    assert!(failed > 0, "{v}");
+    assert_eq!(v["status"]["500"].as_u64(), Some(failed), "{v}");
+    assert_eq!(
+        v["ok"].as_u64().unwrap() + failed,
+        v["requests"].as_u64().unwrap()
+    );
+    let (code, v) = load(&[&url, "-c", "2", "-d", "1s", "--fail-on", "5xx"]);
+    assert_eq!(code, 1, "{v}");
+    let (_ok, port) = demo();
+    let (code, v) = load(&[
+        &format!("http://127.0.0.1:{port}/"),
+        "-d",
+        "500ms",
+        "--fail-on",
+        "5xx",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["failed"], 0);
 }

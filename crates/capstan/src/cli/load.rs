@@ -56,6 +56,28 @@ pub struct LoadArgs {
     timeout: Duration,
     #[arg(short = 'o', long, value_enum, default_value_t)]
     output: LoadOutput,
+    /// Exit with 1 when any answer was of this class (`5xx`, `4xx`) or any
+    /// request failed in transport (`error`); repeatable.
+    #[arg(long = "fail-on", value_parser = parse_fail_on)]
+    fail_on: Vec<FailOn>,
+}
+
+/// What makes `capstan load` exit non-zero.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum FailOn {
+    /// Answers with a status of this hundred (4 for 4xx, 5 for 5xx).
+    Class(u16),
+    /// Transport errors (connect, timeout, broken connection).
+    Error,
+}
+
+fn parse_fail_on(s: &str) -> Result<FailOn, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "5xx" => Ok(FailOn::Class(5)),
+        "4xx" => Ok(FailOn::Class(4)),
+        "error" | "errors" => Ok(FailOn::Error),
+        other => Err(format!("expected 5xx, 4xx or error, found {other:?}")),
+    }
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -290,7 +312,19 @@ pub async fn load(args: LoadArgs) -> Result<i32> {
         LoadOutput::Text => print!("{}", text(&summary)),
     }
     let answered: u64 = total.status.values().sum();
-    Ok(if answered == 0 { 1 } else { 0 })
+    let class = |c: u16| -> u64 {
+        total
+            .status
+            .iter()
+            .filter(|(k, _)| **k / 100 == c)
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let failed = args.fail_on.iter().any(|f| match f {
+        FailOn::Class(c) => class(*c) > 0,
+        FailOn::Error => total.errors.values().sum::<u64>() > 0,
+    });
+    Ok(if answered == 0 || failed { 1 } else { 0 })
 }
 
 /// A progress bar with the current rate, on a terminal only.
@@ -327,6 +361,13 @@ fn progress(plan: Arc<Plan>, duration: Duration) -> tokio::task::JoinHandle<()> 
 fn summary(t: &Tally, took: Duration, args: &LoadArgs) -> serde_json::Value {
     let answered: u64 = t.status.values().sum();
     let errors: u64 = t.errors.values().sum();
+    // Answers that say the server failed (5xx) are failures, beside transport errors.
+    let failed: u64 = t
+        .status
+        .iter()
+        .filter(|(k, _)| **k >= 500)
+        .map(|(_, v)| v)
+        .sum();
     let ms = |us: u64| us as f64 / 1000.0;
     let h = &t.latency;
     let latency = if h.is_empty() {
@@ -349,6 +390,8 @@ fn summary(t: &Tally, took: Duration, args: &LoadArgs) -> serde_json::Value {
         "duration_s": took.as_secs_f64(),
         "requests": answered,
         "rps": answered as f64 / took.as_secs_f64().max(1e-9),
+        "failed": failed,
+        "ok": answered - failed,
         "errors": errors,
         "errors_by_kind": t.errors,
         "status": t.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
@@ -374,9 +417,10 @@ fn text(s: &serde_json::Value) -> String {
     );
     let _ = writeln!(
         out,
-        "requests   {} ({:.1}/s), {} errors",
+        "requests   {} ({:.1}/s), {} failed (5xx), {} errors",
         s["requests"],
         s["rps"].as_f64().unwrap_or(0.0),
+        s["failed"],
         s["errors"]
     );
     if let Some(kinds) = s["errors_by_kind"].as_object().filter(|k| !k.is_empty()) {
