@@ -251,6 +251,14 @@ async fn send(
 }
 
 async fn apply(State(api): State<Api>, Json(stack): Json<Stack>) -> Response {
+    // The CLI loads files before it sends them; other clients are checked the
+    // same way, so nothing the loader refuses reaches the supervisor.
+    if let Err(errors) = stack.validate() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid stack: {}", errors.join("; ")),
+        );
+    }
     send(&api, |tx| Command::Apply(Box::new(stack), tx)).await
 }
 

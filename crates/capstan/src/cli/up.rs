@@ -209,7 +209,10 @@ struct Progress {
     ok: bool,
 }
 
-fn progress(v: &serde_json::Value) -> BTreeMap<String, Progress> {
+/// How long a replica without a health check must stay up to count as started.
+const SETTLE_UPTIME_MS: i64 = 1000;
+
+fn progress(v: &serde_json::Value, now_ms: i64) -> BTreeMap<String, Progress> {
     let empty = Vec::new();
     let replicas = v["replicas"].as_array().unwrap_or(&empty);
     let mut out = BTreeMap::new();
@@ -222,18 +225,38 @@ fn progress(v: &serde_json::Value) -> BTreeMap<String, Progress> {
             .filter(|r| r["service"] == name.as_str())
             .collect();
         let st = |r: &serde_json::Value| r["state"].as_str().unwrap_or("").to_owned();
+        // Without a health check, a replica counts once it has stayed up for
+        // a second: one that exits at once must show as failed, not started.
+        let up_long_enough = |r: &serde_json::Value| {
+            has_hc
+                || r["started_ms"]
+                    .as_i64()
+                    .is_some_and(|t| now_ms - t >= SETTLE_UPTIME_MS)
+        };
         let ready = mine
             .iter()
             .filter(|r| {
                 let s = st(r);
-                (s == "running" && (!has_hc || r["health"] == "healthy"))
+                (s == "running" && (!has_hc || r["health"] == "healthy") && up_long_enough(r))
                     || (s == "exited" && r["exit_code"] == 0)
             })
             .count();
+        let failed_early = |r: &serde_json::Value| {
+            st(r) == "restarting" && r["last_exit"].is_string() && r["restarts"] == 0
+        };
         let bad: Vec<String> = mine
             .iter()
-            .map(|r| st(r))
-            .filter(|s| s == "crash-looping" || s == "failed")
+            .filter(|r| matches!(st(r).as_str(), "crash-looping" | "failed") || failed_early(r))
+            .map(|r| {
+                let state = match st(r).as_str() {
+                    "restarting" => "failed".to_owned(),
+                    s => s.to_owned(),
+                };
+                match r["last_exit"].as_str() {
+                    Some(why) => format!("{state} ({why})"),
+                    None => state,
+                }
+            })
             .collect();
         let waiting = mine
             .iter()
@@ -302,7 +325,7 @@ async fn settle(client: &Client, timeout: Duration) -> Result<bool> {
     let deadline = began + timeout;
     let final_state = loop {
         let v = client.json(Method::GET, "/capstan/v1/ps", None).await?;
-        let now = progress(&v);
+        let now = progress(&v, crate::events::now_ms());
         for (name, p) in &now {
             if last.get(name) == Some(p) {
                 continue;

@@ -14,6 +14,86 @@ pub struct Stack {
     pub settings: Settings,
 }
 
+impl Stack {
+    /// The checks across services the file loader makes, on a stack that came
+    /// from elsewhere (the control API): every dependency exists and none forms
+    /// a cycle, published ports are unique, every service has something to run.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+        for (name, svc) in &self.services {
+            for dep in svc.depends_on.keys() {
+                if !self.services.contains_key(dep) {
+                    errors.push(format!(
+                        "services.{name}.depends_on: depends on undefined service {dep:?}"
+                    ));
+                }
+            }
+            if svc.argv().is_none() {
+                errors.push(format!("services.{name}: nothing to run"));
+            }
+            for p in &svc.ports {
+                if let Some(other) = ports.insert(p.published, name)
+                    && other != name
+                {
+                    errors.push(format!(
+                        "services.{name}.ports: port {} is already published by service {other:?}",
+                        p.published
+                    ));
+                }
+            }
+        }
+        // Without recursion (the input's size is the client's): services are
+        // taken away once everything they depend on is; what stays is cyclic.
+        let mut waiting: BTreeMap<&str, usize> = self
+            .services
+            .iter()
+            .map(|(n, s)| {
+                let deps = s
+                    .depends_on
+                    .keys()
+                    .filter(|d| self.services.contains_key(*d))
+                    .count();
+                (n.as_str(), deps)
+            })
+            .collect();
+        let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (n, s) in &self.services {
+            for d in s.depends_on.keys() {
+                dependents.entry(d.as_str()).or_default().push(n.as_str());
+            }
+        }
+        let mut ready: Vec<&str> = waiting
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        while let Some(n) = ready.pop() {
+            waiting.remove(n);
+            for d in dependents.get(n).into_iter().flatten() {
+                if let Some(c) = waiting.get_mut(d) {
+                    *c -= 1;
+                    if *c == 0 {
+                        ready.push(d);
+                    }
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            let names: Vec<&str> = waiting.keys().copied().collect();
+            errors.push(format!(
+                "dependency cycle among services {}",
+                names.join(", ")
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
 /// Stack-wide capstan settings (top-level `x-capstan`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {

@@ -506,12 +506,38 @@ impl Supervisor {
                         Some(a) => rt.desired.clamp(a.min, a.max),
                         None => spec.deploy.replicas,
                     };
-                    if rt.desired != want {
+                    if *rt.spec != *spec {
+                        // Ports, proxy, autoscaling: applied without a restart.
+                        changes.push(format!("updated {name}'s settings"));
+                    }
+                    let was_stopped = rt.stopped;
+                    if let Some(rt) = self.services.get_mut(&name) {
+                        rt.spec = Arc::new(spec.clone());
+                        rt.stopped = false;
+                    }
+                    if rt_desired(&self.services, &name) != want {
                         changes.push(format!("scaled {name} to {want}"));
                         self.scale(BTreeMap::from([(name.clone(), want)]))
                             .await
                             .ok();
                     }
+                    // Converge to the file, as compose does: replicas that
+                    // finished (failed, or exited under their restart policy)
+                    // and services stopped by hand run again.
+                    let revived = self.revive(&name).await;
+                    if was_stopped {
+                        changes.push(format!("started {name}"));
+                    } else if !revived.is_empty() {
+                        changes.push(format!(
+                            "started {name} again (replica {} had finished)",
+                            revived
+                                .iter()
+                                .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    self.reconcile(&name);
                 }
                 Some(_) => {
                     changes.push(format!("restarted {name} (definition changed)"));
@@ -548,6 +574,9 @@ impl Supervisor {
                     self.reconcile(&name);
                 }
             }
+        }
+        if self.stack.settings != stack.settings && !self.stack.services.is_empty() {
+            changes.push("updated the stack's settings".into());
         }
         self.stack = stack;
         self.publish_services();
@@ -654,8 +683,34 @@ impl Supervisor {
         if let Some(rt) = self.services.get_mut(&name) {
             rt.stopped = false;
         }
+        self.revive(&name).await;
         self.reconcile(&name);
         self.publish_services();
+    }
+
+    /// Ends the tasks of `name`'s replicas that finished (exited or failed and
+    /// not restarted by their policy), so that `reconcile` starts them afresh.
+    /// Returns their indices.
+    async fn revive(&mut self, name: &str) -> Vec<u32> {
+        let finished: Vec<u32> = self
+            .shared
+            .statuses()
+            .into_iter()
+            .filter(|s| s.service == name && matches!(s.state.as_str(), "exited" | "failed"))
+            .map(|s| s.replica)
+            .collect();
+        let Some(rt) = self.services.get_mut(name) else {
+            return Vec::new();
+        };
+        let mut revived = Vec::new();
+        for idx in finished {
+            if let Some(h) = rt.replicas.remove(&idx) {
+                let _ = h.ctl.send(replica::Ctl::Stop).await;
+                let _ = h.task.await;
+                revived.push(idx);
+            }
+        }
+        revived
     }
 
     async fn restart_service(&mut self, name: String) {
@@ -717,4 +772,8 @@ impl Supervisor {
         }
         self.shared.state.lock().unwrap().clear();
     }
+}
+
+fn rt_desired(services: &BTreeMap<String, ServiceRt>, name: &str) -> u32 {
+    services.get(name).map_or(0, |rt| rt.desired)
 }

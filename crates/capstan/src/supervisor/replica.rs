@@ -120,7 +120,11 @@ impl Replica {
             }
             if !restart {
                 let state = if success { "exited" } else { "failed" };
-                self.set(|s| s.state = state.into());
+                // Nothing runs: no health to show.
+                self.set(|s| {
+                    s.state = state.into();
+                    s.health = "none".into();
+                });
                 self.park(&mut ctl).await;
                 return;
             }
@@ -129,7 +133,10 @@ impl Replica {
             if let Some(max) = policy.max_attempts
                 && attempts > max
             {
-                self.set(|s| s.state = "failed".into());
+                self.set(|s| {
+                    s.state = "failed".into();
+                    s.health = "none".into();
+                });
                 self.event("failed", format!("gave up after {max} restart attempts"));
                 self.park(&mut ctl).await;
                 return;
@@ -254,7 +261,14 @@ impl Replica {
             }
         };
         let started = Instant::now();
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let started_ns = crate::logs::now_ns();
+        // Without a pid there is no process group to signal (and 0 would mean
+        // the daemon's own).
+        let Some(pid) = child.id().map(|p| p as i32).filter(|p| *p > 0) else {
+            self.shared.release_port(port);
+            let _ = child.kill().await;
+            return Outcome::SpawnFailed("the process ended before its pid was known".into());
+        };
         let start_ticks = process::proc_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
         self.shared.state.lock().unwrap().insert(Record {
             service: self.service.clone(),
@@ -389,6 +403,9 @@ impl Replica {
             self.event("stopped", describe_exit(code, signal, false));
             return Outcome::Stopped;
         }
+        if code != Some(0) && !self.spec.ports.is_empty() {
+            self.hint_port_taken(started_ns, port);
+        }
         Outcome::Exited {
             code,
             signal,
@@ -396,6 +413,39 @@ impl Replica {
             unhealthy,
             oom,
         }
+    }
+
+    /// A program that failed with "address already in use" while capstan's
+    /// proxy publishes the service's ports most likely listens on the published
+    /// port itself: say what to do instead.
+    fn hint_port_taken(&self, since_ns: i64, port: u16) {
+        let q = crate::logs::LogQuery {
+            services: vec![self.service.clone()],
+            replica: Some(self.idx),
+            since_ns: Some(since_ns),
+            tail: Some(20),
+        };
+        let lines = tokio::task::block_in_place(|| self.shared.logs.query(&q));
+        let taken = lines.iter().any(|l| {
+            let lower = l.line.to_ascii_lowercase();
+            lower.contains("address already in use") || lower.contains("eaddrinuse")
+        });
+        if !taken {
+            return;
+        }
+        let published: Vec<String> = self
+            .spec
+            .ports
+            .iter()
+            .map(|p| p.published.to_string())
+            .collect();
+        self.event(
+            "hint",
+            format!(
+                "the program could not listen: its address is in use. capstan's proxy publishes port {} and gives each replica its own port in $PORT ({port} for this one): make the program listen on $PORT",
+                published.join(", ")
+            ),
+        );
     }
 
     /// Stop signal to the group, the grace period, then SIGKILL.
