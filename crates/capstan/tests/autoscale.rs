@@ -96,7 +96,9 @@ fn work_load_scales_up_then_back_down() {
     let reason = scaled["reason"].as_str().unwrap();
     assert!(reason.starts_with("1 → "), "{reason}");
     assert!(
-        reason.contains("cpu") && reason.contains("of target 50%"),
+        reason.contains("cpu")
+            && reason.contains("(target 50%)")
+            && (reason.contains("of one CPU") || reason.contains("CPU limit")),
         "{reason}"
     );
     let status = s.ok(&["autoscale", "status", "web"]);

@@ -101,10 +101,16 @@ fn builtin_query(source: &MetricSource, service: &str, limits: &Limits) -> Optio
     })
 }
 
-fn unit(source: &MetricSource) -> &'static str {
+/// What a built-in metric's percent is a percent of, in the words `capstan ps`
+/// uses for the same number.
+pub fn percent_of(source: &MetricSource, limits: &Limits) -> Option<String> {
     match source {
-        MetricSource::Cpu | MetricSource::Memory => "%",
-        _ => "",
+        MetricSource::Cpu => Some(match limits.cpus {
+            Some(c) => format!("of its {c} CPU limit"),
+            None => "of one CPU".to_owned(),
+        }),
+        MetricSource::Memory => Some("of its memory limit".to_owned()),
+        _ => None,
     }
 }
 
@@ -364,13 +370,20 @@ async fn evaluate(
         match rec {
             None => failed = true,
             Some(r) => {
-                let u = unit(&m.source);
-                let why = format!(
-                    "{name} {}{u} of target {}{u} → desired {}",
-                    fmt_num(r.value),
-                    fmt_num(m.target),
-                    r.replicas
-                );
+                let why = match percent_of(&m.source, limits) {
+                    Some(of) => format!(
+                        "{name} {}% {of} (target {}%) → desired {}",
+                        fmt_num(r.value),
+                        fmt_num(m.target),
+                        r.replicas
+                    ),
+                    None => format!(
+                        "{name} {} (target {}) → desired {}",
+                        fmt_num(r.value),
+                        fmt_num(m.target),
+                        r.replicas
+                    ),
+                };
                 if best.as_ref().is_none_or(|(n, _)| r.replicas > *n) {
                     best = Some((r.replicas, why));
                 }

@@ -96,9 +96,11 @@ pub fn ps_table(v: &serde_json::Value) -> String {
                 (Some(_), Some(s)) => human_duration_ms(now - s),
                 _ => "-".into(),
             },
-            r["cpu_percent"]
-                .as_f64()
-                .map_or("-".into(), |c| format!("{c:.1}%")),
+            match (r["cpu_percent"].as_f64(), r["cpu_limit"].as_f64()) {
+                (None, _) => "-".into(),
+                (Some(c), Some(l)) if l > 0.0 => format!("{c:.1}% ({:.0}% of {l})", c / l),
+                (Some(c), _) => format!("{c:.1}%"),
+            },
             r["memory_bytes"].as_u64().map_or("-".into(), human_bytes),
             r["port"]
                 .as_u64()
@@ -133,8 +135,13 @@ pub fn ps_table(v: &serde_json::Value) -> String {
             ]);
         }
     }
-    table(&rows)
+    let mut out = table(&rows);
+    out.push_str(CPU_LEGEND);
+    out
 }
+
+/// What `ps`'s CPU column means, below the table.
+pub const CPU_LEGEND: &str = "CPU: percent of one CPU (100% = one core busy); (n% of L): share of the replica's limit of L CPUs\n";
 
 pub fn event_line(v: &serde_json::Value, color: bool) -> String {
     let ts = v["time_ms"].as_i64().unwrap_or(0);
@@ -205,4 +212,26 @@ pub fn autoscale_table(list: &[serde_json::Value]) -> String {
         out.push_str("no service autoscales (add x-capstan.autoscale to one)\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ps_says_what_cpu_percent_means() {
+        let v = serde_json::json!({
+            "replicas": [
+                {"service": "web", "replica": 0, "pid": 10, "state": "running", "health": "none",
+                 "restarts": 0, "cpu_percent": 25.0, "cpu_limit": 0.5, "port": 1},
+                {"service": "api", "replica": 0, "pid": 11, "state": "running", "health": "none",
+                 "restarts": 0, "cpu_percent": 130.0, "port": 2},
+            ],
+            "services": [],
+        });
+        let t = ps_table(&v);
+        assert!(t.contains("25.0% (50% of 0.5)"), "{t}");
+        assert!(t.contains("130.0%"), "{t}");
+        assert!(t.ends_with(CPU_LEGEND), "{t}");
+    }
 }

@@ -52,6 +52,9 @@ pub struct Status {
     /// The enforced memory limit, when a cgroup enforces one.
     #[serde(default)]
     pub memory_limit_bytes: Option<u64>,
+    /// The enforced CPU limit in CPUs, when a cgroup enforces one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
     pub revision: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

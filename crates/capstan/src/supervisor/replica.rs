@@ -318,8 +318,16 @@ impl Replica {
             .limits
             .memory
             .filter(|_| launch.cgroup.is_some());
+        let cpu_limit = self
+            .spec
+            .deploy
+            .resources
+            .limits
+            .cpus
+            .filter(|_| launch.cgroup.is_some());
         self.set(|s| {
             s.memory_limit_bytes = memory_limit;
+            s.cpu_limit = cpu_limit;
             s.cpu_seconds_total = Some(0.0);
             s.cpu_sampled_ms = Some(crate::events::now_ms());
             s.pid = Some(pid);
