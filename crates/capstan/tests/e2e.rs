@@ -754,20 +754,25 @@ services:
         },
     );
     assert!(last_value(&mem[0]).parse::<f64>().unwrap() > 0.0, "{mem}");
-    let own_up = s.api("/capstan/v1/tsdb/select?name=up&job=capstan");
-    assert_eq!(last_value(&own_up[0]), "1");
-    let cpu = s.api("/capstan/v1/tsdb/select?name=node_cpu_seconds_total&job=node&mode=idle");
-    assert!(!cpu.as_array().unwrap().is_empty(), "{cpu}");
+    // capstan's own job and the host's are scraped on their own schedules
+    // (spread over the interval): wait for their first scrapes.
+    let first = |name: &str| {
+        let path = format!("/capstan/v1/tsdb/select?{name}");
+        wait_for(name, Duration::from_secs(30), || {
+            let v = s.api(&path);
+            v.as_array().and_then(|a| a.first().cloned())
+        })
+    };
+    assert_eq!(last_value(&first("name=up&job=capstan")), "1");
+    first("name=node_cpu_seconds_total&job=node&mode=idle");
     // The first scrape of capstan itself may run before any scrape finished.
-    wait_for("a counted scrape", Duration::from_secs(10), || {
+    wait_for("a counted scrape", Duration::from_secs(30), || {
         let v = s.api("/capstan/v1/tsdb/select?name=capstan_scrapes_total&result=ok");
-        (last_value(&v[0]).parse::<f64>().unwrap() >= 1.0).then_some(())
+        let n: f64 = v.as_array()?.first().map(last_value)?.parse().ok()?;
+        (n >= 1.0).then_some(())
     });
-    let head = s.api("/capstan/v1/tsdb/select?name=capstan_tsdb_head_series");
-    assert!(
-        last_value(&head[0]).parse::<f64>().unwrap() > 10.0,
-        "{head}"
-    );
+    let head = first("name=capstan_tsdb_head_series");
+    assert!(last_value(&head).parse::<f64>().unwrap() > 10.0, "{head}");
 
     // Scale down: replica 1's series are marked stale.
     s.ok(&["scale", "web=1"]);
