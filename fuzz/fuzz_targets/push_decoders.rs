@@ -1,7 +1,8 @@
-//! Loki push and OTLP bodies: any bytes, any content type and encoding, never a
-//! panic; whatever is accepted has valid labels and timestamps.
+//! Loki push, OTLP and remote_write bodies: any bytes, any content type and
+//! encoding, never a panic; whatever is accepted has valid labels and timestamps.
 #![no_main]
 
+use capstan::api::remote_write;
 use capstan::ingest::{loki, otlp};
 use libfuzzer_sys::fuzz_target;
 
@@ -12,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let ce = if sel & 1 == 1 { "gzip" } else { "" };
+    if sel >> 4 & 1 == 1 {
+        let _ = remote_write::decode("snappy", body);
+        return;
+    }
     let _ = match sel >> 1 & 3 {
         0 => loki::decode_push("application/json", ce, body, NOW),
         1 => loki::decode_push("application/x-protobuf", "", body, NOW),

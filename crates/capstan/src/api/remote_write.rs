@@ -52,44 +52,53 @@ fn bad(msg: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, msg.into()).into_response()
 }
 
+/// Decodes a remote_write body (snappy block format, protobuf `WriteRequest`),
+/// within the size limits; a pure function of its input, fuzzed. The error is
+/// the status and reason to answer.
+pub fn decode(content_encoding: &str, body: &[u8]) -> Result<WriteRequest, (u16, String)> {
+    let bad = |m: String| (400, m);
+    if !content_encoding.eq_ignore_ascii_case("snappy") {
+        return Err(bad(format!(
+            "expected Content-Encoding: snappy, found {content_encoding:?}"
+        )));
+    }
+    if body.len() > MAX_BODY {
+        return Err(bad(format!(
+            "body of {} bytes is over the {MAX_BODY}-byte limit",
+            body.len()
+        )));
+    }
+    let raw = match snap::raw::decompress_len(body) {
+        Ok(n) if n > MAX_BODY => {
+            return Err(bad(format!(
+                "uncompressed body of {n} bytes is over the {MAX_BODY}-byte limit"
+            )));
+        }
+        Ok(_) => snap::raw::Decoder::new()
+            .decompress_vec(body)
+            .map_err(|e| bad(format!("body is not snappy block-compressed: {e}")))?,
+        Err(e) => return Err(bad(format!("body is not snappy block-compressed: {e}"))),
+    };
+    crate::ingest::bounds::check_protobuf(&raw, "WriteRequest")
+        .map_err(|e| (e.status, e.reason))?;
+    WriteRequest::decode(raw.as_slice())
+        .map_err(|e| bad(format!("body is not a remote_write WriteRequest: {e}")))
+}
+
 pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
     let encoding = headers
         .get("content-encoding")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !encoding.eq_ignore_ascii_case("snappy") {
-        return bad(format!(
-            "expected Content-Encoding: snappy, found {encoding:?}"
-        ));
-    }
-    if body.len() > MAX_BODY {
-        return bad(format!(
-            "body of {} bytes is over the {MAX_BODY}-byte limit",
-            body.len()
-        ));
-    }
-    let raw = match snap::raw::decompress_len(&body) {
-        Ok(n) if n > MAX_BODY => {
-            return bad(format!(
-                "uncompressed body of {n} bytes is over the {MAX_BODY}-byte limit"
-            ));
-        }
-        Ok(_) => match snap::raw::Decoder::new().decompress_vec(&body) {
-            Ok(r) => r,
-            Err(e) => return bad(format!("body is not snappy block-compressed: {e}")),
-        },
-        Err(e) => return bad(format!("body is not snappy block-compressed: {e}")),
-    };
-    if let Err(e) = crate::ingest::bounds::check_protobuf(&raw, "WriteRequest") {
-        return (
-            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
-            e.reason,
-        )
-            .into_response();
-    }
-    let req = match WriteRequest::decode(raw.as_slice()) {
+    let req = match decode(encoding, &body) {
         Ok(r) => r,
-        Err(e) => return bad(format!("body is not a remote_write WriteRequest: {e}")),
+        Err((status, why)) => {
+            return (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                why,
+            )
+                .into_response();
+        }
     };
     let mut histograms = 0usize;
     let (mut bad_series, mut bad_samples, mut reasons) = (0usize, 0usize, Vec::new());
