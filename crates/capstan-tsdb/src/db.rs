@@ -35,6 +35,11 @@ pub struct Options {
     /// Samples older than the retention before the wall clock are rejected
     /// (`too_old`): they would be deleted at once.
     pub reject_older_than_retention: bool,
+    /// A sample older than its series' newest is still accepted when it is at
+    /// most this much older (Prometheus' `out_of_order_time_window`, for
+    /// remote_write senders that retry or shard) and newer than what the blocks
+    /// hold; 0 refuses every such sample (`out_of_order`).
+    pub out_of_order_window_ms: i64,
 }
 
 /// The wall clock in milliseconds since 1970.
@@ -70,6 +75,7 @@ impl Options {
             retention_bytes: None,
             max_future_ms: Some(10 * 60_000),
             reject_older_than_retention: false,
+            out_of_order_window_ms: 0,
         }
     }
 }
@@ -198,8 +204,61 @@ impl State {
         id
     }
 
+    /// The value bits of the head's sample of series `id` at `t`, if it has one.
+    fn sample_at(&self, id: SeriesId, t: i64) -> Option<u64> {
+        let s = self.series.get(id as usize)?;
+        let in_closed = s
+            .closed
+            .iter()
+            .filter(|c| c.1 <= t && t <= c.2)
+            .flat_map(|c| ChunkIter::from_bytes(&c.0).into_iter().flatten());
+        in_closed
+            .chain(s.head.iter())
+            .find(|p| p.0 == t)
+            .map(|p| p.1.to_bits())
+    }
+
+    /// Puts a sample older than the series' newest into its place: the chunks
+    /// from the one it falls in onwards are written again with it (the window
+    /// bounds how far back that is).
+    fn insert_out_of_order(&mut self, id: SeriesId, t: i64, v: f64) {
+        let s = &mut self.series[id as usize];
+        let keep = s
+            .closed
+            .iter()
+            .position(|c| c.2 >= t)
+            .unwrap_or(s.closed.len());
+        let mut samples: Vec<(i64, f64)> = s.closed[keep..]
+            .iter()
+            .flat_map(|c| ChunkIter::from_bytes(&c.0).into_iter().flatten())
+            .chain(s.head.iter())
+            .collect();
+        let at = samples.partition_point(|p| p.0 < t);
+        if samples.get(at).is_some_and(|p| p.0 == t) {
+            return;
+        }
+        samples.insert(at, (t, v));
+        s.closed.truncate(keep);
+        let mut groups = samples.chunks(HEAD_CHUNK_SAMPLES).peekable();
+        let mut head = Chunk::default();
+        while let Some(g) = groups.next() {
+            if groups.peek().is_none() {
+                for (t, v) in g {
+                    let _ = head.append(*t, *v);
+                }
+            } else {
+                s.closed.extend(encode(g.iter()));
+            }
+        }
+        s.head = head;
+    }
+
     fn apply(&mut self, id: SeriesId, t: i64, v: f64) {
         let s = &mut self.series[id as usize];
+        if t < s.max_t {
+            self.insert_out_of_order(id, t, v);
+            return;
+        }
         if s.head.len() >= HEAD_CHUNK_SAMPLES {
             let full = std::mem::take(&mut s.head);
             let (mint, maxt) = full.first_last().unwrap_or((t, t));
@@ -304,6 +363,7 @@ impl Db {
         };
         // Samples from a wrong clock, logged before the bound existed, are left out.
         let (newest_ok, _) = opts.valid_times(now_ms());
+        let window = opts.out_of_order_window_ms;
         let mut future = 0usize;
         // Records are applied as they are read: replay holds one segment, not the log.
         let (wal, mut replay) = Wal::open(&wal_dir, opts.fsync, |r| match r {
@@ -320,8 +380,15 @@ impl Db {
                         future += 1;
                         continue;
                     }
-                    let fresh = t > state.series.get(id as usize).map_or(i64::MAX, |s| s.max_t);
-                    if fresh && t >= persisted_until {
+                    let Some(max_t) = state.series.get(id as usize).map(|s| s.max_t) else {
+                        continue;
+                    };
+                    let fresh = t > max_t;
+                    let late_ok = window > 0
+                        && t < max_t
+                        && t >= max_t.saturating_sub(window)
+                        && state.sample_at(id, t).is_none();
+                    if (fresh || late_ok) && t >= persisted_until {
                         state.apply(id, t, v);
                     }
                 }
@@ -807,6 +874,8 @@ impl Appender<'_> {
         let mut created: Vec<(Labels, u64)> = Vec::new();
         // Series this batch creates, by hash: the batch may name one many times.
         let mut created_by_hash: crate::fxhash::FxHashMap<u64, Vec<usize>> = Default::default();
+        // Out-of-order samples this batch keeps, by series and time.
+        let mut late: HashMap<(SeriesId, i64), u64> = HashMap::new();
         let (newest_ok, oldest_ok) = db.opts.valid_times(now_ms());
         for (item, t, v) in self.batch {
             if t > newest_ok {
@@ -869,6 +938,25 @@ impl Appender<'_> {
                 None => newest.get(&id).copied().unwrap_or((i64::MIN, 0)),
             };
             if t < last_t || t < st.persisted_until {
+                // Within the out-of-order window of a stored series: kept,
+                // unless the head has that time already.
+                let window = db.opts.out_of_order_window_ms;
+                let late_ok =
+                    window > 0 && t >= st.persisted_until && t >= last_t.saturating_sub(window);
+                if late_ok {
+                    let had = late.get(&(id, t)).copied().or_else(|| st.sample_at(id, t));
+                    match had {
+                        Some(bits) if bits == v.to_bits() => {}
+                        Some(_) => {
+                            *rejected.entry(Reject::DuplicateTimestamp).or_default() += 1;
+                        }
+                        None => {
+                            late.insert((id, t), v.to_bits());
+                            samples.push((id, t, v));
+                        }
+                    }
+                    continue;
+                }
                 *rejected.entry(Reject::OutOfOrder).or_default() += 1;
                 continue;
             }

@@ -240,3 +240,63 @@ fn a_far_future_sample_erases_nothing() {
     assert_eq!(a.commit().unwrap().appended, 1);
     assert_eq!(all(&db, "a").len(), held + 2);
 }
+
+/// With an out-of-order window, a late sample within it takes its place in
+/// time order (queries, reopening and cuts see it once); one older than the
+/// window, or at a time already held with another value, is refused.
+#[test]
+fn late_samples_within_the_window_take_their_place() {
+    use capstan_tsdb::Reject;
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.out_of_order_window_ms = 10 * 60_000;
+    let (db, _) = Db::open(o.clone()).unwrap();
+    let l = Labels::from_pairs([("__name__", "x"), ("job", "a")]);
+    let mut a = db.appender();
+    for m in 0..300 {
+        a.add(l.clone(), m * 60_000, m as f64);
+    }
+    a.commit().unwrap();
+    let commit = |samples: &[(i64, f64)]| {
+        let mut a = db.appender();
+        for &(t, v) in samples {
+            a.add(l.clone(), t, v);
+        }
+        a.commit().unwrap()
+    };
+    // Between two held samples, within the window; twice in one batch.
+    let c = commit(&[(295 * 60_000 + 30_000, -1.0), (295 * 60_000 + 30_000, -1.0)]);
+    assert_eq!((c.appended, c.rejected.clone()), (1, vec![]));
+    // The same time and value again: ignored; another value: refused.
+    let c = commit(&[(295 * 60_000 + 30_000, -1.0), (294 * 60_000, 5.0)]);
+    assert_eq!(c.appended, 0);
+    assert_eq!(c.rejected, vec![(Reject::DuplicateTimestamp, 1)]);
+    // Older than the window: refused.
+    let c = commit(&[(200 * 60_000 + 1, 1.0)]);
+    assert_eq!(c.rejected, vec![(Reject::OutOfOrder, 1)]);
+    let check = |db: &Db| {
+        let got = all(db, "a");
+        assert_eq!(got.len(), 301);
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(got.contains(&(295 * 60_000 + 30_000, -1.0)));
+    };
+    check(&db);
+    drop(db);
+    // Replayed from the WAL: the same.
+    let (db, _) = Db::open(o.clone()).unwrap();
+    check(&db);
+    // Cut into a block: the same.
+    db.maintain().unwrap();
+    assert!(!db.blocks().is_empty());
+    check(&db);
+    drop(db);
+    let (db, _) = Db::open(o.clone()).unwrap();
+    check(&db);
+    // Without the window, late samples are refused.
+    drop(db);
+    o.out_of_order_window_ms = 0;
+    let (db, _) = Db::open(o).unwrap();
+    let mut a = db.appender();
+    a.add(l.clone(), 298 * 60_000 + 1, 1.0);
+    assert_eq!(a.commit().unwrap().rejected, vec![(Reject::OutOfOrder, 1)]);
+}

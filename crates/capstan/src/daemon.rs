@@ -192,6 +192,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     tsdb_opts.max_series = storage.max_series as usize;
     tsdb_opts.max_future_ms = Some(storage.max_future.0.as_millis() as i64);
     tsdb_opts.reject_older_than_retention = true;
+    tsdb_opts.out_of_order_window_ms = storage.out_of_order_time_window.0.as_millis() as i64;
     let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
         .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
     if let Some(cut) = replay.truncated {

@@ -105,7 +105,7 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
     let started_ms = crate::events::now_ms();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let data_dir = opts.data_dir.clone();
-    let mut daemon_task = tokio::spawn(daemon::run(opts, Some(ready_tx)));
+    let daemon_task = tokio::spawn(daemon::run(opts, Some(ready_tx)));
     if ready_rx.await.is_err() {
         return match daemon_task.await {
             Ok(Err(e)) => Err(e),
@@ -117,26 +117,30 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
         "capstan daemon pid {} listening on {} (Ctrl-C stops everything)",
         client.info.pid, client.info.addr
     );
-    settle(&client, args.wait_timeout).await?;
-    let color = output::use_color();
+    // Follow the events from the start, so that a Ctrl-C during the start-up
+    // still shows the replicas stopping; they are printed once the start-up
+    // summary is.
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = Client::find(&data_dir, None)?;
     let path = format!(
         "/capstan/v1/events?follow=true&since_ns={}",
         started_ms * 1_000_000
     );
-    let follow = client.stream(&path, |v| {
+    let follow =
+        tokio::spawn(async move { follower.stream(&path, |v| ev_tx.send(v).is_ok()).await });
+    if let Err(e) = settle(&client, args.wait_timeout).await {
+        // The API went away with the daemon (Ctrl-C while starting), or the
+        // summary could not be read: the events still tell what happens.
+        tracing::debug!("start-up summary: {e:#}");
+    }
+    let color = output::use_color();
+    while let Some(v) = ev_rx.recv().await {
         if v["kind"] != "daemon-started" {
             println!("{}", output::event_line(&v, color));
         }
-        true
-    });
-    tokio::select! {
-        r = &mut daemon_task => {
-            r.context("daemon task")??;
-        }
-        _ = follow => {
-            daemon_task.await.context("daemon task")??;
-        }
     }
+    let _ = follow.await;
+    daemon_task.await.context("daemon task")??;
     Ok(0)
 }
 

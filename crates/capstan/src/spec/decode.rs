@@ -446,6 +446,12 @@ impl Decoder<'_> {
                 {
                     s.storage.max_future = d;
                 }
+                if let Some(d) = sf
+                    .take("out_of_order_time_window")
+                    .and_then(|d| self.duration(d, &join(&sp, "out_of_order_time_window")))
+                {
+                    s.storage.out_of_order_time_window = d;
+                }
                 self.finish(sf, &sp, &[]);
             }
         }

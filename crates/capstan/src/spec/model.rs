@@ -149,6 +149,10 @@ pub struct StorageSettings {
     /// are rejected and counted, so a wrong clock cannot disturb stored data.
     #[serde(default = "default_max_future")]
     pub max_future: Dur,
+    /// Samples up to this much older than their series' newest are still
+    /// stored (Prometheus' `out_of_order_time_window`; 0: refused as out of order).
+    #[serde(default = "Dur::zero")]
+    pub out_of_order_time_window: Dur,
 }
 
 fn default_max_future() -> Dur {
@@ -162,6 +166,7 @@ impl Default for StorageSettings {
             retention_size: None,
             max_series: 2_000_000,
             max_future: default_max_future(),
+            out_of_order_time_window: Dur::zero(),
         }
     }
 }
@@ -723,6 +728,10 @@ pub struct Dur(pub Duration);
 impl Dur {
     pub fn secs(s: u64) -> Dur {
         Dur(Duration::from_secs(s))
+    }
+
+    pub fn zero() -> Dur {
+        Dur(Duration::ZERO)
     }
 }
 
