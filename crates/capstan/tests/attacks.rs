@@ -48,7 +48,11 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
-        let s = TestStack::new(QUIET_STACK);
+        Daemon::start_with(QUIET_STACK)
+    }
+
+    fn start_with(stack: &str) -> Daemon {
+        let s = TestStack::new(stack);
         s.up();
         let addr = daemon_addr(&s);
         let token = std::fs::read_to_string(s.data_dir().join("token"))
@@ -434,4 +438,31 @@ fn pushes_cannot_forge_captured_output() {
     );
     assert!(q(r#"{job="mine"}"#).contains("honest"));
     assert!(q(r#"{stream="otlp"}"#).contains("forged otlp"));
+}
+
+/// remote_write senders that retry or shard deliver late: within
+/// `out_of_order_time_window` their samples are stored; without it, refused.
+#[test]
+fn late_remote_writes_within_the_window_are_stored() {
+    let d = Daemon::start_with(&format!(
+        "x-capstan:\n  storage: {{out_of_order_time_window: 5m}}\n{QUIET_STACK}"
+    ));
+    let now = now_ms();
+    assert_eq!(d.write(vec![series("late", &[], &[(now, 2.0)])]).0, 204);
+    let (code, body) = d.write(vec![series("late", &[], &[(now - 60_000, 1.0)])]);
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = d.write(vec![series("late", &[], &[(now - 10 * 60_000, 0.0)])]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("out_of_order=1"), "{body}");
+    let v = d.query("count_over_time(late[15m])");
+    assert_eq!(v["data"]["result"][0]["value"][1], "2", "{v}");
+
+    let strict = Daemon::start();
+    assert_eq!(
+        strict.write(vec![series("late", &[], &[(now, 2.0)])]).0,
+        204
+    );
+    let (code, body) = strict.write(vec![series("late", &[], &[(now - 60_000, 1.0)])]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("out_of_order=1"), "{body}");
 }
