@@ -466,3 +466,29 @@ fn late_remote_writes_within_the_window_are_stored() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("out_of_order=1"), "{body}");
 }
+
+/// `capstan down` stops a daemon busy with a long query: the query is canceled
+/// when its connection is closed at the end of the shutdown grace.
+#[test]
+fn down_stops_a_daemon_stuck_in_a_query() {
+    use std::io::Write;
+    let d = Daemon::start();
+    let pid = d.s.daemon_pid();
+    let q = "max_over_time(max_over_time(vector(1)[40m:1ms])[40m:1ms])";
+    let mut c = std::net::TcpStream::connect(&d.addr).unwrap();
+    write!(
+        c,
+        "GET /api/v1/query?query={} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        enc(q)
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    d.s.ok(&["down"]);
+    // Without the cancel the query would hold the daemon for its 2-minute timeout.
+    wait_for(
+        "the daemon to exit",
+        std::time::Duration::from_secs(30),
+        || (!alive(pid)).then_some(()),
+    );
+    drop(c);
+}
