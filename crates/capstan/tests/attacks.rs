@@ -284,6 +284,16 @@ fn wrong_clocks_and_bad_labels_erase_nothing() {
         body.contains("more than ten minutes in the future"),
         "{body}"
     );
+    // Every refusal is counted.
+    let (_, metrics) = d.get("/metrics");
+    for want in [
+        "capstan_ingest_items_refused_total{api=\"loki\"} 1",
+        "capstan_ingest_items_refused_total{api=\"remote_write\"} 2",
+        "capstan_tsdb_samples_rejected_total{reason=\"too_far_in_future\"} 6",
+        "capstan_tsdb_samples_rejected_total{reason=\"too_old\"} 2",
+    ] {
+        assert!(metrics.contains(want), "{want} not in:\n{metrics}");
+    }
 }
 
 #[test]

@@ -24,6 +24,23 @@ use crate::ingest::{Batch, Refused, loki};
 /// Largest request body, compressed.
 pub const MAX_BODY: usize = 32 << 20;
 
+/// Items refused one by one (bad labels, timestamps, forged streams, …), by
+/// API, for `capstan_ingest_items_refused_total{api}`.
+pub static REFUSED: [(&str, std::sync::atomic::AtomicU64); 4] = [
+    ("loki", std::sync::atomic::AtomicU64::new(0)),
+    ("otlp_logs", std::sync::atomic::AtomicU64::new(0)),
+    ("otlp_traces", std::sync::atomic::AtomicU64::new(0)),
+    ("remote_write", std::sync::atomic::AtomicU64::new(0)),
+];
+
+pub(crate) fn count_refused(api: usize, n: u64) {
+    if n > 0 {
+        REFUSED[api]
+            .1
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn header(h: &HeaderMap, name: header::HeaderName) -> &str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
@@ -42,6 +59,7 @@ pub async fn loki_push(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
     let r = blocking(move || {
         let mut batch = loki::decode_push(&ct, &ce, &body, now)?;
         batch.refuse_own_streams();
+        count_refused(0, batch.refused as u64);
         let (refused, why) = (batch.refused, batch.refusal());
         let (_, limited) = api
             .shared
@@ -165,15 +183,18 @@ pub async fn otlp_logs(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
     })
     .await
     {
-        Ok((enc, rejected, why)) => otlp_answer(
-            enc,
-            &ExportLogsServiceResponse {
-                partial_success: (rejected > 0).then_some(ExportLogsPartialSuccess {
-                    rejected_log_records: rejected,
-                    error_message: why,
-                }),
-            },
-        ),
+        Ok((enc, rejected, why)) => {
+            count_refused(1, rejected as u64);
+            otlp_answer(
+                enc,
+                &ExportLogsServiceResponse {
+                    partial_success: (rejected > 0).then_some(ExportLogsPartialSuccess {
+                        rejected_log_records: rejected,
+                        error_message: why,
+                    }),
+                },
+            )
+        }
         Err(r) => r,
     }
 }
@@ -188,15 +209,18 @@ pub async fn otlp_traces(State(api): State<Api>, headers: HeaderMap, body: Bytes
     })
     .await
     {
-        Ok((enc, rejected, why)) => otlp_answer(
-            enc,
-            &ExportTraceServiceResponse {
-                partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
-                    rejected_spans: rejected,
-                    error_message: why,
-                }),
-            },
-        ),
+        Ok((enc, rejected, why)) => {
+            count_refused(2, rejected as u64);
+            otlp_answer(
+                enc,
+                &ExportTraceServiceResponse {
+                    partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
+                        rejected_spans: rejected,
+                        error_message: why,
+                    }),
+                },
+            )
+        }
         Err(r) => r,
     }
 }

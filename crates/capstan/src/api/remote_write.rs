@@ -130,6 +130,7 @@ pub async fn write(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> R
         }
     };
     let rejected: usize = committed.rejected.iter().map(|(_, n)| n).sum();
+    super::ingest::count_refused(3, (bad_samples + histograms) as u64);
     if rejected > 0 || histograms > 0 || bad_series > 0 {
         let mut why: Vec<String> = committed
             .rejected

@@ -193,6 +193,18 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
         "API requests whose handler failed (answered 500 and logged).",
         crate::api::guard::PANICS.load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
+    e.family(
+        "capstan_ingest_items_refused_total",
+        "counter",
+        "Pushed items refused one by one (labels, timestamps, forged streams), by API; rejected metric samples are in capstan_tsdb_samples_rejected_total.",
+    );
+    for (api, n) in &crate::api::ingest::REFUSED {
+        e.sample(
+            "capstan_ingest_items_refused_total",
+            &[("api", api)],
+            n.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
     e.single(
         "capstan_ingest_throttled_total",
         "counter",
