@@ -100,6 +100,21 @@ impl Daemon {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// Sends a query of few samples and much work (it would run until the
+    /// 2-minute timeout) without reading the answer; the connection is returned.
+    fn start_busy_query(&self) -> std::net::TcpStream {
+        use std::io::Write;
+        let q = "max_over_time(max_over_time(vector(1)[40m:1ms])[40m:1ms])";
+        let mut c = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(
+            c,
+            "GET /api/v1/query?query={} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            enc(q)
+        )
+        .unwrap();
+        c
+    }
+
     /// Healthy, the stored series intact, and peak RSS under the bound.
     fn still_fine(&self, stored: usize) {
         assert_eq!(self.get("/-/healthy").0, 200);
@@ -375,18 +390,9 @@ fn cpu_ticks(pid: i32) -> u64 {
 
 #[test]
 fn a_client_that_goes_away_cancels_its_query() {
-    use std::io::Write;
     let d = Daemon::start();
     let pid = d.s.daemon_pid();
-    // Few samples, much work: it would run until the 2-minute timeout.
-    let q = "max_over_time(max_over_time(vector(1)[40m:1ms])[40m:1ms])";
-    let mut c = std::net::TcpStream::connect(&d.addr).unwrap();
-    write!(
-        c,
-        "GET /api/v1/query?query={} HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        enc(q)
-    )
-    .unwrap();
+    let c = d.start_busy_query();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let busy = cpu_ticks(pid);
     drop(c);
@@ -481,17 +487,9 @@ fn late_remote_writes_within_the_window_are_stored() {
 /// when its connection is closed at the end of the shutdown grace.
 #[test]
 fn down_stops_a_daemon_stuck_in_a_query() {
-    use std::io::Write;
     let d = Daemon::start();
     let pid = d.s.daemon_pid();
-    let q = "max_over_time(max_over_time(vector(1)[40m:1ms])[40m:1ms])";
-    let mut c = std::net::TcpStream::connect(&d.addr).unwrap();
-    write!(
-        c,
-        "GET /api/v1/query?query={} HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        enc(q)
-    )
-    .unwrap();
+    let c = d.start_busy_query();
     std::thread::sleep(std::time::Duration::from_millis(500));
     d.s.ok(&["down"]);
     // Without the cancel the query would hold the daemon for its 2-minute timeout.

@@ -256,7 +256,9 @@ services:
     let segments = std::fs::read_dir(s.data_dir().join("logstore"))
         .unwrap()
         .count();
-    assert!(segments > 3, "the log rotated ({segments} segments)");
+    // Sealed segments are merged by compaction (every ten seconds): besides
+    // the active one, at least one must be there.
+    assert!(segments > 1, "the log rotated ({segments} segments)");
 
     let all = s.ok(&["logs", "web"]);
     assert!(all.contains("web-0") && all.contains("web-1"), "{all}");
@@ -523,7 +525,7 @@ services:
       retries: 2
     restart: always
   polite:
-    command: ["sh", "-c", "trap 'echo got-int; exit 0' INT; while true; do sleep 0.1; done"]
+    command: ["sh", "-c", "trap 'echo got-int; exit 0' INT; sleep 600 & wait"]
     environment: {CAPSTAN_TEST_MARKER: "{marker}"}
     stop_signal: SIGINT
   stubborn:
@@ -575,11 +577,10 @@ services:
         .find(|e| e["service"] == "stubborn" && e["kind"] == "stopped")
         .unwrap();
     assert_eq!(stopped["reason"], "killed by SIGKILL");
-    let polite = events
-        .iter()
-        .find(|e| e["service"] == "polite" && e["kind"] == "stopped")
-        .unwrap();
-    assert_eq!(polite["reason"], "exited with code 0");
+    let polite: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["service"] == "polite").collect();
+    let stopped = polite.iter().find(|e| e["kind"] == "stopped").unwrap();
+    assert_eq!(stopped["reason"], "exited with code 0", "{polite:?}");
     assert!(s.ok(&["logs", "polite"]).contains("got-int"));
     assert_eq!(s.marked_pids().len(), 1, "only the checked replica is left");
 }
