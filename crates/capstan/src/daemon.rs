@@ -107,6 +107,17 @@ pub fn lock(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
 /// `ready` gets the bound address once the API listens.
 pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> Result<()> {
     crate::supervisor::process::private_umask();
+    // Handled before any replica starts: a process started with SIGINT or
+    // SIGTERM ignored (in the background of a shell, under nohup) would pass
+    // that on, and replicas could not be stopped with those signals. Handled
+    // signals are reset to their defaults in a program that is exec'd.
+    let stop_signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
+    };
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
     let _lock = lock(&opts.data_dir)?;
@@ -304,11 +315,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let router = crate::api::router(api);
     let shutdown_tx = cmd_tx.clone();
     let signals = async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Some(mut term), Some(mut int)) = stop_signals else {
             return std::future::pending().await;
         };
         tokio::select! {

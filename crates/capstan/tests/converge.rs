@@ -173,3 +173,42 @@ fn the_control_api_refuses_a_stack_the_loader_refuses() {
     // Nothing changed.
     assert_eq!(s.ps().len(), 1);
 }
+
+/// Started from a shell that ignores SIGINT (a background job, nohup), capstan
+/// still gives its replicas the default dispositions: a replica that stops on
+/// SIGINT stops at once.
+#[test]
+fn replicas_do_not_inherit_ignored_stop_signals() {
+    let s = TestStack::new(
+        r#"
+services:
+  polite:
+    command: ["sh", "-c", "trap 'echo got-int; exit 0' INT; sleep 600 & wait"]
+    environment: {CAPSTAN_TEST_MARKER: "{marker}"}
+    stop_signal: SIGINT
+"#,
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' INT TERM; exec {} up -d --listen 127.0.0.1:0",
+            capstan_bin().display()
+        ))
+        .current_dir(s.dir.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.ok(&["stop", "polite"]);
+    let stopped = s
+        .events()
+        .into_iter()
+        .find(|e| e["service"] == "polite" && e["kind"] == "stopped")
+        .unwrap();
+    assert_eq!(stopped["reason"], "exited with code 0", "{stopped}");
+    s.ok(&["down"]);
+}

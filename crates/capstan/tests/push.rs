@@ -482,3 +482,49 @@ fn a_tail_far_behind_its_cursor_is_paged() {
         }
     });
 }
+
+/// A tail whose client stops reading is dropped once a message waits longer
+/// than the send timeout: nothing piles up for it in the daemon.
+#[test]
+fn a_tail_that_is_not_read_is_dropped() {
+    use futures_util::StreamExt;
+    let s = TestStack::new(QUIET_STACK);
+    s.up();
+    let addr = daemon_addr(&s);
+    let url = format!(
+        "ws://{addr}/loki/api/v1/tail?query={}",
+        enc(r#"{app="flood"}"#)
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ws = rt.block_on(async {
+        let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws
+    });
+    // ~24 MB of lines, far more than the socket buffers hold, while the
+    // client reads nothing.
+    let pad = "x".repeat(100);
+    for chunk in 0..6 {
+        let values: Vec<Value> = (0..40_000)
+            .map(|k| json!([now_ns().to_string(), format!("flood {chunk} {k} {pad}")]))
+            .collect();
+        let (code, body) = push_json(
+            &addr,
+            &json!({"streams": [{"stream": {"app": "flood"}, "values": values}]}),
+        );
+        assert_eq!(code, 204, "{body}");
+    }
+    std::thread::sleep(Duration::from_secs(15));
+    // Reading now drains what the buffers hold, then the connection ends.
+    let ended = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(m) = ws.next().await {
+                if m.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    });
+    assert!(ended, "the daemon kept the unread tail open");
+}
