@@ -500,3 +500,27 @@ fn down_stops_a_daemon_stuck_in_a_query() {
     );
     drop(c);
 }
+
+/// A request naming another host (a web page's DNS name rebound to 127.0.0.1)
+/// is refused; loopback names and the listen address are served.
+#[test]
+fn requests_for_other_hosts_are_refused() {
+    use std::io::{Read, Write};
+    let d = Daemon::start();
+    let get = |host: &str| {
+        let mut c = std::net::TcpStream::connect(&d.addr).unwrap();
+        write!(c, "GET /api/v1/labels HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    for host in ["evil.example", "evil.example:9700", "10.1.2.3"] {
+        let r = get(host);
+        assert!(r.starts_with("HTTP/1.0 421"), "{host}: {r}");
+        assert!(r.contains("DNS rebinding"), "{r}");
+    }
+    for host in ["localhost", "127.0.0.1", d.addr.as_str()] {
+        let r = get(host);
+        assert!(r.starts_with("HTTP/1.0 200"), "{host}: {r}");
+    }
+}
