@@ -435,16 +435,22 @@ fn metric_query_limits() {
     let points: usize = all.iter().map(|s| s.points.len()).sum();
     let n = all.len();
     assert!(n > 2, "{n}");
-    let d = Limits::default();
+    let d = Limits::default;
     let e = err(Limits {
         max_series: n - 1,
-        ..d
+        ..d()
     });
     assert!(e.contains(&format!("more than {} series", n - 1)), "{e}");
-    assert!(err(Limits { max_steps: 50, ..d }).contains("more than 50"));
+    assert!(
+        err(Limits {
+            max_steps: 50,
+            ..d()
+        })
+        .contains("more than 50")
+    );
     let e = err(Limits {
         max_points: points - 1,
-        ..d
+        ..d()
     });
     assert!(
         e.contains(&format!("more than {} points", points - 1)),
@@ -452,14 +458,25 @@ fn metric_query_limits() {
     );
     run(Limits {
         max_points: points,
-        ..d
+        ..d()
     })
     .unwrap();
-    assert!(
-        err(Limits {
-            max_sample_bytes: 1000,
-            ..d
-        })
-        .contains("MiB of samples")
-    );
+    let e = err(Limits {
+        max_sample_bytes: 1000,
+        ..d()
+    });
+    assert!(e.contains("MiB of samples"), "{e}");
+    // A deadline already passed, and a canceled query, stop.
+    let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
+    let e = err(Limits {
+        deadline: Some(past),
+        ..d()
+    });
+    assert!(e.contains("timed out"), "{e}");
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let e = err(Limits {
+        cancel: Some(cancel),
+        ..d()
+    });
+    assert!(e.contains("canceled"), "{e}");
 }

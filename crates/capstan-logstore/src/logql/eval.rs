@@ -39,13 +39,18 @@ pub const MAX_POINTS: usize = 10_000_000;
 /// series' labels), checked while reading.
 pub const MAX_SAMPLE_BYTES: usize = 1 << 30;
 
-/// The limits a metric query is evaluated under (defaults: the constants above).
-#[derive(Debug, Clone, Copy)]
+/// The limits a metric query is evaluated under (defaults: the constants above,
+/// no deadline).
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_series: usize,
     pub max_steps: usize,
     pub max_points: usize,
     pub max_sample_bytes: usize,
+    /// The query stops with an error once this passes.
+    pub deadline: Option<std::time::Instant>,
+    /// Set by the caller to stop the query (its client went away).
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for Limits {
@@ -55,7 +60,26 @@ impl Default for Limits {
             max_steps: MAX_STEPS,
             max_points: MAX_POINTS,
             max_sample_bytes: MAX_SAMPLE_BYTES,
+            deadline: None,
+            cancel: None,
         }
+    }
+}
+
+impl Limits {
+    /// Why the query must stop now, if it must.
+    fn stopped(&self) -> Option<EvalError> {
+        if self.deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            return Some(EvalError::Stopped("the query timed out".into()));
+        }
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Some(EvalError::Stopped("the query was canceled".into()));
+        }
+        None
     }
 }
 
@@ -65,6 +89,9 @@ pub enum EvalError {
     Store(#[from] Error),
     #[error("{0}")]
     Limit(String),
+    /// The deadline passed or the caller canceled.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 fn query_of<'a>(
@@ -332,7 +359,12 @@ fn range(
     let mut samples: BTreeMap<LabelMap, Vec<(i64, f64)>> = BTreeMap::new();
     let mut too_many = false;
     let mut held = 0usize;
+    let mut stop = None;
     store.visit(&q, Direction::Forward, &mut |_, batch| {
+        stop = limits.stopped();
+        if stop.is_some() {
+            return false;
+        }
         for (l, en) in batch {
             let Some(o) = pipeline::run(log, &l, &en.meta, &en.line, en.ts_ns) else {
                 continue;
@@ -375,6 +407,9 @@ fn range(
         }
         true
     })?;
+    if let Some(e) = stop {
+        return Err(e);
+    }
     if too_many {
         return Err(EvalError::Limit(format!(
             "the query makes more than {} series: narrow the selector or aggregate with sum by (…)",
@@ -414,7 +449,11 @@ fn range(
     let secs = range_ns as f64 / 1e9;
     let mut out = Vec::new();
     let mut points_out = 0usize;
+    let mut work = 0usize;
     for (labels, mut pts) in samples {
+        if let Some(e) = limits.stopped() {
+            return Err(e);
+        }
         pts.sort_by_key(|p| p.0);
         let mut points = Vec::new();
         for t in times {
@@ -423,6 +462,14 @@ fn range(
             let b = pts.partition_point(|p| p.0 <= hi);
             if a >= b {
                 continue;
+            }
+            // A window's work is its size: check the clock every so often.
+            work += b - a;
+            if work > 1 << 20 {
+                work = 0;
+                if let Some(e) = limits.stopped() {
+                    return Err(e);
+                }
             }
             let w = &pts[a..b];
             let vals = || w.iter().map(|p| p.1);

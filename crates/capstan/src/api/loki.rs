@@ -165,6 +165,26 @@ fn points_json(points: Vec<(i64, f64)>) -> serde_json::Value {
     )
 }
 
+/// A metric query's limits: the query timeout of `x-capstan.query`, and a flag
+/// set when the request is dropped (its client went away).
+fn metric_limits(api: &Api) -> (eval::Limits, super::CancelOnDrop) {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let limits = eval::Limits {
+        deadline: Some(std::time::Instant::now() + api.engine.opts.timeout),
+        cancel: Some(cancel.clone()),
+        ..eval::Limits::default()
+    };
+    (limits, super::CancelOnDrop(cancel))
+}
+
+/// 400 for a query over a limit; 503 for one that timed out or was canceled.
+fn eval_error(e: eval::EvalError) -> Response {
+    match e {
+        eval::EvalError::Stopped(m) => super::text(StatusCode::SERVICE_UNAVAILABLE, m),
+        other => bad(other),
+    }
+}
+
 pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
     let parsed = query_params(&p).and_then(|(expr, limit, dir)| {
         let (start, end) = range_params(&p)?;
@@ -179,9 +199,10 @@ pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let (limits, _cancel_on_drop) = metric_limits(&api);
     let out = blocking(move || match expr {
         Expr::Log(e) => logs_response(&api, &e, start, end, limit, dir),
-        Expr::Metric(m) => match eval::eval_metric(api.shared.logs.store(), &m, start, end, step) {
+        Expr::Metric(m) => match eval::eval_metric_limited(api.shared.logs.store(), &m, start, end, step, &limits) {
             Ok(Value::Vector(series)) => success(
                 "matrix",
                 json!(
@@ -192,7 +213,7 @@ pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
                 ),
             ),
             Ok(Value::Scalar(points)) => success("matrix", json!([{"metric": {}, "values": points_json(points)}])),
-            Err(e) => bad(e),
+            Err(e) => eval_error(e),
         },
     })
     .await;
@@ -213,10 +234,11 @@ pub async fn query(State(api): State<Api>, p: Params) -> Response {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let (limits, _cancel_on_drop) = metric_limits(&api);
     let out = blocking(move || match expr {
         // An instant log query looks back an hour from `time`, as Loki's does.
         Expr::Log(e) => logs_response(&api, &e, t - HOUR_NS, t + 1, limit, dir),
-        Expr::Metric(m) => match eval::eval_metric(api.shared.logs.store(), &m, t, t, 1) {
+        Expr::Metric(m) => match eval::eval_metric_limited(api.shared.logs.store(), &m, t, t, 1, &limits) {
             Ok(Value::Vector(series)) => success(
                 "vector",
                 json!(
@@ -233,7 +255,7 @@ pub async fn query(State(api): State<Api>, p: Params) -> Response {
                 let (pt, v) = points.last().copied().unwrap_or((t, f64::NAN));
                 success("scalar", json!([secs(pt), num(v)]))
             }
-            Err(e) => bad(e),
+            Err(e) => eval_error(e),
         },
     })
     .await;

@@ -176,6 +176,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Cancels a query when dropped: the request's future is dropped when its
+/// client goes away, and the evaluation stops at its next check.
+pub(crate) struct CancelOnDrop(pub(crate) Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A plain-text answer with `status` (Loki's and Tempo's error bodies).
 pub(crate) fn text(status: StatusCode, msg: impl std::fmt::Display) -> Response {
     (status, format!("{msg}\n")).into_response()

@@ -31,16 +31,6 @@ pub fn engine(q: &crate::spec::QuerySettings) -> Arc<Engine> {
     }))
 }
 
-/// Cancels a query when dropped: the request's future is dropped when its
-/// client goes away, and the evaluation stops at its next check.
-struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 pub(crate) fn err(kind: &str, msg: impl std::fmt::Display) -> Response {
     let code = match kind {
         "bad_data" => StatusCode::BAD_REQUEST,
@@ -345,7 +335,7 @@ async fn run_query(
     + 'static,
 ) -> Result<QueryOutput, Response> {
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let _cancel_on_drop = super::CancelOnDrop(cancel.clone());
     let mut opts = api.engine.opts.clone();
     if let Some(t) = timeout {
         opts.timeout = opts.timeout.min(t);
