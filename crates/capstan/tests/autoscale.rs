@@ -36,14 +36,7 @@ services:
     ));
     // `up` fails when the replica never gets ready (the timeout test); the
     // tests look at the state themselves.
-    let _ = s.run(&[
-        "up",
-        "-d",
-        "--listen",
-        "127.0.0.1:0",
-        "--wait-timeout",
-        "20s",
-    ]);
+    let _ = s.up_unchecked("20s");
     (s, port)
 }
 

@@ -102,6 +102,19 @@ impl TestStack {
         ])
     }
 
+    /// `capstan up -d` that may fail (a replica that never gets ready, one
+    /// that fails at once): the output, for the test to look at.
+    pub fn up_unchecked(&self, wait_timeout: &str) -> Output {
+        self.run(&[
+            "up",
+            "-d",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait-timeout",
+            wait_timeout,
+        ])
+    }
+
     pub fn ps(&self) -> Vec<Value> {
         let out = self.ok(&["ps", "--output", "json"]);
         serde_json::from_str::<Value>(&out)

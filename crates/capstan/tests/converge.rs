@@ -93,14 +93,7 @@ services:
     restart: always
 "#,
     );
-    let out = s.run(&[
-        "up",
-        "-d",
-        "--listen",
-        "127.0.0.1:0",
-        "--wait-timeout",
-        "30s",
-    ]);
+    let out = s.up_unchecked("30s");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("exited with code 3"), "{text}");
@@ -121,14 +114,7 @@ services:
     restart: "no"
 "#
     ));
-    let _ = s.run(&[
-        "up",
-        "-d",
-        "--listen",
-        "127.0.0.1:0",
-        "--wait-timeout",
-        "20s",
-    ]);
+    let _ = s.up_unchecked("20s");
     let hint = wait_for("the hint", Duration::from_secs(20), || {
         s.events().into_iter().find(|e| e["kind"] == "hint")
     });
