@@ -30,26 +30,39 @@ pub fn check_protobuf(raw: &[u8], what: &str) -> Result<(), Refused> {
 /// The same for a JSON body.
 pub fn check_json(raw: &[u8], what: &str) -> Result<(), Refused> {
     let limit = (MAX_DECODE_BYTES.saturating_sub(raw.len() as u64)) / ITEM_BYTES;
-    let (mut items, mut in_string, mut escaped) = (0u64, false, false);
-    for &b in raw {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-        } else {
-            match b {
-                b'"' => in_string = true,
-                b'{' | b'[' => {
-                    items += 1;
-                    if items > limit {
+    let mut items = 0u64;
+    let mut i = 0;
+    // Jumps from one interesting byte to the next (memchr), so the scan costs
+    // little beside decoding: objects and arrays count, strings are skipped.
+    while let Some(k) = memchr::memchr3(b'"', b'{', b'[', &raw[i..]) {
+        i += k;
+        if raw[i] == b'"' {
+            i += 1;
+            loop {
+                match memchr::memchr2(b'"', b'\\', &raw[i..]) {
+                    Some(k) if raw[i + k] == b'\\' => i += k + 2,
+                    Some(k) => {
+                        i += k + 1;
+                        break;
+                    }
+                    None => {
+                        i = raw.len();
                         break;
                     }
                 }
-                _ => {}
+                if i >= raw.len() {
+                    break;
+                }
             }
+        } else {
+            items += 1;
+            if items > limit {
+                break;
+            }
+            i += 1;
+        }
+        if i >= raw.len() {
+            break;
         }
     }
     verdict(items, limit, raw.len(), what)
