@@ -67,7 +67,7 @@ pub fn check(text: &str, syntax: Syntax) -> Result<(), String> {
                 if depth > MAX_NESTING {
                     return Err(format!(
                         "{}: the expression nests deeper than {MAX_NESTING} levels",
-                        position(text, i)
+                        crate::position::line_col(text, i)
                     ));
                 }
             }
@@ -100,7 +100,7 @@ pub fn check(text: &str, syntax: Syntax) -> Result<(), String> {
                 if ops > MAX_OPERATORS {
                     return Err(format!(
                         "{}: the expression has more than {MAX_OPERATORS} operators",
-                        position(text, start)
+                        crate::position::line_col(text, start)
                     ));
                 }
             }
@@ -108,14 +108,6 @@ pub fn check(text: &str, syntax: Syntax) -> Result<(), String> {
         i += 1;
     }
     Ok(())
-}
-
-/// `line:column` (1-based, columns in characters) of byte offset `at`.
-fn position(text: &str, at: usize) -> String {
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    format!("{line}:{col}")
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use promql_parser::parser;
 const MAX_SEARCH: usize = 4096;
 
 /// `LINE:COL` of a byte offset, both from 1.
-fn line_col(q: &str, at: usize) -> String {
+pub(crate) fn line_col(q: &str, at: usize) -> String {
     let before = &q[..at.min(q.len())];
     let line = before.matches('\n').count() + 1;
     let col = before

@@ -518,7 +518,7 @@ impl Supervisor {
                         rt.spec = Arc::new(spec.clone());
                         rt.stopped = false;
                     }
-                    if rt_desired(&self.services, &name) != want {
+                    if self.services.get(&name).map_or(0, |rt| rt.desired) != want {
                         changes.push(format!("scaled {name} to {want}"));
                         self.scale(BTreeMap::from([(name.clone(), want)]))
                             .await
@@ -775,8 +775,4 @@ impl Supervisor {
         }
         self.shared.state.lock().unwrap().clear();
     }
-}
-
-fn rt_desired(services: &BTreeMap<String, ServiceRt>, name: &str) -> u32 {
-    services.get(name).map_or(0, |rt| rt.desired)
 }
