@@ -6,12 +6,21 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
+use crate::autoscale::Autoscaler;
 use crate::events::EventLog;
 use crate::logs::engine::LogEngine;
+use crate::proxy::Proxy;
+use crate::scrape::Scraper;
 use crate::spec::Stack;
-use crate::supervisor::{self, Command, Shared, Supervisor, cgroup::Cgroups, state::StateFile};
+use crate::state::StatusBoard;
+use crate::state::control::Hook;
+use crate::supervisor::driver::cgroup::Cgroups;
+use crate::supervisor::driver::process::ProcessDriver;
+use crate::supervisor::records::StateFile;
+use crate::supervisor::{self, Supervisor};
 
 /// `daemon.json` in the data dir: how the CLI finds a running daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,7 +115,7 @@ pub fn lock(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
 /// Runs until `down` or SIGTERM/SIGINT, then stops every replica and returns.
 /// `ready` gets the bound address once the API listens.
 pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> Result<()> {
-    crate::supervisor::process::private_umask();
+    crate::supervisor::driver::process::private_umask();
     // Handled before any replica starts: a process started with SIGINT or
     // SIGTERM ignored (in the background of a shell, under nohup) would pass
     // that on, and replicas could not be stopped with those signals. Handled
@@ -165,22 +174,16 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         }
     };
     let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let shared = Arc::new(Shared::new(
-        id,
-        stack_dir,
-        events,
-        logs,
-        traces,
-        cgroups.clone(),
-        StateFile::open(&opts.data_dir),
-    ));
+    let events = Arc::new(events);
+    let logs = Arc::new(logs);
+    let traces = Arc::new(traces);
     for (what, (path, why)) in recovery
         .truncated
         .iter()
         .map(|t| ("log", t))
         .chain(trace_recovery.truncated.iter().map(|t| ("trace", t)))
     {
-        shared.events.emit(
+        events.emit(
             "capstan",
             None,
             "warning",
@@ -190,9 +193,6 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             ),
         );
     }
-    supervisor::stop_leftovers(&shared).await;
-    let proxy_sync = tokio::spawn(crate::proxy::run(shared.clone()));
-    let log_keeper = tokio::spawn(keep_logs(shared.clone()));
 
     let tsdb_dir = opts.data_dir.join("tsdb");
     let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
@@ -207,12 +207,10 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
         .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
     if let Some(cut) = replay.truncated {
-        shared
-            .events
-            .emit("capstan", None, "warning", format!("metrics store: {cut}"));
+        events.emit("capstan", None, "warning", format!("metrics store: {cut}"));
     }
     if replay.future_dropped > 0 {
-        shared.events.emit(
+        events.emit(
             "capstan",
             None,
             "warning",
@@ -223,45 +221,11 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         );
     }
     let db = Arc::new(db);
-    let syncer = {
-        let db = db.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut tick = 0u64;
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                if let Err(e) = tokio::task::block_in_place(|| db.sync()) {
-                    tracing::error!("cannot sync the metrics store: {e}");
-                }
-                tick += 1;
-                // Once a minute: cut old samples into a block, apply retention.
-                if tick.is_multiple_of(60) {
-                    match tokio::task::block_in_place(|| db.maintain()) {
-                        Ok(m) => {
-                            if let Some(b) = m.block {
-                                tracing::info!(block = %b.display(), deleted = m.deleted, "metrics store: head cut into a block");
-                            }
-                        }
-                        Err(e) => {
-                            shared.warn_once(format!("metrics store maintenance failed: {e}"))
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let (scrape_stop, scrape_stop_rx) = tokio::sync::watch::channel(false);
-    let scraper = tokio::spawn(crate::scrape::run(
-        shared.clone(),
-        db.clone(),
-        scrape_stop_rx,
-    ));
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr()?;
-    *shared.api_addr.lock().unwrap() = Some(addr.to_string());
     let info = DaemonInfo {
         pid: std::process::id(),
         addr,
@@ -271,16 +235,71 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let info_path = opts.data_dir.join("daemon.json");
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?).context("writing daemon.json")?;
 
-    let (cmd_tx, cmd_rx) = mpsc::channel(16);
-    let sup = Supervisor::new(shared.clone(), opts.stack.clone());
-    let sup_task = tokio::spawn(sup.run(opts.stack.clone(), cmd_rx));
+    // The components, each built from its configuration; the supervisor
+    // calls them through hooks and they read the board.
+    let board = Arc::new(StatusBoard::default());
+    let driver = Arc::new(ProcessDriver::new(&id, cgroups.clone(), events.clone()));
+    let ctx = Arc::new(supervisor::Context {
+        board: board.clone(),
+        events: events.clone(),
+        logs: logs.clone(),
+        driver,
+        records: std::sync::Mutex::new(StateFile::open(&opts.data_dir)),
+        stack_dir,
+        otlp: Some(addr),
+    });
+    let proxy = Proxy::new(board.clone(), events.clone(), logs.clone(), traces.clone());
+    let scraper = Scraper::new(board.clone(), Some(addr.to_string()));
+    let autoscaler = Autoscaler::new(board.clone(), events.clone());
+    let hooks: Vec<Arc<dyn Hook>> = vec![
+        Arc::new(proxy.clone()),
+        Arc::new(scraper.clone()),
+        Arc::new(autoscaler.clone()),
+    ];
+    let (sup, handle) = Supervisor::new(ctx, hooks);
+    {
+        let handle = handle.clone();
+        proxy.on_wake(Arc::new(move |service: &str| handle.wake(service)));
+    }
     let engine = crate::api::prom::engine(&opts.stack.settings.query);
-    let autoscaler = tokio::spawn(crate::autoscale::run(
-        shared.clone(),
-        db.clone(),
-        engine.clone(),
-        cmd_tx.clone(),
-    ));
+
+    // Started in this order, stopped in the reverse after the supervisor.
+    let mut tasks = TaskSet::default();
+    {
+        let db = db.clone();
+        let events = events.clone();
+        tasks.spawn("metrics store sync", move |stop| keep_metrics(db, events, stop));
+    }
+    {
+        let (logs, traces, events) = (logs.clone(), traces.clone(), events.clone());
+        tasks.spawn("log store upkeep", move |stop| keep_logs(logs, traces, events, stop));
+    }
+    tasks.spawn("proxy", {
+        let proxy = proxy.clone();
+        move |stop| proxy.run(stop)
+    });
+    tasks.spawn("scraper", {
+        let (scraper, db) = (scraper.clone(), db.clone());
+        move |stop| scraper.run(db, stop)
+    });
+    tasks.spawn("autoscaler", {
+        let deps = crate::autoscale::Deps {
+            query: {
+                let (db, engine) = (db.clone(), engine.clone());
+                Arc::new(move |q: &str, t: i64| {
+                    tokio::task::block_in_place(|| engine.instant(&*db, q, t))
+                        .map(|o| o.value)
+                        .map_err(|e| e.to_string())
+                })
+            },
+            clock: Arc::new(crate::state::clock::SystemClock),
+            supervisor: handle.clone(),
+        };
+        let autoscaler = autoscaler.clone();
+        move |stop| autoscaler.run(deps, stop)
+    });
+    let sup_task = tokio::spawn(sup.run(opts.stack.clone()));
+
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
@@ -291,8 +310,14 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         retention: format!("{}d", storage.retention.0.as_secs() / 86_400),
         reads_need_token: !addr.ip().is_loopback(),
         listen: addr,
-        shared: shared.clone(),
-        commands: cmd_tx.clone(),
+        board,
+        events: events.clone(),
+        logs: logs.clone(),
+        traces: traces.clone(),
+        proxy,
+        scraper,
+        autoscaler,
+        supervisor: handle.clone(),
         token: Arc::new(token),
         info: Arc::new(serde_json::json!({
             "name": opts.stack.name,
@@ -303,7 +328,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             "cgroups": cgroups.as_ref().map(|c| c.version()),
         })),
     };
-    shared.events.emit(
+    events.emit(
         "capstan",
         None,
         "daemon-started",
@@ -313,8 +338,8 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         let _ = r.send(addr);
     }
     let router = crate::api::router(api);
-    let shutdown_tx = cmd_tx.clone();
-    let signals = async move {
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
         let (Some(mut term), Some(mut int)) = stop_signals else {
             return std::future::pending().await;
         };
@@ -322,31 +347,25 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        let (tx, _rx) = oneshot::channel();
-        let _ = shutdown_tx.send(Command::Down(tx)).await;
-    };
-    tokio::spawn(signals);
-    // The supervisor returns after `down`; then the server stops.
-    // Open streams (events -f, logs -f) end when `stopping` flips, so the
-    // graceful shutdown does not wait on followers; 5s bounds it regardless.
-    let db_for_shutdown = db.clone();
-    let logs_for_shutdown = shared.clone();
+        let _ = shutdown.down().await;
+    });
+    drop(handle);
+    // The supervisor returns after `down`; then the components stop in order
+    // and the server stops. Open streams (events -f, logs -f) end when
+    // `stopping` flips, so the graceful shutdown does not wait on followers;
+    // 5s bounds it regardless.
+    let (db2, logs2, traces2) = (db.clone(), logs.clone(), traces.clone());
     let stopped = async move {
         let _ = sup_task.await;
-        autoscaler.abort();
         // Replicas are gone: the scraper marks their series stale and stops.
-        let _ = scrape_stop.send(true);
-        let _ = scraper.await;
-        syncer.abort();
-        proxy_sync.abort();
-        log_keeper.abort();
-        if let Err(e) = tokio::task::block_in_place(|| logs_for_shutdown.logs.flush()) {
+        tasks.shutdown().await;
+        if let Err(e) = tokio::task::block_in_place(|| logs2.flush()) {
             tracing::error!("cannot flush the log store: {e}");
         }
-        if let Err(e) = tokio::task::block_in_place(|| logs_for_shutdown.traces.flush()) {
+        if let Err(e) = tokio::task::block_in_place(|| traces2.flush()) {
             tracing::error!("cannot flush the trace store: {e}");
         }
-        if let Err(e) = tokio::task::block_in_place(|| db_for_shutdown.sync()) {
+        if let Err(e) = tokio::task::block_in_place(|| db2.sync()) {
             tracing::error!("cannot sync the metrics store: {e}");
         }
         let _ = stopping_tx.send(true);
@@ -361,7 +380,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     if let Some(cg) = &cgroups {
         cg.remove_base();
     }
-    shared.events.emit(
+    events.emit(
         "capstan",
         None,
         "daemon-stopped",
@@ -371,30 +390,95 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     Ok(())
 }
 
+/// The daemon's long-running components: each runs until its stop flag is
+/// set; [`TaskSet::shutdown`] stops them in the reverse of their start order.
+#[derive(Default)]
+struct TaskSet {
+    tasks: Vec<(&'static str, watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+/// How long a component may take to stop before it is aborted.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl TaskSet {
+    fn spawn<F, Fut>(&mut self, name: &'static str, run: F)
+    where
+        F: FnOnce(watch::Receiver<bool>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = watch::channel(false);
+        self.tasks.push((name, tx, tokio::spawn(run(rx))));
+    }
+
+    async fn shutdown(self) {
+        for (name, stop, mut task) in self.tasks.into_iter().rev() {
+            let _ = stop.send(true);
+            if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
+                tracing::warn!(component = name, "did not stop in time; aborted");
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Syncs the metrics store every second; once a minute, cuts old samples
+/// into a block and applies retention.
+async fn keep_metrics(db: Arc<capstan_tsdb::Db>, events: Arc<EventLog>, mut stop: watch::Receiver<bool>) {
+    let mut tick = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = tokio::task::block_in_place(|| db.sync()) {
+            tracing::error!("cannot sync the metrics store: {e}");
+        }
+        tick += 1;
+        if tick.is_multiple_of(60) {
+            match tokio::task::block_in_place(|| db.maintain()) {
+                Ok(m) => {
+                    if let Some(b) = m.block {
+                        tracing::info!(block = %b.display(), deleted = m.deleted, "metrics store: head cut into a block");
+                    }
+                }
+                Err(e) => events.warn_once(format!("metrics store maintenance failed: {e}")),
+            }
+        }
+    }
+}
+
 /// Days spans are kept (and at most as many bytes as logs).
 const TRACE_RETENTION_DAYS: u64 = 7;
 
 /// Flushes the log and trace stores every second (the durability point of
 /// captured and pushed lines and of spans) and seals, compacts and applies
 /// retention every ten.
-async fn keep_logs(shared: Arc<Shared>) {
+async fn keep_logs(
+    logs: Arc<LogEngine>,
+    traces: Arc<crate::traces::TraceStore>,
+    events: Arc<EventLog>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
-        tick.tick().await;
-        let s = shared.clone();
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let (l, t) = (logs.clone(), traces.clone());
         let r = tokio::task::spawn_blocking(move || {
-            s.logs.flush()?;
-            s.traces.flush()?;
+            l.flush()?;
+            t.flush()?;
             if n % 10 == 9 {
-                s.logs.maintain()?;
-                s.traces.maintain()?;
+                l.maintain()?;
+                t.maintain()?;
             }
             Ok::<_, capstan_logstore::Error>(())
         })
         .await;
         if let Ok(Err(e)) = r {
-            shared.warn_once(format!("log store: {e}"));
+            events.warn_once(format!("log store: {e}"));
         }
     }
 }

@@ -24,10 +24,7 @@ pub struct Event {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::state::clock::unix_ms()
 }
 
 const KEEP_IN_MEMORY: usize = 10_000;
@@ -38,6 +35,7 @@ pub struct EventLog {
     file: Mutex<Option<File>>,
     recent: Mutex<VecDeque<Event>>,
     tx: broadcast::Sender<Event>,
+    warned: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl EventLog {
@@ -64,6 +62,7 @@ impl EventLog {
             file: Mutex::new(Some(file)),
             recent: Mutex::new(recent),
             tx: broadcast::channel(1024).0,
+            warned: Mutex::default(),
         })
     }
 
@@ -94,6 +93,14 @@ impl EventLog {
         }
         r.push_back(e.clone());
         let _ = self.tx.send(e);
+    }
+
+    /// Logs a warning once per distinct message (and records it as an event).
+    pub fn warn_once(&self, msg: String) {
+        if self.warned.lock().unwrap().insert(msg.clone()) {
+            tracing::warn!("{msg}");
+            self.emit("capstan", None, "warning", msg);
+        }
     }
 
     /// Subscribes, then returns the history: an event is in one or both, never neither.

@@ -62,7 +62,7 @@ pub async fn loki_push(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
         count_refused(0, batch.refused as u64);
         let (refused, why) = (batch.refused, batch.refusal());
         let (_, limited) = api
-            .shared
+            
             .logs
             .append_pushed(batch.streams)
             .map_err(|e| Refused {
@@ -168,7 +168,7 @@ async fn otlp_request(
 }
 
 pub async fn otlp_logs(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
-    let shared = api.shared.clone();
+    let shared = api.clone();
     let decode: fn(Encoding, &str, &[u8], i64) -> Result<Batch, Refused> = |e, ce, b, now| {
         let mut batch = otlp::decode_logs(e, ce, b, now)?;
         batch.refuse_own_streams();
@@ -200,7 +200,7 @@ pub async fn otlp_logs(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
 }
 
 pub async fn otlp_traces(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
-    let traces = api.shared.traces.clone();
+    let traces = api.traces.clone();
     match otlp_request(&headers, body, otlp::decode_traces, move |b| {
         traces
             .append(b.streams)

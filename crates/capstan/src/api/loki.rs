@@ -150,7 +150,7 @@ fn logs_response(
     limit: usize,
     dir: Direction,
 ) -> Response {
-    match eval::select_logs(api.shared.logs.store(), e, from, to, limit, dir) {
+    match eval::select_logs(api.logs.store(), e, from, to, limit, dir) {
         Ok(s) => success("streams", streams_json(s)),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
@@ -202,7 +202,7 @@ pub async fn query_range(State(api): State<Api>, p: Params) -> Response {
     let (limits, _cancel_on_drop) = metric_limits(&api);
     let out = blocking(move || match expr {
         Expr::Log(e) => logs_response(&api, &e, start, end, limit, dir),
-        Expr::Metric(m) => match eval::eval_metric_limited(api.shared.logs.store(), &m, start, end, step, &limits) {
+        Expr::Metric(m) => match eval::eval_metric_limited(api.logs.store(), &m, start, end, step, &limits) {
             Ok(Value::Vector(series)) => success(
                 "matrix",
                 json!(
@@ -238,7 +238,7 @@ pub async fn query(State(api): State<Api>, p: Params) -> Response {
     let out = blocking(move || match expr {
         // An instant log query looks back an hour from `time`, as Loki's does.
         Expr::Log(e) => logs_response(&api, &e, t - HOUR_NS, t + 1, limit, dir),
-        Expr::Metric(m) => match eval::eval_metric_limited(api.shared.logs.store(), &m, t, t, 1, &limits) {
+        Expr::Metric(m) => match eval::eval_metric_limited(api.logs.store(), &m, t, t, 1, &limits) {
             Ok(Value::Vector(series)) => success(
                 "vector",
                 json!(
@@ -273,7 +273,7 @@ fn matching_streams(api: &Api, p: &Params) -> Result<Vec<std::sync::Arc<Labels>>
             Err(e) => return Err(bad(e)),
         }
     }
-    Ok(api.shared.logs.store().series(start, end + 1, &|l| {
+    Ok(api.logs.store().series(start, end + 1, &|l| {
         selectors.is_empty() || selectors.iter().any(|s| pipeline::selects(s, l))
     }))
 }
@@ -393,7 +393,7 @@ async fn run_tail(
         let (api2, e2) = (api.clone(), e.clone());
         let after = cursor_at;
         let got = tokio::task::spawn_blocking(move || {
-            let store = api2.shared.logs.store();
+            let store = api2.logs.store();
             let last = store.last_seq();
             let hi = after.map_or(last, |c| last.min(c.saturating_add(TAIL_PAGE)));
             let lines = match after {
@@ -529,7 +529,7 @@ pub async fn search_logs(State(api): State<Api>, RawQuery(q): RawQuery) -> Respo
         Err(r) => return r,
     };
     let out = blocking(move || {
-        let store = api.shared.logs.store();
+        let store = api.logs.store();
         let hi = store.last_seq();
         let w = eval::Window {
             from_ns: since,

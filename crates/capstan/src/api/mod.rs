@@ -13,16 +13,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::logs::LogQuery;
 use crate::spec::Stack;
-use crate::supervisor::{Command, Shared};
+use crate::state::StatusBoard;
+use crate::state::control::{Error as SupervisorError, SupervisorHandle};
 
 #[derive(Clone)]
 pub struct Api {
-    pub shared: Arc<Shared>,
-    pub commands: mpsc::Sender<Command>,
+    pub board: Arc<StatusBoard>,
+    pub events: Arc<crate::events::EventLog>,
+    pub logs: Arc<crate::logs::engine::LogEngine>,
+    pub traces: Arc<crate::traces::TraceStore>,
+    pub proxy: Arc<crate::proxy::Proxy>,
+    pub scraper: Arc<crate::scrape::Scraper>,
+    pub autoscaler: Arc<crate::autoscale::Autoscaler>,
+    pub supervisor: SupervisorHandle,
     pub token: Arc<String>,
     pub info: Arc<serde_json::Value>,
     /// Becomes true when the daemon is stopping: open streams end.
@@ -230,33 +237,26 @@ async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
 
 async fn ps(State(api): State<Api>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
-        "services": api.shared.service_statuses(),
-        "replicas": api.shared.statuses(),
+        "services": api.board.services(),
+        "replicas": api.board.replicas(),
     }))
 }
 
 async fn autoscale(State(api): State<Api>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "services": crate::autoscale::statuses(&api.shared) }))
+    Json(serde_json::json!({ "services": api.autoscaler.statuses() }))
 }
 
-async fn send(
-    api: &Api,
-    make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command,
-) -> Response {
-    let (tx, rx) = oneshot::channel();
-    if api.commands.send(make(tx)).await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the daemon is shutting down",
-        );
-    }
-    match rx.await {
-        Ok(Ok(msg)) => Json(serde_json::json!({"status": "ok", "message": msg})).into_response(),
-        Ok(Err(msg)) => error(StatusCode::BAD_REQUEST, msg),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the daemon is shutting down",
-        ),
+/// A command's answer: 200 with its message, 400 for what the client asked
+/// wrong, 503 while shutting down.
+fn answer(r: Result<String, SupervisorError>) -> Response {
+    match r {
+        Ok(msg) => Json(serde_json::json!({"status": "ok", "message": msg})).into_response(),
+        Err(e @ SupervisorError::ShuttingDown) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e @ (SupervisorError::NoSuchService(_) | SupervisorError::NotReady(_))) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
     }
 }
 
@@ -269,11 +269,11 @@ async fn apply(State(api): State<Api>, Json(stack): Json<Stack>) -> Response {
             format!("invalid stack: {}", errors.join("; ")),
         );
     }
-    send(&api, |tx| Command::Apply(Box::new(stack), tx)).await
+    answer(api.supervisor.apply(stack).await)
 }
 
 async fn scale(State(api): State<Api>, Json(counts): Json<BTreeMap<String, u32>>) -> Response {
-    send(&api, |tx| Command::Scale(counts, tx)).await
+    answer(api.supervisor.scale(counts, true).await)
 }
 
 #[derive(Deserialize)]
@@ -287,9 +287,9 @@ async fn service_action(
     Json(n): Json<Names>,
 ) -> Response {
     match action.as_str() {
-        "restart" => send(&api, |tx| Command::Restart(n.services, tx)).await,
-        "stop" => send(&api, |tx| Command::Stop(n.services, tx)).await,
-        "start" => send(&api, |tx| Command::Start(n.services, tx)).await,
+        "restart" => answer(api.supervisor.restart(n.services).await),
+        "stop" => answer(api.supervisor.stop(n.services).await),
+        "start" => answer(api.supervisor.start(n.services).await),
         other => error(
             StatusCode::NOT_FOUND,
             format!("unknown action {other:?}; expected restart, stop or start"),
@@ -298,7 +298,7 @@ async fn service_action(
 }
 
 async fn down(State(api): State<Api>) -> Response {
-    send(&api, Command::Down).await
+    answer(api.supervisor.down().await)
 }
 
 #[derive(Deserialize, Default)]
@@ -349,7 +349,7 @@ fn line<T: serde::Serialize>(v: &T) -> Bytes {
 }
 
 async fn events(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response {
-    let (history, mut live) = api.shared.events.subscribe_with_history();
+    let (history, mut live) = api.events.subscribe_with_history();
     let mut stopping = api.stopping.clone();
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
@@ -394,7 +394,7 @@ async fn logs(State(api): State<Api>, Query(p): Query<StreamParams>) -> Response
         since_ns: p.since_ns,
         tail: p.tail,
     };
-    let shared = api.shared.clone();
+    let shared = api.clone();
     let (tx, rx) = mpsc::channel(1024);
     let mut stopping = api.stopping.clone();
     tokio::task::spawn(async move {
@@ -495,7 +495,15 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// capstan's own metrics and its replicas' resources.
 async fn own_metrics(State(api): State<Api>) -> Response {
-    let text = tokio::task::block_in_place(|| crate::collect::own::collect(&api.shared, &api.db));
+    let text = tokio::task::block_in_place(|| {
+        let sources = crate::collect::own::Sources {
+            board: &api.board,
+            scrape: &api.scraper.stats,
+            proxy: &api.proxy,
+            autoscaler: &api.autoscaler,
+        };
+        crate::collect::own::collect(&sources, &api.db)
+    });
     ([(header::CONTENT_TYPE, TEXT_FORMAT)], text).into_response()
 }
 

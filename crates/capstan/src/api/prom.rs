@@ -613,7 +613,7 @@ pub async fn metadata(State(api): State<Api>, RawQuery(q): RawQuery) -> Response
         (Err(e), _) | (_, Err(e)) => return e,
     };
     let mut out = serde_json::Map::new();
-    for (name, metas) in api.shared.scrape_metadata.families() {
+    for (name, metas) in api.scraper.metadata.families() {
         if p.get("metric").is_some_and(|m| !m.is_empty() && m != name) {
             continue;
         }
@@ -637,7 +637,7 @@ pub async fn metadata(State(api): State<Api>, RawQuery(q): RawQuery) -> Response
 }
 
 pub async fn targets(State(api): State<Api>) -> Response {
-    let targets = crate::scrape::targets(&api.shared);
+    let targets = api.scraper.targets();
     let mut active = Vec::new();
     tokio::task::block_in_place(|| {
         for t in &targets {

@@ -37,7 +37,7 @@ async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Response {
 
 fn trace_rows(api: &Api, id: &str) -> Result<Vec<traces::SpanRow>, Response> {
     let id = normalize_id(id).map_err(bad)?;
-    let rows = api.shared.traces.trace(&id).map_err(internal)?;
+    let rows = api.traces.trace(&id).map_err(internal)?;
     if rows.is_empty() {
         return Err((StatusCode::NOT_FOUND, format!("trace {id} not found\n")).into_response());
     }
@@ -110,7 +110,7 @@ pub fn trace_log_lines(
         ..Query::all(&|_| true)
     };
     let rows = api
-        .shared
+        
         .logs
         .store()
         .select(&q, Direction::Forward, MAX_LOGS)?;
@@ -207,7 +207,7 @@ pub async fn search(State(api): State<Api>, p: Params) -> Response {
         Ok(s) => s,
         Err(r) => return r,
     };
-    blocking(move || match api.shared.traces.search(&s) {
+    blocking(move || match api.traces.search(&s) {
         Ok(found) => axum::Json(json!({
             "traces": found.iter().map(|t| {
                 let mut v = json!({
@@ -249,7 +249,7 @@ pub async fn search_tags(State(api): State<Api>) -> Response {
     blocking(move || {
         let mut names: BTreeSet<String> = ["name".to_string(), "status".to_string()].into();
         for l in api
-            .shared
+            
             .traces
             .store()
             .series(i64::MIN, i64::MAX, &|_| true)
@@ -264,7 +264,7 @@ pub async fn search_tags(State(api): State<Api>) -> Response {
 pub async fn search_tag_values(State(api): State<Api>, Path(name): Path<String>) -> Response {
     blocking(move || {
         let values: BTreeSet<String> = api
-            .shared
+            
             .traces
             .store()
             .series(i64::MIN, i64::MAX, &|_| true)
@@ -294,7 +294,7 @@ pub async fn search_tags_v2(State(api): State<Api>, RawQuery(q): RawQuery) -> Re
         })
         .filter(|s| !s.is_empty() && s != "all");
     blocking(move || {
-        let traces = &api.shared.traces;
+        let traces = &api.traces;
         let mut resource: BTreeSet<String> = BTreeSet::new();
         for l in traces.store().series(i64::MIN, i64::MAX, &|_| true) {
             resource.extend(
@@ -334,7 +334,7 @@ pub async fn search_tags_v2(State(api): State<Api>, RawQuery(q): RawQuery) -> Re
 /// `.x`, `name`, `status`, `kind`), typed (Tempo's v2 shape).
 pub async fn search_tag_values_v2(State(api): State<Api>, Path(name): Path<String>) -> Response {
     blocking(move || {
-        let traces = &api.shared.traces;
+        let traces = &api.traces;
         let mut values: BTreeSet<(&'static str, String)> = BTreeSet::new();
         let (res_key, span_key) = match name.as_str() {
             "status" => {

@@ -1,24 +1,28 @@
 //! The autoscaler: every `interval`, each autoscaled service's metrics are read
-//! through the PromQL engine, [`hpa`] turns them into a replica count, and the
-//! supervisor is told to scale. With `min: 0`, a service with no request for
-//! `idle_after` is scaled to zero, and the proxy wakes it on the next request.
+//! through PromQL (a query function: the daemon's engine, or a test's), [`hpa`]
+//! turns them into a replica count, and the supervisor is told to scale through
+//! its handle. With `min: 0`, a service that took no request for `idle_after`
+//! (read through PromQL too, from the proxy's metrics) is scaled to zero; the
+//! proxy's wake hook, wired by the daemon, starts it again. It takes a clock,
+//! so its tests run on paused time.
 
 pub mod hpa;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use capstan_promql::{Engine, QueryValue};
+use capstan_promql::QueryValue;
 use hpa::{Observation, ReplicaValue};
 
-use crate::spec::{Autoscale, Limits, MetricSource};
-use crate::supervisor::{Command, Shared};
+use crate::events::EventLog;
+use crate::spec::{Autoscale, Limits, MetricSource, Stack};
+use crate::state::clock::Clock;
+use crate::state::control::{Hook, SupervisorHandle};
+use crate::state::{Revision, StatusBoard};
 
 /// The range of the rates the built-in metrics take (cpu, rps): `irate` over
 /// it is the rate between the last two samples (half a second apart), so a
@@ -54,20 +58,18 @@ pub struct ServiceStatus {
     pub idle_seconds: Option<f64>,
 }
 
-/// Reads one PromQL expression at the current time.
-fn query(db: &capstan_tsdb::Db, engine: &Engine, q: &str) -> Result<QueryValue, String> {
-    let now = crate::events::now_ms();
-    tokio::task::block_in_place(|| engine.instant(db, q, now))
-        .map(|o| o.value)
-        .map_err(|e| e.to_string())
-}
+/// Evaluates a PromQL expression at a time (unix ms).
+pub type QueryFn = Arc<dyn Fn(&str, i64) -> Result<QueryValue, String> + Send + Sync>;
 
-/// Values by replica index from a `sum by (replica)` result.
-fn by_replica(v: &QueryValue) -> BTreeMap<u32, f64> {
+/// Values by replica (revision and index) from a `sum by (revision, replica)` result.
+fn by_replica(v: &QueryValue) -> BTreeMap<(Revision, u32), f64> {
     match v {
         QueryValue::Vector(samples) => samples
             .iter()
-            .filter_map(|s| Some((s.labels.get("replica")?.parse().ok()?, s.v)))
+            .filter_map(|s| {
+                let rev = s.labels.get("revision").and_then(|r| r.parse().ok()).unwrap_or(0);
+                Some(((rev, s.labels.get("replica")?.parse().ok()?), s.v))
+            })
             .collect(),
         _ => BTreeMap::new(),
     }
@@ -86,17 +88,19 @@ fn builtin_query(source: &MetricSource, service: &str, limits: &Limits) -> Optio
     let sel = format!("{{service=\"{service}\"}}");
     Some(match source {
         MetricSource::Cpu => format!(
-            "sum by (replica) (irate(container_cpu_usage_seconds_total{sel}[{RATE_WINDOW}])) * 100 / {}",
+            "sum by (revision, replica) (irate(container_cpu_usage_seconds_total{sel}[{RATE_WINDOW}])) * 100 / {}",
             limits.cpus.unwrap_or(1.0)
         ),
         MetricSource::Memory => format!(
-            "sum by (replica) (container_memory_working_set_bytes{sel}) * 100 / {}",
+            "sum by (revision, replica) (container_memory_working_set_bytes{sel}) * 100 / {}",
             limits.memory? as f64
         ),
         MetricSource::Rps => {
-            format!("sum by (replica) (irate(http_requests_total{sel}[{RATE_WINDOW}]))")
+            format!("sum by (revision, replica) (irate(http_requests_total{sel}[{RATE_WINDOW}]))")
         }
-        MetricSource::Inflight => format!("sum by (replica) (http_requests_in_flight{sel})"),
+        MetricSource::Inflight => {
+            format!("sum by (revision, replica) (http_requests_in_flight{sel})")
+        }
         MetricSource::Query(_) => return None,
     })
 }
@@ -122,371 +126,336 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// Seconds since `service`'s last request through the proxy, 0 while one is
+/// in flight or waiting: from the proxy's metrics, through PromQL.
+fn idle_query(service: &str) -> String {
+    let sel = format!("{{service=\"{service}\"}}");
+    format!(
+        "(time() - max(capstan_proxy_last_request_timestamp_seconds{sel})) \
+         * (((sum(http_requests_in_flight{sel}) or vector(0)) \
+         + (sum(capstan_proxy_queue_length{sel}) or vector(0))) == bool 0)"
+    )
+}
+
 struct Tracked {
     scaler: hpa::Scaler,
     next: Instant,
 }
 
-/// Runs until the command channel closes.
-pub async fn run(
-    shared: Arc<Shared>,
-    db: Arc<capstan_tsdb::Db>,
-    engine: Arc<Engine>,
-    commands: mpsc::Sender<Command>,
-) {
-    let mut tracked: BTreeMap<String, Tracked> = BTreeMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if commands.is_closed() {
-            return;
-        }
-        let specs = shared.autoscale_specs.lock().unwrap().clone();
-        tracked.retain(|k, _| specs.contains_key(k));
-        shared
-            .autoscale_status
-            .lock()
-            .unwrap()
-            .retain(|k, _| specs.contains_key(k));
-        for (service, (spec, limits)) in &specs {
-            install_wake(&shared, service, spec, &commands);
-            let t = tracked.entry(service.clone()).or_insert_with(|| Tracked {
-                scaler: hpa::Scaler::default(),
-                next: Instant::now(),
-            });
-            if Instant::now() < t.next {
-                continue;
-            }
-            t.next = Instant::now() + spec.interval.0;
-            evaluate(
-                &shared,
-                &db,
-                &engine,
-                &commands,
-                service,
-                spec,
-                limits,
-                &mut t.scaler,
-            )
-            .await;
-        }
+/// The autoscaler's settings (from the stack) and its last decisions.
+pub struct Autoscaler {
+    board: Arc<StatusBoard>,
+    events: Arc<EventLog>,
+    specs: Mutex<BTreeMap<String, (Autoscale, Limits)>>,
+    statuses: Mutex<BTreeMap<String, ServiceStatus>>,
+}
+
+impl Hook for Arc<Autoscaler> {
+    fn on_apply(&self, stack: &Stack) -> Vec<String> {
+        *self.specs.lock().unwrap() = stack
+            .services
+            .iter()
+            .filter_map(|(n, s)| {
+                let a = s.x.autoscale.clone()?;
+                Some((n.clone(), (a, s.deploy.resources.limits.clone())))
+            })
+            .collect();
+        Vec::new()
     }
 }
 
-/// With `min: 0`, a request that finds no replica asks for one.
-fn install_wake(
-    shared: &Arc<Shared>,
-    service: &str,
-    spec: &Autoscale,
-    commands: &mpsc::Sender<Command>,
-) {
-    let Some(b) = shared.proxy.backend(service) else {
-        return;
-    };
-    let mut slot = b.on_empty.lock().unwrap();
-    if spec.min > 0 {
-        *slot = None;
-        return;
+/// What the controller works with: how it reads metrics, the time, and the
+/// supervisor it scales through.
+pub struct Deps {
+    pub query: QueryFn,
+    pub clock: Arc<dyn Clock>,
+    pub supervisor: SupervisorHandle,
+}
+
+impl Autoscaler {
+    pub fn new(board: Arc<StatusBoard>, events: Arc<EventLog>) -> Arc<Autoscaler> {
+        Arc::new(Autoscaler {
+            board,
+            events,
+            specs: Mutex::default(),
+            statuses: Mutex::default(),
+        })
     }
-    if slot.is_some() {
-        return;
+
+    /// Runs until `stop` is set or the supervisor is gone.
+    pub async fn run(self: Arc<Self>, deps: Deps, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tracked: BTreeMap<String, Tracked> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if deps.supervisor.is_closed() {
+                return;
+            }
+            let specs = self.specs.lock().unwrap().clone();
+            tracked.retain(|k, _| specs.contains_key(k));
+            self.statuses
+                .lock()
+                .unwrap()
+                .retain(|k, _| specs.contains_key(k));
+            for (service, (spec, limits)) in &specs {
+                let now = deps.clock.now();
+                let t = tracked.entry(service.clone()).or_insert_with(|| Tracked {
+                    scaler: hpa::Scaler::default(),
+                    next: now,
+                });
+                if now < t.next {
+                    continue;
+                }
+                t.next = now + spec.interval.0;
+                self.evaluate(&deps, service, spec, limits, &mut t.scaler)
+                    .await;
+            }
+        }
     }
-    let shared = Arc::downgrade(shared);
-    let commands = commands.clone();
-    let name = service.to_owned();
-    let waking = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    *slot = Some(Box::new(move || {
-        let Some(shared) = shared.upgrade() else {
+
+    fn warn(&self, msg: String) {
+        self.events.warn_once(msg);
+    }
+
+    async fn evaluate(
+        &self,
+        deps: &Deps,
+        service: &str,
+        spec: &Autoscale,
+        limits: &Limits,
+        scaler: &mut hpa::Scaler,
+    ) {
+        let Some(svc) = self.board.service(service) else {
             return;
         };
-        let desired = shared
-            .service_statuses()
-            .iter()
-            .find(|s| s.name == name)
-            .map_or(0, |s| s.desired);
-        if desired > 0 || waking.swap(true, Relaxed) {
+        if svc.stopped {
             return;
         }
-        shared.events.emit(
-            &name,
-            None,
-            "waking",
-            "a request arrived with no replica running; starting one",
-        );
-        let commands = commands.clone();
-        let name = name.clone();
-        let waking = waking.clone();
-        tokio::spawn(async move {
-            let (tx, rx) = oneshot::channel();
-            let _ = commands
-                .send(Command::Scale(BTreeMap::from([(name, 1)]), tx))
-                .await;
-            let _ = rx.await;
-            waking.store(false, Relaxed);
-        });
-    }));
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn evaluate(
-    shared: &Arc<Shared>,
-    db: &capstan_tsdb::Db,
-    engine: &Engine,
-    commands: &mpsc::Sender<Command>,
-    service: &str,
-    spec: &Autoscale,
-    limits: &Limits,
-    scaler: &mut hpa::Scaler,
-) {
-    let Some(svc) = shared
-        .service_statuses()
-        .into_iter()
-        .find(|s| s.name == service)
-    else {
-        return;
-    };
-    if svc.stopped {
-        return;
-    }
-    let current = svc.desired;
-    let backend = shared.proxy.backend(service);
-    let idle = backend.as_ref().map(|b| {
-        let last = b.last_request_ms.load(Relaxed) as i64;
-        let busy = b.inflight() > 0 || b.queued.load(Relaxed) > 0;
-        if busy {
-            0.0
-        } else {
-            (crate::events::now_ms() - last).max(0) as f64 / 1e3
+        let now_ms = deps.clock.unix_ms();
+        let query = |q: &str| (deps.query)(q, now_ms);
+        let current = svc.desired;
+        let idle = match query(&idle_query(service)) {
+            Ok(v) => total(&v),
+            Err(e) => {
+                self.warn(format!("autoscale {service}: idleness query failed: {e}"));
+                None
+            }
+        };
+        let mut status = ServiceStatus {
+            service: service.to_owned(),
+            min: spec.min,
+            max: spec.max,
+            current,
+            desired: current,
+            idle_seconds: idle,
+            last_scale_ms: self
+                .statuses
+                .lock()
+                .unwrap()
+                .get(service)
+                .and_then(|s| s.last_scale_ms),
+            ..Default::default()
+        };
+        if current == 0 {
+            status.reason = "scaled to zero; the next request starts a replica".into();
+            self.publish(service, status);
+            return;
         }
-    });
-    let mut status = ServiceStatus {
-        service: service.to_owned(),
-        min: spec.min,
-        max: spec.max,
-        current,
-        desired: current,
-        idle_seconds: idle,
-        last_scale_ms: shared
-            .autoscale_status
-            .lock()
-            .unwrap()
-            .get(service)
-            .and_then(|s| s.last_scale_ms),
-        ..Default::default()
-    };
-    if current == 0 {
-        status.reason = "scaled to zero; the next request starts a replica".into();
-        publish(shared, service, status);
-        return;
-    }
-    // Scale to zero after idle_after without requests.
-    if spec.min == 0 && idle.is_some_and(|s| s >= spec.idle_after.0.as_secs_f64()) {
-        let reason = format!("no request for {}; scaled to zero", spec.idle_after);
-        if scale(shared, commands, service, current, 0, &reason).await {
-            scaler.scaled(Instant::now(), current, 0);
-            status.desired = 0;
-            status.last_scale_ms = Some(crate::events::now_ms());
+        // Scale to zero after idle_after without requests.
+        if spec.min == 0 && idle.is_some_and(|s| s >= spec.idle_after.0.as_secs_f64()) {
+            let reason = format!("no request for {}; scaled to zero", spec.idle_after);
+            if self.scale(deps, service, current, 0, &reason).await {
+                scaler.scaled(deps.clock.now(), current, 0);
+                status.desired = 0;
+                status.last_scale_ms = Some(deps.clock.unix_ms());
+            }
+            status.reason = reason;
+            self.publish(service, status);
+            return;
         }
-        status.reason = reason;
-        publish(shared, service, status);
-        return;
-    }
-    let replicas: Vec<crate::supervisor::Status> = shared
-        .statuses()
-        .into_iter()
-        .filter(|s| s.service == service && s.pid.is_some())
-        .collect();
-    let ready_set: Vec<u32> = replicas
-        .iter()
-        .filter(|s| s.state == "running" && (s.health == "healthy" || s.health == "none"))
-        .map(|s| s.replica)
-        .collect();
-    let ready = ready_set.len() as u32;
-    let mut best: Option<(u32, String)> = None;
-    let mut failed = false;
-    for m in &spec.metrics {
-        let name = m.source.name().to_owned();
-        let obs = match &m.source {
-            MetricSource::Query(q) => match query(db, engine, q) {
-                Ok(v) => total(&v).map(|t| {
-                    if m.average {
-                        Observation::AverageOfTotal {
-                            total: t,
-                            target: m.target,
-                        }
-                    } else {
-                        Observation::Total {
-                            value: t,
-                            target: m.target,
-                        }
-                    }
-                }),
-                Err(e) => {
-                    shared.warn_once(format!("autoscale {service}: query failed: {e}"));
-                    None
-                }
-            },
-            src => {
-                let q = builtin_query(src, service, limits).unwrap_or_default();
-                match query(db, engine, &q) {
-                    Ok(v) => {
-                        let per = by_replica(&v);
+        let replicas: Vec<crate::state::Status> = self
+            .board
+            .replicas_of(service)
+            .into_iter()
+            .filter(|s| s.pid.is_some())
+            .collect();
+        let ready = replicas.iter().filter(|s| s.is_ready()).count() as u32;
+        let mut best: Option<(u32, String)> = None;
+        let mut failed = false;
+        for m in &spec.metrics {
+            let name = m.source.name().to_owned();
+            let obs = match &m.source {
+                MetricSource::Query(q) => match query(q) {
+                    Ok(v) => total(&v).map(|t| {
                         if m.average {
-                            Some(Observation::PerReplica {
-                                values: replicas
-                                    .iter()
-                                    .map(|s| ReplicaValue {
-                                        ready: ready_set.contains(&s.replica),
-                                        value: per.get(&s.replica).copied(),
-                                    })
-                                    .collect(),
+                            Observation::AverageOfTotal {
+                                total: t,
                                 target: m.target,
-                            })
+                            }
                         } else {
-                            total(&v).map(|t| Observation::Total {
+                            Observation::Total {
                                 value: t,
                                 target: m.target,
-                            })
+                            }
                         }
-                    }
+                    }),
                     Err(e) => {
-                        shared.warn_once(format!("autoscale {service}: {name} query failed: {e}"));
+                        self.warn(format!("autoscale {service}: query failed: {e}"));
                         None
                     }
+                },
+                src => {
+                    let q = builtin_query(src, service, limits).unwrap_or_default();
+                    match query(&q) {
+                        Ok(v) => {
+                            let per = by_replica(&v);
+                            if m.average {
+                                Some(Observation::PerReplica {
+                                    values: replicas
+                                        .iter()
+                                        .map(|s| ReplicaValue {
+                                            ready: s.is_ready(),
+                                            value: per.get(&(s.revision, s.replica)).copied(),
+                                        })
+                                        .collect(),
+                                    target: m.target,
+                                })
+                            } else {
+                                total(&v).map(|t| Observation::Total {
+                                    value: t,
+                                    target: m.target,
+                                })
+                            }
+                        }
+                        Err(e) => {
+                            self.warn(format!("autoscale {service}: {name} query failed: {e}"));
+                            None
+                        }
+                    }
                 }
-            }
-        };
-        let rec = obs
-            .as_ref()
-            .and_then(|o| hpa::recommend(o, current, ready, spec.tolerance));
-        status.metrics.push(MetricStatus {
-            metric: name.clone(),
-            value: rec.as_ref().map(|r| r.value),
-            target: m.target,
-            ratio: rec.as_ref().map(|r| r.ratio),
-            replicas: rec.as_ref().map(|r| r.replicas),
-        });
-        match rec {
-            None => failed = true,
-            Some(r) => {
-                let why = match percent_of(&m.source, limits) {
-                    Some(of) => format!(
-                        "{name} {}% {of} (target {}%) → desired {}",
-                        fmt_num(r.value),
-                        fmt_num(m.target),
-                        r.replicas
-                    ),
-                    None => format!(
-                        "{name} {} (target {}) → desired {}",
-                        fmt_num(r.value),
-                        fmt_num(m.target),
-                        r.replicas
-                    ),
-                };
-                if best.as_ref().is_none_or(|(n, _)| r.replicas > *n) {
-                    best = Some((r.replicas, why));
+            };
+            let rec = obs
+                .as_ref()
+                .and_then(|o| hpa::recommend(o, current, ready, spec.tolerance));
+            status.metrics.push(MetricStatus {
+                metric: name.clone(),
+                value: rec.as_ref().map(|r| r.value),
+                target: m.target,
+                ratio: rec.as_ref().map(|r| r.ratio),
+                replicas: rec.as_ref().map(|r| r.replicas),
+            });
+            match rec {
+                None => failed = true,
+                Some(r) => {
+                    let why = match percent_of(&m.source, limits) {
+                        Some(of) => format!(
+                            "{name} {}% {of} (target {}%) → desired {}",
+                            fmt_num(r.value),
+                            fmt_num(m.target),
+                            r.replicas
+                        ),
+                        None => format!(
+                            "{name} {} (target {}) → desired {}",
+                            fmt_num(r.value),
+                            fmt_num(m.target),
+                            r.replicas
+                        ),
+                    };
+                    if best.as_ref().is_none_or(|(n, _)| r.replicas > *n) {
+                        best = Some((r.replicas, why));
+                    }
                 }
             }
         }
-    }
-    let (mut wanted, mut reason) = match best {
-        Some(b) => b,
-        None if spec.metrics.is_empty() => (current, "no metrics configured".to_owned()),
-        None => (
+        let (mut wanted, mut reason) = match best {
+            Some(b) => b,
+            None if spec.metrics.is_empty() => (current, "no metrics configured".to_owned()),
+            None => (
+                current,
+                "no metric could be read; keeping the count".to_owned(),
+            ),
+        };
+        // As HPA: with a metric missing, never scale down.
+        if failed && wanted < current {
+            reason.push_str(", but a metric is missing: not scaling down");
+            wanted = current;
+        }
+        let d = scaler.decide(
+            deps.clock.now(),
             current,
-            "no metric could be read; keeping the count".to_owned(),
-        ),
-    };
-    // As HPA: with a metric missing, never scale down.
-    if failed && wanted < current {
-        reason.push_str(", but a metric is missing: not scaling down");
-        wanted = current;
+            wanted,
+            spec.min.max(1),
+            spec.max,
+            &spec.behavior,
+        );
+        if d.stabilized != wanted
+            && d.stabilized == current
+            && d.desired == current
+            && wanted < current
+        {
+            reason.push_str(&format!(
+                ", held at {current} by the scaleDown stabilization window ({})",
+                spec.behavior.scale_down.stabilization
+            ));
+        } else if d.stabilized != wanted {
+            reason.push_str(&format!(", stabilized to {}", d.stabilized));
+        }
+        if let Some(l) = &d.limited_by {
+            reason.push_str(&format!(", {l}"));
+        }
+        status.desired = d.desired;
+        if d.desired != current && self.scale(deps, service, current, d.desired, &reason).await {
+            scaler.scaled(deps.clock.now(), current, d.desired);
+            status.last_scale_ms = Some(deps.clock.unix_ms());
+        }
+        status.reason = reason;
+        self.publish(service, status);
     }
-    let d = scaler.decide(
-        Instant::now(),
-        current,
-        wanted,
-        spec.min.max(1),
-        spec.max,
-        &spec.behavior,
-    );
-    if d.stabilized != wanted && d.stabilized == current && d.desired == current && wanted < current
-    {
-        reason.push_str(&format!(
-            ", held at {current} by the scaleDown stabilization window ({})",
-            spec.behavior.scale_down.stabilization
-        ));
-    } else if d.stabilized != wanted {
-        reason.push_str(&format!(", stabilized to {}", d.stabilized));
-    }
-    if let Some(l) = &d.limited_by {
-        reason.push_str(&format!(", {l}"));
-    }
-    status.desired = d.desired;
-    if d.desired != current && scale(shared, commands, service, current, d.desired, &reason).await {
-        scaler.scaled(Instant::now(), current, d.desired);
-        status.last_scale_ms = Some(crate::events::now_ms());
-    }
-    status.reason = reason;
-    publish(shared, service, status);
-}
 
-/// Makes a service's latest decision visible to `capstan autoscale status`.
-fn publish(shared: &Shared, service: &str, status: ServiceStatus) {
-    shared
-        .autoscale_status
-        .lock()
-        .unwrap()
-        .insert(service.to_owned(), status);
-}
-
-/// Asks the supervisor for `to` replicas; true when it did.
-async fn scale(
-    shared: &Shared,
-    commands: &mpsc::Sender<Command>,
-    service: &str,
-    from: u32,
-    to: u32,
-    reason: &str,
-) -> bool {
-    shared.events.emit(
-        service,
-        None,
-        "autoscaled",
-        format!("{from} → {to} replicas: {reason}"),
-    );
-    let (tx, rx) = oneshot::channel();
-    if commands
-        .send(Command::Scale(
-            BTreeMap::from([(service.to_owned(), to)]),
-            tx,
-        ))
-        .await
-        .is_err()
-    {
-        return false;
+    /// Makes a service's latest decision visible to `capstan autoscale status`.
+    fn publish(&self, service: &str, status: ServiceStatus) {
+        self.statuses
+            .lock()
+            .unwrap()
+            .insert(service.to_owned(), status);
     }
-    matches!(rx.await, Ok(Ok(_)))
-}
 
-/// What the autoscaler last decided, for every autoscaled service.
-pub fn statuses(shared: &Shared) -> Vec<ServiceStatus> {
-    shared
-        .autoscale_status
-        .lock()
-        .unwrap()
-        .values()
-        .cloned()
-        .collect()
+    /// Asks the supervisor for `to` replicas; true when it did. Does not wait
+    /// for replicas scaled away to stop.
+    async fn scale(&self, deps: &Deps, service: &str, from: u32, to: u32, reason: &str) -> bool {
+        self.events.emit(
+            service,
+            None,
+            "autoscaled",
+            format!("{from} → {to} replicas: {reason}"),
+        );
+        deps.supervisor
+            .scale(BTreeMap::from([(service.to_owned(), to)]), false)
+            .await
+            .is_ok()
+    }
+
+    /// What the autoscaler last decided, for every autoscaled service.
+    pub fn statuses(&self) -> Vec<ServiceStatus> {
+        self.statuses.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Whether any service autoscales (its metrics are wanted often).
+    pub fn any(&self) -> bool {
+        !self.specs.lock().unwrap().is_empty()
+    }
 }
 
 /// A per-service gauge: name, help, and its value in a status.
 type CountGauge = (&'static str, &'static str, fn(&ServiceStatus) -> u32);
 
 /// `capstan_autoscaler_*` families for capstan's own `/metrics`.
-pub fn expose(e: &mut crate::collect::Exposition, shared: &Shared) {
-    let st = statuses(shared);
+pub fn expose(e: &mut crate::exposition::Exposition, autoscaler: &Autoscaler) {
+    let st = autoscaler.statuses();
     let counts: [CountGauge; 2] = [
         (
             "capstan_autoscaler_desired_replicas",

@@ -201,7 +201,7 @@ pub fn main() -> i32 {
         argv,
     } = &cli.command
     {
-        return crate::supervisor::process::exec_helper(cgroups, umask.as_deref(), argv);
+        return crate::supervisor::driver::process::exec_helper(cgroups, umask.as_deref(), argv);
     }
     let hosts_daemon = match &cli.command {
         Cmd::Daemon(_) => true,
@@ -341,7 +341,7 @@ async fn run(cli: Cli) -> Result<i32> {
             // Wait for the daemon process itself to finish.
             for _ in 0..600 {
                 if !Path::new(&format!("/proc/{pid}")).exists()
-                    || crate::supervisor::process::proc_stat(pid as i32)
+                    || crate::supervisor::driver::process::proc_stat(pid as i32)
                         .is_some_and(|s| s.state == 'Z')
                 {
                     break;

@@ -3,41 +3,53 @@
 use capstan_tsdb::{Db, Reject};
 
 use super::Exposition;
-use crate::supervisor::Shared;
+use crate::state::{Health, Phase, Status, StatusBoard};
 
-const STATES: [&str; 9] = [
-    "waiting",
-    "starting",
-    "running",
-    "restarting",
-    "crash-looping",
-    "stopping",
-    "stopped",
-    "exited",
-    "failed",
+const STATES: [Phase; 9] = [
+    Phase::Waiting,
+    Phase::Starting,
+    Phase::Running,
+    Phase::Restarting,
+    Phase::CrashLooping,
+    Phase::Stopping,
+    Phase::Stopped,
+    Phase::Exited,
+    Phase::Failed,
 ];
+
+/// What capstan's own metrics are read from.
+pub struct Sources<'a> {
+    pub board: &'a StatusBoard,
+    pub scrape: &'a crate::scrape::ScrapeStats,
+    pub proxy: &'a crate::proxy::Proxy,
+    pub autoscaler: &'a crate::autoscale::Autoscaler,
+}
 
 /// One family with a sample per replica for which `value` gives a figure.
 fn per_replica(
     e: &mut Exposition,
-    replicas: &[crate::supervisor::Status],
+    replicas: &[Status],
     (name, kind, help): (&str, &str, &str),
-    value: impl Fn(&crate::supervisor::Status) -> Option<f64>,
+    value: impl Fn(&Status) -> Option<f64>,
 ) {
     e.family(name, kind, help);
     for s in replicas {
         if let Some(v) = value(s) {
-            let r = s.replica.to_string();
-            e.sample(name, &[("service", &s.service), ("replica", &r)], v);
+            let (svc, r, rev) = labels(s);
+            e.sample(name, &[("service", &svc), ("replica", &r), ("revision", &rev)], v);
         }
     }
 }
 
-pub fn collect(shared: &Shared, db: &Db) -> String {
+/// A replica's labels: service, replica (index) and revision.
+fn labels(s: &Status) -> (String, String, String) {
+    (s.service.clone(), s.replica.to_string(), s.revision.to_string())
+}
+
+pub fn collect(src: &Sources<'_>, db: &Db) -> String {
     let mut e = Exposition::default();
-    let replicas = shared.statuses();
-    let labels = |s: &crate::supervisor::Status| (s.service.clone(), s.replica.to_string());
-    let running = |s: &crate::supervisor::Status| s.pid.is_some();
+    let replicas = src.board.replicas();
+    let running = |s: &Status| s.pid.is_some();
     e.family(
         "container_cpu_usage_seconds_total",
         "counter",
@@ -45,10 +57,10 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
     );
     for s in replicas.iter().filter(|s| running(s)) {
         if let Some(v) = s.cpu_seconds_total {
-            let (svc, r) = labels(s);
+            let (svc, r, rev) = labels(s);
             e.sample_at(
                 "container_cpu_usage_seconds_total",
-                &[("service", &svc), ("replica", &r)],
+                &[("service", &svc), ("replica", &r), ("revision", &rev)],
                 v,
                 s.cpu_sampled_ms,
             );
@@ -100,11 +112,16 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
         "1 for the replica's current state.",
     );
     for s in &replicas {
-        let (svc, r) = labels(s);
+        let (svc, r, rev) = labels(s);
         for st in STATES {
             e.sample(
                 "capstan_replica_state",
-                &[("service", &svc), ("replica", &r), ("state", st)],
+                &[
+                    ("service", &svc),
+                    ("replica", &r),
+                    ("revision", &rev),
+                    ("state", st.as_str()),
+                ],
                 if s.state == st { 1.0 } else { 0.0 },
             );
         }
@@ -116,18 +133,18 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
     );
     for s in replicas
         .iter()
-        .filter(|s| s.health == "healthy" || s.health == "unhealthy")
+        .filter(|s| matches!(s.health, Health::Healthy | Health::Unhealthy))
     {
-        let (svc, r) = labels(s);
+        let (svc, r, rev) = labels(s);
         e.sample(
             "capstan_replica_healthy",
-            &[("service", &svc), ("replica", &r)],
-            if s.health == "healthy" { 1.0 } else { 0.0 },
+            &[("service", &svc), ("replica", &r), ("revision", &rev)],
+            if s.health == Health::Healthy { 1.0 } else { 0.0 },
         );
     }
 
     use std::sync::atomic::Ordering::Relaxed;
-    let st = &shared.scrape_stats;
+    let st = src.scrape;
     e.single(
         "capstan_scrape_targets",
         "gauge",
@@ -185,8 +202,8 @@ pub fn collect(shared: &Shared, db: &Db) -> String {
             db.stats.rejected(r) as f64,
         );
     }
-    crate::proxy::metrics::expose(&mut e, &shared.proxy.backends());
-    crate::autoscale::expose(&mut e, shared);
+    crate::proxy::metrics::expose(&mut e, &src.proxy.backends());
+    crate::autoscale::expose(&mut e, src.autoscaler);
     e.single(
         "capstan_api_panics_total",
         "counter",

@@ -55,8 +55,5 @@ impl LogQuery {
 }
 
 pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    crate::state::clock::unix_ns()
 }

@@ -19,8 +19,9 @@ const MIN_COST_SECS: f64 = 50e-6;
 
 /// One ready replica as the proxy sees it.
 pub struct Endpoint {
+    /// The replica's index within its revision.
     pub replica: u32,
-    pub port: u16,
+    pub revision: crate::state::Revision,
     pub addr: std::net::SocketAddr,
     pub inflight: AtomicUsize,
     /// Peak EWMA of time to response headers (seconds) and when it was updated.
@@ -36,11 +37,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(replica: u32, port: u16) -> Endpoint {
+    pub fn new(id: &crate::state::ReplicaId, addr: std::net::SocketAddr) -> Endpoint {
         Endpoint {
-            replica,
-            port,
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            replica: id.index,
+            revision: id.revision,
+            addr,
             inflight: AtomicUsize::new(0),
             ewma: Mutex::new((0.0, Instant::now())),
             failures: AtomicU32::new(0),
@@ -262,6 +263,9 @@ impl Backend {
             }
             tokio::select! {
                 _ = notified => {}
+                // Asks again for a replica, should the first wake have come
+                // while one was still on its way out.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Unavailable::Timeout {
                         waited: started.elapsed(),
@@ -328,12 +332,19 @@ impl Drop for Lease {
 mod tests {
     use super::*;
 
+    fn ep(i: u32) -> Endpoint {
+        Endpoint::new(
+            &crate::state::ReplicaId::new("web", 1, i),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 30000 + i as u16)),
+        )
+    }
+
     fn backend(n: u32, balance: Balance) -> Arc<Backend> {
         let b = Arc::new(Backend::new("web"));
         b.settings.write().unwrap().balance = balance;
         b.set_endpoints(
             (0..n)
-                .map(|i| Arc::new(Endpoint::new(i, 30000 + i as u16)))
+                .map(|i| Arc::new(ep(i)))
                 .collect(),
         );
         b
@@ -393,7 +404,7 @@ mod tests {
 
     #[test]
     fn ejection_after_consecutive_failures_only() {
-        let e = Endpoint::new(0, 1);
+        let e = ep(0);
         assert!(!e.fail(3));
         assert!(!e.fail(3));
         e.observe(Duration::from_millis(1));
@@ -407,7 +418,7 @@ mod tests {
 
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
-        let e = Endpoint::new(0, 1);
+        let e = ep(0);
         e.observe(Duration::from_millis(100));
         assert!((e.ewma_secs() - 0.1).abs() < 1e-9);
         e.observe(Duration::from_millis(1));
@@ -431,7 +442,7 @@ mod tests {
             b.acquire(&[], deadline).await.err(),
             Some(Unavailable::Overflow)
         );
-        b.set_endpoints(vec![Arc::new(Endpoint::new(7, 1))]);
+        b.set_endpoints(vec![Arc::new(ep(7))]);
         assert_eq!(waiter.await.unwrap().unwrap(), 7);
         assert_eq!(b.queued.load(Relaxed), 0);
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::collect::Exposition;
+use crate::exposition::Exposition;
 
 /// Upper bounds of `http_request_duration_seconds`: fine below a millisecond,
 /// where a proxy's own time shows, up to Prometheus' default top of 10 s.
@@ -176,6 +176,13 @@ pub fn expose(e: &mut Exposition, backends: &[std::sync::Arc<super::balance::Bac
             e.sample(name, &[("service", &b.service)], v(b));
         }
     };
+    per_service(
+        e,
+        "capstan_proxy_last_request_timestamp_seconds",
+        "gauge",
+        "When the last request through the proxy arrived (unix seconds); the autoscaler's idleness.",
+        &|b| b.last_request_ms.load(Relaxed) as f64 / 1e3,
+    );
     per_service(
         e,
         "capstan_proxy_queue_length",

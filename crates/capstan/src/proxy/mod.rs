@@ -1,6 +1,10 @@
 //! The proxy: one listener per published port, forwarding to the service's ready
-//! replicas. [`configure`] follows the stack (ports, settings), [`run`] follows
-//! the replicas' status (ready set), [`drain`] takes a replica out before it stops.
+//! replicas. [`Proxy::configure`] follows the stack (ports, settings),
+//! [`Proxy::run`] follows the status board's topology (ready sets, of every
+//! revision), [`Proxy::drain`] takes a replica out before it stops. The
+//! supervisor reaches the last two through its hooks ([`Proxy`] implements
+//! [`Hook`]); a request that finds no replica calls the wake hook the daemon
+//! wires to the supervisor.
 //!
 //! Layers, outermost first: listener ([`http::serve`], [`tcp::serve`]) → request
 //! handling (limits, headers, trace context) → balance and queue
@@ -19,16 +23,20 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use balance::{Backend, Endpoint};
 
+use crate::events::EventLog;
 use crate::logs::Stream;
+use crate::logs::engine::LogEngine;
 use crate::spec::{Protocol, Stack};
-use crate::supervisor::Shared;
+use crate::state::{ReplicaId, StatusBoard};
+use crate::state::control::{BoxFuture, Hook};
+use crate::traces::TraceStore;
 
 /// What a finished request leaves: its access-log line and its span, on their
 /// way to the log and span stores.
@@ -45,7 +53,7 @@ pub const SCOPE: &str = "capstan.proxy";
 /// What a listener's connections share.
 pub struct Ctx {
     pub backend: Arc<Backend>,
-    pub shared: Arc<Shared>,
+    pub events: Arc<EventLog>,
     pub access: mpsc::Sender<Finished>,
 }
 
@@ -59,7 +67,7 @@ impl Ctx {
         }
         let b = &self.backend;
         b.metrics.ejected(ep.replica);
-        self.shared.events.emit(
+        self.events.emit(
             &b.service,
             Some(ep.replica),
             "ejected",
@@ -67,14 +75,14 @@ impl Ctx {
                 "{eject_after} consecutive failures, last: {reason}; no traffic until its health check passes"
             ),
         );
-        tokio::spawn(readmit(self.shared.clone(), b.clone(), ep.clone()));
+        tokio::spawn(readmit(self.events.clone(), b.clone(), ep.clone()));
     }
 }
 
 /// Probes an ejected replica every second with its service's health check (a
 /// TCP connect without one) and lets it back in on the first success.
-async fn readmit(shared: Arc<Shared>, b: Arc<Backend>, ep: Arc<Endpoint>) {
-    let env = BTreeMap::from([("PORT".to_owned(), ep.port.to_string())]);
+async fn readmit(events: Arc<EventLog>, b: Arc<Backend>, ep: Arc<Endpoint>) {
+    let env = BTreeMap::from([("PORT".to_owned(), ep.addr.port().to_string())]);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if ep.gone.load(Relaxed) {
@@ -86,12 +94,12 @@ async fn readmit(shared: Arc<Shared>, b: Arc<Backend>, ep: Arc<Endpoint>) {
             .unwrap()
             .clone()
             .unwrap_or(crate::spec::HealthTest::Tcp { port: None });
-        if crate::supervisor::health::probe(&test, ep.port, &env, Duration::from_secs(2))
+        if crate::probe::probe(&test, ep.addr, &env, Duration::from_secs(2))
             .await
             .is_ok()
         {
             ep.readmit();
-            shared.events.emit(
+            events.emit(
                 &b.service,
                 Some(ep.replica),
                 "readmitted",
@@ -103,28 +111,55 @@ async fn readmit(shared: Arc<Shared>, b: Arc<Backend>, ep: Arc<Endpoint>) {
     }
 }
 
-type Key = (String, u32, u16);
-
 struct Listener {
     service: String,
     protocol: Protocol,
     task: JoinHandle<()>,
 }
 
-/// Every service's proxy state, kept in [`Shared`].
-#[derive(Default)]
-pub struct Registry {
+/// What a request that finds no replica calls, with the service's name.
+pub type Wake = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Every service's proxy state.
+pub struct Proxy {
+    board: Arc<StatusBoard>,
+    events: Arc<EventLog>,
+    logs: Arc<LogEngine>,
+    traces: Arc<TraceStore>,
     backends: Mutex<BTreeMap<String, Arc<Backend>>>,
     listeners: Mutex<BTreeMap<String, Listener>>,
     /// Replicas being drained: no new requests.
-    draining: Mutex<BTreeSet<Key>>,
-    /// Replicas without a health check that accept connections.
-    tcp_ready: Mutex<BTreeSet<Key>>,
-    probing: Mutex<BTreeSet<Key>>,
+    draining: Mutex<BTreeSet<ReplicaId>>,
     access: Mutex<Option<mpsc::Sender<Finished>>>,
+    wake: Mutex<Option<Wake>>,
 }
 
-impl Registry {
+impl Proxy {
+    pub fn new(
+        board: Arc<StatusBoard>,
+        events: Arc<EventLog>,
+        logs: Arc<LogEngine>,
+        traces: Arc<TraceStore>,
+    ) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            board,
+            events,
+            logs,
+            traces,
+            backends: Mutex::default(),
+            listeners: Mutex::default(),
+            draining: Mutex::default(),
+            access: Mutex::default(),
+            wake: Mutex::default(),
+        })
+    }
+
+    /// Sets what a request that finds no replica of an autoscaled service
+    /// with `min: 0` calls (the supervisor's wake).
+    pub fn on_wake(&self, wake: Wake) {
+        *self.wake.lock().unwrap() = Some(wake);
+    }
+
     pub fn backend(&self, service: &str) -> Option<Arc<Backend>> {
         self.backends.lock().unwrap().get(service).cloned()
     }
@@ -138,6 +173,21 @@ impl Registry {
         for (_, l) in std::mem::take(&mut *self.listeners.lock().unwrap()) {
             l.task.abort();
         }
+    }
+}
+
+impl Hook for Arc<Proxy> {
+    fn before_stop(&self, ids: Vec<ReplicaId>, grace: Duration) -> BoxFuture<'static, ()> {
+        let proxy = self.clone();
+        Box::pin(async move { proxy.drain(&ids, grace).await })
+    }
+
+    fn on_apply(&self, stack: &Stack) -> Vec<String> {
+        self.configure(stack)
+    }
+
+    fn on_down(&self) {
+        self.close_listeners();
     }
 }
 
@@ -162,13 +212,13 @@ pub fn random_u64() -> u64 {
 /// How long the access-log and span writer lets records gather between writes.
 const ACCESS_LOG_PAUSE: Duration = Duration::from_millis(10);
 
-fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<Finished> {
-    let mut slot = shared.proxy.access.lock().unwrap();
+fn access_sender(proxy: &Arc<Proxy>) -> mpsc::Sender<Finished> {
+    let mut slot = proxy.access.lock().unwrap();
     if let Some(tx) = &*slot {
         return tx.clone();
     }
     let (tx, mut rx) = mpsc::channel::<Finished>(16_384);
-    let s = shared.clone();
+    let s = proxy.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(1024);
         while rx.recv_many(&mut batch, 1024).await > 0 {
@@ -187,7 +237,8 @@ fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<Finished> {
             }
             for (service, lines) in lines {
                 if let Err(e) = s.logs.append_many(&service, Stream::Proxy, lines) {
-                    s.warn_once(format!("cannot store access logs: {e}"));
+                    s.events
+                        .warn_once(format!("cannot store access logs: {e}"));
                 }
             }
             let streams = spans
@@ -195,7 +246,8 @@ fn access_sender(shared: &Arc<Shared>) -> mpsc::Sender<Finished> {
                 .map(|(service, entries)| (span_labels(&service), entries))
                 .collect();
             if let Err(e) = s.traces.append(streams) {
-                s.warn_once(format!("cannot store the proxy's spans: {e}"));
+                s.events
+                    .warn_once(format!("cannot store the proxy's spans: {e}"));
             }
             // Records gather for a moment: under load, one write per replica
             // per pause instead of one per request.
@@ -251,11 +303,12 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     sock.listen(1024)
 }
 
+impl Proxy {
 /// Follows the stack: each service's proxy settings, and a listener per published
 /// port (new ones bound, removed ones closed). Returns what could not be done.
-pub fn configure(shared: &Arc<Shared>, stack: &Stack) -> Vec<String> {
-    let reg = &shared.proxy;
-    let access = access_sender(shared);
+fn configure(self: &Arc<Self>, stack: &Stack) -> Vec<String> {
+    let reg = self;
+    let access = access_sender(self);
     let mut problems = Vec::new();
     {
         let mut backends = reg.backends.lock().unwrap();
@@ -267,6 +320,15 @@ pub fn configure(shared: &Arc<Shared>, stack: &Stack) -> Vec<String> {
             *b.settings.write().unwrap() = svc.x.proxy.clone();
             *b.cold_start_timeout.write().unwrap() = svc.x.cold_start_timeout.0;
             *b.health.write().unwrap() = svc.healthcheck.as_ref().map(|h| h.test.clone());
+            // With `min: 0`, a request that finds no replica asks for one.
+            let wakes = svc.x.autoscale.as_ref().is_some_and(|a| a.min == 0);
+            *b.on_empty.lock().unwrap() = match (wakes, self.wake.lock().unwrap().clone()) {
+                (true, Some(wake)) => {
+                    let name = name.clone();
+                    Some(Box::new(move || wake(&name)))
+                }
+                _ => None,
+            };
         }
     }
     let mut wanted: BTreeMap<String, (String, Protocol, std::net::SocketAddr)> = BTreeMap::new();
@@ -315,7 +377,7 @@ pub fn configure(shared: &Arc<Shared>, stack: &Stack) -> Vec<String> {
         };
         let ctx = Arc::new(Ctx {
             backend,
-            shared: shared.clone(),
+            events: self.events.clone(),
             access: access.clone(),
         });
         let task = match protocol {
@@ -326,7 +388,7 @@ pub fn configure(shared: &Arc<Shared>, stack: &Stack) -> Vec<String> {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
         };
-        shared.events.emit(
+        self.events.emit(
             &service,
             None,
             "published",
@@ -344,59 +406,35 @@ pub fn configure(shared: &Arc<Shared>, stack: &Stack) -> Vec<String> {
     problems
 }
 
-/// Whether a replica with a health check is ready for traffic.
-fn alive(s: &crate::supervisor::Status) -> bool {
-    s.pid.is_some() && s.state == "running" && s.port.is_some()
-}
-
-/// Rebuilds every service's ready set from its replicas' status.
-pub fn sync(shared: &Arc<Shared>) {
-    let reg = &shared.proxy;
-    let statuses = shared.statuses();
-    let has_hc: BTreeMap<String, bool> = shared
-        .service_statuses()
-        .into_iter()
-        .map(|s| (s.name, s.has_healthcheck))
-        .collect();
-    let live: BTreeSet<Key> = statuses
+/// Rebuilds every service's ready set from the board: the ready replicas of
+/// every revision, less those being drained.
+fn sync(&self) {
+    let statuses = self.board.replicas();
+    let live: BTreeSet<ReplicaId> = statuses
         .iter()
-        .filter(|s| alive(s))
-        .map(|s| (s.service.clone(), s.replica, s.port.unwrap_or(0)))
+        .filter(|s| s.is_running())
+        .map(|s| s.id())
         .collect();
-    reg.draining.lock().unwrap().retain(|k| live.contains(k));
-    reg.tcp_ready.lock().unwrap().retain(|k| live.contains(k));
-    for b in reg.backends() {
-        let checked = has_hc.get(&b.service).copied().unwrap_or(false);
+    self.draining.lock().unwrap().retain(|k| live.contains(k));
+    let draining = self.draining.lock().unwrap().clone();
+    for b in self.backends() {
         let current = b.endpoints();
         let mut next: Vec<Arc<Endpoint>> = Vec::new();
         for s in statuses
             .iter()
-            .filter(|s| s.service == b.service && alive(s))
+            .filter(|s| s.service == b.service && s.is_ready())
         {
-            let port = s.port.unwrap_or(0);
-            let key = (b.service.clone(), s.replica, port);
-            if reg.draining.lock().unwrap().contains(&key) {
+            let id = s.id();
+            if draining.contains(&id) {
                 continue;
             }
-            let ready = if checked {
-                s.health == "healthy"
-            } else if reg.tcp_ready.lock().unwrap().contains(&key) {
-                true
-            } else {
-                if reg.probing.lock().unwrap().insert(key.clone()) {
-                    tokio::spawn(probe_listening(shared.clone(), key));
-                }
-                false
-            };
-            if !ready {
-                continue;
-            }
+            let Some(addr) = s.addr else { continue };
             next.push(
                 current
                     .iter()
-                    .find(|e| e.replica == s.replica && e.port == port)
+                    .find(|e| e.replica == s.replica && e.revision == s.revision && e.addr == addr)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(s.replica, port))),
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(&id, addr))),
             );
         }
         let same = next.len() == current.len()
@@ -413,7 +451,7 @@ pub fn sync(shared: &Arc<Shared>) {
         {
             let secs = since.elapsed().as_secs_f64();
             b.metrics.cold_starts.lock().unwrap().observe(secs);
-            shared.events.emit(
+            self.events.emit(
                 &b.service,
                 Some(next[0].replica),
                 "cold-start",
@@ -427,67 +465,34 @@ pub fn sync(shared: &Arc<Shared>) {
     }
 }
 
-/// For a replica without a health check: ready once its port accepts connections.
-async fn probe_listening(shared: Arc<Shared>, key: Key) {
-    let started = Instant::now();
+/// Keeps the ready sets in step with the replicas, until `stop` is set.
+pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut changed = self.board.watch_topology();
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", key.2))
-            .await
-            .is_ok()
-        {
-            shared.proxy.tcp_ready.lock().unwrap().insert(key.clone());
-            break;
-        }
-        let still = shared
-            .statuses()
-            .iter()
-            .any(|s| s.service == key.0 && s.replica == key.1 && s.port == Some(key.2) && alive(s));
-        if !still {
-            break;
-        }
-        // Quick at first (a cold start waits on this), then relaxed.
-        let pause = if started.elapsed() < Duration::from_secs(5) {
-            Duration::from_millis(10)
-        } else {
-            Duration::from_millis(250)
-        };
-        tokio::time::sleep(pause).await;
-    }
-    shared.proxy.probing.lock().unwrap().remove(&key);
-    shared.changed.send_modify(|g| *g += 1);
-}
-
-/// Keeps the ready sets in step with the replicas, until the daemon stops.
-pub async fn run(shared: Arc<Shared>) {
-    let mut changed = shared.changed.subscribe();
-    loop {
-        sync(&shared);
-        if changed.changed().await.is_err() {
-            return;
+        self.sync();
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
 
 /// Takes replicas out of the balancer and waits (up to `grace`) for their
 /// requests in flight to finish; then they can be stopped without losing any.
-pub async fn drain(shared: &Shared, service: &str, replicas: &[u32], grace: Duration) {
-    let Some(b) = shared.proxy.backend(service) else {
+pub async fn drain(&self, ids: &[ReplicaId], grace: Duration) {
+    // Replicas not yet in the ready set must not enter it while stopping.
+    self.draining.lock().unwrap().extend(ids.iter().cloned());
+    let Some(service) = ids.first().map(|i| i.service.clone()) else {
+        return;
+    };
+    let Some(b) = self.backend(&service) else {
         return;
     };
     let current = b.endpoints();
-    let (leaving, staying): (Vec<_>, Vec<_>) = current
-        .iter()
-        .cloned()
-        .partition(|e| replicas.contains(&e.replica));
-    // Replicas not yet in the ready set must not enter it while stopping.
-    {
-        let mut draining = shared.proxy.draining.lock().unwrap();
-        for s in shared.statuses() {
-            if s.service == service && replicas.contains(&s.replica) {
-                draining.insert((service.to_owned(), s.replica, s.port.unwrap_or(0)));
-            }
-        }
-    }
+    let (leaving, staying): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|e| {
+        ids.iter()
+            .any(|i| i.index == e.replica && i.revision == e.revision)
+    });
     if leaving.is_empty() {
         return;
     }
@@ -510,4 +515,5 @@ pub async fn drain(shared: &Shared, service: &str, replicas: &[u32], grace: Dura
             }
         }
     }
+}
 }

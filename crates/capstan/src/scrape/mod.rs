@@ -1,20 +1,28 @@
 //! Scraping: every replica's metrics endpoint is a target; each target has a loop
 //! that fetches, parses (capstan-expfmt) and appends to the tsdb, with the
 //! synthetic series and staleness markers Prometheus writes.
+//!
+//! Targets are rebuilt when the stack is applied (the [`Hook`]) or the board's
+//! topology changes, never on resource samples. Each loop keeps a cache from a
+//! sample's series as written (name and label text) to its labels after
+//! relabeling and its tsdb reference, so a steady target costs a hash lookup
+//! per sample instead of building a label set.
 
 mod http;
 pub mod relabel;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capstan_expfmt::{Entry, Format, Parser};
-use capstan_tsdb::{Db, Labels, STALE_NAN_BITS};
+use capstan_tsdb::{Db, Labels, STALE_NAN_BITS, SeriesRef};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::supervisor::Shared;
+use crate::spec::{MetricsTarget, Stack};
+use crate::state::StatusBoard;
+use crate::state::control::Hook;
 
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -165,33 +173,83 @@ pub fn encode(s: &str) -> String {
         .collect()
 }
 
-/// What each running replica exposes, from the supervisor's status and the specs.
-pub fn targets(shared: &Shared) -> Vec<Target> {
-    let specs = shared.scrape_specs();
-    let default_interval = specs.0;
-    // The autoscaler reads capstan's own families: twice a second when it runs,
-    // matching the replicas' sampling period.
-    let own_interval = if shared.autoscale_specs.lock().unwrap().is_empty() {
-        default_interval
-    } else {
-        default_interval.min(Duration::from_millis(500))
-    };
-    // capstan scrapes itself, as Prometheus does, and the host through itself.
-    let own = shared
-        .api_addr
-        .lock()
-        .unwrap()
-        .clone()
-        .into_iter()
-        .flat_map(|addr| {
+/// What the scraper takes from the stack.
+#[derive(Default)]
+struct Config {
+    default_interval: Duration,
+    /// How often capstan scrapes itself: twice a second when something
+    /// autoscales (matching the replicas' sampling period).
+    own_interval: Duration,
+    metrics: BTreeMap<String, MetricsTarget>,
+    /// `x-capstan.scrape_configs`, compiled once per apply.
+    statics: Vec<Target>,
+}
+
+/// The scrape targets and their loops' shared counters.
+pub struct Scraper {
+    board: Arc<StatusBoard>,
+    pub stats: Arc<ScrapeStats>,
+    /// HELP, TYPE and UNIT of the metric families each target exposes.
+    pub metadata: Arc<MetadataStore>,
+    config: Mutex<Config>,
+    config_changed: watch::Sender<u64>,
+    /// The daemon's own listener, scraped for its own and the host's metrics.
+    own_addr: Option<String>,
+}
+
+impl Hook for Arc<Scraper> {
+    fn on_apply(&self, stack: &Stack) -> Vec<String> {
+        let default_interval = stack.settings.scrape_interval.0;
+        let autoscales = stack.services.values().any(|s| s.x.autoscale.is_some());
+        *self.config.lock().unwrap() = Config {
+            default_interval,
+            own_interval: if autoscales {
+                default_interval.min(Duration::from_millis(500))
+            } else {
+                default_interval
+            },
+            metrics: stack
+                .services
+                .iter()
+                .map(|(n, s)| (n.clone(), s.x.metrics.clone()))
+                .collect(),
+            statics: static_targets(&stack.settings.scrape_configs, default_interval),
+        };
+        self.config_changed.send_modify(|g| *g += 1);
+        Vec::new()
+    }
+}
+
+impl Scraper {
+    pub fn new(board: Arc<StatusBoard>, own_addr: Option<String>) -> Arc<Scraper> {
+        Arc::new(Scraper {
+            board,
+            stats: Arc::default(),
+            metadata: Arc::default(),
+            config: Mutex::new(Config {
+                default_interval: Duration::from_secs(15),
+                own_interval: Duration::from_secs(15),
+                ..Config::default()
+            }),
+            config_changed: watch::channel(0).0,
+            own_addr,
+        })
+    }
+
+    /// What is scraped now: capstan itself, every running replica's metrics
+    /// endpoint, and the static configs.
+    pub fn targets(&self) -> Vec<Target> {
+        let cfg = self.config.lock().unwrap();
+        // capstan scrapes itself, as Prometheus does, and the host through itself.
+        let own = self.own_addr.iter().flat_map(|addr| {
             [("capstan", "/metrics"), ("node", "/metrics/node")].map(|(job, path)| {
                 Target::simple(
                     addr.clone(),
                     path.into(),
                     if job == "capstan" {
-                        own_interval
+                        cfg.own_interval
                     } else {
-                        default_interval
+                        cfg.default_interval
                     },
                     vec![
                         ("job".into(), job.into()),
@@ -200,80 +258,84 @@ pub fn targets(shared: &Shared) -> Vec<Target> {
                 )
             })
         });
-    let replicas = shared
-        .statuses()
-        .into_iter()
-        .filter(|s| s.pid.is_some() && s.state == "running")
-        .filter_map(|s| {
-            let m = specs.1.get(&s.service)?;
-            if m.disable {
-                return None;
-            }
-            let port = m.port.or(s.port)?;
-            let addr = format!("127.0.0.1:{port}");
-            let interval = m.interval.map_or(default_interval, |d| d.0);
-            Some(Target::simple(
-                addr.clone(),
-                m.path.clone(),
-                interval,
-                vec![
-                    ("job".into(), s.service.clone()),
-                    ("instance".into(), addr.clone()),
-                    ("service".into(), s.service.clone()),
-                    ("replica".into(), s.replica.to_string()),
-                ],
-            ))
-        });
-    own.chain(replicas)
-        .chain(static_targets(&specs.2, default_interval))
-        .collect()
-}
-
-/// Runs scrape loops for the targets as they come and go, until `stop` is set.
-pub async fn run(shared: Arc<Shared>, db: Arc<Db>, mut stop: watch::Receiver<bool>) {
-    let mut loops: BTreeMap<String, (Target, watch::Sender<bool>, JoinHandle<()>)> =
-        BTreeMap::new();
-    let mut changed = shared.changed.subscribe();
-    loop {
-        let want: BTreeMap<String, Target> =
-            targets(&shared).into_iter().map(|t| (t.key(), t)).collect();
-        let gone: Vec<String> = loops
-            .keys()
-            .filter(|k| want.get(*k) != loops.get(*k).map(|l| &l.0))
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some((_, tx, task)) = loops.remove(&k) {
-                let _ = tx.send(true);
-                let _ = task.await;
-            }
-        }
-        for (k, t) in want {
-            if let std::collections::btree_map::Entry::Vacant(slot) = loops.entry(k) {
-                let (tx, rx) = watch::channel(false);
-                let task = tokio::spawn(scrape_loop(
-                    db.clone(),
-                    t.clone(),
-                    rx,
-                    shared.scrape_stats.clone(),
-                    shared.scrape_metadata.clone(),
-                ));
-                slot.insert((t, tx, task));
-            }
-        }
-        shared
-            .scrape_stats
-            .targets
-            .store(loops.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        tokio::select! {
-            _ = changed.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.wait_for(|s| *s) => break,
-        }
+        let replicas = self
+            .board
+            .replicas()
+            .into_iter()
+            .filter(|s| s.is_running())
+            .filter_map(|s| {
+                let m = cfg.metrics.get(&s.service)?;
+                if m.disable {
+                    return None;
+                }
+                let addr = s.addr?;
+                let addr = std::net::SocketAddr::new(addr.ip(), m.port.unwrap_or(addr.port()));
+                let addr = addr.to_string();
+                let interval = m.interval.map_or(cfg.default_interval, |d| d.0);
+                Some(Target::simple(
+                    addr.clone(),
+                    m.path.clone(),
+                    interval,
+                    vec![
+                        ("job".into(), s.service.clone()),
+                        ("instance".into(), addr),
+                        ("service".into(), s.service.clone()),
+                        ("replica".into(), s.replica.to_string()),
+                        ("revision".into(), s.revision.to_string()),
+                    ],
+                ))
+            });
+        own.chain(replicas)
+            .chain(cfg.statics.iter().cloned())
+            .collect::<Vec<_>>()
     }
-    for (_, (_, tx, task)) in loops {
-        let _ = tx.send(true);
-        let _ = task.await;
+
+    /// Runs scrape loops for the targets as they come and go, until `stop` is set.
+    pub async fn run(self: Arc<Self>, db: Arc<Db>, mut stop: watch::Receiver<bool>) {
+        let mut loops: BTreeMap<String, (Target, watch::Sender<bool>, JoinHandle<()>)> =
+            BTreeMap::new();
+        let mut topology = self.board.watch_topology();
+        let mut config = self.config_changed.subscribe();
+        loop {
+            let want: BTreeMap<String, Target> =
+                self.targets().into_iter().map(|t| (t.key(), t)).collect();
+            let gone: Vec<String> = loops
+                .keys()
+                .filter(|k| want.get(*k) != loops.get(*k).map(|l| &l.0))
+                .cloned()
+                .collect();
+            for k in gone {
+                if let Some((_, tx, task)) = loops.remove(&k) {
+                    let _ = tx.send(true);
+                    let _ = task.await;
+                }
+            }
+            for (k, t) in want {
+                if let std::collections::btree_map::Entry::Vacant(slot) = loops.entry(k) {
+                    let (tx, rx) = watch::channel(false);
+                    let task = tokio::spawn(scrape_loop(
+                        db.clone(),
+                        t.clone(),
+                        rx,
+                        self.stats.clone(),
+                        self.metadata.clone(),
+                    ));
+                    slot.insert((t, tx, task));
+                }
+            }
+            self.stats
+                .targets
+                .store(loops.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            tokio::select! {
+                _ = topology.changed() => {}
+                _ = config.changed() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        for (_, (_, tx, task)) in loops {
+            let _ = tx.send(true);
+            let _ = task.await;
+        }
     }
 }
 
@@ -372,6 +434,62 @@ impl ScrapeStats {
     }
 }
 
+/// One series a target exposes, as the loop's cache keeps it.
+struct Cached {
+    /// Its labels after the target's labels and relabeling; `None` when
+    /// relabeling drops it.
+    labels: Option<Labels>,
+    /// Its reference in the tsdb, once stored.
+    series: Option<SeriesRef>,
+    /// In the last successful scrape.
+    prev: bool,
+    /// In this scrape.
+    now: bool,
+}
+
+/// A target's series by their text as scraped (`name{labels}`).
+#[derive(Default)]
+struct SeriesCache {
+    map: HashMap<String, Cached>,
+    key: String,
+}
+
+impl SeriesCache {
+    /// The cached entry of a sample, made on first sight.
+    fn entry(&mut self, s: &capstan_expfmt::Sample<'_>, target: &Target) -> &mut Cached {
+        self.key.clear();
+        self.key.push_str(s.name);
+        self.key.push('{');
+        self.key.push_str(s.labels.raw());
+        if !self.map.contains_key(self.key.as_str()) {
+            let scraped_labels: Vec<(String, String)> = s
+                .labels()
+                .filter_map(Result::ok)
+                .map(|(n, v)| (n.to_owned(), v.into_owned()))
+                .collect();
+            let pairs = series_labels(s.name, &scraped_labels, &target.labels, target.honor_labels);
+            let pairs = if target.rules.is_empty() {
+                Some(pairs)
+            } else {
+                relabel::apply(pairs, &target.rules)
+            };
+            let labels = pairs
+                .filter(|p| p.iter().any(|(n, v)| n == "__name__" && !v.is_empty()))
+                .map(Labels::new);
+            self.map.insert(
+                self.key.clone(),
+                Cached {
+                    labels,
+                    series: None,
+                    prev: false,
+                    now: false,
+                },
+            );
+        }
+        self.map.get_mut(self.key.as_str()).expect("just inserted")
+    }
+}
+
 async fn scrape_loop(
     db: Arc<Db>,
     target: Target,
@@ -386,7 +504,7 @@ async fn scrape_loop(
         .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
         % target.interval.as_millis().max(1) as u64;
     let interval_ms = target.interval.as_millis() as i64;
-    let now = crate::events::now_ms();
+    let now = crate::state::clock::unix_ms();
     let first = now - now.rem_euclid(interval_ms) + offset_ms as i64;
     let first = if first < now {
         first + interval_ms
@@ -394,22 +512,29 @@ async fn scrape_loop(
         first
     };
     let timeout = target.timeout;
-    let mut previous: HashSet<Labels> = HashSet::new();
+    let mut cache = SeriesCache::default();
+    // The series every scrape writes about itself.
+    let synthetic: Vec<Labels> = SYNTHETIC
+        .iter()
+        .map(|name| Labels::new(series_labels(name, &[], &target.labels, false)))
+        .collect();
+    let mut synthetic_written = false;
     let mut k: i64 = 0;
     loop {
         // Scheduled times, not the wall clock: a regular series costs one bit a sample.
         let t = first + k * interval_ms;
-        let wait = (t - crate::events::now_ms()).max(0) as u64;
+        let wait = (t - crate::state::clock::unix_ms()).max(0) as u64;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
         k += 1;
-        let started = std::time::Instant::now();
+        let started = crate::state::clock::stopwatch();
         let result = http::get(&target.addr, &target.path, Format::ACCEPT, timeout).await;
-        let mut batch: Vec<(Labels, i64, f64)> = Vec::new();
-        let mut current: HashSet<Labels> = HashSet::new();
+        let mut a = db.appender();
         let mut scraped = 0usize;
+        let mut stored = 0usize;
+        let mut added = 0usize;
         let mut families: BTreeMap<String, Meta> = BTreeMap::new();
         let up = match result {
             Ok(resp) if resp.status == 200 => {
@@ -420,35 +545,23 @@ async fn scrape_loop(
                         for e in parser {
                             match e {
                                 Ok(Entry::Sample(s)) => {
-                                    let scraped_labels: Vec<(String, String)> = s
-                                        .labels()
-                                        .filter_map(Result::ok)
-                                        .map(|(n, v)| (n.to_owned(), v.into_owned()))
-                                        .collect();
                                     scraped += 1;
-                                    let pairs = series_labels(
-                                        s.name,
-                                        &scraped_labels,
-                                        &target.labels,
-                                        target.honor_labels,
-                                    );
-                                    let pairs = if target.rules.is_empty() {
-                                        Some(pairs)
-                                    } else {
-                                        relabel::apply(pairs, &target.rules)
-                                    };
-                                    let Some(pairs) = pairs.filter(|p| {
-                                        p.iter().any(|(n, v)| n == "__name__" && !v.is_empty())
-                                    }) else {
-                                        continue;
-                                    };
-                                    let labels = Labels::new(pairs);
-                                    current.insert(labels.clone());
+                                    let c = cache.entry(&s, &target);
+                                    let first_sight = !c.now;
+                                    c.now = true;
+                                    let Some(labels) = &c.labels else { continue };
+                                    if first_sight && !c.prev {
+                                        added += 1;
+                                    }
+                                    stored += 1;
                                     let ts = s
                                         .timestamp_ms
                                         .filter(|_| target.honor_timestamps)
                                         .unwrap_or(t);
-                                    batch.push((labels, ts, s.value));
+                                    match c.series {
+                                        Some(r) => a.add_ref(r, ts, s.value),
+                                        None => a.add(labels.clone(), ts, s.value),
+                                    }
                                 }
                                 Ok(Entry::Help { name, text }) => {
                                     families.entry(name.to_owned()).or_default().help =
@@ -484,45 +597,51 @@ async fn scrape_loop(
             }
         };
         // Over the sample limit (counted after relabeling), the scrape fails.
-        let over_limit = target.sample_limit > 0 && batch.len() as u64 > target.sample_limit;
+        let over_limit = target.sample_limit > 0 && stored as u64 > target.sample_limit;
         if over_limit {
-            tracing::debug!(target = %target.key(), samples = batch.len(), limit = target.sample_limit, "sample limit exceeded");
+            tracing::debug!(target = %target.key(), samples = stored, limit = target.sample_limit, "sample limit exceeded");
         }
-        let post_relabel = batch.len();
         let up = up && !over_limit;
         if !up {
-            // A failed scrape keeps nothing of what it read, as in Prometheus.
-            batch.clear();
-            current.clear();
+            // A failed scrape keeps nothing of what it read, as in Prometheus:
+            // what the last good one had goes stale.
+            a = db.appender();
+            for c in cache.map.values() {
+                if let (true, Some(l)) = (c.prev, &c.labels) {
+                    a.add(l.clone(), t, stale());
+                }
+            }
+            cache.map.clear();
             scraped = 0;
+            added = 0;
         } else {
             metadata.set(&target.key(), std::mem::take(&mut families));
+            // Series gone since the last scrape get a stale marker; the cache
+            // keeps only what this scrape had.
+            cache.map.retain(|_, c| {
+                if c.prev
+                    && !c.now
+                    && let Some(l) = &c.labels
+                {
+                    a.add(l.clone(), t, stale());
+                }
+                c.prev = c.now;
+                c.now = false;
+                c.prev
+            });
         }
-        let added = current.iter().filter(|l| !previous.contains(*l)).count();
         let duration = started.elapsed().as_secs_f64();
-        for (name, v) in [
-            ("up", if up { 1.0 } else { 0.0 }),
-            ("scrape_duration_seconds", duration),
-            ("scrape_samples_scraped", scraped as f64),
-            (
-                "scrape_samples_post_metric_relabeling",
-                if up { post_relabel as f64 } else { 0.0 },
-            ),
-            ("scrape_series_added", added as f64),
-        ] {
-            let labels = Labels::new(series_labels(name, &[], &target.labels, false));
-            current.insert(labels.clone());
-            batch.push((labels, t, v));
+        let values = [
+            if up { 1.0 } else { 0.0 },
+            duration,
+            scraped as f64,
+            if up { stored as f64 } else { 0.0 },
+            added as f64,
+        ];
+        for (labels, v) in synthetic.iter().zip(values) {
+            a.add(labels.clone(), t, v);
         }
-        // Series gone since the last scrape get a stale marker.
-        for gone in previous.difference(&current) {
-            batch.push((gone.clone(), t, stale()));
-        }
-        previous = current;
-        let mut a = db.appender();
-        for (l, ts, v) in batch {
-            a.add(l, ts, v);
-        }
+        synthetic_written = true;
         match tokio::task::block_in_place(|| a.commit()) {
             Ok(c) => {
                 for (reason, n) in &c.rejected {
@@ -537,15 +656,40 @@ async fn scrape_loop(
             }
             Err(e) => tracing::error!(target = %target.key(), "cannot store samples: {e}"),
         }
-        stats.record(up, started.elapsed());
+        // New series have references now.
+        for c in cache.map.values_mut() {
+            if c.series.is_none()
+                && c.prev
+                && let Some(l) = &c.labels
+            {
+                c.series = db.series_ref(l);
+            }
+        }
+        stats.record(up, crate::state::clock::stopwatch() - started);
     }
     // The target went away: its metadata goes, and everything it exposed is stale
     // now (after its last sample).
     metadata.remove(&target.key());
-    let t = crate::events::now_ms().max(first + k * interval_ms - interval_ms + 1);
+    let t = crate::state::clock::unix_ms().max(first + k * interval_ms - interval_ms + 1);
     let mut a = db.appender();
-    for l in previous {
-        a.add(l, t, stale());
+    for c in cache.map.values() {
+        if let (true, Some(l)) = (c.prev, &c.labels) {
+            a.add(l.clone(), t, stale());
+        }
+    }
+    if synthetic_written {
+        for l in synthetic {
+            a.add(l, t, stale());
+        }
     }
     let _ = tokio::task::block_in_place(|| a.commit());
 }
+
+/// The series a scrape writes about itself, in the order of their values.
+const SYNTHETIC: [&str; 5] = [
+    "up",
+    "scrape_duration_seconds",
+    "scrape_samples_scraped",
+    "scrape_samples_post_metric_relabeling",
+    "scrape_series_added",
+];

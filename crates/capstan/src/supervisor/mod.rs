@@ -1,338 +1,86 @@
 //! The supervisor: runs every service's replicas and keeps them as the stack says.
 //!
-//! One actor ([`Supervisor::run`]) owns the services and takes [`Command`]s; each
-//! replica is a task ([`replica::Replica`]) that publishes its [`Status`].
+//! One actor ([`Supervisor::run`]) owns the services and takes commands through
+//! a [`SupervisorHandle`]; each replica is a task ([`replica::Replica`]) that
+//! runs it through a [`driver::Driver`] and publishes its status on the
+//! [`StatusBoard`]. The actor never waits inside its command loop: stopping a
+//! replica (the [`Hook::before_stop`] drain, then the stop signal and the grace
+//! period) and waiting for a new revision to be ready run as tasks that report
+//! back, so a long drain of one service delays no command for another.
+//!
+//! Other components plug in through [`Hook`]s (the proxy drains replicas
+//! before they stop and follows the stack's ports); the supervisor imports none
+//! of them.
 
-pub mod cgroup;
+pub mod driver;
 pub mod health;
-pub mod process;
+pub mod records;
 pub mod replica;
-pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::events::EventLog;
 use crate::logs::engine::LogEngine;
 use crate::spec::{Condition, Service, Stack};
+pub use crate::state::control::{Error, Hook, SupervisorHandle};
+use crate::state::control::{Command, Reply};
+use crate::state::{Phase, ReplicaId, Revision, ServiceStatus, Status, StatusBoard};
+use driver::Driver;
+use records::StateFile;
 
-/// What `capstan ps` shows of one replica.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Status {
-    pub service: String,
-    pub replica: u32,
-    pub pid: Option<i32>,
-    pub port: Option<u16>,
-    /// waiting, starting, running, restarting, crash-looping, stopping, stopped, exited, failed
-    pub state: String,
-    /// none, starting, healthy, unhealthy
-    pub health: String,
-    pub restarts: u32,
-    pub started_ms: Option<i64>,
-    pub last_exit: Option<String>,
-    pub exit_code: Option<i32>,
-    pub cpu_percent: Option<f64>,
-    /// CPU time used by the current process (and its cgroup), in seconds.
-    #[serde(default)]
-    pub cpu_seconds_total: Option<f64>,
-    /// When `cpu_seconds_total` was read (unix ms), exposed as its timestamp so
-    /// rates are exact whatever the scrape's phase.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_sampled_ms: Option<i64>,
-    /// Working set: memory in use minus inactive file cache.
-    pub memory_bytes: Option<u64>,
-    #[serde(default)]
-    pub memory_rss_bytes: Option<u64>,
-    /// The enforced memory limit, when a cgroup enforces one.
-    #[serde(default)]
-    pub memory_limit_bytes: Option<u64>,
-    /// The enforced CPU limit in CPUs, when a cgroup enforces one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_limit: Option<f64>,
-    pub revision: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
-}
+/// How long a new revision may take to become ready before its replacement
+/// is reported as failed (the old revision keeps serving).
+pub const PROGRESS_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Per-service summary for `capstan ps`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ServiceStatus {
-    pub name: String,
-    pub desired: u32,
-    pub stopped: bool,
-    pub has_healthcheck: bool,
-}
-
-/// What the scraper needs from the stack: the default interval, each service's
-/// metrics endpoint, and the static scrape configs.
-pub type ScrapeSpecs = (
-    Duration,
-    BTreeMap<String, crate::spec::MetricsTarget>,
-    Vec<crate::spec::ScrapeConfig>,
-);
-
-/// State shared by the supervisor, its replica tasks and the API.
-pub struct Shared {
-    /// Identifies this stack's processes (`CAPSTAN_STACK` in their environment).
-    pub stack_id: String,
+/// What the supervisor's tasks share.
+pub struct Context {
+    pub board: Arc<StatusBoard>,
+    pub events: Arc<EventLog>,
+    pub logs: Arc<LogEngine>,
+    pub driver: Arc<dyn Driver>,
+    /// The durable record of what runs, for the next daemon after a crash.
+    pub records: Mutex<StateFile>,
+    /// Where replicas run unless their service names a `working_dir`.
     pub stack_dir: PathBuf,
-    pub events: EventLog,
-    pub logs: LogEngine,
-    /// Spans sent over OTLP and the proxy's own.
-    pub traces: Arc<crate::traces::TraceStore>,
-    pub cgroups: Option<cgroup::Cgroups>,
-    pub state: Mutex<state::StateFile>,
-    status: Mutex<BTreeMap<(String, u32), Status>>,
-    services: Mutex<BTreeMap<String, ServiceStatus>>,
-    pub changed: watch::Sender<u64>,
-    ports: Mutex<BTreeSet<u16>>,
-    port_range: Mutex<[u16; 2]>,
-    /// Default scrape interval and each service's metrics endpoint, for the scraper.
-    scrape: Mutex<ScrapeSpecs>,
-    /// The daemon's own listener, scraped for its own and the host's metrics.
-    pub api_addr: Mutex<Option<String>>,
-    pub scrape_stats: Arc<crate::scrape::ScrapeStats>,
-    /// HELP, TYPE and UNIT of the metric families each target exposes.
-    pub scrape_metadata: Arc<crate::scrape::MetadataStore>,
-    /// The proxy of each service's published ports.
-    pub proxy: crate::proxy::Registry,
-    /// Services that autoscale, with their CPU and memory limits.
-    pub autoscale_specs: Mutex<BTreeMap<String, (crate::spec::Autoscale, crate::spec::Limits)>>,
-    /// What the autoscaler last decided, per service.
-    pub autoscale_status: Mutex<BTreeMap<String, crate::autoscale::ServiceStatus>>,
-    warned: Mutex<BTreeSet<String>>,
+    /// The daemon's API, where replicas' OpenTelemetry SDKs send.
+    pub otlp: Option<SocketAddr>,
 }
 
-impl Shared {
-    pub fn new(
-        stack_id: String,
-        stack_dir: PathBuf,
-        events: EventLog,
-        logs: LogEngine,
-        traces: crate::traces::TraceStore,
-        cgroups: Option<cgroup::Cgroups>,
-        state: state::StateFile,
-    ) -> Shared {
-        Shared {
-            stack_id,
-            stack_dir,
-            events,
-            logs,
-            traces: Arc::new(traces),
-            cgroups,
-            state: Mutex::new(state),
-            status: Mutex::default(),
-            services: Mutex::default(),
-            changed: watch::channel(0).0,
-            ports: Mutex::default(),
-            port_range: Mutex::new([20000, 29999]),
-            scrape: Mutex::new((Duration::from_secs(15), BTreeMap::new(), Vec::new())),
-            api_addr: Mutex::new(None),
-            scrape_stats: Arc::default(),
-            scrape_metadata: Arc::default(),
-            proxy: crate::proxy::Registry::default(),
-            autoscale_specs: Mutex::default(),
-            autoscale_status: Mutex::default(),
-            warned: Mutex::default(),
-        }
-    }
+/// What the actor's own tasks report.
+enum Internal {
+    /// A replica stopped and left the board.
+    Stopped(ReplicaId),
+    /// A revision's replicas are ready (or could not become so).
+    Rolled {
+        service: String,
+        revision: Revision,
+        result: Result<(), String>,
+    },
+}
 
-    pub fn update(&self, service: &str, replica: u32, f: impl FnOnce(&mut Status)) {
-        {
-            let mut map = self.status.lock().unwrap();
-            let s = map
-                .entry((service.to_owned(), replica))
-                .or_insert_with(|| Status {
-                    service: service.to_owned(),
-                    replica,
-                    state: "waiting".into(),
-                    health: "none".into(),
-                    ..Status::default()
-                });
-            f(s);
-        }
-        self.changed.send_modify(|g| *g += 1);
-    }
-
-    fn forget(&self, service: &str, replica: u32) {
-        self.status
-            .lock()
-            .unwrap()
-            .remove(&(service.to_owned(), replica));
-        self.changed.send_modify(|g| *g += 1);
-    }
-
-    /// The default scrape interval and every service's metrics endpoint.
-    pub fn scrape_specs(&self) -> ScrapeSpecs {
-        self.scrape.lock().unwrap().clone()
-    }
-
-    pub fn statuses(&self) -> Vec<Status> {
-        self.status.lock().unwrap().values().cloned().collect()
-    }
-
-    pub fn service_statuses(&self) -> Vec<ServiceStatus> {
-        self.services.lock().unwrap().values().cloned().collect()
-    }
-
-    /// Whether every replica of `service` meets `cond` (a service scaled to zero does).
-    pub fn dependency_met(&self, service: &str, cond: Condition) -> bool {
-        let has_health = self
-            .services
-            .lock()
-            .unwrap()
-            .get(service)
-            .is_some_and(|s| s.has_healthcheck);
-        let map = self.status.lock().unwrap();
-        map.values()
-            .filter(|s| s.service == service)
-            .all(|s| match cond {
-                Condition::ServiceStarted => s.pid.is_some() || s.state == "exited",
-                Condition::ServiceHealthy if has_health => s.health == "healthy",
-                Condition::ServiceHealthy => s.pid.is_some(),
-                Condition::ServiceCompletedSuccessfully => {
-                    s.state == "exited" && s.exit_code == Some(0)
-                }
-            })
-    }
-
-    /// Logs a warning once per distinct message (and records it as an event).
-    pub fn warn_once(&self, msg: String) {
-        if self.warned.lock().unwrap().insert(msg.clone()) {
-            tracing::warn!("{msg}");
-            self.events.emit("capstan", None, "warning", msg);
-        }
-    }
-
-    /// A free loopback port from the configured range, not given to another replica.
-    pub fn alloc_port(&self) -> u16 {
-        let [lo, hi] = *self.port_range.lock().unwrap();
-        let span = u32::from(hi - lo) + 1;
-        let seed =
-            (crate::logs::now_ns() as u64 ^ u64::from(std::process::id()).rotate_left(17)) as u32;
-        let mut ports = self.ports.lock().unwrap();
-        for i in 0..span {
-            let p = lo + ((seed.wrapping_add(i)) % span) as u16;
-            if !ports.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                ports.insert(p);
-                return p;
+/// Whether every replica of `service` meets `cond` (a service scaled to zero does).
+pub fn dependency_met(board: &StatusBoard, service: &str, cond: Condition) -> bool {
+    let has_health = board.service(service).is_some_and(|s| s.has_healthcheck);
+    board
+        .replicas_of(service)
+        .iter()
+        .all(|s| match cond {
+            Condition::ServiceStarted => s.pid.is_some() || s.state == Phase::Exited,
+            Condition::ServiceHealthy if has_health => {
+                s.health == crate::state::Health::Healthy
             }
-        }
-        // Range exhausted: let the kernel choose.
-        std::net::TcpListener::bind(("127.0.0.1", 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0)
-    }
-
-    pub fn release_port(&self, p: u16) {
-        self.ports.lock().unwrap().remove(&p);
-    }
-}
-
-pub type Reply = oneshot::Sender<Result<String, String>>;
-
-pub enum Command {
-    Apply(Box<Stack>, Reply),
-    Scale(BTreeMap<String, u32>, Reply),
-    Restart(Vec<String>, Reply),
-    Stop(Vec<String>, Reply),
-    Start(Vec<String>, Reply),
-    Down(Reply),
-}
-
-struct ReplicaHandle {
-    ctl: mpsc::Sender<replica::Ctl>,
-    task: JoinHandle<()>,
-}
-
-struct ServiceRt {
-    spec: Arc<Service>,
-    revision: String,
-    desired: u32,
-    stopped: bool,
-    replicas: BTreeMap<u32, ReplicaHandle>,
-}
-
-pub struct Supervisor {
-    shared: Arc<Shared>,
-    stack: Stack,
-    services: BTreeMap<String, ServiceRt>,
-    revision_counter: u64,
-}
-
-/// Stops replicas left by a daemon that died without stopping them.
-pub async fn stop_leftovers(shared: &Shared) {
-    let records = shared.state.lock().unwrap().records();
-    let mut stops = Vec::new();
-    for r in records {
-        if !process::alive(r.pid, r.start_ticks) {
-            if let Some(cg) = &r.cgroup {
-                process::kill_leftovers(r.pid, Some(cg)).await;
+            Condition::ServiceHealthy => s.pid.is_some(),
+            Condition::ServiceCompletedSuccessfully => {
+                s.state == Phase::Exited && s.exit_code == Some(0)
             }
-            continue;
-        }
-        shared.events.emit(
-            &r.service,
-            Some(r.replica),
-            "stopping",
-            format!(
-                "found pid {} left by a previous daemon; stopping it before starting afresh",
-                r.pid
-            ),
-        );
-        stops.push(async move {
-            let sig = process::signal_by_name(&r.stop_signal);
-            process::stop_foreign(
-                r.pid,
-                r.cgroup.as_ref(),
-                sig,
-                Duration::from_millis(r.grace_ms),
-            )
-            .await;
-        });
-    }
-    futures_join(stops).await;
-    // A daemon killed between spawning a replica and recording it leaves a process
-    // no record names: find those by the stack id in their environment.
-    let mut groups: BTreeSet<i32> = BTreeSet::new();
-    for pid in process::pids_with_env("CAPSTAN_STACK", &shared.stack_id) {
-        if let Some(st) = process::proc_stat(pid) {
-            groups.insert(st.pgrp);
-        }
-    }
-    let mut stops = Vec::new();
-    for pgid in groups {
-        shared.events.emit(
-            "capstan",
-            None,
-            "stopping",
-            format!(
-                "found process group {pgid} of this stack left by a previous daemon; stopping it"
-            ),
-        );
-        stops.push(process::stop_foreign(
-            pgid,
-            None,
-            nix::sys::signal::Signal::SIGTERM,
-            Duration::from_secs(10),
-        ));
-    }
-    futures_join(stops).await;
-    shared.state.lock().unwrap().clear();
-}
-
-async fn futures_join<F: std::future::Future<Output = ()> + Send + 'static>(fs: Vec<F>) {
-    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
-    for h in handles {
-        let _ = h.await;
-    }
+        })
 }
 
 /// Services in start order: each after everything it depends on.
@@ -358,134 +106,314 @@ pub fn start_order(stack: &Stack) -> Vec<String> {
     out
 }
 
-impl Supervisor {
-    pub fn new(shared: Arc<Shared>, stack: Stack) -> Supervisor {
-        Supervisor {
-            shared,
-            stack: Stack {
-                services: BTreeMap::new(),
-                ..stack
-            },
-            services: BTreeMap::new(),
-            revision_counter: 0,
+struct ReplicaHandle {
+    ctl: mpsc::Sender<replica::Ctl>,
+    task: JoinHandle<()>,
+    grace: Duration,
+}
+
+struct ServiceRt {
+    spec: Arc<Service>,
+    /// The revision new replicas get.
+    revision: Revision,
+    desired: u32,
+    stopped: bool,
+    /// Starts nothing until the replicas being stopped are gone (a restart).
+    held: bool,
+    /// Replicas not being stopped, of every revision.
+    replicas: BTreeMap<ReplicaId, ReplicaHandle>,
+    /// Replicas being drained and stopped.
+    stopping: BTreeSet<ReplicaId>,
+}
+
+impl ServiceRt {
+    fn current(&self) -> impl Iterator<Item = &ReplicaId> {
+        self.replicas.keys().filter(|id| id.revision == self.revision)
+    }
+}
+
+/// A command's reply that waits for replicas to stop and revisions to roll.
+struct Pending {
+    stops: BTreeSet<ReplicaId>,
+    rollouts: BTreeSet<(String, Revision)>,
+    /// Services to start again once their stops are done (a restart).
+    resume: Vec<String>,
+    message: String,
+    failures: Vec<String>,
+    reply: Option<Reply>,
+}
+
+impl Pending {
+    fn new(message: String, reply: Reply) -> Pending {
+        Pending {
+            stops: BTreeSet::new(),
+            rollouts: BTreeSet::new(),
+            resume: Vec::new(),
+            message,
+            failures: Vec::new(),
+            reply: Some(reply),
         }
     }
 
-    pub async fn run(mut self, initial: Stack, mut rx: mpsc::Receiver<Command>) {
-        self.apply(initial).await;
-        while let Some(cmd) = rx.recv().await {
-            match cmd {
-                Command::Apply(stack, reply) => {
-                    let msg = self.apply(*stack).await;
-                    let _ = reply.send(Ok(msg));
-                }
-                Command::Scale(counts, reply) => {
-                    let _ = reply.send(self.scale(counts).await);
-                }
-                Command::Restart(names, reply) => {
-                    let r = self
-                        .for_services(&names, |sv, n| Box::pin(sv.restart_service(n)))
-                        .await;
-                    let _ = reply.send(r);
-                }
-                Command::Stop(names, reply) => {
-                    let r = self
-                        .for_services(&names, |sv, n| Box::pin(sv.stop_service(n)))
-                        .await;
-                    let _ = reply.send(r);
-                }
-                Command::Start(names, reply) => {
-                    let r = self
-                        .for_services(&names, |sv, n| Box::pin(sv.start_service(n)))
-                        .await;
-                    let _ = reply.send(r);
-                }
-                Command::Down(reply) => {
-                    self.down().await;
-                    let _ = reply.send(Ok("stopped every service".into()));
-                    return;
-                }
+    fn done(&self) -> bool {
+        self.stops.is_empty() && self.rollouts.is_empty()
+    }
+}
+
+pub struct Supervisor {
+    ctx: Arc<Context>,
+    hooks: Vec<Arc<dyn Hook>>,
+    stack: Stack,
+    services: BTreeMap<String, ServiceRt>,
+    revision_counter: Revision,
+    port_range: [u16; 2],
+    pending: Vec<Pending>,
+    rx: mpsc::Receiver<Command>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+}
+
+impl Supervisor {
+    /// A supervisor and the handle that commands it; [`Supervisor::run`] starts it.
+    pub fn new(ctx: Arc<Context>, hooks: Vec<Arc<dyn Hook>>) -> (Supervisor, SupervisorHandle) {
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let (handle, rx) = SupervisorHandle::channel();
+        let sup = Supervisor {
+            ctx,
+            hooks,
+            stack: Stack::default(),
+            services: BTreeMap::new(),
+            revision_counter: 0,
+            port_range: [20000, 29999],
+            pending: Vec::new(),
+            rx,
+            internal_tx,
+            internal_rx,
+        };
+        (sup, handle)
+    }
+
+    /// Stops what a previous daemon left, applies `initial`, then serves
+    /// commands until `down` (or until every handle is gone).
+    pub async fn run(mut self, initial: Stack) {
+        let records = self.ctx.records.lock().unwrap().records();
+        self.ctx.driver.recover(records).await;
+        self.ctx.records.lock().unwrap().clear();
+        let msg = self.apply(initial);
+        // The first apply's waits (there are no replacements) need no reply.
+        drop(msg);
+        loop {
+            tokio::select! {
+                Some(i) = self.internal_rx.recv() => self.internal(i),
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Down(reply)) => {
+                        self.down().await;
+                        let _ = reply.send(Ok("stopped every service".into()));
+                        return;
+                    }
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
             }
         }
         self.down().await;
     }
 
-    async fn for_services<F>(&mut self, names: &[String], mut f: F) -> Result<String, String>
-    where
-        F: for<'a> FnMut(
-            &'a mut Supervisor,
-            String,
-        )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
-    {
-        let unknown: Vec<&String> = names
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Apply(stack, reply) => {
+                let p = self.apply(*stack);
+                self.finish_or_wait(p, reply);
+            }
+            Command::Scale {
+                counts,
+                wait,
+                reply,
+            } => match self.scale(counts) {
+                Ok(p) if wait => self.finish_or_wait(p, reply),
+                Ok(p) => {
+                    let _ = reply.send(Ok(p.message));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Restart(names, reply) => match self.known(&names) {
+                Ok(()) => {
+                    let p = self.restart(&names);
+                    self.finish_or_wait(p, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Stop(names, reply) => match self.known(&names) {
+                Ok(()) => {
+                    let mut p = Pending::new(format!("done: {}", names.join(", ")), reply_dummy());
+                    for n in &names {
+                        p.stops.extend(self.stop_service(n));
+                    }
+                    self.finish_or_wait(p, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Start(names, reply) => {
+                let r = self.known(&names).map(|()| {
+                    for n in &names {
+                        self.start_service(n);
+                    }
+                    format!("done: {}", names.join(", "))
+                });
+                let _ = reply.send(r);
+            }
+            Command::Wake(name) => self.wake(&name),
+            Command::Down(_) => unreachable!("handled by run"),
+        }
+    }
+
+    /// Replies now if `p` waits for nothing, else when it is done.
+    fn finish_or_wait(&mut self, mut p: Pending, reply: Reply) {
+        p.reply = Some(reply);
+        if p.done() {
+            self.complete(p);
+        } else {
+            self.pending.push(p);
+        }
+    }
+
+    fn complete(&mut self, mut p: Pending) {
+        for name in std::mem::take(&mut p.resume) {
+            if let Some(rt) = self.services.get_mut(&name) {
+                rt.held = false;
+            }
+            self.reconcile(&name);
+        }
+        if let Some(reply) = p.reply.take() {
+            let r = if p.failures.is_empty() {
+                Ok(p.message)
+            } else {
+                Err(Error::NotReady(format!(
+                    "{}; {}",
+                    p.message,
+                    p.failures.join("; ")
+                )))
+            };
+            let _ = reply.send(r);
+        }
+        self.publish_services();
+    }
+
+    fn internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Stopped(id) => {
+                if let Some(rt) = self.services.get_mut(&id.service) {
+                    rt.stopping.remove(&id);
+                }
+                for p in &mut self.pending {
+                    p.stops.remove(&id);
+                }
+                // A replica stopped for a scale-down may leave room to start
+                // one under its index again.
+                self.reconcile(&id.service);
+            }
+            Internal::Rolled {
+                service,
+                revision,
+                result,
+            } => {
+                let mut retired = BTreeSet::new();
+                let current = self
+                    .services
+                    .get(&service)
+                    .is_some_and(|rt| rt.revision == revision);
+                match &result {
+                    Ok(()) if current => {
+                        let old: Vec<ReplicaId> = self.services[&service]
+                            .replicas
+                            .keys()
+                            .filter(|id| id.revision != revision)
+                            .cloned()
+                            .collect();
+                        if !old.is_empty() {
+                            self.ctx.events.emit(
+                                &service,
+                                None,
+                                "replaced",
+                                format!(
+                                    "revision {revision} is ready; stopping {} replica(s) of the previous revision",
+                                    old.len()
+                                ),
+                            );
+                        }
+                        retired = self.retire(&service, old);
+                    }
+                    Ok(()) => {}
+                    Err(why) => self.ctx.events.emit(&service, None, "not-ready", why.clone()),
+                }
+                for p in &mut self.pending {
+                    if p.rollouts.remove(&(service.clone(), revision)) {
+                        p.stops.extend(retired.iter().cloned());
+                        if let Err(why) = &result {
+                            p.failures.push(why.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let (done, waiting): (Vec<Pending>, Vec<Pending>) =
+            std::mem::take(&mut self.pending).into_iter().partition(Pending::done);
+        self.pending = waiting;
+        for p in done {
+            self.complete(p);
+        }
+    }
+
+    fn known(&self, names: &[String]) -> Result<(), Error> {
+        let unknown: Vec<&str> = names
             .iter()
             .filter(|n| !self.services.contains_key(*n))
+            .map(|s| s.as_str())
             .collect();
-        if !unknown.is_empty() {
-            return Err(format!(
-                "no such service: {}",
-                unknown
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NoSuchService(unknown.join(", ")))
         }
-        for n in names {
-            f(self, n.clone()).await;
-        }
-        Ok(format!("done: {}", names.join(", ")))
     }
 
     fn publish_services(&self) {
-        let mut map = self.shared.services.lock().unwrap();
-        map.clear();
-        for (name, rt) in &self.services {
-            map.insert(
-                name.clone(),
-                ServiceStatus {
+        self.ctx.board.set_services(
+            self.services
+                .iter()
+                .map(|(name, rt)| ServiceStatus {
                     name: name.clone(),
                     desired: rt.desired,
                     stopped: rt.stopped,
                     has_healthcheck: rt.spec.healthcheck.is_some(),
-                },
-            );
-        }
-        drop(map);
-        self.shared.changed.send_modify(|g| *g += 1);
-    }
-
-    fn next_revision(&mut self) -> String {
-        self.revision_counter += 1;
-        self.revision_counter.to_string()
-    }
-
-    /// Makes the running services match `stack`: new ones start, removed ones stop,
-    /// changed ones restart, replica counts are met.
-    async fn apply(&mut self, stack: Stack) -> String {
-        *self.shared.port_range.lock().unwrap() = stack.settings.port_range;
-        *self.shared.scrape.lock().unwrap() = (
-            stack.settings.scrape_interval.0,
-            stack
-                .services
-                .iter()
-                .map(|(n, s)| (n.clone(), s.x.metrics.clone()))
+                })
                 .collect(),
-            stack.settings.scrape_configs.clone(),
         );
-        *self.shared.autoscale_specs.lock().unwrap() = stack
-            .services
-            .iter()
-            .filter_map(|(n, s)| {
-                let a = s.x.autoscale.clone()?;
-                Some((n.clone(), (a, s.deploy.resources.limits.clone())))
-            })
-            .collect();
-        for problem in crate::proxy::configure(&self.shared, &stack) {
-            self.shared.warn_once(problem);
+    }
+
+    fn next_revision(&mut self) -> Revision {
+        self.revision_counter += 1;
+        self.revision_counter
+    }
+
+    /// Makes the running services match `stack`: new ones start, removed ones
+    /// stop, changed ones are replaced start-first, replica counts are met.
+    fn apply(&mut self, stack: Stack) -> Pending {
+        self.port_range = stack.settings.port_range;
+        for hook in &self.hooks {
+            for problem in hook.on_apply(&stack) {
+                self.ctx.events.warn_once(problem);
+            }
         }
         let mut changes = Vec::new();
+        let mut stops = BTreeSet::new();
+        let mut rollouts = BTreeSet::new();
         let removed: Vec<String> = self
             .services
             .keys()
@@ -493,10 +421,11 @@ impl Supervisor {
             .cloned()
             .collect();
         for name in removed {
-            self.scale_to(&name, 0).await;
+            let all: Vec<ReplicaId> = self.services[&name].replicas.keys().cloned().collect();
+            stops.extend(self.retire(&name, all));
             self.services.remove(&name);
             changes.push(format!("removed {name}"));
-            self.shared
+            self.ctx
                 .events
                 .emit(&name, None, "removed", "service removed from the stack");
         }
@@ -514,20 +443,25 @@ impl Supervisor {
                         changes.push(format!("updated {name}'s settings"));
                     }
                     let was_stopped = rt.stopped;
+                    let had = rt.desired;
                     if let Some(rt) = self.services.get_mut(&name) {
                         rt.spec = Arc::new(spec.clone());
                         rt.stopped = false;
+                        rt.desired = want;
                     }
-                    if self.services.get(&name).map_or(0, |rt| rt.desired) != want {
+                    if had != want {
                         changes.push(format!("scaled {name} to {want}"));
-                        self.scale(BTreeMap::from([(name.clone(), want)]))
-                            .await
-                            .ok();
+                        self.ctx.events.emit(
+                            &name,
+                            None,
+                            "scaled",
+                            format!("replicas {had} -> {want}"),
+                        );
                     }
                     // Converge to the file, as compose does: replicas that
                     // finished (failed, or exited under their restart policy)
                     // and services stopped by hand run again.
-                    let revived = self.revive(&name).await;
+                    let revived = self.revive(&name);
                     if was_stopped {
                         changes.push(format!("started {name}"));
                     } else if !revived.is_empty() {
@@ -540,24 +474,38 @@ impl Supervisor {
                                 .join(", ")
                         ));
                     }
-                    self.reconcile(&name);
+                    stops.extend(self.reconcile(&name));
                 }
-                Some(_) => {
-                    changes.push(format!("restarted {name} (definition changed)"));
-                    self.scale_to(&name, 0).await;
+                Some(rt) => {
+                    let from = rt.revision;
+                    let had = rt.desired;
                     let revision = self.next_revision();
+                    changes.push(format!(
+                        "replaced {name} (definition changed: revision {from} -> {revision}, the new replicas ready before the old stop)"
+                    ));
+                    let want = match &spec.x.autoscale {
+                        Some(a) => had.clamp(a.min, a.max),
+                        None => spec.deploy.replicas,
+                    };
                     let rt = self.services.get_mut(&name).expect("present");
                     rt.spec = Arc::new(spec.clone());
                     rt.revision = revision;
-                    rt.desired = spec.deploy.replicas;
+                    rt.desired = want;
                     rt.stopped = false;
-                    self.shared.events.emit(
+                    rt.held = false;
+                    self.ctx.events.emit(
                         &name,
                         None,
                         "updated",
-                        "definition changed; replicas restarted",
+                        format!(
+                            "definition changed; starting revision {revision} before stopping revision {from}"
+                        ),
                     );
-                    self.reconcile(&name);
+                    // Finished replicas of the old revision have nothing to hand over.
+                    self.revive(&name);
+                    stops.extend(self.reconcile(&name));
+                    rollouts.insert((name.clone(), revision));
+                    self.watch_rollout(&name, revision);
                 }
                 None => {
                     if !self.stack.services.is_empty() {
@@ -571,7 +519,9 @@ impl Supervisor {
                             revision,
                             desired: spec.deploy.replicas,
                             stopped: false,
+                            held: false,
                             replicas: BTreeMap::new(),
+                            stopping: BTreeSet::new(),
                         },
                     );
                     self.reconcile(&name);
@@ -583,156 +533,242 @@ impl Supervisor {
         }
         self.stack = stack;
         self.publish_services();
-        if changes.is_empty() {
+        let message = if changes.is_empty() {
             "no changes".into()
         } else {
             changes.join("; ")
-        }
+        };
+        let mut p = Pending::new(message, reply_dummy());
+        p.stops = stops;
+        p.rollouts = rollouts;
+        p
     }
 
-    /// Starts missing replicas of a service (up to `desired`, unless stopped).
-    fn reconcile(&mut self, name: &str) {
+    /// Starts replicas of the current revision up to `desired` (unless the
+    /// service is stopped or held) and retires those above it. Returns the
+    /// replicas it retired.
+    fn reconcile(&mut self, name: &str) -> BTreeSet<ReplicaId> {
         let Some(rt) = self.services.get_mut(name) else {
-            return;
+            return BTreeSet::new();
         };
-        if rt.stopped {
-            return;
+        if rt.stopped || rt.held {
+            return BTreeSet::new();
         }
-        for idx in 0..rt.desired {
-            if rt.replicas.contains_key(&idx) {
+        let current: Vec<ReplicaId> = rt.current().cloned().collect();
+        let desired = rt.desired as usize;
+        if current.len() > desired {
+            // The highest indices go, as a StatefulSet scales down.
+            let surplus = current[desired..].to_vec();
+            return self.retire(name, surplus);
+        }
+        let mut missing = desired - current.len();
+        let mut index = 0u32;
+        while missing > 0 {
+            let id = ReplicaId::new(name, rt.revision, index);
+            index += 1;
+            if rt.replicas.contains_key(&id) || rt.stopping.contains(&id) {
                 continue;
             }
+            missing -= 1;
             let (tx, rx) = mpsc::channel(1);
             let r = replica::Replica {
-                shared: self.shared.clone(),
-                service: name.to_owned(),
-                idx,
+                ctx: self.ctx.clone(),
+                id: id.clone(),
                 spec: rt.spec.clone(),
-                revision: rt.revision.clone(),
+                port_range: self.port_range,
             };
-            self.shared.update(name, idx, |s| {
-                *s = Status {
-                    service: name.to_owned(),
-                    replica: idx,
-                    state: "waiting".into(),
-                    health: "none".into(),
-                    revision: rt.revision.clone(),
-                    ..Status::default()
-                }
-            });
+            self.ctx.board.remove(&id);
+            self.ctx.board.update(&id, |_| {});
             let task = tokio::spawn(r.run(rx));
-            rt.replicas.insert(idx, ReplicaHandle { ctl: tx, task });
+            rt.replicas.insert(
+                id,
+                ReplicaHandle {
+                    ctl: tx,
+                    task,
+                    grace: rt.spec.stop_grace_period.0,
+                },
+            );
         }
+        BTreeSet::new()
     }
 
-    /// Stops replicas with index >= n, all at once, and waits for them.
-    async fn scale_to(&mut self, name: &str, n: u32) {
+    /// Takes replicas out of service: each is drained (the hooks) and stopped
+    /// by a task of its own that reports [`Internal::Stopped`].
+    fn retire(&mut self, name: &str, ids: Vec<ReplicaId>) -> BTreeSet<ReplicaId> {
         let Some(rt) = self.services.get_mut(name) else {
-            return;
+            return BTreeSet::new();
         };
-        let doomed: Vec<u32> = rt.replicas.keys().copied().filter(|i| *i >= n).collect();
-        // Requests in flight finish first; new ones go to the replicas that stay.
-        crate::proxy::drain(&self.shared, name, &doomed, rt.spec.stop_grace_period.0).await;
-        let mut tasks = Vec::new();
-        for idx in &doomed {
-            if let Some(h) = rt.replicas.remove(idx) {
+        let mut out = BTreeSet::new();
+        for id in ids {
+            let Some(h) = rt.replicas.remove(&id) else {
+                continue;
+            };
+            rt.stopping.insert(id.clone());
+            out.insert(id.clone());
+            let hooks = self.hooks.clone();
+            let board = self.ctx.board.clone();
+            let done = self.internal_tx.clone();
+            tokio::spawn(async move {
+                // Requests in flight finish first; new ones go to the replicas that stay.
+                for hook in &hooks {
+                    hook.before_stop(vec![id.clone()], h.grace).await;
+                }
                 let _ = h.ctl.send(replica::Ctl::Stop).await;
-                tasks.push(h.task);
-            }
+                let _ = h.task.await;
+                board.remove(&id);
+                let _ = done.send(Internal::Stopped(id));
+            });
         }
-        for t in tasks {
-            let _ = t.await;
-        }
-        for idx in doomed {
-            self.shared.forget(name, idx);
-        }
+        out
     }
 
-    async fn scale(&mut self, counts: BTreeMap<String, u32>) -> Result<String, String> {
+    /// Waits (as a task) until `revision`'s replicas are ready, then reports.
+    fn watch_rollout(&self, name: &str, revision: Revision) {
+        let board = self.ctx.board.clone();
+        let done = self.internal_tx.clone();
+        let service = name.to_owned();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(
+                PROGRESS_DEADLINE,
+                wait_ready(&board, &service, revision),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{service}: revision {revision} was not ready within {}; the previous revision keeps serving",
+                    crate::spec::Dur(PROGRESS_DEADLINE)
+                ))
+            });
+            let _ = done.send(Internal::Rolled {
+                service,
+                revision,
+                result,
+            });
+        });
+    }
+
+    fn scale(&mut self, counts: BTreeMap<String, u32>) -> Result<Pending, Error> {
         for name in counts.keys() {
             if !self.services.contains_key(name) {
-                return Err(format!("no such service: {name}"));
+                return Err(Error::NoSuchService(name.clone()));
             }
         }
         let mut done = Vec::new();
+        let mut stops = BTreeSet::new();
         for (name, n) in counts {
-            let before = self.services[&name].desired;
-            self.scale_to(&name, n).await;
-            if let Some(rt) = self.services.get_mut(&name) {
-                rt.desired = n;
-            }
-            self.reconcile(&name);
-            self.shared
+            let Some(rt) = self.services.get_mut(&name) else {
+                continue;
+            };
+            let before = rt.desired;
+            rt.desired = n;
+            stops.extend(self.reconcile(&name));
+            self.ctx
                 .events
                 .emit(&name, None, "scaled", format!("replicas {before} -> {n}"));
             done.push(format!("{name}={n}"));
         }
+        // The new counts are visible at once, before any replica has stopped.
         self.publish_services();
-        Ok(format!("scaled {}", done.join(" ")))
+        let mut p = Pending::new(format!("scaled {}", done.join(" ")), reply_dummy());
+        p.stops = stops;
+        Ok(p)
     }
 
-    async fn stop_service(&mut self, name: String) {
-        self.scale_to(&name, 0).await;
-        if let Some(rt) = self.services.get_mut(&name) {
+    /// A request found no replica: a service scaled to zero gets one.
+    fn wake(&mut self, name: &str) {
+        let Some(rt) = self.services.get(name) else {
+            return;
+        };
+        if rt.desired > 0 || rt.stopped {
+            return;
+        }
+        self.ctx.events.emit(
+            name,
+            None,
+            "waking",
+            "a request arrived with no replica running; starting one",
+        );
+        let _ = self.scale(BTreeMap::from([(name.to_owned(), 1)]));
+    }
+
+    fn stop_service(&mut self, name: &str) -> BTreeSet<ReplicaId> {
+        let all: Vec<ReplicaId> = self
+            .services
+            .get(name)
+            .map(|rt| rt.replicas.keys().cloned().collect())
+            .unwrap_or_default();
+        let stops = self.retire(name, all);
+        if let Some(rt) = self.services.get_mut(name) {
             rt.stopped = true;
         }
-        self.shared
+        self.ctx
             .events
-            .emit(&name, None, "stopped", "service stopped");
+            .emit(name, None, "stopped", "service stopped");
+        self.publish_services();
+        stops
+    }
+
+    fn start_service(&mut self, name: &str) {
+        if let Some(rt) = self.services.get_mut(name) {
+            rt.stopped = false;
+        }
+        self.revive(name);
+        self.reconcile(name);
         self.publish_services();
     }
 
-    async fn start_service(&mut self, name: String) {
-        if let Some(rt) = self.services.get_mut(&name) {
-            rt.stopped = false;
+    /// Stop first, then start a new revision (as compose's `restart`).
+    fn restart(&mut self, names: &[String]) -> Pending {
+        let mut p = Pending::new(format!("done: {}", names.join(", ")), reply_dummy());
+        for name in names {
+            let revision = self.next_revision();
+            let all: Vec<ReplicaId> = self.services[name].replicas.keys().cloned().collect();
+            p.stops.extend(self.retire(name, all));
+            if let Some(rt) = self.services.get_mut(name) {
+                rt.stopped = false;
+                rt.revision = revision;
+                rt.held = true;
+            }
+            p.resume.push(name.clone());
+            self.ctx
+                .events
+                .emit(name, None, "restarted", "service restarted");
         }
-        self.revive(&name).await;
-        self.reconcile(&name);
-        self.publish_services();
+        p
     }
 
     /// Ends the tasks of `name`'s replicas that finished (exited or failed and
     /// not restarted by their policy), so that `reconcile` starts them afresh.
     /// Returns their indices.
-    async fn revive(&mut self, name: &str) -> Vec<u32> {
-        let finished: Vec<u32> = self
-            .shared
-            .statuses()
+    fn revive(&mut self, name: &str) -> Vec<u32> {
+        let finished: BTreeSet<ReplicaId> = self
+            .ctx
+            .board
+            .replicas_of(name)
             .into_iter()
-            .filter(|s| s.service == name && matches!(s.state.as_str(), "exited" | "failed"))
-            .map(|s| s.replica)
+            .filter(|s| s.state.finished())
+            .map(|s| s.id())
             .collect();
         let Some(rt) = self.services.get_mut(name) else {
             return Vec::new();
         };
         let mut revived = Vec::new();
-        for idx in finished {
-            if let Some(h) = rt.replicas.remove(&idx) {
-                let _ = h.ctl.send(replica::Ctl::Stop).await;
-                let _ = h.task.await;
-                revived.push(idx);
+        for id in finished {
+            if let Some(h) = rt.replicas.remove(&id) {
+                // A finished replica's task only waits for this.
+                let _ = h.ctl.try_send(replica::Ctl::Stop);
+                self.ctx.board.remove(&id);
+                revived.push(id.index);
             }
         }
         revived
     }
 
-    async fn restart_service(&mut self, name: String) {
-        self.scale_to(&name, 0).await;
-        let revision = self.next_revision();
-        if let Some(rt) = self.services.get_mut(&name) {
-            rt.stopped = false;
-            rt.revision = revision;
-        }
-        self.shared
-            .events
-            .emit(&name, None, "restarted", "service restarted");
-        self.reconcile(&name);
-        self.publish_services();
-    }
-
     /// Stops everything, dependents before what they depend on.
     async fn down(&mut self) {
-        self.shared.proxy.close_listeners();
+        for hook in &self.hooks {
+            hook.on_down();
+        }
         let mut order = start_order(&self.stack);
         order.reverse();
         // Group into levels so independent services stop together.
@@ -754,25 +790,81 @@ impl Supervisor {
             } else {
                 level
             };
-            let mut stops = Vec::new();
             for name in &level {
-                if let Some(rt) = self.services.get(name) {
-                    let all: Vec<u32> = rt.replicas.keys().copied().collect();
-                    crate::proxy::drain(&self.shared, name, &all, rt.spec.stop_grace_period.0)
-                        .await;
-                }
-                if let Some(rt) = self.services.get_mut(name) {
-                    for (_, h) in std::mem::take(&mut rt.replicas) {
-                        let _ = h.ctl.send(replica::Ctl::Stop).await;
-                        stops.push(h.task);
-                    }
-                }
+                let all: Vec<ReplicaId> = self
+                    .services
+                    .get(name)
+                    .map(|rt| rt.replicas.keys().cloned().collect())
+                    .unwrap_or_default();
+                self.retire(name, all);
             }
-            for t in stops {
-                let _ = t.await;
-            }
+            self.settle(&level).await;
             order.retain(|n| !level.contains(n));
         }
-        self.shared.state.lock().unwrap().clear();
+        // Services removed from the stack may still be stopping.
+        let rest: Vec<String> = self.services.keys().cloned().collect();
+        self.settle(&rest).await;
+        self.ctx.records.lock().unwrap().clear();
+    }
+
+    /// Takes the tasks' reports until no replica of `names` is stopping.
+    async fn settle(&mut self, names: &[String]) {
+        let busy = |sv: &Supervisor| {
+            names
+                .iter()
+                .any(|n| sv.services.get(n).is_some_and(|rt| !rt.stopping.is_empty()))
+        };
+        while busy(self) {
+            match self.internal_rx.recv().await {
+                Some(Internal::Stopped(id)) => {
+                    if let Some(rt) = self.services.get_mut(&id.service) {
+                        rt.stopping.remove(&id);
+                    }
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+}
+
+/// A reply nobody waits for (filled in when a command's reply is known).
+fn reply_dummy() -> Reply {
+    oneshot::channel().0
+}
+
+/// Until every replica of `revision` is ready (or finished successfully); an
+/// error when one crash-loops or fails, or the revision is gone.
+async fn wait_ready(board: &StatusBoard, service: &str, revision: Revision) -> Result<(), String> {
+    let mut changed = board.watch_topology();
+    loop {
+        let mine: Vec<Status> = board
+            .replicas_of(service)
+            .into_iter()
+            .filter(|s| s.revision == revision)
+            .collect();
+        if let Some(bad) = mine
+            .iter()
+            .find(|s| matches!(s.state, Phase::CrashLooping | Phase::Failed))
+        {
+            return Err(format!(
+                "{service}: revision {revision} is not ready (replica {} is {}{}); the previous revision keeps serving",
+                bad.replica,
+                bad.state,
+                bad.last_exit
+                    .as_deref()
+                    .map(|e| format!(", last {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        let ready = mine
+            .iter()
+            .all(|s| s.is_ready() || (s.state == Phase::Exited && s.exit_code == Some(0)));
+        if ready {
+            return Ok(());
+        }
+        if changed.changed().await.is_err() {
+            return Err(format!("{service}: the supervisor stopped"));
+        }
     }
 }

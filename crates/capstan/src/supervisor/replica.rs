@@ -1,7 +1,10 @@
-//! One replica's life: wait for dependencies, spawn, watch (exit, health,
-//! resources), restart with backoff per policy, stop gracefully when told.
+//! One replica's life: wait for dependencies, start through the driver, watch
+//! (exit, health, resources), restart with backoff per policy, stop gracefully
+//! when told. Only the restart policy and the health flow live here; how a
+//! replica runs is the [`Driver`](super::driver::Driver)'s business.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,58 +12,57 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::health::{self, Health};
-use super::process::{self, Launch};
-use super::state::Record;
-use super::{Shared, Status};
-use crate::logs::Stream;
-use crate::spec::{Condition, RestartCondition, Service};
+use super::Context;
+use super::driver::{Exit, Launch, Replica as Running};
+use super::health::{self, Health as Check};
+use crate::spec::{Condition, HealthTest, RestartCondition, Service};
+use crate::state::{Health, Phase, ReplicaId, Status};
 
 /// Consecutive failed runs after which a replica is reported as crash-looping.
 pub const CRASH_LOOP_AFTER: u32 = 4;
 /// Longest restart backoff.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a replica's CPU and memory are read: often enough that the
+/// autoscaler sees a load step within a second.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 pub enum Ctl {
     Stop,
 }
 
 pub struct Replica {
-    pub shared: Arc<Shared>,
-    pub service: String,
-    pub idx: u32,
+    pub ctx: Arc<Context>,
+    pub id: ReplicaId,
     pub spec: Arc<Service>,
-    pub revision: String,
+    pub port_range: [u16; 2],
 }
 
 enum Outcome {
-    /// Told to stop; the process is gone.
+    /// Told to stop; it is gone.
     Stopped,
-    /// The process ended by itself (or was ended for being unhealthy).
+    /// It ended by itself (or was ended for being unhealthy).
     Exited {
-        code: Option<i32>,
-        signal: Option<i32>,
+        exit: Exit,
         uptime: Duration,
         unhealthy: bool,
-        oom: bool,
     },
     SpawnFailed(String),
 }
 
 impl Replica {
     fn set(&self, f: impl FnOnce(&mut Status)) {
-        self.shared.update(&self.service, self.idx, f);
+        self.ctx.board.update(&self.id, f);
     }
 
     fn event(&self, kind: &str, reason: impl Into<String>) {
-        self.shared
+        self.ctx
             .events
-            .emit(&self.service, Some(self.idx), kind, reason);
+            .emit(&self.id.service, Some(self.id.index), kind, reason);
     }
 
     pub async fn run(self, mut ctl: mpsc::Receiver<Ctl>) {
         if !self.wait_for_dependencies(&mut ctl).await {
-            self.set(|s| s.state = "stopped".into());
+            self.set(|s| s.state = Phase::Stopped);
             return;
         }
         let policy = self.spec.deploy.restart_policy.clone();
@@ -71,8 +73,10 @@ impl Replica {
             let (success, uptime) = match &outcome {
                 Outcome::Stopped => {
                     self.set(|s| {
-                        s.state = "stopped".into();
+                        s.state = Phase::Stopped;
                         s.pid = None;
+                        s.health = Health::None;
+                        s.accepting = false;
                     });
                     return;
                 }
@@ -81,19 +85,18 @@ impl Replica {
                     (false, Duration::ZERO)
                 }
                 Outcome::Exited {
-                    code,
-                    signal,
+                    exit,
                     uptime,
                     unhealthy,
-                    oom,
                 } => {
-                    let how = describe_exit(*code, *signal, *oom);
+                    let how = describe_exit(exit.code, exit.signal, exit.oom_killed);
                     self.set(|s| {
                         s.pid = None;
+                        s.accepting = false;
                         s.last_exit = Some(how.clone());
-                        s.exit_code = *code;
+                        s.exit_code = exit.code;
                     });
-                    if *oom {
+                    if exit.oom_killed {
                         self.event(
                             "oom-killed",
                             format!("killed by the kernel: memory limit reached ({how})"),
@@ -106,7 +109,7 @@ impl Replica {
                             crate::spec::Dur(Duration::from_millis(uptime.as_millis() as u64))
                         ),
                     );
-                    (*code == Some(0) && !unhealthy, *uptime)
+                    (exit.success() && !unhealthy, *uptime)
                 }
             };
             let restart = match policy.condition {
@@ -119,11 +122,11 @@ impl Replica {
                 attempts = 0;
             }
             if !restart {
-                let state = if success { "exited" } else { "failed" };
+                let state = if success { Phase::Exited } else { Phase::Failed };
                 // Nothing runs: no health to show.
                 self.set(|s| {
-                    s.state = state.into();
-                    s.health = "none".into();
+                    s.state = state;
+                    s.health = Health::None;
                 });
                 self.park(&mut ctl).await;
                 return;
@@ -134,8 +137,8 @@ impl Replica {
                 && attempts > max
             {
                 self.set(|s| {
-                    s.state = "failed".into();
-                    s.health = "none".into();
+                    s.state = Phase::Failed;
+                    s.health = Health::None;
                 });
                 self.event("failed", format!("gave up after {max} restart attempts"));
                 self.park(&mut ctl).await;
@@ -143,9 +146,9 @@ impl Replica {
             }
             let delay = backoff(policy.delay.0, failures);
             let state = if failures >= CRASH_LOOP_AFTER {
-                "crash-looping"
+                Phase::CrashLooping
             } else {
-                "restarting"
+                Phase::Restarting
             };
             if failures == CRASH_LOOP_AFTER {
                 self.event(
@@ -157,8 +160,8 @@ impl Replica {
                 );
             }
             self.set(|s| {
-                s.state = state.into();
-                s.health = "none".into();
+                s.state = state;
+                s.health = Health::None;
             });
             self.event(
                 "restarting",
@@ -167,7 +170,7 @@ impl Replica {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = ctl.recv() => {
-                    self.set(|s| s.state = "stopped".into());
+                    self.set(|s| s.state = Phase::Stopped);
                     self.event("stopped", "stopped while waiting to restart");
                     return;
                 }
@@ -186,15 +189,15 @@ impl Replica {
         if self.spec.depends_on.is_empty() {
             return true;
         }
-        self.set(|s| s.state = "waiting".into());
-        let mut changed = self.shared.changed.subscribe();
+        self.set(|s| s.state = Phase::Waiting);
+        let mut changed = self.ctx.board.watch_topology();
         let mut announced = false;
         loop {
             let unmet: Vec<String> = self
                 .spec
                 .depends_on
                 .iter()
-                .filter(|(dep, d)| !self.shared.dependency_met(dep, d.condition))
+                .filter(|(dep, d)| !super::dependency_met(&self.ctx.board, dep, d.condition))
                 .map(|(dep, d)| format!("{dep} ({})", condition_name(d.condition)))
                 .collect();
             if unmet.is_empty() {
@@ -212,16 +215,15 @@ impl Replica {
         }
     }
 
-    fn launch(&self, port: u16) -> Launch {
+    fn launch(&self) -> Launch {
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.extend(self.spec.environment.clone());
-        env.insert("PORT".into(), port.to_string());
-        env.insert("CAPSTAN_SERVICE".into(), self.service.clone());
-        env.insert("CAPSTAN_REPLICA".into(), self.idx.to_string());
-        env.insert("CAPSTAN_REVISION".into(), self.revision.clone());
-        env.insert("CAPSTAN_STACK".into(), self.shared.stack_id.clone());
-        otel_env(&mut env, &self.shared, &self.service, self.idx);
+        env.insert("CAPSTAN_SERVICE".into(), self.id.service.clone());
+        env.insert("CAPSTAN_REPLICA".into(), self.id.index.to_string());
+        env.insert("CAPSTAN_REVISION".into(), self.id.revision.to_string());
+        otel_env(&mut env, self.ctx.otlp, &self.id.service, self.id.index);
         Launch {
+            id: self.id.clone(),
             argv: self.spec.argv().unwrap_or_default(),
             env,
             working_dir: self
@@ -229,211 +231,148 @@ impl Replica {
                 .working_dir
                 .as_ref()
                 .map(Into::into)
-                .or_else(|| Some(self.shared.stack_dir.clone())),
-            cgroup: None,
+                .or_else(|| Some(self.ctx.stack_dir.clone())),
+            limits: self.spec.deploy.resources.limits.clone(),
+            stop_signal: self.spec.stop_signal.clone(),
+            grace: self.spec.stop_grace_period.0,
+            port_range: self.port_range,
         }
     }
 
     async fn run_once(&self, ctl: &mut mpsc::Receiver<Ctl>) -> Outcome {
-        let port = self.shared.alloc_port();
-        let mut launch = self.launch(port);
-        launch.cgroup = self.shared.cgroups.as_ref().and_then(|cg| {
-            cg.create(
-                &format!("{}-{}", self.service, self.idx),
-                &self.spec.deploy.resources.limits,
-            )
-            .map_err(|e| {
-                self.shared
-                    .warn_once(format!("cannot create cgroup, running without limits: {e}"))
-            })
-            .ok()
-        });
         self.set(|s| {
-            s.state = "starting".into();
-            s.port = Some(port);
+            s.state = Phase::Starting;
             s.message.clear();
         });
-        let mut child = match process::spawn(&launch) {
-            Ok(c) => c,
-            Err(e) => {
-                self.shared.release_port(port);
-                return Outcome::SpawnFailed(e.to_string());
-            }
+        let mut running = match self.ctx.driver.start(self.launch()).await {
+            Ok(r) => r,
+            Err(e) => return Outcome::SpawnFailed(e),
         };
         let started = Instant::now();
-        let started_ns = crate::logs::now_ns();
-        // Without a pid there is no process group to signal (and 0 would mean
-        // the daemon's own).
-        let Some(pid) = child.id().map(|p| p as i32).filter(|p| *p > 0) else {
-            self.shared.release_port(port);
-            let _ = child.kill().await;
-            return Outcome::SpawnFailed("the process ended before its pid was known".into());
-        };
-        let start_ticks = process::proc_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
-        self.shared.state.lock().unwrap().insert(Record {
-            service: self.service.clone(),
-            replica: self.idx,
-            pid,
-            start_ticks,
-            cgroup: launch.cgroup.clone(),
-            stop_signal: self.spec.stop_signal.clone(),
-            grace_ms: self.spec.stop_grace_period.0.as_millis() as u64,
-        });
-        let oom_before = launch.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let started_ns = crate::state::clock::unix_ns();
+        let record = running.record();
+        self.ctx.records.lock().unwrap().insert(record.clone());
         let mut captures = Vec::new();
-        for (stream, reader) in [
-            (
-                Stream::Stdout,
-                child
-                    .stdout
-                    .take()
-                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            ),
-            (
-                Stream::Stderr,
-                child
-                    .stderr
-                    .take()
-                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            ),
-        ] {
-            let Some(reader) = reader else { continue };
-            let shared = self.shared.clone();
-            let (service, idx) = (self.service.clone(), self.idx);
+        for (stream, reader) in running.take_output() {
+            let ctx = self.ctx.clone();
+            let (service, idx) = (self.id.service.clone(), self.id.index);
             captures.push(tokio::spawn(async move {
                 crate::logs::capture::read_line_batches(reader, |batch| {
                     let lines = batch.into_iter().map(|(l, p)| (idx, l, p));
-                    if let Err(e) = shared.logs.append_many(&service, stream, lines) {
-                        shared.warn_once(format!("cannot store logs: {e}"));
+                    if let Err(e) = ctx.logs.append_many(&service, stream, lines) {
+                        ctx.events.warn_once(format!("cannot store logs: {e}"));
                     }
                 })
                 .await;
             }));
         }
         let has_health = self.spec.healthcheck.is_some();
-        let memory_limit = self
-            .spec
-            .deploy
-            .resources
-            .limits
-            .memory
-            .filter(|_| launch.cgroup.is_some());
-        let cpu_limit = self
-            .spec
-            .deploy
-            .resources
-            .limits
-            .cpus
-            .filter(|_| launch.cgroup.is_some());
+        let (memory_limit, cpu_limit) = running.enforced_limits();
+        let pid = running.pid();
+        let addr = running.addr();
         self.set(|s| {
             s.memory_limit_bytes = memory_limit;
             s.cpu_limit = cpu_limit;
             s.cpu_seconds_total = Some(0.0);
-            s.cpu_sampled_ms = Some(crate::events::now_ms());
-            s.pid = Some(pid);
-            s.state = "running".into();
+            s.cpu_sampled_ms = Some(crate::state::clock::unix_ms());
+            s.pid = pid;
+            s.addr = Some(addr);
+            s.accepting = false;
+            s.state = Phase::Running;
             s.health = if has_health {
-                "starting".into()
+                Health::Starting
             } else {
-                "none".into()
+                Health::None
             };
-            s.started_ms = Some(crate::events::now_ms());
+            s.started_ms = Some(crate::state::clock::unix_ms());
         });
-        self.event("started", format!("pid {pid}, port {port}"));
+        match pid {
+            Some(pid) => self.event("started", format!("pid {pid}, port {}", addr.port())),
+            None => self.event("started", format!("address {addr}")),
+        }
         let (htx, mut hrx) = mpsc::channel(4);
-        let health_task = self
-            .spec
-            .healthcheck
-            .clone()
-            .map(|hc| tokio::spawn(health::watch(hc, port, launch.env.clone(), htx)));
-        let mut sampler = Sampler::new(pid, launch.cgroup.clone());
+        let prober = running.prober();
+        let health_task = match self.spec.healthcheck.clone() {
+            Some(hc) => Some(tokio::spawn(health::watch(hc, prober, htx))),
+            // Without a health check: ready once it accepts connections, if
+            // it takes traffic; else once it runs.
+            None if !self.spec.ports.is_empty() => Some(tokio::spawn(accepting(
+                prober,
+                self.ctx.clone(),
+                self.id.clone(),
+            ))),
+            None => {
+                self.set(|s| s.accepting = true);
+                None
+            }
+        };
         // The first sample comes after one period, so CPU % has a span to measure.
         let mut tick = tokio::time::interval_at(Instant::now() + SAMPLE_EVERY, SAMPLE_EVERY);
         let mut unhealthy = false;
         let mut stopped = false;
-        let status = loop {
+        let exit = loop {
             tokio::select! {
-                st = child.wait() => break st.ok(),
+                e = running.wait() => break e,
                 Some(h) = hrx.recv() => match h {
-                    Health::Healthy => {
-                        self.set(|s| s.health = "healthy".into());
+                    Check::Healthy => {
+                        self.set(|s| s.health = Health::Healthy);
                         self.event("healthy", "health check passed");
                     }
-                    Health::Unhealthy(reason) => {
-                        self.set(|s| s.health = "unhealthy".into());
+                    Check::Unhealthy(reason) => {
+                        self.set(|s| s.health = Health::Unhealthy);
                         self.event("unhealthy", reason);
                         if self.spec.deploy.restart_policy.condition != RestartCondition::None {
                             unhealthy = true;
-                            break self.stop_child(&mut child, pid).await;
+                            break self.stop(&mut *running).await;
                         }
                     }
                 },
                 _ = ctl.recv() => {
                     stopped = true;
-                    self.set(|s| s.state = "stopping".into());
+                    self.set(|s| s.state = Phase::Stopping);
                     self.event("stopping", format!("sending {} (grace period {})", self.spec.stop_signal, self.spec.stop_grace_period));
-                    break self.stop_child(&mut child, pid).await;
+                    break self.stop(&mut *running).await;
                 }
                 _ = tick.tick() => {
-                    let x = sampler.sample();
-                    self.set(|s| {
-                        s.cpu_percent = x.cpu_percent;
-                        s.cpu_seconds_total = x.cpu_seconds;
-                        s.cpu_sampled_ms = Some(crate::events::now_ms());
-                        s.memory_bytes = x.working_set;
-                        s.memory_rss_bytes = x.rss;
-                    });
+                    let x = running.sample();
+                    self.ctx.board.sample(&self.id, x);
                 }
             }
         };
         if let Some(t) = health_task {
             t.abort();
         }
-        // Read before the cgroup is removed with the leftovers.
-        let oom = launch
-            .cgroup
-            .as_ref()
-            .is_some_and(|c| c.oom_kills() > oom_before);
-        process::kill_leftovers(pid, launch.cgroup.as_ref()).await;
+        running.cleanup().await;
         for c in captures {
             let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
         }
-        self.shared
-            .state
-            .lock()
-            .unwrap()
-            .remove(&self.service, self.idx, pid);
-        self.shared.release_port(port);
-        use std::os::unix::process::ExitStatusExt;
-        let code = status.and_then(|s| s.code());
-        let signal = status.and_then(|s| s.signal());
+        self.ctx.records.lock().unwrap().remove(&record);
+        drop(running);
         if stopped {
-            self.event("stopped", describe_exit(code, signal, false));
+            self.event("stopped", describe_exit(exit.code, exit.signal, false));
             return Outcome::Stopped;
         }
-        if code != Some(0) && !self.spec.ports.is_empty() {
-            self.hint_port_taken(started_ns, port);
+        if !exit.success() && !self.spec.ports.is_empty() {
+            self.hint_port_taken(started_ns, addr);
         }
         Outcome::Exited {
-            code,
-            signal,
+            exit,
             uptime: started.elapsed(),
             unhealthy,
-            oom,
         }
     }
 
     /// A program that failed with "address already in use" while capstan's
     /// proxy publishes the service's ports most likely listens on the published
     /// port itself: say what to do instead.
-    fn hint_port_taken(&self, since_ns: i64, port: u16) {
+    fn hint_port_taken(&self, since_ns: i64, addr: SocketAddr) {
         let q = crate::logs::LogQuery {
-            services: vec![self.service.clone()],
-            replica: Some(self.idx),
+            services: vec![self.id.service.clone()],
+            replica: Some(self.id.index),
             since_ns: Some(since_ns),
             tail: Some(20),
         };
-        let lines = tokio::task::block_in_place(|| self.shared.logs.query(&q));
+        let lines = tokio::task::block_in_place(|| self.ctx.logs.query(&q));
         let taken = lines.iter().any(|l| {
             let lower = l.line.to_ascii_lowercase();
             lower.contains("address already in use") || lower.contains("eaddrinuse")
@@ -450,34 +389,49 @@ impl Replica {
         self.event(
             "hint",
             format!(
-                "the program could not listen: its address is in use. capstan's proxy publishes port {} and gives each replica its own port in $PORT ({port} for this one): make the program listen on $PORT",
-                published.join(", ")
+                "the program could not listen: its address is in use. capstan's proxy publishes port {} and gives each replica its own port in $PORT ({} for this one): make the program listen on $PORT",
+                published.join(", "),
+                addr.port()
             ),
         );
     }
 
-    /// Stop signal to the group, the grace period, then SIGKILL.
-    async fn stop_child(
-        &self,
-        child: &mut tokio::process::Child,
-        pgid: i32,
-    ) -> Option<std::process::ExitStatus> {
-        let sig = process::signal_by_name(&self.spec.stop_signal);
-        process::signal_group(pgid, sig);
-        match tokio::time::timeout(self.spec.stop_grace_period.0, child.wait()).await {
-            Ok(st) => st.ok(),
-            Err(_) => {
-                self.event(
-                    "killing",
-                    format!(
-                        "did not exit within {}; sending SIGKILL",
-                        self.spec.stop_grace_period
-                    ),
-                );
-                process::signal_group(pgid, Signal::SIGKILL);
-                child.wait().await.ok()
-            }
+    /// Stop signal, the grace period, then a kill.
+    async fn stop(&self, running: &mut dyn Running) -> Exit {
+        let (exit, killed) = running
+            .stop(&self.spec.stop_signal, self.spec.stop_grace_period.0)
+            .await;
+        if killed {
+            self.event(
+                "killing",
+                format!(
+                    "did not exit within {}; sent SIGKILL",
+                    self.spec.stop_grace_period
+                ),
+            );
         }
+        exit
+    }
+}
+
+/// For a replica without a health check: marks it accepting once its address
+/// takes connections (quick at first, since a cold start waits on this).
+async fn accepting(prober: super::driver::Prober, ctx: Arc<Context>, id: ReplicaId) {
+    let started = Instant::now();
+    loop {
+        if prober(HealthTest::Tcp { port: None }, Duration::from_secs(1))
+            .await
+            .is_ok()
+        {
+            ctx.board.update(&id, |s| s.accepting = true);
+            return;
+        }
+        let pause = if started.elapsed() < Duration::from_secs(5) {
+            Duration::from_millis(10)
+        } else {
+            Duration::from_millis(250)
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -512,79 +466,12 @@ pub fn describe_exit(code: Option<i32>, signal: Option<i32>, oom: bool) -> Strin
     }
 }
 
-/// How often a replica's CPU and memory are read: often enough that the
-/// autoscaler sees a load step within a second.
-const SAMPLE_EVERY: Duration = Duration::from_millis(500);
-
-struct Sample {
-    cpu_percent: Option<f64>,
-    cpu_seconds: Option<f64>,
-    working_set: Option<u64>,
-    rss: Option<u64>,
-}
-
-/// CPU % and memory of a replica, from its cgroup or else from /proc.
-struct Sampler {
-    pid: i32,
-    cgroup: Option<super::cgroup::ReplicaCgroup>,
-    last: Option<(Instant, u64)>,
-}
-
-impl Sampler {
-    fn new(pid: i32, cgroup: Option<super::cgroup::ReplicaCgroup>) -> Self {
-        Sampler {
-            pid,
-            cgroup,
-            // A fresh process (and cgroup) has used no CPU yet.
-            last: Some((Instant::now(), 0)),
-        }
-    }
-
-    fn sample(&mut self) -> Sample {
-        let stat = process::proc_stat(self.pid);
-        let cpu_ns = self
-            .cgroup
-            .as_ref()
-            .and_then(|c| c.cpu_ns())
-            .or_else(|| stat.map(|s| s.cpu_ticks * (1_000_000_000 / process::TICKS_PER_SEC)));
-        let mem = self
-            .cgroup
-            .as_ref()
-            .and_then(|c| c.memory_bytes())
-            .or_else(|| stat.map(|s| s.rss_pages * process::page_size()));
-        let now = Instant::now();
-        let pct = match (cpu_ns, self.last) {
-            (Some(c), Some((t, prev))) => {
-                let wall = now.duration_since(t).as_nanos() as f64;
-                (wall > 0.0).then(|| (c.saturating_sub(prev)) as f64 / wall * 100.0)
-            }
-            _ => None,
-        };
-        if let Some(c) = cpu_ns {
-            self.last = Some((now, c));
-        }
-        let rss = self
-            .cgroup
-            .as_ref()
-            .and_then(|c| c.rss_bytes())
-            .or_else(|| stat.map(|s| s.rss_pages * process::page_size()));
-        Sample {
-            cpu_percent: pct,
-            cpu_seconds: cpu_ns.map(|c| c as f64 / 1e9),
-            working_set: mem,
-            rss,
-        }
-    }
-}
-
 /// Points OpenTelemetry SDKs at capstan's OTLP/HTTP endpoints (unless the
 /// service's environment says otherwise): the endpoint, the protocol, the
 /// service name, and the replica as a resource attribute, which puts its OTLP
 /// logs in the replica's streams.
-fn otel_env(env: &mut BTreeMap<String, String>, shared: &Shared, service: &str, idx: u32) {
-    if let Some(addr) = shared.api_addr.lock().unwrap().clone()
-        && let Ok(a) = addr.parse::<std::net::SocketAddr>()
-    {
+fn otel_env(env: &mut BTreeMap<String, String>, api: Option<SocketAddr>, service: &str, idx: u32) {
+    if let Some(a) = api {
         let host = if a.ip().is_unspecified() {
             format!("127.0.0.1:{}", a.port())
         } else {

@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::cgroup::ReplicaCgroup;
+use super::driver::cgroup::ReplicaCgroup;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub service: String,
     pub replica: u32,
+    /// Records of daemons from before revisions have none: 0.
+    #[serde(default)]
+    pub revision: u64,
     pub pid: i32,
     /// Start time from /proc/PID/stat: tells a live replica from a reused pid.
     pub start_ticks: u64,
@@ -41,14 +44,13 @@ impl StateFile {
     }
 
     pub fn insert(&mut self, r: Record) {
-        self.records
-            .insert(format!("{}/{}", r.service, r.replica), r);
+        self.records.insert(key(&r.service, r.revision, r.replica), r);
         self.save();
     }
 
-    pub fn remove(&mut self, service: &str, replica: u32, pid: i32) {
-        let key = format!("{service}/{replica}");
-        if self.records.get(&key).is_some_and(|r| r.pid == pid) {
+    pub fn remove(&mut self, r: &Record) {
+        let key = key(&r.service, r.revision, r.replica);
+        if self.records.get(&key).is_some_and(|x| x.pid == r.pid) {
             self.records.remove(&key);
             self.save();
         }
@@ -72,4 +74,8 @@ impl StateFile {
             tracing::error!(path = %self.path.display(), "cannot save replica records: {e}");
         }
     }
+}
+
+fn key(service: &str, revision: u64, replica: u32) -> String {
+    format!("{service}/{revision}/{replica}")
 }

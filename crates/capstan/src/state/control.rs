@@ -1,0 +1,131 @@
+//! How components command the supervisor and hook into replicas' lives,
+//! defined here (below them all) so that none of them imports another: the
+//! supervisor serves [`Command`]s and calls [`Hook`]s; the proxy implements a
+//! hook; the autoscaler and the API hold a [`SupervisorHandle`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::ReplicaId;
+use crate::spec::Stack;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something other components want done at points of the replicas' lives.
+pub trait Hook: Send + Sync + 'static {
+    /// Before replicas stop: they should get no new work, and what they are
+    /// doing may finish within `grace`.
+    fn before_stop(&self, _ids: Vec<ReplicaId>, _grace: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+
+    /// A stack was applied. Returns problems to warn about.
+    fn on_apply(&self, _stack: &Stack) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Everything is about to stop.
+    fn on_down(&self) {}
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("no such service: {0}")]
+    NoSuchService(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+pub type Reply = oneshot::Sender<Result<String, Error>>;
+
+pub enum Command {
+    Apply(Box<Stack>, Reply),
+    Scale {
+        counts: BTreeMap<String, u32>,
+        wait: bool,
+        reply: Reply,
+    },
+    Restart(Vec<String>, Reply),
+    Stop(Vec<String>, Reply),
+    Start(Vec<String>, Reply),
+    Wake(String),
+    Down(Reply),
+}
+
+/// How other components command the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl SupervisorHandle {
+    async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<String, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Makes the running services match `stack`. Returns once replaced
+    /// revisions are ready and their predecessors stopped.
+    pub async fn apply(&self, stack: Stack) -> Result<String, Error> {
+        self.ask(|r| Command::Apply(Box::new(stack), r)).await
+    }
+
+    /// Sets replica counts. The new counts are in effect (and visible) when
+    /// this returns; with `wait`, the replicas scaled away have also stopped.
+    pub async fn scale(&self, counts: BTreeMap<String, u32>, wait: bool) -> Result<String, Error> {
+        self.ask(|reply| Command::Scale {
+            counts,
+            wait,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn restart(&self, names: Vec<String>) -> Result<String, Error> {
+        self.ask(|r| Command::Restart(names, r)).await
+    }
+
+    pub async fn stop(&self, names: Vec<String>) -> Result<String, Error> {
+        self.ask(|r| Command::Stop(names, r)).await
+    }
+
+    pub async fn start(&self, names: Vec<String>) -> Result<String, Error> {
+        self.ask(|r| Command::Start(names, r)).await
+    }
+
+    /// A request found no replica of `service`: if it is scaled to zero,
+    /// start one. Never waits.
+    pub fn wake(&self, service: &str) {
+        let _ = self.tx.try_send(Command::Wake(service.to_owned()));
+    }
+
+    /// Stops everything; returns when it is stopped.
+    pub async fn down(&self) -> Result<String, Error> {
+        self.ask(Command::Down).await
+    }
+
+    /// True once the supervisor has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+
+impl SupervisorHandle {
+    /// A handle and the receiving end its commands arrive on.
+    pub fn channel() -> (SupervisorHandle, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(64);
+        (SupervisorHandle { tx }, rx)
+    }
+}

@@ -1,0 +1,102 @@
+//! The seam between the supervisor and what runs a replica. A [`Driver`] starts
+//! a replica from a [`Launch`] and gives back a [`Replica`] handle: its address,
+//! its exit, a graceful stop, its resource use, and a durable [`Record`] from
+//! which the next daemon finds it after a crash. The process driver
+//! ([`process::ProcessDriver`]) is the first; containers come next.
+
+pub mod cgroup;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::logs::Stream;
+use crate::spec::{HealthTest, Limits};
+use crate::state::{ReplicaId, Sample};
+
+pub use super::records::Record;
+
+pub use crate::state::control::BoxFuture;
+
+/// What to run for one replica.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub id: ReplicaId,
+    pub argv: Vec<String>,
+    /// The replica's environment; the driver adds `PORT`.
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+    pub limits: Limits,
+    pub stop_signal: String,
+    pub grace: Duration,
+    /// Host ports a driver that needs one takes it from (inclusive).
+    pub port_range: [u16; 2],
+}
+
+/// How a replica ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+}
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// A readable stream of a replica's output.
+pub type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+/// Runs one health check against a replica.
+pub type Prober =
+    Arc<dyn Fn(HealthTest, Duration) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// Starts replicas and cleans up after a daemon that died.
+pub trait Driver: Send + Sync + 'static {
+    /// Starts a replica. An error says why it could not start.
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<Box<dyn Replica>, String>>;
+
+    /// Stops what a previous daemon left running, from its records (and
+    /// whatever else the driver can find of this stack).
+    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()>;
+}
+
+/// A started replica.
+pub trait Replica: Send {
+    /// The main process's pid, where there is one.
+    fn pid(&self) -> Option<i32>;
+
+    /// Where the replica listens.
+    fn addr(&self) -> SocketAddr;
+
+    /// What the next daemon needs to find and stop it.
+    fn record(&self) -> Record;
+
+    /// The memory (bytes) and CPU (CPUs) limits actually enforced.
+    fn enforced_limits(&self) -> (Option<u64>, Option<f64>);
+
+    /// Its stdout and stderr, once.
+    fn take_output(&mut self) -> Vec<(Stream, Output)>;
+
+    /// Waits for it to exit. Cancel-safe.
+    fn wait(&mut self) -> BoxFuture<'_, Exit>;
+
+    /// Sends `signal`, waits up to `grace`, then kills it. Returns how it
+    /// ended and whether it had to be killed.
+    fn stop(&mut self, signal: &str, grace: Duration) -> BoxFuture<'_, (Exit, bool)>;
+
+    /// CPU and memory now.
+    fn sample(&mut self) -> Sample;
+
+    /// Runs health checks against this replica.
+    fn prober(&self) -> Prober;
+
+    /// Removes what is left after it exited (children, cgroups).
+    fn cleanup(&mut self) -> BoxFuture<'_, ()>;
+}
