@@ -268,11 +268,15 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     {
         let db = db.clone();
         let events = events.clone();
-        tasks.spawn("metrics store sync", move |stop| keep_metrics(db, events, stop));
+        tasks.spawn("metrics store sync", move |stop| {
+            keep_metrics(db, events, stop)
+        });
     }
     {
         let (logs, traces, events) = (logs.clone(), traces.clone(), events.clone());
-        tasks.spawn("log store upkeep", move |stop| keep_logs(logs, traces, events, stop));
+        tasks.spawn("log store upkeep", move |stop| {
+            keep_logs(logs, traces, events, stop)
+        });
     }
     tasks.spawn("proxy", {
         let proxy = proxy.clone();
@@ -423,7 +427,11 @@ impl TaskSet {
 
 /// Syncs the metrics store every second; once a minute, cuts old samples
 /// into a block and applies retention.
-async fn keep_metrics(db: Arc<capstan_tsdb::Db>, events: Arc<EventLog>, mut stop: watch::Receiver<bool>) {
+async fn keep_metrics(
+    db: Arc<capstan_tsdb::Db>,
+    events: Arc<EventLog>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = 0u64;
     loop {
         tokio::select! {

@@ -100,4 +100,3 @@ async fn http(addr: SocketAddr, path: &str) -> Result<(), String> {
         Err(format!("GET {path} returned {code}"))
     }
 }
-

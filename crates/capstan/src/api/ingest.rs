@@ -61,14 +61,10 @@ pub async fn loki_push(State(api): State<Api>, headers: HeaderMap, body: Bytes) 
         batch.refuse_own_streams();
         count_refused(0, batch.refused as u64);
         let (refused, why) = (batch.refused, batch.refusal());
-        let (_, limited) = api
-            
-            .logs
-            .append_pushed(batch.streams)
-            .map_err(|e| Refused {
-                status: 500,
-                reason: format!("cannot store: {e}"),
-            })?;
+        let (_, limited) = api.logs.append_pushed(batch.streams).map_err(|e| Refused {
+            status: 500,
+            reason: format!("cannot store: {e}"),
+        })?;
         if limited > 0 {
             return Err(Refused {
                 status: 429,

@@ -109,11 +109,7 @@ pub fn trace_log_lines(
         meta: &want,
         ..Query::all(&|_| true)
     };
-    let rows = api
-        
-        .logs
-        .store()
-        .select(&q, Direction::Forward, MAX_LOGS)?;
+    let rows = api.logs.store().select(&q, Direction::Forward, MAX_LOGS)?;
     Ok(rows
         .into_iter()
         .map(|(l, e)| {
@@ -248,12 +244,7 @@ pub async fn search(State(api): State<Api>, p: Params) -> Response {
 pub async fn search_tags(State(api): State<Api>) -> Response {
     blocking(move || {
         let mut names: BTreeSet<String> = ["name".to_string(), "status".to_string()].into();
-        for l in api
-            
-            .traces
-            .store()
-            .series(i64::MIN, i64::MAX, &|_| true)
-        {
+        for l in api.traces.store().series(i64::MIN, i64::MAX, &|_| true) {
             names.extend(l.iter().map(|(k, _)| k.to_owned()));
         }
         axum::Json(json!({ "tagNames": names })).into_response()
@@ -264,7 +255,6 @@ pub async fn search_tags(State(api): State<Api>) -> Response {
 pub async fn search_tag_values(State(api): State<Api>, Path(name): Path<String>) -> Response {
     blocking(move || {
         let values: BTreeSet<String> = api
-            
             .traces
             .store()
             .series(i64::MIN, i64::MAX, &|_| true)

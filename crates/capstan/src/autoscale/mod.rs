@@ -67,7 +67,11 @@ fn by_replica(v: &QueryValue) -> BTreeMap<(Revision, u32), f64> {
         QueryValue::Vector(samples) => samples
             .iter()
             .filter_map(|s| {
-                let rev = s.labels.get("revision").and_then(|r| r.parse().ok()).unwrap_or(0);
+                let rev = s
+                    .labels
+                    .get("revision")
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
                 Some(((rev, s.labels.get("replica")?.parse().ok()?), s.v))
             })
             .collect(),

@@ -36,14 +36,22 @@ fn per_replica(
     for s in replicas {
         if let Some(v) = value(s) {
             let (svc, r, rev) = labels(s);
-            e.sample(name, &[("service", &svc), ("replica", &r), ("revision", &rev)], v);
+            e.sample(
+                name,
+                &[("service", &svc), ("replica", &r), ("revision", &rev)],
+                v,
+            );
         }
     }
 }
 
 /// A replica's labels: service, replica (index) and revision.
 fn labels(s: &Status) -> (String, String, String) {
-    (s.service.clone(), s.replica.to_string(), s.revision.to_string())
+    (
+        s.service.clone(),
+        s.replica.to_string(),
+        s.revision.to_string(),
+    )
 }
 
 pub fn collect(src: &Sources<'_>, db: &Db) -> String {
@@ -139,7 +147,11 @@ pub fn collect(src: &Sources<'_>, db: &Db) -> String {
         e.sample(
             "capstan_replica_healthy",
             &[("service", &svc), ("replica", &r), ("revision", &rev)],
-            if s.health == Health::Healthy { 1.0 } else { 0.0 },
+            if s.health == Health::Healthy {
+                1.0
+            } else {
+                0.0
+            },
         );
     }
 

@@ -342,11 +342,7 @@ mod tests {
     fn backend(n: u32, balance: Balance) -> Arc<Backend> {
         let b = Arc::new(Backend::new("web"));
         b.settings.write().unwrap().balance = balance;
-        b.set_endpoints(
-            (0..n)
-                .map(|i| Arc::new(ep(i)))
-                .collect(),
-        );
+        b.set_endpoints((0..n).map(|i| Arc::new(ep(i))).collect());
         b
     }
 

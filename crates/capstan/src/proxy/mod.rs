@@ -34,8 +34,8 @@ use crate::events::EventLog;
 use crate::logs::Stream;
 use crate::logs::engine::LogEngine;
 use crate::spec::{Protocol, Stack};
-use crate::state::{ReplicaId, StatusBoard};
 use crate::state::control::{BoxFuture, Hook};
+use crate::state::{ReplicaId, StatusBoard};
 use crate::traces::TraceStore;
 
 /// What a finished request leaves: its access-log line and its span, on their
@@ -237,8 +237,7 @@ fn access_sender(proxy: &Arc<Proxy>) -> mpsc::Sender<Finished> {
             }
             for (service, lines) in lines {
                 if let Err(e) = s.logs.append_many(&service, Stream::Proxy, lines) {
-                    s.events
-                        .warn_once(format!("cannot store access logs: {e}"));
+                    s.events.warn_once(format!("cannot store access logs: {e}"));
                 }
             }
             let streams = spans
@@ -304,216 +303,219 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 impl Proxy {
-/// Follows the stack: each service's proxy settings, and a listener per published
-/// port (new ones bound, removed ones closed). Returns what could not be done.
-fn configure(self: &Arc<Self>, stack: &Stack) -> Vec<String> {
-    let reg = self;
-    let access = access_sender(self);
-    let mut problems = Vec::new();
-    {
-        let mut backends = reg.backends.lock().unwrap();
-        backends.retain(|name, _| stack.services.contains_key(name));
+    /// Follows the stack: each service's proxy settings, and a listener per published
+    /// port (new ones bound, removed ones closed). Returns what could not be done.
+    fn configure(self: &Arc<Self>, stack: &Stack) -> Vec<String> {
+        let reg = self;
+        let access = access_sender(self);
+        let mut problems = Vec::new();
+        {
+            let mut backends = reg.backends.lock().unwrap();
+            backends.retain(|name, _| stack.services.contains_key(name));
+            for (name, svc) in &stack.services {
+                let b = backends
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(Backend::new(name)));
+                *b.settings.write().unwrap() = svc.x.proxy.clone();
+                *b.cold_start_timeout.write().unwrap() = svc.x.cold_start_timeout.0;
+                *b.health.write().unwrap() = svc.healthcheck.as_ref().map(|h| h.test.clone());
+                // With `min: 0`, a request that finds no replica asks for one.
+                let wakes = svc.x.autoscale.as_ref().is_some_and(|a| a.min == 0);
+                *b.on_empty.lock().unwrap() = match (wakes, self.wake.lock().unwrap().clone()) {
+                    (true, Some(wake)) => {
+                        let name = name.clone();
+                        Some(Box::new(move || wake(&name)))
+                    }
+                    _ => None,
+                };
+            }
+        }
+        let mut wanted: BTreeMap<String, (String, Protocol, std::net::SocketAddr)> =
+            BTreeMap::new();
         for (name, svc) in &stack.services {
-            let b = backends
-                .entry(name.clone())
-                .or_insert_with(|| Arc::new(Backend::new(name)));
-            *b.settings.write().unwrap() = svc.x.proxy.clone();
-            *b.cold_start_timeout.write().unwrap() = svc.x.cold_start_timeout.0;
-            *b.health.write().unwrap() = svc.healthcheck.as_ref().map(|h| h.test.clone());
-            // With `min: 0`, a request that finds no replica asks for one.
-            let wakes = svc.x.autoscale.as_ref().is_some_and(|a| a.min == 0);
-            *b.on_empty.lock().unwrap() = match (wakes, self.wake.lock().unwrap().clone()) {
-                (true, Some(wake)) => {
-                    let name = name.clone();
-                    Some(Box::new(move || wake(&name)))
+            for p in &svc.ports {
+                let ip = p.host_ip.as_deref().unwrap_or("0.0.0.0");
+                let ip = ip.trim_start_matches('[').trim_end_matches(']');
+                match ip.parse::<std::net::IpAddr>() {
+                    Ok(ip) => {
+                        let addr = std::net::SocketAddr::new(ip, p.published);
+                        wanted.insert(addr.to_string(), (name.clone(), svc.x.protocol, addr));
+                    }
+                    Err(_) => problems.push(format!(
+                        "service {name}: cannot publish port {}: {ip:?} is not an IP address",
+                        p.published
+                    )),
                 }
-                _ => None,
-            };
-        }
-    }
-    let mut wanted: BTreeMap<String, (String, Protocol, std::net::SocketAddr)> = BTreeMap::new();
-    for (name, svc) in &stack.services {
-        for p in &svc.ports {
-            let ip = p.host_ip.as_deref().unwrap_or("0.0.0.0");
-            let ip = ip.trim_start_matches('[').trim_end_matches(']');
-            match ip.parse::<std::net::IpAddr>() {
-                Ok(ip) => {
-                    let addr = std::net::SocketAddr::new(ip, p.published);
-                    wanted.insert(addr.to_string(), (name.clone(), svc.x.protocol, addr));
-                }
-                Err(_) => problems.push(format!(
-                    "service {name}: cannot publish port {}: {ip:?} is not an IP address",
-                    p.published
-                )),
             }
         }
-    }
-    let mut listeners = reg.listeners.lock().unwrap();
-    listeners.retain(|addr, l| {
-        let keep = wanted
-            .get(addr)
-            .is_some_and(|(s, proto, _)| *s == l.service && *proto == l.protocol);
-        if !keep {
-            l.task.abort();
-        }
-        keep
-    });
-    for (key, (service, protocol, addr)) in wanted {
-        if listeners.contains_key(&key) {
-            continue;
-        }
-        let listener = match bind(addr) {
-            Ok(l) => l,
-            Err(e) => {
-                problems.push(format!(
-                    "service {service}: cannot publish port {}: listening on {addr}: {e}",
-                    addr.port()
-                ));
-                continue;
+        let mut listeners = reg.listeners.lock().unwrap();
+        listeners.retain(|addr, l| {
+            let keep = wanted
+                .get(addr)
+                .is_some_and(|(s, proto, _)| *s == l.service && *proto == l.protocol);
+            if !keep {
+                l.task.abort();
             }
-        };
-        let Some(backend) = reg.backend(&service) else {
-            continue;
-        };
-        let ctx = Arc::new(Ctx {
-            backend,
-            events: self.events.clone(),
-            access: access.clone(),
+            keep
         });
-        let task = match protocol {
-            Protocol::Http => tokio::spawn(http::serve(listener, ctx)),
-            Protocol::Tcp => tokio::spawn(tcp::serve(listener, ctx)),
-        };
-        let proto = match protocol {
-            Protocol::Http => "http",
-            Protocol::Tcp => "tcp",
-        };
-        self.events.emit(
-            &service,
-            None,
-            "published",
-            format!("proxy listening on {addr} ({proto})"),
-        );
-        listeners.insert(
-            key,
-            Listener {
-                service,
-                protocol,
-                task,
-            },
-        );
-    }
-    problems
-}
-
-/// Rebuilds every service's ready set from the board: the ready replicas of
-/// every revision, less those being drained.
-fn sync(&self) {
-    let statuses = self.board.replicas();
-    let live: BTreeSet<ReplicaId> = statuses
-        .iter()
-        .filter(|s| s.is_running())
-        .map(|s| s.id())
-        .collect();
-    self.draining.lock().unwrap().retain(|k| live.contains(k));
-    let draining = self.draining.lock().unwrap().clone();
-    for b in self.backends() {
-        let current = b.endpoints();
-        let mut next: Vec<Arc<Endpoint>> = Vec::new();
-        for s in statuses
-            .iter()
-            .filter(|s| s.service == b.service && s.is_ready())
-        {
-            let id = s.id();
-            if draining.contains(&id) {
+        for (key, (service, protocol, addr)) in wanted {
+            if listeners.contains_key(&key) {
                 continue;
             }
-            let Some(addr) = s.addr else { continue };
-            next.push(
-                current
-                    .iter()
-                    .find(|e| e.replica == s.replica && e.revision == s.revision && e.addr == addr)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(&id, addr))),
-            );
-        }
-        let same = next.len() == current.len()
-            && next
-                .iter()
-                .zip(current.iter())
-                .all(|(a, c)| Arc::ptr_eq(a, c));
-        if same {
-            continue;
-        }
-        if current.is_empty()
-            && !next.is_empty()
-            && let Some(since) = b.cold_since.lock().unwrap().take()
-        {
-            let secs = since.elapsed().as_secs_f64();
-            b.metrics.cold_starts.lock().unwrap().observe(secs);
+            let listener = match bind(addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    problems.push(format!(
+                        "service {service}: cannot publish port {}: listening on {addr}: {e}",
+                        addr.port()
+                    ));
+                    continue;
+                }
+            };
+            let Some(backend) = reg.backend(&service) else {
+                continue;
+            };
+            let ctx = Arc::new(Ctx {
+                backend,
+                events: self.events.clone(),
+                access: access.clone(),
+            });
+            let task = match protocol {
+                Protocol::Http => tokio::spawn(http::serve(listener, ctx)),
+                Protocol::Tcp => tokio::spawn(tcp::serve(listener, ctx)),
+            };
+            let proto = match protocol {
+                Protocol::Http => "http",
+                Protocol::Tcp => "tcp",
+            };
             self.events.emit(
-                &b.service,
-                Some(next[0].replica),
-                "cold-start",
-                format!(
-                    "replica ready {:.0} ms after a request found none",
-                    secs * 1e3
-                ),
+                &service,
+                None,
+                "published",
+                format!("proxy listening on {addr} ({proto})"),
+            );
+            listeners.insert(
+                key,
+                Listener {
+                    service,
+                    protocol,
+                    task,
+                },
             );
         }
-        b.set_endpoints(next);
+        problems
     }
-}
 
-/// Keeps the ready sets in step with the replicas, until `stop` is set.
-pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut changed = self.board.watch_topology();
-    loop {
-        self.sync();
-        tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
-            _ = stop.wait_for(|s| *s) => return,
+    /// Rebuilds every service's ready set from the board: the ready replicas of
+    /// every revision, less those being drained.
+    fn sync(&self) {
+        let statuses = self.board.replicas();
+        let live: BTreeSet<ReplicaId> = statuses
+            .iter()
+            .filter(|s| s.is_running())
+            .map(|s| s.id())
+            .collect();
+        self.draining.lock().unwrap().retain(|k| live.contains(k));
+        let draining = self.draining.lock().unwrap().clone();
+        for b in self.backends() {
+            let current = b.endpoints();
+            let mut next: Vec<Arc<Endpoint>> = Vec::new();
+            for s in statuses
+                .iter()
+                .filter(|s| s.service == b.service && s.is_ready())
+            {
+                let id = s.id();
+                if draining.contains(&id) {
+                    continue;
+                }
+                let Some(addr) = s.addr else { continue };
+                next.push(
+                    current
+                        .iter()
+                        .find(|e| {
+                            e.replica == s.replica && e.revision == s.revision && e.addr == addr
+                        })
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Endpoint::new(&id, addr))),
+                );
+            }
+            let same = next.len() == current.len()
+                && next
+                    .iter()
+                    .zip(current.iter())
+                    .all(|(a, c)| Arc::ptr_eq(a, c));
+            if same {
+                continue;
+            }
+            if current.is_empty()
+                && !next.is_empty()
+                && let Some(since) = b.cold_since.lock().unwrap().take()
+            {
+                let secs = since.elapsed().as_secs_f64();
+                b.metrics.cold_starts.lock().unwrap().observe(secs);
+                self.events.emit(
+                    &b.service,
+                    Some(next[0].replica),
+                    "cold-start",
+                    format!(
+                        "replica ready {:.0} ms after a request found none",
+                        secs * 1e3
+                    ),
+                );
+            }
+            b.set_endpoints(next);
         }
     }
-}
 
-/// Takes replicas out of the balancer and waits (up to `grace`) for their
-/// requests in flight to finish; then they can be stopped without losing any.
-pub async fn drain(&self, ids: &[ReplicaId], grace: Duration) {
-    // Replicas not yet in the ready set must not enter it while stopping.
-    self.draining.lock().unwrap().extend(ids.iter().cloned());
-    let Some(service) = ids.first().map(|i| i.service.clone()) else {
-        return;
-    };
-    let Some(b) = self.backend(&service) else {
-        return;
-    };
-    let current = b.endpoints();
-    let (leaving, staying): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|e| {
-        ids.iter()
-            .any(|i| i.index == e.replica && i.revision == e.revision)
-    });
-    if leaving.is_empty() {
-        return;
-    }
-    for e in &leaving {
-        e.draining.store(true, Relaxed);
-    }
-    b.set_endpoints(staying);
-    let deadline = tokio::time::Instant::now() + grace;
-    for e in &leaving {
+    /// Keeps the ready sets in step with the replicas, until `stop` is set.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut changed = self.board.watch_topology();
         loop {
-            let idle = e.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if e.inflight.load(Relaxed) == 0 {
-                break;
-            }
+            self.sync();
             tokio::select! {
-                _ = idle => {}
-                _ = tokio::time::sleep_until(deadline) => break,
+                r = changed.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
             }
         }
     }
-}
+
+    /// Takes replicas out of the balancer and waits (up to `grace`) for their
+    /// requests in flight to finish; then they can be stopped without losing any.
+    pub async fn drain(&self, ids: &[ReplicaId], grace: Duration) {
+        // Replicas not yet in the ready set must not enter it while stopping.
+        self.draining.lock().unwrap().extend(ids.iter().cloned());
+        let Some(service) = ids.first().map(|i| i.service.clone()) else {
+            return;
+        };
+        let Some(b) = self.backend(&service) else {
+            return;
+        };
+        let current = b.endpoints();
+        let (leaving, staying): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|e| {
+            ids.iter()
+                .any(|i| i.index == e.replica && i.revision == e.revision)
+        });
+        if leaving.is_empty() {
+            return;
+        }
+        for e in &leaving {
+            e.draining.store(true, Relaxed);
+        }
+        b.set_endpoints(staying);
+        let deadline = tokio::time::Instant::now() + grace;
+        for e in &leaving {
+            loop {
+                let idle = e.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if e.inflight.load(Relaxed) == 0 {
+                    break;
+                }
+                tokio::select! {
+                    _ = idle => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+    }
 }

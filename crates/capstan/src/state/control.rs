@@ -121,7 +121,6 @@ impl SupervisorHandle {
     }
 }
 
-
 impl SupervisorHandle {
     /// A handle and the receiving end its commands arrive on.
     pub fn channel() -> (SupervisorHandle, mpsc::Receiver<Command>) {

@@ -44,7 +44,11 @@ impl ReplicaId {
 
 impl fmt::Display for ReplicaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{} (revision {})", self.service, self.index, self.revision)
+        write!(
+            f,
+            "{}-{} (revision {})",
+            self.service, self.index, self.revision
+        )
     }
 }
 
@@ -426,13 +430,31 @@ mod tests {
         assert_eq!(back, s);
         // A fresh one: optional fields as null, the skipped ones absent.
         let json = serde_json::to_value(Status::new(&id)).unwrap();
-        let keys: Vec<&str> = json.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
         assert_eq!(
             keys,
             [
-                "cpu_percent", "cpu_seconds_total", "exit_code", "health", "last_exit",
-                "memory_bytes", "memory_limit_bytes", "memory_rss_bytes", "pid", "port",
-                "replica", "restarts", "revision", "service", "started_ms", "state"
+                "cpu_percent",
+                "cpu_seconds_total",
+                "exit_code",
+                "health",
+                "last_exit",
+                "memory_bytes",
+                "memory_limit_bytes",
+                "memory_rss_bytes",
+                "pid",
+                "port",
+                "replica",
+                "restarts",
+                "revision",
+                "service",
+                "started_ms",
+                "state"
             ]
         );
         assert_eq!(json["state"], "waiting");
@@ -462,7 +484,7 @@ mod tests {
         let board = StatusBoard::default();
         let id = ReplicaId::new("web", 1, 0);
         let mut topo = board.watch_topology();
-        let mut samples = board.watch_samples();
+        let samples = board.watch_samples();
         board.update(&id, |s| s.state = Phase::Running);
         assert!(topo.has_changed().unwrap());
         topo.mark_unchanged();

@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use crate::events::EventLog;
 use crate::logs::engine::LogEngine;
 use crate::spec::{Condition, Service, Stack};
-pub use crate::state::control::{Error, Hook, SupervisorHandle};
 use crate::state::control::{Command, Reply};
+pub use crate::state::control::{Error, Hook, SupervisorHandle};
 use crate::state::{Phase, ReplicaId, Revision, ServiceStatus, Status, StatusBoard};
 use driver::Driver;
 use records::StateFile;
@@ -68,19 +68,14 @@ enum Internal {
 /// Whether every replica of `service` meets `cond` (a service scaled to zero does).
 pub fn dependency_met(board: &StatusBoard, service: &str, cond: Condition) -> bool {
     let has_health = board.service(service).is_some_and(|s| s.has_healthcheck);
-    board
-        .replicas_of(service)
-        .iter()
-        .all(|s| match cond {
-            Condition::ServiceStarted => s.pid.is_some() || s.state == Phase::Exited,
-            Condition::ServiceHealthy if has_health => {
-                s.health == crate::state::Health::Healthy
-            }
-            Condition::ServiceHealthy => s.pid.is_some(),
-            Condition::ServiceCompletedSuccessfully => {
-                s.state == Phase::Exited && s.exit_code == Some(0)
-            }
-        })
+    board.replicas_of(service).iter().all(|s| match cond {
+        Condition::ServiceStarted => s.pid.is_some() || s.state == Phase::Exited,
+        Condition::ServiceHealthy if has_health => s.health == crate::state::Health::Healthy,
+        Condition::ServiceHealthy => s.pid.is_some(),
+        Condition::ServiceCompletedSuccessfully => {
+            s.state == Phase::Exited && s.exit_code == Some(0)
+        }
+    })
 }
 
 /// Services in start order: each after everything it depends on.
@@ -128,7 +123,9 @@ struct ServiceRt {
 
 impl ServiceRt {
     fn current(&self) -> impl Iterator<Item = &ReplicaId> {
-        self.replicas.keys().filter(|id| id.revision == self.revision)
+        self.replicas
+            .keys()
+            .filter(|id| id.revision == self.revision)
     }
 }
 
@@ -138,6 +135,8 @@ struct Pending {
     rollouts: BTreeSet<(String, Revision)>,
     /// Services to start again once their stops are done (a restart).
     resume: Vec<String>,
+    /// Events that say it is done: service, kind, reason.
+    events: Vec<(String, &'static str, String)>,
     message: String,
     failures: Vec<String>,
     reply: Option<Reply>,
@@ -149,6 +148,7 @@ impl Pending {
             stops: BTreeSet::new(),
             rollouts: BTreeSet::new(),
             resume: Vec::new(),
+            events: Vec::new(),
             message,
             failures: Vec::new(),
             reply: Some(reply),
@@ -252,6 +252,8 @@ impl Supervisor {
                     let mut p = Pending::new(format!("done: {}", names.join(", ")), reply_dummy());
                     for n in &names {
                         p.stops.extend(self.stop_service(n));
+                        p.events
+                            .push((n.clone(), "stopped", "service stopped".into()));
                     }
                     self.finish_or_wait(p, reply);
                 }
@@ -284,6 +286,9 @@ impl Supervisor {
     }
 
     fn complete(&mut self, mut p: Pending) {
+        for (service, kind, reason) in std::mem::take(&mut p.events) {
+            self.ctx.events.emit(&service, None, kind, reason);
+        }
         for name in std::mem::take(&mut p.resume) {
             if let Some(rt) = self.services.get_mut(&name) {
                 rt.held = false;
@@ -350,7 +355,10 @@ impl Supervisor {
                         retired = self.retire(&service, old);
                     }
                     Ok(()) => {}
-                    Err(why) => self.ctx.events.emit(&service, None, "not-ready", why.clone()),
+                    Err(why) => self
+                        .ctx
+                        .events
+                        .emit(&service, None, "not-ready", why.clone()),
                 }
                 for p in &mut self.pending {
                     if p.rollouts.remove(&(service.clone(), revision)) {
@@ -362,8 +370,9 @@ impl Supervisor {
                 }
             }
         }
-        let (done, waiting): (Vec<Pending>, Vec<Pending>) =
-            std::mem::take(&mut self.pending).into_iter().partition(Pending::done);
+        let (done, waiting): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(Pending::done);
         self.pending = waiting;
         for p in done {
             self.complete(p);
@@ -701,9 +710,6 @@ impl Supervisor {
         if let Some(rt) = self.services.get_mut(name) {
             rt.stopped = true;
         }
-        self.ctx
-            .events
-            .emit(name, None, "stopped", "service stopped");
         self.publish_services();
         stops
     }
@@ -868,3 +874,6 @@ async fn wait_ready(board: &StatusBoard, service: &str, revision: Revision) -> R
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -44,7 +44,8 @@ impl StateFile {
     }
 
     pub fn insert(&mut self, r: Record) {
-        self.records.insert(key(&r.service, r.revision, r.replica), r);
+        self.records
+            .insert(key(&r.service, r.revision, r.replica), r);
         self.save();
     }
 

@@ -122,7 +122,11 @@ impl Replica {
                 attempts = 0;
             }
             if !restart {
-                let state = if success { Phase::Exited } else { Phase::Failed };
+                let state = if success {
+                    Phase::Exited
+                } else {
+                    Phase::Failed
+                };
                 // Nothing runs: no health to show.
                 self.set(|s| {
                     s.state = state;

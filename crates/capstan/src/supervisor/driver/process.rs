@@ -524,7 +524,9 @@ impl Replica for ProcessReplica {
         let env = self.env.clone();
         Arc::new(move |test, timeout| {
             let env = env.clone();
-            Box::pin(async move { crate::supervisor::health::probe(&test, addr, &env, timeout).await })
+            Box::pin(
+                async move { crate::supervisor::health::probe(&test, addr, &env, timeout).await },
+            )
         })
     }
 

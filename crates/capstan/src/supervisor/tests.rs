@@ -1,0 +1,650 @@
+//! The supervisor on tokio's paused time with a fake driver: what a replica
+//! does (when it exits, with what code, when its health check passes, how long
+//! it takes to stop) comes from `FAKE_*` variables in its service's
+//! environment, so a changed definition changes the behaviour too.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::driver::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
+use super::*;
+use crate::logs::Stream;
+use crate::state::{Health, Phase, Sample};
+
+#[derive(Default)]
+struct Fake {
+    launches: Mutex<Vec<(ReplicaId, Instant)>>,
+    stops: Mutex<Vec<(ReplicaId, Instant)>>,
+    recovered: Mutex<Vec<Record>>,
+    pids: AtomicI32,
+}
+
+fn ms(env: &BTreeMap<String, String>, key: &str) -> Option<Duration> {
+    env.get(key)
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+struct FakeReplica {
+    fake: Arc<Fake>,
+    id: ReplicaId,
+    pid: i32,
+    started: Instant,
+    exit_after: Option<Duration>,
+    code: i32,
+    healthy_after: Duration,
+    unhealthy_after: Option<Duration>,
+    stop_takes: Duration,
+}
+
+impl Driver for Arc<Fake> {
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<Box<dyn Replica>, String>> {
+        let fake = self.clone();
+        Box::pin(async move {
+            let now = Instant::now();
+            fake.launches.lock().unwrap().push((launch.id.clone(), now));
+            let env = &launch.env;
+            if env.contains_key("FAKE_CANNOT_START") {
+                return Err("no such program".into());
+            }
+            Ok(Box::new(FakeReplica {
+                pid: 1000 + fake.pids.fetch_add(1, Ordering::Relaxed),
+                fake: fake.clone(),
+                id: launch.id.clone(),
+                started: now,
+                exit_after: ms(env, "FAKE_EXIT_AFTER_MS"),
+                code: env
+                    .get("FAKE_CODE")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0),
+                healthy_after: ms(env, "FAKE_HEALTHY_AFTER_MS").unwrap_or_default(),
+                unhealthy_after: ms(env, "FAKE_UNHEALTHY_AFTER_MS"),
+                stop_takes: ms(env, "FAKE_STOP_MS").unwrap_or_default(),
+            }) as Box<dyn Replica>)
+        })
+    }
+
+    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
+        self.recovered.lock().unwrap().extend(records);
+        Box::pin(async {})
+    }
+}
+
+impl Replica for FakeReplica {
+    fn pid(&self) -> Option<i32> {
+        Some(self.pid)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 40000 + self.id.index as u16))
+    }
+
+    fn record(&self) -> Record {
+        Record {
+            service: self.id.service.clone(),
+            replica: self.id.index,
+            revision: self.id.revision,
+            pid: self.pid,
+            start_ticks: 0,
+            cgroup: None,
+            stop_signal: "SIGTERM".into(),
+            grace_ms: 0,
+        }
+    }
+
+    fn enforced_limits(&self) -> (Option<u64>, Option<f64>) {
+        (None, None)
+    }
+
+    fn take_output(&mut self) -> Vec<(Stream, Output)> {
+        Vec::new()
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        let (at, code) = (self.exit_after.map(|d| self.started + d), self.code);
+        Box::pin(async move {
+            match at {
+                Some(at) => {
+                    tokio::time::sleep_until(at).await;
+                    Exit {
+                        code: Some(code),
+                        ..Exit::default()
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        })
+    }
+
+    fn stop(&mut self, _signal: &str, grace: Duration) -> BoxFuture<'_, (Exit, bool)> {
+        self.fake
+            .stops
+            .lock()
+            .unwrap()
+            .push((self.id.clone(), Instant::now()));
+        let takes = self.stop_takes;
+        Box::pin(async move {
+            tokio::time::sleep(takes.min(grace)).await;
+            let killed = takes > grace;
+            let signal = if killed { 9 } else { 15 };
+            (
+                Exit {
+                    signal: Some(signal),
+                    ..Exit::default()
+                },
+                killed,
+            )
+        })
+    }
+
+    fn sample(&mut self) -> Sample {
+        Sample::default()
+    }
+
+    fn prober(&self) -> Prober {
+        let healthy_from = self.started + self.healthy_after;
+        let sick_from = self.unhealthy_after.map(|d| self.started + d);
+        Arc::new(move |_test, _timeout| {
+            Box::pin(async move {
+                let now = Instant::now();
+                if now < healthy_from {
+                    return Err("not yet".into());
+                }
+                match sick_from {
+                    Some(t) if now >= t => Err("sick".into()),
+                    _ => Ok(()),
+                }
+            })
+        })
+    }
+
+    fn cleanup(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A hook that drains for the whole grace period, as a replica with a
+/// request that never finishes would.
+#[derive(Default)]
+struct SlowDrain {
+    drained: Mutex<Vec<(ReplicaId, Instant)>>,
+}
+
+impl Hook for Arc<SlowDrain> {
+    fn before_stop(&self, ids: Vec<ReplicaId>, grace: Duration) -> BoxFuture<'static, ()> {
+        let me = self.clone();
+        Box::pin(async move {
+            tokio::time::sleep(grace).await;
+            for id in ids {
+                me.drained.lock().unwrap().push((id, Instant::now()));
+            }
+        })
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    fake: Arc<Fake>,
+    drain: Arc<SlowDrain>,
+    board: Arc<StatusBoard>,
+    events: Arc<EventLog>,
+    handle: SupervisorHandle,
+    task: JoinHandle<()>,
+}
+
+fn stack(yaml: &str) -> Stack {
+    let opts = crate::spec::LoadOptions {
+        env: BTreeMap::new(),
+        profiles: Vec::new(),
+    };
+    crate::spec::parse_text(
+        yaml,
+        "capstan.yaml",
+        Path::new("/tmp"),
+        "app",
+        BTreeMap::new(),
+        &opts,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .0
+}
+
+impl Harness {
+    fn start(yaml: &str, slow_drain: bool, records: Vec<Record>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let board = Arc::new(StatusBoard::default());
+        let events = Arc::new(EventLog::open(dir.path()).unwrap());
+        let (logs, _) = LogEngine::open(&dir.path().join("logs"), 1 << 20, 8 << 20).unwrap();
+        let mut state = StateFile::open(dir.path());
+        for r in records {
+            state.insert(r);
+        }
+        let ctx = Arc::new(Context {
+            board: board.clone(),
+            events: events.clone(),
+            logs: Arc::new(logs),
+            driver: Arc::new(fake.clone()),
+            records: Mutex::new(state),
+            stack_dir: dir.path().to_path_buf(),
+            otlp: None,
+        });
+        let drain = Arc::new(SlowDrain::default());
+        let hooks: Vec<Arc<dyn Hook>> = if slow_drain {
+            vec![Arc::new(drain.clone())]
+        } else {
+            Vec::new()
+        };
+        let (sup, handle) = Supervisor::new(ctx, hooks);
+        let task = tokio::spawn(sup.run(stack(yaml)));
+        Harness {
+            _dir: dir,
+            fake,
+            drain,
+            board,
+            events,
+            handle,
+            task,
+        }
+    }
+
+    fn replicas(&self, service: &str) -> Vec<Status> {
+        self.board.replicas_of(service)
+    }
+
+    fn ready(&self, service: &str) -> usize {
+        self.replicas(service)
+            .iter()
+            .filter(|s| s.is_ready())
+            .count()
+    }
+
+    /// Lets paused time run until `cond` holds (checked every 10 ms), at most `limit`.
+    async fn until(&self, what: &str, limit: Duration, cond: impl Fn(&Harness) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn event_kinds(&self, service: &str) -> Vec<String> {
+        self.events
+            .subscribe_with_history()
+            .0
+            .into_iter()
+            .filter(|e| e.service == service)
+            .map(|e| e.kind)
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_back_off_doubling_then_report_a_crash_loop() {
+    let h = Harness::start(
+        r#"
+services:
+  bad:
+    command: [x]
+    environment: {FAKE_EXIT_AFTER_MS: "0", FAKE_CODE: "3"}
+    deploy:
+      restart_policy: {condition: on-failure, delay: 100ms}
+"#,
+        false,
+        Vec::new(),
+    );
+    h.until("six starts", Duration::from_secs(10), |h| {
+        h.fake.launches.lock().unwrap().len() >= 6
+    })
+    .await;
+    let starts: Vec<Instant> = h
+        .fake
+        .launches
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.1)
+        .collect();
+    let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    // 100 ms, doubled per consecutive failure.
+    for (n, gap) in gaps.iter().enumerate() {
+        assert_eq!(
+            *gap,
+            replica::backoff(Duration::from_millis(100), n as u32 + 1),
+            "{gaps:?}"
+        );
+    }
+    assert_eq!(gaps[3], Duration::from_millis(800));
+    let s = &h.replicas("bad")[0];
+    assert!(
+        matches!(s.state, Phase::CrashLooping | Phase::Running),
+        "{s:?}"
+    );
+    assert_eq!(s.exit_code, Some(3));
+    assert!(s.restarts >= 5, "{s:?}");
+    h.until("the crash-looping state", Duration::from_secs(5), |h| {
+        h.replicas("bad")[0].state == Phase::CrashLooping
+    })
+    .await;
+    assert!(h.event_kinds("bad").iter().any(|k| k == "crash-looping"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn gives_up_after_max_attempts_and_up_revives() {
+    let yaml = r#"
+services:
+  job:
+    command: [x]
+    environment: {FAKE_EXIT_AFTER_MS: "50", FAKE_CODE: "1"}
+    deploy:
+      restart_policy: {condition: on-failure, delay: 100ms, max_attempts: 2}
+"#;
+    let h = Harness::start(yaml, false, Vec::new());
+    h.until("failed", Duration::from_secs(10), |h| {
+        h.replicas("job")
+            .first()
+            .is_some_and(|s| s.state == Phase::Failed)
+    })
+    .await;
+    // The first run and two restarts.
+    assert_eq!(h.fake.launches.lock().unwrap().len(), 3);
+    // `up` again converges: the failed replica runs afresh.
+    let msg = h.handle.apply(stack(yaml)).await.unwrap();
+    assert!(msg.contains("started job again"), "{msg}");
+    h.until("a fourth start", Duration::from_secs(1), |h| {
+        h.fake.launches.lock().unwrap().len() == 4
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_goes_starting_healthy_unhealthy_and_restarts() {
+    let h = Harness::start(
+        r#"
+services:
+  web:
+    command: [x]
+    environment: {FAKE_HEALTHY_AFTER_MS: "2000", FAKE_UNHEALTHY_AFTER_MS: "10000"}
+    healthcheck: {test: ["CMD", "check"], interval: 1s, retries: 2}
+    deploy:
+      restart_policy: {condition: any, delay: 100ms}
+"#,
+        false,
+        Vec::new(),
+    );
+    h.until("running", Duration::from_secs(1), |h| {
+        h.replicas("web")
+            .first()
+            .is_some_and(|s| s.state == Phase::Running)
+    })
+    .await;
+    assert_eq!(h.replicas("web")[0].health, Health::Starting);
+    assert!(!h.replicas("web")[0].is_ready());
+    h.until("healthy", Duration::from_secs(3), |h| {
+        h.replicas("web")[0].health == Health::Healthy
+    })
+    .await;
+    assert!(h.replicas("web")[0].is_ready());
+    // Sick from 10 s on: two failed checks a second apart make it unhealthy,
+    // and the restart policy replaces it.
+    h.until("unhealthy, restarted", Duration::from_secs(15), |h| {
+        h.fake.launches.lock().unwrap().len() == 2
+    })
+    .await;
+    let kinds = h.event_kinds("web");
+    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap_or(usize::MAX);
+    assert!(pos("healthy") < pos("unhealthy"), "{kinds:?}");
+    assert!(pos("unhealthy") < pos("restarting"), "{kinds:?}");
+    assert_eq!(
+        h.fake.stops.lock().unwrap().len(),
+        1,
+        "the unhealthy one was stopped"
+    );
+    assert_eq!(h.replicas("web")[0].restarts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_definition_starts_the_new_revision_before_stopping_the_old() {
+    let v1 = r#"
+services:
+  web:
+    command: [x]
+    environment: {FAKE_HEALTHY_AFTER_MS: "500", VERSION: "1"}
+    healthcheck: {test: ["CMD", "check"], interval: 1s}
+    deploy: {replicas: 2}
+"#;
+    let h = Harness::start(v1, false, Vec::new());
+    h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
+        .await;
+    // Watch the ready count through the replacement.
+    let board = h.board.clone();
+    let low = Arc::new(Mutex::new(usize::MAX));
+    let watch = {
+        let low = low.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = board
+                    .replicas_of("web")
+                    .iter()
+                    .filter(|s| s.is_ready())
+                    .count();
+                {
+                    let mut l = low.lock().unwrap();
+                    *l = (*l).min(n);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let v2 = v1
+        .replace("VERSION: \"1\"", "VERSION: \"2\"")
+        .replace("\"500\"", "\"3000\"");
+    let asked = Instant::now();
+    let msg = h.handle.apply(stack(&v2)).await.unwrap();
+    watch.abort();
+    assert!(msg.contains("replaced web"), "{msg}");
+    let launches = h.fake.launches.lock().unwrap().clone();
+    let new: Vec<&(ReplicaId, Instant)> = launches.iter().filter(|l| l.0.revision == 2).collect();
+    assert_eq!(new.len(), 2, "{launches:?}");
+    let new_ready = new.iter().map(|l| l.1).max().unwrap() + Duration::from_millis(3000);
+    let stops = h.fake.stops.lock().unwrap().clone();
+    assert_eq!(stops.len(), 2, "{stops:?}");
+    for (id, at) in &stops {
+        assert_eq!(id.revision, 1, "only the old revision stops");
+        assert!(
+            *at >= new_ready,
+            "{id} stopped before the new replicas were ready"
+        );
+    }
+    assert!(Instant::now() - asked >= Duration::from_secs(3));
+    assert!(
+        *low.lock().unwrap() >= 2,
+        "fewer than two ready replicas during the replacement"
+    );
+    let now: Vec<Status> = h.replicas("web");
+    assert_eq!(now.len(), 2);
+    assert!(now.iter().all(|s| s.revision == 2 && s.is_ready()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_revision_that_crash_loops_leaves_the_old_one_serving() {
+    let v1 = r#"
+services:
+  web:
+    command: [x]
+    environment: {VERSION: "1"}
+    healthcheck: {test: ["CMD", "check"], interval: 1s}
+    deploy:
+      replicas: 2
+      restart_policy: {condition: any, delay: 100ms}
+"#;
+    let h = Harness::start(v1, false, Vec::new());
+    h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
+        .await;
+    let v2 = v1.replace(
+        "VERSION: \"1\"",
+        "VERSION: \"2\", FAKE_HEALTHY_AFTER_MS: \"1000\", FAKE_EXIT_AFTER_MS: \"10\", FAKE_CODE: \"1\"",
+    );
+    let err = h.handle.apply(stack(&v2)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::NotReady(_)), "{err:?}");
+    assert!(text.contains("revision 2 is not ready"), "{text}");
+    assert!(text.contains("previous revision keeps serving"), "{text}");
+    let old: Vec<Status> = h
+        .replicas("web")
+        .into_iter()
+        .filter(|s| s.revision == 1)
+        .collect();
+    assert_eq!(old.len(), 2);
+    assert!(old.iter().all(Status::is_ready));
+    assert!(
+        h.fake
+            .stops
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.0.revision != 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_in_progress_delays_no_other_command() {
+    let h = Harness::start(
+        r#"
+services:
+  slow:
+    command: [x]
+    stop_grace_period: 20s
+    deploy: {replicas: 1}
+  other:
+    command: [x]
+    deploy: {replicas: 1}
+"#,
+        true,
+        Vec::new(),
+    );
+    h.until("both ready", Duration::from_secs(2), |h| {
+        h.ready("slow") == 1 && h.ready("other") == 1
+    })
+    .await;
+    // Scaling `slow` to zero drains for its whole grace period (20 s); the
+    // new count is visible at once.
+    let t0 = Instant::now();
+    h.handle
+        .scale(BTreeMap::from([("slow".into(), 0)]), false)
+        .await
+        .unwrap();
+    assert_eq!(h.board.service("slow").unwrap().desired, 0);
+    // Another service scales meanwhile, and its command returns at once.
+    h.handle
+        .scale(BTreeMap::from([("other".into(), 3)]), true)
+        .await
+        .unwrap();
+    assert!(Instant::now() - t0 < Duration::from_millis(100));
+    h.until("three of other ready", Duration::from_secs(1), |h| {
+        h.ready("other") == 3
+    })
+    .await;
+    assert!(Instant::now() - t0 < Duration::from_secs(2));
+    // A request waking `slow` during its drain starts a replica without
+    // waiting for the old one to go.
+    h.handle.wake("slow");
+    h.until("slow woken", Duration::from_secs(1), |h| {
+        h.replicas("slow")
+            .iter()
+            .any(|s| s.replica == 1 && s.is_ready())
+    })
+    .await;
+    assert!(Instant::now() - t0 < Duration::from_secs(2));
+    assert_eq!(h.board.service("slow").unwrap().desired, 1);
+    let ids: Vec<u32> = h.replicas("slow").iter().map(|s| s.replica).collect();
+    assert_eq!(
+        ids,
+        [0, 1],
+        "the new replica takes the next index while 0 drains"
+    );
+    // The old one stops once drained.
+    h.until("the drained replica gone", Duration::from_secs(25), |h| {
+        h.replicas("slow").len() == 1
+    })
+    .await;
+    let drained = h.drain.drained.lock().unwrap().clone();
+    assert_eq!(drained.len(), 1);
+    assert!(drained[0].1 - t0 >= Duration::from_secs(20));
+    // Scaling with `wait` returns once the replicas scaled away stopped.
+    let t1 = Instant::now();
+    h.handle
+        .scale(BTreeMap::from([("other".into(), 1)]), true)
+        .await
+        .unwrap();
+    assert!(
+        Instant::now() - t1 >= Duration::from_secs(10),
+        "waited for the drain"
+    );
+    assert_eq!(h.replicas("other").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovers_from_the_durable_record_and_down_stops_everything() {
+    let left = Record {
+        service: "web".into(),
+        replica: 0,
+        revision: 7,
+        pid: 4242,
+        start_ticks: 1,
+        cgroup: None,
+        stop_signal: "SIGINT".into(),
+        grace_ms: 3000,
+    };
+    let h = Harness::start(
+        "services:\n  web:\n    command: [x]\n    deploy: {replicas: 2}\n",
+        false,
+        vec![left.clone()],
+    );
+    h.until("two ready", Duration::from_secs(2), |h| h.ready("web") == 2)
+        .await;
+    assert_eq!(*h.fake.recovered.lock().unwrap(), [left]);
+    let path = h._dir.path().join("replicas.json");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let saved = saved.as_object().unwrap();
+    assert_eq!(
+        saved.len(),
+        2,
+        "the new replicas, not the old record: {saved:?}"
+    );
+    assert!(saved.values().all(|r| r["pid"].as_i64().unwrap() >= 1000));
+    let msg = h.handle.down().await.unwrap();
+    assert_eq!(msg, "stopped every service");
+    assert_eq!(h.fake.stops.lock().unwrap().len(), 2);
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(saved, serde_json::json!({}));
+    h.task.await.unwrap();
+    assert!(h.handle.is_closed());
+    assert!(matches!(
+        h.handle.scale(BTreeMap::new(), false).await,
+        Err(Error::ShuttingDown)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_services_are_typed_errors() {
+    let h = Harness::start("services:\n  web:\n    command: [x]\n", false, Vec::new());
+    let e = h
+        .handle
+        .scale(BTreeMap::from([("nope".into(), 2)]), true)
+        .await
+        .unwrap_err();
+    assert_eq!(e, Error::NoSuchService("nope".into()));
+    let e = h
+        .handle
+        .stop(vec!["web".into(), "x".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "no such service: x");
+}
