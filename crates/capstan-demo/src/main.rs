@@ -154,6 +154,19 @@ async fn work(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, Stri
     format!("worked {ms} ms ({spins:x})\n").into_response()
 }
 
+/// Answers after `ms` milliseconds without using the CPU: a slow request.
+async fn sleep(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let started = Instant::now();
+    let ms: u64 = q
+        .get("ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+        .min(600_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    app.record("/sleep", 200, started);
+    format!("slept {ms} ms in replica {}\n", app.replica).into_response()
+}
+
 async fn alloc(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let started = Instant::now();
     let mb: usize = q
@@ -320,6 +333,7 @@ async fn main() {
         .route("/metrics", get(metrics))
         .route("/work", get(work))
         .route("/alloc", get(alloc))
+        .route("/sleep", get(sleep))
         .route("/headers", get(headers))
         .route("/echo", get(echo))
         .with_state(app.clone());

@@ -8,6 +8,9 @@
 //! range. Throughput per core is bytes (or spans) over the daemon's CPU
 //! seconds (utime + stime from /proc), so the client's own work is left out.
 
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -4,6 +4,9 @@
 //! names. Each answer is a 4xx with a reason; afterwards the daemon is healthy,
 //! the data stored before is intact, and its peak RSS stayed under [`MAX_RSS`].
 
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use capstan::api::remote_write::{Label, Sample, TimeSeries, WriteRequest};

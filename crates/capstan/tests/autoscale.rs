@@ -1,6 +1,9 @@
 //! The autoscaler end to end: `/work` load scales the demo up and, after the
 //! stabilization window, back down; scale to zero and the cold start back.
 
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::process::{Command, Stdio};

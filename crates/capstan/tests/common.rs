@@ -1,4 +1,7 @@
 //! Helpers for end-to-end tests: a stack in a temp dir, driven by the real binary.
+
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;

@@ -1,6 +1,9 @@
 //! `capstan load` against the demo service: closed loop, open loop with the
 //! coordinated-omission correction, and an unreachable target.
 
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::process::{Command, Stdio};

@@ -1,6 +1,9 @@
 //! The proxy in front of published ports, end to end: the real binary, the demo
 //! service as replicas, requests over real sockets.
 
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -3,6 +3,9 @@
 //! logs, bad bodies of every kind, and the Loki tail WebSocket across segment
 //! rotations and reconnects.
 
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::Write;

@@ -170,7 +170,7 @@ fn points_json(points: Vec<(i64, f64)>) -> serde_json::Value {
 fn metric_limits(api: &Api) -> (eval::Limits, super::CancelOnDrop) {
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let limits = eval::Limits {
-        deadline: Some(std::time::Instant::now() + api.engine.opts.timeout),
+        deadline: Some(crate::state::clock::stopwatch() + api.engine.opts.timeout),
         cancel: Some(cancel.clone()),
         ..eval::Limits::default()
     };

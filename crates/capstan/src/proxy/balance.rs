@@ -43,7 +43,7 @@ impl Endpoint {
             revision: id.revision,
             addr,
             inflight: AtomicUsize::new(0),
-            ewma: Mutex::new((0.0, Instant::now())),
+            ewma: Mutex::new((0.0, crate::state::clock::stopwatch())),
             failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -61,7 +61,7 @@ impl Endpoint {
     /// Records a response's time to headers: a peak EWMA (a slower response
     /// replaces the estimate at once; faster ones pull it down over time).
     pub fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
+        let now = crate::state::clock::stopwatch();
         let rtt = rtt.as_secs_f64();
         let mut g = self.ewma.lock().unwrap();
         let (prev, at) = *g;
@@ -256,7 +256,7 @@ impl Backend {
                 self.cold_since
                     .lock()
                     .unwrap()
-                    .get_or_insert_with(Instant::now);
+                    .get_or_insert_with(crate::state::clock::stopwatch);
                 if let Some(f) = &*self.on_empty.lock().unwrap() {
                     f();
                 }

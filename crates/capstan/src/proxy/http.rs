@@ -462,7 +462,7 @@ fn append_forwarded(h: &mut HeaderMap, client: &str, host: Option<HeaderValue>) 
 }
 
 async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> Response<RespBody> {
-    let start = Instant::now();
+    let start = crate::state::clock::stopwatch();
     let backend = ctx.backend.clone();
     let settings = backend.settings.read().unwrap().clone();
     let path = req
@@ -603,7 +603,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         };
         let ep = lease.ep.clone();
         fin.replica = Some(ep.replica);
-        let sent_at = Instant::now();
+        let sent_at = crate::state::clock::stopwatch();
         let deadline = tokio::time::Instant::from_std(start + settings.timeout.0);
         if upgrade {
             return forward_upgrade(fin, lease, req, client_upgrade, settings.connect_timeout.0)
