@@ -35,7 +35,9 @@ fn healthy(s: &TestStack, service: &str) -> usize {
 }
 
 fn desired(s: &TestStack, service: &str) -> u64 {
-    s.ps()
+    s.api("/capstan/v1/ps")["services"]
+        .as_array()
+        .unwrap()
         .iter()
         .find(|v| v["name"] == service)
         .and_then(|v| v["desired"].as_u64())
