@@ -65,6 +65,7 @@ struct Finish {
     path: String,
     status: u16,
     replica: Option<u32>,
+    revision: crate::state::Revision,
     client: Arc<str>,
     trace_id: String,
     span: Option<SpanStart>,
@@ -78,8 +79,12 @@ impl OnDone for Finish {
     fn done(&mut self, bytes: u64, completed: bool) {
         let secs = self.start.elapsed().as_secs_f64();
         let b = &self.ctx.backend;
-        b.metrics
-            .record(self.replica, self.method, self.status, secs);
+        b.metrics.record(
+            self.replica.map(|r| (self.revision, r)),
+            self.method,
+            self.status,
+            secs,
+        );
         if let (true, Some(conn), Some(lease)) = (completed, self.conn.take(), &self.lease) {
             lease.ep.pool.put(conn);
         }
@@ -492,6 +497,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         path,
         status: 0,
         replica: None,
+        revision: 0,
         client: client.clone(),
         trace_id: tc.trace_id,
         span,
@@ -603,6 +609,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         };
         let ep = lease.ep.clone();
         fin.replica = Some(ep.replica);
+        fin.revision = ep.revision;
         let sent_at = crate::state::clock::stopwatch();
         let deadline = tokio::time::Instant::from_std(start + settings.timeout.0);
         if upgrade {

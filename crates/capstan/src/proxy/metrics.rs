@@ -20,8 +20,9 @@ struct Stat {
     buckets: [u64; BUCKETS.len()],
 }
 
-/// Key: replica (none for requests no replica answered), method, status code.
-type Key = (Option<u32>, &'static str, u16);
+/// Key: replica as revision and index (none for requests no replica
+/// answered), method, status code.
+type Key = (Option<(crate::state::Revision, u32)>, &'static str, u16);
 
 #[derive(Default)]
 pub struct Metrics {
@@ -73,7 +74,13 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
 }
 
 impl Metrics {
-    pub fn record(&self, replica: Option<u32>, method: &'static str, code: u16, secs: f64) {
+    pub fn record(
+        &self,
+        replica: Option<(crate::state::Revision, u32)>,
+        method: &'static str,
+        code: u16,
+        secs: f64,
+    ) {
         let mut map = self.requests.lock().unwrap();
         let s = map.entry((replica, method, code)).or_default();
         s.count += 1;
@@ -89,6 +96,13 @@ impl Metrics {
 }
 
 /// Writes every service's proxy families.
+/// The `revision` and `replica` labels of a request (empty when no replica answered).
+fn replica_labels(replica: Option<(crate::state::Revision, u32)>) -> (String, String) {
+    replica.map_or((String::new(), String::new()), |(rev, r)| {
+        (rev.to_string(), r.to_string())
+    })
+}
+
 pub fn expose(e: &mut Exposition, backends: &[std::sync::Arc<super::balance::Backend>]) {
     let snapshot: Vec<_> = backends
         .iter()
@@ -101,13 +115,14 @@ pub fn expose(e: &mut Exposition, backends: &[std::sync::Arc<super::balance::Bac
     );
     for (b, map) in &snapshot {
         for ((replica, method, code), s) in map {
-            let r = replica.map(|r| r.to_string()).unwrap_or_default();
+            let (rev, r) = replica_labels(*replica);
             let c = code.to_string();
             e.sample(
                 "http_requests_total",
                 &[
                     ("service", &b.service),
                     ("replica", &r),
+                    ("revision", &rev),
                     ("method", method),
                     ("code", &c),
                 ],
@@ -122,11 +137,12 @@ pub fn expose(e: &mut Exposition, backends: &[std::sync::Arc<super::balance::Bac
     );
     for (b, map) in &snapshot {
         for ((replica, method, code), s) in map {
-            let r = replica.map(|r| r.to_string()).unwrap_or_default();
+            let (rev, r) = replica_labels(*replica);
             let c = code.to_string();
             let base = [
                 ("service", b.service.as_str()),
                 ("replica", r.as_str()),
+                ("revision", rev.as_str()),
                 ("method", *method),
                 ("code", c.as_str()),
             ];
@@ -161,6 +177,7 @@ pub fn expose(e: &mut Exposition, backends: &[std::sync::Arc<super::balance::Bac
                 &[
                     ("service", &b.service),
                     ("replica", &ep.replica.to_string()),
+                    ("revision", &ep.revision.to_string()),
                 ],
                 ep.inflight.load(Relaxed) as f64,
             );
