@@ -495,3 +495,153 @@ pub fn expose(e: &mut crate::exposition::Exposition, autoscaler: &Autoscaler) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    use capstan_tsdb::Labels;
+
+    use super::*;
+    use crate::state::clock::TokioClock;
+    use crate::state::control::Command;
+    use crate::state::{Phase, ReplicaId, ServiceStatus as Svc};
+
+    fn stack() -> Stack {
+        let yaml = r#"
+services:
+  web:
+    command: [x]
+    x-capstan:
+      autoscale:
+        min: 0
+        max: 4
+        interval: 1s
+        idle_after: 30s
+        metrics: [{rps: 10}]
+"#;
+        let opts = crate::spec::LoadOptions {
+            env: BTreeMap::new(),
+            profiles: Vec::new(),
+        };
+        crate::spec::parse_text(
+            yaml,
+            "c.yaml",
+            Path::new("/tmp"),
+            "app",
+            BTreeMap::new(),
+            &opts,
+        )
+        .unwrap()
+        .0
+    }
+
+    fn ready(board: &StatusBoard, n: u32) {
+        board.set_services(vec![Svc {
+            name: "web".into(),
+            desired: n,
+            stopped: false,
+            has_healthcheck: false,
+        }]);
+        for i in 0..n {
+            board.update(&ReplicaId::new("web", 1, i), |s| {
+                s.state = Phase::Running;
+                s.pid = Some(100 + i as i32);
+                s.addr = Some(SocketAddr::from(([127, 0, 0, 1], 20000 + i as u16)));
+                s.accepting = true;
+            });
+        }
+    }
+
+    /// PromQL as the test sets it: per-replica rps and seconds idle.
+    struct Metrics {
+        rps_per_replica: AtomicU64,
+        idle_secs: AtomicU64,
+        replicas: AtomicU64,
+    }
+
+    fn query_fn(m: Arc<Metrics>) -> QueryFn {
+        Arc::new(move |q: &str, t: i64| {
+            if q.contains("capstan_proxy_last_request_timestamp_seconds") {
+                return Ok(QueryValue::Scalar(t, m.idle_secs.load(Relaxed) as f64));
+            }
+            assert!(q.contains("http_requests_total"), "{q}");
+            let samples = (0..m.replicas.load(Relaxed))
+                .map(|i| capstan_promql::Sample {
+                    labels: Labels::new(vec![
+                        ("replica".to_owned(), i.to_string()),
+                        ("revision".to_owned(), "1".to_owned()),
+                    ]),
+                    t,
+                    v: m.rps_per_replica.load(Relaxed) as f64,
+                })
+                .collect();
+            Ok(QueryValue::Vector(samples))
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn decides_on_paused_time_through_the_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = Arc::new(StatusBoard::default());
+        let events = Arc::new(EventLog::open(dir.path()).unwrap());
+        let a = Autoscaler::new(board.clone(), events);
+        a.on_apply(&stack());
+        ready(&board, 2);
+        let m = Arc::new(Metrics {
+            rps_per_replica: AtomicU64::new(30),
+            idle_secs: AtomicU64::new(0),
+            replicas: AtomicU64::new(2),
+        });
+        let (handle, mut rx) = SupervisorHandle::channel();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let deps = Deps {
+            query: query_fn(m.clone()),
+            clock: Arc::new(TokioClock::starting_at(1_700_000_000_000)),
+            supervisor: handle,
+        };
+        let task = tokio::spawn(a.clone().run(deps, stop));
+        // 30 rps per replica against a target of 10: 2 → 6, capped at 4.
+        let t0 = tokio::time::Instant::now();
+        let Some(Command::Scale {
+            counts,
+            wait,
+            reply,
+        }) = rx.recv().await
+        else {
+            panic!("expected a scale");
+        };
+        assert_eq!(counts, BTreeMap::from([("web".to_owned(), 4)]));
+        assert!(!wait, "the autoscaler does not wait for drains");
+        let _ = reply.send(Ok("scaled".into()));
+        assert!(tokio::time::Instant::now() - t0 < Duration::from_secs(1));
+        ready(&board, 4);
+        m.replicas.store(4, Relaxed);
+        // Idle for longer than idle_after: scaled to zero at the next interval.
+        m.rps_per_replica.store(0, Relaxed);
+        m.idle_secs.store(31, Relaxed);
+        let Some(Command::Scale { counts, reply, .. }) = rx.recv().await else {
+            panic!("expected a scale");
+        };
+        assert_eq!(counts, BTreeMap::from([("web".to_owned(), 0)]));
+        let _ = reply.send(Ok("scaled".into()));
+        let elapsed = tokio::time::Instant::now() - t0;
+        assert!(
+            elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(3),
+            "{elapsed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = a.statuses();
+        assert_eq!(st[0].desired, 0);
+        assert_eq!(st[0].idle_seconds, Some(31.0));
+        assert!(
+            st[0].reason.contains("no request for 30s"),
+            "{}",
+            st[0].reason
+        );
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+}
