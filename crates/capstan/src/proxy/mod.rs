@@ -186,6 +186,13 @@ impl Hook for Arc<Proxy> {
         self.configure(stack)
     }
 
+    fn after_stop(&self, ids: &[ReplicaId]) {
+        let mut draining = self.draining.lock().unwrap();
+        for id in ids {
+            draining.remove(id);
+        }
+    }
+
     fn on_down(&self) {
         self.close_listeners();
     }
@@ -410,12 +417,8 @@ impl Proxy {
     /// every revision, less those being drained.
     fn sync(&self) {
         let statuses = self.board.replicas();
-        let live: BTreeSet<ReplicaId> = statuses
-            .iter()
-            .filter(|s| s.is_running())
-            .map(|s| s.id())
-            .collect();
-        self.draining.lock().unwrap().retain(|k| live.contains(k));
+        // Replicas being drained leave it in `after_stop`, before their id
+        // can be used again.
         let draining = self.draining.lock().unwrap().clone();
         for b in self.backends() {
             let current = b.endpoints();

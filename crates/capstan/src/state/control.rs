@@ -23,6 +23,9 @@ pub trait Hook: Send + Sync + 'static {
         Box::pin(async {})
     }
 
+    /// After replicas stopped (before their ids can be used again).
+    fn after_stop(&self, _ids: &[ReplicaId]) {}
+
     /// A stack was applied. Returns problems to warn about.
     fn on_apply(&self, _stack: &Stack) -> Vec<String> {
         Vec::new()

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::events::EventLog;
@@ -143,7 +143,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn new(message: String, reply: Reply) -> Pending {
+    fn new(message: String) -> Pending {
         Pending {
             stops: BTreeSet::new(),
             rollouts: BTreeSet::new(),
@@ -151,7 +151,7 @@ impl Pending {
             events: Vec::new(),
             message,
             failures: Vec::new(),
-            reply: Some(reply),
+            reply: None,
         }
     }
 
@@ -249,7 +249,7 @@ impl Supervisor {
             },
             Command::Stop(names, reply) => match self.known(&names) {
                 Ok(()) => {
-                    let mut p = Pending::new(format!("done: {}", names.join(", ")), reply_dummy());
+                    let mut p = Pending::new(format!("done: {}", names.join(", ")));
                     for n in &names {
                         p.stops.extend(self.stop_service(n));
                         p.events
@@ -547,7 +547,7 @@ impl Supervisor {
         } else {
             changes.join("; ")
         };
-        let mut p = Pending::new(message, reply_dummy());
+        let mut p = Pending::new(message);
         p.stops = stops;
         p.rollouts = rollouts;
         p
@@ -625,6 +625,9 @@ impl Supervisor {
                 let _ = h.ctl.send(replica::Ctl::Stop).await;
                 let _ = h.task.await;
                 board.remove(&id);
+                for hook in &hooks {
+                    hook.after_stop(std::slice::from_ref(&id));
+                }
                 let _ = done.send(Internal::Stopped(id));
             });
         }
@@ -678,7 +681,7 @@ impl Supervisor {
         }
         // The new counts are visible at once, before any replica has stopped.
         self.publish_services();
-        let mut p = Pending::new(format!("scaled {}", done.join(" ")), reply_dummy());
+        let mut p = Pending::new(format!("scaled {}", done.join(" ")));
         p.stops = stops;
         Ok(p)
     }
@@ -725,7 +728,7 @@ impl Supervisor {
 
     /// Stop first, then start a new revision (as compose's `restart`).
     fn restart(&mut self, names: &[String]) -> Pending {
-        let mut p = Pending::new(format!("done: {}", names.join(", ")), reply_dummy());
+        let mut p = Pending::new(format!("done: {}", names.join(", ")));
         for name in names {
             let revision = self.next_revision();
             let all: Vec<ReplicaId> = self.services[name].replicas.keys().cloned().collect();
@@ -832,11 +835,6 @@ impl Supervisor {
             }
         }
     }
-}
-
-/// A reply nobody waits for (filled in when a command's reply is known).
-fn reply_dummy() -> Reply {
-    oneshot::channel().0
 }
 
 /// Until every replica of `revision` is ready (or finished successfully); an
