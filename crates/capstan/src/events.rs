@@ -17,6 +17,9 @@ pub struct Event {
     pub service: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub replica: Option<u32>,
+    /// The replica's revision, for events about one replica.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub revision: Option<u64>,
     /// started, healthy, unhealthy, exited, restarting, crash-looping, failed,
     /// stopping, stopped, scaled, oom-killed, …
     pub kind: String,
@@ -67,12 +70,40 @@ impl EventLog {
     }
 
     pub fn emit(&self, service: &str, replica: Option<u32>, kind: &str, reason: impl Into<String>) {
+        self.record(service, replica, None, kind, reason.into());
+    }
+
+    /// An event about one replica, with its revision.
+    pub fn emit_replica(
+        &self,
+        id: &crate::state::ReplicaId,
+        kind: &str,
+        reason: impl Into<String>,
+    ) {
+        self.record(
+            &id.service,
+            Some(id.index),
+            Some(id.revision),
+            kind,
+            reason.into(),
+        );
+    }
+
+    fn record(
+        &self,
+        service: &str,
+        replica: Option<u32>,
+        revision: Option<u64>,
+        kind: &str,
+        reason: String,
+    ) {
         let e = Event {
             time_ms: now_ms(),
             service: service.into(),
             replica,
+            revision,
             kind: kind.into(),
-            reason: reason.into(),
+            reason,
         };
         match replica {
             Some(r) => tracing::info!(service, replica = r, kind, "{}", e.reason),

@@ -224,26 +224,27 @@ fn a_changed_definition_under_load_fails_no_request() {
     assert!(requests >= 1000, "{v}");
     assert_eq!(v["status"]["200"].as_u64(), Some(requests), "{v}");
     assert_eq!(v["errors"], 0, "{v}");
-    // The new replicas were healthy before the old ones were told to stop.
+    // Both new replicas were healthy before an old one was told to stop.
     let events: Vec<Value> = s
         .events()
         .into_iter()
         .filter(|e| e["service"] == "web")
         .collect();
-    let updated = events
-        .iter()
-        .position(|e| e["kind"] == "updated")
-        .expect("an updated event");
-    let first_stop = events[updated..]
-        .iter()
-        .position(|e| e["kind"] == "stopping")
-        .expect("the old replicas stopped")
-        + updated;
-    let healthy_between = events[updated..first_stop]
-        .iter()
-        .filter(|e| e["kind"] == "healthy")
-        .count();
-    assert_eq!(healthy_between, 2, "{events:?}");
+    let at = |kind: &str, rev: u64| -> Vec<usize> {
+        events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e["kind"] == kind && e["revision"] == rev)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let (new_healthy, old_stopping) = (at("healthy", 2), at("stopping", 1));
+    assert_eq!(new_healthy.len(), 2, "{events:?}");
+    assert_eq!(old_stopping.len(), 2, "{events:?}");
+    assert!(
+        new_healthy.iter().max() < old_stopping.iter().min(),
+        "{events:?}"
+    );
     let now = s.replicas("web");
     assert_eq!(now.len(), 2, "{now:?}");
     assert!(now.iter().all(|r| r["revision"] == "2"), "{now:?}");

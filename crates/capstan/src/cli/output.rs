@@ -76,8 +76,8 @@ pub fn ps_table(v: &serde_json::Value) -> String {
     let now = crate::events::now_ms();
     let mut rows = vec![
         [
-            "SERVICE", "REPLICA", "PID", "STATE", "HEALTH", "RESTARTS", "UPTIME", "CPU", "MEM",
-            "PORT",
+            "SERVICE", "REPLICA", "REV", "PID", "STATE", "HEALTH", "RESTARTS", "UPTIME", "CPU",
+            "MEM", "PORT",
         ]
         .map(String::from)
         .to_vec(),
@@ -88,6 +88,7 @@ pub fn ps_table(v: &serde_json::Value) -> String {
         rows.push(vec![
             r["service"].as_str().unwrap_or("").to_owned(),
             r["replica"].to_string(),
+            r["revision"].as_str().unwrap_or("-").to_owned(),
             pid.map_or("-".into(), |p| p.to_string()),
             r["state"].as_str().unwrap_or("").to_owned(),
             r["health"].as_str().unwrap_or("").to_owned(),
@@ -123,6 +124,7 @@ pub fn ps_table(v: &serde_json::Value) -> String {
             };
             rows.push(vec![
                 name.to_owned(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 state.into(),
@@ -223,7 +225,7 @@ mod tests {
         let v = serde_json::json!({
             "replicas": [
                 {"service": "web", "replica": 0, "pid": 10, "state": "running", "health": "none",
-                 "restarts": 0, "cpu_percent": 25.0, "cpu_limit": 0.5, "port": 1},
+                 "restarts": 0, "cpu_percent": 25.0, "cpu_limit": 0.5, "port": 1, "revision": "7"},
                 {"service": "api", "replica": 0, "pid": 11, "state": "running", "health": "none",
                  "restarts": 0, "cpu_percent": 130.0, "port": 2},
             ],
@@ -233,5 +235,11 @@ mod tests {
         assert!(t.contains("25.0% (50% of 0.5)"), "{t}");
         assert!(t.contains("130.0%"), "{t}");
         assert!(t.ends_with(CPU_LEGEND), "{t}");
+        // The revision, which tells two replicas of one index apart during a replacement.
+        assert!(
+            t.lines().next().unwrap().contains("REPLICA  REV  PID"),
+            "{t}"
+        );
+        assert!(t.contains("web      0        7    10"), "{t}");
     }
 }

@@ -67,9 +67,8 @@ impl Ctx {
         }
         let b = &self.backend;
         b.metrics.ejected(ep.replica);
-        self.events.emit(
-            &b.service,
-            Some(ep.replica),
+        self.events.emit_replica(
+            &ReplicaId::new(&b.service, ep.revision, ep.replica),
             "ejected",
             format!(
                 "{eject_after} consecutive failures, last: {reason}; no traffic until its health check passes"
@@ -99,9 +98,8 @@ async fn readmit(events: Arc<EventLog>, b: Arc<Backend>, ep: Arc<Endpoint>) {
             .is_ok()
         {
             ep.readmit();
-            events.emit(
-                &b.service,
-                Some(ep.replica),
+            events.emit_replica(
+                &ReplicaId::new(&b.service, ep.revision, ep.replica),
                 "readmitted",
                 "health check passed; back in the balancer",
             );

@@ -55,9 +55,7 @@ impl Replica {
     }
 
     fn event(&self, kind: &str, reason: impl Into<String>) {
-        self.ctx
-            .events
-            .emit(&self.id.service, Some(self.id.index), kind, reason);
+        self.ctx.events.emit_replica(&self.id, kind, reason);
     }
 
     pub async fn run(self, mut ctl: mpsc::Receiver<Ctl>) {
