@@ -112,6 +112,221 @@ pub fn lock(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
+/// The stores the daemon keeps in its data dir.
+struct Stores {
+    events: Arc<EventLog>,
+    logs: Arc<LogEngine>,
+    traces: Arc<crate::traces::TraceStore>,
+    db: Arc<capstan_tsdb::Db>,
+}
+
+/// Opens the event log, the log and trace stores and the metrics store,
+/// reporting what their recovery cut or left out as warning events.
+fn open_stores(opts: &Options, repaired: Vec<(PathBuf, u32)>) -> Result<Stores> {
+    let events = EventLog::open(&opts.data_dir).context("opening the event log")?;
+    let warn = |msg: String| events.emit("capstan", None, "warning", msg);
+    for (path, mode) in repaired {
+        warn(format!(
+            "{} was readable by others (mode {mode:o}); made private",
+            path.display()
+        ));
+    }
+    let (logs, recovery) = LogEngine::open(
+        &opts.data_dir.join("logstore"),
+        opts.log_max_file,
+        opts.log_max_total,
+    )
+    .context("opening the log store")?;
+    let (traces, trace_recovery) = crate::traces::TraceStore::open(
+        &opts.data_dir.join("tracestore"),
+        opts.log_max_total,
+        Some(std::time::Duration::from_secs(
+            TRACE_RETENTION_DAYS * 86_400,
+        )),
+    )
+    .context("opening the trace store")?;
+    // The first log storage kept JSON lines under logs/: gone with the log store.
+    let _ = std::fs::remove_dir_all(opts.data_dir.join("logs"));
+    for (what, (path, why)) in recovery
+        .truncated
+        .iter()
+        .map(|t| ("log", t))
+        .chain(trace_recovery.truncated.iter().map(|t| ("trace", t)))
+    {
+        warn(format!(
+            "{what} store: cut {} ({why}); earlier entries are kept",
+            path.display()
+        ));
+    }
+    let tsdb_dir = opts.data_dir.join("tsdb");
+    let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
+    tsdb_opts.fsync = capstan_tsdb::Fsync::Every(std::time::Duration::from_secs(1));
+    let storage = &opts.stack.settings.storage;
+    tsdb_opts.retention_ms = storage.retention.0.as_millis() as i64;
+    tsdb_opts.retention_bytes = storage.retention_size;
+    tsdb_opts.max_series = storage.max_series as usize;
+    tsdb_opts.max_future_ms = Some(storage.max_future.0.as_millis() as i64);
+    tsdb_opts.reject_older_than_retention = true;
+    tsdb_opts.out_of_order_window_ms = storage.out_of_order_time_window.0.as_millis() as i64;
+    let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
+        .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
+    if let Some(cut) = replay.truncated {
+        warn(format!("metrics store: {cut}"));
+    }
+    if replay.future_dropped > 0 {
+        warn(format!(
+            "metrics store: {} logged samples more than {} ahead of the clock left out",
+            replay.future_dropped, storage.max_future
+        ));
+    }
+    Ok(Stores {
+        events: Arc::new(events),
+        logs: Arc::new(logs),
+        traces: Arc::new(traces),
+        db: Arc::new(db),
+    })
+}
+
+/// The cgroup hierarchy replicas go in, or `None` (with a warning) where
+/// cgroups are not writable or turned off.
+fn cgroups(id: &str, events: &EventLog) -> Option<Cgroups> {
+    let detected = if std::env::var("CAPSTAN_CGROUPS").is_ok_and(|v| v == "off") {
+        Err("turned off by CAPSTAN_CGROUPS=off".to_owned())
+    } else {
+        Cgroups::detect(id)
+    };
+    match detected {
+        Ok(c) => Some(c),
+        Err(why) => {
+            events.emit("capstan", None, "warning", format!("cgroups unavailable ({why}): resource limits are not applied; CPU and memory come from /proc"));
+            None
+        }
+    }
+}
+
+/// The runtime's components, built and wired; nothing runs yet.
+struct Runtime {
+    board: Arc<StatusBoard>,
+    proxy: Arc<Proxy>,
+    scraper: Arc<Scraper>,
+    autoscaler: Arc<Autoscaler>,
+    supervisor: Supervisor,
+    handle: crate::state::control::SupervisorHandle,
+}
+
+impl Runtime {
+    fn build(
+        stores: &Stores,
+        data_dir: &Path,
+        stack_dir: PathBuf,
+        id: &str,
+        cgroups: Option<Cgroups>,
+        api: SocketAddr,
+    ) -> Runtime {
+        let board = Arc::new(StatusBoard::default());
+        let events = &stores.events;
+        let driver = Arc::new(ProcessDriver::new(id, cgroups, events.clone()));
+        let ctx = Arc::new(supervisor::Context {
+            board: board.clone(),
+            events: events.clone(),
+            logs: stores.logs.clone(),
+            driver,
+            records: std::sync::Mutex::new(StateFile::open(data_dir)),
+            stack_dir,
+            otlp: Some(api),
+        });
+        let proxy = Proxy::new(
+            board.clone(),
+            events.clone(),
+            stores.logs.clone(),
+            stores.traces.clone(),
+        );
+        let scraper = Scraper::new(board.clone(), Some(api.to_string()));
+        let autoscaler = Autoscaler::new(board.clone(), events.clone());
+        let hooks: Vec<Arc<dyn Hook>> = vec![
+            Arc::new(proxy.clone()),
+            Arc::new(scraper.clone()),
+            Arc::new(autoscaler.clone()),
+        ];
+        let (supervisor, handle) = Supervisor::new(ctx, hooks);
+        {
+            let handle = handle.clone();
+            proxy.on_wake(Arc::new(move |service: &str| handle.wake(service)));
+        }
+        Runtime {
+            board,
+            proxy,
+            scraper,
+            autoscaler,
+            supervisor,
+            handle,
+        }
+    }
+
+    /// Starts the components under one task set (in the order they stop in
+    /// reverse) and the supervisor with the first stack.
+    fn start(
+        self,
+        stores: &Stores,
+        engine: Arc<capstan_promql::Engine>,
+        stack: Stack,
+    ) -> (TaskSet, JoinHandle<()>, Api) {
+        let mut tasks = TaskSet::default();
+        {
+            let (db, events) = (stores.db.clone(), stores.events.clone());
+            tasks.spawn("metrics store sync", move |stop| {
+                keep_metrics(db, events, stop)
+            });
+        }
+        {
+            let (logs, traces, events) = (
+                stores.logs.clone(),
+                stores.traces.clone(),
+                stores.events.clone(),
+            );
+            tasks.spawn("log store upkeep", move |stop| {
+                keep_logs(logs, traces, events, stop)
+            });
+        }
+        let proxy = self.proxy.clone();
+        tasks.spawn("proxy", move |stop| proxy.run(stop));
+        let (scraper, db) = (self.scraper.clone(), stores.db.clone());
+        tasks.spawn("scraper", move |stop| scraper.run(db, stop));
+        let deps = crate::autoscale::Deps {
+            query: {
+                let (db, engine) = (stores.db.clone(), engine);
+                Arc::new(move |q: &str, t: i64| {
+                    tokio::task::block_in_place(|| engine.instant(&*db, q, t))
+                        .map(|o| o.value)
+                        .map_err(|e| e.to_string())
+                })
+            },
+            clock: Arc::new(crate::state::clock::SystemClock),
+            supervisor: self.handle.clone(),
+        };
+        let autoscaler = self.autoscaler.clone();
+        tasks.spawn("autoscaler", move |stop| autoscaler.run(deps, stop));
+        let supervisor = tokio::spawn(self.supervisor.run(stack));
+        let parts = Api {
+            board: self.board,
+            proxy: self.proxy,
+            scraper: self.scraper,
+            autoscaler: self.autoscaler,
+            handle: self.handle,
+        };
+        (tasks, supervisor, parts)
+    }
+}
+
+/// What the API gets of the runtime.
+struct Api {
+    board: Arc<StatusBoard>,
+    proxy: Arc<Proxy>,
+    scraper: Arc<Scraper>,
+    autoscaler: Arc<Autoscaler>,
+    handle: crate::state::control::SupervisorHandle,
+}
+
 /// Runs until `down` or SIGTERM/SIGINT, then stops every replica and returns.
 /// `ready` gets the bound address once the API listens.
 pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> Result<()> {
@@ -132,95 +347,10 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let _lock = lock(&opts.data_dir)?;
     let repaired = make_private(&opts.data_dir)?;
     let token = ensure_token(&opts.data_dir)?;
-    let events = EventLog::open(&opts.data_dir).context("opening the event log")?;
-    for (path, mode) in repaired {
-        events.emit(
-            "capstan",
-            None,
-            "warning",
-            format!(
-                "{} was readable by others (mode {mode:o}); made private",
-                path.display()
-            ),
-        );
-    }
-    let (logs, recovery) = LogEngine::open(
-        &opts.data_dir.join("logstore"),
-        opts.log_max_file,
-        opts.log_max_total,
-    )
-    .context("opening the log store")?;
-    let (traces, trace_recovery) = crate::traces::TraceStore::open(
-        &opts.data_dir.join("tracestore"),
-        opts.log_max_total,
-        Some(std::time::Duration::from_secs(
-            TRACE_RETENTION_DAYS * 86_400,
-        )),
-    )
-    .context("opening the trace store")?;
-    // The first log storage kept JSON lines under logs/: gone with the log store.
-    let _ = std::fs::remove_dir_all(opts.data_dir.join("logs"));
+    let stores = open_stores(&opts, repaired)?;
+    let events = stores.events.clone();
     let id = stack_id(&opts.stack, &opts.file);
-    let detected = if std::env::var("CAPSTAN_CGROUPS").is_ok_and(|v| v == "off") {
-        Err("turned off by CAPSTAN_CGROUPS=off".to_owned())
-    } else {
-        Cgroups::detect(&id)
-    };
-    let cgroups = match detected {
-        Ok(c) => Some(c),
-        Err(why) => {
-            events.emit("capstan", None, "warning", format!("cgroups unavailable ({why}): resource limits are not applied; CPU and memory come from /proc"));
-            None
-        }
-    };
-    let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let events = Arc::new(events);
-    let logs = Arc::new(logs);
-    let traces = Arc::new(traces);
-    for (what, (path, why)) in recovery
-        .truncated
-        .iter()
-        .map(|t| ("log", t))
-        .chain(trace_recovery.truncated.iter().map(|t| ("trace", t)))
-    {
-        events.emit(
-            "capstan",
-            None,
-            "warning",
-            format!(
-                "{what} store: cut {} ({why}); earlier entries are kept",
-                path.display()
-            ),
-        );
-    }
-
-    let tsdb_dir = opts.data_dir.join("tsdb");
-    let mut tsdb_opts = capstan_tsdb::Options::new(&tsdb_dir);
-    tsdb_opts.fsync = capstan_tsdb::Fsync::Every(std::time::Duration::from_secs(1));
-    let storage = &opts.stack.settings.storage;
-    tsdb_opts.retention_ms = storage.retention.0.as_millis() as i64;
-    tsdb_opts.retention_bytes = storage.retention_size;
-    tsdb_opts.max_series = storage.max_series as usize;
-    tsdb_opts.max_future_ms = Some(storage.max_future.0.as_millis() as i64);
-    tsdb_opts.reject_older_than_retention = true;
-    tsdb_opts.out_of_order_window_ms = storage.out_of_order_time_window.0.as_millis() as i64;
-    let (db, replay) = capstan_tsdb::Db::open(tsdb_opts)
-        .with_context(|| format!("opening the metrics store in {}", tsdb_dir.display()))?;
-    if let Some(cut) = replay.truncated {
-        events.emit("capstan", None, "warning", format!("metrics store: {cut}"));
-    }
-    if replay.future_dropped > 0 {
-        events.emit(
-            "capstan",
-            None,
-            "warning",
-            format!(
-                "metrics store: {} logged samples more than {} ahead of the clock left out",
-                replay.future_dropped, storage.max_future
-            ),
-        );
-    }
-    let db = Arc::new(db);
+    let cgroups = cgroups(&id, &events);
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -235,93 +365,37 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     let info_path = opts.data_dir.join("daemon.json");
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?).context("writing daemon.json")?;
 
-    // The components, each built from its configuration; the supervisor
-    // calls them through hooks and they read the board.
-    let board = Arc::new(StatusBoard::default());
-    let driver = Arc::new(ProcessDriver::new(&id, cgroups.clone(), events.clone()));
-    let ctx = Arc::new(supervisor::Context {
-        board: board.clone(),
-        events: events.clone(),
-        logs: logs.clone(),
-        driver,
-        records: std::sync::Mutex::new(StateFile::open(&opts.data_dir)),
+    let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let runtime = Runtime::build(
+        &stores,
+        &opts.data_dir,
         stack_dir,
-        otlp: Some(addr),
-    });
-    let proxy = Proxy::new(board.clone(), events.clone(), logs.clone(), traces.clone());
-    let scraper = Scraper::new(board.clone(), Some(addr.to_string()));
-    let autoscaler = Autoscaler::new(board.clone(), events.clone());
-    let hooks: Vec<Arc<dyn Hook>> = vec![
-        Arc::new(proxy.clone()),
-        Arc::new(scraper.clone()),
-        Arc::new(autoscaler.clone()),
-    ];
-    let (sup, handle) = Supervisor::new(ctx, hooks);
-    {
-        let handle = handle.clone();
-        proxy.on_wake(Arc::new(move |service: &str| handle.wake(service)));
-    }
+        &id,
+        cgroups.clone(),
+        addr,
+    );
     let engine = crate::api::prom::engine(&opts.stack.settings.query);
-
-    // Started in this order, stopped in the reverse after the supervisor.
-    let mut tasks = TaskSet::default();
-    {
-        let db = db.clone();
-        let events = events.clone();
-        tasks.spawn("metrics store sync", move |stop| {
-            keep_metrics(db, events, stop)
-        });
-    }
-    {
-        let (logs, traces, events) = (logs.clone(), traces.clone(), events.clone());
-        tasks.spawn("log store upkeep", move |stop| {
-            keep_logs(logs, traces, events, stop)
-        });
-    }
-    tasks.spawn("proxy", {
-        let proxy = proxy.clone();
-        move |stop| proxy.run(stop)
-    });
-    tasks.spawn("scraper", {
-        let (scraper, db) = (scraper.clone(), db.clone());
-        move |stop| scraper.run(db, stop)
-    });
-    tasks.spawn("autoscaler", {
-        let deps = crate::autoscale::Deps {
-            query: {
-                let (db, engine) = (db.clone(), engine.clone());
-                Arc::new(move |q: &str, t: i64| {
-                    tokio::task::block_in_place(|| engine.instant(&*db, q, t))
-                        .map(|o| o.value)
-                        .map_err(|e| e.to_string())
-                })
-            },
-            clock: Arc::new(crate::state::clock::SystemClock),
-            supervisor: handle.clone(),
-        };
-        let autoscaler = autoscaler.clone();
-        move |stop| autoscaler.run(deps, stop)
-    });
-    let sup_task = tokio::spawn(sup.run(opts.stack.clone()));
+    let (tasks, sup_task, parts) = runtime.start(&stores, engine.clone(), opts.stack.clone());
 
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let storage = &opts.stack.settings.storage;
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
-        db: db.clone(),
+        db: stores.db.clone(),
         engine,
         query_stats: Default::default(),
         started: jiff::Timestamp::now(),
         retention: format!("{}d", storage.retention.0.as_secs() / 86_400),
         reads_need_token: !addr.ip().is_loopback(),
         listen: addr,
-        board,
+        board: parts.board,
         events: events.clone(),
-        logs: logs.clone(),
-        traces: traces.clone(),
-        proxy,
-        scraper,
-        autoscaler,
-        supervisor: handle.clone(),
+        logs: stores.logs.clone(),
+        traces: stores.traces.clone(),
+        proxy: parts.proxy,
+        scraper: parts.scraper,
+        autoscaler: parts.autoscaler,
+        supervisor: parts.handle.clone(),
         token: Arc::new(token),
         info: Arc::new(serde_json::json!({
             "name": opts.stack.name,
@@ -342,7 +416,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         let _ = r.send(addr);
     }
     let router = crate::api::router(api);
-    let shutdown = handle.clone();
+    let shutdown = parts.handle;
     tokio::spawn(async move {
         let (Some(mut term), Some(mut int)) = stop_signals else {
             return std::future::pending().await;
@@ -353,23 +427,21 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         }
         let _ = shutdown.down().await;
     });
-    drop(handle);
     // The supervisor returns after `down`; then the components stop in order
     // and the server stops. Open streams (events -f, logs -f) end when
     // `stopping` flips, so the graceful shutdown does not wait on followers;
     // 5s bounds it regardless.
-    let (db2, logs2, traces2) = (db.clone(), logs.clone(), traces.clone());
     let stopped = async move {
         let _ = sup_task.await;
         // Replicas are gone: the scraper marks their series stale and stops.
         tasks.shutdown().await;
-        if let Err(e) = tokio::task::block_in_place(|| logs2.flush()) {
+        if let Err(e) = tokio::task::block_in_place(|| stores.logs.flush()) {
             tracing::error!("cannot flush the log store: {e}");
         }
-        if let Err(e) = tokio::task::block_in_place(|| traces2.flush()) {
+        if let Err(e) = tokio::task::block_in_place(|| stores.traces.flush()) {
             tracing::error!("cannot flush the trace store: {e}");
         }
-        if let Err(e) = tokio::task::block_in_place(|| db2.sync()) {
+        if let Err(e) = tokio::task::block_in_place(|| stores.db.sync()) {
             tracing::error!("cannot sync the metrics store: {e}");
         }
         let _ = stopping_tx.send(true);
