@@ -217,57 +217,51 @@ struct Progress {
 const SETTLE_UPTIME_MS: i64 = 1000;
 
 fn progress(v: &serde_json::Value, now_ms: i64) -> BTreeMap<String, Progress> {
-    let empty = Vec::new();
-    let replicas = v["replicas"].as_array().unwrap_or(&empty);
+    use crate::state::{Health, Phase, ServiceStatus, Status};
+    let replicas: Vec<Status> = serde_json::from_value(v["replicas"].clone()).unwrap_or_default();
+    let services: Vec<ServiceStatus> =
+        serde_json::from_value(v["services"].clone()).unwrap_or_default();
     let mut out = BTreeMap::new();
-    for s in v["services"].as_array().unwrap_or(&empty) {
-        let name = s["name"].as_str().unwrap_or("").to_owned();
-        let desired = s["desired"].as_u64().unwrap_or(0) as usize;
-        let has_hc = s["has_healthcheck"].as_bool().unwrap_or(false);
-        let mine: Vec<&serde_json::Value> = replicas
-            .iter()
-            .filter(|r| r["service"] == name.as_str())
-            .collect();
-        let st = |r: &serde_json::Value| r["state"].as_str().unwrap_or("").to_owned();
+    for s in services {
+        let name = s.name.clone();
+        let desired = s.desired as usize;
+        let has_hc = s.has_healthcheck;
+        let mine: Vec<&Status> = replicas.iter().filter(|r| r.service == name).collect();
         // Without a health check, a replica counts once it has stayed up for
         // a second: one that exits at once must show as failed, not started.
-        let up_long_enough = |r: &serde_json::Value| {
-            has_hc
-                || r["started_ms"]
-                    .as_i64()
-                    .is_some_and(|t| now_ms - t >= SETTLE_UPTIME_MS)
-        };
+        let up_long_enough =
+            |r: &Status| has_hc || r.started_ms.is_some_and(|t| now_ms - t >= SETTLE_UPTIME_MS);
         let ready = mine
             .iter()
             .filter(|r| {
-                let s = st(r);
-                (s == "running" && (!has_hc || r["health"] == "healthy") && up_long_enough(r))
-                    || (s == "exited" && r["exit_code"] == 0)
+                (r.state == Phase::Running
+                    && (!has_hc || r.health == Health::Healthy)
+                    && up_long_enough(r))
+                    || (r.state == Phase::Exited && r.exit_code == Some(0))
             })
             .count();
-        let failed_early = |r: &serde_json::Value| {
-            st(r) == "restarting" && r["last_exit"].is_string() && r["restarts"] == 0
-        };
+        let failed_early =
+            |r: &Status| r.state == Phase::Restarting && r.last_exit.is_some() && r.restarts == 0;
         let bad: Vec<String> = mine
             .iter()
-            .filter(|r| matches!(st(r).as_str(), "crash-looping" | "failed") || failed_early(r))
+            .filter(|r| matches!(r.state, Phase::CrashLooping | Phase::Failed) || failed_early(r))
             .map(|r| {
-                let state = match st(r).as_str() {
-                    "restarting" => "failed".to_owned(),
-                    s => s.to_owned(),
+                let state = match r.state {
+                    Phase::Restarting => Phase::Failed,
+                    s => s,
                 };
-                match r["last_exit"].as_str() {
+                match &r.last_exit {
                     Some(why) => format!("{state} ({why})"),
-                    None => state,
+                    None => state.to_string(),
                 }
             })
             .collect();
         let waiting = mine
             .iter()
-            .find(|r| st(r) == "waiting")
-            .and_then(|r| r["message"].as_str().map(str::to_owned));
+            .find(|r| r.state == Phase::Waiting)
+            .map(|r| r.message.clone());
         let word = if has_hc { "healthy" } else { "running" };
-        let p = if s["stopped"].as_bool() == Some(true) {
+        let p = if s.stopped {
             Progress {
                 text: "stopped".into(),
                 settled: true,
