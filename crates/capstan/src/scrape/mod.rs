@@ -693,3 +693,127 @@ const SYNTHETIC: [&str; 5] = [
     "scrape_samples_post_metric_relabeling",
     "scrape_series_added",
 ];
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use capstan_tsdb::{Matcher, is_stale};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A target answering each scrape with the next of `pages` (the last one
+    /// again once they run out); `None` answers 500.
+    async fn target(pages: Vec<Option<&'static str>>) -> (String, Arc<StdMutex<usize>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let served = Arc::new(StdMutex::new(0usize));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let n = {
+                    let mut c = count.lock().unwrap();
+                    *c += 1;
+                    *c - 1
+                };
+                let page = pages[n.min(pages.len() - 1)];
+                let resp = match page {
+                    Some(body) => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    None => {
+                        "HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+                    }
+                };
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        (addr, served)
+    }
+
+    fn values(db: &Db, name: &str, extra: Option<(&str, &str)>) -> Vec<String> {
+        let mut m = vec![Matcher::eq("__name__", name)];
+        if let Some((k, v)) = extra {
+            m.push(Matcher::eq(k, v));
+        }
+        db.select(&m, i64::MIN, i64::MAX)
+            .iter()
+            .flat_map(|s| {
+                s.samples()
+                    .map(|(_, v)| {
+                        if is_stale(v) {
+                            "stale".to_owned()
+                        } else {
+                            v.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The series cache keeps what Prometheus' scrape semantics need: a
+    /// series that goes away (or a failed scrape) gets a stale marker, a known
+    /// series is appended by reference, one that comes back is new again, and
+    /// relabeling drops what it drops every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_series_cache_keeps_staleness_and_relabeling() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = Db::open(capstan_tsdb::Options::new(dir.path())).unwrap();
+        let db = Arc::new(db);
+        let (addr, served) = target(vec![
+            Some("a 1\nb{x=\"1\"} 2\ndropped 9\n"),
+            Some("a 3\nc 4\ndropped 9\n"),
+            None,
+            Some("a 5\nc 6\n"),
+        ])
+        .await;
+        let mut t = Target::simple(
+            addr,
+            "/metrics".into(),
+            Duration::from_millis(200),
+            vec![("job".into(), "t".into())],
+        );
+        let rule: relabel::RelabelConfig = serde_json::from_value(serde_json::json!({
+            "source_labels": ["__name__"], "regex": "dropped", "action": "drop"
+        }))
+        .unwrap();
+        t.rules = Arc::new(vec![relabel::Rule::new(rule).unwrap()]);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(scrape_loop(
+            db.clone(),
+            t,
+            stop,
+            Arc::default(),
+            Arc::default(),
+        ));
+        while *served.lock().unwrap() < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        // a: every good scrape, stale at the failure, back, stale at the end.
+        let a = values(&db, "a", None);
+        assert_eq!(a[..5], ["1", "3", "stale", "5", "5"], "{a:?}");
+        assert_eq!(a.last().unwrap(), "stale");
+        // b: once, then stale when the second scrape did not have it.
+        assert_eq!(values(&db, "b", Some(("x", "1"))), ["2", "stale"]);
+        // c: new in scrape 2, stale at the failure, new again in scrape 4.
+        let c = values(&db, "c", None);
+        assert_eq!(c[..4], ["4", "stale", "6", "6"], "{c:?}");
+        assert!(values(&db, "dropped", None).is_empty());
+        assert_eq!(values(&db, "up", None)[..4], ["1", "1", "0", "1"]);
+        // Added: a and b, then c, nothing (failed), then a and c again.
+        let added = values(&db, "scrape_series_added", None);
+        assert_eq!(added[..5], ["2", "1", "0", "2", "0"], "{added:?}");
+        let post = values(&db, "scrape_samples_post_metric_relabeling", None);
+        assert_eq!(post[..4], ["2", "2", "0", "2"], "{post:?}");
+    }
+}

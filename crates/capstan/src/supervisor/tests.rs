@@ -648,3 +648,36 @@ async fn unknown_services_are_typed_errors() {
         .unwrap_err();
     assert_eq!(e.to_string(), "no such service: x");
 }
+
+#[tokio::test(start_paused = true)]
+async fn restart_stops_first_then_starts_a_new_revision() {
+    let h = Harness::start(
+        r#"
+services:
+  db:
+    command: [x]
+    environment: {FAKE_STOP_MS: "2000"}
+    deploy: {replicas: 2}
+"#,
+        false,
+        Vec::new(),
+    );
+    h.until("two ready", Duration::from_secs(2), |h| h.ready("db") == 2)
+        .await;
+    h.handle.restart(vec!["db".into()]).await.unwrap();
+    let launches = h.fake.launches.lock().unwrap().clone();
+    let stops = h.fake.stops.lock().unwrap().clone();
+    assert_eq!(stops.len(), 2);
+    let last_stop_done = stops.iter().map(|s| s.1).max().unwrap() + Duration::from_millis(2000);
+    let new: Vec<_> = launches.iter().filter(|l| l.0.revision == 2).collect();
+    assert_eq!(new.len(), 2, "{launches:?}");
+    assert!(
+        new.iter().all(|l| l.1 >= last_stop_done),
+        "a new replica started before the old ones were gone"
+    );
+    h.until("two ready again", Duration::from_secs(2), |h| {
+        h.ready("db") == 2
+    })
+    .await;
+    assert!(h.replicas("db").iter().all(|s| s.revision == 2));
+}
