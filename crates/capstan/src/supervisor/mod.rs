@@ -168,6 +168,8 @@ pub struct Supervisor {
     revision_counter: Revision,
     port_range: [u16; 2],
     pending: Vec<Pending>,
+    /// Replicas of services removed from the stack, still stopping.
+    orphans: BTreeSet<ReplicaId>,
     rx: mpsc::Receiver<Command>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
@@ -186,6 +188,7 @@ impl Supervisor {
             revision_counter: 0,
             port_range: [20000, 29999],
             pending: Vec::new(),
+            orphans: BTreeSet::new(),
             rx,
             internal_tx,
             internal_rx,
@@ -316,6 +319,7 @@ impl Supervisor {
                 if let Some(rt) = self.services.get_mut(&id.service) {
                     rt.stopping.remove(&id);
                 }
+                self.orphans.remove(&id);
                 for p in &mut self.pending {
                     p.stops.remove(&id);
                 }
@@ -432,7 +436,9 @@ impl Supervisor {
         for name in removed {
             let all: Vec<ReplicaId> = self.services[&name].replicas.keys().cloned().collect();
             stops.extend(self.retire(&name, all));
-            self.services.remove(&name);
+            if let Some(rt) = self.services.remove(&name) {
+                self.orphans.extend(rt.stopping);
+            }
             changes.push(format!("removed {name}"));
             self.ctx
                 .events
@@ -810,18 +816,19 @@ impl Supervisor {
             self.settle(&level).await;
             order.retain(|n| !level.contains(n));
         }
-        // Services removed from the stack may still be stopping.
-        let rest: Vec<String> = self.services.keys().cloned().collect();
-        self.settle(&rest).await;
+        // Replicas of services removed from the stack may still be stopping.
+        self.settle(&[]).await;
         self.ctx.records.lock().unwrap().clear();
     }
 
-    /// Takes the tasks' reports until no replica of `names` is stopping.
+    /// Takes the tasks' reports until no replica of `names`, nor of a removed
+    /// service, is stopping.
     async fn settle(&mut self, names: &[String]) {
         let busy = |sv: &Supervisor| {
-            names
-                .iter()
-                .any(|n| sv.services.get(n).is_some_and(|rt| !rt.stopping.is_empty()))
+            !sv.orphans.is_empty()
+                || names
+                    .iter()
+                    .any(|n| sv.services.get(n).is_some_and(|rt| !rt.stopping.is_empty()))
         };
         while busy(self) {
             match self.internal_rx.recv().await {
@@ -829,6 +836,7 @@ impl Supervisor {
                     if let Some(rt) = self.services.get_mut(&id.service) {
                         rt.stopping.remove(&id);
                     }
+                    self.orphans.remove(&id);
                 }
                 Some(_) => {}
                 None => return,

@@ -681,3 +681,51 @@ services:
     .await;
     assert!(h.replicas("db").iter().all(|s| s.revision == 2));
 }
+
+#[tokio::test(start_paused = true)]
+async fn down_waits_for_removed_services_still_stopping() {
+    let both = r#"
+services:
+  keep:
+    command: [x]
+  gone:
+    command: [x]
+    environment: {FAKE_STOP_MS: "3000"}
+    stop_grace_period: 10s
+"#;
+    let h = Harness::start(both, false, Vec::new());
+    h.until("both ready", Duration::from_secs(2), |h| {
+        h.ready("keep") == 1 && h.ready("gone") == 1
+    })
+    .await;
+    let msg = h
+        .handle
+        .apply(stack("services:\n  keep:\n    command: [x]\n"))
+        .await
+        .unwrap();
+    assert!(msg.contains("removed gone"), "{msg}");
+    assert!(
+        h.replicas("gone").is_empty(),
+        "apply answered once it stopped"
+    );
+    // Removed again while stopping: down waits for it all the same.
+    let h = Harness::start(both, false, Vec::new());
+    h.until("both ready", Duration::from_secs(2), |h| {
+        h.ready("keep") == 1 && h.ready("gone") == 1
+    })
+    .await;
+    let handle = h.handle.clone();
+    tokio::spawn(async move {
+        let _ = handle
+            .apply(stack("services:\n  keep:\n    command: [x]\n"))
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    h.handle.down().await.unwrap();
+    assert!(
+        Instant::now() - t >= Duration::from_millis(2800),
+        "down returned before gone stopped"
+    );
+    assert!(h.replicas("gone").is_empty());
+}
