@@ -140,3 +140,33 @@ impl EventLog {
         (r.iter().cloned().collect(), self.tx.subscribe())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events keep their JSON; one about a replica adds its revision.
+    #[test]
+    fn event_json_names_the_revision_of_a_replica_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        log.emit("capstan", None, "warning", "w");
+        log.emit_replica(&crate::state::ReplicaId::new("web", 4, 1), "healthy", "ok");
+        let (history, _) = log.subscribe_with_history();
+        let json: Vec<serde_json::Value> = history
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap();
+                v.as_object_mut().unwrap().remove("time_ms");
+                v
+            })
+            .collect();
+        assert_eq!(
+            json,
+            [
+                serde_json::json!({"service": "capstan", "kind": "warning", "reason": "w"}),
+                serde_json::json!({"service": "web", "replica": 1, "revision": 4, "kind": "healthy", "reason": "ok"}),
+            ]
+        );
+    }
+}

@@ -461,6 +461,21 @@ mod tests {
         assert_eq!(json["health"], "none");
     }
 
+    /// A service's entry in `/capstan/v1/ps`, as before.
+    #[test]
+    fn service_json_is_unchanged() {
+        let s = ServiceStatus {
+            name: "web".into(),
+            desired: 3,
+            stopped: false,
+            has_healthcheck: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            serde_json::json!({"name": "web", "desired": 3, "stopped": false, "has_healthcheck": true})
+        );
+    }
+
     #[test]
     fn every_phase_keeps_its_name() {
         for (p, name) in [
