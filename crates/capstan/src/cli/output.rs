@@ -151,13 +151,14 @@ pub fn event_line(v: &serde_json::Value, color: bool) -> String {
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
         .unwrap_or_default();
     let service = v["service"].as_str().unwrap_or("");
-    let who = match v["replica"].as_u64() {
-        Some(r) => format!("{service}-{r}"),
-        None => service.to_owned(),
+    let who = match (v["replica"].as_u64(), v["revision"].as_u64()) {
+        (Some(r), Some(rev)) => format!("{service}-{r} r{rev}"),
+        (Some(r), None) => format!("{service}-{r}"),
+        _ => service.to_owned(),
     };
     format!(
         "{time}  {}  {:<14} {}",
-        paint(&format!("{who:<12}"), &who, color),
+        paint(&format!("{who:<14}"), &who, color),
         v["kind"].as_str().unwrap_or(""),
         v["reason"].as_str().unwrap_or("")
     )
