@@ -4,7 +4,7 @@
 //! (Prometheus text format), `GET /work?ms=N` burns CPU, `GET /alloc?mb=N` holds
 //! memory, `GET /headers` echoes the request's headers, `GET /echo` with
 //! `Upgrade: echo` switches protocols and echoes bytes (WebSocket-like tunnels).
-//! Knobs: `PORT`, `VERSION`, `FAIL_RATE`, `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`,
+//! Knobs: `PORT`, `HOST` (default 127.0.0.1), `VERSION`, `FAIL_RATE`, `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`,
 //! `LOG_REQUESTS=0` (no line per request).
 //! Logs JSON lines on stdout; on SIGTERM finishes in-flight requests, then exits 0.
 #![forbid(unsafe_code)]
@@ -337,7 +337,10 @@ async fn main() {
         .route("/headers", get(headers))
         .route("/echo", get(echo))
         .with_state(app.clone());
-    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+    // 127.0.0.1 unless told otherwise: a container sets HOST=0.0.0.0 so its
+    // network reaches it.
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = match tokio::net::TcpListener::bind((host.as_str(), port)).await {
         Ok(l) => l,
         Err(e) => {
             log(

@@ -17,7 +17,9 @@ use crate::scrape::Scraper;
 use crate::spec::Stack;
 use crate::state::StatusBoard;
 use crate::state::control::Hook;
+use crate::supervisor::driver::Drivers;
 use crate::supervisor::driver::cgroup::Cgroups;
+use crate::supervisor::driver::container::ContainerDriver;
 use crate::supervisor::driver::process::ProcessDriver;
 use crate::supervisor::records::StateFile;
 use crate::supervisor::{self, Supervisor};
@@ -225,7 +227,10 @@ impl Runtime {
     ) -> Runtime {
         let board = Arc::new(StatusBoard::default());
         let events = &stores.events;
-        let driver = Arc::new(ProcessDriver::new(id, cgroups, events.clone()));
+        let driver = Arc::new(Drivers {
+            process: Arc::new(ProcessDriver::new(id, cgroups, events.clone())),
+            container: Arc::new(ContainerDriver::new(id, events.clone())),
+        });
         let ctx = Arc::new(supervisor::Context {
             board: board.clone(),
             events: events.clone(),

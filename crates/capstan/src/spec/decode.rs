@@ -1090,6 +1090,19 @@ impl Decoder<'_> {
         {
             x.cold_start_timeout = d;
         }
+        if let Some(n) = f.take("driver") {
+            let dp = join(path, "driver");
+            match self.text(n, &dp).as_deref() {
+                Some("process") => x.driver = Some(DriverKind::Process),
+                Some("container") => x.driver = Some(DriverKind::Container),
+                Some(other) => self.error(
+                    n,
+                    &dp,
+                    format!("expected process or container, found {other:?}"),
+                ),
+                None => {}
+            }
+        }
         if let Some(n) = f.take("proxy") {
             self.proxy_settings(n, &join(path, "proxy"), &mut x.proxy);
         }
@@ -1741,18 +1754,16 @@ impl Decoder<'_> {
                     );
                 }
             }
-            if svc.argv().is_none() {
-                if let Some(image) = &svc.image {
-                    self.error(
-                        knode,
-                        &path,
-                        format!(
-                            "runs image {image:?} without a command: images need a container driver, which capstan does not have yet; add a command to run it as a process"
-                        ),
-                    );
-                } else {
+            match (svc.driver(), &svc.image) {
+                (DriverKind::Process, _) if svc.argv().is_none() => {
                     self.error(knode, &path, "nothing to run: set command (or entrypoint)");
                 }
+                (DriverKind::Container, None) => self.error(
+                    knode,
+                    &join(&join(&path, "x-capstan"), "driver"),
+                    "the container driver needs an image",
+                ),
+                _ => {}
             }
             for p in &svc.ports {
                 if let Some(other) = ports.insert(p.published, name.clone())

@@ -29,7 +29,11 @@ impl Stack {
                     ));
                 }
             }
-            if svc.argv().is_none() {
+            let runnable = match svc.driver() {
+                DriverKind::Process => svc.argv().is_some(),
+                DriverKind::Container => svc.image.is_some(),
+            };
+            if !runnable {
                 errors.push(format!("services.{name}: nothing to run"));
             }
             for p in &svc.ports {
@@ -313,6 +317,18 @@ pub struct ServiceX {
     /// The replica count follows metrics (`x-capstan.autoscale`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<Autoscale>,
+    /// What runs the replicas (`x-capstan.driver`); by default containers for
+    /// a service with an image, processes otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<DriverKind>,
+}
+
+/// `x-capstan.driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    Process,
+    Container,
 }
 
 /// `x-capstan.autoscale`: the Kubernetes HPA's algorithm and behavior, plus
@@ -441,6 +457,7 @@ impl Default for ServiceX {
             proxy: ProxySettings::default(),
             cold_start_timeout: default_cold_start_timeout(),
             autoscale: None,
+            driver: None,
         }
     }
 }
@@ -566,6 +583,16 @@ impl MetricsTarget {
 
 impl Service {
     /// The argv a process driver runs: entrypoint then command, strings through `sh -c`.
+    /// Which driver runs the replicas: an image means containers unless
+    /// `x-capstan.driver: process` says otherwise.
+    pub fn driver(&self) -> DriverKind {
+        match (self.x.driver, &self.image) {
+            (Some(d), _) => d,
+            (None, Some(_)) => DriverKind::Container,
+            (None, None) => DriverKind::Process,
+        }
+    }
+
     pub fn argv(&self) -> Option<Vec<String>> {
         let sh = |s: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), s.to_owned()];
         match (&self.entrypoint, &self.command) {

@@ -86,10 +86,31 @@ fn dependency_errors() {
 }
 
 #[test]
-fn image_without_command_is_refused() {
-    let e = errors("services:\n  db:\n    image: postgres:16\n");
-    assert!(e.contains("container driver"), "{e}");
-    assert!(e.starts_with("capstan.yaml:2:3: services.db:"), "{e}");
+fn an_image_runs_as_containers_unless_the_process_driver_is_asked_for() {
+    let (stack, _) = parse("services:\n  db:\n    image: postgres:16\n").unwrap();
+    assert_eq!(stack.services["db"].driver(), DriverKind::Container);
+    let (stack, _) = parse(
+        "services:\n  db:\n    image: postgres:16\n    command: [postgres]\n    x-capstan: {driver: process}\n",
+    )
+    .unwrap();
+    assert_eq!(stack.services["db"].driver(), DriverKind::Process);
+    let (stack, _) = parse("services:\n  w:\n    command: [w]\n").unwrap();
+    assert_eq!(stack.services["w"].driver(), DriverKind::Process);
+    let e = errors("services:\n  db:\n    image: postgres:16\n    x-capstan: {driver: process}\n");
+    assert!(
+        e.starts_with("capstan.yaml:2:3: services.db: nothing to run"),
+        "{e}"
+    );
+    let e = errors("services:\n  w:\n    command: [w]\n    x-capstan: {driver: container}\n");
+    assert!(
+        e.contains("services.w.x-capstan.driver: the container driver needs an image"),
+        "{e}"
+    );
+    let e = errors("services:\n  w:\n    command: [w]\n    x-capstan: {driver: vm}\n");
+    assert!(
+        e.contains("expected process or container, found \"vm\""),
+        "{e}"
+    );
 }
 
 #[test]

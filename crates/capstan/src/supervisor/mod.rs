@@ -818,6 +818,7 @@ impl Supervisor {
         }
         // Replicas of services removed from the stack may still be stopping.
         self.settle(&[]).await;
+        self.ctx.driver.down().await;
         self.ctx.records.lock().unwrap().clear();
     }
 

@@ -21,6 +21,9 @@ pub struct Record {
     pub cgroup: Option<ReplicaCgroup>,
     pub stop_signal: String,
     pub grace_ms: u64,
+    /// The engine's id of a container replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// `replicas.json` in the data dir, rewritten atomically (temp file, fsync, rename).

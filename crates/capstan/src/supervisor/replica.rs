@@ -218,14 +218,25 @@ impl Replica {
     }
 
     fn launch(&self) -> Launch {
-        let mut env: BTreeMap<String, String> = std::env::vars().collect();
-        env.extend(self.spec.environment.clone());
+        // The daemon's own environment is inherited by processes, never
+        // given to containers.
+        let mut env: BTreeMap<String, String> = self.spec.environment.clone();
         env.insert("CAPSTAN_SERVICE".into(), self.id.service.clone());
         env.insert("CAPSTAN_REPLICA".into(), self.id.index.to_string());
         env.insert("CAPSTAN_REVISION".into(), self.id.revision.to_string());
-        otel_env(&mut env, self.ctx.otlp, &self.id.service, self.id.index);
+        if self.spec.driver() == crate::spec::DriverKind::Process {
+            // A process inherits the daemon's environment: what it sets wins
+            // over capstan's defaults, as the service's own settings do.
+            let mut inherited: BTreeMap<String, String> = std::env::vars()
+                .filter(|(k, _)| k.starts_with("OTEL_"))
+                .collect();
+            inherited.extend(std::mem::take(&mut env));
+            env = inherited;
+            otel_env(&mut env, self.ctx.otlp, &self.id.service, self.id.index);
+        }
         Launch {
             id: self.id.clone(),
+            service: self.spec.clone(),
             argv: self.spec.argv().unwrap_or_default(),
             env,
             working_dir: self
@@ -288,9 +299,14 @@ impl Replica {
             };
             s.started_ms = Some(crate::state::clock::unix_ms());
         });
+        let at = if addr.ip().is_loopback() {
+            format!("port {}", addr.port())
+        } else {
+            format!("address {addr}")
+        };
         match pid {
-            Some(pid) => self.event("started", format!("pid {pid}, port {}", addr.port())),
-            None => self.event("started", format!("address {addr}")),
+            Some(pid) => self.event("started", format!("pid {pid}, {at}")),
+            None => self.event("started", at),
         }
         let (htx, mut hrx) = mpsc::channel(4);
         let prober = running.prober();

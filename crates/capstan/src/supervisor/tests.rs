@@ -95,6 +95,7 @@ impl Replica for FakeReplica {
             cgroup: None,
             stop_signal: "SIGTERM".into(),
             grace_ms: 0,
+            container: None,
         }
     }
 
@@ -601,6 +602,7 @@ async fn recovers_from_the_durable_record_and_down_stops_everything() {
         cgroup: None,
         stop_signal: "SIGINT".into(),
         grace_ms: 3000,
+        container: None,
     };
     let h = Harness::start(
         "services:\n  web:\n    command: [x]\n    deploy: {replicas: 2}\n",

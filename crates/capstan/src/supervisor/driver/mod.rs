@@ -5,6 +5,7 @@
 //! ([`process::ProcessDriver`]) is the first; containers come next.
 
 pub mod cgroup;
+pub mod container;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::logs::Stream;
-use crate::spec::{HealthTest, Limits};
+use crate::spec::{DriverKind, HealthTest, Limits, Service};
 use crate::state::{ReplicaId, Sample};
 
 pub use super::records::Record;
@@ -25,8 +26,11 @@ pub use crate::state::control::BoxFuture;
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub id: ReplicaId,
+    /// The service's definition (a container driver reads its image and more).
+    pub service: Arc<Service>,
     pub argv: Vec<String>,
-    /// The replica's environment; the driver adds `PORT`.
+    /// The replica's environment from the stack (not the daemon's own); the
+    /// driver adds `PORT`.
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<PathBuf>,
     pub limits: Limits,
@@ -65,6 +69,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Stops what a previous daemon left running, from its records (and
     /// whatever else the driver can find of this stack).
     fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()>;
+
+    /// Every replica has stopped (`down`): removes what the driver made for
+    /// the stack as a whole (a container network).
+    fn down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A started replica.
@@ -99,4 +109,39 @@ pub trait Replica: Send {
 
     /// Removes what is left after it exited (children, cgroups).
     fn cleanup(&mut self) -> BoxFuture<'_, ()>;
+}
+
+/// Runs each replica with the driver its service asks for
+/// ([`Service::driver`]): processes or containers.
+pub struct Drivers {
+    pub process: Arc<dyn Driver>,
+    pub container: Arc<dyn Driver>,
+}
+
+impl Driver for Drivers {
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<Box<dyn Replica>, String>> {
+        match launch.service.driver() {
+            DriverKind::Process => self.process.start(launch),
+            DriverKind::Container => self.container.start(launch),
+        }
+    }
+
+    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
+        let (containers, processes): (Vec<Record>, Vec<Record>) =
+            records.into_iter().partition(|r| r.container.is_some());
+        Box::pin(async move {
+            let (a, b) = tokio::join!(
+                self.process.recover(processes),
+                self.container.recover(containers)
+            );
+            let ((), ()) = (a, b);
+        })
+    }
+
+    fn down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.process.down().await;
+            self.container.down().await;
+        })
+    }
 }

@@ -321,6 +321,7 @@ impl ProcessDriver {
                 cgroup: spawn_args.cgroup.clone(),
                 stop_signal: launch.stop_signal,
                 grace_ms: launch.grace.as_millis() as u64,
+                container: None,
             },
             sampler: Sampler::new(pid, spawn_args.cgroup.clone()),
             child,

@@ -1,0 +1,792 @@
+//! The container driver: runs a replica as a container through the Docker
+//! Engine API (bollard, over the Unix socket; `DOCKER_HOST` honoured, the API
+//! version negotiated, so Docker 20.10 and Podman's compatible socket work).
+//!
+//! Each replica is one container, named and labelled after its stack,
+//! service, revision and index, on a bridge network of the stack where other
+//! services reach it by its service name. capstan supervises it as it does a
+//! process: the engine's restart policy stays off, the exit comes from the
+//! engine's wait, output from its log stream, CPU and memory from its stats,
+//! `CMD` health checks run through exec. The replica's address is its IP on
+//! the stack network and the service's container port.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::exec::{CreateExecOptions, StartExecOptions};
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StatsOptions, StopContainerOptions, WaitContainerOptions,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OnceCell, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+
+use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
+use crate::events::EventLog;
+use crate::logs::Stream;
+use crate::spec::{HealthTest, Service};
+use crate::state::Sample;
+
+/// Labels every container of capstan carries.
+pub const LABEL_STACK: &str = "dev.capstan.stack";
+pub const LABEL_SERVICE: &str = "dev.capstan.service";
+pub const LABEL_REVISION: &str = "dev.capstan.revision";
+pub const LABEL_REPLICA: &str = "dev.capstan.replica";
+
+/// The port a container listens on when its service names none.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// Runs replicas as containers of one stack.
+pub struct ContainerDriver {
+    stack_id: String,
+    events: Arc<EventLog>,
+    docker: OnceCell<Result<Docker, String>>,
+    network: OnceCell<Result<String, String>>,
+}
+
+/// A name Docker accepts (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+fn docker_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Where the engine is looked for, for messages.
+fn socket_named() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+}
+
+/// The port the service's containers listen on: the first published port's
+/// target, else the first `expose`, else its `PORT`, else 8080.
+pub fn container_port(svc: &Service) -> u16 {
+    svc.ports
+        .iter()
+        .find_map(|p| p.target.as_deref()?.parse().ok())
+        .or_else(|| {
+            svc.expose
+                .iter()
+                .find_map(|e| e.split('/').next()?.trim().parse().ok())
+        })
+        .or_else(|| svc.environment.get("PORT")?.parse().ok())
+        .unwrap_or(DEFAULT_PORT)
+}
+
+fn engine_error(e: DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => format!("{message} (engine answered {status_code})"),
+        other => other.to_string(),
+    }
+}
+
+fn not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl ContainerDriver {
+    pub fn new(stack_id: &str, events: Arc<EventLog>) -> ContainerDriver {
+        ContainerDriver {
+            stack_id: stack_id.to_owned(),
+            events,
+            docker: OnceCell::new(),
+            network: OnceCell::new(),
+        }
+    }
+
+    /// The engine, connected on first use (a stack without containers never
+    /// needs one).
+    async fn docker(&self) -> Result<Docker, String> {
+        self.docker
+            .get_or_init(|| async {
+                let unreachable = |e: String| {
+                    format!(
+                        "no container engine at {} ({e}): start Docker (or Podman's socket), or set DOCKER_HOST",
+                        socket_named()
+                    )
+                };
+                let docker = Docker::connect_with_local_defaults()
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let docker = docker
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                docker
+                    .ping()
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                Ok(docker)
+            })
+            .await
+            .clone()
+    }
+
+    fn network_name(&self) -> String {
+        docker_name(&format!("capstan-{}", self.stack_id))
+    }
+
+    /// The stack's bridge network, created on first use.
+    async fn network(&self, docker: &Docker) -> Result<String, String> {
+        self.network
+            .get_or_init(|| async {
+                let name = self.network_name();
+                match docker.inspect_network(&name, None).await {
+                    Ok(_) => return Ok(name),
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(format!("network {name}: {}", engine_error(e))),
+                }
+                let req = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    labels: Some(HashMap::from([(LABEL_STACK.into(), self.stack_id.clone())])),
+                    ..Default::default()
+                };
+                docker
+                    .create_network(req)
+                    .await
+                    .map_err(|e| format!("creating network {name}: {}", engine_error(e)))?;
+                Ok(name)
+            })
+            .await
+            .clone()
+    }
+
+    /// Makes sure the image is there, pulling it when missing.
+    async fn image(&self, docker: &Docker, service: &str, image: &str) -> Result<(), String> {
+        match docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(format!("image {image}: {}", engine_error(e))),
+        }
+        self.events
+            .emit(service, None, "pulling", format!("pulling image {image}"));
+        let (name, tag) = match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (image, "latest"),
+        };
+        let opts = CreateImageOptions {
+            from_image: Some(name.to_owned()),
+            tag: Some(tag.to_owned()),
+            ..Default::default()
+        };
+        let mut pull = docker.create_image(Some(opts), None, None);
+        while let Some(step) = pull.next().await {
+            match step {
+                Ok(info) => {
+                    if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                        return Err(format!("cannot pull image {image}: {err}"));
+                    }
+                }
+                Err(e) => return Err(format!("cannot pull image {image}: {}", engine_error(e))),
+            }
+        }
+        self.events
+            .emit(service, None, "pulled", format!("pulled image {image}"));
+        Ok(())
+    }
+
+    async fn start_container(&self, launch: Launch) -> Result<Box<dyn Replica>, String> {
+        let docker = self.docker().await?;
+        let svc = launch.service.clone();
+        let image = svc
+            .image
+            .clone()
+            .ok_or("the container driver needs an image")?;
+        self.image(&docker, &launch.id.service, &image).await?;
+        let network = self.network(&docker).await?;
+        let port = container_port(&svc);
+        let mut env = launch.env.clone();
+        env.entry("PORT".into()).or_insert(port.to_string());
+        // The demo and other programs that bind 127.0.0.1 by default are
+        // told to listen where the network reaches them.
+        env.entry("HOST".into()).or_insert("0.0.0.0".into());
+        let name = docker_name(&format!(
+            "capstan-{}-{}-{}-{}",
+            self.stack_id, launch.id.service, launch.id.revision, launch.id.index
+        ));
+        // A container of this name left behind (a crash between create and
+        // record) goes first.
+        let _ = docker
+            .remove_container(
+                &name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        let limits = &launch.limits;
+        let labels = HashMap::from([
+            (LABEL_STACK.to_owned(), self.stack_id.clone()),
+            (LABEL_SERVICE.to_owned(), launch.id.service.clone()),
+            (LABEL_REVISION.to_owned(), launch.id.revision.to_string()),
+            (LABEL_REPLICA.to_owned(), launch.id.index.to_string()),
+        ])
+        .into_iter()
+        .chain(svc.labels.clone())
+        .collect();
+        let as_argv = |c: &crate::spec::Cmd| match c {
+            crate::spec::Cmd::Exec(v) => v.clone(),
+            crate::spec::Cmd::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.clone()),
+            cmd: svc.command.as_ref().map(as_argv),
+            entrypoint: svc.entrypoint.as_ref().map(as_argv),
+            env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            working_dir: svc.working_dir.clone(),
+            labels: Some(labels),
+            stop_signal: Some(launch.stop_signal.clone()),
+            host_config: Some(HostConfig {
+                memory: limits.memory.map(|m| m as i64),
+                nano_cpus: limits.cpus.map(|c| (c * 1e9) as i64),
+                pids_limit: limits.pids,
+                network_mode: Some(network.clone()),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    network.clone(),
+                    EndpointSettings {
+                        aliases: Some(vec![launch.id.service.clone()]),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            ..Default::default()
+        };
+        let created = docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| format!("creating container {name}: {}", engine_error(e)))?;
+        let id = created.id;
+        let remove = |docker: Docker, id: String| async move {
+            let _ = docker
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        };
+        // Output is followed from the container's start, before it runs.
+        if let Err(e) = docker.start_container(&id, None).await {
+            remove(docker.clone(), id.clone()).await;
+            return Err(format!("starting container {name}: {}", engine_error(e)));
+        }
+        let inspected = match docker.inspect_container(&id, None).await {
+            Ok(i) => i,
+            Err(e) => {
+                remove(docker.clone(), id.clone()).await;
+                return Err(format!("inspecting container {name}: {}", engine_error(e)));
+            }
+        };
+        let pid = inspected
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0)
+            .map(|p| p as i32);
+        let ip: Option<IpAddr> = inspected
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref())
+            .and_then(|n| n.get(&network))
+            .and_then(|e| e.ip_address.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        // A container that already ended has no address; its exit tells why.
+        let addr = SocketAddr::new(ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), port);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let waiter = tokio::spawn(wait_exit(docker.clone(), id.clone(), exit_tx));
+        let stats = Arc::new(Mutex::new(None));
+        let sampler = tokio::spawn(follow_stats(docker.clone(), id.clone(), stats.clone()));
+        Ok(Box::new(ContainerReplica {
+            docker,
+            record: Record {
+                service: launch.id.service.clone(),
+                replica: launch.id.index,
+                revision: launch.id.revision,
+                pid: pid.unwrap_or(0),
+                start_ticks: 0,
+                cgroup: None,
+                stop_signal: launch.stop_signal,
+                grace_ms: launch.grace.as_millis() as u64,
+                container: Some(id.clone()),
+            },
+            id,
+            pid,
+            addr,
+            enforced: (limits.memory, limits.cpus),
+            exit: exit_rx,
+            tasks: vec![waiter, sampler],
+            stats,
+            last_cpu: Some((Instant::now(), 0)),
+        }))
+    }
+
+    /// Stops and removes every container of this stack a previous daemon left.
+    async fn recover_all(&self, records: Vec<Record>) {
+        let wanted = !records.is_empty();
+        let docker = match self.docker().await {
+            Ok(d) => d,
+            Err(e) => {
+                if wanted {
+                    self.events.warn_once(format!(
+                        "cannot stop the containers a previous daemon left: {e}"
+                    ));
+                }
+                return;
+            }
+        };
+        let grace: BTreeMap<String, u64> = records
+            .iter()
+            .filter_map(|r| Some((r.container.clone()?, r.grace_ms)))
+            .collect();
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_STACK}={}", self.stack_id)],
+        )]);
+        let list = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_or_default();
+        let mut stops = Vec::new();
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let service = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE).cloned())
+                .unwrap_or_else(|| "capstan".into());
+            self.events.emit(
+                &service,
+                None,
+                "stopping",
+                format!(
+                    "found container {} left by a previous daemon; stopping it before starting afresh",
+                    &id[..id.len().min(12)]
+                ),
+            );
+            let secs = grace.get(&id).map_or(10, |ms| ms.div_ceil(1000)) as i32;
+            let docker = docker.clone();
+            stops.push(tokio::spawn(async move {
+                let _ = docker
+                    .stop_container(
+                        &id,
+                        Some(StopContainerOptions {
+                            t: Some(secs),
+                            signal: None,
+                        }),
+                    )
+                    .await;
+                let _ = docker
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+            }));
+        }
+        for s in stops {
+            let _ = s.await;
+        }
+    }
+}
+
+impl Driver for ContainerDriver {
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<Box<dyn Replica>, String>> {
+        Box::pin(self.start_container(launch))
+    }
+
+    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
+        Box::pin(self.recover_all(records))
+    }
+
+    fn down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Only a stack that ran containers has a network to remove.
+            let (Some(Ok(docker)), Some(Ok(name))) = (self.docker.get(), self.network.get()) else {
+                return;
+            };
+            if let Err(e) = docker.remove_network(name).await
+                && !not_found(&e)
+            {
+                self.events
+                    .warn_once(format!("cannot remove network {name}: {}", engine_error(e)));
+            }
+        })
+    }
+}
+
+/// Reports the container's exit once: its code, and whether the kernel
+/// killed it for memory.
+async fn wait_exit(docker: Docker, id: String, tx: watch::Sender<Option<Exit>>) {
+    let mut wait = docker.wait_container(
+        &id,
+        Some(WaitContainerOptions {
+            condition: "not-running".into(),
+        }),
+    );
+    let code = match wait.next().await {
+        Some(Ok(r)) => Some(r.status_code),
+        Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Some(code),
+        _ => None,
+    };
+    let state = docker
+        .inspect_container(&id, None)
+        .await
+        .ok()
+        .and_then(|i| i.state);
+    let code = code.or_else(|| state.as_ref().and_then(|s| s.exit_code));
+    let oom_killed = state.and_then(|s| s.oom_killed).unwrap_or(false);
+    let _ = tx.send(Some(Exit {
+        code: code.map(|c| c as i32),
+        signal: None,
+        oom_killed,
+    }));
+}
+
+/// What the engine's stats stream last said: CPU time (ns), working set and
+/// RSS (bytes).
+type Stats = Option<(u64, Option<u64>, Option<u64>)>;
+
+async fn follow_stats(docker: Docker, id: String, out: Arc<Mutex<Stats>>) {
+    let mut s = docker.stats(
+        &id,
+        Some(StatsOptions {
+            stream: true,
+            one_shot: false,
+        }),
+    );
+    while let Some(Ok(st)) = s.next().await {
+        let cpu = st
+            .cpu_stats
+            .as_ref()
+            .and_then(|c| c.cpu_usage.as_ref())
+            .and_then(|u| u.total_usage);
+        let mem = st.memory_stats.as_ref();
+        let stat = |k: &str| {
+            mem.and_then(|m| m.stats.as_ref())
+                .and_then(|s| s.get(k).copied())
+        };
+        // The working set as cAdvisor counts it: usage less inactive file pages.
+        let inactive = stat("total_inactive_file").or_else(|| stat("inactive_file"));
+        let working = mem
+            .and_then(|m| m.usage)
+            .map(|u| u.saturating_sub(inactive.unwrap_or(0)));
+        let rss = stat("total_rss")
+            .or_else(|| stat("rss"))
+            .or_else(|| stat("anon"));
+        if let Some(cpu) = cpu {
+            *out.lock().unwrap() = Some((cpu, working, rss));
+        }
+    }
+}
+
+struct ContainerReplica {
+    docker: Docker,
+    id: String,
+    pid: Option<i32>,
+    addr: SocketAddr,
+    record: Record,
+    enforced: (Option<u64>, Option<f64>),
+    exit: watch::Receiver<Option<Exit>>,
+    tasks: Vec<JoinHandle<()>>,
+    stats: Arc<Mutex<Stats>>,
+    last_cpu: Option<(Instant, u64)>,
+}
+
+impl ContainerReplica {
+    async fn exited(&mut self) -> Exit {
+        let got = self
+            .exit
+            .wait_for(Option::is_some)
+            .await
+            .map(|e| e.unwrap_or_default());
+        match got {
+            Ok(e) => e,
+            // The waiter ended without an answer: the engine went away.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for ContainerReplica {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Replica for ContainerReplica {
+    fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn record(&self) -> Record {
+        self.record.clone()
+    }
+
+    fn enforced_limits(&self) -> (Option<u64>, Option<f64>) {
+        self.enforced
+    }
+
+    fn take_output(&mut self) -> Vec<(Stream, Output)> {
+        let (mut out_w, out_r) = tokio::io::duplex(64 << 10);
+        let (mut err_w, err_r) = tokio::io::duplex(64 << 10);
+        let docker = self.docker.clone();
+        let id = self.id.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let mut logs = docker.logs(
+                &id,
+                Some(LogsOptions {
+                    follow: true,
+                    stdout: true,
+                    stderr: true,
+                    tail: "all".into(),
+                    ..Default::default()
+                }),
+            );
+            while let Some(Ok(chunk)) = logs.next().await {
+                let r = match chunk {
+                    bollard::container::LogOutput::StdErr { message } => {
+                        err_w.write_all(&message).await
+                    }
+                    bollard::container::LogOutput::StdOut { message }
+                    | bollard::container::LogOutput::Console { message } => {
+                        out_w.write_all(&message).await
+                    }
+                    bollard::container::LogOutput::StdIn { .. } => Ok(()),
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+        }));
+        vec![
+            (Stream::Stdout, Box::new(out_r) as Output),
+            (Stream::Stderr, Box::new(err_r) as Output),
+        ]
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(self.exited())
+    }
+
+    fn stop(&mut self, _signal: &str, grace: Duration) -> BoxFuture<'_, (Exit, bool)> {
+        Box::pin(async move {
+            let done = *self.exit.borrow();
+            if let Some(e) = done {
+                return (e, false);
+            }
+            let started = Instant::now();
+            // The container's stop signal was set when it was created.
+            let secs = grace.as_secs_f64().ceil() as i32;
+            let _ = self
+                .docker
+                .stop_container(
+                    &self.id,
+                    Some(StopContainerOptions {
+                        t: Some(secs),
+                        signal: None,
+                    }),
+                )
+                .await;
+            let exit = self.exited().await;
+            (exit, started.elapsed() >= grace && exit.code == Some(137))
+        })
+    }
+
+    fn sample(&mut self) -> Sample {
+        let now = Instant::now();
+        let at_ms = crate::state::clock::unix_ms();
+        let Some((cpu, working, rss)) = *self.stats.lock().unwrap() else {
+            return Sample {
+                at_ms,
+                ..Sample::default()
+            };
+        };
+        let pct = self.last_cpu.and_then(|(t, prev)| {
+            let wall = now.duration_since(t).as_nanos() as f64;
+            (wall > 0.0 && cpu != prev).then(|| cpu.saturating_sub(prev) as f64 / wall * 100.0)
+        });
+        if self.last_cpu.is_none_or(|(_, prev)| prev != cpu) {
+            self.last_cpu = Some((now, cpu));
+        }
+        Sample {
+            cpu_percent: pct,
+            cpu_seconds: Some(cpu as f64 / 1e9),
+            working_set: working,
+            rss,
+            at_ms,
+        }
+    }
+
+    fn prober(&self) -> Prober {
+        let (docker, id, addr) = (self.docker.clone(), self.id.clone(), self.addr);
+        Arc::new(move |test, timeout| {
+            let (docker, id) = (docker.clone(), id.clone());
+            Box::pin(async move {
+                let argv = match &test {
+                    HealthTest::Cmd(argv) => argv.clone(),
+                    HealthTest::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+                    other => {
+                        return crate::probe::probe(other, addr, &BTreeMap::new(), timeout).await;
+                    }
+                };
+                match tokio::time::timeout(timeout, exec(&docker, &id, argv)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("timed out after {}", crate::spec::Dur(timeout))),
+                }
+            })
+        })
+    }
+
+    fn cleanup(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self
+                .docker
+                .remove_container(
+                    &self.id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        })
+    }
+}
+
+/// Runs a health check command inside the container: healthy on exit 0.
+async fn exec(docker: &Docker, id: &str, argv: Vec<String>) -> Result<(), String> {
+    let created = docker
+        .create_exec(
+            id,
+            CreateExecOptions {
+                cmd: Some(argv),
+                attach_stdout: Some(false),
+                attach_stderr: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("exec: {}", engine_error(e)))?;
+    docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|e| format!("exec: {}", engine_error(e)))?;
+    loop {
+        let i = docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| format!("exec: {}", engine_error(e)))?;
+        if i.running != Some(true) {
+            return match i.exit_code {
+                Some(0) => Ok(()),
+                Some(c) => Err(format!("command exited with code {c}")),
+                None => Err("command did not report an exit".into()),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_ports() {
+        assert_eq!(docker_name("capstan-my app/x"), "capstan-my-app-x");
+        let svc = |yaml: &str| -> Service {
+            let opts = crate::spec::LoadOptions {
+                env: BTreeMap::new(),
+                profiles: Vec::new(),
+            };
+            crate::spec::parse_text(
+                yaml,
+                "c.yaml",
+                std::path::Path::new("/tmp"),
+                "app",
+                BTreeMap::new(),
+                &opts,
+            )
+            .unwrap()
+            .0
+            .services["web"]
+                .clone()
+        };
+        assert_eq!(
+            container_port(&svc(
+                "services:\n  web:\n    image: x\n    ports: [\"5000:5000\"]\n"
+            )),
+            5000
+        );
+        assert_eq!(
+            container_port(&svc(
+                "services:\n  web:\n    image: x\n    expose: [\"6000\"]\n"
+            )),
+            6000
+        );
+        assert_eq!(
+            container_port(&svc(
+                "services:\n  web:\n    image: x\n    environment: {PORT: \"7000\"}\n"
+            )),
+            7000
+        );
+        assert_eq!(
+            container_port(&svc("services:\n  web:\n    image: x\n")),
+            DEFAULT_PORT
+        );
+    }
+}
