@@ -1,0 +1,280 @@
+//! The container driver against the machine's real Docker Engine: the demo
+//! service as an image built here (`FROM scratch`: its binary and the shared
+//! libraries it needs), run through capstan's proxy, logs, metrics and
+//! supervision. Skipped, with the reason, where no engine answers.
+
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+
+/// The engine answers `docker info`, or why not.
+fn engine() -> Result<(), String> {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "no Docker Engine answers: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("no docker command: {e}")),
+    }
+}
+
+/// Builds the demo image once per test binary; its tag.
+fn demo_image() -> Option<&'static str> {
+    static IMAGE: OnceLock<Option<String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if let Err(why) = engine() {
+                eprintln!("skipped: {why}");
+                return None;
+            }
+            let ctx = tempfile::tempdir().unwrap();
+            let bin = demo_bin();
+            std::fs::copy(&bin, ctx.path().join("capstan-demo")).unwrap();
+            // The binary's shared libraries, at the paths the loader wants.
+            let ldd = Command::new("ldd").arg(&bin).output().unwrap();
+            for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+                let path = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with('/'))
+                    .map(std::path::PathBuf::from);
+                if let Some(p) = path {
+                    let dest = ctx.path().join("root").join(p.strip_prefix("/").unwrap());
+                    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+                    std::fs::copy(std::fs::canonicalize(&p).unwrap(), &dest).unwrap();
+                }
+            }
+            std::fs::write(
+                ctx.path().join("Dockerfile"),
+                "FROM scratch\nCOPY root/ /\nCOPY capstan-demo /capstan-demo\nENV HOST=0.0.0.0\nEXPOSE 8080\nENTRYPOINT [\"/capstan-demo\"]\n",
+            )
+            .unwrap();
+            let tag = "capstan-demo:test".to_owned();
+            let out = Command::new("docker")
+                .args(["build", "-q", "-t", &tag])
+                .arg(ctx.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker build: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(tag)
+        })
+        .as_deref()
+}
+
+/// Containers (and networks) of a test stack, found by its marker label.
+fn containers(marker: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=capstan.test={marker}"),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn networks(stack: &TestStack) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["network", "ls", "--format", "{{.Name}}"])
+        .output()
+        .unwrap();
+    let name = stack
+        .dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_lowercase();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with("capstan-") && n.contains(&name.replace('.', "")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Removes what a failed test left in the engine.
+struct Leftovers(String);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for c in containers(&self.0) {
+            let _ = Command::new("docker").args(["rm", "-f", &c]).output();
+        }
+    }
+}
+
+fn stack(image: &str, port: u16, replicas: u32) -> (TestStack, Leftovers) {
+    let s = TestStack::new(&format!(
+        r#"
+x-capstan:
+  scrape_interval: 1s
+services:
+  web:
+    image: {image}
+    environment: {{VERSION: "c1"}}
+    labels: {{capstan.test: "{{marker}}"}}
+    ports: ["127.0.0.1:{port}:8080"]
+    stop_grace_period: 5s
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+    deploy:
+      replicas: {replicas}
+      resources: {{limits: {{memory: 64m, cpus: "0.5"}}}}
+"#
+    ));
+    let guard = Leftovers(s.marker.clone());
+    (s, guard)
+}
+
+fn healthy(s: &TestStack) -> usize {
+    s.replicas("web")
+        .iter()
+        .filter(|r| r["health"] == "healthy")
+        .count()
+}
+
+#[test]
+fn image_services_run_as_containers_behind_the_proxy() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let (s, _guard) = stack(image, port, 2);
+    s.up();
+    assert_eq!(healthy(&s), 2, "{:?}", s.replicas("web"));
+    assert_eq!(containers(&s.marker).len(), 2);
+    assert_eq!(networks(&s).len(), 1, "one network for the stack");
+    // Through the proxy, both replicas answer.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let resp = http_get(port, "/").unwrap();
+        let body = resp.lines().last().unwrap_or("").to_owned();
+        assert!(body.starts_with("hello from web version c1"), "{resp}");
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // Their output is in the log store, their resources in the metrics.
+    let logs = s.ok(&["logs", "web"]);
+    assert!(logs.contains("\"msg\":\"listening\""), "{logs}");
+    wait_for("container memory series", Duration::from_secs(20), || {
+        let out = s.ok(&[
+            "query",
+            "container_memory_working_set_bytes{service=\"web\"}",
+        ]);
+        (out.lines()
+            .filter(|l| l.contains("container_memory"))
+            .count()
+            == 2)
+            .then_some(())
+    });
+    for r in s.replicas("web") {
+        assert!(r["pid"].as_i64().unwrap() > 0, "{r}");
+    }
+    s.ok(&["down"]);
+    assert!(containers(&s.marker).is_empty());
+    assert!(networks(&s).is_empty(), "the stack's network is removed");
+}
+
+#[test]
+fn a_killed_daemon_leaves_no_container_behind() {
+    let Some(image) = demo_image() else { return };
+    let (s, _guard) = stack(image, free_port(), 2);
+    s.up();
+    let before = containers(&s.marker);
+    assert_eq!(before.len(), 2);
+    sigkill(s.daemon_pid());
+    std::thread::sleep(Duration::from_millis(300));
+    // The next `up` finds what the dead daemon left and replaces it.
+    s.up();
+    assert_eq!(healthy(&s), 2);
+    let after = containers(&s.marker);
+    assert_eq!(after.len(), 2, "{after:?}");
+    let events = s.events();
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["reason"]
+                .as_str()
+                .unwrap()
+                .contains("left by a previous daemon"))
+            .count()
+            >= 2,
+        "{events:?}"
+    );
+    s.ok(&["down"]);
+    assert!(containers(&s.marker).is_empty());
+}
+
+#[test]
+fn a_missing_image_is_named_in_the_error() {
+    if let Err(why) = engine() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (s, _guard) = stack("capstan-test-missing:nope", free_port(), 1);
+    let out = s.up_unchecked("20s");
+    assert!(!out.status.success());
+    wait_for("the pull failure", Duration::from_secs(20), || {
+        s.events().into_iter().find(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cannot pull image capstan-test-missing:nope"))
+        })
+    });
+}
+
+#[test]
+fn scaling_containers_under_load_fails_no_request() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let (s, _guard) = stack(image, port, 1);
+    s.up();
+    let load = std::thread::spawn(move || {
+        let out = Command::new(capstan_bin())
+            .args([
+                "load",
+                &format!("http://127.0.0.1:{port}/"),
+                "--rate",
+                "200",
+                "-d",
+                "8s",
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    s.ok(&["scale", "web=3"]);
+    wait_for("three healthy", Duration::from_secs(20), || {
+        (healthy(&s) == 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    s.ok(&["scale", "web=1"]);
+    let v = load.join().unwrap();
+    let n = v["requests"].as_u64().unwrap();
+    assert!(n >= 1000, "{v}");
+    assert_eq!(v["status"]["200"].as_u64(), Some(n), "{v}");
+    assert_eq!(containers(&s.marker).len(), 1);
+    s.ok(&["down"]);
+}
