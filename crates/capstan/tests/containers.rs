@@ -125,6 +125,10 @@ impl Drop for Leftovers {
 }
 
 fn stack(image: &str, port: u16, replicas: u32) -> (TestStack, Leftovers) {
+    stack_with(image, port, replicas, "")
+}
+
+fn stack_with(image: &str, port: u16, replicas: u32, extra: &str) -> (TestStack, Leftovers) {
     let s = TestStack::new(&format!(
         r#"
 x-capstan:
@@ -141,7 +145,7 @@ services:
     deploy:
       replicas: {replicas}
       resources: {{limits: {{memory: 64m, cpus: "0.5"}}}}
-"#
+{extra}"#
     ));
     let guard = Leftovers(s.marker.clone());
     (s, guard)
@@ -276,5 +280,75 @@ fn scaling_containers_under_load_fails_no_request() {
     assert!(n >= 1000, "{v}");
     assert_eq!(v["status"]["200"].as_u64(), Some(n), "{v}");
     assert_eq!(containers(&s.marker).len(), 1);
+    s.ok(&["down"]);
+}
+
+#[test]
+fn a_killed_container_under_load_fails_no_request_and_restarts() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let (s, _guard) = stack_with(
+        image,
+        port,
+        2,
+        "      restart_policy: {condition: any, delay: 200ms}\n",
+    );
+    s.up();
+    let load = std::thread::spawn(move || {
+        let out = Command::new(capstan_bin())
+            .args([
+                "load",
+                &format!("http://127.0.0.1:{port}/"),
+                "--rate",
+                "200",
+                "-d",
+                "6s",
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = containers(&s.marker).into_iter().next().unwrap();
+    let out = Command::new("docker")
+        .args(["kill", &victim])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v = load.join().unwrap();
+    let n = v["requests"].as_u64().unwrap();
+    assert!(n >= 1000, "{v}");
+    assert_eq!(v["status"]["200"].as_u64(), Some(n), "{v}");
+    wait_for("the killed replica back", Duration::from_secs(20), || {
+        let r = s.replicas("web");
+        (healthy(&s) == 2 && r.iter().any(|r| r["restarts"] == 1)).then_some(())
+    });
+    let events = s.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "exited" && e["reason"].as_str().unwrap().contains("code 137")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["kind"] == "restarting"),
+        "{events:?}"
+    );
+    s.ok(&["down"]);
+}
+
+#[test]
+fn a_container_over_its_memory_limit_is_reported_oom_killed() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let (s, _guard) = stack(image, port, 1);
+    s.up();
+    // 64 MiB limit; the demo holds what /alloc asks for.
+    let _ = http_fetch(&format!("127.0.0.1:{port}"), "/alloc?mb=200");
+    wait_for("an oom-killed event", Duration::from_secs(20), || {
+        s.events().into_iter().find(|e| e["kind"] == "oom-killed")
+    });
     s.ok(&["down"]);
 }
