@@ -352,3 +352,38 @@ fn a_container_over_its_memory_limit_is_reported_oom_killed() {
     });
     s.ok(&["down"]);
 }
+
+#[test]
+fn a_build_service_is_built_per_revision_and_runs() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  web:
+    build:
+      context: ./web
+      args: {{GREETING: built}}
+    labels: {{capstan.test: "{{marker}}"}}
+    ports: ["127.0.0.1:{port}:8080"]
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+    deploy: {{replicas: 2}}
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    let ctx = s.dir.path().join("web");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {image}\nARG GREETING\nENV VERSION=$GREETING\n"),
+    )
+    .unwrap();
+    s.up();
+    let resp = http_get(port, "/").unwrap();
+    assert!(resp.contains("hello from web version built"), "{resp}");
+    let events = s.events();
+    let builds = events.iter().filter(|e| e["kind"] == "building").count();
+    assert_eq!(builds, 1, "one build for two replicas: {events:?}");
+    s.ok(&["down"]);
+}

@@ -12,6 +12,7 @@ use super::yaml::{Kind, Node};
 /// Compose service keys capstan reads.
 const SERVICE_KEYS: &[&str] = &[
     "image",
+    "build",
     "command",
     "entrypoint",
     "environment",
@@ -251,6 +252,75 @@ impl Decoder<'_> {
                 Vec::new()
             }
         }
+    }
+
+    /// compose's `build:`: a context path, or a map with `context`,
+    /// `dockerfile`, `args`, `target`, `labels`. The context is made absolute
+    /// against the stack file's directory.
+    fn build(&mut self, node: &Node, path: &str) -> Option<Build> {
+        let mut b = Build {
+            context: ".".into(),
+            dockerfile: None,
+            args: BTreeMap::new(),
+            target: None,
+            labels: BTreeMap::new(),
+        };
+        match &node.kind {
+            Kind::Null => return None,
+            Kind::Str(_) => b.context = self.text(node, path)?,
+            Kind::Map(_) => {
+                let mut f = self.fields(node, path)?;
+                if let Some(c) = self.string_opt(f.take("context"), &join(path, "context")) {
+                    b.context = c;
+                }
+                b.dockerfile = self.string_opt(f.take("dockerfile"), &join(path, "dockerfile"));
+                if let Some(n) = f.take("args") {
+                    b.args = self.key_values(n, &join(path, "args"), true);
+                }
+                b.target = self.string_opt(f.take("target"), &join(path, "target"));
+                if let Some(n) = f.take("labels") {
+                    b.labels = self.key_values(n, &join(path, "labels"), false);
+                }
+                self.finish(
+                    f,
+                    path,
+                    &[
+                        "cache_from",
+                        "cache_to",
+                        "network",
+                        "shm_size",
+                        "extra_hosts",
+                        "ssh",
+                        "secrets",
+                        "platforms",
+                        "tags",
+                        "no_cache",
+                        "pull",
+                        "dockerfile_inline",
+                        "additional_contexts",
+                        "isolation",
+                        "privileged",
+                        "ulimits",
+                        "entitlements",
+                    ],
+                );
+            }
+            _ => {
+                self.error(
+                    node,
+                    path,
+                    format!(
+                        "expected a context path or a mapping with context, dockerfile, args, target, labels; found {}",
+                        node.describe()
+                    ),
+                );
+                return None;
+            }
+        }
+        if !Path::new(&b.context).is_absolute() {
+            b.context = self.dir.join(&b.context).to_string_lossy().into_owned();
+        }
+        Some(b)
     }
 
     fn cmd(&mut self, node: &Node, path: &str) -> Option<Cmd> {
@@ -601,6 +671,9 @@ impl Decoder<'_> {
         let mut f = self.fields(node, path)?;
         let errors_before = self.errors.len();
         let image = self.string_opt(f.take("image"), &join(path, "image"));
+        let build = f
+            .take("build")
+            .and_then(|n| self.build(n, &join(path, "build")));
         let command = f
             .take("command")
             .and_then(|n| self.cmd(n, &join(path, "command")));
@@ -739,7 +812,6 @@ impl Decoder<'_> {
             None => Vec::new(),
         };
         let unsupported = [
-            "build",
             "container_name",
             "networks",
             "volumes",
@@ -788,6 +860,7 @@ impl Decoder<'_> {
         }
         Some(Service {
             image,
+            build,
             entrypoint,
             command,
             environment,
@@ -1758,10 +1831,10 @@ impl Decoder<'_> {
                 (DriverKind::Process, _) if svc.argv().is_none() => {
                     self.error(knode, &path, "nothing to run: set command (or entrypoint)");
                 }
-                (DriverKind::Container, None) => self.error(
+                (DriverKind::Container, None) if svc.build.is_none() => self.error(
                     knode,
                     &join(&join(&path, "x-capstan"), "driver"),
-                    "the container driver needs an image",
+                    "the container driver needs an image (or a build)",
                 ),
                 _ => {}
             }

@@ -31,7 +31,7 @@ impl Stack {
             }
             let runnable = match svc.driver() {
                 DriverKind::Process => svc.argv().is_some(),
-                DriverKind::Container => svc.image.is_some(),
+                DriverKind::Container => svc.image.is_some() || svc.build.is_some(),
             };
             if !runnable {
                 errors.push(format!("services.{name}: nothing to run"));
@@ -268,6 +268,9 @@ pub enum Cmd {
 pub struct Service {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub image: Option<String>,
+    /// Build the image from a Dockerfile (compose's `build:`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub build: Option<Build>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub entrypoint: Option<Cmd>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -321,6 +324,20 @@ pub struct ServiceX {
     /// a service with an image, processes otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<DriverKind>,
+}
+
+/// compose's `build:`: a context directory (absolute once loaded) and options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Build {
+    pub context: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dockerfile: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub args: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `x-capstan.driver`.
@@ -586,10 +603,10 @@ impl Service {
     /// Which driver runs the replicas: an image means containers unless
     /// `x-capstan.driver: process` says otherwise.
     pub fn driver(&self) -> DriverKind {
-        match (self.x.driver, &self.image) {
-            (Some(d), _) => d,
-            (None, Some(_)) => DriverKind::Container,
-            (None, None) => DriverKind::Process,
+        match self.x.driver {
+            Some(d) => d,
+            None if self.image.is_some() || self.build.is_some() => DriverKind::Container,
+            None => DriverKind::Process,
         }
     }
 

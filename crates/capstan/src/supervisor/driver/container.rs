@@ -52,6 +52,9 @@ pub struct ContainerDriver {
     events: Arc<EventLog>,
     docker: OnceCell<Result<Docker, String>>,
     network: OnceCell<Result<String, String>>,
+    /// Images built per service and revision: one build however many
+    /// replicas start at once.
+    builds: Mutex<HashMap<(String, u64), Arc<OnceCell<Result<String, String>>>>>,
 }
 
 /// A name Docker accepts (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
@@ -114,6 +117,7 @@ impl ContainerDriver {
             events,
             docker: OnceCell::new(),
             network: OnceCell::new(),
+            builds: Mutex::default(),
         }
     }
 
@@ -208,14 +212,118 @@ impl ContainerDriver {
         Ok(())
     }
 
+    /// The revision's image, built from its `build:` once.
+    async fn built(&self, docker: &Docker, launch: &Launch) -> Result<String, String> {
+        let key = (launch.id.service.clone(), launch.id.revision);
+        let cell = self.builds.lock().unwrap().entry(key).or_default().clone();
+        let r = cell
+            .get_or_init(|| self.build(docker, launch))
+            .await
+            .clone();
+        if r.is_err() {
+            // A failed build is tried again at the next start.
+            let mut builds = self.builds.lock().unwrap();
+            let key = (launch.id.service.clone(), launch.id.revision);
+            if builds.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                builds.remove(&key);
+            }
+        }
+        r
+    }
+
+    async fn build(&self, docker: &Docker, launch: &Launch) -> Result<String, String> {
+        let svc = &launch.service;
+        let b = svc.build.as_ref().ok_or("no build")?;
+        let service = &launch.id.service;
+        let tag = format!(
+            "{}:r{}",
+            docker_name(&format!("capstan-{}-{service}", self.stack_id)).to_lowercase(),
+            launch.id.revision
+        );
+        self.events.emit(
+            service,
+            None,
+            "building",
+            format!("building {tag} from {}", b.context),
+        );
+        let context = std::path::PathBuf::from(&b.context);
+        let tar = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut t = tar::Builder::new(Vec::new());
+            t.follow_symlinks(false);
+            t.append_dir_all(".", &context)?;
+            t.into_inner()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading the build context {}: {e}", b.context))?;
+        let opts = bollard::query_parameters::BuildImageOptions {
+            dockerfile: b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
+            t: Some(tag.clone()),
+            rm: true,
+            buildargs: Some(b.args.clone().into_iter().collect()),
+            labels: Some(b.labels.clone().into_iter().collect()),
+            target: b.target.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut out = docker.build_image(opts, None, Some(bollard::body_full(tar.into())));
+        let mut tail: Vec<String> = Vec::new();
+        while let Some(step) = out.next().await {
+            let info = step.map_err(|e| format!("building {tag}: {}", engine_error(e)))?;
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(format!("building {tag}: {err}"));
+            }
+            if let Some(line) = info.stream {
+                let line = line.trim_end();
+                if !line.is_empty() {
+                    tail.push(line.to_owned());
+                    if tail.len() > 20 {
+                        tail.remove(0);
+                    }
+                }
+            }
+        }
+        // `image:` names the built image too, as compose does.
+        if let Some(name) = &svc.image {
+            let (repo, t) = match name.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r, t),
+                _ => (name.as_str(), "latest"),
+            };
+            docker
+                .tag_image(
+                    &tag,
+                    Some(bollard::query_parameters::TagImageOptions {
+                        repo: Some(repo.to_owned()),
+                        tag: Some(t.to_owned()),
+                    }),
+                )
+                .await
+                .map_err(|e| format!("tagging {tag} as {name}: {}", engine_error(e)))?;
+        }
+        self.events.emit(
+            service,
+            None,
+            "built",
+            format!(
+                "built {tag}{}",
+                tail.last().map(|l| format!(" ({l})")).unwrap_or_default()
+            ),
+        );
+        Ok(tag)
+    }
+
     async fn start_container(&self, launch: Launch) -> Result<Box<dyn Replica>, String> {
         let docker = self.docker().await?;
         let svc = launch.service.clone();
-        let image = svc
-            .image
-            .clone()
-            .ok_or("the container driver needs an image")?;
-        self.image(&docker, &launch.id.service, &image).await?;
+        let image = if svc.build.is_some() {
+            self.built(&docker, &launch).await?
+        } else {
+            let image = svc
+                .image
+                .clone()
+                .ok_or("the container driver needs an image")?;
+            self.image(&docker, &launch.id.service, &image).await?;
+            image
+        };
         let network = self.network(&docker).await?;
         let port = container_port(&svc);
         let mut env = launch.env.clone();
