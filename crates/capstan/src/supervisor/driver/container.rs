@@ -46,6 +46,9 @@ pub const LABEL_REPLICA: &str = "dev.capstan.replica";
 /// The port a container listens on when its service names none.
 pub const DEFAULT_PORT: u16 = 8080;
 
+/// An image being built (or built): its tag, or why the build failed.
+type Built = OnceCell<Result<String, String>>;
+
 /// Runs replicas as containers of one stack.
 pub struct ContainerDriver {
     stack_id: String,
@@ -54,7 +57,7 @@ pub struct ContainerDriver {
     network: OnceCell<Result<String, String>>,
     /// Images built per service and revision: one build however many
     /// replicas start at once.
-    builds: Mutex<HashMap<(String, u64), Arc<OnceCell<Result<String, String>>>>>,
+    builds: Mutex<HashMap<(String, u64), Arc<Built>>>,
 }
 
 /// A name Docker accepts (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
