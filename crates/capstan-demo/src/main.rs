@@ -292,12 +292,38 @@ async fn shutdown_signal() {
     );
 }
 
+/// `capstan-demo check [PATH]`: GETs PATH (default `/healthz`) from the demo
+/// on `$PORT` of this host and exits 0 on a 200: a health check command for
+/// images without a shell or curl.
+async fn check(port: u16, path: &str) -> i32 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200"))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Some(true)) => 0,
+        _ => 1,
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8080);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("check") {
+        let path = args.get(1).map_or("/healthz", String::as_str);
+        std::process::exit(check(port, path).await);
+    }
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -387,3 +387,48 @@ services:
     assert_eq!(builds, 1, "one build for two replicas: {events:?}");
     s.ok(&["down"]);
 }
+
+#[test]
+fn a_cmd_health_check_runs_inside_the_container() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  web:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    ports: ["127.0.0.1:{port}:8080"]
+    healthcheck:
+      test: ["CMD", "/capstan-demo", "check"]
+      interval: 1s
+      retries: 2
+  broken:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    healthcheck:
+      test: ["CMD", "/capstan-demo", "check", "/missing"]
+      interval: 500ms
+      retries: 2
+      start_period: 0s
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    let _ = s.up_unchecked("20s");
+    wait_for(
+        "web healthy, broken unhealthy",
+        Duration::from_secs(20),
+        || {
+            let web = s.replicas("web");
+            let broken = s.replicas("broken");
+            (web.first().is_some_and(|r| r["health"] == "healthy")
+                && s.events()
+                    .iter()
+                    .any(|e| e["kind"] == "unhealthy" && e["service"] == "broken"))
+            .then_some(broken)
+        },
+    );
+    let resp = http_get(port, "/").unwrap();
+    assert!(resp.contains("hello from web"), "{resp}");
+    s.ok(&["down"]);
+}
