@@ -430,7 +430,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        let _ = shutdown.down().await;
+        let _ = shutdown.down(false).await;
     });
     // The supervisor returns after `down`; then the components stop in order
     // and the server stops. Open streams (events -f, logs -f) end when

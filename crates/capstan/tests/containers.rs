@@ -432,3 +432,71 @@ services:
     assert!(resp.contains("hello from web"), "{resp}");
     s.ok(&["down"]);
 }
+
+fn docker_out(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn volumes_are_mounted_kept_by_down_and_removed_by_down_volumes() {
+    let Some(image) = demo_image() else { return };
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  db:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    volumes:
+      - data:/var/lib/data
+      - ./conf:/etc/conf:ro
+      - type: tmpfs
+        target: /tmp
+volumes:
+  data:
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    std::fs::create_dir_all(s.dir.path().join("conf")).unwrap();
+    s.up();
+    let name = containers(&s.marker).pop().unwrap();
+    let mounts = docker_out(&["inspect", "--format", "{{json .Mounts}}", &name]);
+    let mounts: serde_json::Value = serde_json::from_str(&mounts).unwrap();
+    let by_dest = |d: &str| {
+        mounts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["Destination"] == d)
+            .cloned()
+            .unwrap_or_else(|| panic!("no mount at {d}: {mounts}"))
+    };
+    let data = by_dest("/var/lib/data");
+    assert_eq!(data["Type"], "volume");
+    let volume = data["Name"].as_str().unwrap().to_owned();
+    assert!(
+        volume.starts_with("capstan-") && volume.ends_with("-data"),
+        "{volume}"
+    );
+    let conf = by_dest("/etc/conf");
+    assert_eq!(conf["Type"], "bind");
+    assert_eq!(conf["RW"], false);
+    assert_eq!(
+        conf["Source"].as_str().unwrap(),
+        s.dir.path().join("conf").to_str().unwrap()
+    );
+    // `down` keeps the named volume, as compose's does; `down -v` removes it.
+    s.ok(&["down"]);
+    assert!(
+        docker_out(&["volume", "ls", "-q"])
+            .lines()
+            .any(|v| v == volume)
+    );
+    s.up();
+    s.ok(&["down", "--volumes"]);
+    assert!(
+        !docker_out(&["volume", "ls", "-q"])
+            .lines()
+            .any(|v| v == volume)
+    );
+}

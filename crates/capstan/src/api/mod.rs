@@ -297,8 +297,15 @@ async fn service_action(
     }
 }
 
-async fn down(State(api): State<Api>) -> Response {
-    answer(api.supervisor.down().await)
+#[derive(Deserialize, Default)]
+struct DownParams {
+    /// Also remove the stack's named volumes.
+    #[serde(default)]
+    volumes: bool,
+}
+
+async fn down(State(api): State<Api>, Query(p): Query<DownParams>) -> Response {
+    answer(api.supervisor.down(p.volumes).await)
 }
 
 #[derive(Deserialize, Default)]

@@ -75,6 +75,9 @@ enum Cmd {
     Down {
         #[command(flatten)]
         f: FileOpt,
+        /// Also remove the stack's named volumes (containers' data).
+        #[arg(long, short = 'v')]
+        volumes: bool,
     },
     /// List replicas: state, health, restarts, uptime, CPU and memory.
     Ps {
@@ -314,7 +317,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Traces(a) => a.f.file.clone(),
         Cmd::Trace(a) => a.f.file.clone(),
         Cmd::Events { f, .. } => f.file.clone(),
-        Cmd::Down { f }
+        Cmd::Down { f, .. }
         | Cmd::Ps { f, .. }
         | Cmd::Scale { f, .. }
         | Cmd::Autoscale { f, .. }
@@ -334,10 +337,15 @@ async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Up(args) => up::up(&ctx, args).await,
         Cmd::Daemon(args) => up::daemon(&ctx, args).await,
-        Cmd::Down { .. } => {
+        Cmd::Down { volumes, .. } => {
             let c = ctx.client()?;
             let pid = c.info.pid;
-            let v = c.json(Method::POST, "/capstan/v1/down", None).await?;
+            let path = if volumes {
+                "/capstan/v1/down?volumes=true"
+            } else {
+                "/capstan/v1/down"
+            };
+            let v = c.json(Method::POST, path, None).await?;
             // Wait for the daemon process itself to finish.
             for _ in 0..600 {
                 if !Path::new(&format!("/proc/{pid}")).exists()

@@ -13,6 +13,7 @@ use super::yaml::{Kind, Node};
 const SERVICE_KEYS: &[&str] = &[
     "image",
     "build",
+    "volumes",
     "command",
     "entrypoint",
     "environment",
@@ -323,6 +324,131 @@ impl Decoder<'_> {
         Some(b)
     }
 
+    /// compose's service `volumes:`: `SOURCE:TARGET[:ro|rw]`, `TARGET` (an
+    /// anonymous volume), or `{type, source, target, read_only}`. A source that
+    /// is a path (`/`, `.`, `~`) is a bind mount, made absolute against the
+    /// stack file's directory; any other source names a top-level volume.
+    fn volumes(&mut self, node: &Node, path: &str) -> Vec<Volume> {
+        let Kind::Seq(items) = &node.kind else {
+            self.error(
+                node,
+                path,
+                format!("expected a list of mounts, found {}", node.describe()),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let v = match &item.kind {
+                Kind::Str(_) => {
+                    let Some(text) = self.text(item, &p) else {
+                        continue;
+                    };
+                    let parts: Vec<&str> = text.split(':').collect();
+                    let (source, target, mode) = match parts.as_slice() {
+                        [t] => (None, *t, None),
+                        [s, t] => (Some(*s), *t, None),
+                        [s, t, m] => (Some(*s), *t, Some(*m)),
+                        _ => {
+                            self.error(
+                                item,
+                                &p,
+                                format!("expected SOURCE:TARGET[:MODE], found {text:?}"),
+                            );
+                            continue;
+                        }
+                    };
+                    let read_only = mode.is_some_and(|m| m.split(',').any(|o| o == "ro"));
+                    let kind = match source {
+                        None => VolumeKind::Volume,
+                        Some(s) if s.starts_with(['/', '.', '~']) => VolumeKind::Bind,
+                        Some(_) => VolumeKind::Volume,
+                    };
+                    Volume {
+                        kind,
+                        source: source.map(str::to_owned),
+                        target: target.to_owned(),
+                        read_only,
+                    }
+                }
+                Kind::Map(_) => {
+                    let Some(mut f) = self.fields(item, &p) else {
+                        continue;
+                    };
+                    let kind = match self
+                        .string_opt(f.take("type"), &join(&p, "type"))
+                        .as_deref()
+                    {
+                        Some("bind") => VolumeKind::Bind,
+                        Some("volume") | None => VolumeKind::Volume,
+                        Some("tmpfs") => VolumeKind::Tmpfs,
+                        Some(other) => {
+                            self.error(
+                                item,
+                                &join(&p, "type"),
+                                format!("expected bind, volume or tmpfs, found {other:?}"),
+                            );
+                            continue;
+                        }
+                    };
+                    let source = self.string_opt(f.take("source"), &join(&p, "source"));
+                    let Some(target) = self.string_opt(f.take("target"), &join(&p, "target"))
+                    else {
+                        self.error(item, &join(&p, "target"), "missing key: where to mount it");
+                        continue;
+                    };
+                    let read_only = f
+                        .take("read_only")
+                        .and_then(|n| self.boolean(n, &join(&p, "read_only")))
+                        .unwrap_or(false);
+                    self.finish(f, &p, &["bind", "volume", "tmpfs", "consistency"]);
+                    Volume {
+                        kind,
+                        source,
+                        target,
+                        read_only,
+                    }
+                }
+                _ => {
+                    self.error(
+                        item,
+                        &p,
+                        format!("expected a mount, found {}", item.describe()),
+                    );
+                    continue;
+                }
+            };
+            if !v.target.starts_with('/') {
+                self.error(
+                    item,
+                    &p,
+                    format!(
+                        "the target {:?} must be an absolute path in the container",
+                        v.target
+                    ),
+                );
+                continue;
+            }
+            let mut v = v;
+            if v.kind == VolumeKind::Bind
+                && let Some(src) = &v.source
+            {
+                let expanded = match src.strip_prefix('~') {
+                    Some(rest) => format!("{}{rest}", std::env::var("HOME").unwrap_or_default()),
+                    None => src.clone(),
+                };
+                if !Path::new(&expanded).is_absolute() {
+                    v.source = Some(self.dir.join(&expanded).to_string_lossy().into_owned());
+                } else {
+                    v.source = Some(expanded);
+                }
+            }
+            out.push(v);
+        }
+        out
+    }
+
     fn cmd(&mut self, node: &Node, path: &str) -> Option<Cmd> {
         match &node.kind {
             Kind::Null => None,
@@ -453,15 +579,41 @@ impl Decoder<'_> {
                 }
             }
         }
-        self.finish(
-            top,
-            "",
-            &["networks", "volumes", "secrets", "configs", "include"],
-        );
+        let mut volumes = std::collections::BTreeSet::new();
+        if let Some(n) = top.take("volumes")
+            && let Some(vf) = self.fields(n, "volumes")
+        {
+            for (vname, _, _) in &vf.entries {
+                volumes.insert(vname.clone());
+            }
+        }
+        self.finish(top, "", &["networks", "secrets", "configs", "include"]);
         self.cross_checks(&services);
+        for (name, (svc, knode)) in &services {
+            for (i, v) in svc.volumes.iter().enumerate() {
+                if v.kind == VolumeKind::Volume
+                    && let Some(src) = &v.source
+                    && !volumes.contains(src)
+                {
+                    self.error(
+                        knode,
+                        &format!("services.{name}.volumes[{i}]"),
+                        format!("refers to undefined volume {src:?}: declare it under the top-level volumes"),
+                    );
+                }
+            }
+            if !svc.volumes.is_empty() && svc.driver() == DriverKind::Process {
+                self.warn(
+                    knode,
+                    &format!("services.{name}.volumes"),
+                    "mounts apply to containers; ignored for a service run as processes",
+                );
+            }
+        }
         Some(Stack {
             name,
             services: services.into_iter().map(|(k, (s, _))| (k, s)).collect(),
+            volumes,
             settings,
         })
     }
@@ -674,6 +826,10 @@ impl Decoder<'_> {
         let build = f
             .take("build")
             .and_then(|n| self.build(n, &join(path, "build")));
+        let volumes = match f.take("volumes") {
+            Some(n) => self.volumes(n, &join(path, "volumes")),
+            None => Vec::new(),
+        };
         let command = f
             .take("command")
             .and_then(|n| self.cmd(n, &join(path, "command")));
@@ -814,7 +970,6 @@ impl Decoder<'_> {
         let unsupported = [
             "container_name",
             "networks",
-            "volumes",
             "network_mode",
             "hostname",
             "user",
@@ -861,6 +1016,7 @@ impl Decoder<'_> {
         Some(Service {
             image,
             build,
+            volumes,
             entrypoint,
             command,
             environment,

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub struct Stack {
     pub name: String,
     pub services: BTreeMap<String, Service>,
+    /// Named volumes declared at the top level (`volumes:`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub volumes: std::collections::BTreeSet<String>,
     #[serde(rename = "x-capstan", default)]
     pub settings: Settings,
 }
@@ -33,6 +36,16 @@ impl Stack {
                 DriverKind::Process => svc.argv().is_some(),
                 DriverKind::Container => svc.image.is_some() || svc.build.is_some(),
             };
+            for v in &svc.volumes {
+                if v.kind == VolumeKind::Volume
+                    && let Some(src) = &v.source
+                    && !self.volumes.contains(src)
+                {
+                    errors.push(format!(
+                        "services.{name}.volumes: refers to undefined volume {src:?}"
+                    ));
+                }
+            }
             if !runnable {
                 errors.push(format!("services.{name}: nothing to run"));
             }
@@ -271,6 +284,9 @@ pub struct Service {
     /// Build the image from a Dockerfile (compose's `build:`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub build: Option<Build>,
+    /// Mounts of a container (bind, named or anonymous volume, tmpfs).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub volumes: Vec<Volume>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub entrypoint: Option<Cmd>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -324,6 +340,27 @@ pub struct ServiceX {
     /// a service with an image, processes otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<DriverKind>,
+}
+
+/// One mount of a service's containers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    pub kind: VolumeKind,
+    /// A host path (absolute once loaded) for a bind, a top-level volume's
+    /// name for a named volume, none for an anonymous volume or a tmpfs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source: Option<String>,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    Bind,
+    Volume,
+    Tmpfs,
 }
 
 /// compose's `build:`: a context directory (absolute once loaded) and options.

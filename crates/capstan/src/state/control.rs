@@ -59,7 +59,11 @@ pub enum Command {
     Stop(Vec<String>, Reply),
     Start(Vec<String>, Reply),
     Wake(String),
-    Down(Reply),
+    /// Stop everything; with `volumes`, remove the stack's named volumes too.
+    Down {
+        volumes: bool,
+        reply: Reply,
+    },
 }
 
 /// How other components command the supervisor.
@@ -113,9 +117,10 @@ impl SupervisorHandle {
         let _ = self.tx.try_send(Command::Wake(service.to_owned()));
     }
 
-    /// Stops everything; returns when it is stopped.
-    pub async fn down(&self) -> Result<String, Error> {
-        self.ask(Command::Down).await
+    /// Stops everything (and with `volumes`, removes the stack's named
+    /// volumes); returns when it is stopped.
+    pub async fn down(&self, volumes: bool) -> Result<String, Error> {
+        self.ask(|reply| Command::Down { volumes, reply }).await
     }
 
     /// True once the supervisor has ended.

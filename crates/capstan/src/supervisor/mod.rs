@@ -209,8 +209,8 @@ impl Supervisor {
             tokio::select! {
                 Some(i) = self.internal_rx.recv() => self.internal(i),
                 cmd = self.rx.recv() => match cmd {
-                    Some(Command::Down(reply)) => {
-                        self.down().await;
+                    Some(Command::Down { volumes, reply }) => {
+                        self.down(volumes).await;
                         let _ = reply.send(Ok("stopped every service".into()));
                         return;
                     }
@@ -219,7 +219,7 @@ impl Supervisor {
                 },
             }
         }
-        self.down().await;
+        self.down(false).await;
     }
 
     fn command(&mut self, cmd: Command) {
@@ -274,7 +274,7 @@ impl Supervisor {
                 let _ = reply.send(r);
             }
             Command::Wake(name) => self.wake(&name),
-            Command::Down(_) => unreachable!("handled by run"),
+            Command::Down { .. } => unreachable!("handled by run"),
         }
     }
 
@@ -780,7 +780,7 @@ impl Supervisor {
     }
 
     /// Stops everything, dependents before what they depend on.
-    async fn down(&mut self) {
+    async fn down(&mut self, volumes: bool) {
         for hook in &self.hooks {
             hook.on_down();
         }
@@ -818,7 +818,7 @@ impl Supervisor {
         }
         // Replicas of services removed from the stack may still be stopping.
         self.settle(&[]).await;
-        self.ctx.driver.down().await;
+        self.ctx.driver.down(volumes).await;
         self.ctx.records.lock().unwrap().clear();
     }
 

@@ -621,7 +621,7 @@ async fn recovers_from_the_durable_record_and_down_stops_everything() {
         "the new replicas, not the old record: {saved:?}"
     );
     assert!(saved.values().all(|r| r["pid"].as_i64().unwrap() >= 1000));
-    let msg = h.handle.down().await.unwrap();
+    let msg = h.handle.down(false).await.unwrap();
     assert_eq!(msg, "stopped every service");
     assert_eq!(h.fake.stops.lock().unwrap().len(), 2);
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -724,7 +724,7 @@ services:
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
-    h.handle.down().await.unwrap();
+    h.handle.down(false).await.unwrap();
     assert!(
         Instant::now() - t >= Duration::from_millis(2800),
         "down returned before gone stopped"

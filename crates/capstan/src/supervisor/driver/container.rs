@@ -19,7 +19,8 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecOptions};
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    ContainerCreateBody, EndpointSettings, HostConfig, Mount, MountType, NetworkCreateRequest,
+    NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
@@ -34,7 +35,7 @@ use tokio_stream::StreamExt;
 use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
 use crate::events::EventLog;
 use crate::logs::Stream;
-use crate::spec::{HealthTest, Service};
+use crate::spec::{HealthTest, Service, VolumeKind};
 use crate::state::Sample;
 
 /// Labels every container of capstan carries.
@@ -179,6 +180,56 @@ impl ContainerDriver {
             })
             .await
             .clone()
+    }
+
+    /// The engine's name of one of the stack's named volumes.
+    pub fn volume_name(&self, name: &str) -> String {
+        docker_name(&format!("capstan-{}-{name}", self.stack_id))
+    }
+
+    /// The service's mounts, creating its named volumes (labelled with the
+    /// stack) when missing.
+    async fn mounts(&self, docker: &Docker, svc: &Service) -> Result<Vec<Mount>, String> {
+        let mut out = Vec::new();
+        for v in &svc.volumes {
+            let (typ, source) = match v.kind {
+                VolumeKind::Bind => (MountType::BIND, v.source.clone()),
+                VolumeKind::Tmpfs => (MountType::TMPFS, None),
+                VolumeKind::Volume => match &v.source {
+                    None => (MountType::VOLUME, None),
+                    Some(name) => {
+                        let vol = self.volume_name(name);
+                        if let Err(e) = docker.inspect_volume(&vol).await {
+                            if !not_found(&e) {
+                                return Err(format!("volume {vol}: {}", engine_error(e)));
+                            }
+                            docker
+                                .create_volume(VolumeCreateRequest {
+                                    name: Some(vol.clone()),
+                                    labels: Some(HashMap::from([(
+                                        LABEL_STACK.to_owned(),
+                                        self.stack_id.clone(),
+                                    )])),
+                                    ..Default::default()
+                                })
+                                .await
+                                .map_err(|e| {
+                                    format!("creating volume {vol}: {}", engine_error(e))
+                                })?;
+                        }
+                        (MountType::VOLUME, Some(vol))
+                    }
+                },
+            };
+            out.push(Mount {
+                target: Some(v.target.clone()),
+                source,
+                typ: Some(typ),
+                read_only: Some(v.read_only),
+                ..Default::default()
+            });
+        }
+        Ok(out)
     }
 
     /// Makes sure the image is there, pulling it when missing.
@@ -328,6 +379,7 @@ impl ContainerDriver {
             image
         };
         let network = self.network(&docker).await?;
+        let mounts = self.mounts(&docker, &svc).await?;
         let port = container_port(&svc);
         let mut env = launch.env.clone();
         env.entry("PORT".into()).or_insert(port.to_string());
@@ -376,6 +428,7 @@ impl ContainerDriver {
                 nano_cpus: limits.cpus.map(|c| (c * 1e9) as i64),
                 pids_limit: limits.pids,
                 network_mode: Some(network.clone()),
+                mounts: Some(mounts),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {
@@ -551,8 +604,34 @@ impl Driver for ContainerDriver {
         Box::pin(self.recover_all(records))
     }
 
-    fn down(&self) -> BoxFuture<'_, ()> {
+    fn down(&self, volumes: bool) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            if volumes && let Ok(docker) = self.docker().await {
+                let filters = HashMap::from([(
+                    "label".to_owned(),
+                    vec![format!("{LABEL_STACK}={}", self.stack_id)],
+                )]);
+                let list = docker
+                    .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+                        filters: Some(filters),
+                    }))
+                    .await;
+                for v in list.ok().and_then(|l| l.volumes).unwrap_or_default() {
+                    if let Err(e) = docker
+                        .remove_volume(
+                            &v.name,
+                            None::<bollard::query_parameters::RemoveVolumeOptions>,
+                        )
+                        .await
+                    {
+                        self.events.warn_once(format!(
+                            "cannot remove volume {}: {}",
+                            v.name,
+                            engine_error(e)
+                        ));
+                    }
+                }
+            }
             // Only a stack that ran containers has a network to remove.
             let (Some(Ok(docker)), Some(Ok(name))) = (self.docker.get(), self.network.get()) else {
                 return;
@@ -798,12 +877,14 @@ impl Replica for ContainerReplica {
 
     fn cleanup(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // Anonymous volumes go with their container, as with `docker rm -v`.
             let _ = self
                 .docker
                 .remove_container(
                     &self.id,
                     Some(RemoveContainerOptions {
                         force: true,
+                        v: true,
                         ..Default::default()
                     }),
                 )

@@ -71,8 +71,9 @@ pub trait Driver: Send + Sync + 'static {
     fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()>;
 
     /// Every replica has stopped (`down`): removes what the driver made for
-    /// the stack as a whole (a container network).
-    fn down(&self) -> BoxFuture<'_, ()> {
+    /// the stack as a whole (a container network; with `volumes`, named
+    /// volumes).
+    fn down(&self, _volumes: bool) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 }
@@ -138,10 +139,10 @@ impl Driver for Drivers {
         })
     }
 
-    fn down(&self) -> BoxFuture<'_, ()> {
+    fn down(&self, volumes: bool) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.process.down().await;
-            self.container.down().await;
+            self.process.down(volumes).await;
+            self.container.down(volumes).await;
         })
     }
 }
