@@ -320,3 +320,46 @@ fn proxy_trace_sampling() {
         );
     }
 }
+
+#[test]
+fn volumes_in_every_form_and_their_errors() {
+    let (stack, _) = parse(
+        "services:\n  db:\n    image: x\n    volumes:\n      - data:/var/lib/db\n      - ./conf:/etc/conf:ro\n      - /cache\n      - {type: tmpfs, target: /tmp}\nvolumes:\n  data: {}\n",
+    )
+    .unwrap();
+    let v = &stack.services["db"].volumes;
+    assert_eq!(v.len(), 4);
+    assert_eq!(
+        (v[0].kind, v[0].source.as_deref()),
+        (VolumeKind::Volume, Some("data"))
+    );
+    assert_eq!(v[1].kind, VolumeKind::Bind);
+    assert_eq!(v[1].source.as_deref(), Some("/srv/app/./conf"));
+    assert!(v[1].read_only);
+    assert_eq!(
+        (v[2].kind, v[2].source.as_deref()),
+        (VolumeKind::Volume, None)
+    );
+    assert_eq!(v[3].kind, VolumeKind::Tmpfs);
+    assert!(stack.volumes.contains("data"));
+    let e = errors("services:\n  db:\n    image: x\n    volumes: [\"data:/d\"]\n");
+    assert!(
+        e.contains("services.db.volumes[0]: refers to undefined volume \"data\""),
+        "{e}"
+    );
+    let e = errors("services:\n  db:\n    image: x\n    volumes: [\"./a:rel\"]\n");
+    assert!(
+        e.contains("must be an absolute path in the container"),
+        "{e}"
+    );
+    let e = errors("services:\n  db:\n    image: x\n    volumes: [\"a:b:c:d\"]\n");
+    assert!(e.contains("expected SOURCE:TARGET[:MODE]"), "{e}");
+    let (_, warnings) =
+        parse("services:\n  w:\n    command: [w]\n    volumes: [\"/a:/b\"]\n").unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.to_string().contains("mounts apply to containers")),
+        "{warnings:?}"
+    );
+}
