@@ -500,3 +500,47 @@ volumes:
             .any(|v| v == volume)
     );
 }
+
+#[test]
+fn container_keys_reach_the_engine() {
+    let Some(image) = demo_image() else { return };
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  box:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    user: "1000:1000"
+    hostname: boxy
+    init: true
+    read_only: true
+    cap_drop: [ALL]
+    cap_add: [NET_BIND_SERVICE]
+    extra_hosts: ["db.internal:10.1.2.3"]
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    s.up();
+    let name = containers(&s.marker).pop().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&docker_out(&["inspect", &name])).unwrap();
+    let c = &v[0];
+    assert_eq!(c["Config"]["User"], "1000:1000");
+    assert_eq!(c["Config"]["Hostname"], "boxy");
+    assert_eq!(c["HostConfig"]["Init"], true);
+    assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true);
+    assert_eq!(c["HostConfig"]["CapDrop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        c["HostConfig"]["CapAdd"],
+        serde_json::json!(["NET_BIND_SERVICE"])
+    );
+    assert_eq!(
+        c["HostConfig"]["ExtraHosts"],
+        serde_json::json!(["db.internal:10.1.2.3"])
+    );
+    let policy = c["HostConfig"]["RestartPolicy"]["Name"].as_str().unwrap();
+    assert!(
+        matches!(policy, "" | "no"),
+        "capstan restarts, not the engine: {policy}"
+    );
+    s.ok(&["down"]);
+}

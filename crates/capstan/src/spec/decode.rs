@@ -14,6 +14,13 @@ const SERVICE_KEYS: &[&str] = &[
     "image",
     "build",
     "volumes",
+    "user",
+    "hostname",
+    "init",
+    "read_only",
+    "cap_add",
+    "cap_drop",
+    "extra_hosts",
     "command",
     "entrypoint",
     "environment",
@@ -602,6 +609,13 @@ impl Decoder<'_> {
                     );
                 }
             }
+            if !svc.container.is_default() && svc.driver() == DriverKind::Process {
+                self.warn(
+                    knode,
+                    &format!("services.{name}"),
+                    "user, hostname, init, read_only, cap_add, cap_drop and extra_hosts apply to containers; ignored for a service run as processes",
+                );
+            }
             if !svc.volumes.is_empty() && svc.driver() == DriverKind::Process {
                 self.warn(
                     knode,
@@ -830,6 +844,39 @@ impl Decoder<'_> {
             Some(n) => self.volumes(n, &join(path, "volumes")),
             None => Vec::new(),
         };
+        let mut container = ContainerOpts {
+            user: self.string_opt(f.take("user"), &join(path, "user")),
+            hostname: self.string_opt(f.take("hostname"), &join(path, "hostname")),
+            init: f
+                .take("init")
+                .and_then(|n| self.boolean(n, &join(path, "init"))),
+            read_only: f
+                .take("read_only")
+                .and_then(|n| self.boolean(n, &join(path, "read_only")))
+                .unwrap_or(false),
+            ..ContainerOpts::default()
+        };
+        if let Some(n) = f.take("cap_add") {
+            container.cap_add = self.string_list(n, &join(path, "cap_add"));
+        }
+        if let Some(n) = f.take("cap_drop") {
+            container.cap_drop = self.string_list(n, &join(path, "cap_drop"));
+        }
+        if let Some(n) = f.take("extra_hosts") {
+            // compose's list of `host:ip` (or `host=ip`) or a mapping.
+            container.extra_hosts = match &n.kind {
+                Kind::Map(_) => self
+                    .key_values(n, &join(path, "extra_hosts"), false)
+                    .into_iter()
+                    .map(|(h, ip)| format!("{h}:{ip}"))
+                    .collect(),
+                _ => self
+                    .string_list(n, &join(path, "extra_hosts"))
+                    .into_iter()
+                    .map(|e| e.replacen('=', ":", 1))
+                    .collect(),
+            };
+        }
         let command = f
             .take("command")
             .and_then(|n| self.cmd(n, &join(path, "command")));
@@ -971,25 +1018,18 @@ impl Decoder<'_> {
             "container_name",
             "networks",
             "network_mode",
-            "hostname",
-            "user",
-            "cap_add",
-            "cap_drop",
             "privileged",
             "tty",
             "stdin_open",
             "logging",
             "secrets",
             "configs",
-            "extra_hosts",
             "dns",
             "ulimits",
-            "init",
             "platform",
             "pull_policy",
             "devices",
             "tmpfs",
-            "read_only",
             "shm_size",
             "security_opt",
             "sysctls",
@@ -1017,6 +1057,7 @@ impl Decoder<'_> {
             image,
             build,
             volumes,
+            container,
             entrypoint,
             command,
             environment,

@@ -287,6 +287,9 @@ pub struct Service {
     /// Mounts of a container (bind, named or anonymous volume, tmpfs).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub volumes: Vec<Volume>,
+    /// Container-only settings (compose's `user`, `hostname`, `init`, …).
+    #[serde(skip_serializing_if = "ContainerOpts::is_default", default)]
+    pub container: ContainerOpts,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub entrypoint: Option<Cmd>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -340,6 +343,32 @@ pub struct ServiceX {
     /// a service with an image, processes otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<DriverKind>,
+}
+
+/// Compose keys that only a container has.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerOpts {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub init: Option<bool>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub read_only: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub cap_add: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub cap_drop: Vec<String>,
+    /// `host:ip` entries for /etc/hosts.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub extra_hosts: Vec<String>,
+}
+
+impl ContainerOpts {
+    pub fn is_default(&self) -> bool {
+        *self == ContainerOpts::default()
+    }
 }
 
 /// One mount of a service's containers.

@@ -421,6 +421,8 @@ impl ContainerDriver {
             entrypoint: svc.entrypoint.as_ref().map(as_argv),
             env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             working_dir: svc.working_dir.clone(),
+            user: svc.container.user.clone(),
+            hostname: svc.container.hostname.clone(),
             labels: Some(labels),
             stop_signal: Some(launch.stop_signal.clone()),
             host_config: Some(HostConfig {
@@ -429,6 +431,11 @@ impl ContainerDriver {
                 pids_limit: limits.pids,
                 network_mode: Some(network.clone()),
                 mounts: Some(mounts),
+                init: svc.container.init,
+                readonly_rootfs: Some(svc.container.read_only),
+                cap_add: Some(svc.container.cap_add.clone()).filter(|c| !c.is_empty()),
+                cap_drop: Some(svc.container.cap_drop.clone()).filter(|c| !c.is_empty()),
+                extra_hosts: Some(svc.container.extra_hosts.clone()).filter(|h| !h.is_empty()),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {
