@@ -357,7 +357,7 @@ pub fn need(bin: &str) -> String {
         }
     }
     panic!(
-        "{bin} is not installed: run scripts/test, which installs prometheus and prometheus-node-exporter"
+        "{bin} is not installed: run scripts/test, which installs prometheus, prometheus-node-exporter and docker-registry"
     );
 }
 

@@ -544,3 +544,72 @@ services:
     );
     s.ok(&["down"]);
 }
+
+#[test]
+fn an_image_missing_locally_is_pulled_from_a_registry() {
+    let Some(image) = demo_image() else { return };
+    // A real registry (Debian's docker-registry) on a loopback port.
+    let registry = need("docker-registry");
+    let port = free_port();
+    let store = tempfile::tempdir().unwrap();
+    let config = store.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            store.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let _registry = Killed(
+        Command::new(registry)
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the registry", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let s = TestStack::new("services: {}\n");
+    let tag = format!("127.0.0.1:{port}/capstan-demo:{}", s.marker.to_lowercase());
+    for args in [
+        vec!["tag", image, tag.as_str()],
+        vec!["push", tag.as_str()],
+        vec!["rmi", tag.as_str()],
+    ] {
+        let out = Command::new("docker").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(docker_out(&["images", "-q", &tag]).trim().is_empty());
+    let web_port = free_port();
+    s.write(&format!(
+        r#"
+services:
+  web:
+    image: {tag}
+    labels: {{capstan.test: "{{marker}}"}}
+    ports: ["127.0.0.1:{web_port}:8080"]
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    s.up();
+    assert!(http_get(web_port, "/").unwrap().contains("hello from web"));
+    let events = s.events();
+    let said = |kind: &str| {
+        events
+            .iter()
+            .any(|e| e["kind"] == kind && e["reason"].as_str().unwrap().contains(&tag))
+    };
+    assert!(said("pulling") && said("pulled"), "{events:?}");
+    s.ok(&["down"]);
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+}
