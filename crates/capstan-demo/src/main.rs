@@ -154,6 +154,43 @@ async fn work(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, Stri
     format!("worked {ms} ms ({spins:x})\n").into_response()
 }
 
+/// `GET /fetch?url=http://HOST:PORT/PATH`: GETs that URL (HTTP/1.0) and
+/// answers with what came back: how tests see one service reach another.
+async fn fetch(Query(q): Query<BTreeMap<String, String>>) -> Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(url) = q.get("url") else {
+        return (StatusCode::BAD_REQUEST, "give ?url=http://host:port/path\n").into_response();
+    };
+    let Some(rest) = url.strip_prefix("http://") else {
+        return (StatusCode::BAD_REQUEST, "only http:// URLs\n").into_response();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("connect to {authority}: {e}"))?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(buf)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(buf)) => {
+            let text = String::from_utf8_lossy(&buf);
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            body.to_owned().into_response()
+        }
+        Ok(Err(e)) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
+        Err(_) => (StatusCode::GATEWAY_TIMEOUT, "timed out\n").into_response(),
+    }
+}
+
 /// Answers after `ms` milliseconds without using the CPU: a slow request.
 async fn sleep(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let started = Instant::now();
@@ -360,6 +397,7 @@ async fn main() {
         .route("/work", get(work))
         .route("/alloc", get(alloc))
         .route("/sleep", get(sleep))
+        .route("/fetch", get(fetch))
         .route("/headers", get(headers))
         .route("/echo", get(echo))
         .with_state(app.clone());

@@ -613,3 +613,71 @@ services:
     s.ok(&["down"]);
     let _ = Command::new("docker").args(["rmi", &tag]).output();
 }
+
+/// The host's address on the engine's default bridge, which `host-gateway`
+/// names (docker0's address).
+fn bridge_gateway() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "docker0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address on docker0: {text}"))
+        .to_owned()
+}
+
+#[test]
+fn processes_and_containers_reach_each_other() {
+    let Some(image) = demo_image() else { return };
+    let (api_port, web_port) = (free_port(), free_port());
+    // The process service publishes on the bridge's gateway (the host as
+    // containers see it), not beyond the machine.
+    let gateway = bridge_gateway();
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  api:
+    command: ["{{demo}}"]
+    environment: {{CAPSTAN_TEST_MARKER: "{{marker}}", LOG_REQUESTS: "0"}}
+    ports: ["{gateway}:{api_port}:http"]
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+  web:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    ports: ["127.0.0.1:{web_port}:8080"]
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+  db:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    s.up();
+    let fetch = |port: u16, url: &str| -> String {
+        let (code, body) = http_fetch(&format!("127.0.0.1:{port}"), &format!("/fetch?url={url}"));
+        assert_eq!(code, 200, "{url}: {body}");
+        body
+    };
+    // A container reaches a process service by its name, through the proxy.
+    let body = fetch(web_port, &format!("http://api:{api_port}/"));
+    assert!(body.contains("hello from api"), "{body}");
+    // A container reaches another container service by its name.
+    let body = fetch(web_port, "http://db:8080/");
+    assert!(body.contains("hello from db"), "{body}");
+    // A process reaches a container service at its published port.
+    let (code, body) = http_fetch(
+        &format!("{gateway}:{api_port}"),
+        &format!("/fetch?url=http://127.0.0.1:{web_port}/"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from web"), "{body}");
+    s.ok(&["down"]);
+}

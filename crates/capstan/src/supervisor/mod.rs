@@ -167,6 +167,8 @@ pub struct Supervisor {
     services: BTreeMap<String, ServiceRt>,
     revision_counter: Revision,
     port_range: [u16; 2],
+    /// Process services that publish ports (containers reach them by name).
+    host_services: Arc<Vec<String>>,
     pending: Vec<Pending>,
     /// Replicas of services removed from the stack, still stopping.
     orphans: BTreeSet<ReplicaId>,
@@ -187,6 +189,7 @@ impl Supervisor {
             services: BTreeMap::new(),
             revision_counter: 0,
             port_range: [20000, 29999],
+            host_services: Arc::default(),
             pending: Vec::new(),
             orphans: BTreeSet::new(),
             rx,
@@ -419,6 +422,16 @@ impl Supervisor {
     /// stop, changed ones are replaced start-first, replica counts are met.
     fn apply(&mut self, stack: Stack) -> Pending {
         self.port_range = stack.settings.port_range;
+        self.host_services = Arc::new(
+            stack
+                .services
+                .iter()
+                .filter(|(_, s)| {
+                    s.driver() == crate::spec::DriverKind::Process && !s.ports.is_empty()
+                })
+                .map(|(n, _)| n.clone())
+                .collect(),
+        );
         for hook in &self.hooks {
             for problem in hook.on_apply(&stack) {
                 self.ctx.events.warn_once(problem);
@@ -591,6 +604,7 @@ impl Supervisor {
                 id: id.clone(),
                 spec: rt.spec.clone(),
                 port_range: self.port_range,
+                host_services: self.host_services.clone(),
             };
             self.ctx.board.remove(&id);
             self.ctx.board.update(&id, |_| {});

@@ -35,6 +35,7 @@ pub struct Replica {
     pub id: ReplicaId,
     pub spec: Arc<Service>,
     pub port_range: [u16; 2],
+    pub host_services: Arc<Vec<String>>,
 }
 
 enum Outcome {
@@ -249,6 +250,7 @@ impl Replica {
             stop_signal: self.spec.stop_signal.clone(),
             grace: self.spec.stop_grace_period.0,
             port_range: self.port_range,
+            host_services: self.host_services.clone(),
         }
     }
 
@@ -333,8 +335,10 @@ impl Replica {
                 e = running.wait() => break e,
                 Some(h) = hrx.recv() => match h {
                     Check::Healthy => {
-                        self.set(|s| s.health = Health::Healthy);
+                        // The event first: what the new health sets off
+                        // (a replacement moving on) comes after it.
                         self.event("healthy", "health check passed");
+                        self.set(|s| s.health = Health::Healthy);
                     }
                     Check::Unhealthy(reason) => {
                         self.set(|s| s.health = Health::Unhealthy);

@@ -415,6 +415,16 @@ impl ContainerDriver {
             crate::spec::Cmd::Exec(v) => v.clone(),
             crate::spec::Cmd::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
         };
+        // Services run as processes are reached by name at the host, where
+        // capstan's proxy publishes their ports.
+        let mut extra_hosts = svc.container.extra_hosts.clone();
+        extra_hosts.extend(
+            launch
+                .host_services
+                .iter()
+                .filter(|h| **h != launch.id.service)
+                .map(|h| format!("{h}:host-gateway")),
+        );
         let body = ContainerCreateBody {
             image: Some(image.clone()),
             cmd: svc.command.as_ref().map(as_argv),
@@ -435,7 +445,7 @@ impl ContainerDriver {
                 readonly_rootfs: Some(svc.container.read_only),
                 cap_add: Some(svc.container.cap_add.clone()).filter(|c| !c.is_empty()),
                 cap_drop: Some(svc.container.cap_drop.clone()).filter(|c| !c.is_empty()),
-                extra_hosts: Some(svc.container.extra_hosts.clone()).filter(|h| !h.is_empty()),
+                extra_hosts: Some(extra_hosts).filter(|h| !h.is_empty()),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {

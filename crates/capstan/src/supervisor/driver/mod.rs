@@ -38,6 +38,9 @@ pub struct Launch {
     pub grace: Duration,
     /// Host ports a driver that needs one takes it from (inclusive).
     pub port_range: [u16; 2],
+    /// Services of the stack that run as processes and publish ports: a
+    /// container reaches them by name through capstan's proxy on the host.
+    pub host_services: Arc<Vec<String>>,
 }
 
 /// How a replica ended.
