@@ -681,3 +681,40 @@ services:
     assert!(body.contains("hello from web"), "{body}");
     s.ok(&["down"]);
 }
+
+#[test]
+fn the_images_own_healthcheck_runs_unless_disabled() {
+    let Some(image) = demo_image() else { return };
+    let s = TestStack::new(
+        r#"
+services:
+  checked:
+    build: ./img
+    labels: {capstan.test: "{marker}"}
+  unchecked:
+    build: ./img
+    labels: {capstan.test: "{marker}"}
+    healthcheck: {disable: true}
+"#,
+    );
+    let _guard = Leftovers(s.marker.clone());
+    let ctx = s.dir.path().join("img");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {image}\nHEALTHCHECK --interval=1s --timeout=2s CMD [\"/capstan-demo\", \"check\"]\n"
+        ),
+    )
+    .unwrap();
+    let _ = s.up_unchecked("20s");
+    wait_for("the image's check passing", Duration::from_secs(20), || {
+        s.replicas("checked")
+            .first()
+            .is_some_and(|r| r["health"] == "healthy")
+            .then_some(())
+    });
+    let unchecked = s.replicas("unchecked");
+    assert_eq!(unchecked[0]["health"], "none", "{unchecked:?}");
+    s.ok(&["down"]);
+}

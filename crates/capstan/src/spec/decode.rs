@@ -910,10 +910,12 @@ impl Decoder<'_> {
             None => Vec::new(),
         };
         let xcap = f.take("x-capstan");
-        let mut healthcheck = match f.take("healthcheck") {
+        let hc_node = f.take("healthcheck");
+        let mut healthcheck = match hc_node {
             Some(n) => self.healthcheck(n, &join(path, "healthcheck")),
             None => None,
         };
+        let healthcheck_disabled = hc_node.is_some() && healthcheck.is_none();
         let mut x = ServiceX::default();
         if let Some(xn) = xcap {
             self.service_x_capstan(xn, &join(path, "x-capstan"), &mut healthcheck, &mut x);
@@ -1065,6 +1067,7 @@ impl Decoder<'_> {
             ports,
             expose,
             healthcheck,
+            healthcheck_disabled,
             depends_on,
             stop_signal,
             stop_grace_period,

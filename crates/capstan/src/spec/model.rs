@@ -304,6 +304,10 @@ pub struct Service {
     pub expose: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub healthcheck: Option<Healthcheck>,
+    /// `healthcheck: {disable: true}` (or `test: [NONE]`): not even the
+    /// image's own HEALTHCHECK runs.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub healthcheck_disabled: bool,
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub depends_on: BTreeMap<String, Dependency>,
     pub stop_signal: String,

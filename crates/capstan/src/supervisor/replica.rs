@@ -281,7 +281,13 @@ impl Replica {
                 .await;
             }));
         }
-        let has_health = self.spec.healthcheck.is_some();
+        // The service's health check, else the image's own (unless disabled).
+        let healthcheck = self.spec.healthcheck.clone().or_else(|| {
+            (!self.spec.healthcheck_disabled)
+                .then(|| running.healthcheck())
+                .flatten()
+        });
+        let has_health = healthcheck.is_some();
         let (memory_limit, cpu_limit) = running.enforced_limits();
         let pid = running.pid();
         let addr = running.addr();
@@ -312,7 +318,7 @@ impl Replica {
         }
         let (htx, mut hrx) = mpsc::channel(4);
         let prober = running.prober();
-        let health_task = match self.spec.healthcheck.clone() {
+        let health_task = match healthcheck {
             Some(hc) => Some(tokio::spawn(health::watch(hc, prober, htx))),
             // Without a health check: ready once it accepts connections, if
             // it takes traffic; else once it runs.

@@ -35,7 +35,7 @@ use tokio_stream::StreamExt;
 use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
 use crate::events::EventLog;
 use crate::logs::Stream;
-use crate::spec::{HealthTest, Service, VolumeKind};
+use crate::spec::{Dur, HealthTest, Healthcheck, Service, VolumeKind};
 use crate::state::Sample;
 
 /// Labels every container of capstan carries.
@@ -378,6 +378,13 @@ impl ContainerDriver {
             self.image(&docker, &launch.id.service, &image).await?;
             image
         };
+        let image_health = docker
+            .inspect_image(&image)
+            .await
+            .ok()
+            .and_then(|i| i.config)
+            .and_then(|c| c.healthcheck)
+            .and_then(image_healthcheck);
         let network = self.network(&docker).await?;
         let mounts = self.mounts(&docker, &svc).await?;
         let port = container_port(&svc);
@@ -529,6 +536,7 @@ impl ContainerDriver {
             pid,
             addr,
             enforced: (limits.memory, limits.cpus),
+            image_health,
             exit: exit_rx,
             tasks: vec![waiter, sampler],
             stats,
@@ -735,6 +743,7 @@ struct ContainerReplica {
     addr: SocketAddr,
     record: Record,
     enforced: (Option<u64>, Option<f64>),
+    image_health: Option<Healthcheck>,
     exit: watch::Receiver<Option<Exit>>,
     tasks: Vec<JoinHandle<()>>,
     stats: Arc<Mutex<Stats>>,
@@ -892,6 +901,10 @@ impl Replica for ContainerReplica {
         })
     }
 
+    fn healthcheck(&self) -> Option<Healthcheck> {
+        self.image_health.clone()
+    }
+
     fn cleanup(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // Anonymous volumes go with their container, as with `docker rm -v`.
@@ -908,6 +921,32 @@ impl Replica for ContainerReplica {
                 .await;
         })
     }
+}
+
+/// An image's HEALTHCHECK as capstan's: `NONE` or an empty test is none;
+/// zero durations and retries take compose's defaults.
+fn image_healthcheck(h: bollard::models::HealthConfig) -> Option<Healthcheck> {
+    let test = h.test?;
+    let test = match test.split_first()? {
+        (kind, rest) if kind == "CMD" && !rest.is_empty() => HealthTest::Cmd(rest.to_vec()),
+        (kind, [script]) if kind == "CMD-SHELL" => HealthTest::Shell(script.clone()),
+        _ => return None,
+    };
+    let mut hc = Healthcheck::compose_defaults();
+    hc.test = test;
+    let dur = |ns: Option<i64>, slot: &mut Dur| {
+        if let Some(ns) = ns.filter(|n| *n > 0) {
+            *slot = Dur(Duration::from_nanos(ns as u64));
+        }
+    };
+    dur(h.interval, &mut hc.interval);
+    dur(h.timeout, &mut hc.timeout);
+    dur(h.start_period, &mut hc.start_period);
+    dur(h.start_interval, &mut hc.start_interval);
+    if let Some(r) = h.retries.filter(|r| *r > 0) {
+        hc.retries = r as u32;
+    }
+    Some(hc)
 }
 
 /// Runs a health check command inside the container: healthy on exit 0.

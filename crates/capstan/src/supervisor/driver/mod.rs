@@ -111,6 +111,12 @@ pub trait Replica: Send {
     /// Runs health checks against this replica.
     fn prober(&self) -> Prober;
 
+    /// The health check the replica brings itself (an image's HEALTHCHECK),
+    /// for a service that sets none.
+    fn healthcheck(&self) -> Option<crate::spec::Healthcheck> {
+        None
+    }
+
     /// Removes what is left after it exited (children, cgroups).
     fn cleanup(&mut self) -> BoxFuture<'_, ()>;
 }
