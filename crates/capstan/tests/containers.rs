@@ -504,6 +504,7 @@ volumes:
 #[test]
 fn container_keys_reach_the_engine() {
     let Some(image) = demo_image() else { return };
+    let udp = free_port();
     let s = TestStack::new(&format!(
         r#"
 services:
@@ -511,6 +512,7 @@ services:
     image: {image}
     labels: {{capstan.test: "{{marker}}"}}
     user: "1000:1000"
+    ports: ["127.0.0.1:{udp}:53/udp"]
     hostname: boxy
     init: true
     read_only: true
@@ -537,6 +539,10 @@ services:
         c["HostConfig"]["ExtraHosts"],
         serde_json::json!(["db.internal:10.1.2.3"])
     );
+    // A UDP port is the engine's to publish.
+    let bound = &c["HostConfig"]["PortBindings"]["53/udp"][0];
+    assert_eq!(bound["HostIp"], "127.0.0.1");
+    assert_eq!(bound["HostPort"], udp.to_string());
     let policy = c["HostConfig"]["RestartPolicy"]["Name"].as_str().unwrap();
     assert!(
         matches!(policy, "" | "no"),

@@ -338,7 +338,8 @@ impl Proxy {
         let mut wanted: BTreeMap<String, (String, Protocol, std::net::SocketAddr)> =
             BTreeMap::new();
         for (name, svc) in &stack.services {
-            for p in &svc.ports {
+            // UDP ports are the container engine's to publish.
+            for p in svc.ports.iter().filter(|p| p.protocol != "udp") {
                 let ip = p.host_ip.as_deref().unwrap_or("0.0.0.0");
                 let ip = ip.trim_start_matches('[').trim_end_matches(']');
                 match ip.parse::<std::net::IpAddr>() {

@@ -1205,11 +1205,11 @@ impl Decoder<'_> {
                 return None;
             }
         };
-        if protocol != "tcp" {
+        if protocol != "tcp" && protocol != "udp" {
             self.error(
                 node,
                 &join(path, "protocol"),
-                format!("only tcp is supported, found {protocol:?}"),
+                format!("expected tcp or udp, found {protocol:?}"),
             );
             return None;
         }
@@ -2015,7 +2015,7 @@ impl Decoder<'_> {
     /// Checks across services: dependencies exist and form no cycle, published
     /// ports are unique, every service has something to run.
     fn cross_checks(&mut self, services: &BTreeMap<String, (Service, Node)>) {
-        let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+        let mut ports: BTreeMap<(u16, String), String> = BTreeMap::new();
         for (name, (svc, knode)) in services {
             let path = join("services", name);
             for dep in svc.depends_on.keys() {
@@ -2039,7 +2039,17 @@ impl Decoder<'_> {
                 _ => {}
             }
             for p in &svc.ports {
-                if let Some(other) = ports.insert(p.published, name.clone())
+                if p.protocol == "udp" && svc.driver() == DriverKind::Process {
+                    self.error(
+                        knode,
+                        &join(&path, "ports"),
+                        format!(
+                            "port {}/udp: UDP ports are published by the container engine; this service runs as processes",
+                            p.published
+                        ),
+                    );
+                }
+                if let Some(other) = ports.insert((p.published, p.protocol.clone()), name.clone())
                     && other != *name
                 {
                     self.error(
@@ -2127,8 +2137,8 @@ pub fn parse_port_short(s: &str) -> Result<Port, String> {
         Some((a, p)) => (a, p.to_owned()),
         None => (s, "tcp".to_owned()),
     };
-    if protocol != "tcp" {
-        return Err(format!("only tcp is supported, found {protocol:?}"));
+    if protocol != "tcp" && protocol != "udp" {
+        return Err(format!("expected tcp or udp, found {protocol:?}"));
     }
     let parts: Vec<&str> = spec.split(':').collect();
     let (host_ip, published, target) = match parts.as_slice() {

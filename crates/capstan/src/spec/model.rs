@@ -23,7 +23,7 @@ impl Stack {
     /// a cycle, published ports are unique, every service has something to run.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
-        let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+        let mut ports: BTreeMap<(u16, &str), &str> = BTreeMap::new();
         for (name, svc) in &self.services {
             for dep in svc.depends_on.keys() {
                 if !self.services.contains_key(dep) {
@@ -50,7 +50,7 @@ impl Stack {
                 errors.push(format!("services.{name}: nothing to run"));
             }
             for p in &svc.ports {
-                if let Some(other) = ports.insert(p.published, name)
+                if let Some(other) = ports.insert((p.published, p.protocol.as_str()), name)
                     && other != name
                 {
                     errors.push(format!(

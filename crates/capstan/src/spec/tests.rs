@@ -363,3 +363,21 @@ fn volumes_in_every_form_and_their_errors() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn udp_ports_are_for_containers() {
+    let (stack, _) =
+        parse("services:\n  dns:\n    image: x\n    ports: [\"5353:53/udp\", \"8080:80\"]\n")
+            .unwrap();
+    let p = &stack.services["dns"].ports;
+    assert_eq!((p[0].published, p[0].protocol.as_str()), (5353, "udp"));
+    let e = errors("services:\n  dns:\n    command: [x]\n    ports: [\"5353:53/udp\"]\n");
+    assert!(
+        e.contains("UDP ports are published by the container engine"),
+        "{e}"
+    );
+    // The same number over TCP and UDP is no conflict.
+    parse("services:\n  a:\n    image: x\n    ports: [\"53:53/udp\"]\n  b:\n    image: x\n    ports: [\"53:53\"]\n").unwrap();
+    let e = errors("services:\n  a:\n    image: x\n    ports: [\"53:53/sctp\"]\n");
+    assert!(e.contains("expected tcp or udp"), "{e}");
+}

@@ -84,6 +84,7 @@ fn socket_named() -> String {
 pub fn container_port(svc: &Service) -> u16 {
     svc.ports
         .iter()
+        .filter(|p| p.protocol != "udp")
         .find_map(|p| p.target.as_deref()?.parse().ok())
         .or_else(|| {
             svc.expose
@@ -432,7 +433,10 @@ impl ContainerDriver {
                 .filter(|h| **h != launch.id.service)
                 .map(|h| format!("{h}:host-gateway")),
         );
+        let udp = udp_bindings(&svc);
         let body = ContainerCreateBody {
+            exposed_ports: Some(udp.keys().cloned().collect::<Vec<String>>())
+                .filter(|e| !e.is_empty()),
             image: Some(image.clone()),
             cmd: svc.command.as_ref().map(as_argv),
             entrypoint: svc.entrypoint.as_ref().map(as_argv),
@@ -448,6 +452,7 @@ impl ContainerDriver {
                 pids_limit: limits.pids,
                 network_mode: Some(network.clone()),
                 mounts: Some(mounts),
+                port_bindings: Some(udp_bindings(&svc)).filter(|b| !b.is_empty()),
                 init: svc.container.init,
                 readonly_rootfs: Some(svc.container.read_only),
                 cap_add: Some(svc.container.cap_add.clone()).filter(|c| !c.is_empty()),
@@ -921,6 +926,29 @@ impl Replica for ContainerReplica {
                 .await;
         })
     }
+}
+
+/// The service's UDP ports, which the engine publishes (the proxy takes TCP
+/// only): `TARGET/udp` → the host address and port.
+fn udp_bindings(svc: &Service) -> HashMap<String, Option<Vec<bollard::models::PortBinding>>> {
+    svc.ports
+        .iter()
+        .filter(|p| p.protocol == "udp")
+        .map(|p| {
+            let target = p
+                .target
+                .as_deref()
+                .and_then(|t| t.parse::<u16>().ok())
+                .unwrap_or(p.published);
+            (
+                format!("{target}/udp"),
+                Some(vec![bollard::models::PortBinding {
+                    host_ip: p.host_ip.clone(),
+                    host_port: Some(p.published.to_string()),
+                }]),
+            )
+        })
+        .collect()
 }
 
 /// An image's HEALTHCHECK as capstan's: `NONE` or an empty test is none;
