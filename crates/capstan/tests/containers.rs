@@ -724,3 +724,92 @@ services:
     assert_eq!(unchecked[0]["health"], "none", "{unchecked:?}");
     s.ok(&["down"]);
 }
+
+/// The Debian base image with python3 and Flask (debootstrap, `docker
+/// import`), built by scripts/debian-python-image when missing.
+fn debian_python_image() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/debian-python-image");
+    let out = Command::new(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/debian-python-image: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Copies a directory tree (the example stack) into `to`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            if e.file_name() != ".capstan" {
+                copy_tree(&e.path(), &dest);
+            }
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// `examples/flask`: Flask built from its Dockerfile (3 replicas behind the
+/// proxy) and a database-like service from an image with a named volume.
+#[test]
+fn the_flask_example_runs_and_its_services_talk() {
+    if let Err(why) = engine() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    debian_python_image();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flask");
+    let port = free_port();
+    let yaml = std::fs::read_to_string(example.join("capstan.yaml"))
+        .unwrap()
+        .replace("name: flask", "x-capstan:\n  scrape_interval: 1s")
+        .replace("\"5000:5000\"", &format!("\"127.0.0.1:{port}:5000\""))
+        .replace(
+            "  web:\n",
+            "  web:\n    labels: {capstan.test: \"{marker}\"}\n",
+        )
+        .replace(
+            "  db:\n",
+            "  db:\n    labels: {capstan.test: \"{marker}\"}\n",
+        );
+    let s = TestStack::new(&yaml);
+    let _guard = Leftovers(s.marker.clone());
+    copy_tree(&example, s.dir.path());
+    s.write(&yaml);
+    s.up();
+    assert_eq!(healthy(&s), 3, "{:?}", s.replicas("web"));
+    let resp = http_get(port, "/").unwrap();
+    assert!(resp.contains("Hello from Flask"), "{resp}");
+    // web reaches db by its service name; db keeps the count in its volume.
+    let (code, first) = http_fetch(&format!("127.0.0.1:{port}"), "/visits");
+    assert_eq!(code, 200, "{first}");
+    let (_, second) = http_fetch(&format!("127.0.0.1:{port}"), "/visits");
+    let n = |t: &str| -> u64 { t.trim().trim_start_matches("visits: ").parse().unwrap() };
+    assert_eq!(n(&second), n(&first) + 1, "{first} then {second}");
+    // Logs, metrics and the proxy's traces of the containers.
+    let logs = s.ok(&["logs", "db"]);
+    assert!(logs.contains("GET /incr"), "{logs}");
+    wait_for(
+        "memory series of the web containers",
+        Duration::from_secs(30),
+        || {
+            let out = s.ok(&[
+                "query",
+                "container_memory_working_set_bytes{service=\"web\"}",
+            ]);
+            (out.lines()
+                .filter(|l| l.contains("container_memory"))
+                .count()
+                == 3)
+                .then_some(())
+        },
+    );
+    s.ok(&["down", "--volumes"]);
+    assert!(containers(&s.marker).is_empty());
+}
