@@ -75,6 +75,26 @@ fn demo_image() -> Option<&'static str> {
         .as_deref()
 }
 
+/// The ids of a test stack's containers.
+fn container_ids(marker: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=capstan.test={marker}"),
+        ])
+        .output()
+        .unwrap();
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// Containers (and networks) of a test stack, found by its marker label.
 fn containers(marker: &str) -> Vec<String> {
     let out = Command::new("docker")
@@ -199,31 +219,60 @@ fn image_services_run_as_containers_behind_the_proxy() {
 }
 
 #[test]
-fn a_killed_daemon_leaves_no_container_behind() {
+fn a_killed_daemons_containers_are_adopted_and_their_logs_go_on() {
     let Some(image) = demo_image() else { return };
-    let (s, _guard) = stack(image, free_port(), 2);
+    let port = free_port();
+    let (s, _guard) = stack(image, port, 2);
     s.up();
-    let before = containers(&s.marker);
+    let before = container_ids(&s.marker);
     assert_eq!(before.len(), 2);
+    // Some output before the kill.
+    for _ in 0..5 {
+        assert!(http_get(port, "/").is_some());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
     sigkill(s.daemon_pid());
     std::thread::sleep(Duration::from_millis(300));
-    // The next `up` finds what the dead daemon left and replaces it.
+    // Output while no daemon runs.
+    assert_eq!(
+        container_ids(&s.marker),
+        before,
+        "the containers outlive the daemon"
+    );
+    // The next `up` takes them over: same containers, serving through the proxy.
     s.up();
     assert_eq!(healthy(&s), 2);
-    let after = containers(&s.marker);
-    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(container_ids(&s.marker), before, "adopted, not replaced");
     let events = s.events();
-    assert!(
-        events
-            .iter()
-            .filter(|e| e["reason"]
-                .as_str()
-                .unwrap()
-                .contains("left by a previous daemon"))
-            .count()
-            >= 2,
+    assert_eq!(
+        events.iter().filter(|e| e["kind"] == "adopted").count(),
+        2,
         "{events:?}"
     );
+    for _ in 0..5 {
+        assert!(http_get(port, "/").is_some());
+    }
+    // Each container said `listening` once: the logs go on without repeats.
+    wait_for("the new requests' lines", Duration::from_secs(10), || {
+        let logs = s.ok(&["logs", "web"]);
+        (logs.matches("\"path\":\"/\"").count() >= 10).then_some(())
+    });
+    let logs = s.ok(&["logs", "web"]);
+    assert_eq!(logs.matches("\"msg\":\"listening\"").count(), 2, "{logs}");
+    assert_eq!(logs.matches("\"path\":\"/\"").count(), 10, "{logs}");
+    // A changed definition is not adopted: those containers are replaced.
+    sigkill(s.daemon_pid());
+    std::thread::sleep(Duration::from_millis(300));
+    s.write(
+        &std::fs::read_to_string(s.file())
+            .unwrap()
+            .replace("VERSION: \"c1\"", "VERSION: \"c2\""),
+    );
+    s.up();
+    let replaced = container_ids(&s.marker);
+    assert_eq!(replaced.len(), 2);
+    assert!(replaced.iter().all(|c| !before.contains(c)), "{replaced:?}");
+    assert!(http_get(port, "/").unwrap().contains("version c2"));
     s.ok(&["down"]);
     assert!(containers(&s.marker).is_empty());
 }

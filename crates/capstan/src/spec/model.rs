@@ -707,6 +707,25 @@ impl Service {
 
     /// Everything that requires a restart of the replicas when it changes
     /// (all but the replica count and the proxy's settings).
+    /// A stable hash of what [`Service::definition_eq`] compares: a
+    /// container carries it, so a daemon that finds the container after a
+    /// crash knows whether it still runs the stack's definition.
+    pub fn definition_hash(&self) -> String {
+        let mut a = self.clone();
+        a.deploy.replicas = 0;
+        a.ports.clear();
+        a.x.proxy = ProxySettings::default();
+        a.x.protocol = Protocol::Http;
+        a.x.cold_start_timeout = Dur::secs(0);
+        a.x.autoscale = None;
+        let text = serde_json::to_string(&a).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
     pub fn definition_eq(&self, other: &Service) -> bool {
         let mut a = self.clone();
         a.deploy.replicas = other.deploy.replicas;

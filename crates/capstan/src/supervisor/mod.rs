@@ -170,6 +170,8 @@ pub struct Supervisor {
     /// Process services that publish ports (containers reach them by name).
     host_services: Arc<Vec<String>>,
     pending: Vec<Pending>,
+    /// Replicas a previous daemon left running, adopted at the first apply.
+    adopted: BTreeMap<ReplicaId, Box<dyn driver::Replica>>,
     /// Replicas of services removed from the stack, still stopping.
     orphans: BTreeSet<ReplicaId>,
     rx: mpsc::Receiver<Command>,
@@ -191,6 +193,7 @@ impl Supervisor {
             port_range: [20000, 29999],
             host_services: Arc::default(),
             pending: Vec::new(),
+            adopted: BTreeMap::new(),
             orphans: BTreeSet::new(),
             rx,
             internal_tx,
@@ -203,11 +206,36 @@ impl Supervisor {
     /// commands until `down` (or until every handle is gone).
     pub async fn run(mut self, initial: Stack) {
         let records = self.ctx.records.lock().unwrap().records();
-        self.ctx.driver.recover(records).await;
+        let wanted: BTreeMap<String, String> = initial
+            .services
+            .iter()
+            .filter(|(_, s)| s.driver() == crate::spec::DriverKind::Container)
+            .map(|(n, s)| (n.clone(), s.definition_hash()))
+            .collect();
+        let adopted = self.ctx.driver.recover(records, wanted).await;
         self.ctx.records.lock().unwrap().clear();
+        for a in adopted {
+            self.revision_counter = self.revision_counter.max(a.id.revision);
+            self.ctx.records.lock().unwrap().insert(a.replica.record());
+            self.adopted.insert(a.id, a.replica);
+        }
         let msg = self.apply(initial);
         // The first apply's waits (there are no replacements) need no reply.
         drop(msg);
+        // Adopted replicas the stack no longer wants (scaled down meanwhile).
+        for (id, mut r) in std::mem::take(&mut self.adopted) {
+            let grace = self
+                .services
+                .get(&id.service)
+                .map_or(Duration::from_secs(10), |rt| rt.spec.stop_grace_period.0);
+            let signal = r.record().stop_signal;
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                r.stop(&signal, grace).await;
+                r.cleanup().await;
+                ctx.records.lock().unwrap().remove(&r.record());
+            });
+        }
         loop {
             tokio::select! {
                 Some(i) = self.internal_rx.recv() => self.internal(i),
@@ -539,7 +567,18 @@ impl Supervisor {
                     if !self.stack.services.is_empty() {
                         changes.push(format!("added {name}"));
                     }
-                    let revision = self.next_revision();
+                    // The revision of the replicas adopted from a previous
+                    // daemon, if any; else a new one.
+                    let revision = match self
+                        .adopted
+                        .keys()
+                        .filter(|id| id.service == name)
+                        .map(|id| id.revision)
+                        .max()
+                    {
+                        Some(r) => r,
+                        None => self.next_revision(),
+                    };
                     self.services.insert(
                         name.clone(),
                         ServiceRt {
@@ -608,7 +647,8 @@ impl Supervisor {
             };
             self.ctx.board.remove(&id);
             self.ctx.board.update(&id, |_| {});
-            let task = tokio::spawn(r.run(rx));
+            let adopted = self.adopted.remove(&id);
+            let task = tokio::spawn(r.run(rx, adopted));
             rt.replicas.insert(
                 id,
                 ReplicaHandle {

@@ -59,8 +59,11 @@ impl Replica {
         self.ctx.events.emit_replica(&self.id, kind, reason);
     }
 
-    pub async fn run(self, mut ctl: mpsc::Receiver<Ctl>) {
-        if !self.wait_for_dependencies(&mut ctl).await {
+    /// Runs the replica until told to stop; `adopted` is one a previous
+    /// daemon started, supervised from where it is.
+    pub async fn run(self, mut ctl: mpsc::Receiver<Ctl>, adopted: Option<Box<dyn Running>>) {
+        let mut adopted = adopted;
+        if adopted.is_none() && !self.wait_for_dependencies(&mut ctl).await {
             self.set(|s| s.state = Phase::Stopped);
             return;
         }
@@ -68,7 +71,7 @@ impl Replica {
         let mut failures = 0u32;
         let mut attempts = 0u32;
         loop {
-            let outcome = self.run_once(&mut ctl).await;
+            let outcome = self.run_once(&mut ctl, adopted.take()).await;
             let (success, uptime) = match &outcome {
                 Outcome::Stopped => {
                     self.set(|s| {
@@ -254,19 +257,47 @@ impl Replica {
         }
     }
 
-    async fn run_once(&self, ctl: &mut mpsc::Receiver<Ctl>) -> Outcome {
+    async fn run_once(
+        &self,
+        ctl: &mut mpsc::Receiver<Ctl>,
+        adopted: Option<Box<dyn Running>>,
+    ) -> Outcome {
         self.set(|s| {
             s.state = Phase::Starting;
             s.message.clear();
         });
-        let mut running = match self.ctx.driver.start(self.launch()).await {
-            Ok(r) => r,
-            Err(e) => return Outcome::SpawnFailed(e),
+        let was_adopted = adopted.is_some();
+        let mut running = match adopted {
+            Some(r) => r,
+            None => match self.ctx.driver.start(self.launch()).await {
+                Ok(r) => r,
+                Err(e) => return Outcome::SpawnFailed(e),
+            },
         };
         let started = Instant::now();
         let started_ns = crate::state::clock::unix_ns();
         let record = running.record();
         self.ctx.records.lock().unwrap().insert(record.clone());
+        if was_adopted {
+            // What the previous daemon stored of its output is not read again.
+            let q = crate::logs::LogQuery {
+                services: vec![self.id.service.clone()],
+                replica: Some(self.id.index),
+                since_ns: None,
+                tail: Some(1000),
+            };
+            let last = tokio::task::block_in_place(|| self.ctx.logs.query(&q))
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r.stream,
+                        crate::logs::Stream::Stdout | crate::logs::Stream::Stderr
+                    )
+                })
+                .map(|r| r.ts_ns)
+                .max();
+            running.output_after(last.unwrap_or(0));
+        }
         let mut captures = Vec::new();
         for (stream, reader) in running.take_output() {
             let ctx = self.ctx.clone();
@@ -313,6 +344,7 @@ impl Replica {
             format!("address {addr}")
         };
         match pid {
+            _ if was_adopted => {}
             Some(pid) => self.event("started", format!("pid {pid}, {at}")),
             None => self.event("started", at),
         }

@@ -70,9 +70,13 @@ impl Driver for Arc<Fake> {
         })
     }
 
-    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
+    fn recover(
+        &self,
+        records: Vec<Record>,
+        _wanted: BTreeMap<String, String>,
+    ) -> BoxFuture<'_, Vec<super::driver::Adopted>> {
         self.recovered.lock().unwrap().extend(records);
-        Box::pin(async {})
+        Box::pin(async { Vec::new() })
     }
 }
 

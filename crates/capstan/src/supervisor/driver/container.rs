@@ -43,6 +43,8 @@ pub const LABEL_STACK: &str = "dev.capstan.stack";
 pub const LABEL_SERVICE: &str = "dev.capstan.service";
 pub const LABEL_REVISION: &str = "dev.capstan.revision";
 pub const LABEL_REPLICA: &str = "dev.capstan.replica";
+pub const LABEL_DEFINITION: &str = "dev.capstan.definition";
+pub const LABEL_PORT: &str = "dev.capstan.port";
 
 /// The port a container listens on when its service names none.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -415,6 +417,8 @@ impl ContainerDriver {
             (LABEL_SERVICE.to_owned(), launch.id.service.clone()),
             (LABEL_REVISION.to_owned(), launch.id.revision.to_string()),
             (LABEL_REPLICA.to_owned(), launch.id.index.to_string()),
+            (LABEL_DEFINITION.to_owned(), svc.definition_hash()),
+            (LABEL_PORT.to_owned(), port.to_string()),
         ])
         .into_iter()
         .chain(svc.labels.clone())
@@ -505,67 +509,55 @@ impl ContainerDriver {
                 return Err(format!("inspecting container {name}: {}", engine_error(e)));
             }
         };
-        let pid = inspected
-            .state
-            .as_ref()
-            .and_then(|s| s.pid)
-            .filter(|p| *p > 0)
-            .map(|p| p as i32);
-        let ip: Option<IpAddr> = inspected
-            .network_settings
-            .as_ref()
-            .and_then(|n| n.networks.as_ref())
-            .and_then(|n| n.get(&network))
-            .and_then(|e| e.ip_address.as_deref())
-            .and_then(|ip| ip.parse().ok());
-        // A container that already ended has no address; its exit tells why.
-        let addr = SocketAddr::new(ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), port);
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let waiter = tokio::spawn(wait_exit(docker.clone(), id.clone(), exit_tx));
-        let stats = Arc::new(Mutex::new(None));
-        let sampler = tokio::spawn(follow_stats(docker.clone(), id.clone(), stats.clone()));
-        Ok(Box::new(ContainerReplica {
+        let record = Record {
+            service: launch.id.service.clone(),
+            replica: launch.id.index,
+            revision: launch.id.revision,
+            pid: 0,
+            start_ticks: 0,
+            cgroup: None,
+            stop_signal: launch.stop_signal,
+            grace_ms: launch.grace.as_millis() as u64,
+            container: Some(id.clone()),
+        };
+        Ok(Box::new(attach(
             docker,
-            record: Record {
-                service: launch.id.service.clone(),
-                replica: launch.id.index,
-                revision: launch.id.revision,
-                pid: pid.unwrap_or(0),
-                start_ticks: 0,
-                cgroup: None,
-                stop_signal: launch.stop_signal,
-                grace_ms: launch.grace.as_millis() as u64,
-                container: Some(id.clone()),
-            },
             id,
-            pid,
-            addr,
-            enforced: (limits.memory, limits.cpus),
+            &inspected,
+            &network,
+            port,
+            record,
+            (limits.memory, limits.cpus),
             image_health,
-            exit: exit_rx,
-            tasks: vec![waiter, sampler],
-            stats,
-            last_cpu: Some((Instant::now(), 0)),
-        }))
+        )))
     }
 
-    /// Stops and removes every container of this stack a previous daemon left.
-    async fn recover_all(&self, records: Vec<Record>) {
-        let wanted = !records.is_empty();
+    /// The containers of this stack a previous daemon left: running ones of
+    /// a wanted service with an unchanged definition are adopted, the rest are
+    /// stopped and removed.
+    async fn recover_all(
+        &self,
+        records: Vec<Record>,
+        wanted: BTreeMap<String, String>,
+    ) -> Vec<super::Adopted> {
+        if records.is_empty() && wanted.is_empty() {
+            // A stack of processes that never ran containers needs no engine.
+            return Vec::new();
+        }
         let docker = match self.docker().await {
             Ok(d) => d,
             Err(e) => {
-                if wanted {
+                if !records.is_empty() {
                     self.events.warn_once(format!(
                         "cannot stop the containers a previous daemon left: {e}"
                     ));
                 }
-                return;
+                return Vec::new();
             }
         };
-        let grace: BTreeMap<String, u64> = records
-            .iter()
-            .filter_map(|r| Some((r.container.clone()?, r.grace_ms)))
+        let by_id: BTreeMap<String, Record> = records
+            .into_iter()
+            .filter_map(|r| Some((r.container.clone()?, r)))
             .collect();
         let filters = HashMap::from([(
             "label".to_owned(),
@@ -579,24 +571,87 @@ impl ContainerDriver {
             }))
             .await
             .unwrap_or_default();
+        let network = self.network_name();
+        let mut adopted = Vec::new();
         let mut stops = Vec::new();
         for c in list {
             let Some(id) = c.id else { continue };
-            let service = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE).cloned())
-                .unwrap_or_else(|| "capstan".into());
+            let labels = c.labels.unwrap_or_default();
+            let label = |k: &str| labels.get(k).cloned();
+            let service = label(LABEL_SERVICE).unwrap_or_else(|| "capstan".into());
+            let short = id[..id.len().min(12)].to_owned();
+            let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+            let identity = (
+                label(LABEL_REVISION).and_then(|r| r.parse::<u64>().ok()),
+                label(LABEL_REPLICA).and_then(|r| r.parse::<u32>().ok()),
+                label(LABEL_PORT).and_then(|p| p.parse::<u16>().ok()),
+            );
+            let same = wanted.contains_key(&service)
+                && wanted.get(&service) == label(LABEL_DEFINITION).as_ref();
+            if let (true, true, (Some(revision), Some(index), Some(port))) =
+                (running, same, identity)
+                && let Ok(inspected) = docker.inspect_container(&id, None).await
+            {
+                let r = by_id.get(&id).cloned();
+                let record = Record {
+                    service: service.clone(),
+                    replica: index,
+                    revision,
+                    pid: 0,
+                    start_ticks: 0,
+                    cgroup: None,
+                    stop_signal: r
+                        .as_ref()
+                        .map_or_else(|| "SIGTERM".into(), |r| r.stop_signal.clone()),
+                    grace_ms: r.as_ref().map_or(10_000, |r| r.grace_ms),
+                    container: Some(id.clone()),
+                };
+                let host = inspected.host_config.as_ref();
+                let enforced = (
+                    host.and_then(|h| h.memory)
+                        .filter(|m| *m > 0)
+                        .map(|m| m as u64),
+                    host.and_then(|h| h.nano_cpus)
+                        .filter(|c| *c > 0)
+                        .map(|c| c as f64 / 1e9),
+                );
+                let image_health = inspected
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.healthcheck.clone())
+                    .and_then(image_healthcheck);
+                let replica = attach(
+                    docker.clone(),
+                    id.clone(),
+                    &inspected,
+                    &network,
+                    port,
+                    record,
+                    enforced,
+                    image_health,
+                );
+                self.events.emit(
+                    &service,
+                    Some(index),
+                    "adopted",
+                    format!("container {short} (revision {revision}) left running by a previous daemon; supervised again"),
+                );
+                let _ = self.network.set(Ok(network.clone()));
+                adopted.push(super::Adopted {
+                    id: crate::state::ReplicaId::new(&service, revision, index),
+                    replica: Box::new(replica),
+                });
+                continue;
+            }
             self.events.emit(
                 &service,
                 None,
                 "stopping",
                 format!(
-                    "found container {} left by a previous daemon; stopping it before starting afresh",
-                    &id[..id.len().min(12)]
+                    "found container {short} left by a previous daemon; stopping it before starting afresh"
                 ),
             );
-            let secs = grace.get(&id).map_or(10, |ms| ms.div_ceil(1000)) as i32;
+            let secs = by_id.get(&id).map_or(10, |r| r.grace_ms.div_ceil(1000)) as i32;
             let docker = docker.clone();
             stops.push(tokio::spawn(async move {
                 let _ = docker
@@ -613,6 +668,7 @@ impl ContainerDriver {
                         &id,
                         Some(RemoveContainerOptions {
                             force: true,
+                            v: true,
                             ..Default::default()
                         }),
                     )
@@ -622,6 +678,7 @@ impl ContainerDriver {
         for s in stops {
             let _ = s.await;
         }
+        adopted
     }
 }
 
@@ -630,8 +687,12 @@ impl Driver for ContainerDriver {
         Box::pin(self.start_container(launch))
     }
 
-    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
-        Box::pin(self.recover_all(records))
+    fn recover(
+        &self,
+        records: Vec<Record>,
+        wanted: BTreeMap<String, String>,
+    ) -> BoxFuture<'_, Vec<super::Adopted>> {
+        Box::pin(self.recover_all(records, wanted))
     }
 
     fn down(&self, volumes: bool) -> BoxFuture<'_, ()> {
@@ -673,6 +734,55 @@ impl Driver for ContainerDriver {
                     .warn_once(format!("cannot remove network {name}: {}", engine_error(e)));
             }
         })
+    }
+}
+
+/// A handle on a running container: its pid and address from `inspected`,
+/// a task waiting for its exit and one following its stats.
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    docker: Docker,
+    id: String,
+    inspected: &bollard::models::ContainerInspectResponse,
+    network: &str,
+    port: u16,
+    mut record: Record,
+    enforced: (Option<u64>, Option<f64>),
+    image_health: Option<Healthcheck>,
+) -> ContainerReplica {
+    let pid = inspected
+        .state
+        .as_ref()
+        .and_then(|s| s.pid)
+        .filter(|p| *p > 0)
+        .map(|p| p as i32);
+    let ip: Option<IpAddr> = inspected
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .and_then(|n| n.get(network))
+        .and_then(|e| e.ip_address.as_deref())
+        .and_then(|ip| ip.parse().ok());
+    // A container that already ended has no address; its exit tells why.
+    let addr = SocketAddr::new(ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), port);
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let waiter = tokio::spawn(wait_exit(docker.clone(), id.clone(), exit_tx));
+    let stats = Arc::new(Mutex::new(None));
+    let sampler = tokio::spawn(follow_stats(docker.clone(), id.clone(), stats.clone()));
+    record.pid = pid.unwrap_or(0);
+    ContainerReplica {
+        docker,
+        record,
+        id,
+        pid,
+        addr,
+        enforced,
+        image_health,
+        exit: exit_rx,
+        tasks: vec![waiter, sampler],
+        stats,
+        last_cpu: Some((Instant::now(), 0)),
+        logs_since: None,
     }
 }
 
@@ -753,6 +863,9 @@ struct ContainerReplica {
     tasks: Vec<JoinHandle<()>>,
     stats: Arc<Mutex<Stats>>,
     last_cpu: Option<(Instant, u64)>,
+    /// For an adopted container: output up to this time (unix ns) was stored
+    /// by the previous daemon.
+    logs_since: Option<i64>,
 }
 
 impl ContainerReplica {
@@ -800,7 +913,10 @@ impl Replica for ContainerReplica {
         let (mut err_w, err_r) = tokio::io::duplex(64 << 10);
         let docker = self.docker.clone();
         let id = self.id.clone();
+        let since = self.logs_since;
         self.tasks.push(tokio::spawn(async move {
+            // Adopted: from the second of the last stored line, with the
+            // engine's timestamps to leave out what is stored already.
             let mut logs = docker.logs(
                 &id,
                 Some(LogsOptions {
@@ -808,19 +924,29 @@ impl Replica for ContainerReplica {
                     stdout: true,
                     stderr: true,
                     tail: "all".into(),
+                    since: since.map_or(0, |ns| (ns / 1_000_000_000) as i32),
+                    timestamps: since.is_some(),
                     ..Default::default()
                 }),
             );
             while let Some(Ok(chunk)) = logs.next().await {
-                let r = match chunk {
-                    bollard::container::LogOutput::StdErr { message } => {
-                        err_w.write_all(&message).await
-                    }
+                let (to_err, message) = match chunk {
+                    bollard::container::LogOutput::StdErr { message } => (true, message),
                     bollard::container::LogOutput::StdOut { message }
-                    | bollard::container::LogOutput::Console { message } => {
-                        out_w.write_all(&message).await
-                    }
-                    bollard::container::LogOutput::StdIn { .. } => Ok(()),
+                    | bollard::container::LogOutput::Console { message } => (false, message),
+                    bollard::container::LogOutput::StdIn { .. } => continue,
+                };
+                let message = match since {
+                    None => &message[..],
+                    Some(after) => match after_timestamp(&message, after) {
+                        Some(rest) => rest,
+                        None => continue,
+                    },
+                };
+                let r = if to_err {
+                    err_w.write_all(message).await
+                } else {
+                    out_w.write_all(message).await
                 };
                 if r.is_err() {
                     break;
@@ -831,6 +957,10 @@ impl Replica for ContainerReplica {
             (Stream::Stdout, Box::new(out_r) as Output),
             (Stream::Stderr, Box::new(err_r) as Output),
         ]
+    }
+
+    fn output_after(&mut self, ns: i64) {
+        self.logs_since = Some(ns);
     }
 
     fn wait(&mut self) -> BoxFuture<'_, Exit> {
@@ -949,6 +1079,14 @@ fn udp_bindings(svc: &Service) -> HashMap<String, Option<Vec<bollard::models::Po
             )
         })
         .collect()
+}
+
+/// A log line the engine prefixed with its time: the line without the
+/// prefix if it is from after `after` (unix ns), else `None`.
+fn after_timestamp(message: &[u8], after: i64) -> Option<&[u8]> {
+    let space = message.iter().position(|b| *b == b' ')?;
+    let ts: jiff::Timestamp = std::str::from_utf8(&message[..space]).ok()?.parse().ok()?;
+    (ts.as_nanosecond() > i128::from(after)).then(|| &message[space + 1..])
 }
 
 /// An image's HEALTHCHECK as capstan's: `NONE` or an empty test is none;

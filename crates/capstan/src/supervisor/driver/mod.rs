@@ -69,9 +69,15 @@ pub trait Driver: Send + Sync + 'static {
     /// Starts a replica. An error says why it could not start.
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<Box<dyn Replica>, String>>;
 
-    /// Stops what a previous daemon left running, from its records (and
-    /// whatever else the driver can find of this stack).
-    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()>;
+    /// Takes over what a previous daemon left running: replicas of `wanted`
+    /// services (name → [`Service::definition_hash`]) whose definition is
+    /// unchanged come back as handles to adopt; everything else it finds, from
+    /// its records and otherwise, is stopped.
+    fn recover(
+        &self,
+        records: Vec<Record>,
+        wanted: BTreeMap<String, String>,
+    ) -> BoxFuture<'_, Vec<Adopted>>;
 
     /// Every replica has stopped (`down`): removes what the driver made for
     /// the stack as a whole (a container network; with `volumes`, named
@@ -79,6 +85,12 @@ pub trait Driver: Send + Sync + 'static {
     fn down(&self, _volumes: bool) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+}
+
+/// A replica a previous daemon started, still running, to be supervised again.
+pub struct Adopted {
+    pub id: ReplicaId,
+    pub replica: Box<dyn Replica>,
 }
 
 /// A started replica.
@@ -97,6 +109,10 @@ pub trait Replica: Send {
 
     /// Its stdout and stderr, once.
     fn take_output(&mut self) -> Vec<(Stream, Output)>;
+
+    /// For an adopted replica: output up to this time (unix ns) is stored
+    /// already; `take_output` gives only what came after.
+    fn output_after(&mut self, _ns: i64) {}
 
     /// Waits for it to exit. Cancel-safe.
     fn wait(&mut self) -> BoxFuture<'_, Exit>;
@@ -136,15 +152,20 @@ impl Driver for Drivers {
         }
     }
 
-    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
+    fn recover(
+        &self,
+        records: Vec<Record>,
+        wanted: BTreeMap<String, String>,
+    ) -> BoxFuture<'_, Vec<Adopted>> {
         let (containers, processes): (Vec<Record>, Vec<Record>) =
             records.into_iter().partition(|r| r.container.is_some());
         Box::pin(async move {
-            let (a, b) = tokio::join!(
-                self.process.recover(processes),
-                self.container.recover(containers)
+            let (mut a, b) = tokio::join!(
+                self.process.recover(processes, wanted.clone()),
+                self.container.recover(containers, wanted)
             );
-            let ((), ()) = (a, b);
+            a.extend(b);
+            a
         })
     }
 

@@ -404,8 +404,17 @@ impl Driver for ProcessDriver {
         Box::pin(self.start_process(launch))
     }
 
-    fn recover(&self, records: Vec<Record>) -> BoxFuture<'_, ()> {
-        Box::pin(self.recover_all(records))
+    /// Processes are not adopted (their output pipes died with the daemon):
+    /// what was left is stopped.
+    fn recover(
+        &self,
+        records: Vec<Record>,
+        _wanted: BTreeMap<String, String>,
+    ) -> BoxFuture<'_, Vec<super::Adopted>> {
+        Box::pin(async move {
+            self.recover_all(records).await;
+            Vec::new()
+        })
     }
 }
 
