@@ -862,3 +862,25 @@ fn the_flask_example_runs_and_its_services_talk() {
     s.ok(&["down", "--volumes"]);
     assert!(containers(&s.marker).is_empty());
 }
+
+#[test]
+fn check_and_up_name_the_engine_they_need() {
+    let s = TestStack::new("services:\n  web:\n    image: capstan-demo:test\n");
+    let _guard = Leftovers(s.marker.clone());
+    // No engine at the socket DOCKER_HOST names: both refuse, naming it.
+    let missing = format!("unix://{}/none.sock", s.dir.path().display());
+    for args in [vec!["check"], vec!["up", "-d"]] {
+        let out = s.run_env(&args, &[("DOCKER_HOST", missing.as_str())]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("services web run as containers, but no container engine at")
+                && err.contains(&missing),
+            "{err}"
+        );
+    }
+    if engine().is_ok() {
+        let out = s.ok(&["check"]);
+        assert!(out.contains("containers on engine"), "{out}");
+    }
+}

@@ -190,6 +190,29 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     Usage { msg: msg.into() }.into()
 }
 
+/// For a stack with container services: the engine that will run them, or
+/// why none can (naming the services and the socket tried).
+pub async fn engine_for(stack: &crate::spec::Stack) -> Result<Option<String>, String> {
+    let containers: Vec<&str> = stack
+        .services
+        .iter()
+        .filter(|(_, s)| s.driver() == crate::spec::DriverKind::Container)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if containers.is_empty() {
+        return Ok(None);
+    }
+    crate::supervisor::driver::container::probe_engine()
+        .await
+        .map(Some)
+        .map_err(|e| {
+            format!(
+                "services {} run as containers, but {e}",
+                containers.join(", ")
+            )
+        })
+}
+
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -440,10 +463,20 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Check { .. } => {
             let l = ctx.load()?;
+            let engine = match engine_for(&l.stack).await {
+                Ok(e) => e,
+                Err(why) => {
+                    eprintln!("{}: {why}", l.file.display());
+                    return Ok(1);
+                }
+            };
             println!(
-                "{}: ok ({} services)",
+                "{}: ok ({} services{})",
                 l.file.display(),
-                l.stack.services.len()
+                l.stack.services.len(),
+                engine
+                    .map(|e| format!("; containers on {e}"))
+                    .unwrap_or_default()
             );
             Ok(0)
         }

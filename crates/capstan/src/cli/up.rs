@@ -71,6 +71,10 @@ fn init_tracing(default: &str) {
 
 pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
     let opts = options(ctx, args.listen)?;
+    // Containers need an engine: say so before anything starts.
+    if let Err(why) = super::engine_for(&opts.stack).await {
+        anyhow::bail!("{}: {why}", opts.file.display());
+    }
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()

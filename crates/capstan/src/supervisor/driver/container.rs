@@ -81,6 +81,32 @@ fn socket_named() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
 
+/// Whether a container engine answers: its name and version, or why not
+/// (naming the socket tried).
+pub async fn probe_engine() -> Result<String, String> {
+    let unreachable = |e: String| {
+        format!(
+            "no container engine at {} ({e}): start Docker (or Podman's socket), or set DOCKER_HOST",
+            socket_named()
+        )
+    };
+    let docker = Docker::connect_with_local_defaults().map_err(|e| unreachable(e.to_string()))?;
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let v = docker
+        .version()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(format!(
+        "engine {} (API {}) at {}",
+        v.version.unwrap_or_default(),
+        v.api_version.unwrap_or_default(),
+        socket_named()
+    ))
+}
+
 /// The port the service's containers listen on: the first published port's
 /// target, else the first `expose`, else its `PORT`, else 8080.
 pub fn container_port(svc: &Service) -> u16 {
