@@ -213,6 +213,22 @@ fn image_services_run_as_containers_behind_the_proxy() {
     for r in s.replicas("web") {
         assert!(r["pid"].as_i64().unwrap() > 0, "{r}");
     }
+    // A sampled request through the proxy leaves the proxy's span in its trace.
+    let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(
+        &mut conn,
+        format!("GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\ntraceparent: 00-{tid}-00f067aa0ba902b7-01\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let addr = daemon_addr(&s);
+    wait_for("the proxy's span", Duration::from_secs(10), || {
+        let (code, body) = http_fetch(&addr, &format!("/api/traces/{tid}"));
+        (code == 200 && body.contains("capstan.proxy")).then_some(())
+    });
     s.ok(&["down"]);
     assert!(containers(&s.marker).is_empty());
     assert!(networks(&s).is_empty(), "the stack's network is removed");
@@ -883,4 +899,66 @@ fn check_and_up_name_the_engine_they_need() {
         let out = s.ok(&["check"]);
         assert!(out.contains("containers on engine"), "{out}");
     }
+}
+
+#[test]
+fn containers_autoscale_on_their_cpu() {
+    let Some(image) = demo_image() else { return };
+    let port = free_port();
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  web:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    environment: {{LOG_REQUESTS: "0"}}
+    ports: ["127.0.0.1:{port}:8080"]
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+      metrics: {{disable: true}}
+      autoscale:
+        min: 1
+        max: 3
+        interval: 1s
+        metrics: [{{cpu: 50%}}]
+    deploy:
+      resources: {{limits: {{cpus: "0.25"}}}}
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    s.up();
+    // Four clients each asking for 40 ms of CPU: far over a quarter CPU at 50%.
+    let mut load = Command::new(capstan_bin())
+        .args([
+            "load",
+            &format!("http://127.0.0.1:{port}/work?ms=40"),
+            "-c",
+            "4",
+            "-d",
+            "20s",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "a scale up of the containers",
+        Duration::from_secs(20),
+        || (healthy(&s) >= 2).then_some(()),
+    );
+    let _ = load.kill();
+    let _ = load.wait();
+    let events = s.events();
+    let scaled = events
+        .iter()
+        .find(|e| e["kind"] == "autoscaled")
+        .expect("an autoscaled event");
+    let reason = scaled["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("1 → ") && reason.contains("cpu"),
+        "{reason}"
+    );
+    assert!(containers(&s.marker).len() >= 2);
+    s.ok(&["down"]);
 }
