@@ -269,8 +269,18 @@ impl Autoscaler {
             self.publish(service, status);
             return;
         }
-        // Scale to zero after idle_after without requests.
-        if spec.min == 0 && idle.is_some_and(|s| s >= spec.idle_after.0.as_secs_f64()) {
+        // Scale to zero after idle_after without requests — and not before
+        // the newest replica has been up that long: the idleness read through
+        // the scrape may predate the request that just woke the service.
+        let youngest_ms = self
+            .board
+            .replicas_of(service)
+            .iter()
+            .filter_map(|r| r.started_ms)
+            .max();
+        let settled = youngest_ms
+            .is_none_or(|t| (now_ms - t) as f64 / 1e3 >= spec.idle_after.0.as_secs_f64());
+        if spec.min == 0 && settled && idle.is_some_and(|s| s >= spec.idle_after.0.as_secs_f64()) {
             let reason = format!("no request for {}; scaled to zero", spec.idle_after);
             if self.scale(deps, service, current, 0, &reason).await {
                 scaler.scaled(deps.clock.now(), current, 0);
@@ -640,6 +650,49 @@ services:
             st[0].reason.contains("no request for 30s"),
             "{}",
             st[0].reason
+        );
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    /// A wake starts a replica while the idleness read through the scrape
+    /// still predates the request: no scale back to zero before the new
+    /// replica has been up for `idle_after`.
+    #[tokio::test(start_paused = true)]
+    async fn a_woken_service_is_not_scaled_back_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = Arc::new(StatusBoard::default());
+        let events = Arc::new(EventLog::open(dir.path()).unwrap());
+        let a = Autoscaler::new(board.clone(), events);
+        a.on_apply(&stack());
+        let clock = TokioClock::starting_at(1_700_000_000_000);
+        ready(&board, 1);
+        board.update(&ReplicaId::new("web", 1, 0), |s| {
+            s.started_ms = Some(1_700_000_000_000)
+        });
+        let m = Arc::new(Metrics {
+            rps_per_replica: AtomicU64::new(0),
+            idle_secs: AtomicU64::new(45),
+            replicas: AtomicU64::new(1),
+        });
+        let (handle, mut rx) = SupervisorHandle::channel();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let deps = Deps {
+            query: query_fn(m),
+            clock: Arc::new(clock),
+            supervisor: handle,
+        };
+        let task = tokio::spawn(a.clone().run(deps, stop));
+        let t0 = tokio::time::Instant::now();
+        let Some(Command::Scale { counts, reply, .. }) = rx.recv().await else {
+            panic!("expected a scale");
+        };
+        assert_eq!(counts, BTreeMap::from([("web".to_owned(), 0)]));
+        let _ = reply.send(Ok("scaled".into()));
+        let waited = tokio::time::Instant::now() - t0;
+        assert!(
+            waited >= Duration::from_secs(30),
+            "scaled to zero after {waited:?}"
         );
         stop_tx.send(true).unwrap();
         task.await.unwrap();
