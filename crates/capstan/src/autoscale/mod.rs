@@ -272,14 +272,11 @@ impl Autoscaler {
         // Scale to zero after idle_after without requests — and not before
         // the newest replica has been up that long: the idleness read through
         // the scrape may predate the request that just woke the service.
-        let youngest_ms = self
-            .board
-            .replicas_of(service)
-            .iter()
-            .filter_map(|r| r.started_ms)
-            .max();
-        let settled = youngest_ms
-            .is_none_or(|t| (now_ms - t) as f64 / 1e3 >= spec.idle_after.0.as_secs_f64());
+        // A replica still starting counts as just started.
+        let settled = self.board.replicas_of(service).iter().all(|r| {
+            r.started_ms
+                .is_some_and(|t| (now_ms - t) as f64 / 1e3 >= spec.idle_after.0.as_secs_f64())
+        });
         if spec.min == 0 && settled && idle.is_some_and(|s| s >= spec.idle_after.0.as_secs_f64()) {
             let reason = format!("no request for {}; scaled to zero", spec.idle_after);
             if self.scale(deps, service, current, 0, &reason).await {
@@ -558,6 +555,8 @@ services:
         for i in 0..n {
             board.update(&ReplicaId::new("web", 1, i), |s| {
                 s.state = Phase::Running;
+                // Up for long.
+                s.started_ms = Some(0);
                 s.pid = Some(100 + i as i32);
                 s.addr = Some(SocketAddr::from(([127, 0, 0, 1], 20000 + i as u16)));
                 s.accepting = true;
@@ -667,8 +666,21 @@ services:
         a.on_apply(&stack());
         let clock = TokioClock::starting_at(1_700_000_000_000);
         ready(&board, 1);
+        // Woken: its replica is still starting (no start time yet), and runs
+        // from 10 s on; idleness as scraped says 45 s all along.
         board.update(&ReplicaId::new("web", 1, 0), |s| {
-            s.started_ms = Some(1_700_000_000_000)
+            s.state = crate::state::Phase::Starting;
+            s.pid = None;
+            s.started_ms = None;
+        });
+        let b2 = board.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            b2.update(&ReplicaId::new("web", 1, 0), |s| {
+                s.state = crate::state::Phase::Running;
+                s.pid = Some(7);
+                s.started_ms = Some(1_700_000_010_000);
+            });
         });
         let m = Arc::new(Metrics {
             rps_per_replica: AtomicU64::new(0),
