@@ -334,9 +334,9 @@ fn scaling_containers_under_load_fails_no_request() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     });
     std::thread::sleep(Duration::from_secs(1));
-    s.ok(&["scale", "web=3"]);
-    wait_for("three healthy", Duration::from_secs(20), || {
-        (healthy(&s) == 3).then_some(())
+    s.ok(&["scale", "web=5"]);
+    wait_for("five healthy", Duration::from_secs(30), || {
+        (healthy(&s) == 5).then_some(())
     });
     std::thread::sleep(Duration::from_secs(1));
     s.ok(&["scale", "web=1"]);
