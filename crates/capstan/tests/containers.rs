@@ -309,6 +309,23 @@ fn a_missing_image_is_named_in_the_error() {
                 .is_some_and(|r| r.contains("cannot pull image capstan-test-missing:nope"))
         })
     });
+    s.ok(&["down"]);
+    // With `pull_policy: never`, a missing image is not even asked for.
+    let (s, _guard) = stack_with(
+        "capstan-test-missing:nope\n    pull_policy: never",
+        free_port(),
+        1,
+        "",
+    );
+    let out = s.up_unchecked("20s");
+    assert!(!out.status.success());
+    wait_for("the refusal", Duration::from_secs(20), || {
+        s.events().into_iter().find(|e| {
+            e["reason"].as_str().is_some_and(|r| {
+                r.contains("image capstan-test-missing:nope is not on this engine and pull_policy is never")
+            })
+        })
+    });
 }
 
 #[test]

@@ -13,6 +13,7 @@ use super::yaml::{Kind, Node};
 const SERVICE_KEYS: &[&str] = &[
     "image",
     "build",
+    "pull_policy",
     "volumes",
     "user",
     "hostname",
@@ -856,6 +857,22 @@ impl Decoder<'_> {
                 .unwrap_or(false),
             ..ContainerOpts::default()
         };
+        if let Some(n) = f.take("pull_policy") {
+            let pp = join(path, "pull_policy");
+            match self.text(n, &pp).as_deref() {
+                Some(p @ ("missing" | "always" | "never" | "build")) => {
+                    container.pull_policy = Some(p.to_owned())
+                }
+                // compose's older spelling of `missing`.
+                Some("if_not_present") => container.pull_policy = Some("missing".into()),
+                Some(other) => self.error(
+                    n,
+                    &pp,
+                    format!("expected missing, always, never or build, found {other:?}"),
+                ),
+                None => {}
+            }
+        }
         if let Some(n) = f.take("cap_add") {
             container.cap_add = self.string_list(n, &join(path, "cap_add"));
         }
@@ -1029,7 +1046,6 @@ impl Decoder<'_> {
             "dns",
             "ulimits",
             "platform",
-            "pull_policy",
             "devices",
             "tmpfs",
             "shm_size",

@@ -367,6 +367,9 @@ pub struct ContainerOpts {
     /// `host:ip` entries for /etc/hosts.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub extra_hosts: Vec<String>,
+    /// compose's `pull_policy`: `missing` (default), `always`, `never`, `build`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pull_policy: Option<String>,
 }
 
 impl ContainerOpts {

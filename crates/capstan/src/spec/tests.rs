@@ -381,3 +381,23 @@ fn udp_ports_are_for_containers() {
     let e = errors("services:\n  a:\n    image: x\n    ports: [\"53:53/sctp\"]\n");
     assert!(e.contains("expected tcp or udp"), "{e}");
 }
+
+#[test]
+fn pull_policies() {
+    let (stack, _) = parse("services:\n  a:\n    image: x\n    pull_policy: never\n").unwrap();
+    assert_eq!(
+        stack.services["a"].container.pull_policy.as_deref(),
+        Some("never")
+    );
+    let (stack, _) =
+        parse("services:\n  a:\n    image: x\n    pull_policy: if_not_present\n").unwrap();
+    assert_eq!(
+        stack.services["a"].container.pull_policy.as_deref(),
+        Some("missing")
+    );
+    let e = errors("services:\n  a:\n    image: x\n    pull_policy: sometimes\n");
+    assert!(
+        e.contains("expected missing, always, never or build"),
+        "{e}"
+    );
+}

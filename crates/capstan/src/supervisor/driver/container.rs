@@ -261,12 +261,26 @@ impl ContainerDriver {
         Ok(out)
     }
 
-    /// Makes sure the image is there, pulling it when missing.
-    async fn image(&self, docker: &Docker, service: &str, image: &str) -> Result<(), String> {
-        match docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
-            Err(e) if not_found(&e) => {}
-            Err(e) => return Err(format!("image {image}: {}", engine_error(e))),
+    /// Makes sure the image is there, as `pull_policy` says: pulled when
+    /// missing (the default), always, or never.
+    async fn image(
+        &self,
+        docker: &Docker,
+        service: &str,
+        image: &str,
+        policy: Option<&str>,
+    ) -> Result<(), String> {
+        if policy != Some("always") {
+            match docker.inspect_image(image).await {
+                Ok(_) => return Ok(()),
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(format!("image {image}: {}", engine_error(e))),
+            }
+            if policy == Some("never") {
+                return Err(format!(
+                    "image {image} is not on this engine and pull_policy is never"
+                ));
+            }
         }
         self.events
             .emit(service, None, "pulling", format!("pulling image {image}"));
@@ -404,7 +418,13 @@ impl ContainerDriver {
                 .image
                 .clone()
                 .ok_or("the container driver needs an image")?;
-            self.image(&docker, &launch.id.service, &image).await?;
+            self.image(
+                &docker,
+                &launch.id.service,
+                &image,
+                svc.container.pull_policy.as_deref(),
+            )
+            .await?;
             image
         };
         let image_health = docker
