@@ -46,6 +46,37 @@ pub const LABEL_REPLICA: &str = "dev.capstan.replica";
 pub const LABEL_DEFINITION: &str = "dev.capstan.definition";
 pub const LABEL_PORT: &str = "dev.capstan.port";
 
+/// Largest build context sent to the engine (it is held in memory to send).
+pub const MAX_BUILD_CONTEXT: u64 = 512 << 20;
+
+/// The build context as a tar archive, refused (before it is read) when its
+/// files add up to more than `max` bytes.
+fn context_tar(dir: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    fn size(dir: &std::path::Path) -> std::io::Result<u64> {
+        let mut total = 0;
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                total += size(&e.path())?;
+            } else if t.is_file() {
+                total += e.metadata()?.len();
+            }
+        }
+        Ok(total)
+    }
+    let total = size(dir).map_err(|e| e.to_string())?;
+    if total > max {
+        return Err(format!(
+            "{total} bytes of files, more than the {max}-byte limit on a build context"
+        ));
+    }
+    let mut t = tar::Builder::new(Vec::new());
+    t.follow_symlinks(false);
+    t.append_dir_all(".", dir).map_err(|e| e.to_string())?;
+    t.into_inner().map_err(|e| e.to_string())
+}
+
 /// The port a container listens on when its service names none.
 pub const DEFAULT_PORT: u16 = 8080;
 
@@ -344,15 +375,10 @@ impl ContainerDriver {
             format!("building {tag} from {}", b.context),
         );
         let context = std::path::PathBuf::from(&b.context);
-        let tar = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut t = tar::Builder::new(Vec::new());
-            t.follow_symlinks(false);
-            t.append_dir_all(".", &context)?;
-            t.into_inner()
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("reading the build context {}: {e}", b.context))?;
+        let tar = tokio::task::spawn_blocking(move || context_tar(&context, MAX_BUILD_CONTEXT))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("build context {}: {e}", b.context))?;
         let opts = bollard::query_parameters::BuildImageOptions {
             dockerfile: b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
             t: Some(tag.clone()),
@@ -1204,6 +1230,18 @@ async fn exec(docker: &Docker, id: &str, argv: Vec<String>) -> Result<(), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_context_over_the_limit_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        std::fs::write(dir.path().join("sub/data"), vec![7u8; 2000]).unwrap();
+        let e = context_tar(dir.path(), 1024).unwrap_err();
+        assert!(e.contains("more than the 1024-byte limit"), "{e}");
+        let tar = context_tar(dir.path(), 4096).unwrap();
+        assert!(tar.len() > 2000);
+    }
 
     #[test]
     fn names_and_ports() {
