@@ -1072,10 +1072,12 @@ impl Replica for ContainerReplica {
                 ..Sample::default()
             };
         };
-        let pct = self.last_cpu.and_then(|(t, prev)| {
-            let wall = now.duration_since(t).as_nanos() as f64;
-            (wall > 0.0 && cpu != prev).then(|| cpu.saturating_sub(prev) as f64 / wall * 100.0)
-        });
+        // The engine's stats come about once a second: a reading not new yet
+        // gives no figure rather than 0 %.
+        let pct = self
+            .last_cpu
+            .filter(|(_, prev)| *prev != cpu)
+            .and_then(|last| super::cpu_percent(last, now, cpu));
         if self.last_cpu.is_none_or(|(_, prev)| prev != cpu) {
             self.last_cpu = Some((now, cpu));
         }

@@ -137,6 +137,17 @@ pub trait Replica: Send {
     fn cleanup(&mut self) -> BoxFuture<'_, ()>;
 }
 
+/// CPU use as a percentage of one CPU between two readings of a replica's
+/// CPU time (nanoseconds) taken at `since` and `now`.
+pub fn cpu_percent(
+    since: (tokio::time::Instant, u64),
+    now: tokio::time::Instant,
+    cpu_ns: u64,
+) -> Option<f64> {
+    let wall = now.duration_since(since.0).as_nanos() as f64;
+    (wall > 0.0).then(|| cpu_ns.saturating_sub(since.1) as f64 / wall * 100.0)
+}
+
 /// Runs each replica with the driver its service asks for
 /// ([`Service::driver`]): processes or containers.
 pub struct Drivers {

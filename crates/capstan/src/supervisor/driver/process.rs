@@ -576,10 +576,7 @@ impl Sampler {
             .or_else(|| stat.map(|s| s.rss_pages * page_size()));
         let now = Instant::now();
         let pct = match (cpu_ns, self.last) {
-            (Some(c), Some((t, prev))) => {
-                let wall = now.duration_since(t).as_nanos() as f64;
-                (wall > 0.0).then(|| (c.saturating_sub(prev)) as f64 / wall * 100.0)
-            }
+            (Some(c), Some(last)) => super::cpu_percent(last, now, c),
             _ => None,
         };
         if let Some(c) = cpu_ns {
