@@ -19,12 +19,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$work/rootfs"
-cp target/release/capstan-demo "$work/rootfs/"
-for lib in $(ldd target/release/capstan-demo | grep -o '/[^ ]*'); do
-  mkdir -p "$work/rootfs$(dirname "$lib")"; cp -L "$lib" "$work/rootfs$lib"
-done
-tar -C "$work/rootfs" -c . | docker import -c 'ENTRYPOINT ["/capstan-demo"]' -c 'ENV HOST=0.0.0.0' -c 'ENV LOG_REQUESTS=0' - capstan-demo:bench >/dev/null
+. bench/demo-image.sh
+demo_image "$work" 'ENV LOG_REQUESTS=0'
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 load() { "$bin" load "$1" --rate "$rate" -d "${secs}s" -o json; }

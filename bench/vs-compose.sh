@@ -19,12 +19,8 @@ work=$(mktemp -d)
 trap 'cd "$work/compose" 2>/dev/null && docker-compose down -t 10 >/dev/null 2>&1; cd /; "$root/target/release/capstan" --data-dir "$work/capstan/.capstan" down >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 # Image: the demo binary and its shared libraries.
-mkdir -p "$work/rootfs"
-cp target/release/capstan-demo "$work/rootfs/"
-for lib in $(ldd target/release/capstan-demo | grep -o '/[^ ]*'); do
-  mkdir -p "$work/rootfs$(dirname "$lib")"; cp -L "$lib" "$work/rootfs$lib"
-done
-tar -C "$work/rootfs" -c . | docker import -c 'ENTRYPOINT ["/capstan-demo"]' -c 'ENV HOST=0.0.0.0' - capstan-demo:bench >/dev/null
+. bench/demo-image.sh
+demo_image "$work"
 
 mkdir -p "$work/compose" "$work/capstan"
 cat > "$work/compose/docker-compose.yml" <<YAML
