@@ -82,6 +82,20 @@ impl TestStack {
     }
 
     /// Runs and expects success, returning stdout.
+    /// Runs the CLI in a thread (a command that waits, such as a scale
+    /// down that drains); its output when it is done.
+    pub fn run_in_background(&self, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let (bin, dir) = (capstan_bin(), self.dir.path().to_path_buf());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            Command::new(bin)
+                .args(&args)
+                .current_dir(dir)
+                .output()
+                .unwrap()
+        })
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
@@ -287,6 +301,23 @@ impl Drop for TestStack {
             sigkill(pid);
         }
     }
+}
+
+/// `capstan load URL --rate RATE -d SECS -o json` in a thread; its report.
+pub fn load_in_background(
+    url: String,
+    rate: u32,
+    secs: u32,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    std::thread::spawn(move || {
+        let out = Command::new(capstan_bin())
+            .args(["load", &url, "--rate", &rate.to_string()])
+            .args(["-d", &format!("{secs}s"), "-o", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    })
 }
 
 /// Polls `f` until it returns Some, or panics with `what` after `timeout`.

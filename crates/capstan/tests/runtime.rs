@@ -75,16 +75,7 @@ fn a_request_during_the_last_replicas_drain_wakes_the_service() {
     // A request that keeps the last replica draining for 6 s.
     let slow = slow_request(port, 6000);
     std::thread::sleep(Duration::from_millis(300));
-    let scaler = {
-        let (bin, dir) = (capstan_bin(), s.dir.path().to_path_buf());
-        std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .args(["scale", "web=0"])
-                .current_dir(dir)
-                .output()
-                .unwrap()
-        })
-    };
+    let scaler = s.run_in_background(&["scale", "web=0"]);
     // The new count shows at once, while the replica still drains.
     wait_for("desired 0", Duration::from_secs(3), || {
         (desired(&s, "web") == 0).then_some(())
@@ -139,16 +130,7 @@ fn a_long_drain_delays_neither_another_scale_nor_the_autoscaler() {
     assert_eq!(http_fetch(&format!("127.0.0.1:{other_port}"), "/").0, 200);
     let slow = slow_request(slow_port, 12_000);
     std::thread::sleep(Duration::from_millis(300));
-    let scaler = {
-        let (bin, dir) = (capstan_bin(), s.dir.path().to_path_buf());
-        std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .args(["scale", "slow=0"])
-                .current_dir(dir)
-                .output()
-                .unwrap()
-        })
-    };
+    let scaler = s.run_in_background(&["scale", "slow=0"]);
     // The autoscaler scales idle `other` to zero while `slow` drains …
     wait_for("other scaled to zero", Duration::from_secs(11), || {
         (desired(&s, "other") == 0 && s.replicas("other").is_empty()).then_some(())
@@ -198,23 +180,7 @@ fn a_changed_definition_under_load_fails_no_request() {
     wait_for("two healthy", Duration::from_secs(20), || {
         (healthy(&s, "web") == 2).then_some(())
     });
-    let load = std::thread::spawn(move || {
-        let out = std::process::Command::new(capstan_bin())
-            .args([
-                "load",
-                &format!("http://127.0.0.1:{port}/"),
-                "--rate",
-                "200",
-                "-d",
-                "10s",
-                "-o",
-                "json",
-            ])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-    });
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 200, 10);
     std::thread::sleep(Duration::from_secs(2));
     s.write(&yaml("2.0.0"));
     let out = s.up();
