@@ -573,6 +573,17 @@ services:
     cap_drop: [ALL]
     cap_add: [NET_BIND_SERVICE]
     extra_hosts: ["db.internal:10.1.2.3"]
+    ulimits:
+      nofile: {{soft: 1024, hard: 2048}}
+      nproc: 512
+    tmpfs: ["/scratch:size=1m"]
+    shm_size: 16m
+    sysctls: {{net.core.somaxconn: "1024"}}
+    security_opt: [no-new-privileges:true]
+    dns: 10.9.8.7
+    group_add: ["2000"]
+    mem_reservation: 32m
+    cpu_shares: 512
 "#
     ));
     let _guard = Leftovers(s.marker.clone());
@@ -593,6 +604,25 @@ services:
         c["HostConfig"]["ExtraHosts"],
         serde_json::json!(["db.internal:10.1.2.3"])
     );
+    let h = &c["HostConfig"];
+    assert_eq!(
+        h["Ulimits"],
+        serde_json::json!([{"Name": "nofile", "Soft": 1024, "Hard": 2048}, {"Name": "nproc", "Soft": 512, "Hard": 512}])
+    );
+    assert_eq!(h["Tmpfs"], serde_json::json!({"/scratch": "size=1m"}));
+    assert_eq!(h["ShmSize"], 16 << 20);
+    assert_eq!(
+        h["Sysctls"],
+        serde_json::json!({"net.core.somaxconn": "1024"})
+    );
+    assert_eq!(
+        h["SecurityOpt"],
+        serde_json::json!(["no-new-privileges:true"])
+    );
+    assert_eq!(h["Dns"], serde_json::json!(["10.9.8.7"]));
+    assert_eq!(h["GroupAdd"], serde_json::json!(["2000"]));
+    assert_eq!(h["MemoryReservation"], 32 << 20);
+    assert_eq!(h["CpuShares"], 512);
     // A UDP port is the engine's to publish.
     let bound = &c["HostConfig"]["PortBindings"]["53/udp"][0];
     assert_eq!(bound["HostIp"], "127.0.0.1");
@@ -739,6 +769,137 @@ services:
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("hello from web"), "{body}");
+    s.ok(&["down"]);
+}
+
+#[test]
+fn declared_networks_isolate_services_and_give_aliases() {
+    let Some(image) = demo_image() else { return };
+    let (web_port, other_port) = (free_port(), free_port());
+    let s = TestStack::new(&format!(
+        r#"
+x-demo: &demo
+  image: {image}
+  labels: {{capstan.test: "{{marker}}"}}
+  x-capstan:
+    healthcheck: {{http: /healthz, interval: 1s}}
+services:
+  web:
+    <<: *demo
+    ports: ["127.0.0.1:{web_port}:8080"]
+    networks:
+      front: {{aliases: [www]}}
+      back:
+  db:
+    <<: *demo
+    networks:
+      back: {{aliases: [database]}}
+  other:
+    <<: *demo
+    ports: ["127.0.0.1:{other_port}:8080"]
+    networks: [front]
+networks:
+  front:
+  back:
+    internal: true
+    labels: {{tier: data}}
+"#
+    ));
+    let _guard = Leftovers(s.marker.clone());
+    s.up();
+    let fetch = |port: u16, url: &str| {
+        http_fetch(&format!("127.0.0.1:{port}"), &format!("/fetch?url={url}"))
+    };
+    // web is on both networks: it reaches db by name and by its alias.
+    for url in ["http://db:8080/", "http://database:8080/"] {
+        let (code, body) = fetch(web_port, url);
+        assert_eq!(code, 200, "{url}: {body}");
+        assert!(body.contains("hello from db"), "{body}");
+    }
+    // other shares only `front` with web: it reaches web by its alias there,
+    // and not db at all.
+    let (code, body) = fetch(other_port, "http://www:8080/");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from web"), "{body}");
+    let (code, body) = fetch(other_port, "http://db:8080/");
+    assert_ne!(code, 200, "db must not be reachable from other: {body}");
+    let nets = networks(&s);
+    assert_eq!(nets.len(), 2, "{nets:?}");
+    let back = nets
+        .iter()
+        .find(|n| n.ends_with("-back"))
+        .expect("the back network");
+    let v: serde_json::Value =
+        serde_json::from_str(&docker_out(&["network", "inspect", back])).unwrap();
+    assert_eq!(v[0]["Internal"], true);
+    assert_eq!(v[0]["Labels"]["tier"], "data");
+    s.ok(&["down"]);
+    assert!(networks(&s).is_empty(), "{:?}", networks(&s));
+}
+
+#[test]
+fn secrets_and_configs_appear_as_files() {
+    let Some(image) = demo_image() else { return };
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  app:
+    image: {image}
+    labels: {{capstan.test: "{{marker}}"}}
+    secrets:
+      - api_key
+      - source: token
+        target: token.txt
+        mode: 0400
+        uid: "1000"
+    configs:
+      - source: app_conf
+        target: /etc/app.conf
+        mode: 0440
+secrets:
+  api_key: {{file: ./api_key.txt}}
+  token: {{environment: CAPSTAN_TEST_TOKEN}}
+configs:
+  app_conf: {{content: "listen = 8080"}}
+"#
+    ));
+    std::fs::write(s.dir.path().join("api_key.txt"), "k-123\n").unwrap();
+    let _guard = Leftovers(s.marker.clone());
+    let out = s.run_env(
+        &["up", "-d", "--listen", "127.0.0.1:0"],
+        &[("CAPSTAN_TEST_TOKEN", "t-456")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = containers(&s.marker).pop().unwrap();
+    // `docker cp` works on an image without a shell; the listing gives the
+    // mode and owner.
+    let sh = |cmd: String| -> String {
+        let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let read = |path: &str| -> (String, String) {
+        (
+            sh(format!("docker cp {name}:{path} - | tar -xOf -")),
+            sh(format!("docker cp {name}:{path} - | tar -tvf -")),
+        )
+    };
+    let (key, _) = read("/run/secrets/api_key");
+    assert_eq!(key, "k-123\n");
+    let (token, listing) = read("/run/secrets/token.txt");
+    assert_eq!(token, "t-456");
+    assert!(listing.starts_with("-r-------- 1000/"), "{listing}");
+    let (conf, listing) = read("/etc/app.conf");
+    assert_eq!(conf, "listen = 8080");
+    assert!(listing.starts_with("-r--r-----"), "{listing}");
     s.ok(&["down"]);
 }
 

@@ -3,6 +3,7 @@
 mod load;
 mod logs;
 mod output;
+mod pull;
 mod query;
 mod traces;
 mod up;
@@ -78,6 +79,13 @@ enum Cmd {
         /// Also remove the stack's named volumes (containers' data).
         #[arg(long, short = 'v')]
         volumes: bool,
+    },
+    /// Pull the images of container services (all, or those named), with
+    /// progress per layer.
+    Pull {
+        #[command(flatten)]
+        f: FileOpt,
+        services: Vec<String>,
     },
     /// List replicas: state, health, restarts, uptime, CPU and memory.
     Ps {
@@ -341,6 +349,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Trace(a) => a.f.file.clone(),
         Cmd::Events { f, .. } => f.file.clone(),
         Cmd::Down { f, .. }
+        | Cmd::Pull { f, .. }
         | Cmd::Ps { f, .. }
         | Cmd::Scale { f, .. }
         | Cmd::Autoscale { f, .. }
@@ -459,6 +468,15 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Config { .. } => {
             let l = ctx.load()?;
             print!("{}", spec::to_yaml(&l.stack));
+            Ok(0)
+        }
+        Cmd::Pull { services, .. } => {
+            let l = ctx.load()?;
+            if let Err(why) = engine_for(&l.stack).await {
+                eprintln!("{}: {why}", l.file.display());
+                return Ok(1);
+            }
+            pull::pull_images(&l.stack, &services, true).await?;
             Ok(0)
         }
         Cmd::Check { .. } => {

@@ -75,6 +75,9 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
     if let Err(why) = super::engine_for(&opts.stack).await {
         anyhow::bail!("{}: {why}", opts.file.display());
     }
+    // Images are fetched here, where their progress can be shown, as
+    // compose does; the daemon pulls only what goes missing later.
+    super::pull::pull_images(&opts.stack, &[], false).await?;
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()

@@ -22,6 +22,21 @@ const SERVICE_KEYS: &[&str] = &[
     "cap_add",
     "cap_drop",
     "extra_hosts",
+    "ulimits",
+    "tmpfs",
+    "privileged",
+    "shm_size",
+    "security_opt",
+    "sysctls",
+    "dns",
+    "dns_search",
+    "group_add",
+    "devices",
+    "mem_reservation",
+    "cpu_shares",
+    "networks",
+    "secrets",
+    "configs",
     "command",
     "entrypoint",
     "environment",
@@ -595,7 +610,20 @@ impl Decoder<'_> {
                 volumes.insert(vname.clone());
             }
         }
-        self.finish(top, "", &["networks", "secrets", "configs", "include"]);
+        let networks = match top.take("networks") {
+            Some(n) => self.network_defs(n, "networks"),
+            None => BTreeMap::new(),
+        };
+        let mut file_defs = BTreeMap::new();
+        for kind in ["secrets", "configs"] {
+            if let Some(n) = top.take(kind) {
+                file_defs.insert(kind, self.file_defs(n, kind));
+            }
+        }
+        self.finish(top, "", &["include"]);
+        for (name, (svc, knode)) in services.iter_mut() {
+            self.resolve_container_refs(name, svc, knode, &networks, &file_defs);
+        }
         self.cross_checks(&services);
         for (name, (svc, knode)) in &services {
             for (i, v) in svc.volumes.iter().enumerate() {
@@ -614,7 +642,7 @@ impl Decoder<'_> {
                 self.warn(
                     knode,
                     &format!("services.{name}"),
-                    "user, hostname, init, read_only, cap_add, cap_drop and extra_hosts apply to containers; ignored for a service run as processes",
+                    "container settings (such as user, networks, secrets, ulimits) apply to containers; ignored for a service run as processes",
                 );
             }
             if !svc.volumes.is_empty() && svc.driver() == DriverKind::Process {
@@ -629,8 +657,68 @@ impl Decoder<'_> {
             name,
             services: services.into_iter().map(|(k, (s, _))| (k, s)).collect(),
             volumes,
+            networks,
             settings,
         })
+    }
+
+    /// Fills a service's networks and secrets/configs from the top-level
+    /// definitions, reporting references to undefined ones.
+    fn resolve_container_refs(
+        &mut self,
+        name: &str,
+        svc: &mut Service,
+        knode: &Node,
+        networks: &BTreeMap<String, NetworkDef>,
+        file_defs: &BTreeMap<&str, BTreeMap<String, FileSource>>,
+    ) {
+        let path = join("services", name);
+        let c = &mut svc.container;
+        if c.networks.is_empty() {
+            c.networks.push(NetworkAttach {
+                key: "default".into(),
+                ..Default::default()
+            });
+        }
+        let mut errors = Vec::new();
+        for a in &mut c.networks {
+            match networks.get(&a.key) {
+                Some(d) => a.def = d.clone(),
+                None if a.key == "default" => {}
+                None => errors.push((
+                    join(&join(&path, "networks"), &a.key),
+                    format!(
+                        "refers to undefined network {:?}: declare it under the top-level networks",
+                        a.key
+                    ),
+                )),
+            }
+        }
+        // Only the default network, as is: the same definition as before
+        // networks could be declared.
+        let plain_default = NetworkAttach {
+            key: "default".into(),
+            ..Default::default()
+        };
+        if c.networks.len() == 1 && c.networks[0] == plain_default {
+            c.networks.clear();
+        }
+        for m in &mut c.files {
+            let kind = format!("{}s", m.kind);
+            match file_defs.get(kind.as_str()).and_then(|d| d.get(&m.name)) {
+                Some(src) => m.source = src.clone(),
+                None => errors.push((
+                    join(&path, &kind),
+                    format!(
+                        "refers to undefined {} {:?}: declare it under the top-level {kind}",
+                        m.kind, m.name
+                    ),
+                )),
+            }
+        }
+        for (p, e) in errors {
+            self.error(knode, &p, e);
+        }
     }
 
     fn settings(&mut self, node: &Node, path: &str) -> Settings {
@@ -894,6 +982,7 @@ impl Decoder<'_> {
                     .collect(),
             };
         }
+        self.container_keys(&mut f, path, &mut container);
         let command = f
             .take("command")
             .and_then(|n| self.cmd(n, &join(path, "command")));
@@ -1035,30 +1124,16 @@ impl Decoder<'_> {
         };
         let unsupported = [
             "container_name",
-            "networks",
             "network_mode",
-            "privileged",
             "tty",
             "stdin_open",
             "logging",
-            "secrets",
-            "configs",
-            "dns",
-            "ulimits",
             "platform",
-            "devices",
-            "tmpfs",
-            "shm_size",
-            "security_opt",
-            "sysctls",
             "extends",
             "links",
             "external_links",
-            "mem_reservation",
             "memswap_limit",
-            "cpu_shares",
             "cpuset",
-            "group_add",
             "ipc",
             "pid",
             "annotations",
@@ -1092,6 +1167,373 @@ impl Decoder<'_> {
             profiles,
             x,
         })
+    }
+
+    /// The container-only keys passed to the engine as they are.
+    fn container_keys(&mut self, f: &mut Fields<'_>, path: &str, c: &mut ContainerOpts) {
+        if let Some(n) = f.take("ulimits") {
+            c.ulimits = self.ulimits(n, &join(path, "ulimits"));
+        }
+        if let Some(n) = f.take("tmpfs") {
+            c.tmpfs = self.string_or_list(n, &join(path, "tmpfs"));
+            for (i, t) in c.tmpfs.clone().iter().enumerate() {
+                if !t.starts_with('/') {
+                    self.error(
+                        n,
+                        &format!("{path}.tmpfs[{i}]"),
+                        format!("expected an absolute path in the container, found {t:?}"),
+                    );
+                }
+            }
+        }
+        if let Some(n) = f.take("privileged") {
+            c.privileged = self.boolean(n, &join(path, "privileged")).unwrap_or(false);
+        }
+        if let Some(n) = f.take("shm_size") {
+            c.shm_size = self.bytes(n, &join(path, "shm_size"));
+        }
+        if let Some(n) = f.take("mem_reservation") {
+            c.mem_reservation = self.bytes(n, &join(path, "mem_reservation"));
+        }
+        if let Some(n) = f.take("cpu_shares") {
+            c.cpu_shares = self.uint(n, &join(path, "cpu_shares"), 262_144);
+        }
+        if let Some(n) = f.take("security_opt") {
+            c.security_opt = self.string_list(n, &join(path, "security_opt"));
+        }
+        if let Some(n) = f.take("sysctls") {
+            c.sysctls = self.key_values(n, &join(path, "sysctls"), false);
+        }
+        if let Some(n) = f.take("dns") {
+            c.dns = self.string_or_list(n, &join(path, "dns"));
+        }
+        if let Some(n) = f.take("dns_search") {
+            c.dns_search = self.string_or_list(n, &join(path, "dns_search"));
+        }
+        if let Some(n) = f.take("group_add") {
+            c.group_add = self.string_list(n, &join(path, "group_add"));
+        }
+        if let Some(n) = f.take("devices") {
+            c.devices = self.string_list(n, &join(path, "devices"));
+        }
+        if let Some(n) = f.take("networks") {
+            c.networks = self.service_networks(n, &join(path, "networks"));
+        }
+        for kind in ["secrets", "configs"] {
+            if let Some(n) = f.take(kind) {
+                let files = self.service_files(n, &join(path, kind), kind);
+                c.files.extend(files);
+            }
+        }
+    }
+
+    /// A string or a list of strings (compose's `dns`, `tmpfs`).
+    fn string_or_list(&mut self, node: &Node, path: &str) -> Vec<String> {
+        match &node.kind {
+            Kind::Seq(_) => self.string_list(node, path),
+            _ => self.text(node, path).into_iter().collect(),
+        }
+    }
+
+    /// One limit of `ulimits`: a non-negative integer, or -1 for unlimited.
+    fn ulimit(&mut self, node: &Node, path: &str) -> Option<i64> {
+        match &node.kind {
+            Kind::Int(-1) => Some(-1),
+            _ => self.uint(node, path, i64::MAX as u64).map(|v| v as i64),
+        }
+    }
+
+    /// `ulimits: {nofile: {soft: N, hard: N}, nproc: N}`.
+    fn ulimits(&mut self, node: &Node, path: &str) -> BTreeMap<String, (i64, i64)> {
+        let mut out = BTreeMap::new();
+        let Some(f) = self.fields(node, path) else {
+            return out;
+        };
+        for (name, _, v) in &f.entries {
+            let p = join(path, name);
+            if !matches!(v.kind, Kind::Map(_)) {
+                if let Some(l) = self.ulimit(v, &p) {
+                    out.insert(name.clone(), (l, l));
+                }
+                continue;
+            }
+            let Some(mut lf) = self.fields(v, &p) else {
+                continue;
+            };
+            let soft = lf
+                .take("soft")
+                .and_then(|n| self.ulimit(n, &join(&p, "soft")));
+            let hard = lf
+                .take("hard")
+                .and_then(|n| self.ulimit(n, &join(&p, "hard")));
+            self.finish(lf, &p, &[]);
+            match (soft, hard) {
+                (Some(s), Some(h)) if h != -1 && (s > h || s == -1) => self.error(
+                    v,
+                    &p,
+                    format!("the soft limit {s} is above the hard limit {h}"),
+                ),
+                (Some(s), Some(h)) => {
+                    out.insert(name.clone(), (s, h));
+                }
+                _ => self.error(v, &p, "expected both soft and hard"),
+            }
+        }
+        out
+    }
+
+    /// `services.X.networks`: a list of names, or a mapping of names to
+    /// `{aliases, ipv4_address}` (or nothing).
+    fn service_networks(&mut self, node: &Node, path: &str) -> Vec<NetworkAttach> {
+        let mut out = Vec::new();
+        if let Kind::Seq(_) = node.kind {
+            for key in self.string_list(node, path) {
+                out.push(NetworkAttach {
+                    key,
+                    ..Default::default()
+                });
+            }
+            return out;
+        }
+        let Some(f) = self.fields(node, path) else {
+            return out;
+        };
+        for (key, _, v) in &f.entries {
+            let p = join(path, key);
+            let mut a = NetworkAttach {
+                key: key.clone(),
+                ..Default::default()
+            };
+            if !matches!(v.kind, Kind::Null)
+                && let Some(mut nf) = self.fields(v, &p)
+            {
+                if let Some(n) = nf.take("aliases") {
+                    a.aliases = self.string_list(n, &join(&p, "aliases"));
+                }
+                a.ipv4_address =
+                    self.string_opt(nf.take("ipv4_address"), &join(&p, "ipv4_address"));
+                self.finish(
+                    nf,
+                    &p,
+                    &[
+                        "ipv6_address",
+                        "priority",
+                        "link_local_ips",
+                        "mac_address",
+                        "driver_opts",
+                        "gw_priority",
+                    ],
+                );
+            }
+            out.push(a);
+        }
+        out
+    }
+
+    /// `services.X.secrets` / `configs`: names, or `{source, target, uid,
+    /// gid, mode}`; their content is resolved from the top-level definitions
+    /// once those are read.
+    fn service_files(&mut self, node: &Node, path: &str, kind: &str) -> Vec<FileMount> {
+        let Kind::Seq(items) = &node.kind else {
+            self.error(
+                node,
+                path,
+                format!("expected a list of {kind}, found {}", node.describe()),
+            );
+            return Vec::new();
+        };
+        let singular = kind.trim_end_matches('s');
+        // compose's defaults: secrets under /run/secrets, configs at the root.
+        let place = |target: &str| -> String {
+            if target.starts_with('/') {
+                target.to_owned()
+            } else if kind == "secrets" {
+                format!("/run/secrets/{target}")
+            } else {
+                format!("/{target}")
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let mut m = FileMount {
+                kind: singular.to_owned(),
+                name: String::new(),
+                target: String::new(),
+                source: FileSource::Content(String::new()),
+                mode: None,
+                uid: None,
+                gid: None,
+            };
+            if !matches!(item.kind, Kind::Map(_)) {
+                let Some(name) = self.text(item, &p) else {
+                    continue;
+                };
+                m.target = place(&name);
+                m.name = name;
+                out.push(m);
+                continue;
+            }
+            let Some(mut f) = self.fields(item, &p) else {
+                continue;
+            };
+            let Some(source) = self.string_opt(f.take("source"), &join(&p, "source")) else {
+                self.error(
+                    item,
+                    &join(&p, "source"),
+                    format!("missing key: which {singular}"),
+                );
+                continue;
+            };
+            let target = self.string_opt(f.take("target"), &join(&p, "target"));
+            m.target = place(target.as_deref().unwrap_or(&source));
+            m.name = source;
+            m.uid = f
+                .take("uid")
+                .and_then(|n| self.uint(n, &join(&p, "uid"), u32::MAX.into()))
+                .map(|v| v as u32);
+            m.gid = f
+                .take("gid")
+                .and_then(|n| self.uint(n, &join(&p, "gid"), u32::MAX.into()))
+                .map(|v| v as u32);
+            if let Some(n) = f.take("mode") {
+                m.mode = self.file_mode(n, &join(&p, "mode"));
+            }
+            self.finish(f, &p, &[]);
+            out.push(m);
+        }
+        out
+    }
+
+    /// A file mode written in octal (`0440`, `"0440"`, or `440` read as octal).
+    fn file_mode(&mut self, node: &Node, path: &str) -> Option<u32> {
+        let text = match &node.kind {
+            Kind::Int(i) => i.to_string(),
+            _ => self.text(node, path)?,
+        };
+        match u32::from_str_radix(text.trim().trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o7777 => Some(m),
+            _ => {
+                self.error(
+                    node,
+                    path,
+                    format!("expected an octal file mode such as 0440, found {text:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The top-level `networks:`.
+    fn network_defs(&mut self, node: &Node, path: &str) -> BTreeMap<String, NetworkDef> {
+        let mut out = BTreeMap::new();
+        let Some(f) = self.fields(node, path) else {
+            return out;
+        };
+        for (key, _, v) in &f.entries {
+            let p = join(path, key);
+            let mut d = NetworkDef::default();
+            if !matches!(v.kind, Kind::Null)
+                && let Some(mut nf) = self.fields(v, &p)
+            {
+                d.name = self.string_opt(nf.take("name"), &join(&p, "name"));
+                if let Some(n) = nf.take("external") {
+                    let ep = join(&p, "external");
+                    d.external = if let Kind::Map(_) = n.kind {
+                        // The older `external: {name: X}` form.
+                        if let Some(mut ef) = self.fields(n, &ep) {
+                            d.name = self.string_opt(ef.take("name"), &join(&ep, "name"));
+                        }
+                        true
+                    } else {
+                        self.boolean(n, &ep).unwrap_or(false)
+                    };
+                }
+                if let Some(n) = nf.take("internal") {
+                    d.internal = self.boolean(n, &join(&p, "internal")).unwrap_or(false);
+                }
+                d.driver = self.string_opt(nf.take("driver"), &join(&p, "driver"));
+                if let Some(n) = nf.take("driver_opts") {
+                    d.driver_opts = self.key_values(n, &join(&p, "driver_opts"), false);
+                }
+                if let Some(n) = nf.take("labels") {
+                    d.labels = self.key_values(n, &join(&p, "labels"), false);
+                }
+                self.finish(nf, &p, &["ipam", "attachable", "enable_ipv6"]);
+            }
+            out.insert(key.clone(), d);
+        }
+        out
+    }
+
+    /// The top-level `secrets:` or `configs:`: where each one's content comes from.
+    fn file_defs(&mut self, node: &Node, path: &str) -> BTreeMap<String, FileSource> {
+        let mut out = BTreeMap::new();
+        let Some(f) = self.fields(node, path) else {
+            return out;
+        };
+        for (key, _, v) in &f.entries {
+            let p = join(path, key);
+            let Some(mut ff) = self.fields(v, &p) else {
+                continue;
+            };
+            let source = match (ff.take("file"), ff.take("content"), ff.take("environment")) {
+                (Some(n), None, None) => self.text(n, &join(&p, "file")).map(|t| {
+                    let path = Path::new(&t);
+                    FileSource::File(if path.is_absolute() {
+                        t
+                    } else {
+                        let joined: std::path::PathBuf = self.dir.join(path).components().collect();
+                        joined.to_string_lossy().into_owned()
+                    })
+                }),
+                (None, Some(n), None) => {
+                    self.text(n, &join(&p, "content")).map(FileSource::Content)
+                }
+                (None, None, Some(n)) => {
+                    let ep = join(&p, "environment");
+                    let var = self.text(n, &ep).unwrap_or_default();
+                    let val = self.vars.get(&var).map(str::to_owned);
+                    if val.is_none() {
+                        self.error(
+                            n,
+                            &ep,
+                            format!("the environment variable {var:?} is not set"),
+                        );
+                    }
+                    val.map(FileSource::Content)
+                }
+                (None, None, None) => {
+                    let why = if ff.take("external").is_some() {
+                        "external secrets and configs live in Swarm; give a file, content or environment"
+                    } else {
+                        "missing key: file, content or environment"
+                    };
+                    self.error(v, &p, why);
+                    None
+                }
+                _ => {
+                    self.error(v, &p, "give only one of file, content and environment");
+                    None
+                }
+            };
+            self.finish(
+                ff,
+                &p,
+                &[
+                    "name",
+                    "external",
+                    "labels",
+                    "template_driver",
+                    "driver",
+                    "driver_opts",
+                ],
+            );
+            if let Some(s) = source {
+                out.insert(key.clone(), s);
+            }
+        }
+        out
     }
 
     fn env_files(&mut self, node: &Node, path: &str) -> BTreeMap<String, String> {

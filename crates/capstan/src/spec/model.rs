@@ -13,6 +13,9 @@ pub struct Stack {
     /// Named volumes declared at the top level (`volumes:`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub volumes: std::collections::BTreeSet<String>,
+    /// Networks declared at the top level (`networks:`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub networks: BTreeMap<String, NetworkDef>,
     #[serde(rename = "x-capstan", default)]
     pub settings: Settings,
 }
@@ -370,6 +373,108 @@ pub struct ContainerOpts {
     /// compose's `pull_policy`: `missing` (default), `always`, `never`, `build`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pull_policy: Option<String>,
+    /// `ulimits`: name → (soft, hard).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub ulimits: BTreeMap<String, (i64, i64)>,
+    /// `tmpfs`: `PATH` or `PATH:OPTIONS`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub tmpfs: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub privileged: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub shm_size: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub security_opt: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub sysctls: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub dns: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub dns_search: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub group_add: Vec<String>,
+    /// `devices`: `HOST[:CONTAINER[:PERMISSIONS]]`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub devices: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mem_reservation: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cpu_shares: Option<u64>,
+    /// The networks the containers join, with the top-level definitions
+    /// resolved; empty means the stack's default network.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub networks: Vec<NetworkAttach>,
+    /// `secrets` and `configs`, resolved from their top-level definitions.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub files: Vec<FileMount>,
+}
+
+/// A network a service's containers join (`services.X.networks`), with its
+/// top-level definition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkAttach {
+    /// The key under the top-level `networks:` (`default` for the stack's own).
+    pub key: String,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub aliases: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ipv4_address: Option<String>,
+    #[serde(skip_serializing_if = "NetworkDef::is_default", default)]
+    pub def: NetworkDef,
+}
+
+/// A top-level `networks:` entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkDef {
+    /// The engine's name for an `external` network (or one given `name:`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub external: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub internal: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub driver: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub driver_opts: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NetworkDef {
+    pub fn is_default(&self) -> bool {
+        *self == NetworkDef::default()
+    }
+}
+
+/// A secret or config given to a service's containers as a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileMount {
+    /// `secret` or `config`, for messages.
+    pub kind: String,
+    /// Its name under the top-level `secrets:`/`configs:`.
+    pub name: String,
+    /// Where it appears in the container (absolute).
+    pub target: String,
+    pub source: FileSource,
+    /// `mode` (octal), `uid`, `gid`, for content written into the container.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mode: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gid: Option<u32>,
+}
+
+/// Where a secret's or config's content comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileSource {
+    /// A host file (absolute once loaded), bind-mounted read-only.
+    File(String),
+    /// Inline content, or an environment variable's value at load time,
+    /// written into the container before it starts.
+    Content(String),
 }
 
 impl ContainerOpts {

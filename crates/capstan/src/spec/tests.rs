@@ -401,3 +401,47 @@ fn pull_policies() {
         "{e}"
     );
 }
+
+#[test]
+fn networks_secrets_and_configs_must_be_declared() {
+    let text = "services:\n  web:\n    image: x\n    networks: [front]\n    secrets: [key]\n    configs: [conf]\n";
+    insta::assert_snapshot!(errors(text), @r#"
+    capstan.yaml:2:3: services.web.networks.front: refers to undefined network "front": declare it under the top-level networks
+    capstan.yaml:2:3: services.web.secrets: refers to undefined secret "key": declare it under the top-level secrets
+    capstan.yaml:2:3: services.web.configs: refers to undefined config "conf": declare it under the top-level configs
+    "#);
+}
+
+#[test]
+fn container_keys_are_checked() {
+    let text = "services:\n  web:\n    image: x\n    ulimits:\n      nofile: {soft: 20, hard: 10}\n    tmpfs: run\n    secrets:\n      - source: key\n        mode: 0999\nsecrets:\n  key: {external: true}\n";
+    insta::assert_snapshot!(errors(text), @r#"
+    capstan.yaml:5:15: services.web.ulimits.nofile: the soft limit 20 is above the hard limit 10
+    capstan.yaml:6:12: services.web.tmpfs[0]: expected an absolute path in the container, found "run"
+    capstan.yaml:9:15: services.web.secrets[0].mode: expected an octal file mode such as 0440, found "999"
+    capstan.yaml:11:8: secrets.key: external secrets and configs live in Swarm; give a file, content or environment
+    "#);
+}
+
+#[test]
+fn networks_and_files_resolve_from_the_top_level() {
+    let text = "services:\n  web:\n    image: x\n    networks:\n      front: {aliases: [www]}\n    secrets: [key]\n    configs: [{source: conf, target: /etc/c.conf, mode: 0440}]\n  db:\n    image: y\nnetworks:\n  front: {internal: true}\nsecrets:\n  key: {file: ./key.txt}\nconfigs:\n  conf: {content: hi}\n";
+    let (stack, warnings) = parse(text).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let web = &stack.services["web"].container;
+    assert_eq!(web.networks.len(), 1);
+    assert_eq!(web.networks[0].key, "front");
+    assert_eq!(web.networks[0].aliases, ["www"]);
+    assert!(web.networks[0].def.internal);
+    assert_eq!(web.files[0].target, "/run/secrets/key");
+    assert_eq!(
+        web.files[0].source,
+        FileSource::File("/srv/app/key.txt".into())
+    );
+    assert_eq!(web.files[1].target, "/etc/c.conf");
+    assert_eq!(web.files[1].mode, Some(0o440));
+    assert_eq!(web.files[1].source, FileSource::Content("hi".into()));
+    // A service on the default network only is defined as before networks
+    // could be declared (its definition hash does not change).
+    assert!(stack.services["db"].container.is_default());
+}

@@ -19,8 +19,9 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecOptions};
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, Mount, MountType, NetworkCreateRequest,
-    NetworkingConfig, VolumeCreateRequest,
+    ContainerCreateBody, DeviceMapping, EndpointIpamConfig, EndpointSettings, HostConfig, Mount,
+    MountType, NetworkConnectRequest, NetworkCreateRequest, NetworkingConfig, ResourcesUlimits,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
@@ -32,10 +33,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 
-use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
+use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica, registry};
 use crate::events::EventLog;
 use crate::logs::Stream;
-use crate::spec::{Dur, HealthTest, Healthcheck, Service, VolumeKind};
+use crate::spec::{
+    ContainerOpts, Dur, FileSource, HealthTest, Healthcheck, NetworkAttach, Service, VolumeKind,
+};
 use crate::state::Sample;
 
 /// Labels every container of capstan carries.
@@ -77,8 +80,154 @@ fn context_tar(dir: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
     t.into_inner().map_err(|e| e.to_string())
 }
 
+/// The compose keys handed to the engine as they are.
+fn passthrough(c: &ContainerOpts) -> HostConfig {
+    let list = |v: &Vec<String>| Some(v.clone()).filter(|v| !v.is_empty());
+    HostConfig {
+        ulimits: Some(
+            c.ulimits
+                .iter()
+                .map(|(name, (soft, hard))| ResourcesUlimits {
+                    name: Some(name.clone()),
+                    soft: Some(*soft),
+                    hard: Some(*hard),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .filter(|u| !u.is_empty()),
+        tmpfs: Some(
+            c.tmpfs
+                .iter()
+                .map(|t| match t.split_once(':') {
+                    Some((path, opts)) => (path.to_owned(), opts.to_owned()),
+                    None => (t.clone(), String::new()),
+                })
+                .collect::<HashMap<_, _>>(),
+        )
+        .filter(|t| !t.is_empty()),
+        privileged: Some(c.privileged).filter(|p| *p),
+        shm_size: c.shm_size.map(|s| s as i64),
+        security_opt: list(&c.security_opt),
+        sysctls: Some(c.sysctls.clone().into_iter().collect::<HashMap<_, _>>())
+            .filter(|s| !s.is_empty()),
+        dns: list(&c.dns),
+        dns_search: list(&c.dns_search),
+        group_add: list(&c.group_add),
+        devices: Some(
+            c.devices
+                .iter()
+                .map(|d| {
+                    let mut parts = d.splitn(3, ':');
+                    let host = parts.next().unwrap_or_default().to_owned();
+                    DeviceMapping {
+                        path_in_container: Some(parts.next().unwrap_or(&host).to_owned()),
+                        cgroup_permissions: Some(parts.next().unwrap_or("rwm").to_owned()),
+                        path_on_host: Some(host),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+        .filter(|d| !d.is_empty()),
+        memory_reservation: c.mem_reservation.map(|m| m as i64),
+        cpu_shares: c.cpu_shares.map(|s| s as i64),
+        ..Default::default()
+    }
+}
+
+/// Secrets and configs from host files: bind-mounted read-only, as compose
+/// does without Swarm.
+fn file_binds(svc: &Service) -> Vec<Mount> {
+    svc.container
+        .files
+        .iter()
+        .filter_map(|f| match &f.source {
+            FileSource::File(path) => Some(Mount {
+                target: Some(f.target.clone()),
+                source: Some(path.clone()),
+                typ: Some(MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            }),
+            FileSource::Content(_) => None,
+        })
+        .collect()
+}
+
+/// Secrets and configs given as content: written into the created
+/// container (before it starts) with their mode and owner.
+async fn write_files(docker: &Docker, id: &str, svc: &Service) -> Result<(), String> {
+    let mut t = tar::Builder::new(Vec::new());
+    let mut any = false;
+    for f in &svc.container.files {
+        let FileSource::Content(text) = &f.source else {
+            continue;
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(f.mode.unwrap_or(0o444));
+        h.set_uid(f.uid.unwrap_or(0).into());
+        h.set_gid(f.gid.unwrap_or(0).into());
+        h.set_entry_type(tar::EntryType::Regular);
+        t.append_data(&mut h, f.target.trim_start_matches('/'), text.as_bytes())
+            .map_err(|e| format!("{} {}: {e}", f.kind, f.name))?;
+        any = true;
+    }
+    if !any {
+        return Ok(());
+    }
+    let tar = t.into_inner().map_err(|e| e.to_string())?;
+    docker
+        .upload_to_container(
+            id,
+            Some(bollard::query_parameters::UploadToContainerOptions {
+                path: "/".into(),
+                ..Default::default()
+            }),
+            bollard::body_full(tar.into()),
+        )
+        .await
+        .map_err(|e| format!("writing secrets and configs: {}", engine_error(e)))
+}
+
+/// One report of a pull, as the engine sends them (per layer: its id, a
+/// status, bytes done and total).
+pub type PullStep = bollard::models::CreateImageInfo;
+
+/// Pulls an image with the Docker CLI's credentials for its registry,
+/// handing `step` every progress report. A failure names the image and the
+/// registry.
+pub async fn pull(
+    docker: &Docker,
+    image: &str,
+    mut step: impl FnMut(&PullStep),
+) -> Result<(), String> {
+    let registry = registry::registry_of(image);
+    let fail = |e: String| format!("cannot pull image {image} from registry {registry}: {e}");
+    let creds = registry::credentials(image)
+        .await
+        .map_err(|e| fail(format!("reading credentials: {e}")))?;
+    let (name, tag) = registry::split_reference(image);
+    let opts = CreateImageOptions {
+        from_image: Some(name),
+        tag: Some(tag),
+        ..Default::default()
+    };
+    let mut steps = docker.create_image(Some(opts), None, creds);
+    while let Some(s) = steps.next().await {
+        let info = s.map_err(|e| fail(engine_error(e)))?;
+        if let Some(err) = info.error_detail.as_ref().and_then(|d| d.message.clone()) {
+            return Err(fail(err));
+        }
+        step(&info);
+    }
+    Ok(())
+}
+
 /// The port a container listens on when its service names none.
 pub const DEFAULT_PORT: u16 = 8080;
+
+/// Something made once on first use (a network), or why it could not be.
+type Made = OnceCell<Result<(), String>>;
 
 /// An image being built (or built): its tag, or why the build failed.
 type Built = OnceCell<Result<String, String>>;
@@ -88,7 +237,8 @@ pub struct ContainerDriver {
     stack_id: String,
     events: Arc<EventLog>,
     docker: OnceCell<Result<Docker, String>>,
-    network: OnceCell<Result<String, String>>,
+    /// Networks made sure of, by their engine name.
+    networks: Mutex<HashMap<String, Arc<Made>>>,
     /// Images built per service and revision: one build however many
     /// replicas start at once.
     builds: Mutex<HashMap<(String, u64), Arc<Built>>>,
@@ -112,9 +262,9 @@ fn socket_named() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
 
-/// Whether a container engine answers: its name and version, or why not
-/// (naming the socket tried).
-pub async fn probe_engine() -> Result<String, String> {
+/// Connects to the engine (`DOCKER_HOST` or the local socket) and
+/// negotiates the API version; the error names the socket tried.
+pub async fn connect() -> Result<Docker, String> {
     let unreachable = |e: String| {
         format!(
             "no container engine at {} ({e}): start Docker (or Podman's socket), or set DOCKER_HOST",
@@ -126,10 +276,23 @@ pub async fn probe_engine() -> Result<String, String> {
         .negotiate_version()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    let v = docker
-        .version()
+    docker
+        .ping()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
+    Ok(docker)
+}
+
+/// Whether a container engine answers: its name and version, or why not
+/// (naming the socket tried).
+pub async fn probe_engine() -> Result<String, String> {
+    let docker = connect().await?;
+    let v = docker.version().await.map_err(|e| {
+        format!(
+            "no container engine at {} ({e}): start Docker (or Podman's socket), or set DOCKER_HOST",
+            socket_named()
+        )
+    })?;
     Ok(format!(
         "engine {} (API {}) at {}",
         v.version.unwrap_or_default(),
@@ -180,7 +343,7 @@ impl ContainerDriver {
             stack_id: stack_id.to_owned(),
             events,
             docker: OnceCell::new(),
-            network: OnceCell::new(),
+            networks: Mutex::default(),
             builds: Mutex::default(),
         }
     }
@@ -188,58 +351,94 @@ impl ContainerDriver {
     /// The engine, connected on first use (a stack without containers never
     /// needs one).
     async fn docker(&self) -> Result<Docker, String> {
-        self.docker
-            .get_or_init(|| async {
-                let unreachable = |e: String| {
-                    format!(
-                        "no container engine at {} ({e}): start Docker (or Podman's socket), or set DOCKER_HOST",
-                        socket_named()
-                    )
-                };
-                let docker = Docker::connect_with_local_defaults()
-                    .map_err(|e| unreachable(e.to_string()))?;
-                let docker = docker
-                    .negotiate_version()
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                docker
-                    .ping()
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                Ok(docker)
-            })
-            .await
-            .clone()
+        self.docker.get_or_init(connect).await.clone()
     }
 
-    fn network_name(&self) -> String {
-        docker_name(&format!("capstan-{}", self.stack_id))
+    /// The engine's name of a network of the stack: `capstan-<stack>` for
+    /// the default one, `capstan-<stack>-<key>` for a declared one, its own
+    /// `name` (or key, when external) as given.
+    fn network_name(&self, a: &NetworkAttach) -> String {
+        if let Some(n) = &a.def.name {
+            n.clone()
+        } else if a.def.external {
+            a.key.clone()
+        } else if a.key == "default" {
+            docker_name(&format!("capstan-{}", self.stack_id))
+        } else {
+            docker_name(&format!("capstan-{}-{}", self.stack_id, a.key))
+        }
     }
 
-    /// The stack's bridge network, created on first use.
-    async fn network(&self, docker: &Docker) -> Result<String, String> {
-        self.network
-            .get_or_init(|| async {
-                let name = self.network_name();
-                match docker.inspect_network(&name, None).await {
-                    Ok(_) => return Ok(name),
-                    Err(e) if not_found(&e) => {}
-                    Err(e) => return Err(format!("network {name}: {}", engine_error(e))),
+    /// The networks a service's containers join, the first being the one
+    /// capstan reaches them on.
+    fn attachments(svc: &Service) -> Vec<NetworkAttach> {
+        if svc.container.networks.is_empty() {
+            vec![NetworkAttach {
+                key: "default".into(),
+                ..Default::default()
+            }]
+        } else {
+            svc.container.networks.clone()
+        }
+    }
+
+    /// Makes sure a network exists: an external one must, the stack's are
+    /// created (labelled with the stack) on first use.
+    async fn network(&self, docker: &Docker, a: &NetworkAttach) -> Result<String, String> {
+        let name = self.network_name(a);
+        let cell = self
+            .networks
+            .lock()
+            .unwrap()
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            match docker.inspect_network(&name, None).await {
+                Ok(_) => return Ok(()),
+                Err(e) if not_found(&e) && a.def.external => {
+                    return Err(format!(
+                        "external network {name} (networks.{}) does not exist: create it with `docker network create {name}`",
+                        a.key
+                    ));
                 }
-                let req = NetworkCreateRequest {
-                    name: name.clone(),
-                    driver: Some("bridge".into()),
-                    labels: Some(HashMap::from([(LABEL_STACK.into(), self.stack_id.clone())])),
-                    ..Default::default()
-                };
-                docker
-                    .create_network(req)
-                    .await
-                    .map_err(|e| format!("creating network {name}: {}", engine_error(e)))?;
-                Ok(name)
-            })
-            .await
-            .clone()
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(format!("network {name}: {}", engine_error(e))),
+            }
+            let mut labels: HashMap<String, String> = a.def.labels.clone().into_iter().collect();
+            labels.insert(LABEL_STACK.into(), self.stack_id.clone());
+            let req = NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some(a.def.driver.clone().unwrap_or_else(|| "bridge".into())),
+                internal: Some(a.def.internal),
+                options: Some(a.def.driver_opts.clone().into_iter().collect()),
+                labels: Some(labels),
+                ..Default::default()
+            };
+            docker
+                .create_network(req)
+                .await
+                .map_err(|e| format!("creating network {name}: {}", engine_error(e)))?;
+            Ok(())
+        })
+        .await
+        .clone()?;
+        Ok(name)
+    }
+
+    /// The endpoint of a replica on one network: the service's name and
+    /// aliases, an address if one is asked for.
+    fn endpoint(service: &str, a: &NetworkAttach) -> EndpointSettings {
+        let mut aliases = vec![service.to_owned()];
+        aliases.extend(a.aliases.iter().cloned());
+        EndpointSettings {
+            aliases: Some(aliases),
+            ipam_config: a.ipv4_address.as_ref().map(|ip| EndpointIpamConfig {
+                ipv4_address: Some(ip.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     /// The engine's name of one of the stack's named volumes.
@@ -315,26 +514,7 @@ impl ContainerDriver {
         }
         self.events
             .emit(service, None, "pulling", format!("pulling image {image}"));
-        let (name, tag) = match image.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t),
-            _ => (image, "latest"),
-        };
-        let opts = CreateImageOptions {
-            from_image: Some(name.to_owned()),
-            tag: Some(tag.to_owned()),
-            ..Default::default()
-        };
-        let mut pull = docker.create_image(Some(opts), None, None);
-        while let Some(step) = pull.next().await {
-            match step {
-                Ok(info) => {
-                    if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                        return Err(format!("cannot pull image {image}: {err}"));
-                    }
-                }
-                Err(e) => return Err(format!("cannot pull image {image}: {}", engine_error(e))),
-            }
-        }
+        pull(docker, image, |_| {}).await?;
         self.events
             .emit(service, None, "pulled", format!("pulled image {image}"));
         Ok(())
@@ -460,8 +640,14 @@ impl ContainerDriver {
             .and_then(|i| i.config)
             .and_then(|c| c.healthcheck)
             .and_then(image_healthcheck);
-        let network = self.network(&docker).await?;
-        let mounts = self.mounts(&docker, &svc).await?;
+        let attachments = Self::attachments(&svc);
+        let mut networks = Vec::with_capacity(attachments.len());
+        for a in &attachments {
+            networks.push(self.network(&docker, a).await?);
+        }
+        let network = networks[0].clone();
+        let mut mounts = self.mounts(&docker, &svc).await?;
+        mounts.extend(file_binds(&svc));
         let port = container_port(&svc);
         let mut env = launch.env.clone();
         env.entry("PORT".into()).or_insert(port.to_string());
@@ -534,15 +720,14 @@ impl ContainerDriver {
                 cap_add: Some(svc.container.cap_add.clone()).filter(|c| !c.is_empty()),
                 cap_drop: Some(svc.container.cap_drop.clone()).filter(|c| !c.is_empty()),
                 extra_hosts: Some(extra_hosts).filter(|h| !h.is_empty()),
-                ..Default::default()
+                ..passthrough(&svc.container)
             }),
+            // API 1.41 takes one network at creation; the others are
+            // connected before the start.
             networking_config: Some(NetworkingConfig {
                 endpoints_config: Some(HashMap::from([(
                     network.clone(),
-                    EndpointSettings {
-                        aliases: Some(vec![launch.id.service.clone()]),
-                        ..Default::default()
-                    },
+                    Self::endpoint(&launch.id.service, &attachments[0]),
                 )])),
             }),
             ..Default::default()
@@ -569,6 +754,23 @@ impl ContainerDriver {
                 )
                 .await;
         };
+        for (a, net) in attachments.iter().zip(&networks).skip(1) {
+            let req = NetworkConnectRequest {
+                container: id.clone(),
+                endpoint_config: Some(Self::endpoint(&launch.id.service, a)),
+            };
+            if let Err(e) = docker.connect_network(net, req).await {
+                remove(docker.clone(), id.clone()).await;
+                return Err(format!(
+                    "connecting container {name} to network {net}: {}",
+                    engine_error(e)
+                ));
+            }
+        }
+        if let Err(e) = write_files(&docker, &id, &svc).await {
+            remove(docker.clone(), id.clone()).await;
+            return Err(format!("container {name}: {e}"));
+        }
         // Output is followed from the container's start, before it runs.
         if let Err(e) = docker.start_container(&id, None).await {
             remove(docker.clone(), id.clone()).await;
@@ -596,7 +798,6 @@ impl ContainerDriver {
             docker,
             id,
             &inspected,
-            &network,
             port,
             record,
             (limits.memory, limits.cpus),
@@ -643,7 +844,6 @@ impl ContainerDriver {
             }))
             .await
             .unwrap_or_default();
-        let network = self.network_name();
         let mut adopted = Vec::new();
         let mut stops = Vec::new();
         for c in list {
@@ -696,7 +896,6 @@ impl ContainerDriver {
                     docker.clone(),
                     id.clone(),
                     &inspected,
-                    &network,
                     port,
                     record,
                     enforced,
@@ -708,7 +907,6 @@ impl ContainerDriver {
                     "adopted",
                     format!("container {short} (revision {revision}) left running by a previous daemon; supervised again"),
                 );
-                let _ = self.network.set(Ok(network.clone()));
                 adopted.push(super::Adopted {
                     id: crate::state::ReplicaId::new(&service, revision, index),
                     replica: Box::new(replica),
@@ -795,16 +993,32 @@ impl Driver for ContainerDriver {
                     }
                 }
             }
-            // Only a stack that ran containers has a network to remove.
-            let (Some(Ok(docker)), Some(Ok(name))) = (self.docker.get(), self.network.get()) else {
+            // Only a stack that ran containers has networks to remove (and
+            // an engine to ask): those labelled with the stack, never an
+            // external one.
+            let Some(Ok(docker)) = self.docker.get() else {
                 return;
             };
-            if let Err(e) = docker.remove_network(name).await
-                && !not_found(&e)
-            {
-                self.events
-                    .warn_once(format!("cannot remove network {name}: {}", engine_error(e)));
+            let filters = HashMap::from([(
+                "label".to_owned(),
+                vec![format!("{LABEL_STACK}={}", self.stack_id)],
+            )]);
+            let list = docker
+                .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+                    filters: Some(filters),
+                }))
+                .await
+                .unwrap_or_default();
+            for n in list {
+                let Some(name) = n.name else { continue };
+                if let Err(e) = docker.remove_network(&name).await
+                    && !not_found(&e)
+                {
+                    self.events
+                        .warn_once(format!("cannot remove network {name}: {}", engine_error(e)));
+                }
             }
+            self.networks.lock().unwrap().clear();
         })
     }
 }
@@ -816,7 +1030,6 @@ fn attach(
     docker: Docker,
     id: String,
     inspected: &bollard::models::ContainerInspectResponse,
-    network: &str,
     port: u16,
     mut record: Record,
     enforced: (Option<u64>, Option<f64>),
@@ -828,11 +1041,21 @@ fn attach(
         .and_then(|s| s.pid)
         .filter(|p| *p > 0)
         .map(|p| p as i32);
+    // Its address on the first network it joined (its network mode).
+    let first = inspected
+        .host_config
+        .as_ref()
+        .and_then(|h| h.network_mode.clone());
     let ip: Option<IpAddr> = inspected
         .network_settings
         .as_ref()
         .and_then(|n| n.networks.as_ref())
-        .and_then(|n| n.get(network))
+        .and_then(|n| match first.as_ref().and_then(|f| n.get(f)) {
+            Some(e) => Some(e),
+            None => n
+                .values()
+                .find(|e| e.ip_address.as_deref().is_some_and(|a| !a.is_empty())),
+        })
         .and_then(|e| e.ip_address.as_deref())
         .and_then(|ip| ip.parse().ok());
     // A container that already ended has no address; its exit tells why.

@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod process;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
