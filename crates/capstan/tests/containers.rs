@@ -636,18 +636,28 @@ services:
 }
 
 #[test]
-fn an_image_missing_locally_is_pulled_from_a_registry() {
+fn an_image_missing_locally_is_pulled_from_a_registry_with_credentials() {
     let Some(image) = demo_image() else { return };
-    // A real registry (Debian's docker-registry) on a loopback port.
+    // A real registry (Debian's docker-registry) on a loopback port, with a
+    // password file.
     let registry = need("docker-registry");
+    let htpasswd = need("htpasswd");
     let port = free_port();
     let store = tempfile::tempdir().unwrap();
+    let users = store.path().join("htpasswd");
+    let out = Command::new(htpasswd)
+        .args(["-Bbn", "alice", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(&users, &out.stdout).unwrap();
     let config = store.path().join("config.yml");
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            store.path().join("data").display()
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: capstan-test\n    path: {}\n",
+            store.path().join("data").display(),
+            users.display()
         ),
     )
     .unwrap();
@@ -663,11 +673,36 @@ fn an_image_missing_locally_is_pulled_from_a_registry() {
     wait_for("the registry", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
+    // The Docker CLI's own login writes the config capstan reads.
+    let logged_in = store.path().join("docker-config");
+    let nobody = store.path().join("no-config");
+    std::fs::create_dir_all(&nobody).unwrap();
     let s = TestStack::new("services: {}\n");
     let tag = format!("127.0.0.1:{port}/capstan-demo:{}", s.marker.to_lowercase());
+    let cfg = logged_in.to_str().unwrap();
+    let host = format!("127.0.0.1:{port}");
+    // A layer of its own, so that the pull has one to fetch.
+    let ctx = store.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {image}\nCOPY marker /marker\n"),
+    )
+    .unwrap();
+    std::fs::write(ctx.join("marker"), &s.marker).unwrap();
     for args in [
-        vec!["tag", image, tag.as_str()],
-        vec!["push", tag.as_str()],
+        vec![
+            "--config",
+            cfg,
+            "login",
+            "-u",
+            "alice",
+            "-p",
+            "s3cret",
+            host.as_str(),
+        ],
+        vec!["build", "-q", "-t", tag.as_str(), ctx.to_str().unwrap()],
+        vec!["--config", cfg, "push", tag.as_str()],
         vec!["rmi", tag.as_str()],
     ] {
         let out = Command::new("docker").args(&args).output().unwrap();
@@ -691,8 +726,42 @@ services:
 "#
     ));
     let _guard = Leftovers(s.marker.clone());
-    s.up();
+    let up = [
+        "up",
+        "-d",
+        "--listen",
+        "127.0.0.1:0",
+        "--wait-timeout",
+        "60s",
+    ];
+    // Without credentials the registry refuses, and the error says which
+    // image and which registry.
+    let out = s.run_env(&up, &[("DOCKER_CONFIG", nobody.to_str().unwrap())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("cannot pull image {tag} from registry {host}")),
+        "{err}"
+    );
+    // With the login's config, `up` pulls, showing each layer, then starts.
+    let out = s.run_env(&up, &[("DOCKER_CONFIG", cfg)]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&format!("web: pulling {tag}")), "{said}");
+    assert!(said.contains(": Pull complete"), "{said}");
+    assert!(said.contains(&format!("web: pulled {tag}")), "{said}");
     assert!(http_get(web_port, "/").unwrap().contains("hello from web"));
+    // An image gone later is pulled by the daemon itself, with the same
+    // credentials.
+    docker_out(&["rmi", "-f", &tag]);
+    s.ok(&["scale", "web=2"]);
+    wait_for("two healthy replicas", Duration::from_secs(60), || {
+        (healthy(&s) == 2).then_some(())
+    });
     let events = s.events();
     let said = |kind: &str| {
         events
