@@ -33,7 +33,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 
-use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica, registry};
+use super::{
+    BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica, dockerignore, registry,
+};
 use crate::events::EventLog;
 use crate::logs::Stream;
 use crate::spec::{
@@ -52,31 +54,73 @@ pub const LABEL_PORT: &str = "dev.capstan.port";
 /// Largest build context sent to the engine (it is held in memory to send).
 pub const MAX_BUILD_CONTEXT: u64 = 512 << 20;
 
-/// The build context as a tar archive, refused (before it is read) when its
-/// files add up to more than `max` bytes.
-fn context_tar(dir: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
-    fn size(dir: &std::path::Path) -> std::io::Result<u64> {
-        let mut total = 0;
-        for e in std::fs::read_dir(dir)? {
-            let e = e?;
-            let t = e.file_type()?;
-            if t.is_dir() {
-                total += size(&e.path())?;
-            } else if t.is_file() {
-                total += e.metadata()?.len();
+/// The files of a build context to send: all but what `.dockerignore`
+/// leaves out (the Dockerfile and `.dockerignore` itself always go, as the
+/// Docker CLI sends them), as (path relative to the context, is a directory).
+fn context_files(
+    dir: &std::path::Path,
+    dockerfile: &str,
+) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
+    let ignore = match std::fs::read_to_string(dir.join(".dockerignore")) {
+        Ok(text) => dockerignore::Ignore::parse(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dockerignore::Ignore::default(),
+        Err(e) => return Err(e),
+    };
+    let always = [dockerfile.trim_start_matches("./"), ".dockerignore"];
+    let mut out = Vec::new();
+    let mut todo = vec![String::new()];
+    while let Some(rel) = todo.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(dir.join(&rel))?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = std::fs::symlink_metadata(e.path())?;
+            let excluded = ignore.excludes(&path) && !always.contains(&path.as_str());
+            if meta.is_dir() {
+                if !excluded {
+                    out.push((path.clone(), meta));
+                    todo.push(path);
+                } else if ignore.may_include_under(&path) {
+                    todo.push(path);
+                }
+            } else if !excluded {
+                out.push((path, meta));
             }
         }
-        Ok(total)
     }
-    let total = size(dir).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The build context as a tar archive, refused (before it is read) when the
+/// files it would send add up to more than `max` bytes.
+fn context_tar(dir: &std::path::Path, dockerfile: &str, max: u64) -> Result<Vec<u8>, String> {
+    let files = context_files(dir, dockerfile).map_err(|e| e.to_string())?;
+    let total: u64 = files
+        .iter()
+        .filter(|(_, m)| m.is_file())
+        .map(|(_, m)| m.len())
+        .sum();
     if total > max {
         return Err(format!(
-            "{total} bytes of files, more than the {max}-byte limit on a build context"
+            "{total} bytes of files, more than the {max}-byte limit on a build context (leave files out with .dockerignore)"
         ));
     }
     let mut t = tar::Builder::new(Vec::new());
     t.follow_symlinks(false);
-    t.append_dir_all(".", dir).map_err(|e| e.to_string())?;
+    for (path, meta) in files {
+        let full = dir.join(&path);
+        if meta.is_dir() {
+            t.append_dir(&path, &full)
+        } else {
+            t.append_path_with_name(&full, &path)
+        }
+        .map_err(|e| format!("{path}: {e}"))?;
+    }
     t.into_inner().map_err(|e| e.to_string())
 }
 
@@ -555,10 +599,13 @@ impl ContainerDriver {
             format!("building {tag} from {}", b.context),
         );
         let context = std::path::PathBuf::from(&b.context);
-        let tar = tokio::task::spawn_blocking(move || context_tar(&context, MAX_BUILD_CONTEXT))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("build context {}: {e}", b.context))?;
+        let dockerfile = b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into());
+        let tar = tokio::task::spawn_blocking(move || {
+            context_tar(&context, &dockerfile, MAX_BUILD_CONTEXT)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("build context {}: {e}", b.context))?;
         let opts = bollard::query_parameters::BuildImageOptions {
             dockerfile: b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
             t: Some(tag.clone()),
@@ -1462,10 +1509,52 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
         std::fs::write(dir.path().join("sub/data"), vec![7u8; 2000]).unwrap();
-        let e = context_tar(dir.path(), 1024).unwrap_err();
+        let e = context_tar(dir.path(), "Dockerfile", 1024).unwrap_err();
         assert!(e.contains("more than the 1024-byte limit"), "{e}");
-        let tar = context_tar(dir.path(), 4096).unwrap();
+        let tar = context_tar(dir.path(), "Dockerfile", 4096).unwrap();
         assert!(tar.len() > 2000);
+        // Left out by .dockerignore, it no longer counts.
+        std::fs::write(dir.path().join(".dockerignore"), "sub\n").unwrap();
+        assert!(context_tar(dir.path(), "Dockerfile", 1024).is_ok());
+    }
+
+    #[test]
+    fn dockerignore_leaves_files_out_of_the_context_but_never_the_dockerfile() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (path, text) in [
+            ("Dockerfile", "FROM scratch\n"),
+            ("app.py", "print()\n"),
+            ("notes.md", "x"),
+            ("README.md", "x"),
+            (".git/HEAD", "ref"),
+            ("logs/a.log", "a"),
+            ("logs/keep.log", "k"),
+            (
+                ".dockerignore",
+                "*.md\n!README.md\n.git\nlogs\n!logs/keep.log\nDockerfile\n",
+            ),
+        ] {
+            std::fs::create_dir_all(d.join(path).parent().unwrap()).unwrap();
+            std::fs::write(d.join(path), text).unwrap();
+        }
+        let tar = context_tar(d, "Dockerfile", 1 << 20).unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".dockerignore",
+                "Dockerfile",
+                "README.md",
+                "app.py",
+                "logs/keep.log"
+            ]
+        );
     }
 
     #[test]

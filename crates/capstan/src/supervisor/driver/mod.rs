@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod dockerignore;
 pub mod process;
 pub mod registry;
 
