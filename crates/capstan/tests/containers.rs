@@ -430,15 +430,49 @@ services:
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
         ctx.join("Dockerfile"),
-        format!("FROM {image}\nARG GREETING\nENV VERSION=$GREETING\n"),
+        format!("FROM {image}\nARG GREETING\nENV VERSION=$GREETING\nCOPY . /ctx/\n"),
     )
     .unwrap();
-    s.up();
+    std::fs::write(ctx.join("app.txt"), "v1").unwrap();
+    std::fs::write(ctx.join("secret.txt"), "not for the image").unwrap();
+    std::fs::write(ctx.join(".dockerignore"), "secret.txt\n").unwrap();
+    // `up` builds first and shows the build's output as it goes.
+    let out = s.up();
+    assert!(out.contains("web: Step 1/4 : FROM"), "{out}");
+    assert!(out.contains("web: built "), "{out}");
     let resp = http_get(port, "/").unwrap();
     assert!(resp.contains("hello from web version built"), "{resp}");
+    let revisions = |s: &TestStack| -> Vec<String> {
+        s.replicas("web")
+            .iter()
+            .map(|r| r["revision"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(revisions(&s), ["1", "1"]);
+    // The image holds the context without what .dockerignore leaves out.
+    let name = containers(&s.marker).pop().unwrap();
+    let has = |path: &str| {
+        Command::new("docker")
+            .args(["cp", &format!("{name}:{path}"), "-"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(has("/ctx/app.txt") && !has("/ctx/secret.txt"));
+    // Built once, by the CLI: the daemon only names it for the revision.
     let events = s.events();
     let builds = events.iter().filter(|e| e["kind"] == "building").count();
-    assert_eq!(builds, 1, "one build for two replicas: {events:?}");
+    assert_eq!(builds, 0, "{events:?}");
+    // Unchanged, `up` builds from the cache to the same image: nothing to do.
+    s.up();
+    assert_eq!(revisions(&s), ["1", "1"]);
+    // Changed code is a new image, so a new revision, rolled out.
+    std::fs::write(ctx.join("app.txt"), "v2").unwrap();
+    s.up();
+    wait_for("revision 2 everywhere", Duration::from_secs(60), || {
+        (revisions(&s) == ["2", "2"]).then_some(())
+    });
     s.ok(&["down"]);
 }
 

@@ -1,9 +1,9 @@
 //! Command-line interface: one file per group of subcommands.
 
+mod images;
 mod load;
 mod logs;
 mod output;
-mod pull;
 mod query;
 mod traces;
 mod up;
@@ -83,6 +83,13 @@ enum Cmd {
     /// Pull the images of container services (all, or those named), with
     /// progress per layer.
     Pull {
+        #[command(flatten)]
+        f: FileOpt,
+        services: Vec<String>,
+    },
+    /// Build the images of `build:` services (all, or those named), with
+    /// the build's output.
+    Build {
         #[command(flatten)]
         f: FileOpt,
         services: Vec<String>,
@@ -350,6 +357,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Events { f, .. } => f.file.clone(),
         Cmd::Down { f, .. }
         | Cmd::Pull { f, .. }
+        | Cmd::Build { f, .. }
         | Cmd::Ps { f, .. }
         | Cmd::Scale { f, .. }
         | Cmd::Autoscale { f, .. }
@@ -476,7 +484,17 @@ async fn run(cli: Cli) -> Result<i32> {
                 eprintln!("{}: {why}", l.file.display());
                 return Ok(1);
             }
-            pull::pull_images(&l.stack, &services, true).await?;
+            images::pull_images(&l.stack, &services, true).await?;
+            Ok(0)
+        }
+        Cmd::Build { services, .. } => {
+            let mut l = ctx.load()?;
+            if let Err(why) = engine_for(&l.stack).await {
+                eprintln!("{}: {why}", l.file.display());
+                return Ok(1);
+            }
+            let id = crate::daemon::stack_id(&l.stack, &l.file);
+            images::build_images(&mut l.stack, &id, &services).await?;
             Ok(0)
         }
         Cmd::Check { .. } => {

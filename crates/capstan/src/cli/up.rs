@@ -33,6 +33,9 @@ pub struct DaemonArgs {
     pub f: super::FileOpt,
     #[arg(long, default_value = "127.0.0.1:9700")]
     listen: SocketAddr,
+    /// SERVICE=IMAGE-ID: the image `capstan up` built for a `build:` service.
+    #[arg(long, value_name = "SERVICE=ID")]
+    built: Vec<String>,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -55,7 +58,18 @@ fn options(ctx: &Ctx, listen: SocketAddr) -> Result<daemon::Options> {
 pub async fn daemon(ctx: &Ctx, args: DaemonArgs) -> Result<i32> {
     let _ = nix::unistd::setsid();
     init_tracing("info");
-    let opts = options(ctx, args.listen)?;
+    let mut opts = options(ctx, args.listen)?;
+    for b in &args.built {
+        let (service, id) = b
+            .split_once('=')
+            .with_context(|| format!("--built {b}: expected SERVICE=ID"))?;
+        let svc = opts
+            .stack
+            .services
+            .get_mut(service)
+            .with_context(|| format!("--built {b}: no service {service:?}"))?;
+        svc.built = Some(id.to_owned());
+    }
     daemon::run(opts, None).await?;
     Ok(0)
 }
@@ -70,14 +84,16 @@ fn init_tracing(default: &str) {
 }
 
 pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
-    let opts = options(ctx, args.listen)?;
+    let mut opts = options(ctx, args.listen)?;
     // Containers need an engine: say so before anything starts.
     if let Err(why) = super::engine_for(&opts.stack).await {
         anyhow::bail!("{}: {why}", opts.file.display());
     }
     // Images are fetched here, where their progress can be shown, as
     // compose does; the daemon pulls only what goes missing later.
-    super::pull::pull_images(&opts.stack, &[], false).await?;
+    super::images::pull_images(&opts.stack, &[], false).await?;
+    let id = daemon::stack_id(&opts.stack, &opts.file);
+    super::images::build_images(&mut opts.stack, &id, &[]).await?;
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -169,6 +185,12 @@ async fn detach(opts: &daemon::Options, args: &UpArgs, ctx: &Ctx) -> Result<i32>
         .arg(args.listen.to_string());
     for p in &ctx.profiles {
         cmd.arg("--profile").arg(p);
+    }
+    // What this command built, so the daemon does not build it again.
+    for (name, svc) in &opts.stack.services {
+        if let Some(id) = &svc.built {
+            cmd.arg("--built").arg(format!("{name}={id}"));
+        }
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -1149,6 +1149,7 @@ impl Decoder<'_> {
         Some(Service {
             image,
             build,
+            built: None,
             volumes,
             container,
             entrypoint,

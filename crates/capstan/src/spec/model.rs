@@ -287,6 +287,10 @@ pub struct Service {
     /// Build the image from a Dockerfile (compose's `build:`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub build: Option<Build>,
+    /// The image id `build:` gave when the CLI built it (`capstan up`): part
+    /// of the definition, so that changed code makes a new revision.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub built: Option<String>,
     /// Mounts of a container (bind, named or anonymous volume, tmpfs).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub volumes: Vec<Volume>,

@@ -233,6 +233,77 @@ async fn write_files(docker: &Docker, id: &str, svc: &Service) -> Result<(), Str
         .map_err(|e| format!("writing secrets and configs: {}", engine_error(e)))
 }
 
+/// The repository a service's built images are tagged in.
+pub fn build_repo(stack_id: &str, service: &str) -> String {
+    docker_name(&format!("capstan-{stack_id}-{service}")).to_lowercase()
+}
+
+/// Gives an image one more name.
+async fn tag_image(docker: &Docker, image: &str, name: &str) -> Result<(), String> {
+    let (repo, tag) = registry::split_reference(name);
+    docker
+        .tag_image(
+            image,
+            Some(bollard::query_parameters::TagImageOptions {
+                repo: Some(repo),
+                tag: Some(tag),
+            }),
+        )
+        .await
+        .map_err(|e| format!("tagging {image} as {name}: {}", engine_error(e)))
+}
+
+/// Builds `b` through the engine's build API and names the result with
+/// every tag, handing `line` each line of the build's output as it comes.
+/// Returns the image's id.
+pub async fn build_image(
+    docker: &Docker,
+    b: &crate::spec::Build,
+    tags: &[String],
+    mut line: impl FnMut(&str),
+) -> Result<String, String> {
+    let first = tags.first().ok_or("a build needs a tag")?.clone();
+    let context = std::path::PathBuf::from(&b.context);
+    let dockerfile = b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into());
+    let df = dockerfile.clone();
+    let tar = tokio::task::spawn_blocking(move || context_tar(&context, &df, MAX_BUILD_CONTEXT))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("build context {}: {e}", b.context))?;
+    let opts = bollard::query_parameters::BuildImageOptions {
+        dockerfile,
+        t: Some(first.clone()),
+        rm: true,
+        buildargs: Some(b.args.clone().into_iter().collect()),
+        labels: Some(b.labels.clone().into_iter().collect()),
+        target: b.target.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut out = docker.build_image(opts, None, Some(bollard::body_full(tar.into())));
+    while let Some(step) = out.next().await {
+        let info = step.map_err(|e| format!("building {first}: {}", engine_error(e)))?;
+        if let Some(err) = info.error_detail.and_then(|d| d.message) {
+            return Err(format!("building {first}: {err}"));
+        }
+        for l in info.stream.as_deref().unwrap_or_default().lines() {
+            let l = l.trim_end();
+            if !l.is_empty() {
+                line(l);
+            }
+        }
+    }
+    let id = docker
+        .inspect_image(&first)
+        .await
+        .map_err(|e| format!("the image built as {first}: {}", engine_error(e)))?
+        .id
+        .ok_or_else(|| format!("the engine gave no id for {first}"))?;
+    for t in &tags[1..] {
+        tag_image(docker, &id, t).await?;
+    }
+    Ok(id)
+}
+
 /// One report of a pull, as the engine sends them (per layer: its id, a
 /// status, bytes done and total).
 pub type PullStep = bollard::models::CreateImageInfo;
@@ -589,66 +660,36 @@ impl ContainerDriver {
         let service = &launch.id.service;
         let tag = format!(
             "{}:r{}",
-            docker_name(&format!("capstan-{}-{service}", self.stack_id)).to_lowercase(),
+            build_repo(&self.stack_id, service),
             launch.id.revision
         );
+        // `image:` names the built image too, as compose does.
+        let mut tags = vec![tag.clone()];
+        tags.extend(svc.image.clone());
+        // Built already by the CLI (`capstan up`, `capstan build`): named for
+        // this revision, not built again.
+        if let Some(id) = &svc.built
+            && docker.inspect_image(id).await.is_ok()
+        {
+            for t in &tags {
+                tag_image(docker, id, t).await?;
+            }
+            return Ok(tag);
+        }
         self.events.emit(
             service,
             None,
             "building",
             format!("building {tag} from {}", b.context),
         );
-        let context = std::path::PathBuf::from(&b.context);
-        let dockerfile = b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into());
-        let tar = tokio::task::spawn_blocking(move || {
-            context_tar(&context, &dockerfile, MAX_BUILD_CONTEXT)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("build context {}: {e}", b.context))?;
-        let opts = bollard::query_parameters::BuildImageOptions {
-            dockerfile: b.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
-            t: Some(tag.clone()),
-            rm: true,
-            buildargs: Some(b.args.clone().into_iter().collect()),
-            labels: Some(b.labels.clone().into_iter().collect()),
-            target: b.target.clone().unwrap_or_default(),
-            ..Default::default()
-        };
-        let mut out = docker.build_image(opts, None, Some(bollard::body_full(tar.into())));
         let mut tail: Vec<String> = Vec::new();
-        while let Some(step) = out.next().await {
-            let info = step.map_err(|e| format!("building {tag}: {}", engine_error(e)))?;
-            if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                return Err(format!("building {tag}: {err}"));
+        build_image(docker, b, &tags, |line| {
+            tail.push(line.to_owned());
+            if tail.len() > 20 {
+                tail.remove(0);
             }
-            if let Some(line) = info.stream {
-                let line = line.trim_end();
-                if !line.is_empty() {
-                    tail.push(line.to_owned());
-                    if tail.len() > 20 {
-                        tail.remove(0);
-                    }
-                }
-            }
-        }
-        // `image:` names the built image too, as compose does.
-        if let Some(name) = &svc.image {
-            let (repo, t) = match name.rsplit_once(':') {
-                Some((r, t)) if !t.contains('/') => (r, t),
-                _ => (name.as_str(), "latest"),
-            };
-            docker
-                .tag_image(
-                    &tag,
-                    Some(bollard::query_parameters::TagImageOptions {
-                        repo: Some(repo.to_owned()),
-                        tag: Some(t.to_owned()),
-                    }),
-                )
-                .await
-                .map_err(|e| format!("tagging {tag} as {name}: {}", engine_error(e)))?;
-        }
+        })
+        .await?;
         self.events.emit(
             service,
             None,

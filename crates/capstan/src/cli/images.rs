@@ -1,6 +1,6 @@
-//! `capstan pull`, and the pulls `capstan up` makes before it starts
-//! anything: the images of container services, with progress per layer on a
-//! terminal and plain lines otherwise.
+//! `capstan pull` and `capstan build`, and the pulls and builds `capstan up`
+//! makes before it starts anything: pulls with progress per layer on a
+//! terminal and plain lines otherwise, builds with their output.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -62,6 +62,88 @@ pub async fn pull_images(stack: &Stack, services: &[String], all: bool) -> Resul
         match r {
             Ok(()) => println!("{who}: pulled {image}"),
             Err(e) => bail!("{who}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Builds the `build:` services (all, or those named) through the engine,
+/// and records each image's id in its service (`built`): an unchanged
+/// context builds from the cache to the same id, changed code to a new one,
+/// which makes a new revision. A terminal shows each service's current
+/// step; otherwise every line of the output is printed.
+pub async fn build_images(stack: &mut Stack, stack_id: &str, services: &[String]) -> Result<()> {
+    for s in services {
+        if !stack.services.contains_key(s) {
+            bail!("no service {s:?} in the stack");
+        }
+    }
+    let names: Vec<String> = stack
+        .services
+        .iter()
+        .filter(|(n, s)| {
+            s.driver() == DriverKind::Container
+                && s.build.is_some()
+                && (services.is_empty() || services.contains(n))
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let docker = container::connect().await.map_err(anyhow::Error::msg)?;
+    let tty = std::io::stdout().is_terminal();
+    for name in names {
+        let Some(svc) = stack.services.get_mut(&name) else {
+            continue;
+        };
+        let Some(b) = svc.build.clone() else { continue };
+        let mut tags = vec![format!("{}:latest", container::build_repo(stack_id, &name))];
+        tags.extend(svc.image.clone());
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.set_prefix(name.clone());
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b
+        });
+        if bar.is_none() {
+            println!("{name}: building from {}", b.context);
+        }
+        let mut tail: Vec<String> = Vec::new();
+        let r = container::build_image(&docker, &b, &tags, |l| match &bar {
+            Some(bar) => {
+                bar.set_message(l.to_owned());
+                tail.push(l.to_owned());
+                if tail.len() > 20 {
+                    tail.remove(0);
+                }
+            }
+            None => println!("{name}: {l}"),
+        })
+        .await;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        match r {
+            Ok(id) => {
+                let short = id.trim_start_matches("sha256:");
+                println!(
+                    "{name}: built {} ({})",
+                    tags[0],
+                    &short[..short.len().min(12)]
+                );
+                svc.built = Some(id);
+            }
+            Err(e) => {
+                for l in &tail {
+                    println!("{name}: {l}");
+                }
+                bail!("{name}: {e}");
+            }
         }
     }
     Ok(())
