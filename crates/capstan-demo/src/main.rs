@@ -211,8 +211,11 @@ async fn alloc(State(app): State<Arc<App>>, Query(q): Query<BTreeMap<String, Str
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .min(64 * 1024);
-    // Touch every page so the memory is really resident.
-    let block: Vec<u8> = (0..mb << 20).map(|i| (i % 251) as u8).collect();
+    // Every page written (one memset, fast even in a debug build) so the
+    // memory is really resident, and quickly: a slow climb to a memory
+    // limit lets the kernel reclaim the program's own code pages for a long
+    // while before it kills.
+    let block: Vec<u8> = vec![0xa5; mb << 20];
     let total = {
         let mut held = app.held.lock().unwrap();
         held.push(block);

@@ -776,6 +776,14 @@ impl ContainerDriver {
         // Services run as processes are reached by name at the host, where
         // capstan's proxy publishes their ports.
         let mut extra_hosts = svc.container.extra_hosts.clone();
+        // The host, by the name Docker Desktop gives it: a container reaches
+        // any service's published port there, through capstan's proxy.
+        if !extra_hosts
+            .iter()
+            .any(|h| h.starts_with("host.docker.internal:"))
+        {
+            extra_hosts.push("host.docker.internal:host-gateway".into());
+        }
         extra_hosts.extend(
             launch
                 .host_services
