@@ -388,7 +388,7 @@ pub fn need(bin: &str) -> String {
         }
     }
     panic!(
-        "{bin} is not installed: run scripts/test, which installs prometheus, prometheus-node-exporter and docker-registry"
+        "{bin} is not installed: run scripts/test, which installs what the tests need (prometheus, docker-registry, podman, …)"
     );
 }
 

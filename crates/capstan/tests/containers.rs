@@ -1061,6 +1061,108 @@ services:
 }
 
 #[test]
+fn a_stack_runs_on_podmans_docker_compatible_socket() {
+    let Some(image) = demo_image() else { return };
+    let podman = need("podman");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("podman.sock");
+    // Podman's default limits (a million open files, four million
+    // processes) are above what this machine lets a process have; compose
+    // files on such a machine would set `ulimits`, the socket's default does
+    // here.
+    let conf = dir.path().join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n",
+    )
+    .unwrap();
+    let _service = Killed(
+        Command::new(&podman)
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .env("CONTAINERS_CONF", &conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("podman's socket", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
+    // The demo image, from the Docker engine into Podman's store.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker save {image} | {podman} load"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  web:
+    image: localhost/{image}
+    labels: {{capstan.test: "{{marker}}"}}
+    ports: ["127.0.0.1:{port}:8080"]
+    deploy: {{replicas: 2}}
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+  db:
+    image: localhost/{image}
+    labels: {{capstan.test: "{{marker}}"}}
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+"#
+    ));
+    let host = format!("unix://{}", socket.display());
+    let env = [("DOCKER_HOST", host.as_str())];
+    let out = s.run_env(&["check"], &env);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("at {host}")), "{said}");
+    let out = s.run_env(
+        &[
+            "up",
+            "-d",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait-timeout",
+            "60s",
+        ],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let podman_ps = || -> Vec<String> {
+        let out = Command::new(&podman)
+            .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("label=capstan.test={}", s.marker))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(podman_ps().len(), 3, "{:?}", podman_ps());
+    // Through the proxy, and from one container to another by name.
+    let (code, body) = http_fetch(&format!("127.0.0.1:{port}"), "/fetch?url=http://db:8080/");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from db"), "{body}");
+    let logs = s.ok(&["logs", "web"]);
+    assert!(logs.contains("\"msg\":\"listening\""), "{logs}");
+    s.ok(&["down"]);
+    assert!(podman_ps().is_empty(), "{:?}", podman_ps());
+}
+
+#[test]
 fn the_images_own_healthcheck_runs_unless_disabled() {
     let Some(image) = demo_image() else { return };
     let s = TestStack::new(
