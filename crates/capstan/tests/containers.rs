@@ -213,25 +213,29 @@ fn image_services_run_as_containers_behind_the_proxy() {
     for r in s.replicas("web") {
         assert!(r["pid"].as_i64().unwrap() > 0, "{r}");
     }
-    // A sampled request through the proxy leaves the proxy's span in its trace.
+    proxy_span_in_trace(&s, port, "web");
+    s.ok(&["down"]);
+    assert!(containers(&s.marker).is_empty());
+    assert!(networks(&s).is_empty(), "the stack's network is removed");
+}
+
+/// A sampled request through the proxy leaves the proxy's span in its trace.
+fn proxy_span_in_trace(s: &TestStack, port: u16, host: &str) {
     let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(
         &mut conn,
-        format!("GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\ntraceparent: 00-{tid}-00f067aa0ba902b7-01\r\n\r\n").as_bytes(),
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\ntraceparent: 00-{tid}-00f067aa0ba902b7-01\r\n\r\n").as_bytes(),
     )
     .unwrap();
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut conn, &mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let addr = daemon_addr(&s);
+    let addr = daemon_addr(s);
     wait_for("the proxy's span", Duration::from_secs(10), || {
         let (code, body) = http_fetch(&addr, &format!("/api/traces/{tid}"));
         (code == 200 && body.contains("capstan.proxy")).then_some(())
     });
-    s.ok(&["down"]);
-    assert!(containers(&s.marker).is_empty());
-    assert!(networks(&s).is_empty(), "the stack's network is removed");
 }
 
 #[test]
@@ -636,7 +640,7 @@ services:
     );
     assert_eq!(
         c["HostConfig"]["ExtraHosts"],
-        serde_json::json!(["db.internal:10.1.2.3"])
+        serde_json::json!(["db.internal:10.1.2.3", "host.docker.internal:host-gateway"])
     );
     let h = &c["HostConfig"];
     assert_eq!(
@@ -1284,6 +1288,7 @@ fn the_flask_example_runs_and_its_services_talk() {
                 .then_some(())
         },
     );
+    proxy_span_in_trace(&s, port, "web");
     s.ok(&["down", "--volumes"]);
     assert!(containers(&s.marker).is_empty());
 }
