@@ -209,6 +209,7 @@ fn cgroups(id: &str, events: &EventLog) -> Option<Cgroups> {
 /// The runtime's components, built and wired; nothing runs yet.
 struct Runtime {
     board: Arc<StatusBoard>,
+    history: Arc<crate::state::history::History>,
     proxy: Arc<Proxy>,
     scraper: Arc<Scraper>,
     autoscaler: Arc<Autoscaler>,
@@ -226,6 +227,7 @@ impl Runtime {
         api: SocketAddr,
     ) -> Runtime {
         let board = Arc::new(StatusBoard::default());
+        let history = Arc::new(crate::state::history::History::open(Some(data_dir)));
         let events = &stores.events;
         let driver = Arc::new(Drivers {
             process: Arc::new(ProcessDriver::new(id, cgroups, events.clone())),
@@ -239,6 +241,7 @@ impl Runtime {
             records: std::sync::Mutex::new(StateFile::open(data_dir)),
             stack_dir,
             otlp: Some(api),
+            history: history.clone(),
         });
         let proxy = Proxy::new(
             board.clone(),
@@ -260,6 +263,7 @@ impl Runtime {
         }
         Runtime {
             board,
+            history,
             proxy,
             scraper,
             autoscaler,
@@ -314,6 +318,7 @@ impl Runtime {
         let supervisor = tokio::spawn(self.supervisor.run(stack));
         let parts = Api {
             board: self.board,
+            history: self.history,
             proxy: self.proxy,
             scraper: self.scraper,
             autoscaler: self.autoscaler,
@@ -326,6 +331,7 @@ impl Runtime {
 /// What the API gets of the runtime.
 struct Api {
     board: Arc<StatusBoard>,
+    history: Arc<crate::state::history::History>,
     proxy: Arc<Proxy>,
     scraper: Arc<Scraper>,
     autoscaler: Arc<Autoscaler>,
@@ -394,6 +400,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         reads_need_token: !addr.ip().is_loopback(),
         listen: addr,
         board: parts.board,
+        history: parts.history,
         events: events.clone(),
         logs: stores.logs.clone(),
         traces: stores.traces.clone(),

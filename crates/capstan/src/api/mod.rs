@@ -23,6 +23,7 @@ use crate::state::control::{Error as SupervisorError, SupervisorHandle};
 #[derive(Clone)]
 pub struct Api {
     pub board: Arc<StatusBoard>,
+    pub history: Arc<crate::state::history::History>,
     pub events: Arc<crate::events::EventLog>,
     pub logs: Arc<crate::logs::engine::LogEngine>,
     pub traces: Arc<crate::traces::TraceStore>,
@@ -61,6 +62,8 @@ pub fn router(api: Api) -> Router {
         .route("/autoscale", get(autoscale))
         .route("/apply", post(apply))
         .route("/scale", post(scale))
+        .route("/history/{service}", get(history))
+        .route("/rollback", post(rollback))
         .route("/services/{action}", post(service_action))
         .route("/down", post(down))
         .route("/events", get(events))
@@ -254,10 +257,51 @@ fn answer(r: Result<String, SupervisorError>) -> Response {
         Err(e @ SupervisorError::ShuttingDown) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
-        Err(e @ (SupervisorError::NoSuchService(_) | SupervisorError::NotReady(_))) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
+        Err(
+            e @ (SupervisorError::NoSuchService(_)
+            | SupervisorError::NotReady(_)
+            | SupervisorError::Invalid(_)),
+        ) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
+}
+
+/// A service's revisions, newest first (without their full definitions).
+async fn history(
+    State(api): State<Api>,
+    axum::extract::Path(service): axum::extract::Path<String>,
+) -> Response {
+    if api.board.service(&service).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no such service: {service}"));
+    }
+    let revisions: Vec<serde_json::Value> = api
+        .history
+        .of(&service)
+        .into_iter()
+        .rev()
+        .map(|r| {
+            serde_json::json!({
+                "revision": r.revision,
+                "time_ms": r.time_ms,
+                "hash": r.hash,
+                "trigger": r.trigger,
+                "status": r.status.as_str(),
+                "why": r.why,
+                "diff": r.diff,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({"service": service, "revisions": revisions})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct RollbackReq {
+    service: String,
+    #[serde(default)]
+    to: Option<u64>,
+}
+
+async fn rollback(State(api): State<Api>, Json(req): Json<RollbackReq>) -> Response {
+    answer(api.supervisor.rollback(&req.service, req.to).await)
 }
 
 async fn apply(State(api): State<Api>, Json(stack): Json<Stack>) -> Response {

@@ -94,6 +94,25 @@ enum Cmd {
         f: FileOpt,
         services: Vec<String>,
     },
+    /// A service's revisions: status (active, superseded, rolled back,
+    /// failed), why, and what changed.
+    History {
+        #[command(flatten)]
+        f: FileOpt,
+        service: String,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Go back to an earlier revision (by default the one before), all
+    /// replicas at once unless `rollback_config` says otherwise.
+    Rollback {
+        #[command(flatten)]
+        f: FileOpt,
+        service: String,
+        /// The revision to go back to.
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// List replicas: state, health, restarts, uptime, CPU and memory.
     Ps {
         #[command(flatten)]
@@ -360,6 +379,8 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Build { f, .. }
         | Cmd::Ps { f, .. }
         | Cmd::Scale { f, .. }
+        | Cmd::History { f, .. }
+        | Cmd::Rollback { f, .. }
         | Cmd::Autoscale { f, .. }
         | Cmd::Restart { f, .. }
         | Cmd::Stop { f, .. }
@@ -428,6 +449,29 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = ctx
                 .client()?
                 .json(Method::POST, "/capstan/v1/scale", Some(body.into()))
+                .await?;
+            println!("{}", v["message"].as_str().unwrap_or("done"));
+            Ok(0)
+        }
+        Cmd::History {
+            service, output, ..
+        } => {
+            let v = ctx
+                .client()?
+                .json(Method::GET, &format!("/capstan/v1/history/{service}"), None)
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            print!("{}", output::history_table(&v, crate::events::now_ms()));
+            Ok(0)
+        }
+        Cmd::Rollback { service, to, .. } => {
+            let body = serde_json::json!({"service": service, "to": to});
+            let v = ctx
+                .client()?
+                .json(Method::POST, "/capstan/v1/rollback", Some(body))
                 .await?;
             println!("{}", v["message"].as_str().unwrap_or("done"));
             Ok(0)

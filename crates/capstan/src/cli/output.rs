@@ -217,6 +217,29 @@ pub fn autoscale_table(list: &[serde_json::Value]) -> String {
     out
 }
 
+/// `capstan history`: a revision per line, newest first, with what changed.
+pub fn history_table(v: &serde_json::Value, now_ms: i64) -> String {
+    let mut out = format!(
+        "{:<5} {:<12} {:<9} {:<8} WHY\n",
+        "REV", "STATUS", "TRIGGER", "AGE"
+    );
+    for r in v["revisions"].as_array().into_iter().flatten() {
+        let age = now_ms - r["time_ms"].as_i64().unwrap_or(now_ms);
+        out.push_str(&format!(
+            "{:<5} {:<12} {:<9} {:<8} {}\n",
+            r["revision"].as_u64().unwrap_or(0),
+            r["status"].as_str().unwrap_or(""),
+            r["trigger"].as_str().unwrap_or(""),
+            human_duration_ms(age.max(0)),
+            r["why"].as_str().unwrap_or("")
+        ));
+        for d in r["diff"].as_array().into_iter().flatten() {
+            out.push_str(&format!("      ~ {}\n", d.as_str().unwrap_or("")));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1065,6 +1065,8 @@ impl Decoder<'_> {
             replicas: 1,
             resources: Resources::default(),
             restart_policy: RestartPolicy::default(),
+            update_config: UpdateConfig::update(),
+            rollback_config: UpdateConfig::rollback(),
         };
         if let Some(n) = f.take("restart") {
             let p = join(path, "restart");
@@ -2457,18 +2459,77 @@ impl Decoder<'_> {
                 self.finish(rf, &rp, &[]);
             }
         }
-        self.finish(
-            f,
-            path,
-            &[
-                "mode",
-                "placement",
-                "update_config",
-                "rollback_config",
-                "endpoint_mode",
-                "labels",
-            ],
-        );
+        for (key, slot) in [
+            ("update_config", &mut deploy.update_config),
+            ("rollback_config", &mut deploy.rollback_config),
+        ] {
+            if let Some(n) = f.take(key) {
+                self.update_config(n, &join(path, key), slot);
+            }
+        }
+        self.finish(f, path, &["mode", "placement", "endpoint_mode", "labels"]);
+    }
+
+    /// `update_config` / `rollback_config`: Swarm's keys.
+    fn update_config(&mut self, node: &Node, path: &str, c: &mut UpdateConfig) {
+        let Some(mut f) = self.fields(node, path) else {
+            return;
+        };
+        if let Some(n) = f.take("parallelism") {
+            c.parallelism = self
+                .uint(n, &join(path, "parallelism"), 1_000_000)
+                .map_or(c.parallelism, |v| v as u32);
+        }
+        for (key, slot) in [("delay", &mut c.delay), ("monitor", &mut c.monitor)] {
+            if let Some(d) = f.take(key).and_then(|n| self.duration(n, &join(path, key))) {
+                *slot = d;
+            }
+        }
+        if let Some(n) = f.take("order") {
+            let p = join(path, "order");
+            match self.text(n, &p).as_deref() {
+                Some("start-first") => c.order = Some(UpdateOrder::StartFirst),
+                Some("stop-first") => c.order = Some(UpdateOrder::StopFirst),
+                Some(o) => self.error(
+                    n,
+                    &p,
+                    format!("expected start-first or stop-first, found {o:?}"),
+                ),
+                None => {}
+            }
+        }
+        if let Some(n) = f.take("failure_action") {
+            let p = join(path, "failure_action");
+            match self.text(n, &p).as_deref() {
+                Some("rollback") => c.failure_action = FailureAction::Rollback,
+                Some("pause") => c.failure_action = FailureAction::Pause,
+                Some("continue") => c.failure_action = FailureAction::Continue,
+                Some(o) => self.error(
+                    n,
+                    &p,
+                    format!("expected rollback, pause or continue, found {o:?}"),
+                ),
+                None => {}
+            }
+        }
+        if let Some(n) = f.take("max_failure_ratio") {
+            let p = join(path, "max_failure_ratio");
+            let r = match &n.kind {
+                Kind::Int(i) => Some(*i as f64),
+                Kind::Float(x) => Some(*x),
+                Kind::Str(_) => self.text(n, &p).and_then(|t| t.trim().parse::<f64>().ok()),
+                _ => None,
+            };
+            match r {
+                Some(r) if (0.0..=1.0).contains(&r) => c.max_failure_ratio = r,
+                _ => self.error(
+                    n,
+                    &p,
+                    format!("expected a ratio from 0 to 1, found {}", n.describe()),
+                ),
+            }
+        }
+        self.finish(f, path, &[]);
     }
 
     /// Checks across services: dependencies exist and form no cycle, published

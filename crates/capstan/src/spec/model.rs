@@ -825,6 +825,8 @@ impl Service {
     pub fn definition_hash(&self) -> String {
         let mut a = self.clone();
         a.deploy.replicas = 0;
+        a.deploy.update_config = UpdateConfig::update();
+        a.deploy.rollback_config = UpdateConfig::rollback();
         a.ports.clear();
         a.x.proxy = ProxySettings::default();
         a.x.protocol = Protocol::Http;
@@ -841,6 +843,8 @@ impl Service {
     pub fn definition_eq(&self, other: &Service) -> bool {
         let mut a = self.clone();
         a.deploy.replicas = other.deploy.replicas;
+        a.deploy.update_config = other.deploy.update_config.clone();
+        a.deploy.rollback_config = other.deploy.rollback_config.clone();
         a.ports.clone_from(&other.ports);
         a.x.proxy = other.x.proxy.clone();
         a.x.protocol = other.x.protocol;
@@ -918,6 +922,89 @@ pub struct Deploy {
     pub replicas: u32,
     pub resources: Resources,
     pub restart_policy: RestartPolicy,
+    /// How a changed definition is rolled out (`deploy.update_config`).
+    #[serde(
+        default = "UpdateConfig::update",
+        skip_serializing_if = "UpdateConfig::is_update_default"
+    )]
+    pub update_config: UpdateConfig,
+    /// How a failed rollout (or `capstan rollback`) goes back
+    /// (`deploy.rollback_config`).
+    #[serde(
+        default = "UpdateConfig::rollback",
+        skip_serializing_if = "UpdateConfig::is_rollback_default"
+    )]
+    pub rollback_config: UpdateConfig,
+}
+
+/// Swarm's `update_config` / `rollback_config`, honoured without Swarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    /// Replicas replaced at once; 0 replaces them all at once.
+    pub parallelism: u32,
+    /// Wait between batches.
+    pub delay: Dur,
+    /// `start-first` or `stop-first`; by default start-first for a service
+    /// the proxy fronts (capacity never drops), stop-first otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<UpdateOrder>,
+    pub failure_action: FailureAction,
+    /// How long a batch's new replicas must keep running and healthy before
+    /// the batch counts as done.
+    pub monitor: Dur,
+    /// The share of replicas that may fail before `failure_action` applies.
+    pub max_failure_ratio: f64,
+}
+
+impl UpdateConfig {
+    /// The defaults for an update: one at a time, watched for 10 s, rolled
+    /// back on failure.
+    pub fn update() -> UpdateConfig {
+        UpdateConfig {
+            parallelism: 1,
+            delay: Dur::secs(0),
+            order: None,
+            failure_action: FailureAction::Rollback,
+            monitor: Dur::secs(10),
+            max_failure_ratio: 0.0,
+        }
+    }
+
+    /// The defaults for going back: everything at once, not watched, paused
+    /// if even that fails.
+    pub fn rollback() -> UpdateConfig {
+        UpdateConfig {
+            parallelism: 0,
+            delay: Dur::secs(0),
+            order: None,
+            failure_action: FailureAction::Pause,
+            monitor: Dur::secs(0),
+            max_failure_ratio: 0.0,
+        }
+    }
+
+    pub fn is_update_default(&self) -> bool {
+        *self == UpdateConfig::update()
+    }
+
+    pub fn is_rollback_default(&self) -> bool {
+        *self == UpdateConfig::rollback()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    StartFirst,
+    StopFirst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    Rollback,
+    Pause,
+    Continue,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -44,6 +44,9 @@ pub enum Error {
     NotReady(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// A request that cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Reply = oneshot::Sender<Result<String, Error>>;
@@ -58,6 +61,12 @@ pub enum Command {
     Restart(Vec<String>, Reply),
     Stop(Vec<String>, Reply),
     Start(Vec<String>, Reply),
+    /// Back to an earlier revision (by default the one before the current).
+    Rollback {
+        service: String,
+        to: Option<u64>,
+        reply: Reply,
+    },
     Wake(String),
     /// Stop everything; with `volumes`, remove the stack's named volumes too.
     Down {
@@ -115,6 +124,14 @@ impl SupervisorHandle {
     /// start one. Never waits.
     pub fn wake(&self, service: &str) {
         let _ = self.tx.try_send(Command::Wake(service.to_owned()));
+    }
+
+    /// Rolls a service back to an earlier revision; returns once it runs
+    /// every replica of it.
+    pub async fn rollback(&self, service: &str, to: Option<u64>) -> Result<String, Error> {
+        let service = service.to_owned();
+        self.ask(|reply| Command::Rollback { service, to, reply })
+            .await
     }
 
     /// Stops everything (and with `volumes`, removes the stack's named

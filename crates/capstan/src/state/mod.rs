@@ -11,6 +11,7 @@
 
 pub mod clock;
 pub mod control;
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -16,6 +16,7 @@ pub mod driver;
 pub mod health;
 pub mod records;
 pub mod replica;
+pub mod rollout;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -28,10 +29,11 @@ use tokio::task::JoinHandle;
 
 use crate::events::EventLog;
 use crate::logs::engine::LogEngine;
-use crate::spec::{Condition, Service, Stack};
+use crate::spec::{Condition, FailureAction, Service, Stack};
 use crate::state::control::{Command, Reply};
 pub use crate::state::control::{Error, Hook, SupervisorHandle};
-use crate::state::{Phase, ReplicaId, Revision, ServiceStatus, Status, StatusBoard};
+use crate::state::history::{self, History, RevisionInfo, RevisionStatus};
+use crate::state::{Phase, ReplicaId, Revision, ServiceStatus, StatusBoard};
 use driver::Driver;
 use records::StateFile;
 
@@ -51,18 +53,22 @@ pub struct Context {
     pub stack_dir: PathBuf,
     /// The daemon's API, where replicas' OpenTelemetry SDKs send.
     pub otlp: Option<SocketAddr>,
+    /// Every service's revisions.
+    pub history: Arc<History>,
 }
 
 /// What the actor's own tasks report.
 enum Internal {
     /// A replica stopped and left the board.
     Stopped(ReplicaId),
-    /// A revision's replicas are ready (or could not become so).
+    /// A rollout ended: every replica replaced, or why a batch failed.
     Rolled {
         service: String,
         revision: Revision,
         result: Result<(), String>,
     },
+    /// A rollout asks for a step.
+    Step(String, Revision, rollout::Step),
 }
 
 /// Whether every replica of `service` meets `cond` (a service scaled to zero does).
@@ -119,6 +125,20 @@ struct ServiceRt {
     replicas: BTreeMap<ReplicaId, ReplicaHandle>,
     /// Replicas being drained and stopped.
     stopping: BTreeSet<ReplicaId>,
+    /// The rollout replacing other revisions' replicas with this one's.
+    rollout: Option<RolloutRt>,
+}
+
+/// A rollout in progress.
+struct RolloutRt {
+    /// The revision being replaced, and its definition (to go back to).
+    from: Revision,
+    from_spec: Arc<Service>,
+    /// How many replicas of the new revision may run now.
+    allowed: u32,
+    /// Going back (after a failure, or `capstan rollback`).
+    back: bool,
+    task: JoinHandle<()>,
 }
 
 impl ServiceRt {
@@ -177,12 +197,15 @@ pub struct Supervisor {
     rx: mpsc::Receiver<Command>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
+    steps_tx: mpsc::UnboundedSender<(String, Revision, rollout::Step)>,
+    steps_rx: mpsc::UnboundedReceiver<(String, Revision, rollout::Step)>,
 }
 
 impl Supervisor {
     /// A supervisor and the handle that commands it; [`Supervisor::run`] starts it.
     pub fn new(ctx: Arc<Context>, hooks: Vec<Arc<dyn Hook>>) -> (Supervisor, SupervisorHandle) {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let (steps_tx, steps_rx) = mpsc::unbounded_channel();
         let (handle, rx) = SupervisorHandle::channel();
         let sup = Supervisor {
             ctx,
@@ -198,6 +221,8 @@ impl Supervisor {
             rx,
             internal_tx,
             internal_rx,
+            steps_tx,
+            steps_rx,
         };
         (sup, handle)
     }
@@ -239,6 +264,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 Some(i) = self.internal_rx.recv() => self.internal(i),
+                Some((s, r, step)) = self.steps_rx.recv() => self.internal(Internal::Step(s, r, step)),
                 cmd = self.rx.recv() => match cmd {
                     Some(Command::Down { volumes, reply }) => {
                         self.down(volumes).await;
@@ -305,6 +331,12 @@ impl Supervisor {
                 let _ = reply.send(r);
             }
             Command::Wake(name) => self.wake(&name),
+            Command::Rollback { service, to, reply } => match self.rollback(&service, to) {
+                Ok(p) => self.finish_or_wait(p, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::Down { .. } => unreachable!("handled by run"),
         }
     }
@@ -358,52 +390,12 @@ impl Supervisor {
                 // one under its index again.
                 self.reconcile(&id.service);
             }
+            Internal::Step(service, revision, step) => self.step(&service, revision, step),
             Internal::Rolled {
                 service,
                 revision,
                 result,
-            } => {
-                let mut retired = BTreeSet::new();
-                let current = self
-                    .services
-                    .get(&service)
-                    .is_some_and(|rt| rt.revision == revision);
-                match &result {
-                    Ok(()) if current => {
-                        let old: Vec<ReplicaId> = self.services[&service]
-                            .replicas
-                            .keys()
-                            .filter(|id| id.revision != revision)
-                            .cloned()
-                            .collect();
-                        if !old.is_empty() {
-                            self.ctx.events.emit(
-                                &service,
-                                None,
-                                "replaced",
-                                format!(
-                                    "revision {revision} is ready; stopping {} replica(s) of the previous revision",
-                                    old.len()
-                                ),
-                            );
-                        }
-                        retired = self.retire(&service, old);
-                    }
-                    Ok(()) => {}
-                    Err(why) => self
-                        .ctx
-                        .events
-                        .emit(&service, None, "not-ready", why.clone()),
-                }
-                for p in &mut self.pending {
-                    if p.rollouts.remove(&(service.clone(), revision)) {
-                        p.stops.extend(retired.iter().cloned());
-                        if let Err(why) = &result {
-                            p.failures.push(why.clone());
-                        }
-                    }
-                }
-            }
+            } => self.rolled(&service, revision, result),
         }
         let (done, waiting): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
             .into_iter()
@@ -534,10 +526,21 @@ impl Supervisor {
                 }
                 Some(rt) => {
                     let from = rt.revision;
+                    let from_spec = rt.spec.clone();
                     let had = rt.desired;
                     let revision = self.next_revision();
+                    let cfg = &spec.deploy.update_config;
+                    let order = if rollout::start_first(spec, cfg) {
+                        "start-first"
+                    } else {
+                        "stop-first"
+                    };
+                    let batches = match cfg.parallelism {
+                        0 => "all at once".to_owned(),
+                        p => format!("{p} at a time"),
+                    };
                     changes.push(format!(
-                        "replaced {name} (definition changed: revision {from} -> {revision}, the new replicas ready before the old stop)"
+                        "updating {name} (revision {from} -> {revision}: rolling, {batches}, {order})"
                     ));
                     let want = match &spec.x.autoscale {
                         Some(a) => had.clamp(a.min, a.max),
@@ -549,19 +552,33 @@ impl Supervisor {
                     rt.desired = want;
                     rt.stopped = false;
                     rt.held = false;
+                    self.ctx.history.record(
+                        &name,
+                        RevisionInfo {
+                            revision,
+                            time_ms: crate::events::now_ms(),
+                            hash: spec.definition_hash(),
+                            trigger: "deploy".into(),
+                            diff: history::diff(&from_spec, spec),
+                            status: RevisionStatus::Rolling,
+                            why: String::new(),
+                            spec: spec.clone(),
+                        },
+                    );
                     self.ctx.events.emit(
                         &name,
                         None,
                         "updated",
                         format!(
-                            "definition changed; starting revision {revision} before stopping revision {from}"
+                            "definition changed; rolling revision {from} -> {revision} ({batches}, {order})"
                         ),
                     );
+                    self.publish_services();
+                    self.begin_rollout(&name, from, from_spec, false);
                     // Finished replicas of the old revision have nothing to hand over.
                     self.revive(&name);
                     stops.extend(self.reconcile(&name));
                     rollouts.insert((name.clone(), revision));
-                    self.watch_rollout(&name, revision);
                 }
                 None => {
                     if !self.stack.services.is_empty() {
@@ -589,8 +606,29 @@ impl Supervisor {
                             held: false,
                             replicas: BTreeMap::new(),
                             stopping: BTreeSet::new(),
+                            rollout: None,
                         },
                     );
+                    // A daemon started again finds the revision it ran.
+                    let known = self.ctx.history.get(&name, revision);
+                    if known
+                        .as_ref()
+                        .is_none_or(|k| k.hash != spec.definition_hash())
+                    {
+                        self.ctx.history.record(
+                            &name,
+                            RevisionInfo {
+                                revision,
+                                time_ms: crate::events::now_ms(),
+                                hash: spec.definition_hash(),
+                                trigger: "initial".into(),
+                                diff: Vec::new(),
+                                status: RevisionStatus::Active,
+                                why: String::new(),
+                                spec: spec.clone(),
+                            },
+                        );
+                    }
                     self.reconcile(&name);
                 }
             }
@@ -622,7 +660,12 @@ impl Supervisor {
             return BTreeSet::new();
         }
         let current: Vec<ReplicaId> = rt.current().cloned().collect();
-        let desired = rt.desired as usize;
+        let desired = match &rt.rollout {
+            // A rollout starts the new revision's replicas batch by batch,
+            // and retires replicas only through its steps.
+            Some(r) => (rt.desired.min(r.allowed) as usize).max(current.len()),
+            None => rt.desired as usize,
+        };
         if current.len() > desired {
             // The highest indices go, as a StatefulSet scales down.
             let surplus = current[desired..].to_vec();
@@ -694,29 +737,268 @@ impl Supervisor {
         out
     }
 
-    /// Waits (as a task) until `revision`'s replicas are ready, then reports.
-    fn watch_rollout(&self, name: &str, revision: Revision) {
-        let board = self.ctx.board.clone();
+    /// Starts the rollout task that replaces `name`'s other revisions with
+    /// its current one (ending any rollout already going); `back` uses the
+    /// service's `rollback_config`.
+    fn begin_rollout(&mut self, name: &str, from: Revision, from_spec: Arc<Service>, back: bool) {
+        let Some(rt) = self.services.get_mut(name) else {
+            return;
+        };
+        if let Some(old) = rt.rollout.take() {
+            old.task.abort();
+        }
+        let cfg = if back {
+            rt.spec.deploy.rollback_config.clone()
+        } else {
+            rt.spec.deploy.update_config.clone()
+        };
+        let r = rollout::Rollout {
+            board: self.ctx.board.clone(),
+            events: self.ctx.events.clone(),
+            steps: self.steps_tx.clone(),
+            service: name.to_owned(),
+            revision: rt.revision,
+            start_first: rollout::start_first(&rt.spec, &cfg),
+            budget: rollout::health_budget(&rt.spec),
+            cfg,
+        };
         let done = self.internal_tx.clone();
-        let service = name.to_owned();
-        tokio::spawn(async move {
-            let result = tokio::time::timeout(
-                PROGRESS_DEADLINE,
-                wait_ready(&board, &service, revision),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "{service}: revision {revision} was not ready within {}; the previous revision keeps serving",
-                    crate::spec::Dur(PROGRESS_DEADLINE)
-                ))
-            });
+        let task = tokio::spawn(async move {
+            let result = r.run().await;
             let _ = done.send(Internal::Rolled {
-                service,
-                revision,
+                service: r.service,
+                revision: r.revision,
                 result,
             });
         });
+        rt.rollout = Some(RolloutRt {
+            from,
+            from_spec,
+            allowed: 0,
+            back,
+            task,
+        });
+    }
+
+    /// A step a rollout asks for, if it is still the service's rollout.
+    fn step(&mut self, name: &str, revision: Revision, step: rollout::Step) {
+        let Some(rt) = self.services.get_mut(name) else {
+            return;
+        };
+        if rt.revision != revision || rt.rollout.is_none() {
+            return;
+        }
+        match step {
+            rollout::Step::Allow(n) => {
+                if let Some(r) = rt.rollout.as_mut() {
+                    r.allowed = n;
+                }
+                self.reconcile(name);
+            }
+            rollout::Step::RetireOld(n) => {
+                // Replicas that are not ready go first, then the highest indices.
+                let mut old: Vec<(bool, u32, ReplicaId)> = rt
+                    .replicas
+                    .keys()
+                    .filter(|id| id.revision != revision)
+                    .map(|id| {
+                        let ready = self.ctx.board.get(id).is_some_and(|s| s.is_ready());
+                        (ready, u32::MAX - id.index, id.clone())
+                    })
+                    .collect();
+                old.sort();
+                let ids: Vec<ReplicaId> = old.into_iter().take(n as usize).map(|x| x.2).collect();
+                let retired = self.retire(name, ids);
+                for p in &mut self.pending {
+                    if p.rollouts.contains(&(name.to_owned(), revision)) {
+                        p.stops.extend(retired.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A rollout ended: on success the other revisions' last replicas go;
+    /// on failure the `failure_action` applies.
+    fn rolled(&mut self, name: &str, revision: Revision, result: Result<(), String>) {
+        let current = self
+            .services
+            .get(name)
+            .is_some_and(|rt| rt.revision == revision && rt.rollout.is_some());
+        if !current {
+            return;
+        }
+        let rt = self.services.get_mut(name).expect("present");
+        let ro = rt.rollout.take().expect("a rollout");
+        let mut retired = BTreeSet::new();
+        let mut next = None;
+        match &result {
+            Ok(()) => {
+                let old: Vec<ReplicaId> = rt
+                    .replicas
+                    .keys()
+                    .filter(|id| id.revision != revision)
+                    .cloned()
+                    .collect();
+                self.ctx.events.emit(
+                    name,
+                    None,
+                    "rolled",
+                    format!("revision {revision} is rolled out"),
+                );
+                retired = self.retire(name, old);
+                self.ctx
+                    .history
+                    .set_status(name, revision, RevisionStatus::Active, "");
+                if !ro.back {
+                    self.ctx.history.set_status(
+                        name,
+                        ro.from,
+                        RevisionStatus::Superseded,
+                        &format!("replaced by revision {revision}"),
+                    );
+                }
+            }
+            Err(why) => {
+                let action = if ro.back {
+                    FailureAction::Pause
+                } else {
+                    rt.spec.deploy.update_config.failure_action
+                };
+                if action == FailureAction::Rollback {
+                    let failed = rt.spec.clone();
+                    rt.spec = ro.from_spec.clone();
+                    rt.revision = ro.from;
+                    self.ctx
+                        .history
+                        .set_status(name, revision, RevisionStatus::RolledBack, why);
+                    self.ctx.history.set_status(
+                        name,
+                        ro.from,
+                        RevisionStatus::Rolling,
+                        "rolling back to it",
+                    );
+                    self.ctx.events.emit(
+                        name,
+                        None,
+                        "rollback",
+                        format!("{why}; rolling back to revision {}", ro.from),
+                    );
+                    // The stack follows: applying the same file again rolls
+                    // forward again.
+                    if let Some(s) = self.stack.services.get_mut(name) {
+                        *s = (*ro.from_spec).clone();
+                    }
+                    self.begin_rollout(name, revision, failed, true);
+                    self.reconcile(name);
+                    next = Some(ro.from);
+                } else {
+                    self.ctx.history.set_status(
+                        name,
+                        revision,
+                        if ro.back {
+                            RevisionStatus::Failed
+                        } else {
+                            RevisionStatus::Paused
+                        },
+                        why,
+                    );
+                    self.ctx.events.emit(
+                        name,
+                        None,
+                        "paused",
+                        format!("{why}; the rollout is paused (both revisions run): `capstan rollback {name}` or deploy again"),
+                    );
+                }
+            }
+        }
+        for p in &mut self.pending {
+            if p.rollouts.remove(&(name.to_owned(), revision)) {
+                p.stops.extend(retired.iter().cloned());
+                if let Err(why) = &result {
+                    match next {
+                        Some(back) => {
+                            p.failures
+                                .push(format!("{why}; rolled back to revision {back}"));
+                            p.rollouts.insert((name.to_owned(), back));
+                        }
+                        None => p.failures.push(why.clone()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `capstan rollback`: back to revision `to` (by default the one before
+    /// the current), at the service's `rollback_config` (all at once by
+    /// default), skipping any analysis.
+    fn rollback(&mut self, name: &str, to: Option<Revision>) -> Result<Pending, Error> {
+        self.known(&[name.to_owned()])?;
+        let rt = &self.services[name];
+        let current = rt.revision;
+        let list = self.ctx.history.of(name);
+        let target = match to {
+            Some(r) if r == current => {
+                return Err(Error::Invalid(format!("{name} runs revision {r} already")));
+            }
+            Some(r) => list
+                .iter()
+                .find(|i| i.revision == r)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{name} has no revision {r} in its history (see `capstan history {name}`)"
+                    ))
+                })?,
+            None => list
+                .iter()
+                .rev()
+                .find(|i| i.revision < current && i.status != RevisionStatus::Failed)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::Invalid(format!("{name} has no earlier revision to go back to"))
+                })?,
+        };
+        let from_spec = rt.spec.clone();
+        let rt = self.services.get_mut(name).expect("present");
+        rt.spec = Arc::new(target.spec.clone());
+        rt.revision = target.revision;
+        rt.stopped = false;
+        rt.held = false;
+        if let Some(s) = self.stack.services.get_mut(name) {
+            *s = target.spec.clone();
+        }
+        self.ctx.history.set_status(
+            name,
+            current,
+            RevisionStatus::RolledBack,
+            "rolled back by `capstan rollback`",
+        );
+        self.ctx.history.set_status(
+            name,
+            target.revision,
+            RevisionStatus::Rolling,
+            "rolling back to it",
+        );
+        self.ctx.events.emit(
+            name,
+            None,
+            "rollback",
+            format!(
+                "rolling back revision {current} -> {} (capstan rollback)",
+                target.revision
+            ),
+        );
+        self.publish_services();
+        self.begin_rollout(name, current, from_spec, true);
+        let stops = self.reconcile(name);
+        let mut p = Pending::new(format!(
+            "rolled {name} back to revision {}",
+            target.revision
+        ));
+        p.stops = stops;
+        p.rollouts.insert((name.to_owned(), target.revision));
+        Ok(p)
     }
 
     fn scale(&mut self, counts: BTreeMap<String, u32>) -> Result<Pending, Error> {
@@ -896,42 +1178,6 @@ impl Supervisor {
                 Some(_) => {}
                 None => return,
             }
-        }
-    }
-}
-
-/// Until every replica of `revision` is ready (or finished successfully); an
-/// error when one crash-loops or fails, or the revision is gone.
-async fn wait_ready(board: &StatusBoard, service: &str, revision: Revision) -> Result<(), String> {
-    let mut changed = board.watch_topology();
-    loop {
-        let mine: Vec<Status> = board
-            .replicas_of(service)
-            .into_iter()
-            .filter(|s| s.revision == revision)
-            .collect();
-        if let Some(bad) = mine
-            .iter()
-            .find(|s| matches!(s.state, Phase::CrashLooping | Phase::Failed))
-        {
-            return Err(format!(
-                "{service}: revision {revision} is not ready (replica {} is {}{}); the previous revision keeps serving",
-                bad.replica,
-                bad.state,
-                bad.last_exit
-                    .as_deref()
-                    .map(|e| format!(", last {e}"))
-                    .unwrap_or_default()
-            ));
-        }
-        let ready = mine
-            .iter()
-            .all(|s| s.is_ready() || (s.state == Phase::Exited && s.exit_code == Some(0)));
-        if ready {
-            return Ok(());
-        }
-        if changed.changed().await.is_err() {
-            return Err(format!("{service}: the supervisor stopped"));
         }
     }
 }

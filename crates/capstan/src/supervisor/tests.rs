@@ -15,6 +15,8 @@ use tokio::time::Instant;
 use super::driver::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
 use super::*;
 use crate::logs::Stream;
+use crate::state::Status;
+use crate::state::history::{History, RevisionStatus};
 use crate::state::{Health, Phase, Sample};
 
 #[derive(Default)]
@@ -199,6 +201,7 @@ struct Harness {
     drain: Arc<SlowDrain>,
     board: Arc<StatusBoard>,
     events: Arc<EventLog>,
+    history: Arc<History>,
     handle: SupervisorHandle,
     task: JoinHandle<()>,
 }
@@ -225,6 +228,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let fake = Arc::new(Fake::default());
         let board = Arc::new(StatusBoard::default());
+        let history = Arc::new(History::open(None));
         let events = Arc::new(EventLog::open(dir.path()).unwrap());
         let (logs, _) = LogEngine::open(&dir.path().join("logs"), 1 << 20, 8 << 20).unwrap();
         let mut state = StateFile::open(dir.path());
@@ -239,6 +243,7 @@ impl Harness {
             records: Mutex::new(state),
             stack_dir: dir.path().to_path_buf(),
             otlp: None,
+            history: history.clone(),
         });
         let drain = Arc::new(SlowDrain::default());
         let hooks: Vec<Arc<dyn Hook>> = if slow_drain {
@@ -254,6 +259,7 @@ impl Harness {
             drain,
             board,
             events,
+            history,
             handle,
             task,
         }
@@ -422,7 +428,9 @@ services:
     command: [x]
     environment: {FAKE_HEALTHY_AFTER_MS: "500", VERSION: "1"}
     healthcheck: {test: ["CMD", "check"], interval: 1s}
-    deploy: {replicas: 2}
+    deploy:
+      replicas: 2
+      update_config: {parallelism: 0, order: start-first, monitor: 0s}
 "#;
     let h = Harness::start(v1, false, Vec::new());
     h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
@@ -453,7 +461,10 @@ services:
     let asked = Instant::now();
     let msg = h.handle.apply(stack(&v2)).await.unwrap();
     watch.abort();
-    assert!(msg.contains("replaced web"), "{msg}");
+    assert!(
+        msg.contains("updating web (revision 1 -> 2: rolling, all at once, start-first)"),
+        "{msg}"
+    );
     let launches = h.fake.launches.lock().unwrap().clone();
     let new: Vec<&(ReplicaId, Instant)> = launches.iter().filter(|l| l.0.revision == 2).collect();
     assert_eq!(new.len(), 2, "{launches:?}");
@@ -478,6 +489,126 @@ services:
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_rolling_update_replaces_one_replica_at_a_time_keeping_capacity() {
+    let v1 = r#"
+services:
+  web:
+    command: [x]
+    environment: {FAKE_HEALTHY_AFTER_MS: "500", VERSION: "1"}
+    healthcheck: {test: ["CMD", "check"], interval: 1s}
+    deploy:
+      replicas: 3
+      update_config: {parallelism: 1, order: start-first, monitor: 2s, delay: 1s}
+"#;
+    let h = Harness::start(v1, false, Vec::new());
+    h.until("three ready", Duration::from_secs(5), |h| {
+        h.ready("web") == 3
+    })
+    .await;
+    let board = h.board.clone();
+    let (low, high) = (Arc::new(Mutex::new(usize::MAX)), Arc::new(Mutex::new(0)));
+    let watch = {
+        let (low, high) = (low.clone(), high.clone());
+        tokio::spawn(async move {
+            loop {
+                let all = board.replicas_of("web");
+                let ready = all.iter().filter(|s| s.is_ready()).count();
+                let new = all.iter().filter(|s| s.revision == 2).count();
+                let old = all.iter().filter(|s| s.revision == 1).count();
+                {
+                    let mut l = low.lock().unwrap();
+                    *l = (*l).min(ready);
+                }
+                // Never more than one replica beyond the count (one batch).
+                {
+                    let mut m = high.lock().unwrap();
+                    *m = (*m).max(new + old);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let msg = h
+        .handle
+        .apply(stack(&v1.replace("VERSION: \"1\"", "VERSION: \"2\"")))
+        .await
+        .unwrap();
+    watch.abort();
+    assert!(msg.contains("1 at a time, start-first"), "{msg}");
+    assert!(*low.lock().unwrap() >= 3, "capacity dropped");
+    assert_eq!(*high.lock().unwrap(), 4, "one batch at a time");
+    // Each old replica stops only after its replacement was ready and
+    // watched: the stops are spread over the rollout, not at its end.
+    let launches = h.fake.launches.lock().unwrap().clone();
+    let stops = h.fake.stops.lock().unwrap().clone();
+    let new_launch: Vec<Instant> = launches
+        .iter()
+        .filter(|l| l.0.revision == 2)
+        .map(|l| l.1)
+        .collect();
+    assert_eq!(new_launch.len(), 3);
+    assert_eq!(stops.len(), 3);
+    assert!(
+        stops[0].1 < new_launch[2],
+        "the first old replica stops before the last new one starts"
+    );
+    assert!(
+        stops[0].1 >= new_launch[0] + Duration::from_millis(2500),
+        "ready (0.5 s) and watched (2 s) first"
+    );
+    assert!(
+        h.replicas("web")
+            .iter()
+            .all(|s| s.revision == 2 && s.is_ready())
+    );
+    let history = h.history.of("web");
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].status, RevisionStatus::Superseded);
+    assert_eq!(history[1].status, RevisionStatus::Active);
+    assert_eq!(history[1].diff, ["environment.VERSION: \"1\" -> \"2\""]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollback_goes_back_to_the_revision_before() {
+    let v1 = r#"
+services:
+  web:
+    command: [x]
+    environment: {VERSION: "1"}
+    deploy:
+      replicas: 2
+      update_config: {parallelism: 0, monitor: 0s}
+"#;
+    let h = Harness::start(v1, false, Vec::new());
+    h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
+        .await;
+    h.handle
+        .apply(stack(&v1.replace("VERSION: \"1\"", "VERSION: \"2\"")))
+        .await
+        .unwrap();
+    let msg = h.handle.rollback("web", None).await.unwrap();
+    assert_eq!(msg, "rolled web back to revision 1");
+    h.until("revision 1 only", Duration::from_secs(30), |h| {
+        let r = h.replicas("web");
+        r.len() == 2 && r.iter().all(|s| s.revision == 1 && s.is_ready())
+    })
+    .await;
+    let history = h.history.of("web");
+    assert_eq!(
+        history.iter().find(|i| i.revision == 2).unwrap().status,
+        RevisionStatus::RolledBack
+    );
+    assert_eq!(
+        history.iter().find(|i| i.revision == 1).unwrap().status,
+        RevisionStatus::Active
+    );
+    let e = h.handle.rollback("web", Some(7)).await.unwrap_err();
+    assert!(e.to_string().contains("no revision 7"), "{e}");
+    let e = h.handle.rollback("web", Some(1)).await.unwrap_err();
+    assert!(e.to_string().contains("runs revision 1 already"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_revision_that_crash_loops_leaves_the_old_one_serving() {
     let v1 = r#"
 services:
@@ -488,6 +619,7 @@ services:
     deploy:
       replicas: 2
       restart_policy: {condition: any, delay: 100ms}
+      update_config: {order: start-first}
 "#;
     let h = Harness::start(v1, false, Vec::new());
     h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
@@ -499,8 +631,20 @@ services:
     let err = h.handle.apply(stack(&v2)).await.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::NotReady(_)), "{err:?}");
-    assert!(text.contains("revision 2 is not ready"), "{text}");
-    assert!(text.contains("previous revision keeps serving"), "{text}");
+    assert!(
+        text.contains("revision 2: replica 0 is crash-looping"),
+        "{text}"
+    );
+    assert!(text.contains("rolled back to revision 1"), "{text}");
+    // Rolled back: revision 2 is gone, revision 1 serves as before.
+    h.until("revision 2 gone", Duration::from_secs(30), |h| {
+        h.replicas("web").iter().all(|s| s.revision == 1)
+    })
+    .await;
+    let history = h.history.of("web");
+    let status = |r: u64| history.iter().find(|i| i.revision == r).map(|i| i.status);
+    assert_eq!(status(1), Some(RevisionStatus::Active));
+    assert_eq!(status(2), Some(RevisionStatus::RolledBack));
     let old: Vec<Status> = h
         .replicas("web")
         .into_iter()
