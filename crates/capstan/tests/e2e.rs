@@ -217,7 +217,7 @@ fn scale_up_and_down_and_apply_changes() {
             .replace("2.0.0", "3.0.0"),
     );
     let out = s.up();
-    assert!(out.contains("replaced web"), "{out}");
+    assert!(out.contains("updating web"), "{out}");
     let port = s.replicas("web")[0]["port"].as_u64().unwrap() as u16;
     assert!(http_get(port, "/").unwrap().contains("version 3.0.0"));
 }

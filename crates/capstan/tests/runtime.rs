@@ -166,7 +166,9 @@ fn a_changed_definition_under_load_fails_no_request() {
                 r#"    x-capstan:
       healthcheck: {http: /healthz, interval: 1s, timeout: 1s, retries: 3}
       metrics: {disable: true}
-    deploy: {replicas: 2}
+    deploy:
+      replicas: 2
+      update_config: {parallelism: 0, monitor: 0s}
 "#
             )
             .replace(
@@ -184,7 +186,7 @@ fn a_changed_definition_under_load_fails_no_request() {
     std::thread::sleep(Duration::from_secs(2));
     s.write(&yaml("2.0.0"));
     let out = s.up();
-    assert!(out.contains("replaced web"), "{out}");
+    assert!(out.contains("updating web"), "{out}");
     let v = load.join().unwrap();
     let requests = v["requests"].as_u64().unwrap();
     assert!(requests >= 1000, "{v}");

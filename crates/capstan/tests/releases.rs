@@ -1,0 +1,190 @@
+//! Safe releases end to end: rolling updates under load, automatic rollback
+//! of a revision that does not become healthy, history and rollback.
+
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// The demo as `web`, `replicas` of it, published on `port`, with `env`
+/// added to its environment.
+fn stack(port: u16, replicas: u32, env: &str, update: &str) -> String {
+    format!(
+        r#"
+services:
+  web:
+    command: ["{{demo}}"]
+    environment:
+      CAPSTAN_TEST_MARKER: "{{marker}}"
+      LOG_REQUESTS: "0"
+{env}
+    ports: ["127.0.0.1:{port}:http"]
+    stop_grace_period: 20s
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s, timeout: 1s, retries: 3}}
+      metrics: {{disable: true}}
+    deploy:
+      replicas: {replicas}
+      update_config: {update}
+"#
+    )
+}
+
+fn revisions(s: &TestStack) -> Vec<String> {
+    s.replicas("web")
+        .iter()
+        .map(|r| r["revision"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn history(s: &TestStack) -> Vec<Value> {
+    let out = s.ok(&["history", "web", "-o", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["revisions"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_rolling_update_under_load_fails_no_request() {
+    let port = free_port();
+    let update = "{parallelism: 1, monitor: 2s}";
+    let s = TestStack::new(&stack(port, 4, "      VERSION: v1", update));
+    s.up();
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 200, 30);
+    std::thread::sleep(Duration::from_secs(2));
+    s.write(&stack(port, 4, "      VERSION: v2", update));
+    let out = s.up();
+    assert!(
+        out.contains("updating web (revision 1 -> 2: rolling, 1 at a time, start-first)"),
+        "{out}"
+    );
+    assert_eq!(revisions(&s), ["2", "2", "2", "2"]);
+    let v = load.join().unwrap();
+    let requests = v["requests"].as_u64().unwrap();
+    assert!(requests >= 5000, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["status"]["200"].as_u64(), Some(requests), "{v}");
+    // One at a time: each old replica stops after a new one is healthy, and
+    // the first stops before the last new one starts.
+    let events: Vec<Value> = s
+        .events()
+        .into_iter()
+        .filter(|e| e["service"] == "web")
+        .collect();
+    let at = |kind: &str, rev: u64| -> Vec<usize> {
+        events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e["kind"] == kind && e["revision"] == rev)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let (new_started, old_stopping) = (at("started", 2), at("stopping", 1));
+    assert_eq!(new_started.len(), 4, "{events:?}");
+    assert_eq!(old_stopping.len(), 4, "{events:?}");
+    assert!(old_stopping[0] < new_started[3], "{events:?}");
+    assert!(at("healthy", 2)[0] < old_stopping[0], "{events:?}");
+    // The history has both revisions, with what changed.
+    let h = history(&s);
+    assert_eq!(h.len(), 2, "{h:?}");
+    assert_eq!(h[0]["revision"], 2);
+    assert_eq!(h[0]["status"], "active");
+    assert_eq!(
+        h[0]["diff"],
+        serde_json::json!(["environment.VERSION: \"v1\" -> \"v2\""])
+    );
+    assert_eq!(h[1]["status"], "superseded");
+    let table = s.ok(&["history", "web"]);
+    assert!(
+        table.contains("~ environment.VERSION: \"v1\" -> \"v2\""),
+        "{table}"
+    );
+    s.ok(&["down"]);
+}
+
+#[test]
+fn a_revision_that_never_gets_healthy_is_rolled_back_and_v1_serves_throughout() {
+    let port = free_port();
+    let update = "{parallelism: 1, monitor: 1s}";
+    let s = TestStack::new(&stack(port, 2, "      VERSION: v1", update));
+    s.up();
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 100, 25);
+    std::thread::sleep(Duration::from_secs(1));
+    // Listening only after a minute: far beyond its health budget.
+    s.write(&stack(
+        port,
+        2,
+        "      VERSION: v2\n      STARTUP_DELAY_MS: \"60000\"",
+        update,
+    ));
+    let out = s.up_unchecked("60s");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("not ready within"), "{said}");
+    assert!(said.contains("rolled back to revision 1"), "{said}");
+    wait_for("revision 1 only", Duration::from_secs(30), || {
+        (revisions(&s) == ["1", "1"]).then_some(())
+    });
+    let v = load.join().unwrap();
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(http_get(port, "/").unwrap().contains("version v1"));
+    let rollback = s
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "rollback")
+        .expect("a rollback event");
+    let why = rollback["reason"].as_str().unwrap();
+    assert!(
+        why.contains("its health budget") && why.contains("rolling back to revision 1"),
+        "{why}"
+    );
+    let h = history(&s);
+    assert_eq!(h[0]["revision"], 2);
+    assert_eq!(h[0]["status"], "rolled back");
+    assert!(
+        h[0]["why"].as_str().unwrap().contains("not ready within"),
+        "{h:?}"
+    );
+    assert_eq!(h[1]["status"], "active");
+    s.ok(&["down"]);
+}
+
+#[test]
+fn rollback_to_an_earlier_revision() {
+    let port = free_port();
+    let update = "{parallelism: 0, monitor: 0s}";
+    let s = TestStack::new(&stack(port, 2, "      VERSION: v1", update));
+    s.up();
+    for v in ["v2", "v3"] {
+        s.write(&stack(port, 2, &format!("      VERSION: {v}"), update));
+        s.up();
+    }
+    assert!(http_get(port, "/").unwrap().contains("version v3"));
+    let out = s.ok(&["rollback", "web", "--to", "1"]);
+    assert!(out.contains("rolled web back to revision 1"), "{out}");
+    assert!(http_get(port, "/").unwrap().contains("version v1"));
+    assert_eq!(revisions(&s), ["1", "1"]);
+    let h = history(&s);
+    let status = |r: u64| {
+        h.iter()
+            .find(|x| x["revision"] == r)
+            .map(|x| x["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status(1).as_deref(), Some("active"));
+    assert_eq!(status(2).as_deref(), Some("superseded"));
+    assert_eq!(status(3).as_deref(), Some("rolled back"));
+    // Without --to: the revision before the current one; none before 1.
+    let out = s.run(&["rollback", "web"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no earlier revision"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.ok(&["down"]);
+}
