@@ -188,3 +188,50 @@ fn rollback_to_an_earlier_revision() {
     );
     s.ok(&["down"]);
 }
+
+#[test]
+fn deploy_prints_the_plan_and_merges_override_files() {
+    let port = free_port();
+    let update = "{parallelism: 0, monitor: 0s}";
+    let s = TestStack::new(&stack(port, 2, "      VERSION: v1", update));
+    s.up();
+    // The production overlay: a new version and more replicas.
+    std::fs::write(
+        s.dir.path().join("prod.yaml"),
+        "services:\n  web:\n    environment: {VERSION: v2}\n    deploy: {replicas: 3}\n",
+    )
+    .unwrap();
+    let base = s.dir.path().join("capstan.yaml");
+    let base = base.to_str().unwrap();
+    let out = s.ok(&["deploy", "-f", base, "-f", "prod.yaml", "--dry-run"]);
+    assert!(
+        out.contains("~ web  update: rolling all at once, start-first"),
+        "{out}"
+    );
+    assert!(
+        out.contains("environment.VERSION: \"v1\" -> \"v2\""),
+        "{out}"
+    );
+    assert!(out.contains("deploy.replicas: 2 -> 3"), "{out}");
+    // --dry-run changed nothing.
+    assert_eq!(revisions(&s), ["1", "1"]);
+    let out = s.ok(&["deploy", "-f", base, "-f", "prod.yaml"]);
+    assert!(out.contains("applied to the running daemon"), "{out}");
+    assert_eq!(revisions(&s), ["2", "2", "2"]);
+    assert!(http_get(port, "/").unwrap().contains("version v2"));
+    // An invalid overlay changes nothing, and says where it is wrong.
+    std::fs::write(
+        s.dir.path().join("bad.yaml"),
+        "services:\n  web:\n    deploy: {replicas: many}\n",
+    )
+    .unwrap();
+    let out = s.run(&["deploy", "-f", base, "-f", "bad.yaml"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:3:24: services.web.deploy.replicas"),
+        "{err}"
+    );
+    assert_eq!(revisions(&s), ["2", "2", "2"]);
+    s.ok(&["down"]);
+}

@@ -64,6 +64,7 @@ pub fn router(api: Api) -> Router {
         .route("/scale", post(scale))
         .route("/history/{service}", get(history))
         .route("/rollback", post(rollback))
+        .route("/stack", get(current_stack))
         .route("/services/{action}", post(service_action))
         .route("/down", post(down))
         .route("/events", get(events))
@@ -291,6 +292,14 @@ async fn history(
         })
         .collect();
     Json(serde_json::json!({"service": service, "revisions": revisions})).into_response()
+}
+
+/// The stack as the daemon runs it (what `capstan deploy` plans against).
+async fn current_stack(State(api): State<Api>) -> Response {
+    match api.supervisor.stack().await {
+        Ok(stack) => Json(stack).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -1,5 +1,6 @@
 //! Command-line interface: one file per group of subcommands.
 
+mod deploy;
 mod images;
 mod load;
 mod logs;
@@ -72,6 +73,13 @@ enum Cmd {
         after_help = "Examples:\n  capstan up                 foreground; Ctrl-C stops everything\n  capstan up -d              detach once every service is started or failed\n  capstan up -d --listen 127.0.0.1:0   any free port for the API"
     )]
     Up(up::UpArgs),
+    /// Print the plan of what the stack file(s) change, then apply it
+    /// (`--dry-run`: the plan only). Several -f files merge as compose's
+    /// override files do.
+    #[command(
+        after_help = "Examples:\n  capstan deploy --dry-run\n  capstan deploy -f compose.yaml -f compose.prod.yaml"
+    )]
+    Deploy(deploy::DeployArgs),
     /// Stop every service gracefully and exit the daemon.
     Down {
         #[command(flatten)]
@@ -320,6 +328,8 @@ fn quiet_on_closed_stdout() {
 
 pub struct Ctx {
     file: Option<PathBuf>,
+    /// Override files merged over `file` (`deploy -f a -f b`).
+    overrides: Vec<PathBuf>,
     data_dir: Option<PathBuf>,
     profiles: Vec<String>,
 }
@@ -335,7 +345,7 @@ impl Ctx {
         let file = self.stack_file()?;
         let mut opts = LoadOptions::from_process();
         opts.profiles.extend(self.profiles.iter().cloned());
-        match spec::load(&file, &opts) {
+        match spec::load_with(&file, &self.overrides, &opts) {
             Ok(l) => {
                 for w in &l.warnings {
                     eprintln!("warning: {w}");
@@ -370,6 +380,7 @@ async fn run(cli: Cli) -> Result<i32> {
     let sub_file = match &cli.command {
         Cmd::Up(a) => a.f.file.clone(),
         Cmd::Daemon(a) => a.f.file.clone(),
+        Cmd::Deploy(a) => a.files.first().cloned(),
         Cmd::Logs(a) => a.f.file.clone(),
         Cmd::Traces(a) => a.f.file.clone(),
         Cmd::Trace(a) => a.f.file.clone(),
@@ -390,13 +401,20 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Query(a) => a.f.file.clone(),
         Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) | Cmd::Load(_) => None,
     };
+    let overrides = match &cli.command {
+        Cmd::Deploy(a) => a.files.iter().skip(1).cloned().collect(),
+        Cmd::Daemon(a) => a.overrides.clone(),
+        _ => Vec::new(),
+    };
     let ctx = Ctx {
+        overrides,
         file: sub_file.or(cli.file),
         data_dir: cli.data_dir,
         profiles: cli.profiles,
     };
     match cli.command {
         Cmd::Up(args) => up::up(&ctx, args).await,
+        Cmd::Deploy(args) => deploy::deploy(&ctx, args).await,
         Cmd::Daemon(args) => up::daemon(&ctx, args).await,
         Cmd::Down { volumes, .. } => {
             let c = ctx.client()?;

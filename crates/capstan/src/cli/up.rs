@@ -21,10 +21,10 @@ pub struct UpArgs {
     pub detach: bool,
     /// Address of the API and dashboard.
     #[arg(long, default_value = "127.0.0.1:9700")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Longest wait for services to settle before printing the table.
     #[arg(long, default_value = "120s", value_parser = parse_dur)]
-    wait_timeout: Duration,
+    pub wait_timeout: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -36,9 +36,12 @@ pub struct DaemonArgs {
     /// SERVICE=IMAGE-ID: the image `capstan up` built for a `build:` service.
     #[arg(long, value_name = "SERVICE=ID")]
     built: Vec<String>,
+    /// Override files merged over the stack file (`deploy -f a -f b`).
+    #[arg(long = "override", value_name = "FILE")]
+    pub overrides: Vec<std::path::PathBuf>,
 }
 
-fn parse_dur(s: &str) -> Result<Duration, String> {
+pub fn parse_dur(s: &str) -> Result<Duration, String> {
     crate::spec::parse_duration(s)
 }
 
@@ -109,6 +112,12 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
             .await
             .is_ok()
     {
+        if let Ok(now) = client.json(Method::GET, "/capstan/v1/stack", None).await
+            && let Ok(now) = serde_json::from_value::<crate::spec::Stack>(now)
+        {
+            let plan = super::deploy::plan(Some(&now), &opts.stack);
+            print!("{}", super::deploy::render(&opts.stack.name, &plan));
+        }
         let body = serde_json::to_value(&opts.stack)?;
         let v = client
             .json(Method::POST, "/capstan/v1/apply", Some(body))
@@ -185,6 +194,9 @@ async fn detach(opts: &daemon::Options, args: &UpArgs, ctx: &Ctx) -> Result<i32>
         .arg(args.listen.to_string());
     for p in &ctx.profiles {
         cmd.arg("--profile").arg(p);
+    }
+    for o in &ctx.overrides {
+        cmd.arg("--override").arg(std::path::absolute(o)?);
     }
     // What this command built, so the daemon does not build it again.
     for (name, svc) in &opts.stack.services {

@@ -68,6 +68,8 @@ pub const SIGNALS: &[&str] = &[
 
 pub struct Decoder<'a> {
     pub file: String,
+    /// Override files merged over `file`, for nodes that came from them.
+    pub overrides: Vec<String>,
     pub dir: &'a Path,
     pub vars: &'a Vars,
     /// Environment of the invoking shell, for `environment: [NAME]` pass-through.
@@ -99,9 +101,21 @@ fn join(path: &str, key: &str) -> String {
 }
 
 impl Decoder<'_> {
+    /// The file a node came from.
+    fn file_of(&self, node: &Node) -> String {
+        match node.pos.file {
+            0 => self.file.clone(),
+            i => self
+                .overrides
+                .get(usize::from(i) - 1)
+                .cloned()
+                .unwrap_or_else(|| self.file.clone()),
+        }
+    }
+
     fn error(&mut self, node: &Node, path: &str, message: impl Into<String>) {
         self.errors.push(Diagnostic {
-            file: self.file.clone(),
+            file: self.file_of(node),
             pos: node.pos,
             path: path.to_owned(),
             message: message.into(),
@@ -110,7 +124,7 @@ impl Decoder<'_> {
 
     fn warn(&mut self, node: &Node, path: &str, message: impl Into<String>) {
         self.warnings.push(Diagnostic {
-            file: self.file.clone(),
+            file: self.file_of(node),
             pos: node.pos,
             path: path.to_owned(),
             message: message.into(),

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod interp;
+pub mod merge;
 pub mod model;
 pub mod yaml;
 
@@ -119,7 +120,7 @@ fn single(file: &str, message: String) -> LoadError {
     LoadError {
         errors: vec![Diagnostic {
             file: file.to_owned(),
-            pos: yaml::Pos { line: 0, col: 0 },
+            pos: yaml::Pos::default(),
             path: String::new(),
             message,
         }],
@@ -130,6 +131,17 @@ fn single(file: &str, message: String) -> LoadError {
 /// Reads, interpolates and validates a stack file. Nothing is returned unless the
 /// whole file is valid.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    load_with(path, &[], opts)
+}
+
+/// [`load`] with override files merged over the stack file, in order, as
+/// compose merges them; paths in every file are relative to the first one's
+/// directory, as in compose.
+pub fn load_with(
+    path: &Path,
+    overrides: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<Loaded, LoadError> {
     let display = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -147,6 +159,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
                     pos: yaml::Pos {
                         line: line as u64,
                         col: 1,
+                        file: 0,
                     },
                     path: String::new(),
                     message: msg,
@@ -161,7 +174,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut stack = parse_text(&text, &display, &dir, &default_name, dotenv, opts)?;
+    let mut files = vec![(display, text)];
+    for o in overrides {
+        let name = o.display().to_string();
+        let text = std::fs::read_to_string(o)
+            .map_err(|e| single(&name, format!("cannot read {name}: {e}")))?;
+        files.push((name, text));
+    }
+    let mut stack = parse_files(&files, &dir, &default_name, dotenv, opts)?;
     let warnings = std::mem::take(&mut stack.1);
     Ok(Loaded {
         stack: stack.0,
@@ -179,18 +199,51 @@ pub fn parse_text(
     dotenv: BTreeMap<String, String>,
     opts: &LoadOptions,
 ) -> Result<(Stack, Vec<Diagnostic>), LoadError> {
-    let root = yaml::parse(text).map_err(|e| LoadError {
-        errors: vec![Diagnostic {
-            file: display.to_owned(),
-            pos: e.pos,
-            path: String::new(),
-            message: format!("invalid YAML: {}", e.message),
-        }],
-        warnings: Vec::new(),
-    })?;
+    parse_files(
+        &[(display.to_owned(), text.to_owned())],
+        dir,
+        default_name,
+        dotenv,
+        opts,
+    )
+}
+
+/// Parses a stack file and the override files merged over it, in order
+/// (display name, text).
+pub fn parse_files(
+    files: &[(String, String)],
+    dir: &Path,
+    default_name: &str,
+    dotenv: BTreeMap<String, String>,
+    opts: &LoadOptions,
+) -> Result<(Stack, Vec<Diagnostic>), LoadError> {
+    let mut root: Option<yaml::Node> = None;
+    for (i, (display, text)) in files.iter().enumerate() {
+        let mut node = yaml::parse(text).map_err(|e| LoadError {
+            errors: vec![Diagnostic {
+                file: display.clone(),
+                pos: e.pos,
+                path: String::new(),
+                message: format!("invalid YAML: {}", e.message),
+            }],
+            warnings: Vec::new(),
+        })?;
+        match root.as_mut() {
+            None => root = Some(node),
+            Some(r) => {
+                merge::stamp(&mut node, i as u16);
+                merge::merge(r, node);
+            }
+        }
+    }
+    let root = root.unwrap_or(yaml::Node {
+        pos: yaml::Pos::default(),
+        kind: yaml::Kind::Null,
+    });
     let vars = interp::Vars::new(dotenv, opts.env.clone());
     let mut dec = decode::Decoder {
-        file: display.to_owned(),
+        file: files.first().map(|f| f.0.clone()).unwrap_or_default(),
+        overrides: files.iter().skip(1).map(|f| f.0.clone()).collect(),
         dir,
         vars: &vars,
         env: &opts.env,
@@ -200,8 +253,8 @@ pub fn parse_text(
     let stack = dec.stack(&root, default_name);
     let mut errors = dec.errors;
     let mut warnings = dec.warnings;
-    errors.sort_by_key(|d| (d.pos.line, d.pos.col));
-    warnings.sort_by_key(|d| (d.pos.line, d.pos.col));
+    errors.sort_by_key(|d| (d.pos.file, d.pos.line, d.pos.col));
+    warnings.sort_by_key(|d| (d.pos.file, d.pos.line, d.pos.col));
     match stack {
         Some(mut stack) if errors.is_empty() => {
             stack.services.retain(|_, s| {

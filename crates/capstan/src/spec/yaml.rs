@@ -13,6 +13,8 @@ use serde_saphyr::Spanned;
 pub struct Pos {
     pub line: u64,
     pub col: u64,
+    /// Which of the stack's files (0: the first; overrides count from 1).
+    pub file: u16,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +141,7 @@ impl<'de> Deserialize<'de> for Node {
             pos: Pos {
                 line: spanned.referenced.line(),
                 col: spanned.referenced.column(),
+                file: 0,
             },
             kind: spanned.value.0,
         })
@@ -156,7 +159,11 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     if text.trim().is_empty() {
         return Ok(Node {
-            pos: Pos { line: 1, col: 1 },
+            pos: Pos {
+                line: 1,
+                col: 1,
+                file: 0,
+            },
             kind: Kind::Null,
         });
     }
@@ -166,6 +173,7 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
             .map(|l| Pos {
                 line: l.line(),
                 col: l.column(),
+                file: 0,
             })
             .unwrap_or_default();
         let message = e.without_snippet().to_string();
@@ -186,7 +194,14 @@ mod tests {
             panic!()
         };
         assert_eq!(inner[0].1.kind, Kind::Int(2));
-        assert_eq!(inner[0].1.pos, Pos { line: 2, col: 6 });
+        assert_eq!(
+            inner[0].1.pos,
+            Pos {
+                line: 2,
+                col: 6,
+                file: 0
+            }
+        );
         let Kind::Seq(items) = &inner[1].1.kind else {
             panic!()
         };

@@ -61,6 +61,8 @@ pub enum Command {
     Restart(Vec<String>, Reply),
     Stop(Vec<String>, Reply),
     Start(Vec<String>, Reply),
+    /// The stack as the supervisor runs it now.
+    Show(oneshot::Sender<Stack>),
     /// Back to an earlier revision (by default the one before the current).
     Rollback {
         service: String,
@@ -124,6 +126,17 @@ impl SupervisorHandle {
     /// start one. Never waits.
     pub fn wake(&self, service: &str) {
         let _ = self.tx.try_send(Command::Wake(service.to_owned()));
+    }
+
+    /// The stack as it runs now (after rollbacks, the definitions they
+    /// went back to).
+    pub async fn stack(&self) -> Result<Stack, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Show(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Rolls a service back to an earlier revision; returns once it runs

@@ -331,6 +331,9 @@ impl Supervisor {
                 let _ = reply.send(r);
             }
             Command::Wake(name) => self.wake(&name),
+            Command::Show(tx) => {
+                let _ = tx.send(self.stack.clone());
+            }
             Command::Rollback { service, to, reply } => match self.rollback(&service, to) {
                 Ok(p) => self.finish_or_wait(p, reply),
                 Err(e) => {
