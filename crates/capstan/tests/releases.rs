@@ -235,3 +235,56 @@ fn deploy_prints_the_plan_and_merges_override_files() {
     assert_eq!(revisions(&s), ["2", "2", "2"]);
     s.ok(&["down"]);
 }
+
+#[test]
+fn a_daemon_killed_mid_rollout_leaves_one_revision_after_up() {
+    let port = free_port();
+    let update = "{parallelism: 1, monitor: 3s}";
+    let s = TestStack::new(&stack(port, 4, "      VERSION: v1", update));
+    s.up();
+    s.write(&stack(port, 4, "      VERSION: v2", update));
+    // `up` waits for the rollout; the daemon dies in the middle of it.
+    let rolling = s.run_in_background(&["up", "-d", "--listen", "127.0.0.1:0"]);
+    wait_for(
+        "a replica of each revision",
+        Duration::from_secs(30),
+        || {
+            let r = revisions(&s);
+            (r.contains(&"1".to_owned()) && r.contains(&"2".to_owned())).then_some(())
+        },
+    );
+    let daemon = s.daemon_pid();
+    sigkill(daemon);
+    wait_for("the daemon gone", Duration::from_secs(5), || {
+        (!alive(daemon)).then_some(())
+    });
+    let _ = rolling.join();
+    // The next daemon runs the file's revision, and only it.
+    s.up();
+    wait_for(
+        "four replicas of revision 2",
+        Duration::from_secs(30),
+        || (revisions(&s) == ["2", "2", "2", "2"]).then_some(()),
+    );
+    assert_eq!(
+        s.marked_pids().len(),
+        4,
+        "nothing of the killed daemon's is left"
+    );
+    assert!(http_get(port, "/").unwrap().contains("version v2"));
+    let h = history(&s);
+    assert_eq!(h[0]["revision"], 2, "{h:?}");
+    assert_eq!(h[0]["status"], "active", "{h:?}");
+    assert_eq!(h[1]["revision"], 1, "{h:?}");
+    assert_eq!(h[1]["status"], "superseded", "{h:?}");
+    // Numbers go on from there.
+    s.write(&stack(
+        port,
+        4,
+        "      VERSION: v3",
+        "{parallelism: 0, monitor: 0s}",
+    ));
+    s.up();
+    assert_eq!(revisions(&s), ["3", "3", "3", "3"]);
+    s.ok(&["down"]);
+}

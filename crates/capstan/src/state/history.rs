@@ -96,6 +96,18 @@ impl History {
             .unwrap_or_default()
     }
 
+    /// The highest revision number of any service.
+    pub fn max_revision(&self) -> Revision {
+        self.services
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .map(|r| r.revision)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn get(&self, service: &str, revision: Revision) -> Option<RevisionInfo> {
         self.of(service)
             .into_iter()

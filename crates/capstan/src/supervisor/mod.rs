@@ -239,6 +239,8 @@ impl Supervisor {
             .collect();
         let adopted = self.ctx.driver.recover(records, wanted).await;
         self.ctx.records.lock().unwrap().clear();
+        // Revision numbers go on from those a previous daemon used.
+        self.revision_counter = self.ctx.history.max_revision();
         for a in adopted {
             self.revision_counter = self.revision_counter.max(a.id.revision);
             self.ctx.records.lock().unwrap().insert(a.replica.record());
@@ -588,14 +590,22 @@ impl Supervisor {
                         changes.push(format!("added {name}"));
                     }
                     // The revision of the replicas adopted from a previous
-                    // daemon, if any; else a new one.
-                    let revision = match self
+                    // daemon, else the one the history knows with this
+                    // definition, else a new one.
+                    let hash = spec.definition_hash();
+                    let known = self.ctx.history.of(&name);
+                    let adopted = self
                         .adopted
                         .keys()
                         .filter(|id| id.service == name)
                         .map(|id| id.revision)
-                        .max()
-                    {
+                        .max();
+                    let same = known
+                        .iter()
+                        .rev()
+                        .find(|r| r.hash == hash)
+                        .map(|r| r.revision);
+                    let revision = match adopted.or(same) {
                         Some(r) => r,
                         None => self.next_revision(),
                     };
@@ -612,26 +622,7 @@ impl Supervisor {
                             rollout: None,
                         },
                     );
-                    // A daemon started again finds the revision it ran.
-                    let known = self.ctx.history.get(&name, revision);
-                    if known
-                        .as_ref()
-                        .is_none_or(|k| k.hash != spec.definition_hash())
-                    {
-                        self.ctx.history.record(
-                            &name,
-                            RevisionInfo {
-                                revision,
-                                time_ms: crate::events::now_ms(),
-                                hash: spec.definition_hash(),
-                                trigger: "initial".into(),
-                                diff: Vec::new(),
-                                status: RevisionStatus::Active,
-                                why: String::new(),
-                                spec: spec.clone(),
-                            },
-                        );
-                    }
+                    self.settle_history(&name, revision, spec, &known);
                     self.reconcile(&name);
                 }
             }
@@ -738,6 +729,64 @@ impl Supervisor {
             });
         }
         out
+    }
+
+    /// A service's history as a (re)started daemon finds it: the revision it
+    /// runs is active (recorded if new, with what changed since the last
+    /// one); a rollout the previous daemon left unfinished failed.
+    fn settle_history(
+        &self,
+        name: &str,
+        revision: Revision,
+        spec: &Service,
+        known: &[RevisionInfo],
+    ) {
+        let h = &self.ctx.history;
+        let hash = spec.definition_hash();
+        if !known
+            .iter()
+            .any(|r| r.revision == revision && r.hash == hash)
+        {
+            h.record(
+                name,
+                RevisionInfo {
+                    revision,
+                    time_ms: crate::events::now_ms(),
+                    hash,
+                    trigger: if known.is_empty() {
+                        "initial"
+                    } else {
+                        "deploy"
+                    }
+                    .into(),
+                    diff: known
+                        .last()
+                        .map(|l| history::diff(&l.spec, spec))
+                        .unwrap_or_default(),
+                    status: RevisionStatus::Active,
+                    why: String::new(),
+                    spec: spec.clone(),
+                },
+            );
+        }
+        for r in known.iter().filter(|r| r.revision != revision) {
+            match r.status {
+                RevisionStatus::Rolling | RevisionStatus::Paused => h.set_status(
+                    name,
+                    r.revision,
+                    RevisionStatus::Failed,
+                    "the daemon stopped during its rollout",
+                ),
+                RevisionStatus::Active => h.set_status(
+                    name,
+                    r.revision,
+                    RevisionStatus::Superseded,
+                    &format!("replaced by revision {revision}"),
+                ),
+                _ => {}
+            }
+        }
+        h.set_status(name, revision, RevisionStatus::Active, "");
     }
 
     /// Starts the rollout task that replaces `name`'s other revisions with
