@@ -156,6 +156,7 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<i32> {
             detach: true,
             listen: args.listen,
             wait_timeout: args.wait_timeout,
+            planned: true,
         },
     )
     .await

@@ -25,6 +25,9 @@ pub struct UpArgs {
     /// Longest wait for services to settle before printing the table.
     #[arg(long, default_value = "120s", value_parser = parse_dur)]
     pub wait_timeout: Duration,
+    /// The plan is printed already (`capstan deploy`).
+    #[arg(skip)]
+    pub planned: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,7 +115,8 @@ pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
             .await
             .is_ok()
     {
-        if let Ok(now) = client.json(Method::GET, "/capstan/v1/stack", None).await
+        if !args.planned
+            && let Ok(now) = client.json(Method::GET, "/capstan/v1/stack", None).await
             && let Ok(now) = serde_json::from_value::<crate::spec::Stack>(now)
         {
             let plan = super::deploy::plan(Some(&now), &opts.stack);

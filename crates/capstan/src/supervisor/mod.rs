@@ -185,7 +185,6 @@ pub struct Supervisor {
     hooks: Vec<Arc<dyn Hook>>,
     stack: Stack,
     services: BTreeMap<String, ServiceRt>,
-    revision_counter: Revision,
     port_range: [u16; 2],
     /// Process services that publish ports (containers reach them by name).
     host_services: Arc<Vec<String>>,
@@ -212,7 +211,6 @@ impl Supervisor {
             hooks,
             stack: Stack::default(),
             services: BTreeMap::new(),
-            revision_counter: 0,
             port_range: [20000, 29999],
             host_services: Arc::default(),
             pending: Vec::new(),
@@ -239,10 +237,7 @@ impl Supervisor {
             .collect();
         let adopted = self.ctx.driver.recover(records, wanted).await;
         self.ctx.records.lock().unwrap().clear();
-        // Revision numbers go on from those a previous daemon used.
-        self.revision_counter = self.ctx.history.max_revision();
         for a in adopted {
-            self.revision_counter = self.revision_counter.max(a.id.revision);
             self.ctx.records.lock().unwrap().insert(a.replica.record());
             self.adopted.insert(a.id, a.replica);
         }
@@ -438,9 +433,31 @@ impl Supervisor {
         );
     }
 
-    fn next_revision(&mut self) -> Revision {
-        self.revision_counter += 1;
-        self.revision_counter
+    /// A service's next revision number: one past every number it has
+    /// used (in its history, on replicas running, stopping or adopted).
+    fn next_revision(&self, name: &str) -> Revision {
+        let history = self.ctx.history.of(name).iter().map(|r| r.revision).max();
+        let live = self.services.get(name).map(|rt| {
+            rt.replicas
+                .keys()
+                .chain(rt.stopping.iter())
+                .map(|id| id.revision)
+                .max()
+                .unwrap_or(0)
+                .max(rt.revision)
+        });
+        let adopted = self
+            .adopted
+            .keys()
+            .filter(|id| id.service == name)
+            .map(|id| id.revision)
+            .max();
+        [history, live, adopted]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0)
+            + 1
     }
 
     /// Makes the running services match `stack`: new ones start, removed ones
@@ -533,7 +550,7 @@ impl Supervisor {
                     let from = rt.revision;
                     let from_spec = rt.spec.clone();
                     let had = rt.desired;
-                    let revision = self.next_revision();
+                    let revision = self.next_revision(&name);
                     let cfg = &spec.deploy.update_config;
                     let order = if rollout::start_first(spec, cfg) {
                         "start-first"
@@ -607,7 +624,7 @@ impl Supervisor {
                         .map(|r| r.revision);
                     let revision = match adopted.or(same) {
                         Some(r) => r,
-                        None => self.next_revision(),
+                        None => self.next_revision(&name),
                     };
                     self.services.insert(
                         name.clone(),
@@ -1124,7 +1141,28 @@ impl Supervisor {
     fn restart(&mut self, names: &[String]) -> Pending {
         let mut p = Pending::new(format!("done: {}", names.join(", ")));
         for name in names {
-            let revision = self.next_revision();
+            let revision = self.next_revision(name);
+            let spec = self.services[name].spec.clone();
+            let from = self.services[name].revision;
+            self.ctx.history.record(
+                name,
+                RevisionInfo {
+                    revision,
+                    time_ms: crate::events::now_ms(),
+                    hash: spec.definition_hash(),
+                    trigger: "restart".into(),
+                    diff: Vec::new(),
+                    status: RevisionStatus::Active,
+                    why: String::new(),
+                    spec: (*spec).clone(),
+                },
+            );
+            self.ctx.history.set_status(
+                name,
+                from,
+                RevisionStatus::Superseded,
+                &format!("restarted as revision {revision}"),
+            );
             let all: Vec<ReplicaId> = self.services[name].replicas.keys().cloned().collect();
             p.stops.extend(self.retire(name, all));
             if let Some(rt) = self.services.get_mut(name) {
