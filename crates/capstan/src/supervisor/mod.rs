@@ -1019,14 +1019,28 @@ impl Supervisor {
                         "{name} has no revision {r} in its history (see `capstan history {name}`)"
                     ))
                 })?,
-            None => list
-                .iter()
-                .rev()
-                .find(|i| i.revision < current && i.status != RevisionStatus::Failed)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::Invalid(format!("{name} has no earlier revision to go back to"))
-                })?,
+            // The newest earlier revision that ran well and differs from
+            // the current one (else any earlier one that differs).
+            None => {
+                let hash = rt.spec.definition_hash();
+                let earlier = |good: bool| {
+                    list.iter().rev().find(|i| {
+                        i.revision < current
+                            && i.hash != hash
+                            && (!good
+                                || !matches!(
+                                    i.status,
+                                    RevisionStatus::Failed | RevisionStatus::RolledBack
+                                ))
+                    })
+                };
+                earlier(true)
+                    .or_else(|| earlier(false))
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("{name} has no earlier revision to go back to"))
+                    })?
+            }
         };
         let from_spec = rt.spec.clone();
         let rt = self.services.get_mut(name).expect("present");

@@ -602,6 +602,14 @@ services:
         history.iter().find(|i| i.revision == 1).unwrap().status,
         RevisionStatus::Active
     );
+    // Deployed again (revision 3, the same definition as 2), a rollback
+    // skips 2 (rolled back, and no different) and goes to 1.
+    h.handle
+        .apply(stack(&v1.replace("VERSION: \"1\"", "VERSION: \"2\"")))
+        .await
+        .unwrap();
+    let msg = h.handle.rollback("web", None).await.unwrap();
+    assert_eq!(msg, "rolled web back to revision 1");
     let e = h.handle.rollback("web", Some(7)).await.unwrap_err();
     assert!(e.to_string().contains("no revision 7"), "{e}");
     let e = h.handle.rollback("web", Some(1)).await.unwrap_err();
