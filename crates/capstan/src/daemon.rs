@@ -315,10 +315,18 @@ impl Runtime {
         };
         let autoscaler = self.autoscaler.clone();
         tasks.spawn("autoscaler", move |stop| autoscaler.run(deps, stop));
+        let notify = Arc::new(crate::notify::NotifyStats::default());
+        if let Some(url) = stack.settings.notify.clone() {
+            let (events, stats, name) = (stores.events.clone(), notify.clone(), stack.name.clone());
+            tasks.spawn("notifications", move |stop| {
+                crate::notify::run(url, name, events, stats, stop)
+            });
+        }
         let supervisor = tokio::spawn(self.supervisor.run(stack));
         let parts = Api {
             board: self.board,
             history: self.history,
+            notify,
             proxy: self.proxy,
             scraper: self.scraper,
             autoscaler: self.autoscaler,
@@ -332,6 +340,7 @@ impl Runtime {
 struct Api {
     board: Arc<StatusBoard>,
     history: Arc<crate::state::history::History>,
+    notify: Arc<crate::notify::NotifyStats>,
     proxy: Arc<Proxy>,
     scraper: Arc<Scraper>,
     autoscaler: Arc<Autoscaler>,
@@ -401,6 +410,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         listen: addr,
         board: parts.board,
         history: parts.history,
+        notify: parts.notify,
         events: events.clone(),
         logs: stores.logs.clone(),
         traces: stores.traces.clone(),

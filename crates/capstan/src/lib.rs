@@ -14,6 +14,7 @@ pub mod events;
 pub mod exposition;
 pub mod ingest;
 pub mod logs;
+pub mod notify;
 pub mod probe;
 pub mod proxy;
 pub mod scrape;

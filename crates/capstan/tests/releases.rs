@@ -288,3 +288,121 @@ fn a_daemon_killed_mid_rollout_leaves_one_revision_after_up() {
     assert_eq!(revisions(&s), ["3", "3", "3", "3"]);
     s.ok(&["down"]);
 }
+
+/// A webhook receiver on a free port: answers 500 to its first request and
+/// 200 to the others; the bodies it got (the refused one too).
+fn receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Head, then as much body as Content-Length says.
+            let body = loop {
+                let Ok(k) = c.read(&mut chunk) else {
+                    break None;
+                };
+                if k == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body[..len].to_owned());
+                    }
+                }
+            };
+            if let Some(b) = body.and_then(|b| serde_json::from_str(&b).ok()) {
+                seen.lock().unwrap().push(b);
+            }
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn releases_are_posted_to_the_webhook_and_counted() {
+    let (hook, got) = receiver();
+    let port = free_port();
+    let update = "{parallelism: 0, monitor: 0s}";
+    let with_hook = |v: &str| {
+        format!(
+            "x-capstan:\n  notify: {{webhook: \"http://127.0.0.1:{hook}/hook\"}}\n{}",
+            stack(port, 1, &format!("      VERSION: {v}"), update)
+        )
+    };
+    let s = TestStack::new(&with_hook("v1"));
+    s.up();
+    s.write(&with_hook("v2"));
+    s.up();
+    // The first delivery is refused and tried again.
+    wait_for(
+        "the deploy and its end, delivered",
+        Duration::from_secs(20),
+        || {
+            let got = got.lock().unwrap().clone();
+            let kinds: Vec<&str> = got.iter().filter_map(|v| v["kind"].as_str()).collect();
+            (kinds.iter().filter(|k| **k == "updated").count() == 2 && kinds.contains(&"rolled"))
+                .then_some(())
+        },
+    );
+    let first = got.lock().unwrap()[0].clone();
+    assert_eq!(first["service"], "web", "{first}");
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rolling revision 1 -> 2"),
+        "{first}"
+    );
+    let metrics = {
+        use std::io::{Read, Write};
+        let token = std::fs::read_to_string(s.data_dir().join("token")).unwrap();
+        let mut c = std::net::TcpStream::connect(daemon_addr(&s)).unwrap();
+        write!(
+            c,
+            "GET /metrics HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+            token.trim()
+        )
+        .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(
+        metrics.contains("capstan_rollouts_total{service=\"web\",result=\"rolled\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("capstan_service_revision{service=\"web\",status=\"active\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("capstan_notifications_total{result=\"sent\"}"),
+        "{metrics}"
+    );
+    s.ok(&["down"]);
+}

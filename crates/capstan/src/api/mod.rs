@@ -24,6 +24,7 @@ use crate::state::control::{Error as SupervisorError, SupervisorHandle};
 pub struct Api {
     pub board: Arc<StatusBoard>,
     pub history: Arc<crate::state::history::History>,
+    pub notify: Arc<crate::notify::NotifyStats>,
     pub events: Arc<crate::events::EventLog>,
     pub logs: Arc<crate::logs::engine::LogEngine>,
     pub traces: Arc<crate::traces::TraceStore>,
@@ -561,6 +562,8 @@ async fn own_metrics(State(api): State<Api>) -> Response {
             scrape: &api.scraper.stats,
             proxy: &api.proxy,
             autoscaler: &api.autoscaler,
+            history: &api.history,
+            notify: &api.notify,
         };
         crate::collect::own::collect(&sources, &api.db)
     });

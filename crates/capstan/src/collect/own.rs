@@ -23,6 +23,8 @@ pub struct Sources<'a> {
     pub scrape: &'a crate::scrape::ScrapeStats,
     pub proxy: &'a crate::proxy::Proxy,
     pub autoscaler: &'a crate::autoscale::Autoscaler,
+    pub history: &'a crate::state::history::History,
+    pub notify: &'a crate::notify::NotifyStats,
 }
 
 /// One family with a sample per replica for which `value` gives a figure.
@@ -54,8 +56,54 @@ fn labels(s: &Status) -> (String, String, String) {
     )
 }
 
+/// Releases: rollouts ended, each service's newest revision, notifications.
+fn releases(e: &mut Exposition, src: &Sources<'_>) {
+    use std::sync::atomic::Ordering;
+    e.family(
+        "capstan_rollouts_total",
+        "counter",
+        "Rollouts ended since the daemon started, by result (rolled, rolled_back, paused, failed).",
+    );
+    for ((service, result), n) in src.history.outcomes() {
+        e.sample(
+            "capstan_rollouts_total",
+            &[("service", &service), ("result", result)],
+            n as f64,
+        );
+    }
+    e.family(
+        "capstan_service_revision",
+        "gauge",
+        "Each service's newest revision (its status as a label).",
+    );
+    for (service, revision, status) in src.history.latest() {
+        e.sample(
+            "capstan_service_revision",
+            &[("service", &service), ("status", status.as_str())],
+            revision as f64,
+        );
+    }
+    e.family(
+        "capstan_notifications_total",
+        "counter",
+        "Release notifications to the webhook, by result (sent, failed after every try, dropped when the queue was full).",
+    );
+    for (result, n) in [
+        ("sent", &src.notify.sent),
+        ("failed", &src.notify.failed),
+        ("dropped", &src.notify.dropped),
+    ] {
+        e.sample(
+            "capstan_notifications_total",
+            &[("result", result)],
+            n.load(Ordering::Relaxed) as f64,
+        );
+    }
+}
+
 pub fn collect(src: &Sources<'_>, db: &Db) -> String {
     let mut e = Exposition::default();
+    releases(&mut e, src);
     let replicas = src.board.replicas();
     let running = |s: &Status| s.pid.is_some();
     e.family(

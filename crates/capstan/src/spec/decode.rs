@@ -845,6 +845,27 @@ impl Decoder<'_> {
                 self.finish(lf, &lp, &[]);
             }
         }
+        if let Some(n) = f.take("notify")
+            && let Some(mut nf) = self.fields(n, &join(path, "notify"))
+        {
+            let np = join(path, "notify");
+            if let Some(w) = nf.take("webhook") {
+                let wp = join(&np, "webhook");
+                match self.text(w, &wp) {
+                    Some(u) if u.starts_with("http://") && u.parse::<hyper::Uri>().is_ok() => {
+                        s.notify = Some(u)
+                    }
+                    Some(u) if u.starts_with("https://") => self.error(
+                        w,
+                        &wp,
+                        format!("{u}: https webhooks need TLS, which capstan has not yet; use an http:// receiver (such as a local relay)"),
+                    ),
+                    Some(u) => self.error(w, &wp, format!("expected an http:// URL, found {u:?}")),
+                    None => {}
+                }
+            }
+            self.finish(nf, &np, &[]);
+        }
         self.finish(f, path, &[]);
         s
     }

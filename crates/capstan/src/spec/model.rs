@@ -132,6 +132,10 @@ pub struct Settings {
     /// Limits of every PromQL query (`x-capstan.query`).
     #[serde(default)]
     pub query: QuerySettings,
+    /// `x-capstan.notify.webhook`: where deploys, rollbacks and pauses are
+    /// posted as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
 }
 
 /// Limits of a PromQL query (Prometheus' `--query.*` flags).
@@ -250,6 +254,7 @@ impl Default for Settings {
             scrape_configs: Vec::new(),
             storage: StorageSettings::default(),
             query: QuerySettings::default(),
+            notify: None,
         }
     }
 }

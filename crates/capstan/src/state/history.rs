@@ -69,6 +69,8 @@ pub struct RevisionInfo {
 pub struct History {
     path: Option<PathBuf>,
     services: Mutex<BTreeMap<String, Vec<RevisionInfo>>>,
+    /// Rollouts ended since the daemon started, by service and result.
+    outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl History {
@@ -83,6 +85,7 @@ impl History {
         History {
             path,
             services: Mutex::new(services),
+            outcomes: Mutex::default(),
         }
     }
 
@@ -94,6 +97,35 @@ impl History {
             .get(service)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Counts a rollout's end: `rolled`, `rolled_back`, `paused` or `failed`.
+    pub fn count(&self, service: &str, result: &'static str) {
+        *self
+            .outcomes
+            .lock()
+            .unwrap()
+            .entry((service.to_owned(), result))
+            .or_default() += 1;
+    }
+
+    /// Rollouts ended, by (service, result).
+    pub fn outcomes(&self) -> BTreeMap<(String, &'static str), u64> {
+        self.outcomes.lock().unwrap().clone()
+    }
+
+    /// Every service's newest revision and its status.
+    pub fn latest(&self) -> Vec<(String, Revision, RevisionStatus)> {
+        self.services
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(s, l)| {
+                l.iter()
+                    .max_by_key(|r| r.revision)
+                    .map(|r| (s.clone(), r.revision, r.status))
+            })
+            .collect()
     }
 
     /// The highest revision number of any service.

@@ -916,6 +916,7 @@ impl Supervisor {
                     format!("revision {revision} is rolled out"),
                 );
                 retired = self.retire(name, old);
+                self.ctx.history.count(name, "rolled");
                 self.ctx
                     .history
                     .set_status(name, revision, RevisionStatus::Active, "");
@@ -934,6 +935,14 @@ impl Supervisor {
                 } else {
                     rt.spec.deploy.update_config.failure_action
                 };
+                self.ctx.history.count(
+                    name,
+                    match (action, ro.back) {
+                        (_, true) => "failed",
+                        (FailureAction::Rollback, false) => "rolled_back",
+                        _ => "paused",
+                    },
+                );
                 if action == FailureAction::Rollback {
                     let failed = rt.spec.clone();
                     rt.spec = ro.from_spec.clone();
