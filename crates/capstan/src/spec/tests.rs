@@ -449,5 +449,5 @@ fn networks_and_files_resolve_from_the_top_level() {
 #[test]
 fn a_webhook_must_be_plain_http_for_now() {
     let text = "x-capstan:\n  notify: {webhook: \"https://hooks.example/x\"}\nservices:\n  web: {command: [x]}\n";
-    insta::assert_snapshot!(errors(text), @"capstan.yaml:2:22: x-capstan.notify.webhook: https://hooks.example/x: https webhooks need TLS, which capstan has not yet; use an http:// receiver (such as a local relay)");
+    insta::assert_snapshot!(errors(text), @"capstan.yaml:2:21: x-capstan.notify.webhook: https://hooks.example/x: https webhooks need TLS, which capstan has not yet; use an http:// receiver (such as a local relay)");
 }
