@@ -1000,7 +1000,9 @@ impl Supervisor {
                                 .push(format!("{why}; rolled back to revision {back}"));
                             p.rollouts.insert((name.to_owned(), back));
                         }
-                        None => p.failures.push(why.clone()),
+                        None => p.failures.push(format!(
+                            "{why}; the rollout is paused: `capstan rollback {name}` or deploy again"
+                        )),
                     }
                 }
             }

@@ -617,6 +617,41 @@ services:
 }
 
 #[tokio::test(start_paused = true)]
+async fn failure_action_pause_keeps_both_revisions_until_a_rollback() {
+    let v1 = r#"
+services:
+  web:
+    command: [x]
+    environment: {VERSION: "1"}
+    healthcheck: {test: ["CMD", "check"], interval: 1s}
+    deploy:
+      replicas: 2
+      restart_policy: {condition: any, delay: 100ms}
+      update_config: {order: start-first, failure_action: pause}
+"#;
+    let h = Harness::start(v1, false, Vec::new());
+    h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
+        .await;
+    let v2 = v1.replace(
+        "VERSION: \"1\"",
+        "VERSION: \"2\", FAKE_EXIT_AFTER_MS: \"10\", FAKE_CODE: \"1\"",
+    );
+    let err = h.handle.apply(stack(&v2)).await.unwrap_err().to_string();
+    assert!(err.contains("the rollout is paused"), "{err}");
+    let revs: Vec<u64> = h.replicas("web").iter().map(|s| s.revision).collect();
+    assert!(revs.contains(&1) && revs.contains(&2), "{revs:?}");
+    let status = |r: u64| h.history.get("web", r).map(|i| i.status);
+    assert_eq!(status(2), Some(RevisionStatus::Paused));
+    h.handle.rollback("web", None).await.unwrap();
+    h.until("revision 1 only", Duration::from_secs(30), |h| {
+        h.replicas("web").iter().all(|s| s.revision == 1)
+    })
+    .await;
+    assert_eq!(status(2), Some(RevisionStatus::RolledBack));
+    assert_eq!(status(1), Some(RevisionStatus::Active));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_revision_that_crash_loops_leaves_the_old_one_serving() {
     let v1 = r#"
 services:
