@@ -155,3 +155,40 @@ fn server_errors_count_as_failures() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["failed"], 0);
 }
+
+#[test]
+fn an_interrupted_load_reports_what_it_measured() {
+    let (_demo, port) = demo();
+    let child = Command::new(capstan_bin())
+        .args([
+            "load",
+            &format!("http://127.0.0.1:{port}/"),
+            "--rate",
+            "100",
+            "-d",
+            "60s",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let began = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(30),
+        "it stopped at the interrupt"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let secs = v["duration_s"].as_f64().unwrap();
+    assert!((1.0..30.0).contains(&secs), "{v}");
+    assert!(v["requests"].as_u64().unwrap() >= 100, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+}

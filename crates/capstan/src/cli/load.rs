@@ -166,6 +166,8 @@ struct Plan {
     next: AtomicU64,
     /// Responses and errors so far (for the progress line).
     done: AtomicU64,
+    /// Interrupted (Ctrl-C): no new request; what was measured is reported.
+    interrupted: std::sync::atomic::AtomicBool,
 }
 
 async fn connect(plan: &Plan) -> Result<SendRequest<Full<Bytes>>, &'static str> {
@@ -195,7 +197,7 @@ async fn connection(plan: Arc<Plan>) -> Tally {
                 plan.start + Duration::from_secs_f64(i as f64 / rate)
             }
         };
-        if due >= plan.end {
+        if due >= plan.end || plan.interrupted.load(Relaxed) {
             break;
         }
         tokio::time::sleep_until(due).await;
@@ -295,7 +297,17 @@ pub async fn load(args: LoadArgs) -> Result<i32> {
         rate: args.rate,
         next: AtomicU64::new(0),
         done: AtomicU64::new(0),
+        interrupted: Default::default(),
     });
+    // Ctrl-C (or SIGINT from a script) ends the load early, with its figures.
+    {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                plan.interrupted.store(true, Relaxed);
+            }
+        });
+    }
     let tasks: Vec<_> = (0..args.concurrency)
         .map(|_| tokio::spawn(connection(plan.clone())))
         .collect();
