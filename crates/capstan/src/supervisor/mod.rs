@@ -916,6 +916,8 @@ impl Supervisor {
                     format!("revision {revision} is rolled out"),
                 );
                 retired = self.retire(name, old);
+                // Scaled down meanwhile: the surplus goes now.
+                retired.extend(self.reconcile(name));
                 self.ctx.history.count(name, "rolled");
                 self.ctx
                     .history
@@ -1148,6 +1150,32 @@ impl Supervisor {
         let stops = self.retire(name, all);
         if let Some(rt) = self.services.get_mut(name) {
             rt.stopped = true;
+            // A rollout under way ends with the service: its revision is
+            // what runs when the service starts again.
+            if let Some(r) = rt.rollout.take() {
+                r.task.abort();
+                let revision = rt.revision;
+                self.ctx.history.set_status(
+                    name,
+                    revision,
+                    RevisionStatus::Active,
+                    "the service was stopped during its rollout",
+                );
+                if !r.back {
+                    self.ctx.history.set_status(
+                        name,
+                        r.from,
+                        RevisionStatus::Superseded,
+                        &format!("replaced by revision {revision}"),
+                    );
+                }
+                for p in &mut self.pending {
+                    if p.rollouts.remove(&(name.to_owned(), revision)) {
+                        p.failures
+                            .push(format!("{name} was stopped during its rollout"));
+                    }
+                }
+            }
         }
         self.publish_services();
         stops

@@ -652,6 +652,46 @@ services:
 }
 
 #[tokio::test(start_paused = true)]
+async fn stopping_a_service_ends_its_rollout() {
+    let v1 = r#"
+services:
+  web:
+    command: [x]
+    environment: {VERSION: "1"}
+    deploy:
+      replicas: 2
+      update_config: {parallelism: 1, order: start-first, monitor: 30s}
+"#;
+    let h = Harness::start(v1, false, Vec::new());
+    h.until("two ready", Duration::from_secs(5), |h| h.ready("web") == 2)
+        .await;
+    let handle = h.handle.clone();
+    let v2 = stack(&v1.replace("VERSION: \"1\"", "VERSION: \"2\""));
+    let apply = tokio::spawn(async move { handle.apply(v2).await });
+    h.until("a replica of revision 2", Duration::from_secs(10), |h| {
+        h.replicas("web").iter().any(|s| s.revision == 2)
+    })
+    .await;
+    h.handle.stop(vec!["web".into()]).await.unwrap();
+    let err = apply.await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("web was stopped during its rollout"), "{err}");
+    // Started again: revision 2 everywhere, no rollback.
+    h.handle.start(vec!["web".into()]).await.unwrap();
+    h.until("two of revision 2", Duration::from_secs(10), |h| {
+        let r = h.replicas("web");
+        r.len() == 2 && r.iter().all(|s| s.revision == 2 && s.is_ready())
+    })
+    .await;
+    assert!(
+        h.events
+            .subscribe_with_history()
+            .0
+            .iter()
+            .all(|e| e.kind != "rollback")
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_revision_that_crash_loops_leaves_the_old_one_serving() {
     let v1 = r#"
 services:
