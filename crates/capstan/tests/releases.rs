@@ -253,6 +253,12 @@ fn a_daemon_killed_mid_rollout_leaves_one_revision_after_up() {
             (r.contains(&"1".to_owned()) && r.contains(&"2".to_owned())).then_some(())
         },
     );
+    let status = s.ok(&["rollout", "status", "web"]);
+    assert!(
+        status.starts_with("web: rolling revision 1 -> 2 (1 at a time, start-first) for "),
+        "{status}"
+    );
+    assert!(status.contains("new replicas ready"), "{status}");
     let daemon = s.daemon_pid();
     sigkill(daemon);
     wait_for("the daemon gone", Duration::from_secs(5), || {
@@ -270,6 +276,10 @@ fn a_daemon_killed_mid_rollout_leaves_one_revision_after_up() {
         s.marked_pids().len(),
         4,
         "nothing of the killed daemon's is left"
+    );
+    assert_eq!(
+        s.ok(&["rollout", "status"]),
+        "web: revision 2, no rollout\n"
     );
     assert!(http_get(port, "/").unwrap().contains("version v2"));
     let h = history(&s);

@@ -551,6 +551,8 @@ services:
             desired: n,
             stopped: false,
             has_healthcheck: false,
+            revision: 1,
+            rollout: None,
         }]);
         for i in 0..n {
             board.update(&ReplicaId::new("web", 1, i), |s| {

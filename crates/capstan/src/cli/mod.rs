@@ -111,6 +111,14 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
+    /// Where rollouts stand: capstan rollout status [SERVICE]
+    Rollout {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(value_parser = ["status"], default_value = "status")]
+        action: String,
+        service: Option<String>,
+    },
     /// Go back to an earlier revision (by default the one before), all
     /// replicas at once unless `rollback_config` says otherwise.
     Rollback {
@@ -391,6 +399,7 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Ps { f, .. }
         | Cmd::Scale { f, .. }
         | Cmd::History { f, .. }
+        | Cmd::Rollout { f, .. }
         | Cmd::Rollback { f, .. }
         | Cmd::Autoscale { f, .. }
         | Cmd::Restart { f, .. }
@@ -483,6 +492,21 @@ async fn run(cli: Cli) -> Result<i32> {
                 return Ok(0);
             }
             print!("{}", output::history_table(&v, crate::events::now_ms()));
+            Ok(0)
+        }
+        Cmd::Rollout { service, .. } => {
+            let v = ctx
+                .client()?
+                .json(Method::GET, "/capstan/v1/ps", None)
+                .await?;
+            let text = output::rollout_status(&v, service.as_deref(), crate::events::now_ms());
+            if text.is_empty() {
+                return Err(usage(format!(
+                    "no such service: {}",
+                    service.unwrap_or_default()
+                )));
+            }
+            print!("{text}");
             Ok(0)
         }
         Cmd::Rollback { service, to, .. } => {

@@ -217,6 +217,52 @@ pub fn autoscale_table(list: &[serde_json::Value]) -> String {
     out
 }
 
+/// `capstan rollout status`: each service's rollout, or the revision it runs.
+pub fn rollout_status(v: &serde_json::Value, only: Option<&str>, now_ms: i64) -> String {
+    let replicas = v["replicas"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    for s in v["services"].as_array().into_iter().flatten() {
+        let name = s["name"].as_str().unwrap_or("");
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let rev = s["revision"].as_u64().unwrap_or(0);
+        let r = &s["rollout"];
+        if r.is_null() {
+            out.push_str(&format!("{name}: revision {rev}, no rollout\n"));
+            continue;
+        }
+        let of_rev = |want: bool| {
+            replicas
+                .iter()
+                .filter(|x| x["service"] == name)
+                .filter(|x| (x["revision"].as_str() == Some(rev.to_string().as_str())) == want)
+                .collect::<Vec<_>>()
+        };
+        let new = of_rev(true);
+        let ready = new
+            .iter()
+            .filter(|x| {
+                x["state"] == "running" && x["health"] != "unhealthy" && x["health"] != "starting"
+            })
+            .count();
+        let from = r["from"].as_u64().unwrap_or(0);
+        let what = if r["back"].as_bool().unwrap_or(false) {
+            format!("rolling back to revision {rev} from {from}")
+        } else {
+            format!("rolling revision {from} -> {rev}")
+        };
+        out.push_str(&format!(
+            "{name}: {what} ({}) for {}: {ready} of {} new replicas ready, {} other still running\n",
+            r["plan"].as_str().unwrap_or(""),
+            human_duration_ms((now_ms - r["since_ms"].as_i64().unwrap_or(now_ms)).max(0)),
+            s["desired"].as_u64().unwrap_or(0),
+            of_rev(false).len()
+        ));
+    }
+    out
+}
+
 /// `capstan history`: a revision per line, newest first, with what changed.
 pub fn history_table(v: &serde_json::Value, now_ms: i64) -> String {
     let mut out = format!(

@@ -237,6 +237,27 @@ pub struct ServiceStatus {
     pub desired: u32,
     pub stopped: bool,
     pub has_healthcheck: bool,
+    /// The revision it runs (or rolls out).
+    #[serde(default)]
+    pub revision: Revision,
+    /// A rollout under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// A rollout under way, as `capstan rollout status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutStatus {
+    /// The revision being replaced.
+    pub from: Revision,
+    /// Going back (after a failure, or `capstan rollback`).
+    pub back: bool,
+    /// New replicas allowed so far (batch by batch).
+    pub allowed: u32,
+    /// How it rolls: `1 at a time, start-first`.
+    pub plan: String,
+    /// When it began (unix ms).
+    pub since_ms: i64,
 }
 
 /// The replicas' and services' status, as the supervisor last published it.
@@ -470,10 +491,12 @@ mod tests {
             desired: 3,
             stopped: false,
             has_healthcheck: true,
+            revision: 2,
+            rollout: None,
         };
         assert_eq!(
             serde_json::to_value(&s).unwrap(),
-            serde_json::json!({"name": "web", "desired": 3, "stopped": false, "has_healthcheck": true})
+            serde_json::json!({"name": "web", "desired": 3, "stopped": false, "has_healthcheck": true, "revision": 2})
         );
     }
 

@@ -138,6 +138,9 @@ struct RolloutRt {
     allowed: u32,
     /// Going back (after a failure, or `capstan rollback`).
     back: bool,
+    /// How it rolls, for `capstan rollout status`.
+    plan: String,
+    since_ms: i64,
     task: JoinHandle<()>,
 }
 
@@ -428,6 +431,14 @@ impl Supervisor {
                     desired: rt.desired,
                     stopped: rt.stopped,
                     has_healthcheck: rt.spec.healthcheck.is_some(),
+                    revision: rt.revision,
+                    rollout: rt.rollout.as_ref().map(|r| crate::state::RolloutStatus {
+                        from: r.from,
+                        back: r.back,
+                        allowed: r.allowed,
+                        plan: r.plan.clone(),
+                        since_ms: r.since_ms,
+                    }),
                 })
                 .collect(),
         );
@@ -821,6 +832,18 @@ impl Supervisor {
         } else {
             rt.spec.deploy.update_config.clone()
         };
+        let plan = format!(
+            "{}, {}",
+            match cfg.parallelism {
+                0 => "all at once".to_owned(),
+                p => format!("{p} at a time"),
+            },
+            if rollout::start_first(&rt.spec, &cfg) {
+                "start-first"
+            } else {
+                "stop-first"
+            }
+        );
         let r = rollout::Rollout {
             board: self.ctx.board.clone(),
             events: self.ctx.events.clone(),
@@ -845,8 +868,11 @@ impl Supervisor {
             from_spec,
             allowed: 0,
             back,
+            plan,
+            since_ms: crate::events::now_ms(),
             task,
         });
+        self.publish_services();
     }
 
     /// A step a rollout asks for, if it is still the service's rollout.
@@ -863,6 +889,7 @@ impl Supervisor {
                     r.allowed = n;
                 }
                 self.reconcile(name);
+                self.publish_services();
             }
             rollout::Step::RetireOld(n) => {
                 // Replicas that are not ready go first, then the highest indices.
@@ -1009,6 +1036,7 @@ impl Supervisor {
                 }
             }
         }
+        self.publish_services();
     }
 
     /// `capstan rollback`: back to revision `to` (by default the one before
