@@ -522,3 +522,13 @@ pub fn enc(q: &str) -> String {
         })
         .collect()
 }
+
+/// Where in `events` those of `kind` about a replica of revision `rev` are.
+pub fn event_positions(events: &[Value], kind: &str, rev: u64) -> Vec<usize> {
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["kind"] == kind && e["revision"] == rev)
+        .map(|(i, _)| i)
+        .collect()
+}

@@ -75,14 +75,7 @@ fn a_rolling_update_under_load_fails_no_request() {
         .into_iter()
         .filter(|e| e["service"] == "web")
         .collect();
-    let at = |kind: &str, rev: u64| -> Vec<usize> {
-        events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e["kind"] == kind && e["revision"] == rev)
-            .map(|(i, _)| i)
-            .collect()
-    };
+    let at = |kind: &str, rev: u64| event_positions(&events, kind, rev);
     let (new_started, old_stopping) = (at("started", 2), at("stopping", 1));
     assert_eq!(new_started.len(), 4, "{events:?}");
     assert_eq!(old_stopping.len(), 4, "{events:?}");

@@ -67,21 +67,14 @@ pub fn plan(now: Option<&Stack>, next: &Stack) -> Vec<Change> {
         };
         if !old.definition_eq(svc) {
             let cfg = &svc.deploy.update_config;
-            let order = if crate::supervisor::rollout::start_first(svc, cfg) {
-                "start-first"
-            } else {
-                "stop-first"
-            };
-            let batches = match cfg.parallelism {
-                0 => "all at once".to_owned(),
-                p => format!("{p} at a time"),
-            };
             out.push(change(
                 '~',
                 name,
                 format!(
-                    "update: rolling {batches}, {order}, monitor {}, on failure {:?}",
-                    cfg.monitor, cfg.failure_action
+                    "update: rolling {}, monitor {}, on failure {:?}",
+                    crate::supervisor::rollout::describe(svc, cfg),
+                    cfg.monitor,
+                    cfg.failure_action
                 )
                 .to_lowercase(),
                 crate::state::history::diff(old, svc),
@@ -149,7 +142,7 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<i32> {
     if args.dry_run {
         return Ok(0);
     }
-    super::up::up(
+    super::up::up_loaded(
         ctx,
         super::up::UpArgs {
             f: super::FileOpt { file: None },
@@ -158,6 +151,7 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<i32> {
             wait_timeout: args.wait_timeout,
             planned: true,
         },
+        loaded,
     )
     .await
 }

@@ -48,8 +48,7 @@ pub fn parse_dur(s: &str) -> Result<Duration, String> {
     crate::spec::parse_duration(s)
 }
 
-fn options(ctx: &Ctx, listen: SocketAddr) -> Result<daemon::Options> {
-    let loaded = ctx.load()?;
+fn options(ctx: &Ctx, listen: SocketAddr, loaded: crate::spec::Loaded) -> Result<daemon::Options> {
     let data_dir = ctx.data_dir(&loaded.file);
     Ok(daemon::Options {
         log_max_file: loaded.stack.settings.logs.max_file_size,
@@ -64,7 +63,7 @@ fn options(ctx: &Ctx, listen: SocketAddr) -> Result<daemon::Options> {
 pub async fn daemon(ctx: &Ctx, args: DaemonArgs) -> Result<i32> {
     let _ = nix::unistd::setsid();
     init_tracing("info");
-    let mut opts = options(ctx, args.listen)?;
+    let mut opts = options(ctx, args.listen, ctx.load()?)?;
     for b in &args.built {
         let (service, id) = b
             .split_once('=')
@@ -90,7 +89,13 @@ fn init_tracing(default: &str) {
 }
 
 pub async fn up(ctx: &Ctx, args: UpArgs) -> Result<i32> {
-    let mut opts = options(ctx, args.listen)?;
+    let loaded = ctx.load()?;
+    up_loaded(ctx, args, loaded).await
+}
+
+/// `up` with the stack already loaded (`capstan deploy` loads it first).
+pub async fn up_loaded(ctx: &Ctx, args: UpArgs, loaded: crate::spec::Loaded) -> Result<i32> {
+    let mut opts = options(ctx, args.listen, loaded)?;
     // Containers need an engine: say so before anything starts.
     if let Err(why) = super::engine_for(&opts.stack).await {
         anyhow::bail!("{}: {why}", opts.file.display());

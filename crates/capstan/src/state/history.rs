@@ -65,6 +65,28 @@ pub struct RevisionInfo {
     pub spec: Service,
 }
 
+impl RevisionInfo {
+    /// A revision of `spec` made now.
+    pub fn new(
+        revision: Revision,
+        spec: &Service,
+        trigger: &str,
+        diff: Vec<String>,
+        status: RevisionStatus,
+    ) -> RevisionInfo {
+        RevisionInfo {
+            revision,
+            time_ms: super::clock::unix_ms(),
+            hash: spec.definition_hash(),
+            trigger: trigger.to_owned(),
+            diff,
+            status,
+            why: String::new(),
+            spec: spec.clone(),
+        }
+    }
+}
+
 /// The revisions of every service.
 pub struct History {
     path: Option<PathBuf>,
@@ -126,18 +148,6 @@ impl History {
                     .map(|r| (s.clone(), r.revision, r.status))
             })
             .collect()
-    }
-
-    /// The highest revision number of any service.
-    pub fn max_revision(&self) -> Revision {
-        self.services
-            .lock()
-            .unwrap()
-            .values()
-            .flatten()
-            .map(|r| r.revision)
-            .max()
-            .unwrap_or(0)
     }
 
     pub fn get(&self, service: &str, revision: Revision) -> Option<RevisionInfo> {

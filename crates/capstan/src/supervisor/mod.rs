@@ -562,18 +562,9 @@ impl Supervisor {
                     let from_spec = rt.spec.clone();
                     let had = rt.desired;
                     let revision = self.next_revision(&name);
-                    let cfg = &spec.deploy.update_config;
-                    let order = if rollout::start_first(spec, cfg) {
-                        "start-first"
-                    } else {
-                        "stop-first"
-                    };
-                    let batches = match cfg.parallelism {
-                        0 => "all at once".to_owned(),
-                        p => format!("{p} at a time"),
-                    };
+                    let how = rollout::describe(spec, &spec.deploy.update_config);
                     changes.push(format!(
-                        "updating {name} (revision {from} -> {revision}: rolling, {batches}, {order})"
+                        "updating {name} (revision {from} -> {revision}: rolling, {how})"
                     ));
                     let want = match &spec.x.autoscale {
                         Some(a) => had.clamp(a.min, a.max),
@@ -587,23 +578,20 @@ impl Supervisor {
                     rt.held = false;
                     self.ctx.history.record(
                         &name,
-                        RevisionInfo {
+                        RevisionInfo::new(
                             revision,
-                            time_ms: crate::events::now_ms(),
-                            hash: spec.definition_hash(),
-                            trigger: "deploy".into(),
-                            diff: history::diff(&from_spec, spec),
-                            status: RevisionStatus::Rolling,
-                            why: String::new(),
-                            spec: spec.clone(),
-                        },
+                            spec,
+                            "deploy",
+                            history::diff(&from_spec, spec),
+                            RevisionStatus::Rolling,
+                        ),
                     );
                     self.ctx.events.emit(
                         &name,
                         None,
                         "updated",
                         format!(
-                            "definition changed; rolling revision {from} -> {revision} ({batches}, {order})"
+                            "definition changed; rolling revision {from} -> {revision} ({how})"
                         ),
                     );
                     self.publish_services();
@@ -777,24 +765,20 @@ impl Supervisor {
         {
             h.record(
                 name,
-                RevisionInfo {
+                RevisionInfo::new(
                     revision,
-                    time_ms: crate::events::now_ms(),
-                    hash,
-                    trigger: if known.is_empty() {
+                    spec,
+                    if known.is_empty() {
                         "initial"
                     } else {
                         "deploy"
-                    }
-                    .into(),
-                    diff: known
+                    },
+                    known
                         .last()
                         .map(|l| history::diff(&l.spec, spec))
                         .unwrap_or_default(),
-                    status: RevisionStatus::Active,
-                    why: String::new(),
-                    spec: spec.clone(),
-                },
+                    RevisionStatus::Active,
+                ),
             );
         }
         for r in known.iter().filter(|r| r.revision != revision) {
@@ -832,18 +816,7 @@ impl Supervisor {
         } else {
             rt.spec.deploy.update_config.clone()
         };
-        let plan = format!(
-            "{}, {}",
-            match cfg.parallelism {
-                0 => "all at once".to_owned(),
-                p => format!("{p} at a time"),
-            },
-            if rollout::start_first(&rt.spec, &cfg) {
-                "start-first"
-            } else {
-                "stop-first"
-            }
-        );
+        let plan = rollout::describe(&rt.spec, &cfg);
         let r = rollout::Rollout {
             board: self.ctx.board.clone(),
             events: self.ctx.events.clone(),
@@ -973,31 +946,13 @@ impl Supervisor {
                     },
                 );
                 if action == FailureAction::Rollback {
-                    let failed = rt.spec.clone();
-                    rt.spec = ro.from_spec.clone();
-                    rt.revision = ro.from;
-                    self.ctx
-                        .history
-                        .set_status(name, revision, RevisionStatus::RolledBack, why);
-                    self.ctx.history.set_status(
+                    self.go_back(
                         name,
                         ro.from,
-                        RevisionStatus::Rolling,
-                        "rolling back to it",
-                    );
-                    self.ctx.events.emit(
-                        name,
-                        None,
-                        "rollback",
+                        ro.from_spec.clone(),
+                        why,
                         format!("{why}; rolling back to revision {}", ro.from),
                     );
-                    // The stack follows: applying the same file again rolls
-                    // forward again.
-                    if let Some(s) = self.stack.services.get_mut(name) {
-                        *s = (*ro.from_spec).clone();
-                    }
-                    self.begin_rollout(name, revision, failed, true);
-                    self.reconcile(name);
                     next = Some(ro.from);
                 } else {
                     self.ctx.history.set_status(
@@ -1083,39 +1038,16 @@ impl Supervisor {
                     })?
             }
         };
-        let from_spec = rt.spec.clone();
-        let rt = self.services.get_mut(name).expect("present");
-        rt.spec = Arc::new(target.spec.clone());
-        rt.revision = target.revision;
-        rt.stopped = false;
-        rt.held = false;
-        if let Some(s) = self.stack.services.get_mut(name) {
-            *s = target.spec.clone();
-        }
-        self.ctx.history.set_status(
-            name,
-            current,
-            RevisionStatus::RolledBack,
-            "rolled back by `capstan rollback`",
-        );
-        self.ctx.history.set_status(
+        let stops = self.go_back(
             name,
             target.revision,
-            RevisionStatus::Rolling,
-            "rolling back to it",
-        );
-        self.ctx.events.emit(
-            name,
-            None,
-            "rollback",
+            Arc::new(target.spec),
+            "rolled back by `capstan rollback`",
             format!(
                 "rolling back revision {current} -> {} (capstan rollback)",
                 target.revision
             ),
         );
-        self.publish_services();
-        self.begin_rollout(name, current, from_spec, true);
-        let stops = self.reconcile(name);
         let mut p = Pending::new(format!(
             "rolled {name} back to revision {}",
             target.revision
@@ -1123,6 +1055,38 @@ impl Supervisor {
         p.stops = stops;
         p.rollouts.insert((name.to_owned(), target.revision));
         Ok(p)
+    }
+
+    /// Puts `name` back on revision `to` (definition `to_spec`), rolled out
+    /// over its current one with the `rollback_config`; `why` is recorded on
+    /// the revision it leaves, `event` says what happens. Returns the
+    /// replicas retired at once.
+    fn go_back(
+        &mut self,
+        name: &str,
+        to: Revision,
+        to_spec: Arc<Service>,
+        why: &str,
+        event: String,
+    ) -> BTreeSet<ReplicaId> {
+        let Some(rt) = self.services.get_mut(name) else {
+            return BTreeSet::new();
+        };
+        let (from, from_spec) = (rt.revision, rt.spec.clone());
+        rt.spec = to_spec.clone();
+        rt.revision = to;
+        rt.stopped = false;
+        rt.held = false;
+        // The stack follows: applying the same file again rolls forward again.
+        if let Some(s) = self.stack.services.get_mut(name) {
+            *s = (*to_spec).clone();
+        }
+        let h = &self.ctx.history;
+        h.set_status(name, from, RevisionStatus::RolledBack, why);
+        h.set_status(name, to, RevisionStatus::Rolling, "rolling back to it");
+        self.ctx.events.emit(name, None, "rollback", event);
+        self.begin_rollout(name, from, from_spec, true);
+        self.reconcile(name)
     }
 
     fn scale(&mut self, counts: BTreeMap<String, u32>) -> Result<Pending, Error> {
@@ -1227,16 +1191,13 @@ impl Supervisor {
             let from = self.services[name].revision;
             self.ctx.history.record(
                 name,
-                RevisionInfo {
+                RevisionInfo::new(
                     revision,
-                    time_ms: crate::events::now_ms(),
-                    hash: spec.definition_hash(),
-                    trigger: "restart".into(),
-                    diff: Vec::new(),
-                    status: RevisionStatus::Active,
-                    why: String::new(),
-                    spec: (*spec).clone(),
-                },
+                    &spec,
+                    "restart",
+                    Vec::new(),
+                    RevisionStatus::Active,
+                ),
             );
             self.ctx.history.set_status(
                 name,

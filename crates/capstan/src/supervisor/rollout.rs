@@ -46,6 +46,20 @@ pub fn start_first(spec: &Service, cfg: &UpdateConfig) -> bool {
     }
 }
 
+/// How a rollout goes, in words: `1 at a time, start-first`.
+pub fn describe(spec: &Service, cfg: &UpdateConfig) -> String {
+    let batches = match cfg.parallelism {
+        0 => "all at once".to_owned(),
+        p => format!("{p} at a time"),
+    };
+    let order = if start_first(spec, cfg) {
+        "start-first"
+    } else {
+        "stop-first"
+    };
+    format!("{batches}, {order}")
+}
+
 pub struct Rollout {
     pub board: Arc<StatusBoard>,
     pub events: Arc<EventLog>,
