@@ -51,6 +51,13 @@ pub fn body(stack: &str, e: &Event) -> serde_json::Value {
     })
 }
 
+/// Queues a notification; when the queue is full it is dropped and counted.
+fn offer(tx: &mpsc::Sender<Vec<u8>>, stats: &NotifyStats, body: Vec<u8>) {
+    if tx.try_send(body).is_err() {
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One POST; the error says why it did not get a 2xx.
 async fn post(url: &hyper::Uri, body: Vec<u8>) -> Result<(), String> {
     let host = url.host().ok_or("no host")?.to_owned();
@@ -98,9 +105,7 @@ pub async fn run(
             match sub.recv().await {
                 Ok(e) if KINDS.contains(&e.kind.as_str()) => {
                     let b = serde_json::to_vec(&body(&stack, &e)).unwrap_or_default();
-                    if tx.try_send(b).is_err() {
-                        feed_stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                    offer(&tx, &feed_stats, b);
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -141,5 +146,25 @@ pub async fn run(
         _ = feed => {}
         _ = deliver => {}
         _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let stats = NotifyStats::default();
+        for _ in 0..QUEUE + 3 {
+            offer(&tx, &stats, b"{}".to_vec());
+        }
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 3);
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE);
     }
 }

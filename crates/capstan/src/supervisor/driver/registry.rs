@@ -175,17 +175,25 @@ async fn from_helper(helper: &str, registry: &str) -> Result<Option<DockerCreden
 /// The credentials to pull `image` with, if the Docker CLI's config holds
 /// any for its registry; an error says what in the config is wrong.
 pub async fn credentials(image: &str) -> Result<Option<DockerCredentials>, String> {
-    let Some(path) = config_path() else {
-        return Ok(None);
-    };
-    let text = match std::fs::metadata(&path) {
+    match config_path() {
+        Some(path) => credentials_in(&path, image).await,
+        None => Ok(None),
+    }
+}
+
+/// [`credentials`] from the config file at `path`.
+async fn credentials_in(
+    path: &std::path::Path,
+    image: &str,
+) -> Result<Option<DockerCredentials>, String> {
+    let text = match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_CONFIG => {
             return Err(format!(
                 "{}: larger than {MAX_CONFIG} bytes",
                 path.display()
             ));
         }
-        Ok(_) => std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+        Ok(_) => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
         Err(_) => return Ok(None),
     };
     let config: serde_json::Value =
@@ -201,6 +209,29 @@ pub async fn credentials(image: &str) -> Result<Option<DockerCredentials>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_config_file_is_read_up_to_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let entry = r#"{"auths": {"127.0.0.1:5000": {"auth": "YWxpY2U6czNjcmV0"}}, "pad": ""#;
+        let big = format!("{entry}{}\"}}", " ".repeat(MAX_CONFIG as usize));
+        std::fs::write(&path, big).unwrap();
+        let e = credentials_in(&path, "127.0.0.1:5000/app")
+            .await
+            .unwrap_err();
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+        std::fs::write(&path, format!("{entry}\"}}")).unwrap();
+        let c = credentials_in(&path, "127.0.0.1:5000/app")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username.as_deref(), Some("alice"));
+        assert_eq!(
+            credentials_in(&dir.path().join("none"), "x").await.unwrap(),
+            None
+        );
+    }
 
     #[test]
     fn references_split_into_repository_and_tag() {
