@@ -9,6 +9,9 @@ use super::interp::{self, Vars};
 use super::model::*;
 use super::yaml::{Kind, Node};
 
+mod canary;
+pub use canary::{MAX_CHECKS, MAX_STEPS, placeholders};
+
 /// Compose service keys capstan reads.
 const SERVICE_KEYS: &[&str] = &[
     "image",
@@ -1887,7 +1890,10 @@ impl Decoder<'_> {
                 }
             }
         }
-        self.finish(f, path, &["rollout"]);
+        if let Some(n) = f.take("rollout") {
+            x.rollout = self.rollout(n, &join(path, "rollout"));
+        }
+        self.finish(f, path, &[]);
     }
 
     /// A positive finite number (`percent`: a trailing `%` is allowed); the error

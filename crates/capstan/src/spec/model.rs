@@ -359,6 +359,117 @@ pub struct ServiceX {
     /// a service with an image, processes otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<DriverKind>,
+    /// A changed definition goes out as a canary judged on live metrics
+    /// (`x-capstan.rollout`); without it, as a rolling update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Canary>,
+}
+
+/// `x-capstan.rollout: {strategy: canary, …}`: traffic shifted to the new
+/// revision step by step while its metrics are compared with a baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Canary {
+    pub steps: Vec<CanaryStep>,
+    /// A fresh replica of the stable revision gets the canary's share of
+    /// traffic, so the judge compares fresh with fresh.
+    pub baseline: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
+    /// After promotion, how long the analysis keeps watching the new revision.
+    pub bake: Dur,
+    pub analysis: Analysis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryStep {
+    /// The canary's share of requests, in percent.
+    Weight(u32),
+    /// Wait this long while the analysis runs; none waits for `capstan promote`.
+    Pause(Option<Dur>),
+}
+
+/// How a client keeps its side of a canary: by a header's value, or by a
+/// cookie the proxy sets on the first response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sticky {
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// How often the checks run.
+    pub interval: Dur,
+    /// Consecutive failed runs of a threshold check that fail the canary.
+    pub failure_limit: u32,
+    /// Requests each side must have seen in a step before a verdict.
+    pub min_requests: u64,
+    /// How long a step may stay inconclusive before `on_inconclusive`.
+    pub deadline: Dur,
+    pub on_inconclusive: FailureAction,
+    /// The comparisons' false-alarm bound.
+    pub alpha: f64,
+    pub checks: Vec<Check>,
+}
+
+impl Analysis {
+    pub fn defaults() -> Analysis {
+        Analysis {
+            interval: Dur::secs(10),
+            failure_limit: 2,
+            min_requests: 50,
+            deadline: Dur::secs(600),
+            on_inconclusive: FailureAction::Pause,
+            alpha: 0.01,
+            checks: vec![
+                Check::new("errors-vs-baseline", CheckKind::ErrorsVsBaseline),
+                Check::new("latency-vs-baseline", CheckKind::LatencyVsBaseline),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub kind: CheckKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The window a threshold check looks at (default: the interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Dur>,
+}
+
+impl Check {
+    pub fn new(name: &str, kind: CheckKind) -> Check {
+        Check {
+            name: name.to_owned(),
+            kind,
+            min: None,
+            max: None,
+            window: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    /// Share of the canary's requests not answered 5xx (threshold: `min`).
+    SuccessRate,
+    /// The canary's p99 latency in seconds (threshold: `max`).
+    LatencyP99,
+    /// Sequential test: the canary's 5xx rate is above the baseline's.
+    ErrorsVsBaseline,
+    /// Sequential test: more of the canary's requests are slow than the baseline's.
+    LatencyVsBaseline,
+    /// A PromQL query with `{{canary}}`, `{{baseline}}`, `{{stable}}`,
+    /// `{{service}}`, `{{interval}}` (threshold: `min` and/or `max`).
+    Query(String),
 }
 
 /// Compose keys that only a container has.
@@ -662,6 +773,7 @@ impl Default for ServiceX {
             cold_start_timeout: default_cold_start_timeout(),
             autoscale: None,
             driver: None,
+            rollout: None,
         }
     }
 }
@@ -837,6 +949,7 @@ impl Service {
         a.x.protocol = Protocol::Http;
         a.x.cold_start_timeout = Dur::secs(0);
         a.x.autoscale = None;
+        a.x.rollout = None;
         let text = serde_json::to_string(&a).unwrap_or_default();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in text.bytes() {
@@ -855,6 +968,7 @@ impl Service {
         a.x.protocol = other.x.protocol;
         a.x.cold_start_timeout = other.x.cold_start_timeout;
         a.x.autoscale.clone_from(&other.x.autoscale);
+        a.x.rollout.clone_from(&other.x.rollout);
         a == *other
     }
 }

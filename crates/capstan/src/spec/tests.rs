@@ -451,3 +451,82 @@ fn a_webhook_must_be_plain_http_for_now() {
     let text = "x-capstan:\n  notify: {webhook: \"https://hooks.example/x\"}\nservices:\n  web: {command: [x]}\n";
     insta::assert_snapshot!(errors(text), @"capstan.yaml:2:21: x-capstan.notify.webhook: https://hooks.example/x: https webhooks need TLS, which capstan has not yet; use an http:// receiver (such as a local relay)");
 }
+
+#[test]
+fn a_canary_rollout_and_its_analysis() {
+    let text = r#"services:
+  web:
+    command: [demo]
+    x-capstan:
+      rollout:
+        strategy: canary
+        steps: [{weight: 10}, {pause: 30s}, {weight: 50}, {pause: {}}]
+        sticky: {cookie: canary}
+        bake: 2m
+        analysis:
+          interval: 5s
+          min_requests: 20
+          on_inconclusive: rollback
+          checks:
+            - check: success-rate
+            - {check: latency-p99, max: 250ms}
+            - {name: errors, check: errors-vs-baseline}
+            - {name: slow, query: 'sum(rate(http_requests_total{ {{canary}} }[{{ interval }}]))', max: 100}
+"#;
+    let (stack, warnings) = parse(text).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let c = stack.services["web"].x.rollout.clone().unwrap();
+    assert_eq!(
+        c.steps,
+        [
+            CanaryStep::Weight(10),
+            CanaryStep::Pause(Some(Dur::secs(30))),
+            CanaryStep::Weight(50),
+            CanaryStep::Pause(None)
+        ]
+    );
+    assert!(c.baseline);
+    assert_eq!(c.sticky, Some(Sticky::Cookie("canary".into())));
+    assert_eq!(c.bake, Dur::secs(120));
+    let a = &c.analysis;
+    assert_eq!((a.interval, a.min_requests), (Dur::secs(5), 20));
+    assert_eq!(a.on_inconclusive, FailureAction::Rollback);
+    let names: Vec<&str> = a.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["success-rate", "latency-p99", "errors", "slow"]);
+    assert_eq!(a.checks[0].min, Some(0.99));
+    assert_eq!(a.checks[1].max, Some(0.25));
+    // Changing how it rolls out is not a new revision.
+    let mut plain = stack.services["web"].clone();
+    plain.x.rollout = None;
+    assert!(plain.definition_eq(&stack.services["web"]));
+    assert_eq!(
+        plain.definition_hash(),
+        stack.services["web"].definition_hash()
+    );
+    // strategy: rolling is the default.
+    let rolling =
+        "services:\n  web:\n    command: [demo]\n    x-capstan: {rollout: {strategy: rolling}}\n";
+    assert!(
+        parse(rolling).unwrap().0.services["web"]
+            .x
+            .rollout
+            .is_none()
+    );
+}
+
+#[test]
+fn canary_errors() {
+    let base = "services:\n  web:\n    command: [demo]\n    x-capstan:\n      rollout:\n";
+    let cases = [
+        "        strategy: blue-green\n",
+        "        steps: [{weight: 10}]\n",
+        "        strategy: canary\n        steps: [{weight: 0}, {weight: 101}, {wait: 1}]\n",
+        "        strategy: canary\n        sticky: {header: a, cookie: b}\n",
+        "        strategy: canary\n        analysis: {interval: 10ms, alpha: 0.7, checks: [{check: p50}, {check: latency-p99}, {query: 'rate(x[', max: 1}, {query: 'up'}, {query: 'x{ {{canary}}, {{nope}} }', max: 1}]}\n",
+    ];
+    let all: Vec<String> = cases
+        .iter()
+        .map(|c| errors(&format!("{base}{c}")))
+        .collect();
+    insta::assert_snapshot!(all.join("\n---\n"));
+}
