@@ -58,8 +58,7 @@ pub struct ServiceStatus {
     pub idle_seconds: Option<f64>,
 }
 
-/// Evaluates a PromQL expression at a time (unix ms).
-pub type QueryFn = Arc<dyn Fn(&str, i64) -> Result<QueryValue, String> + Send + Sync>;
+pub use crate::state::control::QueryFn;
 
 /// Values by replica (revision and index) from a `sum by (revision, replica)` result.
 fn by_replica(v: &QueryValue) -> BTreeMap<(Revision, u32), f64> {

@@ -166,3 +166,8 @@ impl SupervisorHandle {
         (SupervisorHandle { tx }, rx)
     }
 }
+
+/// Evaluates a PromQL expression at a time (unix ms).
+pub type QueryFn = std::sync::Arc<
+    dyn Fn(&str, i64) -> Result<capstan_promql::QueryValue, String> + Send + Sync,
+>;

@@ -16,6 +16,7 @@ pub mod driver;
 pub mod health;
 pub mod records;
 pub mod replica;
+pub mod analysis;
 pub mod rollout;
 
 use std::collections::{BTreeMap, BTreeSet};
