@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use super::metrics::Metrics;
 use super::pool::Pool;
 use crate::spec::{Balance, ProxySettings};
+use crate::state::control::{Side, Split};
 
 /// How fast the latency estimate forgets: the decay time constant.
 const EWMA_TAU: Duration = Duration::from_secs(10);
@@ -124,7 +125,12 @@ pub struct Backend {
     pub cold_since: Mutex<Option<Instant>>,
     /// The service's health check, to re-admit an ejected replica.
     pub health: RwLock<Option<crate::spec::HealthTest>>,
+    /// How requests are shared during a canary.
+    pub split: RwLock<Option<Split>>,
 }
+
+/// A replica as a retry excludes it: revision and index.
+pub type Tried = (crate::state::Revision, u32);
 
 impl Backend {
     pub fn new(service: &str) -> Backend {
@@ -142,6 +148,7 @@ impl Backend {
             on_empty: Mutex::new(None),
             cold_since: Mutex::new(None),
             health: RwLock::new(None),
+            split: RwLock::new(None),
         }
     }
 
@@ -176,9 +183,40 @@ impl Backend {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// A replica that can take a request now, not one of `exclude`.
-    pub fn pick(&self, exclude: &[u32]) -> Option<Arc<Endpoint>> {
-        let eps = self.endpoints();
+    /// A draw for [`Backend::pick`]'s `bucket`.
+    pub fn bucket(&self) -> u32 {
+        (self.random() % 10_000) as u32
+    }
+
+    /// A replica that can take a request now, not one of `exclude`; during
+    /// a canary, on the side `bucket` (0..10000) falls to, unless that side
+    /// has none that can.
+    pub fn pick(&self, exclude: &[Tried], bucket: u32) -> Option<Arc<Endpoint>> {
+        let all = self.endpoints();
+        let split = self.split.read().unwrap().clone();
+        if let Some(split) = split {
+            let side = split.route(bucket);
+            let mine: Vec<Arc<Endpoint>> = all
+                .iter()
+                .filter(|e| split.side(e.revision, e.replica) == side)
+                .cloned()
+                .collect();
+            if let Some(ep) = self.pick_from(&mine, exclude) {
+                return Some(ep);
+            }
+            // A canary with no share left (weight 0, after a failure) never
+            // takes the others' requests.
+            let rest: Vec<Arc<Endpoint>> = all
+                .iter()
+                .filter(|e| split.weight > 0 || split.side(e.revision, e.replica) != Side::Canary)
+                .cloned()
+                .collect();
+            return self.pick_from(&rest, exclude);
+        }
+        self.pick_from(&all, exclude)
+    }
+
+    fn pick_from(&self, eps: &[Arc<Endpoint>], exclude: &[Tried]) -> Option<Arc<Endpoint>> {
         let (balance, max) = {
             let s = self.settings.read().unwrap();
             (s.balance, s.max_inflight as usize)
@@ -187,7 +225,7 @@ impl Backend {
             !e.ejected.load(Relaxed)
                 && !e.draining.load(Relaxed)
                 && (max == 0 || e.inflight.load(Relaxed) < max)
-                && !exclude.contains(&e.replica)
+                && !exclude.contains(&(e.revision, e.replica))
         };
         let n = eps.len();
         if n == 0 {
@@ -229,12 +267,13 @@ impl Backend {
     /// request, and counts the request in flight on it.
     pub async fn acquire(
         self: &Arc<Self>,
-        exclude: &[u32],
+        exclude: &[Tried],
         deadline: tokio::time::Instant,
+        bucket: u32,
     ) -> Result<Lease, Unavailable> {
         self.last_request_ms
             .store(crate::events::now_ms() as u64, Relaxed);
-        if let Some(ep) = self.pick(exclude) {
+        if let Some(ep) = self.pick(exclude, bucket) {
             return Ok(Lease::new(self.clone(), ep));
         }
         let limit = self.settings.read().unwrap().queue as usize;
@@ -249,7 +288,7 @@ impl Backend {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(ep) = self.pick(exclude) {
+            if let Some(ep) = self.pick(exclude, bucket) {
                 return Ok(Lease::new(self.clone(), ep));
             }
             if self.endpoints().is_empty() {
@@ -349,7 +388,7 @@ mod tests {
     #[test]
     fn round_robin_takes_turns() {
         let b = backend(3, Balance::RoundRobin);
-        let picks: Vec<u32> = (0..6).map(|_| b.pick(&[]).unwrap().replica).collect();
+        let picks: Vec<u32> = (0..6).map(|_| b.pick(&[], 0).unwrap().replica).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -360,7 +399,7 @@ mod tests {
         eps[0].inflight.store(10, Relaxed);
         let mut zero = 0;
         for _ in 0..1000 {
-            if b.pick(&[]).unwrap().replica == 1 {
+            if b.pick(&[], 0).unwrap().replica == 1 {
                 zero += 1;
             }
         }
@@ -376,7 +415,7 @@ mod tests {
         eps[0].observe(Duration::from_millis(50));
         eps[1].observe(Duration::from_millis(1));
         let slow = (0..1000)
-            .filter(|_| b.pick(&[]).unwrap().replica == 0)
+            .filter(|_| b.pick(&[], 0).unwrap().replica == 0)
             .count();
         assert!(
             slow < 300,
@@ -393,9 +432,9 @@ mod tests {
         eps[1].draining.store(true, Relaxed);
         eps[2].inflight.store(2, Relaxed);
         for _ in 0..200 {
-            assert_eq!(b.pick(&[]).unwrap().replica, 3);
+            assert_eq!(b.pick(&[], 0).unwrap().replica, 3);
         }
-        assert!(b.pick(&[3]).is_none());
+        assert!(b.pick(&[(1, 3)], 0).is_none());
     }
 
     #[test]
@@ -428,14 +467,14 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let b2 = b.clone();
         let waiter =
-            tokio::spawn(async move { b2.acquire(&[], deadline).await.map(|l| l.ep.replica) });
+            tokio::spawn(async move { b2.acquire(&[], deadline, 0).await.map(|l| l.ep.replica) });
         tokio::task::yield_now().await;
         while b.queued.load(Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
         // The queue holds one: the next request overflows.
         assert_eq!(
-            b.acquire(&[], deadline).await.err(),
+            b.acquire(&[], deadline, 0).await.err(),
             Some(Unavailable::Overflow)
         );
         b.set_endpoints(vec![Arc::new(ep(7))]);
@@ -447,7 +486,7 @@ mod tests {
     async fn queue_times_out() {
         let b = backend(0, Balance::P2c);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        match b.acquire(&[], deadline).await {
+        match b.acquire(&[], deadline, 0).await {
             Err(Unavailable::Timeout {
                 waited,
                 had_replicas,
@@ -464,13 +503,56 @@ mod tests {
         let b = backend(1, Balance::P2c);
         b.settings.write().unwrap().max_inflight = 1;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let first = b.acquire(&[], deadline).await.unwrap();
+        let first = b.acquire(&[], deadline, 0).await.unwrap();
         let b2 = b.clone();
-        let second = tokio::spawn(async move { b2.acquire(&[], deadline).await.is_ok() });
+        let second = tokio::spawn(async move { b2.acquire(&[], deadline, 0).await.is_ok() });
         while b.queued.load(Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
         drop(first);
         assert!(second.await.unwrap());
+    }
+
+    #[test]
+    fn a_split_shares_requests_by_weight_not_by_replica_count() {
+        // Four stable replicas (one of them the baseline) and one canary.
+        let b = backend(4, Balance::P2c);
+        let mut eps: Vec<Arc<Endpoint>> = b.endpoints().to_vec();
+        eps.push(Arc::new(Endpoint::new(
+            &crate::state::ReplicaId::new("web", 2, 0),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 31000)),
+        )));
+        b.set_endpoints(eps);
+        let split = Split {
+            canary: 2,
+            weight: 10,
+            stable: 1,
+            baseline: vec![3],
+            sticky: None,
+        };
+        *b.split.write().unwrap() = Some(split.clone());
+        let mut sides = [0u32; 3];
+        for _ in 0..10_000 {
+            let e = b.pick(&[], b.bucket()).unwrap();
+            sides[split.side(e.revision, e.replica) as usize] += 1;
+        }
+        let [canary, baseline, stable] = sides;
+        assert!((800..1200).contains(&canary), "{sides:?}");
+        assert!((800..1200).contains(&baseline), "{sides:?}");
+        assert!((7600..8400).contains(&stable), "{sides:?}");
+        // A bucket on the canary stays there as the weight grows.
+        assert_eq!(split.route(500), Side::Canary);
+        let half = Split {
+            weight: 50,
+            ..split.clone()
+        };
+        assert_eq!(half.route(500), Side::Canary);
+        assert_eq!(half.route(5000), Side::Baseline);
+        // After a failure (weight 0) the canary gets nothing, even when its
+        // side is asked for and the others are busy.
+        *b.split.write().unwrap() = Some(Split { weight: 0, ..split });
+        for i in 0..1000 {
+            assert_ne!(b.pick(&[], i * 10).unwrap().revision, 2);
+        }
     }
 }

@@ -522,6 +522,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
             ),
         );
     }
+    let (bucket, set_cookie) = route_bucket(&backend, req.headers());
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -556,11 +557,11 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
     let mut req = Request::from_parts(parts, body);
 
     let queue_deadline = backend.queue_deadline(settings.timeout.0);
-    let mut exclude: Vec<u32> = Vec::new();
+    let mut exclude: Vec<super::balance::Tried> = Vec::new();
     let mut last_failure = String::new();
     loop {
         let lease = if exclude.is_empty() {
-            match backend.acquire(&[], queue_deadline).await {
+            match backend.acquire(&[], queue_deadline, bucket).await {
                 Ok(l) => l,
                 Err(Unavailable::Overflow) => {
                     return fin.local(
@@ -593,7 +594,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
                 }
             }
         } else {
-            match backend.pick(&exclude) {
+            match backend.pick(&exclude, bucket) {
                 Some(ep) => Lease::new(backend.clone(), ep),
                 None => {
                     return fin.local(
@@ -627,6 +628,9 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
                 ep.observe(sent_at.elapsed());
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
+                if let Some(c) = set_cookie {
+                    parts.headers.append(header::SET_COOKIE, c);
+                }
                 fin.status = parts.status.as_u16();
                 fin.lease = Some(lease);
                 fin.conn = Some(conn);
@@ -678,7 +682,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
             }
         };
         last_failure = reason;
-        exclude.push(ep.replica);
+        exclude.push((ep.revision, ep.replica));
         drop(lease);
         if fin.retries >= settings.retries {
             let attempts = fin.retries + 1;
@@ -694,6 +698,52 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         fin.retries += 1;
         backend.metrics.retries.fetch_add(1, Relaxed);
         req = again;
+    }
+}
+
+/// Where a request falls in a canary's split (0..10000): by the sticky
+/// header's or cookie's value when the rollout asks for stickiness, else at
+/// random. A client without the sticky cookie gets one (to set on the
+/// response).
+fn route_bucket(b: &super::balance::Backend, h: &HeaderMap) -> (u32, Option<HeaderValue>) {
+    let sticky = b
+        .split
+        .read()
+        .unwrap()
+        .as_ref()
+        .and_then(|s| s.sticky.clone());
+    let hash = |v: &[u8]| {
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+        for c in v {
+            x = (x ^ u64::from(*c)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (x % 10_000) as u32
+    };
+    match sticky {
+        None => (b.bucket(), None),
+        Some(crate::spec::Sticky::Header(name)) => match h.get(name.as_str()) {
+            Some(v) => (hash(v.as_bytes()), None),
+            None => (b.bucket(), None),
+        },
+        Some(crate::spec::Sticky::Cookie(name)) => {
+            let found = h
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then(|| v.to_owned())
+                });
+            match found {
+                Some(v) => (hash(v.as_bytes()), None),
+                None => {
+                    let token = format!("{:016x}", super::random_u64());
+                    let cookie = format!("{name}={token}; Path=/; HttpOnly; SameSite=Lax");
+                    (hash(token.as_bytes()), HeaderValue::from_str(&cookie).ok())
+                }
+            }
+        }
     }
 }
 

@@ -194,6 +194,13 @@ impl Hook for Arc<Proxy> {
     fn on_down(&self) {
         self.close_listeners();
     }
+
+    fn set_split(&self, service: &str, split: Option<crate::state::control::Split>) {
+        if let Some(b) = self.backend(service) {
+            *b.split.write().unwrap() = split;
+            b.wake_queue();
+        }
+    }
 }
 
 thread_local! {

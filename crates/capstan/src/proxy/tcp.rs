@@ -21,7 +21,8 @@ async fn forward(ctx: Arc<Ctx>, mut client: TcpStream) {
         (s.retries, s.connect_timeout.0, s.timeout.0)
     };
     let deadline = backend.queue_deadline(timeout);
-    let Ok(mut lease) = backend.acquire(&[], deadline).await else {
+    let bucket = backend.bucket();
+    let Ok(mut lease) = backend.acquire(&[], deadline, bucket).await else {
         // Nothing to send the bytes to: closing is all TCP can say.
         return;
     };
@@ -33,11 +34,11 @@ async fn forward(ctx: Arc<Ctx>, mut client: TcpStream) {
             Ok(Err(e)) => ctx.failed(&ep, &format!("connect to {}: {e}", ep.addr)),
             Err(_) => ctx.failed(&ep, &format!("connect to {}: timed out", ep.addr)),
         }
-        tried.push(ep.replica);
+        tried.push((ep.revision, ep.replica));
         if tried.len() > retries as usize {
             return;
         }
-        let Some(next) = backend.pick(&tried) else {
+        let Some(next) = backend.pick(&tried, bucket) else {
             return;
         };
         backend.metrics.retries.fetch_add(1, Relaxed);

@@ -33,6 +33,62 @@ pub trait Hook: Send + Sync + 'static {
 
     /// Everything is about to stop.
     fn on_down(&self) {}
+
+    /// How a service's requests are shared during a canary (none: evenly).
+    fn set_split(&self, _service: &str, _split: Option<Split>) {}
+}
+
+/// How the proxy shares a service's requests between the canary, its
+/// baseline and the stable revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub canary: crate::state::Revision,
+    /// Percent of requests for the canary.
+    pub weight: u32,
+    pub stable: crate::state::Revision,
+    /// Replicas of the stable revision that are the baseline: they get the
+    /// canary's share (as much as is left beside it).
+    pub baseline: Vec<u32>,
+    pub sticky: Option<crate::spec::Sticky>,
+}
+
+/// Which side of a split a replica is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Canary,
+    Baseline,
+    Stable,
+}
+
+impl Split {
+    pub fn side(&self, revision: crate::state::Revision, replica: u32) -> Side {
+        if revision == self.canary {
+            Side::Canary
+        } else if revision == self.stable && self.baseline.contains(&replica) {
+            Side::Baseline
+        } else {
+            Side::Stable
+        }
+    }
+
+    /// The side a request in `bucket` (0..10000) goes to: the canary's
+    /// buckets first (so a sticky client stays on the canary as its weight
+    /// grows), then the baseline's.
+    pub fn route(&self, bucket: u32) -> Side {
+        let w = self.weight.min(100) * 100;
+        let b = if self.baseline.is_empty() {
+            0
+        } else {
+            w.min(10_000 - w)
+        };
+        if bucket < w {
+            Side::Canary
+        } else if bucket < w + b {
+            Side::Baseline
+        } else {
+            Side::Stable
+        }
+    }
 }
 
 /// Why a command was refused.
@@ -168,6 +224,5 @@ impl SupervisorHandle {
 }
 
 /// Evaluates a PromQL expression at a time (unix ms).
-pub type QueryFn = std::sync::Arc<
-    dyn Fn(&str, i64) -> Result<capstan_promql::QueryValue, String> + Send + Sync,
->;
+pub type QueryFn =
+    std::sync::Arc<dyn Fn(&str, i64) -> Result<capstan_promql::QueryValue, String> + Send + Sync>;

@@ -132,7 +132,8 @@ fn ln_gamma(x: f64) -> f64 {
 /// events when the canary's share of requests is `rho`.
 pub fn ln_lambda(canary: f64, baseline: f64, rho: f64) -> f64 {
     let rho = rho.clamp(1e-9, 1.0 - 1e-9);
-    let ln_beta = ln_gamma(1.0 + canary) + ln_gamma(1.0 + baseline) - ln_gamma(2.0 + canary + baseline);
+    let ln_beta =
+        ln_gamma(1.0 + canary) + ln_gamma(1.0 + baseline) - ln_gamma(2.0 + canary + baseline);
     ln_beta - canary * rho.ln() - baseline * (1.0 - rho).ln()
 }
 
@@ -441,7 +442,11 @@ impl Judge {
             if missing_b > 0.0 {
                 parts.push(format!(
                     "the {} has {} of {} requests",
-                    if frozen { "previous revision" } else { "baseline" },
+                    if frozen {
+                        "previous revision"
+                    } else {
+                        "baseline"
+                    },
                     step_b.requests as u64,
                     self.cfg.min_requests
                 ));
@@ -483,8 +488,7 @@ impl Judge {
         }
         Verdict {
             failed,
-            conclusive: enough
-                && reports.iter().all(|r| r.outcome != Outcome::Inconclusive),
+            conclusive: enough && reports.iter().all(|r| r.outcome != Outcome::Inconclusive),
             missing,
             reports,
         }
@@ -556,7 +560,11 @@ impl Judge {
                 if enough && win_c.requests > 0.0 {
                     let v = 1.0 - win_c.errors / win_c.requests;
                     r.value = Some(v);
-                    r.outcome = if bounds(v) { Outcome::Pass } else { Outcome::Fail };
+                    r.outcome = if bounds(v) {
+                        Outcome::Pass
+                    } else {
+                        Outcome::Fail
+                    };
                     r.detail = format!(
                         "{} of {} requests failed",
                         win_c.errors as u64, win_c.requests as u64
@@ -567,7 +575,11 @@ impl Judge {
                 r.threshold = threshold(&secs);
                 if enough && let Some(v) = win_c.quantile(0.99) {
                     r.value = Some(v);
-                    r.outcome = if bounds(v) { Outcome::Pass } else { Outcome::Fail };
+                    r.outcome = if bounds(v) {
+                        Outcome::Pass
+                    } else {
+                        Outcome::Fail
+                    };
                     r.detail = format!("p99 {} over {} requests", secs(v), win_c.requests as u64);
                 }
             }
@@ -576,7 +588,13 @@ impl Judge {
                 r.window = self.since_words().into();
                 r.canary_requests = cn.requests as u64;
                 r.baseline_requests = bn.requests as u64;
-                let t = compare(cn.errors, cn.requests, bn.errors, bn.requests, self.cfg.alpha);
+                let t = compare(
+                    cn.errors,
+                    cn.requests,
+                    bn.errors,
+                    bn.requests,
+                    self.cfg.alpha,
+                );
                 r.value = Some(t.lambda);
                 r.threshold = format!("Λ < {} (α {})", 1.0 / self.cfg.alpha, self.cfg.alpha);
                 r.detail = format!(
@@ -657,7 +675,11 @@ impl Judge {
                 match src.value(&q, at_ms) {
                     Ok(Some(v)) if enough => {
                         r.value = Some(v);
-                        r.outcome = if bounds(v) { Outcome::Pass } else { Outcome::Fail };
+                        r.outcome = if bounds(v) {
+                            Outcome::Pass
+                        } else {
+                            Outcome::Fail
+                        };
                     }
                     Ok(Some(v)) => r.value = Some(v),
                     Ok(None) => r.detail = format!("no value from {q} (inconclusive, not failed)"),
@@ -809,7 +831,12 @@ mod tests {
         let c = Counts {
             requests: 100.0,
             errors: 0.0,
-            buckets: vec![(0.1, 50.0), (0.2, 90.0), (0.4, 100.0), (f64::INFINITY, 100.0)],
+            buckets: vec![
+                (0.1, 50.0),
+                (0.2, 90.0),
+                (0.4, 100.0),
+                (f64::INFINITY, 100.0),
+            ],
         };
         assert!((c.quantile(0.5).unwrap() - 0.1).abs() < 1e-9);
         assert!((c.quantile(0.99).unwrap() - 0.38).abs() < 1e-9);

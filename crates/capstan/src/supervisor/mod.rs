@@ -12,11 +12,11 @@
 //! before they stop and follows the stack's ports); the supervisor imports none
 //! of them.
 
+pub mod analysis;
 pub mod driver;
 pub mod health;
 pub mod records;
 pub mod replica;
-pub mod analysis;
 pub mod rollout;
 
 use std::collections::{BTreeMap, BTreeSet};
