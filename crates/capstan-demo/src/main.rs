@@ -4,7 +4,8 @@
 //! (Prometheus text format), `GET /work?ms=N` burns CPU, `GET /alloc?mb=N` holds
 //! memory, `GET /headers` echoes the request's headers, `GET /echo` with
 //! `Upgrade: echo` switches protocols and echoes bytes (WebSocket-like tunnels).
-//! Knobs: `PORT`, `HOST` (default 127.0.0.1), `VERSION`, `FAIL_RATE`, `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`,
+//! Knobs: `PORT`, `HOST` (default 127.0.0.1), `VERSION`, `FAIL_RATE`, `FAIL_AFTER_MS` (`FAIL_RATE`
+//! applies only that long after the start), `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`,
 //! `LOG_REQUESTS=0` (no line per request).
 //! Logs JSON lines on stdout; on SIGTERM finishes in-flight requests, then exits 0.
 #![forbid(unsafe_code)]
@@ -36,6 +37,8 @@ struct App {
     replica: String,
     service: String,
     fail_rate: f64,
+    /// Failures are injected only from this moment on.
+    fail_from: Instant,
     rng: AtomicU64,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
@@ -114,7 +117,7 @@ fn env_f64(name: &str) -> f64 {
 
 async fn hello(State(app): State<Arc<App>>) -> Response {
     let started = Instant::now();
-    if app.fail_rate > 0.0 && app.random() < app.fail_rate {
+    if app.fail_rate > 0.0 && started >= app.fail_from && app.random() < app.fail_rate {
         app.record("/", 500, started);
         return (StatusCode::INTERNAL_SERVER_ERROR, "injected failure\n").into_response();
     }
@@ -374,6 +377,7 @@ async fn main() {
         replica: std::env::var("CAPSTAN_REPLICA").unwrap_or_else(|_| "0".into()),
         service: std::env::var("CAPSTAN_SERVICE").unwrap_or_else(|_| "demo".into()),
         fail_rate: env_f64("FAIL_RATE").clamp(0.0, 1.0),
+        fail_from: Instant::now() + Duration::from_millis(env_f64("FAIL_AFTER_MS").max(0.0) as u64),
         rng: AtomicU64::new(seed ^ u64::from(std::process::id())),
         requests: Mutex::default(),
         latency: Mutex::default(),

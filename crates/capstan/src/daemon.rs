@@ -206,6 +206,20 @@ fn cgroups(id: &str, events: &EventLog) -> Option<Cgroups> {
     }
 }
 
+/// PromQL over the metrics store at a time, for the autoscaler and the
+/// canary analysis (it blocks: run on the multi-threaded runtime).
+fn query_fn(
+    stores: &Stores,
+    engine: Arc<capstan_promql::Engine>,
+) -> crate::state::control::QueryFn {
+    let db = stores.db.clone();
+    Arc::new(move |q: &str, t: i64| {
+        tokio::task::block_in_place(|| engine.instant(&*db, q, t))
+            .map(|o| o.value)
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// The runtime's components, built and wired; nothing runs yet.
 struct Runtime {
     board: Arc<StatusBoard>,
@@ -225,6 +239,7 @@ impl Runtime {
         id: &str,
         cgroups: Option<Cgroups>,
         api: SocketAddr,
+        query: crate::state::control::QueryFn,
     ) -> Runtime {
         let board = Arc::new(StatusBoard::default());
         let history = Arc::new(crate::state::history::History::open(Some(data_dir)));
@@ -242,6 +257,7 @@ impl Runtime {
             stack_dir,
             otlp: Some(api),
             history: history.clone(),
+            query: Some(query.clone()),
         });
         let proxy = Proxy::new(
             board.clone(),
@@ -302,14 +318,7 @@ impl Runtime {
         let (scraper, db) = (self.scraper.clone(), stores.db.clone());
         tasks.spawn("scraper", move |stop| scraper.run(db, stop));
         let deps = crate::autoscale::Deps {
-            query: {
-                let (db, engine) = (stores.db.clone(), engine);
-                Arc::new(move |q: &str, t: i64| {
-                    tokio::task::block_in_place(|| engine.instant(&*db, q, t))
-                        .map(|o| o.value)
-                        .map_err(|e| e.to_string())
-                })
-            },
+            query: query_fn(stores, engine),
             clock: Arc::new(crate::state::clock::SystemClock),
             supervisor: self.handle.clone(),
         };
@@ -386,6 +395,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?).context("writing daemon.json")?;
 
     let stack_dir = opts.file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let engine = crate::api::prom::engine(&opts.stack.settings.query);
     let runtime = Runtime::build(
         &stores,
         &opts.data_dir,
@@ -393,8 +403,8 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         &id,
         cgroups.clone(),
         addr,
+        query_fn(&stores, engine.clone()),
     );
-    let engine = crate::api::prom::engine(&opts.stack.settings.query);
     let (tasks, sup_task, parts) = runtime.start(&stores, engine.clone(), opts.stack.clone());
 
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);

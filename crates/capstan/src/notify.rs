@@ -21,6 +21,9 @@ pub const KINDS: &[&str] = &[
     "rollback",
     "paused",
     "rollout-continue",
+    "canary-step",
+    "verdict",
+    "promoted",
 ];
 
 /// Notifications waiting to be delivered, at most.

@@ -65,6 +65,8 @@ pub fn router(api: Api) -> Router {
         .route("/scale", post(scale))
         .route("/history/{service}", get(history))
         .route("/rollback", post(rollback))
+        .route("/promote", post(promote))
+        .route("/abort", post(abort))
         .route("/stack", get(current_stack))
         .route("/services/{action}", post(service_action))
         .route("/down", post(down))
@@ -312,6 +314,21 @@ struct RollbackReq {
 
 async fn rollback(State(api): State<Api>, Json(req): Json<RollbackReq>) -> Response {
     answer(api.supervisor.rollback(&req.service, req.to).await)
+}
+
+#[derive(serde::Deserialize)]
+struct PromoteReq {
+    service: String,
+    #[serde(default)]
+    full: bool,
+}
+
+async fn promote(State(api): State<Api>, Json(req): Json<PromoteReq>) -> Response {
+    answer(api.supervisor.promote(req.service, req.full).await)
+}
+
+async fn abort(State(api): State<Api>, Json(req): Json<PromoteReq>) -> Response {
+    answer(api.supervisor.abort(req.service).await)
 }
 
 async fn apply(State(api): State<Api>, Json(stack): Json<Stack>) -> Response {

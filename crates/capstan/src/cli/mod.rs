@@ -129,6 +129,21 @@ enum Cmd {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Move a canary past its current pause (--full: past every step).
+    Promote {
+        #[command(flatten)]
+        f: FileOpt,
+        service: String,
+        /// Skip the remaining steps and promote now.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Stop a canary and roll back to the stable revision.
+    Abort {
+        #[command(flatten)]
+        f: FileOpt,
+        service: String,
+    },
     /// List replicas: state, health, restarts, uptime, CPU and memory.
     Ps {
         #[command(flatten)]
@@ -401,6 +416,8 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::History { f, .. }
         | Cmd::Rollout { f, .. }
         | Cmd::Rollback { f, .. }
+        | Cmd::Promote { f, .. }
+        | Cmd::Abort { f, .. }
         | Cmd::Autoscale { f, .. }
         | Cmd::Restart { f, .. }
         | Cmd::Stop { f, .. }
@@ -514,6 +531,24 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = ctx
                 .client()?
                 .json(Method::POST, "/capstan/v1/rollback", Some(body))
+                .await?;
+            println!("{}", v["message"].as_str().unwrap_or("done"));
+            Ok(0)
+        }
+        Cmd::Promote { service, full, .. } => {
+            let body = serde_json::json!({"service": service, "full": full});
+            let v = ctx
+                .client()?
+                .json(Method::POST, "/capstan/v1/promote", Some(body))
+                .await?;
+            println!("{}", v["message"].as_str().unwrap_or("done"));
+            Ok(0)
+        }
+        Cmd::Abort { service, .. } => {
+            let body = serde_json::json!({"service": service});
+            let v = ctx
+                .client()?
+                .json(Method::POST, "/capstan/v1/abort", Some(body))
                 .await?;
             println!("{}", v["message"].as_str().unwrap_or("done"));
             Ok(0)

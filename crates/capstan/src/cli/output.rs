@@ -247,6 +247,10 @@ pub fn rollout_status(v: &serde_json::Value, only: Option<&str>, now_ms: i64) ->
             })
             .count();
         let from = r["from"].as_u64().unwrap_or(0);
+        if !r["canary"].is_null() {
+            out.push_str(&canary_status(name, rev, from, r, now_ms));
+            continue;
+        }
         let what = if r["back"].as_bool().unwrap_or(false) {
             format!("rolling back to revision {rev} from {from}")
         } else {
@@ -258,6 +262,66 @@ pub fn rollout_status(v: &serde_json::Value, only: Option<&str>, now_ms: i64) ->
             human_duration_ms((now_ms - r["since_ms"].as_i64().unwrap_or(now_ms)).max(0)),
             s["desired"].as_u64().unwrap_or(0),
             of_rev(false).len()
+        ));
+    }
+    out
+}
+
+/// A canary's step, share, and each check's verdict with its numbers.
+fn canary_status(name: &str, rev: u64, from: u64, r: &serde_json::Value, now_ms: i64) -> String {
+    let c = &r["canary"];
+    let (step, steps) = (
+        c["step"].as_u64().unwrap_or(0),
+        c["steps"].as_u64().unwrap_or(0),
+    );
+    let step = if step > steps {
+        "promoted".to_owned()
+    } else {
+        format!("step {step} of {steps}")
+    };
+    let mut out = format!(
+        "{name}: canary of revision {rev} over {from} ({}) for {}
+  {step}, weight {}%: {}\n",
+        r["plan"].as_str().unwrap_or(""),
+        human_duration_ms((now_ms - r["since_ms"].as_i64().unwrap_or(now_ms)).max(0)),
+        c["weight"].as_u64().unwrap_or(0),
+        c["phase"].as_str().unwrap_or(""),
+    );
+    if let Some(b) = c["baseline"].as_array().filter(|b| !b.is_empty()) {
+        let ids: Vec<String> = b.iter().map(|x| x.to_string()).collect();
+        out.push_str(&format!(
+            "  baseline: replica {} of revision {from}\n",
+            ids.join(", ")
+        ));
+    }
+    if let Some(w) = c["waiting"].as_str() {
+        out.push_str(&format!("  inconclusive: {w}\n"));
+    }
+    let checks = c["checks"].as_array().cloned().unwrap_or_default();
+    if !checks.is_empty() {
+        out.push_str(&format!(
+            "  {:<22} {:<13} {:>10}  {:<18} {:>8} {:>8}  {}\n",
+            "CHECK", "VERDICT", "VALUE", "THRESHOLD", "CANARY", "BASE", "WINDOW / DETAIL"
+        ));
+    }
+    for k in checks {
+        let value = k["value"]
+            .as_f64()
+            .map_or("-".to_owned(), |v| format!("{v:.4}"));
+        out.push_str(&format!(
+            "  {:<22} {:<13} {:>10}  {:<18} {:>8} {:>8}  {}{}\n",
+            k["name"].as_str().unwrap_or(""),
+            k["outcome"].as_str().unwrap_or(""),
+            value,
+            k["threshold"].as_str().unwrap_or(""),
+            k["canary_requests"].as_u64().unwrap_or(0),
+            k["baseline_requests"].as_u64().unwrap_or(0),
+            k["window"].as_str().unwrap_or(""),
+            k["detail"]
+                .as_str()
+                .filter(|d| !d.is_empty())
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default(),
         ));
     }
     out

@@ -84,6 +84,48 @@ fn releases(e: &mut Exposition, src: &Sources<'_>) {
         );
     }
     e.family(
+        "capstan_rollout_step",
+        "gauge",
+        "The step a canary is on (1-based; one past the last while promoting and baking).",
+    );
+    let canaries: Vec<_> = src
+        .board
+        .services()
+        .into_iter()
+        .filter_map(|s| Some((s.name, s.rollout?.canary?)))
+        .collect();
+    for (service, c) in &canaries {
+        e.sample(
+            "capstan_rollout_step",
+            &[("service", service)],
+            f64::from(c.step),
+        );
+    }
+    e.family(
+        "capstan_rollout_canary_weight",
+        "gauge",
+        "The canary's share of requests, in percent.",
+    );
+    for (service, c) in &canaries {
+        e.sample(
+            "capstan_rollout_canary_weight",
+            &[("service", service)],
+            f64::from(c.weight),
+        );
+    }
+    e.family(
+        "capstan_rollout_verdicts_total",
+        "counter",
+        "Canary check runs, by check and result (pass, fail, inconclusive).",
+    );
+    for ((service, check, result), n) in src.history.verdicts() {
+        e.sample(
+            "capstan_rollout_verdicts_total",
+            &[("service", &service), ("check", &check), ("result", result)],
+            n as f64,
+        );
+    }
+    e.family(
         "capstan_notifications_total",
         "counter",
         "Release notifications to the webhook, by result (sent, failed after every try, dropped when the queue was full).",

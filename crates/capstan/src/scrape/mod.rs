@@ -200,7 +200,10 @@ pub struct Scraper {
 impl Hook for Arc<Scraper> {
     fn on_apply(&self, stack: &Stack) -> Vec<String> {
         let default_interval = stack.settings.scrape_interval.0;
-        let autoscales = stack.services.values().any(|s| s.x.autoscale.is_some());
+        let autoscales = stack
+            .services
+            .values()
+            .any(|s| s.x.autoscale.is_some() || s.x.rollout.is_some());
         *self.config.lock().unwrap() = Config {
             default_interval,
             own_interval: if autoscales {

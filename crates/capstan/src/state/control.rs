@@ -126,6 +126,17 @@ pub enum Command {
         reply: Reply,
     },
     Wake(String),
+    /// A canary past its current pause (`full`: past every step).
+    Promote {
+        service: String,
+        full: bool,
+        reply: Reply,
+    },
+    /// A canary ended and rolled back.
+    Abort {
+        service: String,
+        reply: Reply,
+    },
     /// Stop everything; with `volumes`, remove the stack's named volumes too.
     Down {
         volumes: bool,
@@ -164,6 +175,19 @@ impl SupervisorHandle {
             reply,
         })
         .await
+    }
+
+    pub async fn promote(&self, service: String, full: bool) -> Result<String, Error> {
+        self.ask(|reply| Command::Promote {
+            service,
+            full,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn abort(&self, service: String) -> Result<String, Error> {
+        self.ask(|reply| Command::Abort { service, reply }).await
     }
 
     pub async fn restart(&self, names: Vec<String>) -> Result<String, Error> {

@@ -93,6 +93,8 @@ pub struct History {
     services: Mutex<BTreeMap<String, Vec<RevisionInfo>>>,
     /// Rollouts ended since the daemon started, by service and result.
     outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Canary verdicts since the daemon started, by service, check and result.
+    verdicts: Mutex<BTreeMap<(String, String, &'static str), u64>>,
 }
 
 impl History {
@@ -108,6 +110,7 @@ impl History {
             path,
             services: Mutex::new(services),
             outcomes: Mutex::default(),
+            verdicts: Mutex::default(),
         }
     }
 
@@ -129,6 +132,21 @@ impl History {
             .unwrap()
             .entry((service.to_owned(), result))
             .or_default() += 1;
+    }
+
+    /// Counts a canary check's verdict.
+    pub fn verdict(&self, service: &str, check: &str, result: &'static str) {
+        *self
+            .verdicts
+            .lock()
+            .unwrap()
+            .entry((service.to_owned(), check.to_owned(), result))
+            .or_default() += 1;
+    }
+
+    /// Canary verdicts, by (service, check, result).
+    pub fn verdicts(&self) -> BTreeMap<(String, String, &'static str), u64> {
+        self.verdicts.lock().unwrap().clone()
     }
 
     /// Rollouts ended, by (service, result).

@@ -258,6 +258,67 @@ pub struct RolloutStatus {
     pub plan: String,
     /// When it began (unix ms).
     pub since_ms: i64,
+    /// A canary's progress and verdicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+}
+
+/// A canary as `capstan rollout status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct CanaryStatus {
+    /// The step under way (1-based); past the last one while promoting and baking.
+    pub step: u32,
+    pub steps: u32,
+    /// The canary's share of requests (percent).
+    pub weight: u32,
+    /// What it does now, in words.
+    pub phase: String,
+    /// What a verdict still lacks (too few requests, no metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Waits for `capstan promote`.
+    pub paused: bool,
+    /// The replicas of the stable revision that are the baseline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline: Vec<u32>,
+    pub checks: Vec<CheckReport>,
+}
+
+/// A check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// One check's latest verdict, with what it was based on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub name: String,
+    pub outcome: Outcome,
+    /// The measured value (a rate, seconds, the query's result, or Λ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// What the value is held against: `>= 99.00%`, `Λ < 100 (α 0.01)`.
+    pub threshold: String,
+    /// What was looked at: `last 10s`, `since the canary started`.
+    pub window: String,
+    pub canary_requests: u64,
+    pub baseline_requests: u64,
+    /// The rest in words: consecutive failures, event counts, the bound.
+    pub detail: String,
 }
 
 /// The replicas' and services' status, as the supervisor last published it.

@@ -176,41 +176,7 @@ pub fn compare(
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Pass,
-    Fail,
-    Inconclusive,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Pass => "pass",
-            Outcome::Fail => "fail",
-            Outcome::Inconclusive => "inconclusive",
-        }
-    }
-}
-
-/// One check's latest verdict, with what it was based on.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CheckReport {
-    pub name: String,
-    pub outcome: Outcome,
-    /// The measured value (a rate, seconds, the query's result, or Λ).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<f64>,
-    /// What the value is held against: `>= 0.99`, `Λ < 100 (α 0.01)`.
-    pub threshold: String,
-    /// What was looked at: `last 10s`, `since the canary started`.
-    pub window: String,
-    pub canary_requests: u64,
-    pub baseline_requests: u64,
-    /// The rest in words: consecutive failures, event counts, the bound.
-    pub detail: String,
-}
+pub use crate::state::{CheckReport, Outcome};
 
 /// Label matchers of the sides a rollout compares.
 #[derive(Debug, Clone, PartialEq)]
@@ -276,6 +242,19 @@ impl Source for PromSource {
             ));
         }
         Ok(scalar(&v).filter(|x| x.is_finite()))
+    }
+}
+
+/// No metrics store: every verdict is inconclusive.
+pub struct NoSource;
+
+impl Source for NoSource {
+    fn counts(&self, _: &str, _: i64) -> Result<Counts, String> {
+        Err("no metrics store".into())
+    }
+
+    fn value(&self, _: &str, _: i64) -> Result<Option<f64>, String> {
+        Err("no metrics store".into())
     }
 }
 

@@ -13,6 +13,7 @@
 //! of them.
 
 pub mod analysis;
+pub mod canary;
 pub mod driver;
 pub mod health;
 pub mod records;
@@ -56,6 +57,8 @@ pub struct Context {
     pub otlp: Option<SocketAddr>,
     /// Every service's revisions.
     pub history: Arc<History>,
+    /// PromQL over the metrics store, for canary analysis.
+    pub query: Option<crate::state::control::QueryFn>,
 }
 
 /// What the actor's own tasks report.
@@ -143,6 +146,13 @@ struct RolloutRt {
     plan: String,
     since_ms: i64,
     task: JoinHandle<()>,
+    /// A canary's controls and latest report.
+    canary: Option<CanaryRt>,
+}
+
+struct CanaryRt {
+    control: mpsc::UnboundedSender<canary::Control>,
+    status: crate::state::CanaryStatus,
 }
 
 impl ServiceRt {
@@ -341,8 +351,57 @@ impl Supervisor {
                     let _ = reply.send(Err(e));
                 }
             },
+            Command::Promote {
+                service,
+                full,
+                reply,
+            } => {
+                let r = self.canary_of(&service).and_then(|c| {
+                    c.control
+                        .send(canary::Control::Promote { full })
+                        .map_err(|_| Error::Invalid(format!("{service}'s canary has ended")))?;
+                    Ok(format!(
+                        "promoting {service}{}",
+                        if full {
+                            " past every remaining step"
+                        } else {
+                            ""
+                        }
+                    ))
+                });
+                let _ = reply.send(r);
+            }
+            Command::Abort { service, reply } => {
+                let r = self.canary_of(&service).map(|_| ()).map(|()| {
+                    let revision = self.services[&service].revision;
+                    if let Some(ro) = self
+                        .services
+                        .get_mut(&service)
+                        .and_then(|rt| rt.rollout.as_mut())
+                    {
+                        ro.task.abort();
+                    }
+                    self.rolled(
+                        &service,
+                        revision,
+                        Err("aborted with `capstan abort`".into()),
+                    );
+                    format!("aborted {service}'s canary; rolling back")
+                });
+                let _ = reply.send(r);
+            }
             Command::Down { .. } => unreachable!("handled by run"),
         }
+    }
+
+    /// The canary under way for `name`.
+    fn canary_of(&self, name: &str) -> Result<&CanaryRt, Error> {
+        self.known(&[name.to_owned()])?;
+        self.services[name]
+            .rollout
+            .as_ref()
+            .and_then(|r| r.canary.as_ref())
+            .ok_or_else(|| Error::Invalid(format!("{name} has no canary under way")))
     }
 
     /// Replies now if `p` waits for nothing, else when it is done.
@@ -439,6 +498,7 @@ impl Supervisor {
                         allowed: r.allowed,
                         plan: r.plan.clone(),
                         since_ms: r.since_ms,
+                        canary: r.canary.as_ref().map(|c| c.status.clone()),
                     }),
                 })
                 .collect(),
@@ -563,9 +623,21 @@ impl Supervisor {
                     let from_spec = rt.spec.clone();
                     let had = rt.desired;
                     let revision = self.next_revision(&name);
-                    let how = rollout::describe(spec, &spec.deploy.update_config);
+                    // A canary needs replicas of the old revision to compare with.
+                    let canary =
+                        spec.x.rollout.as_ref().filter(|_| {
+                            had > 0 && rt.replicas.keys().any(|id| id.revision == from)
+                        });
+                    let how = match canary {
+                        Some(c) => canary::describe(c),
+                        None => format!(
+                            "rolling, {}",
+                            rollout::describe(spec, &spec.deploy.update_config)
+                        ),
+                    };
+                    let canary = canary.is_some();
                     changes.push(format!(
-                        "updating {name} (revision {from} -> {revision}: rolling, {how})"
+                        "updating {name} (revision {from} -> {revision}: {how})"
                     ));
                     let want = match &spec.x.autoscale {
                         Some(a) => had.clamp(a.min, a.max),
@@ -591,16 +663,20 @@ impl Supervisor {
                         &name,
                         None,
                         "updated",
-                        format!(
-                            "definition changed; rolling revision {from} -> {revision} ({how})"
-                        ),
+                        format!("definition changed; revision {from} -> {revision} ({how})"),
                     );
                     self.publish_services();
-                    self.begin_rollout(&name, from, from_spec, false);
+                    if canary {
+                        // It goes on after the reply: `capstan rollout status` follows it.
+                        self.begin_canary(&name, from, from_spec);
+                        changes.push(format!("follow it with `capstan rollout status {name}`"));
+                    } else {
+                        self.begin_rollout(&name, from, from_spec, false);
+                        rollouts.insert((name.clone(), revision));
+                    }
                     // Finished replicas of the old revision have nothing to hand over.
                     self.revive(&name);
                     stops.extend(self.reconcile(&name));
-                    rollouts.insert((name.clone(), revision));
                 }
                 None => {
                     if !self.stack.services.is_empty() {
@@ -684,33 +760,19 @@ impl Supervisor {
         }
         let mut missing = desired - current.len();
         let mut index = 0u32;
+        let (revision, spec) = (rt.revision, rt.spec.clone());
+        let mut ids = Vec::new();
         while missing > 0 {
-            let id = ReplicaId::new(name, rt.revision, index);
+            let id = ReplicaId::new(name, revision, index);
             index += 1;
             if rt.replicas.contains_key(&id) || rt.stopping.contains(&id) {
                 continue;
             }
             missing -= 1;
-            let (tx, rx) = mpsc::channel(1);
-            let r = replica::Replica {
-                ctx: self.ctx.clone(),
-                id: id.clone(),
-                spec: rt.spec.clone(),
-                port_range: self.port_range,
-                host_services: self.host_services.clone(),
-            };
-            self.ctx.board.remove(&id);
-            self.ctx.board.update(&id, |_| {});
-            let adopted = self.adopted.remove(&id);
-            let task = tokio::spawn(r.run(rx, adopted));
-            rt.replicas.insert(
-                id,
-                ReplicaHandle {
-                    ctl: tx,
-                    task,
-                    grace: rt.spec.stop_grace_period.0,
-                },
-            );
+            ids.push(id);
+        }
+        for id in ids {
+            self.spawn_replica(id, spec.clone());
         }
         BTreeSet::new()
     }
@@ -845,8 +907,97 @@ impl Supervisor {
             plan,
             since_ms: crate::events::now_ms(),
             task,
+            canary: None,
         });
         self.publish_services();
+    }
+
+    /// Starts `name`'s canary of its current revision over `from`.
+    fn begin_canary(&mut self, name: &str, from: Revision, from_spec: Arc<Service>) {
+        let Some(rt) = self.services.get_mut(name) else {
+            return;
+        };
+        let Some(cfg) = rt.spec.x.rollout.clone() else {
+            return;
+        };
+        if let Some(old) = rt.rollout.take() {
+            old.task.abort();
+        }
+        let update = rt.spec.deploy.update_config.clone();
+        let roll = rollout::Rollout {
+            board: self.ctx.board.clone(),
+            events: self.ctx.events.clone(),
+            steps: self.steps_tx.clone(),
+            service: name.to_owned(),
+            revision: rt.revision,
+            start_first: true,
+            budget: rollout::health_budget(&rt.spec),
+            cfg: update,
+        };
+        let source: Arc<dyn analysis::Source + Send + Sync> = match &self.ctx.query {
+            Some(q) => Arc::new(analysis::PromSource(q.clone())),
+            None => Arc::new(analysis::NoSource),
+        };
+        let (control, rx) = mpsc::unbounded_channel();
+        let plan = canary::describe(&cfg);
+        let run = canary::CanaryRun::new(roll, from, cfg, source, rx);
+        let (service, revision) = (name.to_owned(), rt.revision);
+        let done = self.internal_tx.clone();
+        let task = tokio::spawn(async move {
+            let result = run.run().await;
+            let _ = done.send(Internal::Rolled {
+                service,
+                revision,
+                result,
+            });
+        });
+        rt.rollout = Some(RolloutRt {
+            from,
+            from_spec,
+            allowed: 0,
+            back: false,
+            plan,
+            since_ms: crate::events::now_ms(),
+            task,
+            canary: Some(CanaryRt {
+                control,
+                status: crate::state::CanaryStatus::default(),
+            }),
+        });
+        self.publish_services();
+    }
+
+    /// Starts replica `id` with definition `spec`.
+    fn spawn_replica(&mut self, id: ReplicaId, spec: Arc<Service>) {
+        let Some(rt) = self.services.get_mut(&id.service) else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let r = replica::Replica {
+            ctx: self.ctx.clone(),
+            id: id.clone(),
+            spec: spec.clone(),
+            port_range: self.port_range,
+            host_services: self.host_services.clone(),
+        };
+        self.ctx.board.remove(&id);
+        self.ctx.board.update(&id, |_| {});
+        let adopted = self.adopted.remove(&id);
+        let task = tokio::spawn(r.run(rx, adopted));
+        rt.replicas.insert(
+            id,
+            ReplicaHandle {
+                ctl: tx,
+                task,
+                grace: spec.stop_grace_period.0,
+            },
+        );
+    }
+
+    fn set_split(&self, name: &str, split: Option<crate::state::control::Split>) {
+        for hook in &self.hooks {
+            hook.set_split(name, split.clone());
+        }
     }
 
     /// A step a rollout asks for, if it is still the service's rollout.
@@ -885,6 +1036,37 @@ impl Supervisor {
                     }
                 }
             }
+            rollout::Step::Baseline(indices) => {
+                let Some(ro) = rt.rollout.as_ref() else {
+                    return;
+                };
+                let (from, spec) = (ro.from, ro.from_spec.clone());
+                let new: Vec<ReplicaId> = indices
+                    .iter()
+                    .map(|i| ReplicaId::new(name, from, *i))
+                    .filter(|id| !rt.replicas.contains_key(id) && !rt.stopping.contains(id))
+                    .collect();
+                for id in new {
+                    self.ctx.events.emit_replica(
+                        &id,
+                        "baseline",
+                        format!("a fresh replica of revision {from} to compare the canary with"),
+                    );
+                    self.spawn_replica(id, spec.clone());
+                }
+            }
+            rollout::Step::Split(split) => self.set_split(name, split),
+            rollout::Step::Report(status) => {
+                if let Some(c) = rt.rollout.as_mut().and_then(|r| r.canary.as_mut()) {
+                    for r in &status.checks {
+                        if !c.status.checks.iter().any(|o| o == r) {
+                            self.ctx.history.verdict(name, &r.name, r.outcome.as_str());
+                        }
+                    }
+                    c.status = *status;
+                }
+                self.publish_services();
+            }
         }
     }
 
@@ -919,6 +1101,7 @@ impl Supervisor {
                 retired = self.retire(name, old);
                 // Scaled down meanwhile: the surplus goes now.
                 retired.extend(self.reconcile(name));
+                self.set_split(name, None);
                 self.ctx.history.count(name, "rolled");
                 self.ctx
                     .history
@@ -935,6 +1118,19 @@ impl Supervisor {
             Err(why) => {
                 let action = if ro.back {
                     FailureAction::Pause
+                } else if let Some(c) = &ro.canary {
+                    // The canary gets no more requests while it goes.
+                    self.set_split(
+                        name,
+                        Some(crate::state::control::Split {
+                            canary: revision,
+                            weight: 0,
+                            stable: ro.from,
+                            baseline: c.status.baseline.clone(),
+                            sticky: None,
+                        }),
+                    );
+                    FailureAction::Rollback
                 } else {
                     rt.spec.deploy.update_config.failure_action
                 };
@@ -1147,6 +1343,9 @@ impl Supervisor {
             // what runs when the service starts again.
             if let Some(r) = rt.rollout.take() {
                 r.task.abort();
+                for hook in &self.hooks {
+                    hook.set_split(name, None);
+                }
                 let revision = rt.revision;
                 self.ctx.history.set_status(
                     name,

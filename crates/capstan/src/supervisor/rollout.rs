@@ -21,6 +21,13 @@ pub enum Step {
     Allow(u32),
     /// Drain and stop this many replicas of other revisions.
     RetireOld(u32),
+    /// Run replicas of the rollout's previous revision under these indices:
+    /// a canary's baseline.
+    Baseline(Vec<u32>),
+    /// Share requests this way (none: evenly).
+    Split(Option<crate::state::control::Split>),
+    /// A canary's progress and verdicts.
+    Report(Box<crate::state::CanaryStatus>),
 }
 
 /// How long a new replica may take to become ready: its health check's
@@ -72,7 +79,7 @@ pub struct Rollout {
 }
 
 impl Rollout {
-    fn want(&self) -> u32 {
+    pub(super) fn want(&self) -> u32 {
         self.board.service(&self.service).map_or(0, |s| s.desired)
     }
 
@@ -92,7 +99,7 @@ impl Rollout {
             .count()
     }
 
-    fn ask(&self, step: Step) {
+    pub(super) fn ask(&self, step: Step) {
         let _ = self.steps.send((self.service.clone(), self.revision, step));
     }
 
@@ -169,7 +176,7 @@ impl Rollout {
     }
 
     /// Until `cond` holds (checked at every change on the board), or `limit`.
-    async fn until(&self, limit: Duration, cond: impl Fn() -> bool) {
+    pub(super) async fn until(&self, limit: Duration, cond: impl Fn() -> bool) {
         let mut changed = self.board.watch_topology();
         let deadline = tokio::time::Instant::now() + limit;
         while !cond() {
@@ -182,7 +189,7 @@ impl Rollout {
 
     /// Until `n` replicas of the revision are ready; an error as soon as one
     /// crash-loops or fails.
-    async fn ready(&self, n: u32) -> Result<(), String> {
+    pub(super) async fn ready(&self, n: u32) -> Result<(), String> {
         let mut changed = self.board.watch_topology();
         loop {
             let mine = self.mine();

@@ -244,6 +244,7 @@ impl Harness {
             stack_dir: dir.path().to_path_buf(),
             otlp: None,
             history: history.clone(),
+            query: None,
         });
         let drain = Arc::new(SlowDrain::default());
         let hooks: Vec<Arc<dyn Hook>> = if slow_drain {
