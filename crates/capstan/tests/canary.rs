@@ -351,3 +351,61 @@ fn a_revision_that_degrades_after_promotion_is_rolled_back_during_bake() {
     drop(load.join());
     s.ok(&["down"]);
 }
+
+#[test]
+fn a_daemon_killed_mid_canary_comes_back_on_the_stable_revision() {
+    let port = free_port();
+    let rollout =
+        "{strategy: canary, steps: [{weight: 20}, {pause: {}}], analysis: {interval: 1s}}";
+    let s = TestStack::new(&stack(port, "      VERSION: v1", rollout));
+    s.up();
+    s.write(&stack(port, "      VERSION: v2", rollout));
+    s.ok(&["deploy"]);
+    wait_for("a paused canary", Duration::from_secs(30), || {
+        let out = s.ok(&["rollout", "status", "web"]);
+        out.contains("paused").then_some(())
+    });
+    assert_eq!(
+        revisions(&s),
+        ["1", "1", "1", "1", "1", "2"],
+        "4 stable, a baseline, a canary"
+    );
+    let daemon = s.daemon_pid();
+    sigkill(daemon);
+    wait_for("the daemon gone", Duration::from_secs(5), || {
+        (!alive(daemon)).then_some(())
+    });
+    // The next daemon does not promote what was never judged.
+    s.up();
+    wait_for(
+        "four replicas of revision 1",
+        Duration::from_secs(30),
+        || (revisions(&s) == ["1", "1", "1", "1"]).then_some(()),
+    );
+    wait_for(
+        "nothing of the killed daemon's left",
+        Duration::from_secs(30),
+        || (s.marked_pids().len() == 4).then_some(()),
+    );
+    assert_eq!(
+        s.ok(&["rollout", "status"]),
+        "web: revision 1, no rollout\n"
+    );
+    assert!(http_get(port, "/").unwrap().contains("version v1"));
+    let h: Value = serde_json::from_str(&s.ok(&["history", "web", "-o", "json"])).unwrap();
+    assert_eq!(h["revisions"][0]["revision"], 2, "{h}");
+    assert_eq!(h["revisions"][0]["status"], "rolled back", "{h}");
+    assert!(
+        h["revisions"][0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("the daemon stopped during its canary"),
+        "{h}"
+    );
+    assert_eq!(h["revisions"][1]["status"], "active", "{h}");
+    // Deploying again starts a new canary, numbered on.
+    let out = s.ok(&["deploy"]);
+    assert!(out.contains("revision 1 -> 3: canary"), "{out}");
+    s.ok(&["abort", "web"]);
+    s.ok(&["down"]);
+}

@@ -241,7 +241,8 @@ impl Supervisor {
 
     /// Stops what a previous daemon left, applies `initial`, then serves
     /// commands until `down` (or until every handle is gone).
-    pub async fn run(mut self, initial: Stack) {
+    pub async fn run(mut self, mut initial: Stack) {
+        self.undo_interrupted_canaries(&mut initial);
         let records = self.ctx.records.lock().unwrap().records();
         let wanted: BTreeMap<String, String> = initial
             .services
@@ -402,6 +403,48 @@ impl Supervisor {
             .as_ref()
             .and_then(|r| r.canary.as_ref())
             .ok_or_else(|| Error::Invalid(format!("{name} has no canary under way")))
+    }
+
+    /// A canary the previous daemon left unjudged is not promoted by a
+    /// restart: the service goes back to the revision that was active
+    /// before it (its definition from the history), and the canary's
+    /// revision is recorded as rolled back. Deploying again starts a new
+    /// canary.
+    fn undo_interrupted_canaries(&self, stack: &mut Stack) {
+        for (name, spec) in stack.services.iter_mut() {
+            if spec.x.rollout.is_none() {
+                continue;
+            }
+            let known = self.ctx.history.of(name);
+            let Some(last) = known.last() else { continue };
+            if last.status != RevisionStatus::Rolling || last.hash != spec.definition_hash() {
+                continue;
+            }
+            let Some(stable) = known
+                .iter()
+                .rev()
+                .find(|r| r.revision < last.revision && r.status == RevisionStatus::Active)
+            else {
+                continue;
+            };
+            let why = format!(
+                "the daemon stopped during its canary; back to revision {} (deploy again to retry)",
+                stable.revision
+            );
+            self.ctx
+                .history
+                .set_status(name, last.revision, RevisionStatus::RolledBack, &why);
+            self.ctx.events.emit(
+                name,
+                None,
+                "rollback",
+                format!("revision {}: {why}", last.revision),
+            );
+            let keep = spec.x.rollout.clone();
+            *spec = stable.spec.clone();
+            // How the next deploy rolls out is the file's.
+            spec.x.rollout = keep;
+        }
     }
 
     /// Replies now if `p` waits for nothing, else when it is done.
@@ -698,7 +741,12 @@ impl Supervisor {
                         .rev()
                         .find(|r| r.hash == hash)
                         .map(|r| r.revision);
-                    let revision = match adopted.or(same) {
+                    let adopted_same = same.filter(|r| {
+                        self.adopted
+                            .keys()
+                            .any(|id| id.service == name && id.revision == *r)
+                    });
+                    let revision = match adopted_same.or(adopted).or(same) {
                         Some(r) => r,
                         None => self.next_revision(&name),
                     };
