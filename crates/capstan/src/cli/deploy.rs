@@ -67,16 +67,20 @@ pub fn plan(now: Option<&Stack>, next: &Stack) -> Vec<Change> {
         };
         if !old.definition_eq(svc) {
             let cfg = &svc.deploy.update_config;
-            out.push(change(
-                '~',
-                name,
-                format!(
+            let how = match &svc.x.rollout {
+                Some(c) => format!("update: {}", crate::supervisor::canary::describe(c)),
+                None => format!(
                     "update: rolling {}, monitor {}, on failure {:?}",
                     crate::supervisor::rollout::describe(svc, cfg),
                     cfg.monitor,
                     cfg.failure_action
                 )
                 .to_lowercase(),
+            };
+            out.push(change(
+                '~',
+                name,
+                how,
                 crate::state::history::diff(old, svc),
             ));
         } else if old.deploy.replicas != svc.deploy.replicas && svc.x.autoscale.is_none() {

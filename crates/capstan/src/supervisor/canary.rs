@@ -124,6 +124,8 @@ impl CanaryRun {
 
     /// Runs the steps, promotes, bakes; the error is why to roll back.
     pub async fn run(mut self) -> Result<(), String> {
+        // No request reaches a canary replica before its first step.
+        self.roll.ask(Step::Split(Some(self.split(0))));
         let steps = self.cfg.steps.clone();
         let mut full = false;
         let mut concluded = false;
