@@ -530,3 +530,30 @@ fn canary_errors() {
         .collect();
     insta::assert_snapshot!(all.join("\n---\n"));
 }
+
+#[test]
+fn a_canary_has_at_most_100_steps_and_20_checks() {
+    let base = "services:\n  web:\n    command: [demo]\n    x-capstan:\n      rollout:\n        strategy: canary\n";
+    let steps = |n: usize| vec!["{weight: 10}"; n].join(", ");
+    let checks = |n: usize| {
+        (0..n)
+            .map(|i| format!("{{name: c{i}, check: success-rate}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ok = format!(
+        "{base}        steps: [{}]\n        analysis: {{checks: [{}]}}\n",
+        steps(decode::MAX_STEPS),
+        checks(decode::MAX_CHECKS)
+    );
+    let c = parse(&ok).unwrap().0.services["web"].x.rollout.clone().unwrap();
+    assert_eq!((c.steps.len(), c.analysis.checks.len()), (100, 20));
+    let over = format!(
+        "{base}        steps: [{}]\n        analysis: {{checks: [{}]}}\n",
+        steps(decode::MAX_STEPS + 1),
+        checks(decode::MAX_CHECKS + 1)
+    );
+    let e = errors(&over);
+    assert!(e.contains("rollout.steps: at most 100 steps, found 101"), "{e}");
+    assert!(e.contains("analysis.checks: at most 20 checks, found 21"), "{e}");
+}
