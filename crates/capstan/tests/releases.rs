@@ -378,7 +378,7 @@ fn releases_are_posted_to_the_webhook_and_counted() {
         first["reason"]
             .as_str()
             .unwrap()
-            .contains("rolling revision 1 -> 2"),
+            .contains("revision 1 -> 2 (rolling, all at once"),
         "{first}"
     );
     let metrics = {

@@ -546,7 +546,11 @@ fn a_canary_has_at_most_100_steps_and_20_checks() {
         steps(decode::MAX_STEPS),
         checks(decode::MAX_CHECKS)
     );
-    let c = parse(&ok).unwrap().0.services["web"].x.rollout.clone().unwrap();
+    let c = parse(&ok).unwrap().0.services["web"]
+        .x
+        .rollout
+        .clone()
+        .unwrap();
     assert_eq!((c.steps.len(), c.analysis.checks.len()), (100, 20));
     let over = format!(
         "{base}        steps: [{}]\n        analysis: {{checks: [{}]}}\n",
@@ -554,6 +558,12 @@ fn a_canary_has_at_most_100_steps_and_20_checks() {
         checks(decode::MAX_CHECKS + 1)
     );
     let e = errors(&over);
-    assert!(e.contains("rollout.steps: at most 100 steps, found 101"), "{e}");
-    assert!(e.contains("analysis.checks: at most 20 checks, found 21"), "{e}");
+    assert!(
+        e.contains("rollout.steps: at most 100 steps, found 101"),
+        "{e}"
+    );
+    assert!(
+        e.contains("analysis.checks: at most 20 checks, found 21"),
+        "{e}"
+    );
 }
