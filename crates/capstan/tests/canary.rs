@@ -409,3 +409,38 @@ fn a_daemon_killed_mid_canary_comes_back_on_the_stable_revision() {
     s.ok(&["abort", "web"]);
     s.ok(&["down"]);
 }
+
+#[test]
+fn a_rolling_batch_failing_its_analysis_is_rolled_back() {
+    let port = free_port();
+    let rollout = "{strategy: rolling, analysis: {interval: 1s, min_requests: 30}}";
+    let s = TestStack::new(&stack(port, "      VERSION: v1", rollout));
+    s.up();
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 100, 40);
+    std::thread::sleep(Duration::from_secs(1));
+    s.write(&stack(
+        port,
+        "      VERSION: v2\n      FAIL_RATE: \"0.3\"",
+        rollout,
+    ));
+    let out = s.up_unchecked("120s");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("revision 2: check errors-vs-baseline failed"),
+        "{said}"
+    );
+    assert!(said.contains("rolled back to revision 1"), "{said}");
+    wait_for("revision 1 only", Duration::from_secs(30), || {
+        (revisions(&s) == ["1", "1", "1", "1"]).then_some(())
+    });
+    // The first batch (one replica) was judged against the other three.
+    let verdict = event(&s, "verdict").expect("a verdict event");
+    assert!(
+        verdict["reason"].as_str().unwrap().contains("new / "),
+        "{verdict}"
+    );
+    drop(load.join());
+    s.ok(&["down"]);
+}

@@ -1891,7 +1891,7 @@ impl Decoder<'_> {
             }
         }
         if let Some(n) = f.take("rollout") {
-            x.rollout = self.rollout(n, &join(path, "rollout"));
+            self.rollout(n, &join(path, "rollout"), x);
         }
         self.finish(f, path, &[]);
     }

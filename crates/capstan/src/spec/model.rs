@@ -363,6 +363,10 @@ pub struct ServiceX {
     /// (`x-capstan.rollout`); without it, as a rolling update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Canary>,
+    /// Checks a rolling update's batches must also pass
+    /// (`x-capstan.rollout: {strategy: rolling, analysis: …}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
 }
 
 /// `x-capstan.rollout: {strategy: canary, …}`: traffic shifted to the new
@@ -774,6 +778,7 @@ impl Default for ServiceX {
             autoscale: None,
             driver: None,
             rollout: None,
+            analysis: None,
         }
     }
 }
@@ -950,6 +955,7 @@ impl Service {
         a.x.cold_start_timeout = Dur::secs(0);
         a.x.autoscale = None;
         a.x.rollout = None;
+        a.x.analysis = None;
         let text = serde_json::to_string(&a).unwrap_or_default();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in text.bytes() {
@@ -969,6 +975,7 @@ impl Service {
         a.x.cold_start_timeout = other.x.cold_start_timeout;
         a.x.autoscale.clone_from(&other.x.autoscale);
         a.x.rollout.clone_from(&other.x.rollout);
+        a.x.analysis.clone_from(&other.x.analysis);
         a == *other
     }
 }

@@ -75,6 +75,14 @@ enum Internal {
     Step(String, Revision, rollout::Step),
 }
 
+/// Where canary and rollout analysis read metrics.
+fn source(ctx: &Context) -> Arc<dyn analysis::Source + Send + Sync> {
+    match &ctx.query {
+        Some(q) => Arc::new(analysis::PromSource(q.clone())),
+        None => Arc::new(analysis::NoSource),
+    }
+}
+
 /// Whether every replica of `service` meets `cond` (a service scaled to zero does).
 pub fn dependency_met(board: &StatusBoard, service: &str, cond: Condition) -> bool {
     let has_health = board.service(service).is_some_and(|s| s.has_healthcheck);
@@ -928,6 +936,14 @@ impl Supervisor {
             rt.spec.deploy.update_config.clone()
         };
         let plan = rollout::describe(&rt.spec, &cfg);
+        // Going back is not judged.
+        let analysis = rt
+            .spec
+            .x
+            .analysis
+            .clone()
+            .filter(|_| !back)
+            .map(|a| (a, source(&self.ctx)));
         let r = rollout::Rollout {
             board: self.ctx.board.clone(),
             events: self.ctx.events.clone(),
@@ -937,6 +953,7 @@ impl Supervisor {
             start_first: rollout::start_first(&rt.spec, &cfg),
             budget: rollout::health_budget(&rt.spec),
             cfg,
+            analysis,
         };
         let done = self.internal_tx.clone();
         let task = tokio::spawn(async move {
@@ -981,11 +998,9 @@ impl Supervisor {
             start_first: true,
             budget: rollout::health_budget(&rt.spec),
             cfg: update,
+            analysis: None,
         };
-        let source: Arc<dyn analysis::Source + Send + Sync> = match &self.ctx.query {
-            Some(q) => Arc::new(analysis::PromSource(q.clone())),
-            None => Arc::new(analysis::NoSource),
-        };
+        let source = source(&self.ctx);
         let (control, rx) = mpsc::unbounded_channel();
         let plan = canary::describe(&cfg);
         let run = canary::CanaryRun::new(roll, from, cfg, source, rx);

@@ -76,6 +76,12 @@ pub struct Rollout {
     pub cfg: UpdateConfig,
     pub start_first: bool,
     pub budget: Duration,
+    /// Checks each batch must pass (`x-capstan.rollout.analysis`), and where
+    /// their metrics come from.
+    pub analysis: Option<(
+        crate::spec::Analysis,
+        Arc<dyn super::analysis::Source + Send + Sync>,
+    )>,
 }
 
 impl Rollout {
@@ -140,6 +146,10 @@ impl Rollout {
                     Dur(self.budget)
                 )),
             };
+            let outcome = match (outcome, &self.analysis) {
+                (Ok(()), Some((cfg, source))) => self.analyze(cfg, &**source).await,
+                (o, _) => o,
+            };
             if let Err(why) = outcome {
                 failed += batch;
                 let ratio = f64::from(failed) / f64::from(want.max(1));
@@ -171,6 +181,72 @@ impl Rollout {
             );
             if done < want && !self.cfg.delay.0.is_zero() {
                 tokio::time::sleep(self.cfg.delay.0).await;
+            }
+        }
+    }
+
+    /// Judges the revision's replicas against the other revisions' until the
+    /// verdict is conclusive (or fails); past the deadline an inconclusive
+    /// batch fails.
+    async fn analyze(
+        &self,
+        cfg: &crate::spec::Analysis,
+        source: &(dyn super::analysis::Source + Send + Sync),
+    ) -> Result<(), String> {
+        use super::analysis::{Judge, Sides};
+        if self.others() == 0 {
+            // Nothing left to compare with (the last stop-first batch).
+            return Ok(());
+        }
+        let s = &self.service;
+        let sides = Sides {
+            service: s.clone(),
+            canary: format!("service=\"{s}\",revision=\"{}\"", self.revision),
+            baseline: format!("service=\"{s}\",revision!=\"{}\"", self.revision),
+            stable: format!("service=\"{s}\",revision!=\"{}\"", self.revision),
+        };
+        let mut judge = Judge::new(cfg.clone(), sides);
+        judge.mark_step(source, crate::events::now_ms())?;
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(cfg.interval.0).await;
+            let v = judge.evaluate(source, crate::events::now_ms());
+            for r in &v.reports {
+                self.events.emit(
+                    &self.service,
+                    None,
+                    "verdict",
+                    format!(
+                        "revision {}: check {}: {} ({}; threshold {}; {} new / {} old requests{})",
+                        self.revision,
+                        r.name,
+                        r.outcome.as_str(),
+                        r.value
+                            .map_or("no value".into(), |x| format!("value {x:.4}")),
+                        r.threshold,
+                        r.canary_requests,
+                        r.baseline_requests,
+                        if r.detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", r.detail)
+                        }
+                    ),
+                );
+            }
+            if let Some(why) = v.failed {
+                return Err(format!("revision {}: {why}", self.revision));
+            }
+            if v.conclusive {
+                return Ok(());
+            }
+            if started.elapsed() >= cfg.deadline.0 {
+                return Err(format!(
+                    "revision {}: inconclusive after {}: {}",
+                    self.revision,
+                    cfg.deadline,
+                    v.missing.unwrap_or_else(|| "a check has no value".into())
+                ));
             }
         }
     }

@@ -43,8 +43,17 @@ pub fn placeholders(q: &str, values: &[(&str, &str)]) -> Result<String, String> 
 }
 
 impl Decoder<'_> {
-    /// `x-capstan.rollout`; none for `strategy: rolling`.
-    pub(super) fn rollout(&mut self, node: &Node, path: &str) -> Option<Canary> {
+    /// `x-capstan.rollout`: a canary, or a rolling update's analysis.
+    pub(super) fn rollout(&mut self, node: &Node, path: &str, x: &mut ServiceX) {
+        x.rollout = self.rollout_inner(node, path, &mut x.analysis);
+    }
+
+    fn rollout_inner(
+        &mut self,
+        node: &Node,
+        path: &str,
+        rolling: &mut Option<Analysis>,
+    ) -> Option<Canary> {
         let mut f = self.fields(node, path)?;
         let strategy = f
             .take("strategy")
@@ -52,6 +61,11 @@ impl Decoder<'_> {
         match strategy {
             Some((_, s)) if s == "canary" => {}
             Some((_, s)) if s == "rolling" => {
+                if let Some(n) = f.take("analysis") {
+                    let mut a = Analysis::defaults();
+                    self.analysis(n, &join(path, "analysis"), &mut a);
+                    *rolling = Some(a);
+                }
                 self.finish(f, path, &[]);
                 return None;
             }
