@@ -567,3 +567,15 @@ fn a_canary_has_at_most_100_steps_and_20_checks() {
         "{e}"
     );
 }
+
+#[test]
+fn a_rolling_update_may_have_an_analysis() {
+    let text = "services:\n  web:\n    command: [demo]\n    x-capstan:\n      rollout: {strategy: rolling, analysis: {interval: 2s, checks: [{check: success-rate, min: 0.995}]}}\n";
+    let (stack, warnings) = parse(text).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let web = &stack.services["web"];
+    assert!(web.x.rollout.is_none());
+    let a = web.x.analysis.as_ref().unwrap();
+    assert_eq!(a.interval, Dur::secs(2));
+    assert_eq!(a.checks[0].min, Some(0.995));
+}
