@@ -845,9 +845,60 @@ mod tests {
                 self.baseline.borrow().clone()
             })
         }
-        fn value(&self, _: &str, _: i64) -> Result<Option<f64>, String> {
-            Ok(None)
+        fn value(&self, q: &str, _: i64) -> Result<Option<f64>, String> {
+            // The placeholders are filled in before the query runs.
+            Ok(match q {
+                "sum(rate(errors_total{ service=\"web\",revision=\"2\" }[1s]))" => Some(3.0),
+                "sum(queue{service=\"web\"})" => None,
+                other => panic!("unexpected query {other}"),
+            })
         }
+    }
+
+    #[test]
+    fn query_checks_fill_placeholders_and_treat_no_value_as_inconclusive() {
+        let mut cfg = Analysis::defaults();
+        cfg.interval = crate::spec::Dur::secs(1);
+        cfg.min_requests = 1;
+        cfg.checks = vec![
+            Check {
+                max: Some(2.0),
+                ..Check::new(
+                    "errors",
+                    CheckKind::Query(
+                        "sum(rate(errors_total{ {{canary}} }[{{ interval }}]))".into(),
+                    ),
+                )
+            },
+            Check {
+                max: Some(10.0),
+                ..Check::new(
+                    "queue",
+                    CheckKind::Query("sum(queue{service=\"{{service}}\"})".into()),
+                )
+            },
+        ];
+        let src = Fake {
+            canary: RefCell::new(counts(0.0, 0.0)),
+            baseline: RefCell::new(counts(0.0, 0.0)),
+        };
+        let mut j = Judge::new(cfg, sides());
+        j.mark_step(&src, 0).unwrap();
+        *src.canary.borrow_mut() = counts(10.0, 0.0);
+        *src.baseline.borrow_mut() = counts(10.0, 0.0);
+        let v = j.evaluate(&src, 1_000);
+        assert_eq!(v.reports[0].outcome, Outcome::Fail);
+        assert_eq!(v.reports[0].value, Some(3.0));
+        assert_eq!(v.reports[0].threshold, "<= 2");
+        assert_eq!(v.reports[1].outcome, Outcome::Inconclusive);
+        assert!(
+            v.reports[1].detail.starts_with("no value from"),
+            "{:?}",
+            v.reports[1]
+        );
+        assert!(!v.conclusive && v.failed.is_none());
+        let v = j.evaluate(&src, 2_000);
+        assert!(v.failed.unwrap().starts_with("check errors failed: 3.0000"));
     }
 
     fn sides() -> Sides {
