@@ -465,9 +465,26 @@ impl Judge {
             }
             reports.push(r);
         }
+        let conclusive = enough && reports.iter().all(|r| r.outcome != Outcome::Inconclusive);
+        let missing = match missing {
+            None if !conclusive => Some(
+                reports
+                    .iter()
+                    .filter(|r| r.outcome == Outcome::Inconclusive)
+                    .map(|r| {
+                        format!(
+                            "check {} has no verdict yet ({} canary / {} baseline requests, {} each needed)",
+                            r.name, r.canary_requests, r.baseline_requests, self.cfg.min_requests
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            m => m,
+        };
         Verdict {
             failed,
-            conclusive: enough && reports.iter().all(|r| r.outcome != Outcome::Inconclusive),
+            conclusive,
             missing,
             reports,
         }
@@ -631,9 +648,12 @@ impl Judge {
                             bn.requests as u64,
                             pct(ratio(be, bn.requests)),
                         );
+                        // Counted since the bound was fixed: a pass needs
+                        // min_requests on each side again.
+                        let min = self.cfg.min_requests as f64;
                         r.outcome = if t.worse {
                             Outcome::Fail
-                        } else if enough {
+                        } else if enough && cn.requests >= min && bn.requests >= min {
                             Outcome::Pass
                         } else {
                             Outcome::Inconclusive
