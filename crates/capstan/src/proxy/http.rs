@@ -825,6 +825,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sticky_routing_by_header_and_cookie() {
+        let b = super::super::balance::Backend::new("web");
+        let split = |sticky| {
+            Some(crate::state::control::Split {
+                canary: 2,
+                weight: 10,
+                stable: 1,
+                baseline: vec![],
+                sticky,
+            })
+        };
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        // By header: the same value, the same bucket; no cookie is set.
+        *b.split.write().unwrap() = split(Some(crate::spec::Sticky::Header("x-user".into())));
+        let h = headers(&[("x-user", "alice")]);
+        let (first, cookie) = route_bucket(&b, &h);
+        assert!(cookie.is_none());
+        assert!(first < 10_000);
+        for _ in 0..20 {
+            assert_eq!(route_bucket(&b, &h).0, first);
+        }
+        // By cookie: one is set when missing, and read back among others.
+        *b.split.write().unwrap() = split(Some(crate::spec::Sticky::Cookie("cn".into())));
+        let (bucket, set) = route_bucket(&b, &HeaderMap::new());
+        let set = set.expect("a cookie for a new client");
+        let set = set.to_str().unwrap();
+        assert!(set.starts_with("cn=") && set.contains("HttpOnly"), "{set}");
+        let token = set[3..].split(';').next().unwrap();
+        let h = headers(&[("cookie", &format!("a=1; cn={token}; b=2"))]);
+        for _ in 0..20 {
+            assert_eq!(route_bucket(&b, &h), (bucket, None));
+        }
+    }
+
+    #[test]
     fn traceparent_validation() {
         let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(trace_id_of(ok), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
