@@ -263,6 +263,7 @@ pub fn rollout_status(v: &serde_json::Value, only: Option<&str>, now_ms: i64) ->
             s["desired"].as_u64().unwrap_or(0),
             of_rev(false).len()
         ));
+        out.push_str(&checks_table(&r["checks"]));
     }
     out
 }
@@ -297,7 +298,15 @@ fn canary_status(name: &str, rev: u64, from: u64, r: &serde_json::Value, now_ms:
     if let Some(w) = c["waiting"].as_str() {
         out.push_str(&format!("  inconclusive: {w}\n"));
     }
-    let checks = c["checks"].as_array().cloned().unwrap_or_default();
+    out.push_str(&checks_table(&c["checks"]));
+    out
+}
+
+/// Check verdicts as a table: name, verdict, value, threshold, sample
+/// sizes, window and detail.
+fn checks_table(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let checks = v.as_array().cloned().unwrap_or_default();
     if !checks.is_empty() {
         out.push_str(&format!(
             "  {:<22} {:<13} {:>10}  {:<18} {:>8} {:>8}  {}\n",

@@ -261,6 +261,9 @@ pub struct RolloutStatus {
     /// A canary's progress and verdicts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryStatus>,
+    /// A rolling update's latest batch verdicts (with an analysis).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckReport>,
 }
 
 /// A canary as `capstan rollout status` shows it.

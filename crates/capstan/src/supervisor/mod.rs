@@ -156,6 +156,8 @@ struct RolloutRt {
     task: JoinHandle<()>,
     /// A canary's controls and latest report.
     canary: Option<CanaryRt>,
+    /// A rolling batch's latest verdicts.
+    checks: Vec<crate::state::CheckReport>,
 }
 
 struct CanaryRt {
@@ -550,6 +552,7 @@ impl Supervisor {
                         plan: r.plan.clone(),
                         since_ms: r.since_ms,
                         canary: r.canary.as_ref().map(|c| c.status.clone()),
+                        checks: r.checks.clone(),
                     }),
                 })
                 .collect(),
@@ -973,6 +976,7 @@ impl Supervisor {
             since_ms: crate::events::now_ms(),
             task,
             canary: None,
+            checks: Vec::new(),
         });
         self.publish_services();
     }
@@ -1026,6 +1030,7 @@ impl Supervisor {
                 control,
                 status: crate::state::CanaryStatus::default(),
             }),
+            checks: Vec::new(),
         });
         self.publish_services();
     }
@@ -1119,6 +1124,15 @@ impl Supervisor {
                 }
             }
             rollout::Step::Split(split) => self.set_split(name, split),
+            rollout::Step::Checks(checks) => {
+                for r in &checks {
+                    self.ctx.history.verdict(name, &r.name, r.outcome.as_str());
+                }
+                if let Some(ro) = rt.rollout.as_mut() {
+                    ro.checks = checks;
+                }
+                self.publish_services();
+            }
             rollout::Step::Report(status) => {
                 if let Some(c) = rt.rollout.as_mut().and_then(|r| r.canary.as_mut()) {
                     for r in &status.checks {

@@ -28,6 +28,8 @@ pub enum Step {
     Split(Option<crate::state::control::Split>),
     /// A canary's progress and verdicts.
     Report(Box<crate::state::CanaryStatus>),
+    /// A rolling batch's verdicts.
+    Checks(Vec<crate::state::CheckReport>),
 }
 
 /// How long a new replica may take to become ready: its health check's
@@ -211,6 +213,7 @@ impl Rollout {
         loop {
             tokio::time::sleep(cfg.interval.0).await;
             let v = judge.evaluate(source, crate::events::now_ms());
+            self.ask(Step::Checks(v.reports.clone()));
             for r in &v.reports {
                 self.events.emit(
                     &self.service,
