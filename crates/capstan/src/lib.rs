@@ -4,6 +4,7 @@
 //! supervisor, the daemon's API and the CLI.
 #![forbid(unsafe_code)]
 
+pub mod alerting;
 pub mod api;
 pub mod autoscale;
 pub mod cli;

@@ -1,0 +1,4 @@
+//! Alerting: Prometheus rule files, evaluated against the metrics store.
+
+pub mod file;
+pub mod template;
