@@ -1,4 +1,5 @@
 //! Alerting: Prometheus rule files, evaluated against the metrics store.
 
 pub mod file;
+pub mod rule;
 pub mod template;
