@@ -94,7 +94,7 @@ impl GroupState {
         append: Append<'_>,
         external: &LabelMap,
     ) -> Vec<Transition> {
-        let started = std::time::Instant::now();
+        let started = crate::state::clock::stopwatch();
         if let Some(last) = self.last_eval_ms {
             let iv = self.interval.as_millis().max(1) as i64;
             let skipped = (t_ms - last) / iv - 1;
@@ -105,7 +105,7 @@ impl GroupState {
         let at = t_ms - self.query_offset.as_millis() as i64;
         let mut transitions = Vec::new();
         for (i, r) in self.rules.iter_mut().enumerate() {
-            let began = std::time::Instant::now();
+            let began = crate::state::clock::stopwatch();
             let result = query(&r.rule.expr, at);
             let (written, mut t) = r.apply(t_ms, result, external, self.limit);
             r.eval_secs = began.elapsed().as_secs_f64();
