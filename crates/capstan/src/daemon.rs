@@ -227,6 +227,7 @@ struct Runtime {
     proxy: Arc<Proxy>,
     scraper: Arc<Scraper>,
     autoscaler: Arc<Autoscaler>,
+    alerting: Arc<crate::alerting::manager::Alerting>,
     supervisor: Supervisor,
     handle: crate::state::control::SupervisorHandle,
 }
@@ -267,10 +268,12 @@ impl Runtime {
         );
         let scraper = Scraper::new(board.clone(), Some(api.to_string()));
         let autoscaler = Autoscaler::new(board.clone(), events.clone());
+        let alerting = crate::alerting::manager::Alerting::new(events.clone());
         let hooks: Vec<Arc<dyn Hook>> = vec![
             Arc::new(proxy.clone()),
             Arc::new(scraper.clone()),
             Arc::new(autoscaler.clone()),
+            Arc::new(alerting.clone()),
         ];
         let (supervisor, handle) = Supervisor::new(ctx, hooks);
         {
@@ -283,6 +286,7 @@ impl Runtime {
             proxy,
             scraper,
             autoscaler,
+            alerting,
             supervisor,
             handle,
         }
@@ -318,12 +322,16 @@ impl Runtime {
         let (scraper, db) = (self.scraper.clone(), stores.db.clone());
         tasks.spawn("scraper", move |stop| scraper.run(db, stop));
         let deps = crate::autoscale::Deps {
-            query: query_fn(stores, engine),
+            query: query_fn(stores, engine.clone()),
             clock: Arc::new(crate::state::clock::SystemClock),
             supervisor: self.handle.clone(),
         };
         let autoscaler = self.autoscaler.clone();
         tasks.spawn("autoscaler", move |stop| autoscaler.run(deps, stop));
+        {
+            let (alerting, db, engine) = (self.alerting.clone(), stores.db.clone(), engine.clone());
+            tasks.spawn("rules", move |stop| alerting.run(db, engine, stop));
+        }
         let notify = Arc::new(crate::notify::NotifyStats::default());
         if let Some(url) = stack.settings.notify.clone() {
             let (events, stats, name) = (stores.events.clone(), notify.clone(), stack.name.clone());
@@ -339,6 +347,7 @@ impl Runtime {
             proxy: self.proxy,
             scraper: self.scraper,
             autoscaler: self.autoscaler,
+            alerting: self.alerting,
             handle: self.handle,
         };
         (tasks, supervisor, parts)
@@ -353,6 +362,7 @@ struct Api {
     proxy: Arc<Proxy>,
     scraper: Arc<Scraper>,
     autoscaler: Arc<Autoscaler>,
+    alerting: Arc<crate::alerting::manager::Alerting>,
     handle: crate::state::control::SupervisorHandle,
 }
 
@@ -427,6 +437,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         proxy: parts.proxy,
         scraper: parts.scraper,
         autoscaler: parts.autoscaler,
+        alerting: parts.alerting,
         supervisor: parts.handle.clone(),
         token: Arc::new(token),
         info: Arc::new(serde_json::json!({

@@ -426,6 +426,52 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Group>, Vec<Problem>> {
     }
 }
 
+/// Whether `name` matches `pattern` (`*` any run, `?` one character).
+fn wildcard(pattern: &[char], name: &[char]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some('*'), _) => {
+            wildcard(&pattern[1..], name) || (!name.is_empty() && wildcard(pattern, &name[1..]))
+        }
+        (Some('?'), Some(_)) => wildcard(&pattern[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => wildcard(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+/// The files a glob matches (wildcards in the file name only), sorted.
+pub fn glob(pattern: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Some(name) = pattern
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return Vec::new();
+    };
+    if !name.contains(['*', '?']) {
+        return if pattern.is_file() {
+            vec![pattern.to_path_buf()]
+        } else {
+            Vec::new()
+        };
+    }
+    let dir = pattern.parent().unwrap_or(std::path::Path::new("."));
+    let pat: Vec<char> = name.chars().collect();
+    let mut out: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().chars().collect::<Vec<_>>())
+                .is_some_and(|n| wildcard(&pat, &n))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Reads a rule file from disk (bounded by [`MAX_FILE_BYTES`]).
 pub fn load(path: &std::path::Path) -> Result<Vec<Group>, Vec<Problem>> {
     let name = path.display().to_string();

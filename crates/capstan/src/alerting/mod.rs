@@ -2,5 +2,6 @@
 
 pub mod file;
 pub mod group;
+pub mod manager;
 pub mod rule;
 pub mod template;

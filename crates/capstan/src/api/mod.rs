@@ -31,6 +31,7 @@ pub struct Api {
     pub proxy: Arc<crate::proxy::Proxy>,
     pub scraper: Arc<crate::scrape::Scraper>,
     pub autoscaler: Arc<crate::autoscale::Autoscaler>,
+    pub alerting: Arc<crate::alerting::manager::Alerting>,
     pub supervisor: SupervisorHandle,
     pub token: Arc<String>,
     pub info: Arc<serde_json::Value>,
@@ -53,6 +54,7 @@ pub mod ingest;
 pub mod loki;
 pub mod prom;
 pub mod remote_write;
+pub mod rules;
 pub mod serve;
 pub mod tempo;
 
@@ -96,6 +98,8 @@ pub fn router(api: Api) -> Router {
         .route("/label/{name}/values", get(prom::label_values))
         .route("/metadata", get(prom::metadata))
         .route("/targets", get(prom::targets))
+        .route("/rules", get(rules::rules))
+        .route("/alerts", get(rules::alerts))
         .route("/status/buildinfo", get(prom::buildinfo))
         .route("/status/runtimeinfo", get(prom::runtimeinfo))
         .route("/status/tsdb", get(prom::tsdb_status))

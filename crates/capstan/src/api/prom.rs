@@ -43,7 +43,7 @@ pub(crate) fn err(kind: &str, msg: impl std::fmt::Display) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-fn ok_json(data: serde_json::Value) -> Response {
+pub(crate) fn ok_json(data: serde_json::Value) -> Response {
     axum::Json(serde_json::json!({"status": "success", "data": data})).into_response()
 }
 

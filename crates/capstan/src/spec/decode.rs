@@ -824,6 +824,37 @@ impl Decoder<'_> {
         if let Some(n) = f.take("scrape_configs") {
             s.scrape_configs = self.scrape_configs(n, &join(path, "scrape_configs"));
         }
+        if let Some(n) = f.take("rule_files") {
+            s.rule_files = self.rule_files(n, &join(path, "rule_files"));
+        }
+        if let Some(d) = f
+            .take("evaluation_interval")
+            .and_then(|n| self.duration(n, &join(path, "evaluation_interval")))
+        {
+            if d.0 < std::time::Duration::from_secs(1) {
+                self.error(
+                    f.take("evaluation_interval").unwrap_or(node),
+                    &join(path, "evaluation_interval"),
+                    "must be at least 1s",
+                );
+            } else {
+                s.evaluation_interval = d;
+            }
+        }
+        if let Some(n) = f.take("external_labels") {
+            let lp = join(path, "external_labels");
+            if let Some(mut lf) = self.fields(n, &lp) {
+                for (k, v, _) in lf.entries.clone() {
+                    lf.take(&k);
+                    if !crate::alerting::file::valid_label_name(&k) {
+                        self.error(v, &join(&lp, &k), format!("invalid label name {k:?}"));
+                    } else if let Some(t) = self.text(v, &join(&lp, &k)) {
+                        s.external_labels.insert(k, t);
+                    }
+                }
+                self.finish(lf, &lp, &[]);
+            }
+        }
         if let Some(d) = f
             .take("scrape_interval")
             .and_then(|n| self.scrape_interval(n, &join(path, "scrape_interval")))
@@ -871,6 +902,47 @@ impl Decoder<'_> {
         }
         self.finish(f, path, &[]);
         s
+    }
+
+    /// `x-capstan.rule_files`: globs (wildcards `*` and `?` in the file
+    /// name) relative to the stack file; every file matched is read and
+    /// checked as `promtool check rules` would, its problems reported here.
+    fn rule_files(&mut self, node: &Node, path: &str) -> Vec<String> {
+        let globs = self.string_list(node, path);
+        let mut out = Vec::new();
+        for (i, g) in globs.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let full = if Path::new(g).is_absolute() {
+                Path::new(g).to_path_buf()
+            } else {
+                self.dir.join(g)
+            };
+            let files = crate::alerting::file::glob(&full);
+            if files.is_empty() {
+                self.warn(node, &p, format!("{g}: no file matches"));
+            }
+            for f in files {
+                if let Err(problems) = crate::alerting::file::load(&f) {
+                    for pr in problems {
+                        self.errors.push(Diagnostic {
+                            file: pr.file,
+                            pos: super::yaml::Pos {
+                                line: pr.line,
+                                col: pr.col,
+                                file: 0,
+                            },
+                            path: pr.path,
+                            message: pr.message,
+                        });
+                    }
+                }
+                let f = f.display().to_string();
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+        }
+        out
     }
 
     /// A node as JSON, strings interpolated, for the parts read through serde.

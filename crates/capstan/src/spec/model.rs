@@ -136,6 +136,21 @@ pub struct Settings {
     /// posted as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
+    /// Prometheus rule files (`x-capstan.rule_files`, globs relative to the
+    /// stack file), as the paths they matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule_files: Vec<String>,
+    /// How often rule groups without an `interval` run (Prometheus'
+    /// `evaluation_interval`, default 1m).
+    #[serde(default = "default_evaluation_interval")]
+    pub evaluation_interval: Dur,
+    /// Labels added to alerts sent out, and `$externalLabels` in templates.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub external_labels: BTreeMap<String, String>,
+}
+
+fn default_evaluation_interval() -> Dur {
+    Dur::secs(60)
 }
 
 /// Limits of a PromQL query (Prometheus' `--query.*` flags).
@@ -255,6 +270,9 @@ impl Default for Settings {
             storage: StorageSettings::default(),
             query: QuerySettings::default(),
             notify: None,
+            rule_files: Vec::new(),
+            evaluation_interval: default_evaluation_interval(),
+            external_labels: BTreeMap::new(),
         }
     }
 }

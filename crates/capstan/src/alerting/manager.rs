@@ -1,0 +1,266 @@
+//! The daemon's rule evaluator: the stack's rule files, loaded on every
+//! apply (state kept for unchanged rules), each group evaluated at its
+//! slots against the metrics store, results appended to it, alert
+//! transitions reported as events.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capstan_promql::QueryValue;
+use capstan_tsdb::{Db, Labels};
+use tokio::sync::{Notify, watch};
+
+use super::group::GroupState;
+use super::rule::{AlertState, LabelMap, RuleState};
+use crate::events::EventLog;
+use crate::spec::Stack;
+
+/// How far back a restarted daemon looks for `ALERTS_FOR_STATE`
+/// (Prometheus' `--rules.alert.for-outage-tolerance`).
+const OUTAGE_TOLERANCE_MS: i64 = 3_600_000;
+
+#[derive(Default)]
+struct Config {
+    groups: Vec<GroupState>,
+    external: LabelMap,
+}
+
+pub struct Alerting {
+    cfg: Mutex<Config>,
+    changed: Notify,
+    events: Arc<EventLog>,
+}
+
+impl Alerting {
+    pub fn new(events: Arc<EventLog>) -> Arc<Alerting> {
+        Arc::new(Alerting {
+            cfg: Mutex::default(),
+            changed: Notify::new(),
+            events,
+        })
+    }
+
+    /// Loads the stack's rule files; problems are returned (the groups of
+    /// a file that fails to load stay as they were).
+    pub fn load(&self, stack: &Stack) -> Vec<String> {
+        let interval = stack.settings.evaluation_interval.0;
+        let mut problems = Vec::new();
+        let mut cfg = self.cfg.lock().unwrap();
+        let mut next: Vec<GroupState> = Vec::new();
+        for f in &stack.settings.rule_files {
+            match super::file::load(std::path::Path::new(f)) {
+                Ok(groups) => {
+                    for g in &groups {
+                        let mut s = GroupState::new(g, interval);
+                        if let Some(old) = cfg
+                            .groups
+                            .iter()
+                            .find(|o| o.file == s.file && o.name == s.name)
+                        {
+                            s.keep_state_of(old);
+                        }
+                        next.push(s);
+                    }
+                }
+                Err(ps) => {
+                    problems.extend(ps.iter().map(|p| format!("rule file: {p}")));
+                    next.extend(cfg.groups.iter().filter(|o| o.file == *f).cloned());
+                }
+            }
+        }
+        cfg.groups = next;
+        cfg.external = stack
+            .settings
+            .external_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        drop(cfg);
+        self.changed.notify_one();
+        problems
+    }
+
+    /// The groups as they are now (for the API).
+    pub fn groups(&self) -> Vec<GroupState> {
+        self.cfg.lock().unwrap().groups.clone()
+    }
+
+    /// Evaluates the groups at their slots until `stop`.
+    pub async fn run(
+        self: Arc<Self>,
+        db: Arc<Db>,
+        engine: Arc<capstan_promql::Engine>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let now = crate::events::now_ms();
+            // The earliest slot due after the last evaluation of each group.
+            let next = {
+                let cfg = self.cfg.lock().unwrap();
+                cfg.groups
+                    .iter()
+                    .map(|g| {
+                        let iv = g.interval.as_millis() as i64;
+                        match g.last_eval_ms {
+                            Some(last) => last + iv,
+                            None => g.slot(now) + iv,
+                        }
+                    })
+                    .min()
+            };
+            let wait = next.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_millis((t - now).max(0) as u64)
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.changed.notified() => continue,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let (db, engine, me) = (db.clone(), engine.clone(), self.clone());
+            // Queries block: off the async threads.
+            let _ = tokio::task::spawn_blocking(move || me.evaluate_due(&db, &engine)).await;
+        }
+    }
+
+    /// Evaluates every group whose slot has come.
+    fn evaluate_due(&self, db: &Db, engine: &capstan_promql::Engine) {
+        let now = crate::events::now_ms();
+        let (mut due, external): (Vec<GroupState>, LabelMap) = {
+            let cfg = self.cfg.lock().unwrap();
+            (
+                cfg.groups
+                    .iter()
+                    .filter(|g| g.last_eval_ms.is_none_or(|l| g.slot(now) > l))
+                    .cloned()
+                    .collect(),
+                cfg.external.clone(),
+            )
+        };
+        let query = |q: &str, t: i64| -> Result<Vec<(LabelMap, f64)>, String> {
+            let out = engine.instant(db, q, t).map_err(|e| e.to_string())?;
+            Ok(samples(out.value))
+        };
+        for g in &mut due {
+            let t = g.slot(now);
+            let mut append = |w: &[(LabelMap, f64)], at: i64| {
+                let mut a = db.appender();
+                for (l, v) in w {
+                    a.add(Labels::new(l.clone().into_iter().collect()), at, *v);
+                }
+                if let Err(e) = a.commit() {
+                    self.events
+                        .warn_once(format!("cannot store rule results: {e}"));
+                }
+            };
+            let transitions = g.evaluate(t, &query, &mut append, &external);
+            if !g.restored {
+                g.restored = true;
+                restore(g, db, t);
+            }
+            for tr in transitions {
+                let a = &tr.alert;
+                let service = a
+                    .labels
+                    .get("service")
+                    .cloned()
+                    .unwrap_or_else(|| "capstan".into());
+                let what = a
+                    .annotations
+                    .get("summary")
+                    .cloned()
+                    .unwrap_or_else(|| format!("value {}", a.value));
+                let labels: Vec<String> =
+                    a.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                let state = match (tr.from, a.state) {
+                    (AlertState::Firing, AlertState::Inactive) => "resolved",
+                    (_, s) => s.as_str(),
+                };
+                self.events.emit(
+                    &service,
+                    None,
+                    "alert",
+                    format!(
+                        "{} {state}: {what} {{{}}}",
+                        a.labels.get("alertname").map_or("", String::as_str),
+                        labels.join(", ")
+                    ),
+                );
+            }
+        }
+        // Back into the configuration, unless a reload replaced the group.
+        let mut cfg = self.cfg.lock().unwrap();
+        for g in due {
+            if let Some(slot) = cfg
+                .groups
+                .iter_mut()
+                .find(|o| o.file == g.file && o.name == g.name && same_rules(&o.rules, &g.rules))
+            {
+                *slot = g;
+            }
+        }
+    }
+}
+
+fn same_rules(a: &[RuleState], b: &[RuleState]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.rule == y.rule)
+}
+
+/// After a restart: alerts active now take back the `active_at` the last
+/// daemon recorded in `ALERTS_FOR_STATE` within the outage tolerance, unless
+/// that series ended (its last sample a stale marker: the alert resolved).
+fn restore(g: &mut GroupState, db: &Db, t: i64) {
+    for r in &mut g.rules {
+        if r.active.is_empty() {
+            continue;
+        }
+        let matchers = [
+            capstan_tsdb::Matcher::eq("__name__", "ALERTS_FOR_STATE"),
+            capstan_tsdb::Matcher::eq("alertname", r.rule.name()),
+        ];
+        let found: Vec<(LabelMap, f64)> = db
+            .select_last(&matchers, t - OUTAGE_TOLERANCE_MS, t - 1)
+            .iter()
+            .filter_map(|s| {
+                let (_, v) = s.samples().last()?;
+                if capstan_tsdb::is_stale(v) {
+                    return None;
+                }
+                let l = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                Some((l, v))
+            })
+            .collect();
+        r.restore(&found);
+    }
+}
+
+/// A query's result as samples without `__name__` (a scalar as one
+/// sample without labels).
+pub fn samples(v: QueryValue) -> Vec<(LabelMap, f64)> {
+    match v {
+        QueryValue::Vector(s) => s
+            .into_iter()
+            .map(|x| {
+                let l: BTreeMap<String, String> = x
+                    .labels
+                    .iter()
+                    .filter(|(k, _)| *k != "__name__")
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                (l, x.v)
+            })
+            .collect(),
+        QueryValue::Scalar(_, v) => vec![(LabelMap::new(), v)],
+        _ => Vec::new(),
+    }
+}
+
+impl crate::state::control::Hook for Arc<Alerting> {
+    fn on_apply(&self, stack: &Stack) -> Vec<String> {
+        self.load(stack)
+    }
+}

@@ -1,0 +1,143 @@
+//! Alerting end to end: a Prometheus rule file next to the stack, evaluated
+//! by the daemon against what it scrapes.
+
+// Tests measure real time; the daemon reads it through state::clock.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const RULES: &str = r#"
+groups:
+  - name: web
+    interval: 1s
+    rules:
+      - record: service:http_errors:rate10s
+        expr: sum by (service) (rate(http_requests_total{code=~"5.."}[10s]))
+      - alert: HighServerErrorRate
+        expr: service:http_errors:rate10s > 1
+        for: 2s
+        labels: {severity: page}
+        annotations:
+          summary: "{{ $labels.service }} answers {{ $value | humanize }} errors a second"
+"#;
+
+fn stack(port: u16, fail_rate: &str) -> String {
+    format!(
+        r#"
+x-capstan:
+  rule_files: ["rules/*.yml"]
+  external_labels: {{site: test}}
+services:
+  web:
+    command: ["{{demo}}"]
+    environment:
+      CAPSTAN_TEST_MARKER: "{{marker}}"
+      LOG_REQUESTS: "0"
+      FAIL_RATE: "{fail_rate}"
+    ports: ["127.0.0.1:{port}:http"]
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+      metrics: {{disable: true}}
+      autoscale: {{min: 2, max: 2, metrics: [{{rps: 1000}}]}}
+"#
+    )
+}
+
+fn alerts(s: &TestStack) -> Vec<Value> {
+    s.api("/api/v1/alerts")["data"]["alerts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_rule_file_fires_and_resolves_an_alert_with_its_template() {
+    let port = free_port();
+    let s = TestStack::new(&stack(port, "0.5"));
+    std::fs::create_dir_all(s.file().parent().unwrap().join("rules")).unwrap();
+    std::fs::write(s.file().parent().unwrap().join("rules/web.yml"), RULES).unwrap();
+    s.up();
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 50, 40);
+    // Pending first, then firing once `for` has passed.
+    let firing = wait_for("a firing alert", Duration::from_secs(40), || {
+        alerts(&s).into_iter().find(|a| a["state"] == "firing")
+    });
+    assert_eq!(firing["labels"]["alertname"], "HighServerErrorRate");
+    assert_eq!(firing["labels"]["severity"], "page");
+    assert_eq!(firing["labels"]["service"], "web");
+    let summary = firing["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("web answers ") && summary.ends_with(" errors a second"),
+        "{summary}"
+    );
+    let rules = s.api("/api/v1/rules");
+    let group = &rules["data"]["groups"][0];
+    assert_eq!(group["name"], "web");
+    assert_eq!(group["interval"], 1.0);
+    assert_eq!(group["rules"][0]["type"], "recording");
+    assert_eq!(group["rules"][0]["health"], "ok");
+    assert_eq!(group["rules"][1]["type"], "alerting");
+    assert_eq!(group["rules"][1]["state"], "firing");
+    assert_eq!(group["rules"][1]["duration"], 2.0);
+    // Filters, as Prometheus has them.
+    let only = s.api("/api/v1/rules?type=record");
+    assert_eq!(
+        only["data"]["groups"][0]["rules"].as_array().unwrap().len(),
+        1
+    );
+    // ALERTS and the recording rule's series are in the store.
+    let q = s.api("/api/v1/query?query=ALERTS%7Balertstate%3D%22firing%22%7D");
+    assert_eq!(
+        q["data"]["result"][0]["metric"]["alertname"], "HighServerErrorRate",
+        "{q}"
+    );
+    let q = s.api("/api/v1/query?query=service:http_errors:rate10s");
+    assert_eq!(q["data"]["result"][0]["metric"]["service"], "web", "{q}");
+    let event = wait_for("an alert event", Duration::from_secs(5), || {
+        s.events()
+            .into_iter()
+            .find(|e| e["kind"] == "alert" && e["reason"].as_str().unwrap().contains("firing"))
+    });
+    assert!(
+        event["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("HighServerErrorRate firing: web answers"),
+        "{event}"
+    );
+    drop(load.join());
+    // No more requests: the rate falls to 0 and the alert resolves.
+    wait_for("the alert resolved", Duration::from_secs(40), || {
+        alerts(&s).is_empty().then_some(())
+    });
+    assert!(
+        s.events()
+            .iter()
+            .any(|e| e["kind"] == "alert" && e["reason"].as_str().unwrap().contains("resolved"))
+    );
+    s.ok(&["down"]);
+}
+
+#[test]
+fn a_broken_rule_file_is_refused_with_file_and_line() {
+    let s = TestStack::new(&stack(free_port(), "0"));
+    let dir = s.file().parent().unwrap().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bad.yml"),
+        "groups:\n  - name: x\n    rules:\n      - alert: A\n        expr: rate(up[5m]\n",
+    )
+    .unwrap();
+    let out = s.run(&["check"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yml:5:15: groups[0].rules[0].expr: could not parse expression"),
+        "{err}"
+    );
+}
