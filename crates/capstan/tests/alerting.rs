@@ -75,6 +75,13 @@ fn a_rule_file_fires_and_resolves_an_alert_with_its_template() {
         summary.starts_with("web answers ") && summary.ends_with(" errors a second"),
         "{summary}"
     );
+    let table = s.ok(&["alerts"]);
+    assert!(table.contains("HighServerErrorRate"), "{table}");
+    assert!(table.contains("firing"), "{table}");
+    assert!(table.contains("service=web severity=page"), "{table}");
+    let table = s.ok(&["rules"]);
+    assert!(table.contains("service:http_errors:rate10s"), "{table}");
+    assert!(table.contains("recording  ok"), "{table}");
     let rules = s.api("/api/v1/rules");
     let group = &rules["data"]["groups"][0];
     assert_eq!(group["name"], "web");

@@ -221,10 +221,27 @@ enum Cmd {
         #[command(flatten)]
         f: FileOpt,
     },
-    /// Validate the stack file only.
+    /// Validate the stack file (and its rule files); `capstan check rules
+    /// FILE…` checks Prometheus rule files as `promtool check rules` does.
     Check {
         #[command(flatten)]
         f: FileOpt,
+        /// `rules FILE…`
+        args: Vec<String>,
+    },
+    /// Firing and pending alerts: age, labels, summary.
+    Alerts {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Rule groups and rules: health, last evaluation, duration, error.
+    Rules {
+        #[command(flatten)]
+        f: FileOpt,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
     },
     /// Print the version.
     Version,
@@ -423,7 +440,9 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Stop { f, .. }
         | Cmd::Start { f, .. }
         | Cmd::Config { f }
-        | Cmd::Check { f } => f.file.clone(),
+        | Cmd::Alerts { f, .. }
+        | Cmd::Rules { f, .. }
+        | Cmd::Check { f, .. } => f.file.clone(),
         Cmd::Query(a) => a.f.file.clone(),
         Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) | Cmd::Load(_) => None,
     };
@@ -616,6 +635,60 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             let id = crate::daemon::stack_id(&l.stack, &l.file);
             images::build_images(&mut l.stack, &id, &services).await?;
+            Ok(0)
+        }
+        Cmd::Check { args, .. } if !args.is_empty() => {
+            if args[0] != "rules" || args.len() < 2 {
+                return Err(usage("usage: capstan check [rules FILE…]"));
+            }
+            let mut failed = false;
+            for f in &args[1..] {
+                println!("Checking {f}");
+                match crate::alerting::file::load(std::path::Path::new(f)) {
+                    Ok(groups) => {
+                        let n: usize = groups.iter().map(|g| g.rules.len()).sum();
+                        println!("  SUCCESS: {n} rules found");
+                    }
+                    Err(problems) => {
+                        failed = true;
+                        println!("  FAILED:");
+                        for p in problems {
+                            eprintln!("{p}");
+                        }
+                    }
+                }
+                println!();
+            }
+            Ok(i32::from(failed))
+        }
+        Cmd::Alerts { output, .. } => {
+            let v = ctx
+                .client()?
+                .json(Method::GET, "/api/v1/alerts", None)
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v["data"])?);
+                return Ok(0);
+            }
+            print!(
+                "{}",
+                output::alerts_table(&v["data"], crate::events::now_ms())
+            );
+            Ok(0)
+        }
+        Cmd::Rules { output, .. } => {
+            let v = ctx
+                .client()?
+                .json(Method::GET, "/api/v1/rules", None)
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v["data"])?);
+                return Ok(0);
+            }
+            print!(
+                "{}",
+                output::rules_table(&v["data"], crate::events::now_ms())
+            );
             Ok(0)
         }
         Cmd::Check { .. } => {

@@ -336,6 +336,83 @@ fn checks_table(v: &serde_json::Value) -> String {
     out
 }
 
+fn ms_of(rfc3339: &serde_json::Value) -> Option<i64> {
+    rfc3339
+        .as_str()?
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond())
+        .filter(|t| *t > 0)
+}
+
+/// `capstan alerts`: firing and pending alerts.
+pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
+    let alerts = v["alerts"].as_array().cloned().unwrap_or_default();
+    if alerts.is_empty() {
+        return "no alerts firing or pending\n".into();
+    }
+    let mut out = format!(
+        "{:<28} {:<8} {:<8} {:<40} {}\n",
+        "ALERT", "STATE", "AGE", "LABELS", "SUMMARY"
+    );
+    for a in alerts {
+        let labels: Vec<String> = a["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| *k != "alertname")
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        let age =
+            ms_of(&a["activeAt"]).map_or("-".into(), |t| human_duration_ms((now_ms - t).max(0)));
+        out.push_str(&format!(
+            "{:<28} {:<8} {:<8} {:<40} {}\n",
+            a["labels"]["alertname"].as_str().unwrap_or(""),
+            a["state"].as_str().unwrap_or(""),
+            age,
+            labels.join(" "),
+            a["annotations"]["summary"].as_str().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// `capstan rules`: each rule's health and last evaluation.
+pub fn rules_table(v: &serde_json::Value, now_ms: i64) -> String {
+    let groups = v["groups"].as_array().cloned().unwrap_or_default();
+    if groups.is_empty() {
+        return "no rules (add x-capstan.rule_files to the stack)\n".into();
+    }
+    let mut out = format!(
+        "{:<16} {:<36} {:<10} {:<8} {:<9} {:<9} {}\n",
+        "GROUP", "RULE", "TYPE", "HEALTH", "LAST", "DURATION", "ERROR / STATE"
+    );
+    for g in groups {
+        for r in g["rules"].as_array().into_iter().flatten() {
+            let last = ms_of(&r["lastEvaluation"]).map_or("never".into(), |t| {
+                format!("{} ago", human_duration_ms((now_ms - t).max(0)))
+            });
+            let secs = r["evaluationTime"].as_f64().unwrap_or(0.0);
+            let extra = r["lastError"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| r["state"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{:<16} {:<36} {:<10} {:<8} {:<9} {:<9} {}\n",
+                g["name"].as_str().unwrap_or(""),
+                r["name"].as_str().unwrap_or(""),
+                r["type"].as_str().unwrap_or(""),
+                r["health"].as_str().unwrap_or(""),
+                last,
+                format!("{:.1}ms", secs * 1e3),
+                extra
+            ));
+        }
+    }
+    out
+}
+
 /// `capstan history`: a revision per line, newest first, with what changed.
 pub fn history_table(v: &serde_json::Value, now_ms: i64) -> String {
     let mut out = format!(
