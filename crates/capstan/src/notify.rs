@@ -62,7 +62,7 @@ fn offer(tx: &mpsc::Sender<Vec<u8>>, stats: &NotifyStats, body: Vec<u8>) {
 }
 
 /// One POST; the error says why it did not get a 2xx.
-async fn post(url: &hyper::Uri, body: Vec<u8>) -> Result<(), String> {
+pub(crate) async fn post(url: &hyper::Uri, body: Vec<u8>) -> Result<(), String> {
     let host = url.host().ok_or("no host")?.to_owned();
     let port = url.port_u16().unwrap_or(80);
     let stream = tokio::net::TcpStream::connect((host.as_str(), port))

@@ -148,3 +148,114 @@ fn a_broken_rule_file_is_refused_with_file_and_line() {
         "{err}"
     );
 }
+
+/// A real Alertmanager on a free loopback port (no cluster), routing
+/// everything to a receiver that sends nothing.
+fn start_alertmanager() -> (Killed, String, tempfile::TempDir) {
+    let bin = need("prometheus-alertmanager");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        "route: {receiver: none, group_wait: 0s, group_interval: 1s}\nreceivers: [{name: none}]\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let child = std::process::Command::new(bin)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("the Alertmanager", Duration::from_secs(20), || {
+        http_get(port, "/-/ready")
+            .filter(|r| r.contains("200 OK"))
+            .map(|_| ())
+    });
+    (Killed(child), url, dir)
+}
+
+/// `amtool alert query` against `url`, as JSON.
+fn amtool_alerts(url: &str) -> Vec<Value> {
+    let out = std::process::Command::new(need("amtool"))
+        .args([
+            "alert",
+            "query",
+            "-o",
+            "json",
+            &format!("--alertmanager.url={url}"),
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+#[test]
+fn a_real_alertmanager_receives_the_alert_and_its_resolution() {
+    let (_am, url, _dir) = start_alertmanager();
+    let port = free_port();
+    let yaml = stack(port, "0.5").replace(
+        "  external_labels: {site: test}\n",
+        &format!("  external_labels: {{site: test}}\n  alerting: {{alertmanagers: [\"{url}\"]}}\n"),
+    );
+    let s = TestStack::new(&yaml);
+    std::fs::create_dir_all(s.file().parent().unwrap().join("rules")).unwrap();
+    std::fs::write(s.file().parent().unwrap().join("rules/web.yml"), RULES).unwrap();
+    s.up();
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 50, 30);
+    let got = wait_for(
+        "the alert in the Alertmanager",
+        Duration::from_secs(60),
+        || {
+            amtool_alerts(&url)
+                .into_iter()
+                .find(|a| a["labels"]["alertname"] == "HighServerErrorRate")
+        },
+    );
+    assert_eq!(got["labels"]["severity"], "page", "{got}");
+    assert_eq!(got["labels"]["service"], "web", "{got}");
+    assert_eq!(
+        got["labels"]["site"], "test",
+        "external labels are added: {got}"
+    );
+    assert!(
+        got["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("web answers "),
+        "{got}"
+    );
+    assert!(
+        got["generatorURL"]
+            .as_str()
+            .unwrap()
+            .contains("/graph?g0.expr="),
+        "{got}"
+    );
+    drop(load.join());
+    // The failures stop: the alert resolves in capstan, and Alertmanager
+    // hears of it (it is no longer active there).
+    wait_for(
+        "the alert resolved in the Alertmanager",
+        Duration::from_secs(60),
+        || {
+            amtool_alerts(&url)
+                .iter()
+                .all(|a| a["labels"]["alertname"] != "HighServerErrorRate")
+                .then_some(())
+        },
+    );
+    let m = s.api("/api/v1/query?query=capstan_alert_notifications_total%7Bresult%3D%22sent%22%7D");
+    assert!(
+        m["data"]["result"][0]["value"][1].as_str().unwrap() != "0",
+        "{m}"
+    );
+    s.ok(&["down"]);
+}

@@ -24,12 +24,29 @@ const OUTAGE_TOLERANCE_MS: i64 = 3_600_000;
 struct Config {
     groups: Vec<GroupState>,
     external: LabelMap,
+    alertmanagers: Vec<String>,
+    resend_ms: i64,
+}
+
+/// Batches of alerts waiting to be posted, at most (more are dropped and counted).
+pub const QUEUE: usize = 1_000;
+
+/// Alert notifications to the Alertmanagers: batches sent, failed, dropped.
+#[derive(Default)]
+pub struct Stats {
+    pub sent: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 pub struct Alerting {
     cfg: Mutex<Config>,
     changed: Notify,
     events: Arc<EventLog>,
+    /// Where alerts say they come from (`generatorURL`).
+    base_url: Mutex<String>,
+    queue: Mutex<Option<tokio::sync::mpsc::Sender<(Vec<String>, Vec<u8>)>>>,
+    pub stats: Stats,
 }
 
 impl Alerting {
@@ -38,6 +55,9 @@ impl Alerting {
             cfg: Mutex::default(),
             changed: Notify::new(),
             events,
+            base_url: Mutex::new("http://localhost".into()),
+            queue: Mutex::new(None),
+            stats: Stats::default(),
         })
     }
 
@@ -76,6 +96,8 @@ impl Alerting {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        cfg.alertmanagers = stack.settings.alertmanagers.clone();
+        cfg.resend_ms = stack.settings.resend_delay.0.as_millis() as i64;
         drop(cfg);
         self.changed.notify_one();
         problems
@@ -86,6 +108,49 @@ impl Alerting {
         self.cfg.lock().unwrap().groups.clone()
     }
 
+    /// Where alerts link back to (the daemon's API address).
+    pub fn set_base_url(&self, url: String) {
+        *self.base_url.lock().unwrap() = url;
+    }
+
+    /// Posts queued batches to each Alertmanager's `/api/v2/alerts`, a
+    /// failed post tried 3 times with doubling waits.
+    async fn deliver(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<(Vec<String>, Vec<u8>)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        while let Some((targets, body)) = rx.recv().await {
+            for base in targets {
+                let Ok(url) = format!("{base}/api/v2/alerts").parse::<hyper::Uri>() else {
+                    continue;
+                };
+                let mut wait = Duration::from_millis(500);
+                let mut ok = false;
+                for attempt in 0..3 {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        crate::notify::post(&url, body.clone()),
+                    )
+                    .await;
+                    if matches!(r, Ok(Ok(()))) {
+                        ok = true;
+                        break;
+                    }
+                    if attempt < 2 {
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
+                }
+                if ok {
+                    self.stats.sent.fetch_add(1, Relaxed);
+                } else {
+                    self.stats.failed.fetch_add(1, Relaxed);
+                    self.events.warn_once(format!(
+                        "alerts not delivered to the Alertmanager at {base}"
+                    ));
+                }
+            }
+        }
+    }
+
     /// Evaluates the groups at their slots until `stop`.
     pub async fn run(
         self: Arc<Self>,
@@ -93,6 +158,10 @@ impl Alerting {
         engine: Arc<capstan_promql::Engine>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        *self.queue.lock().unwrap() = Some(tx);
+        let delivery = tokio::spawn(self.clone().deliver(rx));
+        let _abort = AbortOnDrop(delivery);
         loop {
             let now = crate::events::now_ms();
             // The earliest slot due after the last evaluation of each group.
@@ -126,17 +195,20 @@ impl Alerting {
     /// Evaluates every group whose slot has come.
     fn evaluate_due(&self, db: &Db, engine: &capstan_promql::Engine) {
         let now = crate::events::now_ms();
-        let (mut due, external): (Vec<GroupState>, LabelMap) = {
+        let (mut due, external, targets, resend) = {
             let cfg = self.cfg.lock().unwrap();
             (
                 cfg.groups
                     .iter()
                     .filter(|g| g.last_eval_ms.is_none_or(|l| g.slot(now) > l))
                     .cloned()
-                    .collect(),
+                    .collect::<Vec<GroupState>>(),
                 cfg.external.clone(),
+                cfg.alertmanagers.clone(),
+                cfg.resend_ms,
             )
         };
+        let base = self.base_url.lock().unwrap().clone();
         let query = |q: &str, t: i64| -> Result<Vec<(LabelMap, f64)>, String> {
             let out = engine.instant(db, q, t).map_err(|e| e.to_string())?;
             Ok(samples(out.value))
@@ -157,6 +229,34 @@ impl Alerting {
             if !g.restored {
                 g.restored = true;
                 restore(g, db, t);
+            }
+            if !targets.is_empty() {
+                let iv = g.interval.as_millis() as i64;
+                let valid_until = t + 4 * resend.max(iv);
+                let mut batch = Vec::new();
+                for r in &mut g.rules {
+                    let expr = r.rule.expr.clone();
+                    for a in r.active.values_mut() {
+                        if a.needs_sending(t, resend) {
+                            a.last_sent_ms = Some(t);
+                            batch.push(postable(a, &external, &expr, &base, valid_until));
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    let body = serde_json::to_vec(&batch).unwrap_or_default();
+                    let queued = self
+                        .queue
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .is_some_and(|q| q.try_send((targets.clone(), body)).is_ok());
+                    if !queued {
+                        self.stats
+                            .dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
             for tr in transitions {
                 let a = &tr.alert;
@@ -200,6 +300,55 @@ impl Alerting {
             }
         }
     }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| String::new(), |t| t.to_string())
+}
+
+/// An alert as Alertmanager's API v2 takes it: external labels added
+/// (the alert's own win), `endsAt` its resolution or how long it is valid
+/// without being sent again.
+pub fn postable(
+    a: &super::rule::Alert,
+    external: &LabelMap,
+    expr: &str,
+    base: &str,
+    valid_until: i64,
+) -> serde_json::Value {
+    let mut labels = external.clone();
+    labels.extend(a.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let ends = match a.state {
+        AlertState::Inactive => a.resolved_at_ms.unwrap_or(valid_until),
+        _ => valid_until,
+    };
+    let q: String = url_encode(expr);
+    serde_json::json!({
+        "labels": labels,
+        "annotations": a.annotations,
+        "startsAt": rfc3339(a.active_at_ms),
+        "endsAt": rfc3339(ends),
+        "generatorURL": format!("{base}/graph?g0.expr={q}&g0.tab=1"),
+    })
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn same_rules(a: &[RuleState], b: &[RuleState]) -> bool {

@@ -48,6 +48,23 @@ pub struct Alert {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_firing_since_ms: Option<i64>,
     pub value: f64,
+    /// When it was last sent to the Alertmanagers.
+    #[serde(skip)]
+    pub last_sent_ms: Option<i64>,
+}
+
+impl Alert {
+    /// Whether it is due to be sent at `t`: firing and not sent for
+    /// `resend`, or resolved since it was last sent (Prometheus' rule).
+    pub fn needs_sending(&self, t: i64, resend_ms: i64) -> bool {
+        match self.state {
+            AlertState::Pending => false,
+            AlertState::Inactive => self
+                .resolved_at_ms
+                .is_some_and(|r| self.last_sent_ms.is_some_and(|s| r > s)),
+            AlertState::Firing => self.last_sent_ms.is_none_or(|s| s + resend_ms <= t),
+        }
+    }
 }
 
 /// A transition, for the history and the notifications.
@@ -225,6 +242,7 @@ impl RuleState {
                             resolved_at_ms: None,
                             keep_firing_since_ms: None,
                             value: *v,
+                            last_sent_ms: None,
                         },
                     );
                 }

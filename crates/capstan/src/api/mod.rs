@@ -585,6 +585,7 @@ async fn own_metrics(State(api): State<Api>) -> Response {
             autoscaler: &api.autoscaler,
             history: &api.history,
             notify: &api.notify,
+            alerting: &api.alerting,
         };
         crate::collect::own::collect(&sources, &api.db)
     });

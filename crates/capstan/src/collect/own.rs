@@ -25,6 +25,7 @@ pub struct Sources<'a> {
     pub autoscaler: &'a crate::autoscale::Autoscaler,
     pub history: &'a crate::state::history::History,
     pub notify: &'a crate::notify::NotifyStats,
+    pub alerting: &'a crate::alerting::manager::Alerting,
 }
 
 /// One family with a sample per replica for which `value` gives a figure.
@@ -123,6 +124,47 @@ fn releases(e: &mut Exposition, src: &Sources<'_>) {
             "capstan_rollout_verdicts_total",
             &[("service", &service), ("check", &check), ("result", result)],
             n as f64,
+        );
+    }
+    e.family(
+        "capstan_alert_notifications_total",
+        "counter",
+        "Batches of alerts posted to the Alertmanagers, by result (sent, failed after 3 tries, dropped when the queue was full).",
+    );
+    for (result, n) in [
+        ("sent", &src.alerting.stats.sent),
+        ("failed", &src.alerting.stats.failed),
+        ("dropped", &src.alerting.stats.dropped),
+    ] {
+        e.sample(
+            "capstan_alert_notifications_total",
+            &[("result", result)],
+            n.load(Ordering::Relaxed) as f64,
+        );
+    }
+    e.family(
+        "capstan_rule_group_iterations_missed_total",
+        "counter",
+        "Rule group evaluations that were due and did not run.",
+    );
+    let groups = src.alerting.groups();
+    for g in &groups {
+        e.sample(
+            "capstan_rule_group_iterations_missed_total",
+            &[("rule_group", &format!("{};{}", g.file, g.name))],
+            g.missed as f64,
+        );
+    }
+    e.family(
+        "capstan_rule_group_last_duration_seconds",
+        "gauge",
+        "How long the last evaluation of each rule group took.",
+    );
+    for g in &groups {
+        e.sample(
+            "capstan_rule_group_last_duration_seconds",
+            &[("rule_group", &format!("{};{}", g.file, g.name))],
+            g.eval_secs,
         );
     }
     e.family(

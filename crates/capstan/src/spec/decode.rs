@@ -824,6 +824,33 @@ impl Decoder<'_> {
         if let Some(n) = f.take("scrape_configs") {
             s.scrape_configs = self.scrape_configs(n, &join(path, "scrape_configs"));
         }
+        if let Some(n) = f.take("alerting") {
+            let ap = join(path, "alerting");
+            if let Some(mut af) = self.fields(n, &ap) {
+                if let Some(m) = af.take("alertmanagers") {
+                    let mp = join(&ap, "alertmanagers");
+                    for (i, u) in self.string_list(m, &mp).into_iter().enumerate() {
+                        let u = u.trim_end_matches('/').to_owned();
+                        if u.starts_with("http://") && u.parse::<hyper::Uri>().is_ok() {
+                            s.alertmanagers.push(u);
+                        } else {
+                            self.error(
+                                m,
+                                &format!("{mp}[{i}]"),
+                                format!("expected an http:// URL (https needs TLS, which capstan has not yet), found {u:?}"),
+                            );
+                        }
+                    }
+                }
+                if let Some(d) = af
+                    .take("resend_delay")
+                    .and_then(|d| self.duration(d, &join(&ap, "resend_delay")))
+                {
+                    s.resend_delay = d;
+                }
+                self.finish(af, &ap, &[]);
+            }
+        }
         if let Some(n) = f.take("rule_files") {
             s.rule_files = self.rule_files(n, &join(path, "rule_files"));
         }
@@ -844,7 +871,7 @@ impl Decoder<'_> {
         if let Some(n) = f.take("external_labels") {
             let lp = join(path, "external_labels");
             if let Some(mut lf) = self.fields(n, &lp) {
-                for (k, v, _) in lf.entries.clone() {
+                for (k, _, v) in lf.entries.clone() {
                     lf.take(&k);
                     if !crate::alerting::file::valid_label_name(&k) {
                         self.error(v, &join(&lp, &k), format!("invalid label name {k:?}"));

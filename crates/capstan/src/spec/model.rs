@@ -147,6 +147,17 @@ pub struct Settings {
     /// Labels added to alerts sent out, and `$externalLabels` in templates.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub external_labels: BTreeMap<String, String>,
+    /// Alertmanagers firing and resolved alerts are posted to
+    /// (`x-capstan.alerting.alertmanagers`: their base URLs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alertmanagers: Vec<String>,
+    /// How often a firing alert is sent again (`x-capstan.alerting.resend_delay`).
+    #[serde(default = "default_resend_delay")]
+    pub resend_delay: Dur,
+}
+
+fn default_resend_delay() -> Dur {
+    Dur::secs(60)
 }
 
 fn default_evaluation_interval() -> Dur {
@@ -273,6 +284,8 @@ impl Default for Settings {
             rule_files: Vec::new(),
             evaluation_interval: default_evaluation_interval(),
             external_labels: BTreeMap::new(),
+            alertmanagers: Vec::new(),
+            resend_delay: default_resend_delay(),
         }
     }
 }
