@@ -28,6 +28,9 @@ struct Config {
     resend_ms: i64,
 }
 
+/// A batch of alerts (JSON) and the Alertmanagers it goes to.
+type Batch = (Vec<String>, Vec<u8>);
+
 /// Batches of alerts waiting to be posted, at most (more are dropped and counted).
 pub const QUEUE: usize = 1_000;
 
@@ -45,7 +48,7 @@ pub struct Alerting {
     events: Arc<EventLog>,
     /// Where alerts say they come from (`generatorURL`).
     base_url: Mutex<String>,
-    queue: Mutex<Option<tokio::sync::mpsc::Sender<(Vec<String>, Vec<u8>)>>>,
+    queue: Mutex<Option<tokio::sync::mpsc::Sender<Batch>>>,
     pub stats: Stats,
 }
 
@@ -115,7 +118,7 @@ impl Alerting {
 
     /// Posts queued batches to each Alertmanager's `/api/v2/alerts`, a
     /// failed post tried 3 times with doubling waits.
-    async fn deliver(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<(Vec<String>, Vec<u8>)>) {
+    async fn deliver(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Batch>) {
         use std::sync::atomic::Ordering::Relaxed;
         while let Some((targets, body)) = rx.recv().await {
             for base in targets {
