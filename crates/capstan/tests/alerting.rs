@@ -259,3 +259,116 @@ fn a_real_alertmanager_receives_the_alert_and_its_resolution() {
     );
     s.ok(&["down"]);
 }
+
+/// Rule files promtool accepts or refuses; capstan must agree on each.
+const CORPUS: &[(&str, &str)] = &[
+    ("good", RULES),
+    ("empty", "groups: []\n"),
+    (
+        "keep-firing",
+        "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: up == 0\n        keep_firing_for: 5m\n",
+    ),
+    (
+        "bad-expr",
+        "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: rate(up[5m]\n",
+    ),
+    (
+        "bad-record-name",
+        "groups:\n  - name: a\n    rules:\n      - record: \"a b\"\n        expr: up\n",
+    ),
+    (
+        "both",
+        "groups:\n  - name: a\n    rules:\n      - record: a\n        alert: b\n        expr: up\n",
+    ),
+    (
+        "neither",
+        "groups:\n  - name: a\n    rules:\n      - expr: up\n",
+    ),
+    (
+        "for-on-record",
+        "groups:\n  - name: a\n    rules:\n      - record: a\n        expr: up\n        for: 1m\n",
+    ),
+    (
+        "dup-group",
+        "groups:\n  - name: a\n    rules: []\n  - name: a\n    rules: []\n",
+    ),
+    (
+        "unknown-key",
+        "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: up\n        severity: page\n",
+    ),
+    (
+        "bad-template",
+        "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: up\n        annotations: {s: \"{{ $value \"}\n",
+    ),
+    (
+        "bad-label",
+        "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: up\n        labels: {\"0x\": y}\n",
+    ),
+    ("no-name", "groups:\n  - rules: []\n"),
+];
+
+#[test]
+fn promtool_and_capstan_agree_on_rule_files_and_rule_tests() {
+    let promtool = need("promtool");
+    let capstan = capstan_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let ok = |bin: &str, args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    for (name, text) in CORPUS {
+        let f = dir.path().join(format!("{name}.yml"));
+        std::fs::write(&f, text).unwrap();
+        let f = f.to_str().unwrap();
+        let theirs = ok(&promtool, &["check", "rules", f]);
+        let ours = ok(capstan.to_str().unwrap(), &["check", "rules", f]);
+        assert_eq!(
+            ours, theirs,
+            "{name}: promtool says {theirs}, capstan {ours}"
+        );
+    }
+    // Unit tests: a passing file and one with a wrong expectation.
+    std::fs::write(dir.path().join("rules.yml"), RULES).unwrap();
+    let good = r#"
+rule_files: [rules.yml]
+evaluation_interval: 1s
+tests:
+  - interval: 1s
+    input_series:
+      - series: 'http_requests_total{service="web", code="500"}'
+        values: '0+5x30'
+    alert_rule_test:
+      - eval_time: 15s
+        alertname: HighServerErrorRate
+        exp_alerts:
+          - exp_labels: {service: web, severity: page}
+            exp_annotations: {summary: "web answers 5 errors a second"}
+    promql_expr_test:
+      - expr: service:http_errors:rate10s
+        eval_time: 20s
+        exp_samples:
+          - labels: 'service:http_errors:rate10s{service="web"}'
+            value: 5
+"#;
+    for (name, text, pass) in [
+        ("good-test", good.to_owned(), true),
+        ("wrong-test", good.replace("value: 5", "value: 6"), false),
+        (
+            "early-test",
+            good.replace("eval_time: 15s", "eval_time: 1s"),
+            false,
+        ),
+    ] {
+        let f = dir.path().join(format!("{name}.yml"));
+        std::fs::write(&f, text).unwrap();
+        let f = f.to_str().unwrap();
+        let theirs = ok(&promtool, &["test", "rules", f]);
+        let ours = ok(capstan.to_str().unwrap(), &["test", "rules", f]);
+        assert_eq!(theirs, pass, "{name}: promtool");
+        assert_eq!(ours, pass, "{name}: capstan");
+    }
+}

@@ -5,3 +5,4 @@ pub mod group;
 pub mod manager;
 pub mod rule;
 pub mod template;
+pub mod unittest;

@@ -229,6 +229,11 @@ enum Cmd {
         /// `rules FILE…`
         args: Vec<String>,
     },
+    /// `capstan test rules FILE…`: run `promtool test rules` files.
+    Test {
+        /// `rules FILE…`
+        args: Vec<String>,
+    },
     /// Firing and pending alerts: age, labels, summary.
     Alerts {
         #[command(flatten)]
@@ -444,7 +449,9 @@ async fn run(cli: Cli) -> Result<i32> {
         | Cmd::Rules { f, .. }
         | Cmd::Check { f, .. } => f.file.clone(),
         Cmd::Query(a) => a.f.file.clone(),
-        Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) | Cmd::Load(_) => None,
+        Cmd::Version | Cmd::Exec { .. } | Cmd::Promtest(_) | Cmd::Load(_) | Cmd::Test { .. } => {
+            None
+        }
     };
     let overrides = match &cli.command {
         Cmd::Deploy(a) => a.files.iter().skip(1).cloned().collect(),
@@ -655,6 +662,32 @@ async fn run(cli: Cli) -> Result<i32> {
                         for p in problems {
                             eprintln!("{p}");
                         }
+                    }
+                }
+                println!();
+            }
+            Ok(i32::from(failed))
+        }
+        Cmd::Test { args } => {
+            if args.first().map(String::as_str) != Some("rules") || args.len() < 2 {
+                return Err(usage("usage: capstan test rules FILE…"));
+            }
+            let mut failed = false;
+            for f in &args[1..] {
+                println!("Unit Testing:  {f}");
+                match crate::alerting::unittest::run_file(std::path::Path::new(f)) {
+                    Ok(o) if o.failures.is_empty() => println!("  SUCCESS"),
+                    Ok(o) => {
+                        failed = true;
+                        println!("  FAILED:");
+                        for x in o.failures {
+                            println!("{x}");
+                        }
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!("  FAILED:");
+                        println!("    {e}");
                     }
                 }
                 println!();
