@@ -380,6 +380,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         (
             signal(SignalKind::terminate()).ok(),
             signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::hangup()).ok(),
         )
     };
     std::fs::create_dir_all(&opts.data_dir)
@@ -420,6 +421,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
 
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let storage = &opts.stack.settings.storage;
+    let alerting = parts.alerting.clone();
     let api = crate::api::Api {
         stopping: stopping_rx.clone(),
         db: stores.db.clone(),
@@ -438,7 +440,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         proxy: parts.proxy,
         scraper: parts.scraper,
         autoscaler: parts.autoscaler,
-        alerting: parts.alerting,
+        alerting: alerting.clone(),
         supervisor: parts.handle.clone(),
         token: Arc::new(token),
         info: Arc::new(serde_json::json!({
@@ -461,8 +463,20 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
     }
     let router = crate::api::router(api);
     let shutdown = parts.handle;
+    let (term, int, hup) = stop_signals;
+    // SIGHUP reads the rule files again (alerts of unchanged rules kept).
+    if let Some(mut hup) = hup {
+        let alerting = alerting.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                for p in alerting.reload() {
+                    alerting.warn(p);
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
-        let (Some(mut term), Some(mut int)) = stop_signals else {
+        let (Some(mut term), Some(mut int)) = (term, int) else {
             return std::future::pending().await;
         };
         tokio::select! {

@@ -117,6 +117,26 @@ fn a_rule_file_fires_and_resolves_an_alert_with_its_template() {
             .starts_with("HighServerErrorRate firing: web answers"),
         "{event}"
     );
+    // SIGHUP reads the rule file again: a new rule appears, the firing
+    // alert keeps its state.
+    let active_at = firing["activeAt"].clone();
+    let rules_file = s.file().parent().unwrap().join("rules/web.yml");
+    let extra = "      - record: service:requests:rate10s\n        expr: sum by (service) (rate(http_requests_total[10s]))\n";
+    std::fs::write(&rules_file, format!("{RULES}{extra}")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.daemon_pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("the new rule", Duration::from_secs(10), || {
+        let r = s.api("/api/v1/rules");
+        (r["data"]["groups"][0]["rules"].as_array().unwrap().len() == 3).then_some(())
+    });
+    let still = alerts(&s)
+        .into_iter()
+        .find(|a| a["state"] == "firing")
+        .expect("still firing");
+    assert_eq!(still["activeAt"], active_at);
     drop(load.join());
     // No more requests: the rate falls to 0 and the alert resolves.
     wait_for("the alert resolved", Duration::from_secs(40), || {

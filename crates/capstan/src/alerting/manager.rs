@@ -22,6 +22,8 @@ const OUTAGE_TOLERANCE_MS: i64 = 3_600_000;
 
 #[derive(Default)]
 struct Config {
+    /// The stack last loaded, for a reload.
+    stack: Option<Stack>,
     groups: Vec<GroupState>,
     external: LabelMap,
     alertmanagers: Vec<String>,
@@ -100,10 +102,35 @@ impl Alerting {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         cfg.alertmanagers = stack.settings.alertmanagers.clone();
+        cfg.stack = Some(stack.clone());
         cfg.resend_ms = stack.settings.resend_delay.0.as_millis() as i64;
         drop(cfg);
         self.changed.notify_one();
         problems
+    }
+
+    /// Reads the rule files of the stack last loaded again (SIGHUP).
+    pub fn reload(&self) -> Vec<String> {
+        let stack = self.cfg.lock().unwrap().stack.clone();
+        let problems = stack.map(|s| self.load(&s)).unwrap_or_default();
+        self.events.emit(
+            "capstan",
+            None,
+            "rules-reloaded",
+            if problems.is_empty() {
+                "rule files read again".to_owned()
+            } else {
+                format!(
+                    "rule files read again, with problems: {}",
+                    problems.join("; ")
+                )
+            },
+        );
+        problems
+    }
+
+    pub fn warn(&self, message: String) {
+        self.events.warn_once(message);
     }
 
     /// The groups as they are now (for the API).
