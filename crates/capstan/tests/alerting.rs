@@ -374,6 +374,28 @@ tests:
           - labels: 'service:http_errors:rate10s{service="web"}'
             value: 5
 "#;
+    // The hello example's rules and their tests.
+    let hello = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/rules");
+    for (bin, args) in [
+        (promtool.as_str(), ["check", "rules", "hello.yml"]),
+        (capstan.to_str().unwrap(), ["check", "rules", "hello.yml"]),
+        (promtool.as_str(), ["test", "rules", "hello_test.yaml"]),
+        (
+            capstan.to_str().unwrap(),
+            ["test", "rules", "hello_test.yaml"],
+        ),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .current_dir(&hello)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{bin} {args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     for (name, text, pass) in [
         ("good-test", good.to_owned(), true),
         ("wrong-test", good.replace("value: 5", "value: 6"), false),
