@@ -563,4 +563,27 @@ groups:
             .collect();
         insta::assert_snapshot!(problems.join("\n"));
     }
+
+    #[test]
+    fn limits_on_groups_and_file_size() {
+        let groups: String = (0..=MAX_GROUPS)
+            .map(|i| format!("  - name: g{i}\n    rules: []\n"))
+            .collect();
+        let e = parse("r.yml", &format!("groups:\n{groups}")).unwrap_err();
+        assert!(
+            e[0].message.contains("at most 1000 groups, found 1001"),
+            "{:?}",
+            e[0]
+        );
+        let d = tempfile::tempdir().unwrap();
+        let big = d.path().join("big.yml");
+        std::fs::write(&big, vec![b'#'; (MAX_FILE_BYTES + 1) as usize]).unwrap();
+        let e = load(&big).unwrap_err();
+        assert!(
+            e[0].message
+                .contains("more than the 16 MiB a rule file may have"),
+            "{:?}",
+            e[0]
+        );
+    }
 }
