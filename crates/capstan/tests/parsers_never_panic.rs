@@ -286,3 +286,66 @@ mod traceql_queries {
         }
     }
 }
+
+/// Rule files and the templates in them: any text, and soups of template tokens.
+mod rules {
+    use capstan::alerting::{file, template};
+    use proptest::prelude::*;
+
+    const TOKENS: &[&str] = &[
+        "{{",
+        "}}",
+        "{{-",
+        "-}}",
+        "if",
+        "else",
+        "end",
+        "with",
+        "range",
+        "$labels.service",
+        "$value",
+        ".Labels",
+        "$x",
+        ":=",
+        "|",
+        "humanize",
+        "printf",
+        "\"%.2f\"",
+        "(",
+        ")",
+        "eq",
+        "1",
+        "\"a\"",
+        "text",
+        " ",
+        "$k, $v :=",
+        "humanizeDuration",
+        "len",
+        "index",
+    ];
+
+    fn data() -> template::Data {
+        template::Data {
+            labels: [("service".to_owned(), "web".to_owned())].into(),
+            external_labels: Default::default(),
+            value: 2.5,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        #[test]
+        fn template_soup_never_panics(idx in prop::collection::vec(0usize..TOKENS.len(), 0..30)) {
+            let t: String = idx.iter().map(|i| TOKENS[*i]).collect();
+            let _ = template::expand(&t, &data());
+        }
+
+        #[test]
+        fn rule_files_from_noise(text in "\\PC{0,200}") {
+            if let Err(problems) = file::parse("r.yml", &text) {
+                prop_assert!(!problems.is_empty());
+            }
+        }
+    }
+}
