@@ -268,7 +268,8 @@ impl Runtime {
         );
         let scraper = Scraper::new(board.clone(), Some(api.to_string()));
         let autoscaler = Autoscaler::new(board.clone(), events.clone());
-        let alerting = crate::alerting::manager::Alerting::new(events.clone());
+        let alerting =
+            crate::alerting::manager::Alerting::new(events.clone(), Some(stores.logs.clone()));
         alerting.set_base_url(format!("http://{api}"));
         let hooks: Vec<Arc<dyn Hook>> = vec![
             Arc::new(proxy.clone()),

@@ -48,6 +48,8 @@ pub struct Alerting {
     cfg: Mutex<Config>,
     changed: Notify,
     events: Arc<EventLog>,
+    /// Where alert transitions are kept (service `capstan`, stream `alerts`).
+    logs: Option<Arc<crate::logs::engine::LogEngine>>,
     /// Where alerts say they come from (`generatorURL`).
     base_url: Mutex<String>,
     queue: Mutex<Option<tokio::sync::mpsc::Sender<Batch>>>,
@@ -55,11 +57,15 @@ pub struct Alerting {
 }
 
 impl Alerting {
-    pub fn new(events: Arc<EventLog>) -> Arc<Alerting> {
+    pub fn new(
+        events: Arc<EventLog>,
+        logs: Option<Arc<crate::logs::engine::LogEngine>>,
+    ) -> Arc<Alerting> {
         Arc::new(Alerting {
             cfg: Mutex::default(),
             changed: Notify::new(),
             events,
+            logs,
             base_url: Mutex::new("http://localhost".into()),
             queue: Mutex::new(None),
             stats: Stats::default(),
@@ -222,6 +228,38 @@ impl Alerting {
         }
     }
 
+    /// Each transition as a JSON line in the log store: the alert history,
+    /// kept across restarts and searchable with LogQL
+    /// (`{service="capstan", stream="alerts"} | json`).
+    fn keep_history(&self, transitions: &[super::rule::Transition], t: i64) {
+        let Some(logs) = &self.logs else { return };
+        if transitions.is_empty() {
+            return;
+        }
+        let lines = transitions.iter().map(|tr| {
+            let a = &tr.alert;
+            let state = match (tr.from, a.state) {
+                (AlertState::Firing, AlertState::Inactive) => "resolved",
+                (_, s) => s.as_str(),
+            };
+            let line = serde_json::json!({
+                "alertname": a.labels.get("alertname"),
+                "state": state,
+                "from": tr.from.as_str(),
+                "value": a.value,
+                "labels": a.labels,
+                "annotations": a.annotations,
+                "active_at": rfc3339(a.active_at_ms),
+                "at": rfc3339(t),
+            });
+            (0, line.to_string(), false)
+        });
+        if let Err(e) = logs.append_many("capstan", crate::logs::Stream::Alerts, lines) {
+            self.events
+                .warn_once(format!("cannot keep the alert history: {e}"));
+        }
+    }
+
     /// Evaluates every group whose slot has come.
     fn evaluate_due(&self, db: &Db, engine: &capstan_promql::Engine) {
         let now = crate::events::now_ms();
@@ -288,6 +326,7 @@ impl Alerting {
                     }
                 }
             }
+            self.keep_history(&transitions, t);
             for tr in transitions {
                 let a = &tr.alert;
                 let service = a

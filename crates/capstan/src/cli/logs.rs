@@ -42,7 +42,7 @@ pub struct LogsArgs {
     output: String,
 }
 
-fn parse_since(s: &str) -> Result<i64> {
+pub fn parse_since(s: &str) -> Result<i64> {
     if let Ok(d) = crate::spec::parse_duration(s) {
         return Ok(crate::logs::now_ns() - d.as_nanos() as i64);
     }

@@ -234,10 +234,14 @@ enum Cmd {
         /// `rules FILE…`
         args: Vec<String>,
     },
-    /// Firing and pending alerts: age, labels, summary.
+    /// Firing and pending alerts: age, labels, summary (--history: every
+    /// transition kept).
     Alerts {
         #[command(flatten)]
         f: FileOpt,
+        /// Every transition (pending, firing, resolved) since then (`24h`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "24h")]
+        history: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
@@ -693,6 +697,34 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!();
             }
             Ok(i32::from(failed))
+        }
+        Cmd::Alerts {
+            output,
+            history: Some(since),
+            ..
+        } => {
+            let since_ns = logs::parse_since(&since)?;
+            let q = crate::scrape::encode("{service=\"capstan\", stream=\"alerts\"}");
+            let v = ctx
+                .client()?
+                .json(
+                    Method::GET,
+                    &format!("/capstan/v1/logs/search?query={q}&limit=5000&since_ns={since_ns}"),
+                    None,
+                )
+                .await?;
+            let lines: Vec<serde_json::Value> = v["lines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| serde_json::from_str(l["line"].as_str()?).ok())
+                .collect();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+                return Ok(0);
+            }
+            print!("{}", output::alert_history(&lines));
+            Ok(0)
         }
         Cmd::Alerts { output, .. } => {
             let v = ctx

@@ -377,6 +377,37 @@ pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
     out
 }
 
+/// `capstan alerts --history`: a transition per line, oldest first.
+pub fn alert_history(lines: &[serde_json::Value]) -> String {
+    if lines.is_empty() {
+        return "no alert transitions in that time\n".into();
+    }
+    let mut out = format!(
+        "{:<25} {:<28} {:<9} {:>10}  {}\n",
+        "TIME", "ALERT", "STATE", "VALUE", "LABELS"
+    );
+    for l in lines {
+        let labels: Vec<String> = l["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| *k != "alertname")
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        out.push_str(&format!(
+            "{:<25} {:<28} {:<9} {:>10}  {}\n",
+            l["at"].as_str().unwrap_or(""),
+            l["alertname"].as_str().unwrap_or(""),
+            l["state"].as_str().unwrap_or(""),
+            l["value"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.4}")),
+            labels.join(" ")
+        ));
+    }
+    out
+}
+
 /// `capstan rules`: each rule's health and last evaluation.
 pub fn rules_table(v: &serde_json::Value, now_ms: i64) -> String {
     let groups = v["groups"].as_array().cloned().unwrap_or_default();

@@ -27,6 +27,7 @@ fn stream_name(s: Stream) -> &'static str {
         Stream::Stderr => "stderr",
         Stream::Proxy => "proxy",
         Stream::Otlp => "otlp",
+        Stream::Alerts => "alerts",
     }
 }
 
@@ -169,6 +170,7 @@ fn record(l: &Labels, e: Entry) -> Option<LogRecord> {
             "stderr" => Stream::Stderr,
             "proxy" => Stream::Proxy,
             "otlp" => Stream::Otlp,
+            "alerts" => Stream::Alerts,
             _ => return None,
         },
         seq: e.seq,

@@ -16,6 +16,8 @@ pub enum Stream {
     Proxy,
     /// Log records the replica sent over OTLP.
     Otlp,
+    /// Capstan's record of alert transitions (service `capstan`).
+    Alerts,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
