@@ -325,6 +325,10 @@ const CORPUS: &[(&str, &str)] = &[
         "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: up\n        labels: {\"0x\": y}\n",
     ),
     ("no-name", "groups:\n  - rules: []\n"),
+    (
+        "recover",
+        "groups:\n  - name: a\n    rules:\n      - alert: A\n        expr: x > 10\n        annotations: {capstan_recover_expr: \"x < 5\"}\n",
+    ),
 ];
 
 #[test]

@@ -39,9 +39,16 @@ pub struct Rule {
     pub keep_firing_for: Duration,
     pub labels: Vec<(String, String)>,
     pub annotations: Vec<(String, String)>,
+    /// Hysteresis (a capstan extension): a firing alert resolves only once
+    /// this holds for it, not when `expr` stops. Written as the annotation
+    /// [`RECOVER_ANNOTATION`], so promtool and Prometheus accept the file.
+    pub recover_expr: Option<String>,
     /// Where the rule starts in its file.
     pub line: u64,
 }
+
+/// The annotation that carries a rule's `recover_expr`.
+pub const RECOVER_ANNOTATION: &str = "capstan_recover_expr";
 
 impl Rule {
     pub fn name(&self) -> &str {
@@ -291,9 +298,21 @@ impl Reader<'_> {
                 "invalid recording rule label name: __name__",
             );
         }
-        let annotations = get("annotations")
+        let mut annotations = get("annotations")
             .map(|n| self.pairs(n, &join(path, "annotations"), false))
             .unwrap_or_default();
+        let recover_expr = annotations
+            .iter()
+            .position(|(k, _)| k == RECOVER_ANNOTATION)
+            .map(|i| annotations.remove(i).1);
+        if let (Some(q), Some(n)) = (&recover_expr, get("annotations")) {
+            let p = join(&join(path, "annotations"), RECOVER_ANNOTATION);
+            if matches!(kind, RuleKind::Record(_)) {
+                self.problem(n, &p, "only alerting rules recover");
+            } else if let Err(e) = capstan_promql::parse(q) {
+                self.problem(n, &p, format!("could not parse expression: {e}"));
+            }
+        }
         Some(Rule {
             kind,
             expr,
@@ -301,6 +320,7 @@ impl Reader<'_> {
             keep_firing_for,
             labels,
             annotations,
+            recover_expr,
             line: node.pos.line,
         })
     }

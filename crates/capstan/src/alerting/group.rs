@@ -107,6 +107,11 @@ impl GroupState {
         for (i, r) in self.rules.iter_mut().enumerate() {
             let began = crate::state::clock::stopwatch();
             let result = query(&r.rule.expr, at);
+            if let Some(q) = &r.rule.recover_expr {
+                r.recovered = query(q, at)
+                    .map(|v| v.into_iter().map(|(l, _)| l).collect())
+                    .unwrap_or_default();
+            }
             let (written, mut t) = r.apply(t_ms, result, external, self.limit);
             r.eval_secs = began.elapsed().as_secs_f64();
             let now: BTreeSet<LabelMap> = written.iter().map(|(l, _)| l.clone()).collect();

@@ -93,6 +93,9 @@ pub struct RuleState {
     pub eval_secs: f64,
     /// Alerting rules: alerts by their label set.
     pub active: BTreeMap<LabelMap, Alert>,
+    /// The label sets `recover_expr` returned at this evaluation (set
+    /// before [`RuleState::apply`]).
+    pub recovered: Vec<LabelMap>,
 }
 
 /// What one evaluation of a rule writes: series (with `__name__`) and values.
@@ -107,6 +110,7 @@ impl RuleState {
             last_eval_ms: None,
             eval_secs: 0.0,
             active: BTreeMap::new(),
+            recovered: Vec::new(),
         }
     }
 
@@ -250,8 +254,20 @@ impl RuleState {
         }
         let hold = self.rule.for_.as_millis() as i64;
         let keep = self.rule.keep_firing_for.as_millis() as i64;
+        let hysteresis = self.rule.recover_expr.is_some();
+        let recovered = std::mem::take(&mut self.recovered);
+        // A recovery sample covers an alert when the alert has each of its labels.
+        let recovers = |labels: &LabelMap| {
+            recovered
+                .iter()
+                .any(|r| r.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        };
         self.active.retain(|labels, a| {
             if seen.contains_key(labels) {
+                return true;
+            }
+            if hysteresis && a.state == AlertState::Firing && !recovers(labels) {
+                a.keep_firing_since_ms.get_or_insert(t);
                 return true;
             }
             if a.state == AlertState::Firing && keep > 0 {
@@ -357,6 +373,7 @@ mod tests {
                 "summary".into(),
                 "{{ $labels.service }} at {{ $value }}".into(),
             )],
+            recover_expr: None,
             line: 1,
         })
     }
@@ -461,6 +478,7 @@ mod tests {
                 ("service".into(), String::new()),
             ],
             annotations: vec![],
+            recover_expr: None,
             line: 1,
         });
         let (w, _) = r.apply(0, Ok(vec![sample("web", 0.5)]), &LabelMap::new(), 0);
@@ -493,5 +511,24 @@ mod tests {
         // The next evaluation fires: `for` counted from the first daemon.
         r.apply(710_000, Ok(vec![sample("web", 2.0)]), &ext, 0);
         assert_eq!(states(&r), [("web".into(), "firing")]);
+    }
+
+    #[test]
+    fn recover_expr_holds_a_firing_alert_until_it_recovers() {
+        let mut r = rule(0, 0);
+        r.rule.recover_expr = Some("x < 0.5".into());
+        let ext = LabelMap::new();
+        r.apply(0, Ok(vec![sample("web", 2.0)]), &ext, 0);
+        assert_eq!(states(&r), [("web".into(), "firing")]);
+        // Below the threshold but not yet recovered: still firing.
+        r.apply(10_000, Ok(vec![]), &ext, 0);
+        assert_eq!(states(&r), [("web".into(), "firing")]);
+        // Recovery for another service does not count.
+        r.recovered = vec![LabelMap::from([("service".into(), "api".into())])];
+        r.apply(20_000, Ok(vec![]), &ext, 0);
+        assert_eq!(states(&r), [("web".into(), "firing")]);
+        r.recovered = vec![LabelMap::from([("service".into(), "web".into())])];
+        r.apply(30_000, Ok(vec![]), &ext, 0);
+        assert_eq!(states(&r), [("web".into(), "inactive")]);
     }
 }

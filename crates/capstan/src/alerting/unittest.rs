@@ -191,6 +191,17 @@ fn evaluate_group(
 ) {
     let limit = g.limit;
     for r in &mut g.rules {
+        if let Some(q) = &r.rule.recover_expr {
+            r.recovered = engine
+                .instant(&*store, q, t)
+                .map(|o| {
+                    super::manager::samples(o.value)
+                        .into_iter()
+                        .map(|(l, _)| l)
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
         let result = engine
             .instant(&*store, &r.rule.expr, t)
             .map(|o| super::manager::samples(o.value))
