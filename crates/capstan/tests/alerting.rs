@@ -418,3 +418,91 @@ tests:
         assert_eq!(ours, pass, "{name}: capstan");
     }
 }
+
+#[test]
+fn a_failing_dependency_holds_back_its_dependents_alerts() {
+    let (_am, url, _dir) = start_alertmanager();
+    let yaml = format!(
+        r#"
+x-capstan:
+  rule_files: ["rules.yml"]
+  evaluation_interval: 1s
+  alerting: {{alertmanagers: ["{url}"]}}
+services:
+  db:
+    command: ["{{demo}}"]
+    environment: {{CAPSTAN_TEST_MARKER: "{{marker}}", LOG_REQUESTS: "0"}}
+    x-capstan: {{metrics: {{disable: true}}}}
+  web:
+    command: ["{{demo}}"]
+    environment: {{CAPSTAN_TEST_MARKER: "{{marker}}", LOG_REQUESTS: "0"}}
+    depends_on: [db]
+    x-capstan: {{metrics: {{disable: true}}}}
+"#
+    );
+    let s = TestStack::new(&yaml);
+    std::fs::write(
+        s.file().parent().unwrap().join("rules.yml"),
+        r#"
+groups:
+  - name: deps
+    rules:
+      - alert: DatabaseDown
+        expr: label_replace(vector(1), "service", "db", "", "")
+      - alert: WebErrors
+        expr: label_replace(vector(1), "service", "web", "", "")
+        annotations:
+          summary: web fails
+          capstan_inhibit_on_dependency: "true"
+"#,
+    )
+    .unwrap();
+    s.up();
+    let web = wait_for("an inhibited web alert", Duration::from_secs(30), || {
+        alerts(&s)
+            .into_iter()
+            .find(|a| a["labels"]["alertname"] == "WebErrors" && a["inhibitedBy"].is_array())
+    });
+    assert_eq!(
+        web["inhibitedBy"],
+        serde_json::json!(["db/DatabaseDown"]),
+        "{web}"
+    );
+    assert_eq!(web["state"], "firing");
+    let table = s.ok(&["alerts"]);
+    assert!(
+        table.contains("inhibited") && table.contains("(held back: db/DatabaseDown firing)"),
+        "{table}"
+    );
+    // The database's alert reaches the Alertmanager; the held-back one does not.
+    wait_for(
+        "DatabaseDown in the Alertmanager",
+        Duration::from_secs(30),
+        || {
+            amtool_alerts(&url)
+                .iter()
+                .any(|a| a["labels"]["alertname"] == "DatabaseDown")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        amtool_alerts(&url)
+            .iter()
+            .all(|a| a["labels"]["alertname"] != "WebErrors"),
+        "an inhibited alert was sent"
+    );
+    let ev = s
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "alert" && e["reason"].as_str().unwrap().starts_with("WebErrors"))
+        .unwrap();
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap()
+            .contains("(inhibited: db/DatabaseDown firing)"),
+        "{ev}"
+    );
+    s.ok(&["down"]);
+}

@@ -43,9 +43,15 @@ pub struct Rule {
     /// this holds for it, not when `expr` stops. Written as the annotation
     /// [`RECOVER_ANNOTATION`], so promtool and Prometheus accept the file.
     pub recover_expr: Option<String>,
+    /// Its alerts are held back while a service their service depends on
+    /// has a firing alert (the annotation [`INHIBIT_ANNOTATION`]).
+    pub inhibit_on_dependency: bool,
     /// Where the rule starts in its file.
     pub line: u64,
 }
+
+/// The annotation that marks a rule's alerts as held back by a failing dependency.
+pub const INHIBIT_ANNOTATION: &str = "capstan_inhibit_on_dependency";
 
 /// The annotation that carries a rule's `recover_expr`.
 pub const RECOVER_ANNOTATION: &str = "capstan_recover_expr";
@@ -313,6 +319,11 @@ impl Reader<'_> {
                 self.problem(n, &p, format!("could not parse expression: {e}"));
             }
         }
+        let inhibit_on_dependency = annotations
+            .iter()
+            .position(|(k, _)| k == INHIBIT_ANNOTATION)
+            .map(|i| annotations.remove(i).1)
+            .is_some_and(|v| v.trim() == "true");
         Some(Rule {
             kind,
             expr,
@@ -321,6 +332,7 @@ impl Reader<'_> {
             labels,
             annotations,
             recover_expr,
+            inhibit_on_dependency,
             line: node.pos.line,
         })
     }

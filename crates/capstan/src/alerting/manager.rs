@@ -28,6 +28,9 @@ struct Config {
     external: LabelMap,
     alertmanagers: Vec<String>,
     resend_ms: i64,
+    /// Each service's dependencies, for inhibition.
+    deps: BTreeMap<String, std::collections::BTreeSet<String>>,
+    inhibit_all: bool,
 }
 
 /// A batch of alerts (JSON) and the Alertmanagers it goes to.
@@ -109,6 +112,8 @@ impl Alerting {
             .collect();
         cfg.alertmanagers = stack.settings.alertmanagers.clone();
         cfg.stack = Some(stack.clone());
+        cfg.deps = dependency_closure(stack);
+        cfg.inhibit_all = stack.settings.inhibit_on_dependency;
         cfg.resend_ms = stack.settings.resend_delay.0.as_millis() as i64;
         drop(cfg);
         self.changed.notify_one();
@@ -263,24 +268,32 @@ impl Alerting {
     /// Evaluates every group whose slot has come.
     fn evaluate_due(&self, db: &Db, engine: &capstan_promql::Engine) {
         let now = crate::events::now_ms();
-        let (mut due, external, targets, resend) = {
+        let (mut due, others, external, targets, resend, deps, inhibit_all) = {
             let cfg = self.cfg.lock().unwrap();
+            let (due, others): (Vec<GroupState>, Vec<GroupState>) = cfg
+                .groups
+                .iter()
+                .cloned()
+                .partition(|g| g.last_eval_ms.is_none_or(|l| g.slot(now) > l));
             (
-                cfg.groups
-                    .iter()
-                    .filter(|g| g.last_eval_ms.is_none_or(|l| g.slot(now) > l))
-                    .cloned()
-                    .collect::<Vec<GroupState>>(),
+                due,
+                others,
                 cfg.external.clone(),
                 cfg.alertmanagers.clone(),
                 cfg.resend_ms,
+                cfg.deps.clone(),
+                cfg.inhibit_all,
             )
         };
+        if due.is_empty() {
+            return;
+        }
         let base = self.base_url.lock().unwrap().clone();
         let query = |q: &str, t: i64| -> Result<Vec<(LabelMap, f64)>, String> {
             let out = engine.instant(db, q, t).map_err(|e| e.to_string())?;
             Ok(samples(out.value))
         };
+        let mut transitions = Vec::new();
         for g in &mut due {
             let t = g.slot(now);
             let mut append = |w: &[(LabelMap, f64)], at: i64| {
@@ -293,68 +306,44 @@ impl Alerting {
                         .warn_once(format!("cannot store rule results: {e}"));
                 }
             };
-            let transitions = g.evaluate(t, &query, &mut append, &external);
+            let tr = g.evaluate(t, &query, &mut append, &external);
             if !g.restored {
                 g.restored = true;
                 restore(g, db, t);
             }
-            if !targets.is_empty() {
-                let iv = g.interval.as_millis() as i64;
-                let valid_until = t + 4 * resend.max(iv);
-                let mut batch = Vec::new();
-                for r in &mut g.rules {
-                    let expr = r.rule.expr.clone();
-                    for a in r.active.values_mut() {
-                        if a.needs_sending(t, resend) {
-                            a.last_sent_ms = Some(t);
-                            batch.push(postable(a, &external, &expr, &base, valid_until));
-                        }
-                    }
-                }
-                if !batch.is_empty() {
-                    let body = serde_json::to_vec(&batch).unwrap_or_default();
-                    let queued = self
-                        .queue
-                        .lock()
-                        .unwrap()
-                        .as_ref()
-                        .is_some_and(|q| q.try_send((targets.clone(), body)).is_ok());
-                    if !queued {
-                        self.stats
-                            .dropped
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+            transitions.push((t, tr));
+        }
+        // Which services have a firing alert, and which alerts that holds back.
+        let firing = firing_services(due.iter().chain(others.iter()));
+        for g in &mut due {
+            for r in &mut g.rules {
+                let marked = inhibit_all || r.rule.inhibit_on_dependency;
+                for a in r.active.values_mut() {
+                    a.inhibited_by = if marked {
+                        inhibitors(a, &deps, &firing)
+                    } else {
+                        Vec::new()
+                    };
                 }
             }
-            self.keep_history(&transitions, t);
-            for tr in transitions {
-                let a = &tr.alert;
-                let service = a
-                    .labels
-                    .get("service")
-                    .cloned()
-                    .unwrap_or_else(|| "capstan".into());
-                let what = a
-                    .annotations
-                    .get("summary")
-                    .cloned()
-                    .unwrap_or_else(|| format!("value {}", a.value));
-                let labels: Vec<String> =
-                    a.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-                let state = match (tr.from, a.state) {
-                    (AlertState::Firing, AlertState::Inactive) => "resolved",
-                    (_, s) => s.as_str(),
-                };
-                self.events.emit(
-                    &service,
-                    None,
-                    "alert",
-                    format!(
-                        "{} {state}: {what} {{{}}}",
-                        a.labels.get("alertname").map_or("", String::as_str),
-                        labels.join(", ")
-                    ),
-                );
+        }
+        for (g, (t, tr)) in due.iter_mut().zip(transitions) {
+            if !targets.is_empty() {
+                self.send(g, t, resend, &external, &base, &targets);
+            }
+            self.keep_history(&tr, t);
+            let inhibited: Vec<Vec<String>> = tr
+                .iter()
+                .map(|x| {
+                    g.rules
+                        .iter()
+                        .find_map(|r| r.active.get(&x.alert.labels))
+                        .map(|a| a.inhibited_by.clone())
+                        .unwrap_or_default()
+                })
+                .collect();
+            for (x, by) in tr.iter().zip(inhibited) {
+                self.emit(x, &by);
             }
         }
         // Back into the configuration, unless a reload replaced the group.
@@ -369,6 +358,144 @@ impl Alerting {
             }
         }
     }
+
+    /// Queues the group's alerts that are due to be sent (not inhibited ones).
+    fn send(
+        &self,
+        g: &mut GroupState,
+        t: i64,
+        resend: i64,
+        external: &LabelMap,
+        base: &str,
+        targets: &[String],
+    ) {
+        let iv = g.interval.as_millis() as i64;
+        let valid_until = t + 4 * resend.max(iv);
+        let mut batch = Vec::new();
+        for r in &mut g.rules {
+            let expr = r.rule.expr.clone();
+            for a in r.active.values_mut() {
+                if a.inhibited_by.is_empty() && a.needs_sending(t, resend) {
+                    a.last_sent_ms = Some(t);
+                    batch.push(postable(a, external, &expr, base, valid_until));
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let body = serde_json::to_vec(&batch).unwrap_or_default();
+        let queued = self
+            .queue
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|q| q.try_send((targets.to_vec(), body)).is_ok());
+        if !queued {
+            self.stats
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A transition as an event (on the alert's service).
+    fn emit(&self, tr: &super::rule::Transition, inhibited_by: &[String]) {
+        let a = &tr.alert;
+        let service = a
+            .labels
+            .get("service")
+            .cloned()
+            .unwrap_or_else(|| "capstan".into());
+        let what = a
+            .annotations
+            .get("summary")
+            .cloned()
+            .unwrap_or_else(|| format!("value {}", a.value));
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        let state = match (tr.from, a.state) {
+            (AlertState::Firing, AlertState::Inactive) => "resolved",
+            (_, s) => s.as_str(),
+        };
+        let held = if inhibited_by.is_empty() || a.state == AlertState::Inactive {
+            String::new()
+        } else {
+            format!(" (inhibited: {} firing)", inhibited_by.join(", "))
+        };
+        self.events.emit(
+            &service,
+            None,
+            "alert",
+            format!(
+                "{} {state}{held}: {what} {{{}}}",
+                a.labels.get("alertname").map_or("", String::as_str),
+                labels.join(", ")
+            ),
+        );
+    }
+}
+
+/// Firing alerts by service: `db` → [`db/DatabaseDown`].
+fn firing_services<'a>(
+    groups: impl Iterator<Item = &'a GroupState>,
+) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for g in groups {
+        for r in &g.rules {
+            for a in r.active.values() {
+                if a.state != AlertState::Firing {
+                    continue;
+                }
+                if let Some(s) = a.labels.get("service") {
+                    let name = format!(
+                        "{s}/{}",
+                        a.labels.get("alertname").map_or("", String::as_str)
+                    );
+                    let v = out.entry(s.clone()).or_default();
+                    if !v.contains(&name) {
+                        v.push(name);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What holds `a` back: firing alerts of the services its service depends on.
+fn inhibitors(
+    a: &super::rule::Alert,
+    deps: &BTreeMap<String, std::collections::BTreeSet<String>>,
+    firing: &BTreeMap<String, Vec<String>>,
+) -> Vec<String> {
+    let Some(service) = a.labels.get("service") else {
+        return Vec::new();
+    };
+    deps.get(service)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| firing.get(d))
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+/// Each service's dependencies, direct and indirect (`depends_on`).
+pub fn dependency_closure(stack: &Stack) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out = BTreeMap::new();
+    for name in stack.services.keys() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo: Vec<&String> = stack.services[name].depends_on.keys().collect();
+        while let Some(d) = todo.pop() {
+            if d != name
+                && seen.insert(d.clone())
+                && let Some(s) = stack.services.get(d)
+            {
+                todo.extend(s.depends_on.keys());
+            }
+        }
+        out.insert(name.clone(), seen);
+    }
+    out
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -51,6 +51,10 @@ pub struct Alert {
     /// When it was last sent to the Alertmanagers.
     #[serde(skip)]
     pub last_sent_ms: Option<i64>,
+    /// Firing alerts of the services this alert's service depends on, that
+    /// hold it back (not sent; shown as inhibited).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inhibited_by: Vec<String>,
 }
 
 impl Alert {
@@ -247,6 +251,7 @@ impl RuleState {
                             keep_firing_since_ms: None,
                             value: *v,
                             last_sent_ms: None,
+                            inhibited_by: Vec::new(),
                         },
                     );
                 }
@@ -374,6 +379,7 @@ mod tests {
                 "{{ $labels.service }} at {{ $value }}".into(),
             )],
             recover_expr: None,
+            inhibit_on_dependency: false,
             line: 1,
         })
     }
@@ -479,6 +485,7 @@ mod tests {
             ],
             annotations: vec![],
             recover_expr: None,
+            inhibit_on_dependency: false,
             line: 1,
         });
         let (w, _) = r.apply(0, Ok(vec![sample("web", 0.5)]), &LabelMap::new(), 0);

@@ -45,6 +45,9 @@ fn alert_json(a: &Alert) -> Value {
     if let Some(k) = a.keep_firing_since_ms {
         v["keepFiringSince"] = json!(time(Some(k)));
     }
+    if !a.inhibited_by.is_empty() {
+        v["inhibitedBy"] = json!(a.inhibited_by);
+    }
     v
 }
 

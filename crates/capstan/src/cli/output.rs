@@ -352,7 +352,7 @@ pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
         return "no alerts firing or pending\n".into();
     }
     let mut out = format!(
-        "{:<28} {:<8} {:<8} {:<40} {}\n",
+        "{:<28} {:<9} {:<8} {:<40} {}\n",
         "ALERT", "STATE", "AGE", "LABELS", "SUMMARY"
     );
     for a in alerts {
@@ -365,10 +365,24 @@ pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
             .collect();
         let age =
             ms_of(&a["activeAt"]).map_or("-".into(), |t| human_duration_ms((now_ms - t).max(0)));
+        let by: Vec<&str> = a["inhibitedBy"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        let (state, why) = if by.is_empty() {
+            (a["state"].as_str().unwrap_or(""), String::new())
+        } else {
+            (
+                "inhibited",
+                format!(" (held back: {} firing)", by.join(", ")),
+            )
+        };
         out.push_str(&format!(
-            "{:<28} {:<8} {:<8} {:<40} {}\n",
+            "{:<28} {:<9} {:<8} {:<40} {}{why}\n",
             a["labels"]["alertname"].as_str().unwrap_or(""),
-            a["state"].as_str().unwrap_or(""),
+            state,
             age,
             labels.join(" "),
             a["annotations"]["summary"].as_str().unwrap_or("")

@@ -848,6 +848,12 @@ impl Decoder<'_> {
                 {
                     s.resend_delay = d;
                 }
+                if let Some(b) = af
+                    .take("inhibit_on_dependency")
+                    .and_then(|b| self.boolean(b, &join(&ap, "inhibit_on_dependency")))
+                {
+                    s.inhibit_on_dependency = b;
+                }
                 self.finish(af, &ap, &[]);
             }
         }

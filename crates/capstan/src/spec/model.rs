@@ -154,6 +154,11 @@ pub struct Settings {
     /// How often a firing alert is sent again (`x-capstan.alerting.resend_delay`).
     #[serde(default = "default_resend_delay")]
     pub resend_delay: Dur,
+    /// Every rule's alerts are held back while a service their service
+    /// depends on has a firing alert (`x-capstan.alerting.inhibit_on_dependency`;
+    /// per rule, the annotation `capstan_inhibit_on_dependency: "true"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inhibit_on_dependency: bool,
 }
 
 fn default_resend_delay() -> Dur {
@@ -286,6 +291,7 @@ impl Default for Settings {
             external_labels: BTreeMap::new(),
             alertmanagers: Vec::new(),
             resend_delay: default_resend_delay(),
+            inhibit_on_dependency: false,
         }
     }
 }
