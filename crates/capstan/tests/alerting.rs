@@ -147,6 +147,41 @@ fn a_rule_file_fires_and_resolves_an_alert_with_its_template() {
             .iter()
             .any(|e| e["kind"] == "alert" && e["reason"].as_str().unwrap().contains("resolved"))
     );
+    // The history keeps every transition, in order, with values and labels.
+    let h: Vec<Value> =
+        serde_json::from_str(&s.ok(&["alerts", "--history", "-o", "json"])).unwrap();
+    let states: Vec<&str> = h
+        .iter()
+        .filter(|x| x["alertname"] == "HighServerErrorRate")
+        .map(|x| x["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "firing", "resolved"], "{h:?}");
+    assert_eq!(h[0]["labels"]["service"], "web");
+    assert!(h[1]["value"].as_f64().unwrap() > 1.0);
+    let table = s.ok(&["alerts", "--history"]);
+    assert!(
+        table.contains("HighServerErrorRate") && table.contains("resolved"),
+        "{table}"
+    );
+    // Backtesting the rule file over what was stored finds the incident.
+    let rules_path = rules_file.to_str().unwrap();
+    let bt: Value = serde_json::from_str(&s.ok(&[
+        "rules", "backtest", rules_path, "--since", "10m", "-o", "json",
+    ]))
+    .unwrap();
+    let fired: Vec<&Value> = bt["episodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["alertname"] == "HighServerErrorRate" && e["fired_ms"].is_i64())
+        .collect();
+    assert!(!fired.is_empty(), "{bt}");
+    assert!(fired[0]["resolved_ms"].is_i64(), "{bt}");
+    let text = s.ok(&["rules", "backtest", rules_path, "--since", "10m"]);
+    assert!(
+        text.contains("HighServerErrorRate{service=\"web\", severity=\"page\"}: pending "),
+        "{text}"
+    );
     s.ok(&["down"]);
 }
 

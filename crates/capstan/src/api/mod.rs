@@ -68,6 +68,7 @@ pub fn router(api: Api) -> Router {
         .route("/history/{service}", get(history))
         .route("/rollback", post(rollback))
         .route("/promote", post(promote))
+        .route("/rules/backtest", post(rules::backtest))
         .route("/abort", post(abort))
         .route("/stack", get(current_stack))
         .route("/services/{action}", post(service_action))

@@ -179,3 +179,48 @@ mod tests {
         assert_eq!(super::value(1234.5), "1.2345e+03");
     }
 }
+
+#[derive(serde::Deserialize)]
+pub struct BacktestReq {
+    /// The rule file's text, and its name for messages.
+    pub text: String,
+    #[serde(default)]
+    pub name: String,
+    pub from_ms: i64,
+    #[serde(default)]
+    pub to_ms: Option<i64>,
+    /// Groups without an interval use this (ms; default 60 s).
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+}
+
+/// `POST /capstan/v1/rules/backtest`: a rule file over stored history.
+pub async fn backtest(
+    State(api): State<Api>,
+    axum::Json(req): axum::Json<BacktestReq>,
+) -> Response {
+    use axum::response::IntoResponse;
+    let name = if req.name.is_empty() {
+        "rules.yml".to_owned()
+    } else {
+        req.name
+    };
+    let groups = match crate::alerting::file::parse(&name, &req.text) {
+        Ok(g) => g,
+        Err(ps) => {
+            let text: Vec<String> = ps.iter().map(ToString::to_string).collect();
+            return super::error(axum::http::StatusCode::BAD_REQUEST, text.join("\n"));
+        }
+    };
+    let to = req.to_ms.unwrap_or_else(crate::events::now_ms);
+    let interval = std::time::Duration::from_millis(req.interval_ms.unwrap_or(60_000).max(1_000));
+    let r = tokio::task::spawn_blocking(move || {
+        crate::alerting::backtest::run(&groups, &*api.db, &api.engine, req.from_ms, to, interval)
+    })
+    .await;
+    match r {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => super::error(axum::http::StatusCode::BAD_REQUEST, e),
+        Err(e) => super::error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -245,12 +245,19 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
-    /// Rule groups and rules: health, last evaluation, duration, error.
+    /// Rule groups and rules: health, last evaluation, duration, error;
+    /// `capstan rules backtest FILE [--since 7d]` evaluates a rule file over
+    /// stored history and says when its alerts would have fired.
     Rules {
         #[command(flatten)]
         f: FileOpt,
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
+        /// `backtest FILE`
+        args: Vec<String>,
+        /// How far back a backtest starts.
+        #[arg(long, default_value = "24h")]
+        since: String,
     },
     /// Print the version.
     Version,
@@ -739,6 +746,46 @@ async fn run(cli: Cli) -> Result<i32> {
                 "{}",
                 output::alerts_table(&v["data"], crate::events::now_ms())
             );
+            Ok(0)
+        }
+        Cmd::Rules {
+            output,
+            args,
+            since,
+            ..
+        } if !args.is_empty() => {
+            if args[0] != "backtest" || args.len() != 2 {
+                return Err(usage("usage: capstan rules backtest FILE [--since 7d]"));
+            }
+            let path = std::path::Path::new(&args[1]);
+            if let Err(problems) = crate::alerting::file::load(path) {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                return Ok(2);
+            }
+            let text = std::fs::read_to_string(path)?;
+            let from_ms = logs::parse_since(&since)? / 1_000_000;
+            let interval_ms = ctx
+                .load()
+                .ok()
+                .map(|l| l.stack.settings.evaluation_interval.0.as_millis() as u64);
+            let body = serde_json::json!({
+                "text": text,
+                "name": path.display().to_string(),
+                "from_ms": from_ms,
+                "interval_ms": interval_ms,
+            });
+            let v = ctx
+                .client()?
+                .json(Method::POST, "/capstan/v1/rules/backtest", Some(body))
+                .await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let report: crate::alerting::backtest::Report = serde_json::from_value(v)?;
+            print!("{}", crate::alerting::backtest::render(&report));
             Ok(0)
         }
         Cmd::Rules { output, .. } => {
