@@ -541,3 +541,97 @@ groups:
     );
     s.ok(&["down"]);
 }
+
+/// A webhook receiver on loopback: every JSON body posted to it.
+fn webhook_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            let body = loop {
+                let Ok(n) = c.read(&mut chunk) else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    continue;
+                };
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    break Some(body[..len].to_owned());
+                }
+            };
+            if let Some(v) = body.and_then(|b| serde_json::from_str(&b).ok()) {
+                seen.lock().unwrap().push(v);
+            }
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn a_plain_webhook_gets_alertmanager_payloads_grouped() {
+    let (hook, got) = webhook_receiver();
+    let port = free_port();
+    let yaml = stack(port, "0.5").replace(
+        "  external_labels: {site: test}\n",
+        &format!(
+            "  external_labels: {{site: test}}\n  alerting: {{webhooks: [{{url: \"http://127.0.0.1:{hook}/hook\", group_wait: 1s, group_interval: 2s}}]}}\n"
+        ),
+    );
+    let s = TestStack::new(&yaml);
+    std::fs::create_dir_all(s.file().parent().unwrap().join("rules")).unwrap();
+    std::fs::write(s.file().parent().unwrap().join("rules/web.yml"), RULES).unwrap();
+    s.up();
+    let load = load_in_background(format!("http://127.0.0.1:{port}/"), 50, 25);
+    let firing = wait_for("a firing notification", Duration::from_secs(60), || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .find(|n| n["status"] == "firing")
+            .cloned()
+    });
+    assert_eq!(firing["version"], "4");
+    assert_eq!(firing["groupLabels"]["alertname"], "HighServerErrorRate");
+    assert_eq!(firing["commonLabels"]["site"], "test");
+    assert_eq!(firing["alerts"][0]["labels"]["service"], "web");
+    assert!(
+        firing["alerts"][0]["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("web answers")
+    );
+    drop(load.join());
+    let resolved = wait_for("a resolved notification", Duration::from_secs(60), || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .find(|n| n["status"] == "resolved")
+            .cloned()
+    });
+    assert_eq!(resolved["alerts"][0]["status"], "resolved");
+    assert_ne!(resolved["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
+    s.ok(&["down"]);
+}

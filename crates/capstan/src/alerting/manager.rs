@@ -31,6 +31,8 @@ struct Config {
     /// Each service's dependencies, for inhibition.
     deps: BTreeMap<String, std::collections::BTreeSet<String>>,
     inhibit_all: bool,
+    /// Plain webhooks, each with its groups.
+    webhooks: Vec<(crate::spec::AlertWebhook, super::webhook::Dispatcher)>,
 }
 
 /// A batch of alerts (JSON) and the Alertmanagers it goes to.
@@ -113,6 +115,21 @@ impl Alerting {
         cfg.alertmanagers = stack.settings.alertmanagers.clone();
         cfg.stack = Some(stack.clone());
         cfg.deps = dependency_closure(stack);
+        // A webhook kept across a reload keeps its groups.
+        let mut old = std::mem::take(&mut cfg.webhooks);
+        cfg.webhooks = stack
+            .settings
+            .alert_webhooks
+            .iter()
+            .map(|w| {
+                let d = old
+                    .iter()
+                    .position(|(o, _)| o.url == w.url)
+                    .map(|i| old.remove(i).1)
+                    .unwrap_or_default();
+                (w.clone(), d)
+            })
+            .collect();
         cfg.inhibit_all = stack.settings.inhibit_on_dependency;
         cfg.resend_ms = stack.settings.resend_delay.0.as_millis() as i64;
         drop(cfg);
@@ -160,7 +177,7 @@ impl Alerting {
         use std::sync::atomic::Ordering::Relaxed;
         while let Some((targets, body)) = rx.recv().await {
             for base in targets {
-                let Ok(url) = format!("{base}/api/v2/alerts").parse::<hyper::Uri>() else {
+                let Ok(url) = base.parse::<hyper::Uri>() else {
                     continue;
                 };
                 let mut wait = Duration::from_millis(500);
@@ -279,7 +296,10 @@ impl Alerting {
                 due,
                 others,
                 cfg.external.clone(),
-                cfg.alertmanagers.clone(),
+                cfg.alertmanagers
+                    .iter()
+                    .map(|a| format!("{a}/api/v2/alerts"))
+                    .collect::<Vec<String>>(),
                 cfg.resend_ms,
                 cfg.deps.clone(),
                 cfg.inhibit_all,
@@ -327,6 +347,7 @@ impl Alerting {
                 }
             }
         }
+        self.to_webhooks(&due, &transitions, now, &external, &base);
         for (g, (t, tr)) in due.iter_mut().zip(transitions) {
             if !targets.is_empty() {
                 self.send(g, t, resend, &external, &base, &targets);
@@ -355,6 +376,80 @@ impl Alerting {
                 .find(|o| o.file == g.file && o.name == g.name && same_rules(&o.rules, &g.rules))
             {
                 *slot = g;
+            }
+        }
+    }
+
+    /// Firing alerts (not inhibited) and those resolved this round, to the
+    /// plain webhooks' dispatchers; what is due is queued.
+    fn to_webhooks(
+        &self,
+        due: &[GroupState],
+        transitions: &[(i64, Vec<super::rule::Transition>)],
+        now: i64,
+        external: &LabelMap,
+        base: &str,
+    ) {
+        let mut cfg = self.cfg.lock().unwrap();
+        if cfg.webhooks.is_empty() {
+            return;
+        }
+        let item = |a: &super::rule::Alert, expr: &str, firing: bool| {
+            let mut labels = external.clone();
+            labels.extend(a.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            super::webhook::Item {
+                labels,
+                annotations: a.annotations.clone(),
+                firing,
+                starts_at_ms: a.active_at_ms,
+                ends_at_ms: a.resolved_at_ms.filter(|_| !firing),
+                generator_url: format!("{base}/graph?g0.expr={}&g0.tab=1", url_encode(expr)),
+            }
+        };
+        let mut items = Vec::new();
+        for g in due {
+            for r in &g.rules {
+                for a in r.active.values() {
+                    if a.state == AlertState::Firing && a.inhibited_by.is_empty() {
+                        items.push(item(a, &r.rule.expr, true));
+                    }
+                }
+            }
+        }
+        for (_, tr) in transitions {
+            for x in tr {
+                if x.from == AlertState::Firing && x.alert.state == AlertState::Inactive {
+                    items.push(item(&x.alert, "", false));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (w, d) in &mut cfg.webhooks {
+            d.update(now, items.clone());
+            let t = super::webhook::Timing {
+                group_wait_ms: w.group_wait.0.as_millis() as i64,
+                group_interval_ms: w.group_interval.0.as_millis() as i64,
+                repeat_interval_ms: w.repeat_interval.0.as_millis() as i64,
+            };
+            for body in d.due(now, &t, "capstan", base) {
+                out.push((
+                    vec![w.url.clone()],
+                    serde_json::to_vec(&body).unwrap_or_default(),
+                ));
+            }
+        }
+        drop(cfg);
+        for b in out {
+            let queued = self
+                .queue
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|q| q.try_send(b).is_ok());
+            if !queued {
+                self.stats
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -7,3 +7,4 @@ pub mod manager;
 pub mod rule;
 pub mod template;
 pub mod unittest;
+pub mod webhook;

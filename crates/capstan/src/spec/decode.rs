@@ -848,6 +848,24 @@ impl Decoder<'_> {
                 {
                     s.resend_delay = d;
                 }
+                if let Some(w) = af.take("webhooks") {
+                    let wp = join(&ap, "webhooks");
+                    match &w.kind {
+                        Kind::Seq(items) => {
+                            for (i, item) in items.iter().enumerate() {
+                                let p = format!("{wp}[{i}]");
+                                if let Some(h) = self.alert_webhook(item, &p) {
+                                    s.alert_webhooks.push(h);
+                                }
+                            }
+                        }
+                        _ => self.error(
+                            w,
+                            &wp,
+                            format!("expected a list of webhooks, found {}", w.describe()),
+                        ),
+                    }
+                }
                 if let Some(b) = af
                     .take("inhibit_on_dependency")
                     .and_then(|b| self.boolean(b, &join(&ap, "inhibit_on_dependency")))
@@ -935,6 +953,49 @@ impl Decoder<'_> {
         }
         self.finish(f, path, &[]);
         s
+    }
+
+    /// An alert webhook: a URL, or `{url, group_wait, group_interval,
+    /// repeat_interval}` (Alertmanager's defaults: 30s, 5m, 4h).
+    fn alert_webhook(&mut self, node: &Node, path: &str) -> Option<AlertWebhook> {
+        let mut h = AlertWebhook {
+            url: String::new(),
+            group_wait: Dur::secs(30),
+            group_interval: Dur::secs(300),
+            repeat_interval: Dur::secs(4 * 3600),
+        };
+        let url = match &node.kind {
+            Kind::Map(_) => {
+                let mut f = self.fields(node, path)?;
+                for (key, slot) in [
+                    ("group_wait", &mut h.group_wait),
+                    ("group_interval", &mut h.group_interval),
+                    ("repeat_interval", &mut h.repeat_interval),
+                ] {
+                    if let Some(d) = f.take(key).and_then(|n| self.duration(n, &join(path, key))) {
+                        *slot = d;
+                    }
+                }
+                let u = f.take("url").and_then(|n| self.text(n, &join(path, "url")));
+                self.finish(f, path, &[]);
+                u
+            }
+            _ => self.text(node, path),
+        };
+        match url {
+            Some(u) if u.starts_with("http://") && u.parse::<hyper::Uri>().is_ok() => {
+                h.url = u;
+                Some(h)
+            }
+            Some(u) => {
+                self.error(node, path, format!("expected an http:// URL (https needs TLS, which capstan has not yet), found {u:?}"));
+                None
+            }
+            None => {
+                self.error(node, path, "missing key: url");
+                None
+            }
+        }
     }
 
     /// `x-capstan.rule_files`: globs (wildcards `*` and `?` in the file

@@ -159,6 +159,19 @@ pub struct Settings {
     /// per rule, the annotation `capstan_inhibit_on_dependency: "true"`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inhibit_on_dependency: bool,
+    /// Plain webhooks that get alerts grouped as Alertmanager would
+    /// (`x-capstan.alerting.webhooks`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alert_webhooks: Vec<AlertWebhook>,
+}
+
+/// A webhook for alerts, with Alertmanager's grouping timers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertWebhook {
+    pub url: String,
+    pub group_wait: Dur,
+    pub group_interval: Dur,
+    pub repeat_interval: Dur,
 }
 
 fn default_resend_delay() -> Dur {
@@ -292,6 +305,7 @@ impl Default for Settings {
             alertmanagers: Vec::new(),
             resend_delay: default_resend_delay(),
             inhibit_on_dependency: false,
+            alert_webhooks: Vec::new(),
         }
     }
 }
