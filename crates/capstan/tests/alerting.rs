@@ -32,6 +32,7 @@ fn stack(port: u16, fail_rate: &str) -> String {
 x-capstan:
   rule_files: ["rules/*.yml"]
   external_labels: {{site: test}}
+  anomaly: [{{name: LatencyAnomaly, series: 'sum by (service) (rate(http_requests_total[10s]))', step: 1s, window: 30s, min_samples: 5}}]
 services:
   web:
     command: ["{{demo}}"]
@@ -92,6 +93,10 @@ fn a_rule_file_fires_and_resolves_an_alert_with_its_template() {
     assert_eq!(group["rules"][1]["state"], "firing");
     assert_eq!(group["rules"][1]["duration"], 2.0);
     // Filters, as Prometheus has them.
+    // The anomaly rule runs as its generated group.
+    let anomaly = &rules["data"]["groups"][1];
+    assert_eq!(anomaly["name"], "anomaly:LatencyAnomaly", "{rules}");
+    assert_eq!(anomaly["rules"][5]["type"], "alerting");
     let only = s.api("/api/v1/rules?type=record");
     assert_eq!(
         only["data"]["groups"][0]["rules"].as_array().unwrap().len(),
@@ -253,7 +258,7 @@ fn amtool_alerts(url: &str) -> Vec<Value> {
 }
 
 #[test]
-fn a_real_alertmanager_receives_the_alert_and_its_resolution() {
+fn a_real_alertmanager_receives_the_hello_examples_alert_and_its_resolution() {
     let (_am, url, _dir) = start_alertmanager();
     let port = free_port();
     let yaml = stack(port, "0.5").replace(
@@ -262,7 +267,17 @@ fn a_real_alertmanager_receives_the_alert_and_its_resolution() {
     );
     let s = TestStack::new(&yaml);
     std::fs::create_dir_all(s.file().parent().unwrap().join("rules")).unwrap();
-    std::fs::write(s.file().parent().unwrap().join("rules/web.yml"), RULES).unwrap();
+    // The hello example's rule file, its times shortened for a test.
+    let hello = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/hello/rules/hello.yml"),
+    )
+    .unwrap()
+    .replace("interval: 15s", "interval: 1s")
+    .replace("for: 1m", "for: 3s")
+    .replace("[1m]", "[10s]");
+    assert!(hello.contains("alert: HighServerErrorRate"));
+    std::fs::write(s.file().parent().unwrap().join("rules/hello.yml"), hello).unwrap();
     s.up();
     let load = load_in_background(format!("http://127.0.0.1:{port}/"), 50, 30);
     let got = wait_for(
@@ -413,6 +428,25 @@ tests:
           - labels: 'service:http_errors:rate10s{service="web"}'
             value: 5
 "#;
+    // The rules the hello example's anomaly rule generates are a rule file
+    // promtool accepts.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/capstan.yaml");
+    let out = std::process::Command::new(&capstan)
+        .args(["rules", "--generated", "-f", example.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let generated = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        generated.contains("alert: \"LatencyAnomaly\""),
+        "{generated}"
+    );
+    let g = dir.path().join("generated.yml");
+    std::fs::write(&g, &generated).unwrap();
+    assert!(
+        ok(&promtool, &["check", "rules", g.to_str().unwrap()]),
+        "{generated}"
+    );
     // The hello example's rules and their tests.
     let hello = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/rules");
     for (bin, args) in [

@@ -105,6 +105,18 @@ impl Alerting {
                 }
             }
         }
+        // Anomaly rules run as the groups they generate.
+        for a in &stack.settings.anomaly {
+            let mut s = GroupState::new(&super::anomaly::group(a), interval);
+            if let Some(old) = cfg
+                .groups
+                .iter()
+                .find(|o| o.file == s.file && o.name == s.name)
+            {
+                s.keep_state_of(old);
+            }
+            next.push(s);
+        }
         cfg.groups = next;
         cfg.external = stack
             .settings

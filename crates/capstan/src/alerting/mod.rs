@@ -1,5 +1,6 @@
 //! Alerting: Prometheus rule files, evaluated against the metrics store.
 
+pub mod anomaly;
 pub mod backtest;
 pub mod file;
 pub mod group;

@@ -258,6 +258,9 @@ enum Cmd {
         /// How far back a backtest starts.
         #[arg(long, default_value = "24h")]
         since: String,
+        /// Print the rules `x-capstan.anomaly` generates, as a rule file.
+        #[arg(long)]
+        generated: bool,
     },
     /// Print the version.
     Version,
@@ -746,6 +749,24 @@ async fn run(cli: Cli) -> Result<i32> {
                 "{}",
                 output::alerts_table(&v["data"], crate::events::now_ms())
             );
+            Ok(0)
+        }
+        Cmd::Rules {
+            generated: true, ..
+        } => {
+            let l = ctx.load()?;
+            let groups: Vec<_> = l
+                .stack
+                .settings
+                .anomaly
+                .iter()
+                .map(crate::alerting::anomaly::group)
+                .collect();
+            if groups.is_empty() {
+                println!("# no x-capstan.anomaly rules in {}", l.file.display());
+                return Ok(0);
+            }
+            print!("{}", crate::alerting::anomaly::to_yaml(&groups));
             Ok(0)
         }
         Cmd::Rules {

@@ -875,6 +875,30 @@ impl Decoder<'_> {
                 self.finish(af, &ap, &[]);
             }
         }
+        if let Some(n) = f.take("anomaly") {
+            let ap = join(path, "anomaly");
+            match &n.kind {
+                Kind::Seq(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(a) = self.anomaly_rule(item, &format!("{ap}[{i}]")) {
+                            if s.anomaly.iter().any(|o| o.name == a.name) {
+                                self.error(
+                                    item,
+                                    &format!("{ap}[{i}]"),
+                                    format!("two anomaly rules are named {:?}", a.name),
+                                );
+                            }
+                            s.anomaly.push(a);
+                        }
+                    }
+                }
+                _ => self.error(
+                    n,
+                    &ap,
+                    format!("expected a list of anomaly rules, found {}", n.describe()),
+                ),
+            }
+        }
         if let Some(n) = f.take("rule_files") {
             s.rule_files = self.rule_files(n, &join(path, "rule_files"));
         }
@@ -953,6 +977,110 @@ impl Decoder<'_> {
         }
         self.finish(f, path, &[]);
         s
+    }
+
+    /// One `x-capstan.anomaly` item.
+    fn anomaly_rule(&mut self, node: &Node, path: &str) -> Option<AnomalyRule> {
+        let mut f = self.fields(node, path)?;
+        let name = f
+            .take("name")
+            .and_then(|n| self.text(n, &join(path, "name")));
+        let series = f
+            .take("series")
+            .and_then(|n| self.text(n, &join(path, "series")));
+        let mut a = AnomalyRule {
+            name: String::new(),
+            series: String::new(),
+            method: AnomalyMethod::Mad,
+            window: Dur::secs(3600),
+            seasonality: None,
+            sensitivity: 3.0,
+            min_samples: 30,
+            for_: Dur::secs(300),
+            step: Dur::secs(60),
+            labels: BTreeMap::new(),
+        };
+        match name {
+            Some(n) if crate::alerting::file::valid_metric_name(&n) && !n.contains(':') => {
+                a.name = n
+            }
+            Some(n) => self.error(
+                node,
+                &join(path, "name"),
+                format!("{n:?}: letters, digits and _ only"),
+            ),
+            None => self.error(node, path, "missing key: name (the alert's name)"),
+        }
+        match series {
+            Some(q) => {
+                if let Err(e) = capstan_promql::parse(&q) {
+                    self.error(
+                        node,
+                        &join(path, "series"),
+                        format!("not a valid PromQL expression: {e}"),
+                    );
+                }
+                a.series = q;
+            }
+            None => self.error(node, path, "missing key: series (a PromQL expression)"),
+        }
+        if let Some(n) = f.take("method") {
+            let p = join(path, "method");
+            match self.text(n, &p).as_deref() {
+                Some("mad") => a.method = AnomalyMethod::Mad,
+                Some("zscore") => a.method = AnomalyMethod::Zscore,
+                Some(o) => self.error(n, &p, format!("expected mad or zscore, found {o:?}")),
+                None => {}
+            }
+        }
+        for (key, slot) in [
+            ("window", &mut a.window),
+            ("for", &mut a.for_),
+            ("step", &mut a.step),
+        ] {
+            if let Some(d) = f.take(key).and_then(|n| self.duration(n, &join(path, key))) {
+                *slot = d;
+            }
+        }
+        if let Some(n) = f.take("seasonality") {
+            let p = join(path, "seasonality");
+            match self.text(n, &p).as_deref() {
+                Some("none") => {}
+                Some(_) => a.seasonality = self.duration(n, &p),
+                None => {}
+            }
+        }
+        if let Some(n) = f.take("sensitivity") {
+            let p = join(path, "sensitivity");
+            if let Some(v) = self.number(n, &p, false, "a positive number of spreads such as 3") {
+                a.sensitivity = v;
+            }
+        }
+        if let Some(v) = f
+            .take("min_samples")
+            .and_then(|n| self.uint(n, &join(path, "min_samples"), 1_000_000))
+        {
+            a.min_samples = v as u32;
+        }
+        if let Some(n) = f.take("labels") {
+            let lp = join(path, "labels");
+            if let Some(mut lf) = self.fields(n, &lp) {
+                for (k, _, v) in lf.entries.clone() {
+                    lf.take(&k);
+                    if let Some(t) = self.text(v, &join(&lp, &k)) {
+                        a.labels.insert(k, t);
+                    }
+                }
+                self.finish(lf, &lp, &[]);
+            }
+        }
+        if a.step.0 < std::time::Duration::from_secs(1) {
+            self.error(node, &join(path, "step"), "must be at least 1s");
+        } else if a.window.0 < a.step.0 * 2 {
+            self.error(node, &join(path, "window"), "must hold at least two steps");
+        }
+        self.finish(f, path, &[]);
+        (!a.name.is_empty() && !a.series.is_empty()).then_some(a)
     }
 
     /// An alert webhook: a URL, or `{url, group_wait, group_interval,

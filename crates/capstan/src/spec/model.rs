@@ -163,6 +163,43 @@ pub struct Settings {
     /// (`x-capstan.alerting.webhooks`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alert_webhooks: Vec<AlertWebhook>,
+    /// Series watched for anomalies (`x-capstan.anomaly`), run as generated rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomaly: Vec<AnomalyRule>,
+}
+
+/// `x-capstan.anomaly[]`: see `alerting::anomaly`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyRule {
+    /// The alert's name (and the generated series' middle part).
+    pub name: String,
+    /// The PromQL of the series watched.
+    pub series: String,
+    pub method: AnomalyMethod,
+    /// How much recent history a value is judged against.
+    pub window: Dur,
+    /// Compare with the same time a season ago (`1d`, `1w`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seasonality: Option<Dur>,
+    /// How many spreads from the center fire.
+    pub sensitivity: f64,
+    /// Values the window must hold before anything is judged.
+    pub min_samples: u32,
+    #[serde(rename = "for")]
+    pub for_: Dur,
+    /// How often the rules run.
+    pub step: Dur,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnomalyMethod {
+    /// Median and median absolute deviation (robust; the default).
+    Mad,
+    /// Mean and standard deviation.
+    Zscore,
 }
 
 /// A webhook for alerts, with Alertmanager's grouping timers.
@@ -306,6 +343,7 @@ impl Default for Settings {
             resend_delay: default_resend_delay(),
             inhibit_on_dependency: false,
             alert_webhooks: Vec::new(),
+            anomaly: Vec::new(),
         }
     }
 }
