@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
         labels: [("service".to_owned(), "web".to_owned())].into(),
         external_labels: Default::default(),
         value: 1.5,
+        query: Some(&|_: &str| Ok(vec![(Default::default(), 1.0)])),
     };
     let _ = template::expand(text, &d);
 });

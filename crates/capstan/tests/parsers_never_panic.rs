@@ -324,11 +324,12 @@ mod rules {
         "index",
     ];
 
-    fn data() -> template::Data {
+    fn data() -> template::Data<'static> {
         template::Data {
             labels: [("service".to_owned(), "web".to_owned())].into(),
             external_labels: Default::default(),
             value: 2.5,
+            query: None,
         }
     }
 

@@ -112,7 +112,9 @@ impl GroupState {
                     .map(|v| v.into_iter().map(|(l, _)| l).collect())
                     .unwrap_or_default();
             }
-            let (written, mut t) = r.apply(t_ms, result, external, self.limit);
+            let in_templates = |q: &str| query(q, at);
+            let (written, mut t) =
+                r.apply_with(t_ms, result, external, self.limit, Some(&in_templates));
             r.eval_secs = began.elapsed().as_secs_f64();
             let now: BTreeSet<LabelMap> = written.iter().map(|(l, _)| l.clone()).collect();
             let mut out = written;

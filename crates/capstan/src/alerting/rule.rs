@@ -134,6 +134,18 @@ impl RuleState {
         external: &LabelMap,
         limit: u64,
     ) -> (Written, Vec<Transition>) {
+        self.apply_with(t_ms, result, external, limit, None)
+    }
+
+    /// [`RuleState::apply`], with what `query` in templates runs.
+    pub fn apply_with(
+        &mut self,
+        t_ms: i64,
+        result: Result<Vec<(LabelMap, f64)>, String>,
+        external: &LabelMap,
+        limit: u64,
+        query: Option<template::QueryFn<'_>>,
+    ) -> (Written, Vec<Transition>) {
         self.last_eval_ms = Some(t_ms);
         let samples = match result {
             Ok(s) => s,
@@ -141,7 +153,7 @@ impl RuleState {
         };
         match self.rule.kind.clone() {
             RuleKind::Record(name) => (self.record(&name, samples, limit), Vec::new()),
-            RuleKind::Alert(name) => self.alert(&name, t_ms, samples, external, limit),
+            RuleKind::Alert(name) => self.alert(&name, t_ms, samples, external, limit, query),
         }
     }
 
@@ -182,6 +194,7 @@ impl RuleState {
         samples: Vec<(LabelMap, f64)>,
         external: &LabelMap,
         limit: u64,
+        query: Option<template::QueryFn<'_>>,
     ) -> (Written, Vec<Transition>) {
         let before: BTreeMap<LabelMap, AlertState> = self
             .active
@@ -195,6 +208,7 @@ impl RuleState {
                 labels: labels.clone(),
                 external_labels: external.clone(),
                 value: v,
+                query,
             };
             let expand = |src: &str, problems: &mut Vec<String>| match template::expand(src, &data)
             {

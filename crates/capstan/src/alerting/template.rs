@@ -12,12 +12,20 @@ const MAX_DEPTH: usize = 32;
 /// Longest output of one expansion.
 const MAX_OUTPUT: usize = 64 << 10;
 
+/// What a query returns: samples with their labels.
+pub type Samples = Vec<(BTreeMap<String, String>, f64)>;
+
+/// What `query` runs: PromQL at the evaluation's time.
+pub type QueryFn<'a> = &'a dyn Fn(&str) -> Result<Samples, String>;
+
 /// What a template sees.
-#[derive(Debug, Clone, Default)]
-pub struct Data {
+#[derive(Clone, Default)]
+pub struct Data<'a> {
     pub labels: BTreeMap<String, String>,
     pub external_labels: BTreeMap<String, String>,
     pub value: f64,
+    /// For `{{ query "…" }}`; without it, `query` is an error.
+    pub query: Option<QueryFn<'a>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +37,9 @@ enum V {
     Map(BTreeMap<String, String>),
     /// The template's data itself (`.` at the top).
     Root,
+    /// What `query` returned, and one of its samples.
+    Samples(Vec<(BTreeMap<String, String>, f64)>),
+    Sample(BTreeMap<String, String>, f64),
 }
 
 impl V {
@@ -40,6 +51,8 @@ impl V {
             V::Str(s) => !s.is_empty(),
             V::Map(m) => !m.is_empty(),
             V::Root => true,
+            V::Samples(s) => !s.is_empty(),
+            V::Sample(..) => true,
         }
     }
 
@@ -54,6 +67,14 @@ impl V {
                 format!("map[{}]", inner.join(" "))
             }
             V::Root => "{}".into(),
+            V::Samples(s) => format!(
+                "[{}]",
+                s.iter()
+                    .map(|(l, v)| V::Sample(l.clone(), *v).text())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            V::Sample(l, v) => format!("{{{} {}}}", V::Map(l.clone()).text(), go_float(*v)),
         }
     }
 
@@ -65,6 +86,7 @@ impl V {
                 .parse()
                 .map_err(|_| format!("cannot use {s:?} as a number")),
             V::Bool(b) => Ok(f64::from(u8::from(*b))),
+            V::Sample(_, v) => Ok(*v),
             other => Err(format!("cannot use {} as a number", other.text())),
         }
     }
@@ -522,6 +544,11 @@ const FUNCS: &[&str] = &[
     "stripPort",
     "match",
     "reReplaceAll",
+    "query",
+    "first",
+    "value",
+    "label",
+    "sortByLabel",
 ];
 
 fn parse_pipeline(toks: &[Tok]) -> Result<Pipeline, String> {
@@ -731,7 +758,7 @@ pub fn check(src: &str) -> Result<(), String> {
 }
 
 struct Ctx<'a> {
-    data: &'a Data,
+    data: &'a Data<'a>,
     vars: Vec<(String, V)>,
     out: String,
 }
@@ -761,6 +788,8 @@ impl Ctx<'_> {
                 (V::Root, "ExternalLabels") => V::Map(self.data.external_labels.clone()),
                 (V::Root, "Value") => V::Num(self.data.value),
                 (V::Map(m), k) => m.get(k).cloned().map_or(V::Nil, V::Str),
+                (V::Sample(l, _), "Labels") => V::Map(l.clone()),
+                (V::Sample(_, x), "Value") => V::Num(*x),
                 (_, k) => return Err(format!("can't evaluate field {k}")),
             };
         }
@@ -869,9 +898,41 @@ impl Ctx<'_> {
                 .cloned()
                 .unwrap_or(V::Nil),
             "not" => V::Bool(!one()?.truthy()),
+            "query" => {
+                let q = one()?.text();
+                let run = self.data.query.ok_or("query is not available here")?;
+                V::Samples(run(&q)?)
+            }
+            "first" => match one()? {
+                V::Samples(s) => s
+                    .into_iter()
+                    .next()
+                    .map_or(V::Nil, |(l, v)| V::Sample(l, v)),
+                other => return Err(format!("first of {}", other.text())),
+            },
+            "value" => match one()? {
+                V::Sample(_, v) => V::Num(v),
+                other => return Err(format!("value of {}", other.text())),
+            },
+            "label" => match (one()?, args.get(1)) {
+                (name, Some(V::Sample(l, _))) => {
+                    l.get(&name.text()).cloned().map_or(V::Nil, V::Str)
+                }
+                _ => return Err("label needs a name and a sample".into()),
+            },
+            "sortByLabel" => match (one()?, args.get(1)) {
+                (name, Some(V::Samples(s))) => {
+                    let name = name.text();
+                    let mut s = s.clone();
+                    s.sort_by(|a, b| a.0.get(&name).cmp(&b.0.get(&name)));
+                    V::Samples(s)
+                }
+                _ => return Err("sortByLabel needs a label name and query results".into()),
+            },
             "len" => match one()? {
                 V::Str(s) => V::Num(s.chars().count() as f64),
                 V::Map(m) => V::Num(m.len() as f64),
+                V::Samples(s) => V::Num(s.len() as f64),
                 other => return Err(format!("len of {}", other.text())),
             },
             "index" => match (one()?, args.get(1)) {
@@ -956,6 +1017,27 @@ impl Ctx<'_> {
                         cmds: p.cmds.clone(),
                     };
                     let c = self.pipeline(&bare, dot)?;
+                    if let V::Samples(list) = &c {
+                        if list.is_empty() {
+                            self.run(els, dot)?;
+                        }
+                        for (i, (l, v)) in list.iter().enumerate() {
+                            let inner = self.vars.len();
+                            let item = V::Sample(l.clone(), *v);
+                            match decl.as_slice() {
+                                [val] => self.vars.push((val.clone(), item.clone())),
+                                [key, val] => {
+                                    self.vars.push((key.clone(), V::Num(i as f64)));
+                                    self.vars.push((val.clone(), item.clone()));
+                                }
+                                _ => {}
+                            }
+                            self.run(body, &item)?;
+                            self.vars.truncate(inner);
+                        }
+                        self.vars.truncate(mark);
+                        continue;
+                    }
                     let V::Map(m) = c else {
                         if c.truthy() {
                             return Err(format!("range can't iterate over {}", c.text()));
@@ -1012,7 +1094,7 @@ pub fn expand(src: &str, data: &Data) -> Result<String, String> {
 mod tests {
     use super::*;
 
-    fn data() -> Data {
+    fn data() -> Data<'static> {
         Data {
             labels: BTreeMap::from([
                 ("service".to_owned(), "web".to_owned()),
@@ -1020,6 +1102,7 @@ mod tests {
             ]),
             external_labels: BTreeMap::from([("site".to_owned(), "home".to_owned())]),
             value: 1234.5678,
+            query: None,
         }
     }
 
@@ -1105,6 +1188,48 @@ mod tests {
         );
         let deep = "{{ if 1 }}".repeat(40) + &"{{ end }}".repeat(40);
         assert!(check(&deep).unwrap_err().contains("nested deeper"));
+    }
+
+    #[test]
+    fn query_results_in_templates() {
+        let q = |expr: &str| -> Result<Samples, String> {
+            match expr {
+                "up" => Ok(vec![
+                    (
+                        BTreeMap::from([("instance".to_owned(), "b".to_owned())]),
+                        0.0,
+                    ),
+                    (
+                        BTreeMap::from([("instance".to_owned(), "a".to_owned())]),
+                        1.0,
+                    ),
+                ]),
+                _ => Err(format!("bad query {expr}")),
+            }
+        };
+        let d = Data {
+            query: Some(&q),
+            ..data()
+        };
+        let x = |src: &str| expand(src, &d).unwrap_or_else(|e| format!("ERROR {e}"));
+        assert_eq!(x(r#"{{ query "up" | first | value }}"#), "0");
+        assert_eq!(
+            x(r#"{{ with query "up" }}{{ . | first | label "instance" }}{{ end }}"#),
+            "b"
+        );
+        assert_eq!(
+            x(
+                r#"{{ range query "up" | sortByLabel "instance" }}{{ .Labels.instance }}={{ .Value }} {{ end }}"#
+            ),
+            "a=1 b=0 "
+        );
+        assert_eq!(x(r#"{{ query "up" | len }}"#), "2");
+        assert!(x(r#"{{ query "nope" }}"#).starts_with("ERROR bad query"));
+        assert!(
+            expand(r#"{{ query "up" }}"#, &data())
+                .unwrap_err()
+                .contains("not available")
+        );
     }
 
     #[test]

@@ -206,7 +206,14 @@ fn evaluate_group(
             .instant(&*store, &r.rule.expr, t)
             .map(|o| super::manager::samples(o.value))
             .map_err(|e| e.to_string());
-        let (written, _) = r.apply(t, result, external, limit);
+        let view = &*store;
+        let in_templates = |q: &str| {
+            engine
+                .instant(view, q, t)
+                .map(|o| super::manager::samples(o.value))
+                .map_err(|e| e.to_string())
+        };
+        let (written, _) = r.apply_with(t, result, external, limit, Some(&in_templates));
         for (l, v) in written {
             store.add(&Labels::new(l.into_iter().collect()), t, MemPoint::Float(v));
         }
