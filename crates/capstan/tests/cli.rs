@@ -129,3 +129,29 @@ services:
     assert_eq!(mode(&made), 0o666 & !user.bits());
     s.ok(&["down"]);
 }
+
+#[test]
+fn the_dashboard_shows_services_replicas_and_events() {
+    let s = TestStack::new(
+        "services:\n  web:\n    command: [\"{demo}\"]\n    environment: {CAPSTAN_TEST_MARKER: \"{marker}\", LOG_REQUESTS: \"0\"}\n    deploy: {replicas: 2}\n    x-capstan: {metrics: {disable: true}, healthcheck: {http: /healthz, interval: 1s}}\n",
+    );
+    s.up();
+    let (code, body) = http_fetch(&daemon_addr(&s), "/");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("<!doctype html>"), "{body}");
+    assert!(
+        body.contains("<td>web</td><td class=ok>2/2 ready</td>"),
+        "{body}"
+    );
+    assert!(
+        body.contains("<td>web-0</td>") && body.contains("<td>web-1</td>"),
+        "{body}"
+    );
+    assert!(body.contains("healthy"), "{body}");
+    assert!(
+        body.contains("<h2>Recent events</h2>") && body.contains("started"),
+        "{body}"
+    );
+    assert!(body.contains("none firing or pending"), "{body}");
+    s.ok(&["down"]);
+}

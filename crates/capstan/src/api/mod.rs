@@ -49,6 +49,7 @@ pub struct Api {
     pub listen: std::net::SocketAddr,
 }
 
+pub mod dashboard;
 pub mod guard;
 pub mod ingest;
 pub mod loki;
@@ -154,6 +155,10 @@ pub fn router(api: Api) -> Router {
         .nest("/api", tempo)
         .merge(ingest)
         .merge(push)
+        .route(
+            "/",
+            get(dashboard::overview).layer(middleware::from_fn_with_state(api.clone(), read_auth)),
+        )
         .route("/metrics", get(own_metrics))
         .route("/metrics/node", get(node_metrics))
         .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))
