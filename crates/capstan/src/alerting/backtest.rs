@@ -217,9 +217,7 @@ pub fn run(
     Ok(report)
 }
 
-fn time(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
-}
+use super::rfc3339 as time;
 
 /// The report in words: each alert's episodes, then how often each flapped.
 pub fn render(r: &Report) -> String {

@@ -406,17 +406,13 @@ impl Alerting {
         if cfg.webhooks.is_empty() {
             return;
         }
-        let item = |a: &super::rule::Alert, expr: &str, firing: bool| {
-            let mut labels = external.clone();
-            labels.extend(a.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-            super::webhook::Item {
-                labels,
-                annotations: a.annotations.clone(),
-                firing,
-                starts_at_ms: a.active_at_ms,
-                ends_at_ms: a.resolved_at_ms.filter(|_| !firing),
-                generator_url: format!("{base}/graph?g0.expr={}&g0.tab=1", url_encode(expr)),
-            }
+        let item = |a: &super::rule::Alert, expr: &str, firing: bool| super::webhook::Item {
+            labels: with_external(a, external),
+            annotations: a.annotations.clone(),
+            firing,
+            starts_at_ms: a.active_at_ms,
+            ends_at_ms: a.resolved_at_ms.filter(|_| !firing),
+            generator_url: generator_url(base, expr),
         };
         let mut items = Vec::new();
         for g in due {
@@ -451,18 +447,23 @@ impl Alerting {
             }
         }
         drop(cfg);
-        for b in out {
-            let queued = self
-                .queue
-                .lock()
-                .unwrap()
-                .as_ref()
-                .is_some_and(|q| q.try_send(b).is_ok());
-            if !queued {
-                self.stats
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        for batch in out {
+            self.offer(batch);
+        }
+    }
+
+    /// Queues a batch for delivery; when the queue is full it is dropped and counted.
+    fn offer(&self, batch: Batch) {
+        let queued = self
+            .queue
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|q| q.try_send(batch).is_ok());
+        if !queued {
+            self.stats
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -492,17 +493,7 @@ impl Alerting {
             return;
         }
         let body = serde_json::to_vec(&batch).unwrap_or_default();
-        let queued = self
-            .queue
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|q| q.try_send((targets.to_vec(), body)).is_ok());
-        if !queued {
-            self.stats
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.offer((targets.to_vec(), body));
     }
 
     /// A transition as an event (on the alert's service).
@@ -613,8 +604,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| String::new(), |t| t.to_string())
+use super::rfc3339;
+
+/// Where an alert links back to: its expression in the graph page.
+fn generator_url(base: &str, expr: &str) -> String {
+    format!(
+        "{base}/graph?g0.expr={}&g0.tab=1",
+        crate::scrape::encode(expr)
+    )
+}
+
+/// An alert's labels with the external labels added (its own win).
+fn with_external(a: &super::rule::Alert, external: &LabelMap) -> LabelMap {
+    let mut labels = external.clone();
+    labels.extend(a.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
 }
 
 /// An alert as Alertmanager's API v2 takes it: external labels added
@@ -627,31 +631,17 @@ pub fn postable(
     base: &str,
     valid_until: i64,
 ) -> serde_json::Value {
-    let mut labels = external.clone();
-    labels.extend(a.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     let ends = match a.state {
         AlertState::Inactive => a.resolved_at_ms.unwrap_or(valid_until),
         _ => valid_until,
     };
-    let q: String = url_encode(expr);
     serde_json::json!({
-        "labels": labels,
+        "labels": with_external(a, external),
         "annotations": a.annotations,
         "startsAt": rfc3339(a.active_at_ms),
         "endsAt": rfc3339(ends),
-        "generatorURL": format!("{base}/graph?g0.expr={q}&g0.tab=1"),
+        "generatorURL": generator_url(base, expr),
     })
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn same_rules(a: &[RuleState], b: &[RuleState]) -> bool {

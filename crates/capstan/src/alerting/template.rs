@@ -109,18 +109,21 @@ fn go_float(v: f64) -> String {
     if (-4..21).contains(&exp) {
         format!("{v}")
     } else {
-        let s = format!("{v:e}");
-        // Go writes e+21, e-05.
-        match s.split_once('e') {
-            Some((m, e)) => {
-                let (sign, digits) = match e.strip_prefix('-') {
-                    Some(d) => ('-', d),
-                    None => ('+', e),
-                };
-                format!("{m}e{sign}{digits:0>2}")
-            }
-            None => s,
+        go_exponent(format!("{v:e}"))
+    }
+}
+
+/// Rust's `1e5` / `1e-5` written as Go writes exponents: `1e+05`, `1e-05`.
+pub fn go_exponent(s: String) -> String {
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let (sign, digits) = match e.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', e),
+            };
+            format!("{m}e{sign}{digits:0>2}")
         }
+        None => s,
     }
 }
 
@@ -297,19 +300,7 @@ fn sprintf(format: &str, args: &[V]) -> String {
             },
             'f' | 'F' | 'e' | 'g' => match arg.num() {
                 Ok(n) => match verb {
-                    'e' => {
-                        let s = format!("{:.*e}", prec.unwrap_or(6), n);
-                        match s.split_once('e') {
-                            Some((m, e)) => {
-                                let (sign, d) = match e.strip_prefix('-') {
-                                    Some(d) => ('-', d),
-                                    None => ('+', e),
-                                };
-                                format!("{m}e{sign}{d:0>2}")
-                            }
-                            None => s,
-                        }
-                    }
+                    'e' => go_exponent(format!("{:.*e}", prec.unwrap_or(6), n)),
                     'g' => match prec {
                         Some(p) => fmt_g(n, p),
                         None => go_float(n),
@@ -1185,6 +1176,12 @@ mod tests {
             expand("{{ $nope }}", &data())
                 .unwrap_err()
                 .contains("undefined variable")
+        );
+        let long = "x".repeat(MAX_OUTPUT + 1) + "{{ $value }}";
+        assert!(
+            expand(&long, &data())
+                .unwrap_err()
+                .contains("output longer than 64 KiB")
         );
         let deep = "{{ if 1 }}".repeat(40) + &"{{ end }}".repeat(40);
         assert!(check(&deep).unwrap_err().contains("nested deeper"));

@@ -42,9 +42,7 @@ pub struct Dispatcher {
     groups: BTreeMap<String, Group>,
 }
 
-fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| String::new(), |t| t.to_string())
-}
+use super::rfc3339;
 
 /// Labels every alert of the group shares (and annotations likewise).
 fn common(maps: &[&LabelMap]) -> LabelMap {

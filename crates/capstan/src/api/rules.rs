@@ -9,8 +9,7 @@ use crate::alerting::file::RuleKind;
 use crate::alerting::rule::{Alert, AlertState, RuleState};
 
 fn time(ms: Option<i64>) -> String {
-    ms.and_then(|t| jiff::Timestamp::from_millisecond(t).ok())
-        .map_or_else(|| "0001-01-01T00:00:00Z".into(), |t| t.to_string())
+    ms.map_or_else(|| "0001-01-01T00:00:00Z".into(), crate::alerting::rfc3339)
 }
 
 /// Go's `strconv.FormatFloat(v, 'e', -1, 64)`: `1e+00`, `2.5e-01`.
@@ -21,17 +20,7 @@ fn value(v: f64) -> String {
     if v.is_infinite() {
         return if v > 0.0 { "+Inf" } else { "-Inf" }.into();
     }
-    let s = format!("{v:e}");
-    match s.split_once('e') {
-        Some((m, e)) => {
-            let (sign, d) = match e.strip_prefix('-') {
-                Some(d) => ('-', d),
-                None => ('+', e),
-            };
-            format!("{m}e{sign}{d:0>2}")
-        }
-        None => s,
-    }
+    crate::alerting::template::go_exponent(format!("{v:e}"))
 }
 
 fn alert_json(a: &Alert) -> Value {

@@ -737,19 +737,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Alerts { output, .. } => {
-            let v = ctx
-                .client()?
-                .json(Method::GET, "/api/v1/alerts", None)
-                .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v["data"])?);
-                return Ok(0);
-            }
-            print!(
-                "{}",
-                output::alerts_table(&v["data"], crate::events::now_ms())
-            );
-            Ok(0)
+            show_data(&ctx, "/api/v1/alerts", output, output::alerts_table).await
         }
         Cmd::Rules {
             generated: true, ..
@@ -810,19 +798,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Rules { output, .. } => {
-            let v = ctx
-                .client()?
-                .json(Method::GET, "/api/v1/rules", None)
-                .await?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v["data"])?);
-                return Ok(0);
-            }
-            print!(
-                "{}",
-                output::rules_table(&v["data"], crate::events::now_ms())
-            );
-            Ok(0)
+            show_data(&ctx, "/api/v1/rules", output, output::rules_table).await
         }
         Cmd::Check { .. } => {
             let l = ctx.load()?;
@@ -849,6 +825,22 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Exec { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// A Prometheus-shaped API answer's `data`: as JSON, or rendered for people.
+async fn show_data(
+    ctx: &Ctx,
+    path: &str,
+    output: Output,
+    render: fn(&serde_json::Value, i64) -> String,
+) -> Result<i32> {
+    let v = ctx.client()?.json(Method::GET, path, None).await?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v["data"])?);
+    } else {
+        print!("{}", render(&v["data"], crate::events::now_ms()));
+    }
+    Ok(0)
 }
 
 async fn service_action(ctx: &Ctx, action: &str, services: Vec<String>) -> Result<i32> {

@@ -345,6 +345,18 @@ fn ms_of(rfc3339: &serde_json::Value) -> Option<i64> {
         .filter(|t| *t > 0)
 }
 
+/// An alert's labels but its name, as `k=v k=v`.
+fn alert_labels(labels: &serde_json::Value) -> String {
+    labels
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| *k != "alertname")
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `capstan alerts`: firing and pending alerts.
 pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
     let alerts = v["alerts"].as_array().cloned().unwrap_or_default();
@@ -356,13 +368,7 @@ pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
         "ALERT", "STATE", "AGE", "LABELS", "SUMMARY"
     );
     for a in alerts {
-        let labels: Vec<String> = a["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| *k != "alertname")
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-            .collect();
+        let labels = alert_labels(&a["labels"]);
         let age =
             ms_of(&a["activeAt"]).map_or("-".into(), |t| human_duration_ms((now_ms - t).max(0)));
         let by: Vec<&str> = a["inhibitedBy"]
@@ -384,7 +390,7 @@ pub fn alerts_table(v: &serde_json::Value, now_ms: i64) -> String {
             a["labels"]["alertname"].as_str().unwrap_or(""),
             state,
             age,
-            labels.join(" "),
+            labels,
             a["annotations"]["summary"].as_str().unwrap_or("")
         ));
     }
@@ -401,13 +407,7 @@ pub fn alert_history(lines: &[serde_json::Value]) -> String {
         "TIME", "ALERT", "STATE", "VALUE", "LABELS"
     );
     for l in lines {
-        let labels: Vec<String> = l["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| *k != "alertname")
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-            .collect();
+        let labels = alert_labels(&l["labels"]);
         out.push_str(&format!(
             "{:<25} {:<28} {:<9} {:>10}  {}\n",
             l["at"].as_str().unwrap_or(""),
@@ -416,7 +416,7 @@ pub fn alert_history(lines: &[serde_json::Value]) -> String {
             l["value"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.4}")),
-            labels.join(" ")
+            labels
         ));
     }
     out

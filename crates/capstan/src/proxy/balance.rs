@@ -193,8 +193,8 @@ impl Backend {
     /// has none that can.
     pub fn pick(&self, exclude: &[Tried], bucket: u32) -> Option<Arc<Endpoint>> {
         let all = self.endpoints();
-        let split = self.split.read().unwrap().clone();
-        if let Some(split) = split {
+        let guard = self.split.read().unwrap();
+        if let Some(split) = guard.as_ref() {
             let side = split.route(bucket);
             let mine: Vec<Arc<Endpoint>> = all
                 .iter()
@@ -213,6 +213,7 @@ impl Backend {
                 .collect();
             return self.pick_from(&rest, exclude);
         }
+        drop(guard);
         self.pick_from(&all, exclude)
     }
 

@@ -902,18 +902,14 @@ impl Decoder<'_> {
         if let Some(n) = f.take("rule_files") {
             s.rule_files = self.rule_files(n, &join(path, "rule_files"));
         }
-        if let Some(d) = f
-            .take("evaluation_interval")
-            .and_then(|n| self.duration(n, &join(path, "evaluation_interval")))
-        {
-            if d.0 < std::time::Duration::from_secs(1) {
-                self.error(
-                    f.take("evaluation_interval").unwrap_or(node),
-                    &join(path, "evaluation_interval"),
-                    "must be at least 1s",
-                );
-            } else {
-                s.evaluation_interval = d;
+        if let Some(n) = f.take("evaluation_interval") {
+            let p = join(path, "evaluation_interval");
+            match self.duration(n, &p) {
+                Some(d) if d.0 < std::time::Duration::from_secs(1) => {
+                    self.error(n, &p, "must be at least 1s")
+                }
+                Some(d) => s.evaluation_interval = d,
+                None => {}
             }
         }
         if let Some(n) = f.take("external_labels") {
