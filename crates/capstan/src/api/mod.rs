@@ -148,6 +148,28 @@ pub fn router(api: Api) -> Router {
         .route("/search/tag/{name}/values", get(tempo::search_tag_values))
         .route("/echo", get(tempo::echo))
         .layer(middleware::from_fn_with_state(api.clone(), read_auth));
+    let pages = Router::new()
+        .route("/", get(dashboard::overview))
+        .route("/service/{name}", get(dashboard::service))
+        .route("/explore", get(dashboard::explore))
+        .route("/logs", get(dashboard::logs))
+        .route("/traces", get(dashboard::traces))
+        .route("/traces/{id}", get(dashboard::trace))
+        .route("/alerts", get(dashboard::alerts))
+        .layer(middleware::from_fn_with_state(
+            api.clone(),
+            dashboard::page_auth,
+        ))
+        .route(
+            "/ui/api/events",
+            get(dashboard::events).layer(middleware::from_fn_with_state(api.clone(), read_auth)),
+        )
+        .route("/ui/{version}/{file}", get(dashboard::asset))
+        .route(
+            "/login",
+            get(dashboard::login_form).post(dashboard::login),
+        )
+        .route("/logout", post(dashboard::logout));
     Router::new()
         .nest("/capstan/v1", control)
         .nest("/api/v1", read)
@@ -155,10 +177,7 @@ pub fn router(api: Api) -> Router {
         .nest("/api", tempo)
         .merge(ingest)
         .merge(push)
-        .route(
-            "/",
-            get(dashboard::overview).layer(middleware::from_fn_with_state(api.clone(), read_auth)),
-        )
+        .merge(pages)
         .route("/metrics", get(own_metrics))
         .route("/metrics/node", get(node_metrics))
         .route("/-/healthy", get(|| async { "Capstan is Healthy.\n" }))
@@ -188,9 +207,13 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
     }
 }
 
-/// Read endpoints are open on loopback, and want the token otherwise.
+/// Read endpoints are open on loopback, and want the token otherwise (the
+/// bearer header, or the dashboard's login cookie).
 async fn read_auth(State(api): State<Api>, req: Request, next: Next) -> Response {
-    if !api.reads_need_token {
+    if !api.reads_need_token
+        || dashboard::token_of(req.headers())
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()))
+    {
         return next.run(req).await;
     }
     auth(State(api), req, next).await
