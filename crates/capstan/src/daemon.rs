@@ -430,7 +430,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         query_stats: Default::default(),
         started: jiff::Timestamp::now(),
         retention: format!("{}d", storage.retention.0.as_secs() / 86_400),
-        reads_need_token: !addr.ip().is_loopback(),
+        reads_need_token: !addr.ip().is_loopback() || opts.stack.settings.api_require_token,
         listen: addr,
         board: parts.board,
         history: parts.history,

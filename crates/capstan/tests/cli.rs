@@ -140,11 +140,11 @@ fn the_dashboard_shows_services_replicas_and_events() {
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("<!doctype html>"), "{body}");
     assert!(
-        body.contains("<td>web</td><td class=ok>2/2 ready</td>"),
+        body.contains("<a href=\"/service/web\">web</a></td><td class=ok>2/2 ready</td>"),
         "{body}"
     );
     assert!(
-        body.contains("<td>web-0</td>") && body.contains("<td>web-1</td>"),
+        body.contains(">web-0</a></td>") && body.contains(">web-1</a></td>"),
         "{body}"
     );
     assert!(body.contains("healthy"), "{body}");

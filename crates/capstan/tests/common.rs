@@ -532,3 +532,16 @@ pub fn event_positions(events: &[Value], kind: &str, rev: u64) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+/// The python3 on PATH: the one scripts/test installed the test packages into.
+pub fn python() -> String {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("python3"))
+                .find(|p| p.exists())
+        })
+        .expect("python3 on PATH")
+        .display()
+        .to_string()
+}

@@ -63,19 +63,6 @@ fn attr(s: &Value, k: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The python3 on PATH: the one scripts/test installed the SDK into.
-fn python() -> String {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("python3"))
-                .find(|p| p.exists())
-        })
-        .expect("python3 on PATH")
-        .display()
-        .to_string()
-}
-
 #[test]
 fn a_python_sdk_trace_is_found_by_id_by_search_and_with_its_logs() {
     let python = python();

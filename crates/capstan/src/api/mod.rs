@@ -165,10 +165,7 @@ pub fn router(api: Api) -> Router {
             get(dashboard::events).layer(middleware::from_fn_with_state(api.clone(), read_auth)),
         )
         .route("/ui/{version}/{file}", get(dashboard::asset))
-        .route(
-            "/login",
-            get(dashboard::login_form).post(dashboard::login),
-        )
+        .route("/login", get(dashboard::login_form).post(dashboard::login))
         .route("/logout", post(dashboard::logout));
     Router::new()
         .nest("/capstan/v1", control)

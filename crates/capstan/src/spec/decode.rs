@@ -950,6 +950,18 @@ impl Decoder<'_> {
                 self.finish(lf, &lp, &[]);
             }
         }
+        if let Some(n) = f.take("api")
+            && let Some(mut af) = self.fields(n, &join(path, "api"))
+        {
+            let ap = join(path, "api");
+            if let Some(b) = af
+                .take("require_token")
+                .and_then(|v| self.boolean(v, &join(&ap, "require_token")))
+            {
+                s.api_require_token = b;
+            }
+            self.finish(af, &ap, &[]);
+        }
         if let Some(n) = f.take("notify")
             && let Some(mut nf) = self.fields(n, &join(path, "notify"))
         {

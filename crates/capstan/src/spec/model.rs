@@ -136,6 +136,11 @@ pub struct Settings {
     /// posted as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
+    /// `x-capstan.api.require_token`: the read APIs and the dashboard want
+    /// the token on loopback too (a machine shared with other users). Read
+    /// when the daemon starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_require_token: bool,
     /// Prometheus rule files (`x-capstan.rule_files`, globs relative to the
     /// stack file), as the paths they matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -336,6 +341,7 @@ impl Default for Settings {
             storage: StorageSettings::default(),
             query: QuerySettings::default(),
             notify: None,
+            api_require_token: false,
             rule_files: Vec::new(),
             evaluation_interval: default_evaluation_interval(),
             external_labels: BTreeMap::new(),

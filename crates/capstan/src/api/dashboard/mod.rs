@@ -175,11 +175,7 @@ pub async fn service(
         *r.status_mut() = StatusCode::NOT_FOUND;
         return r;
     }
-    let autoscaled = api
-        .autoscaler
-        .statuses()
-        .iter()
-        .any(|s| s.service == name);
+    let autoscaled = api.autoscaler.statuses().iter().any(|s| s.service == name);
     let live = pages::service(&api, &name).await;
     let mut data = vec![("service", name.as_str())];
     if autoscaled {
@@ -402,7 +398,10 @@ mod tests {
     fn the_token_comes_from_the_header_or_the_cookie() {
         let mut h = HeaderMap::new();
         assert_eq!(token_of(&h), None);
-        h.insert(header::COOKIE, HeaderValue::from_static("a=b; capstan_token=t1"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; capstan_token=t1"),
+        );
         assert_eq!(token_of(&h), Some("t1"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t2"));
         assert_eq!(token_of(&h), Some("t2"));

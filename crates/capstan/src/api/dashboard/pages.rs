@@ -46,7 +46,7 @@ struct Red {
 
 const RED_QUERIES: [&str; 3] = [
     "sum by (service) (rate(http_requests_total{job=\"capstan\"}[1m]))",
-    "sum by (service) (rate(http_requests_total{job=\"capstan\",code=~\"5..\"}[1m])) / sum by (service) (rate(http_requests_total{job=\"capstan\"}[1m]))",
+    "(sum by (service) (rate(http_requests_total{job=\"capstan\",code=~\"5..\"}[1m])) or sum by (service) (rate(http_requests_total{job=\"capstan\"}[1m])) * 0) / sum by (service) (rate(http_requests_total{job=\"capstan\"}[1m]))",
     "histogram_quantile(0.99, sum by (le, service) (rate(http_request_duration_seconds_bucket{job=\"capstan\"}[1m])))",
 ];
 
@@ -157,7 +157,9 @@ fn replica_rows(h: &mut String, replicas: &[crate::state::Status], link: bool) {
 
 fn event_rows(h: &mut String, api: &Api, service: Option<&str>) {
     let (history, _) = api.events.subscribe_with_history();
-    h.push_str("<table><thead><tr><th>time</th><th>who</th><th>what</th><th>why</th></tr></thead><tbody>");
+    h.push_str(
+        "<table><thead><tr><th>time</th><th>who</th><th>what</th><th>why</th></tr></thead><tbody>",
+    );
     let mut n = 0;
     for e in history
         .iter()
@@ -294,8 +296,14 @@ fn host() -> String {
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kib = |key: &str| {
-        mem.lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        mem.lines().find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let memory = match (kib("MemTotal:"), kib("MemAvailable:")) {
@@ -382,8 +390,10 @@ pub async fn service(api: &Api, name: &str) -> Vec<String> {
                 format!(
                     "{}: {}",
                     esc(&m.metric),
-                    m.ratio
-                        .map_or("no value".into(), |r| format!("{:.0}% of target", r * 100.0))
+                    m.ratio.map_or("no value".into(), |r| format!(
+                        "{:.0}% of target",
+                        r * 100.0
+                    ))
                 )
             })
             .collect();

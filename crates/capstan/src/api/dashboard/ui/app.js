@@ -249,10 +249,13 @@ function service() {
 
 function streamsToRows(result) {
   const rows = [];
-  for (const s of result) for (const v of s.values) rows.push({ ns: +v[0], line: v[1], labels: s.stream, meta: v[2] });
+  for (const s of result) for (const v of s.values) rows.push({ ns: +v[0], nsText: v[0], line: v[1], labels: s.stream, meta: v[2] });
   rows.sort((a, b) => b.ns - a.ns);
   return rows;
 }
+
+/// Labels Loki shows with a stream that are each line's own metadata.
+const META = new Set(['trace_id', 'span_id', 'detected_level']);
 
 const TRACE = /(?:trace_?id|traceID)["=:\s]+"?([0-9a-f]{32})\b/i;
 
@@ -263,7 +266,7 @@ function tsText(ns) {
 
 function logLine(r, onContext) {
   const who = r.labels.service ? `${r.labels.service}${r.labels.replica !== undefined ? '-' + r.labels.replica : ''}` : seriesName(r.labels);
-  const trace = (r.meta && r.meta.trace_id) || (r.line.match(TRACE) || [])[1];
+  const trace = (r.meta && r.meta.trace_id) || r.labels.trace_id || (r.line.match(TRACE) || [])[1];
   const li = el('li', { 'data-ns': r.ns },
     el('time', { datetime: new Date(r.ns / 1e6).toISOString(), text: tsText(r.ns) }),
     el('span', { class: 'who', text: who }),
@@ -436,7 +439,7 @@ function explore() {
   heat.onchange = () => { setParam('heatmap', heat.checked ? '1' : null); execute(); };
   form.addEventListener('submit', e => { e.preventDefault(); execute(); });
   input.addEventListener('keydown', e => {
-    if (e.key === 'Enter' && !e.shiftKey && list.hidden) { e.preventDefault(); execute(); }
+    if (e.key === 'Enter' && !e.shiftKey && !e.defaultPrevented) { e.preventDefault(); execute(); }
   });
   main.append(el('div', { class: 'controls' },
     el('span', { role: 'tablist', 'aria-label': 'view' }, graphBtn, tableBtn), rangePicker(execute),
@@ -472,15 +475,17 @@ function logs() {
   async function context(r, li) {
     const next = li.nextElementSibling;
     if (next && next.classList.contains('context')) { next.remove(); return; }
-    const sel = '{' + Object.entries(r.labels).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ') + '}';
+    // The line's stream (its per-line metadata, such as trace ids, left out).
+    const sel = '{' + Object.entries(r.labels).filter(([k]) => !META.has(k)).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ') + '}';
+    const at = BigInt(r.nsText), hour = 3600000000000n;
     const [before, after] = await Promise.all([
-      api('/loki/api/v1/query_range', { query: sel, limit: 10, direction: 'backward', start: r.ns - 3600e9, end: r.ns }),
-      api('/loki/api/v1/query_range', { query: sel, limit: 11, direction: 'forward', start: r.ns, end: r.ns + 3600e9 }),
+      api('/loki/api/v1/query_range', { query: sel, limit: 10, direction: 'backward', start: String(at - hour), end: String(at) }),
+      api('/loki/api/v1/query_range', { query: sel, limit: 11, direction: 'forward', start: String(at), end: String(at + hour) }),
     ]);
     const rows = [...streamsToRows(before.data.result).reverse(), ...streamsToRows(after.data.result).reverse()];
     const box = el('li', { class: 'context' }, el('ol', { class: 'lines' }, rows.map(x => {
       const l = logLine(x);
-      if (x.ns === r.ns && x.line === r.line) l.classList.add('hit');
+      if (x.nsText === r.nsText && x.line === r.line) l.classList.add('hit');
       return l;
     })));
     li.after(box);
@@ -580,6 +585,9 @@ function traces() {
   execute();
 }
 
+const SPAN_KINDS = ['unspecified', 'internal', 'server', 'client', 'producer', 'consumer'];
+const STATUS_CODES = ['unset', 'ok', 'error'];
+
 function attrValue(v) {
   if (!v) return '';
   for (const k of ['stringValue', 'intValue', 'doubleValue', 'boolValue']) if (v[k] !== undefined) return String(v[k]);
@@ -645,12 +653,11 @@ function showSpan(s, lines, detail) {
   const own = lines.filter(l => !l.span_id || hexId(l.span_id) === s.id);
   detail.replaceChildren(el('h3', { text: `${s.service}: ${s.name}` }),
     el('table', { class: 'attrs' }, el('tbody', {},
-      [['span id', s.id], ['duration', formatValue((s.end - s.start) / 1e9, 'seconds')], ['kind', String(s.kind ?? '')], ['status', s.status ? JSON.stringify(s.status) : 'unset'], ...attrs,
+      [['span id', s.id], ['duration', formatValue((s.end - s.start) / 1e9, 'seconds')], ['kind', SPAN_KINDS[s.kind] ?? String(s.kind ?? '')], ['status', s.status ? [STATUS_CODES[s.status.code ?? 0] ?? String(s.status.code), s.status.message].filter(Boolean).join(': ') : 'unset'], ...attrs,
         ...Object.entries(s.resource).map(([k, v]) => ['resource ' + k, v])]
         .map(([k, v]) => el('tr', {}, el('th', { text: k }), el('td', { text: v }))))),
-    el('h3', { text: 'Log lines of this trace' }),
-    own.length ? el('ol', { class: 'lines', id: 'trace-logs' }, own.map(l => el('li', {},
-      el('time', { text: l.time ?? tsText(+l.timestamp || 0) }), el('span', { class: 'who', text: l.service ?? '' }), el('span', { class: 'text', text: l.line ?? JSON.stringify(l) }))))
+    el('h3', { text: 'Log lines of this span' }),
+    own.length ? el('ol', { class: 'lines', id: 'trace-logs' }, own.map(l => logLine({ ns: +l.ts_ns, line: l.line, labels: l.labels || {} })))
       : el('p', { class: 'dim', text: 'none' }));
 }
 

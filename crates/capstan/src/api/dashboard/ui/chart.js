@@ -123,6 +123,8 @@ export class Chart {
     this.canvas.addEventListener('mouseup', e => this.endDrag(e));
     this.resize = () => this.draw();
     window.addEventListener('resize', this.resize);
+    // Every chart on the page, for the browser tests and the console.
+    (window.capstanCharts = window.capstanCharts || []).push(this);
   }
 
   px(e) {
@@ -140,6 +142,8 @@ export class Chart {
     const t0 = performance.now();
     this.draw();
     this.lastDrawMs = performance.now() - t0;
+    this.root.dataset.series = String(this.series.length);
+    this.root.dataset.marks = String((this.marks || []).length);
     return this.lastDrawMs;
   }
 
@@ -232,7 +236,9 @@ export class Chart {
     for (let t = Math.ceil((this.start - tz) / tstep) * tstep + tz; t <= this.end; t += tstep) {
       const xx = Math.round(x(t)) + 0.5;
       ctx.beginPath(); ctx.moveTo(xx, g.top); ctx.lineTo(xx, g.top + ph); ctx.stroke();
-      ctx.fillText(timeLabel(t, span), xx, g.h - 12);
+      const label = timeLabel(t, span);
+      const half = ctx.measureText(label).width / 2;
+      if (xx - half >= 0 && xx + half <= g.w) ctx.fillText(label, xx, g.h - 12);
     }
     if (this.opts.heatmap) this.drawHeatmap(ctx, g, x, pw, ph, fg, grid);
     else this.drawLines(ctx, g, x, ph, fg, grid);
@@ -382,11 +388,15 @@ export class Chart {
     }
     this.cursor = px;
     this.draw();
-    const mark = (this.marks || []).find(m => Math.abs(m.x - px) <= 4);
+    // Every event marked under the pointer (several can share a pixel).
+    const near = (this.marks || []).filter(m => Math.abs(m.x - px) <= 4);
     const lines = [];
-    if (mark) {
-      lines.push([`${new Date(mark.a.time_ms).toLocaleTimeString()} ${mark.a.service}`, ANNOTATION_COLORS[kindOf(mark.a)]]);
-      lines.push([mark.a.text, null]);
+    if (near.length) {
+      for (const m of near.slice(-6)) {
+        lines.push([`${new Date(m.a.time_ms).toLocaleTimeString()} ${m.a.service}`, ANNOTATION_COLORS[kindOf(m.a)]]);
+        lines.push([m.a.text, null]);
+      }
+      if (near.length > 6) lines.push([`… ${near.length - 6} more`, null]);
     } else if (this.opts.heatmap && this.cells) {
       const t = this.timeAt(px);
       const { times, cells } = this.cells;
@@ -443,6 +453,7 @@ export class Chart {
 
   destroy() {
     window.removeEventListener('resize', this.resize);
+    window.capstanCharts = window.capstanCharts.filter(c => c !== this);
     this.root.remove();
   }
 }
