@@ -234,6 +234,12 @@ def run(d):
     rows = wait(d, "return document.querySelectorAll('#result tbody tr').length", "the table")
     check(rows == 3, f"the table has 3 rows ({rows})")
     shot(d, "explore")
+    # A wrong query says what is wrong, on the page (not in the console).
+    d.get(URL + "/explore?q=rate(up[5m]")
+    err = wait(d, "const s = document.getElementById('status'); return s.className === 'bad' && s.textContent",
+               "the query's error")
+    check(err and "parse" in err.lower(), f"a wrong query shows the parser's error ({err})")
+    d.get_log("browser")  # the 400 of that query is the expected one
     # Histogram buckets as a heatmap.
     q = 'sum by (le) (rate(http_request_duration_seconds_bucket{job="capstan"}[1m]))'
     d.get(URL + "/explore?heatmap=1&q=" + q)

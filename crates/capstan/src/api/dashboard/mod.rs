@@ -251,6 +251,12 @@ pub fn mark_group(kind: &str) -> Option<&'static str> {
 /// for the charts' annotations and timelines.
 pub async fn events(State(api): State<Api>, Query(p): Query<EventParams>) -> Response {
     let (history, _) = api.events.subscribe_with_history();
+    let out = select_events(&history, &p);
+    axum::Json(serde_json::json!({ "events": out })).into_response()
+}
+
+/// The events `p` asks for, oldest first, at most the newest [`MAX_EVENTS`].
+fn select_events(history: &[crate::events::Event], p: &EventParams) -> Vec<serde_json::Value> {
     let start = p.start_ms.unwrap_or(i64::MIN);
     let end = p.end_ms.unwrap_or(i64::MAX);
     let marks = p.marks.is_some();
@@ -279,7 +285,7 @@ pub async fn events(State(api): State<Api>, Query(p): Query<EventParams>) -> Res
         .take(MAX_EVENTS)
         .collect();
     out.reverse();
-    axum::Json(serde_json::json!({ "events": out })).into_response()
+    out
 }
 
 /// The token a request carries: the bearer header, or the login cookie.
@@ -414,6 +420,33 @@ mod tests {
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil")), "/");
         assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn at_most_the_newest_events_in_the_range() {
+        let history: Vec<crate::events::Event> = (0..2500)
+            .map(|i| crate::events::Event {
+                time_ms: i,
+                service: if i % 2 == 0 { "web" } else { "db" }.into(),
+                replica: None,
+                revision: None,
+                kind: if i % 5 == 0 { "scaled" } else { "healthy" }.into(),
+                reason: String::new(),
+            })
+            .collect();
+        let all = select_events(&history, &EventParams::default());
+        assert_eq!(all.len(), MAX_EVENTS);
+        assert_eq!(all[0]["time_ms"], 500, "the newest are kept, oldest first");
+        assert_eq!(all[MAX_EVENTS - 1]["time_ms"], 2499);
+        let p = EventParams {
+            start_ms: Some(100),
+            end_ms: Some(199),
+            service: Some("web".into()),
+            marks: Some("1".into()),
+        };
+        let some = select_events(&history, &p);
+        assert_eq!(some.len(), 10, "{some:?}");
+        assert!(some.iter().all(|e| e["group"] == "scale"));
     }
 
     #[test]

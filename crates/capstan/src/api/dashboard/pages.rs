@@ -477,4 +477,17 @@ mod tests {
         );
         assert_eq!(super::bytes(1536), "1.5 KiB");
     }
+
+    #[test]
+    fn environment_values_are_never_shown() {
+        assert_eq!(
+            super::shown_diff("environment.API_KEY: \"old\" -> \"new\""),
+            "environment.API_KEY: changed (values are not shown)"
+        );
+        assert_eq!(
+            super::shown_diff("environment: added {\"A\":\"x\"}"),
+            "environment: changed (values are not shown)"
+        );
+        assert_eq!(super::shown_diff("image: \"a\" -> \"b\""), "image: \"a\" -> \"b\"");
+    }
 }
