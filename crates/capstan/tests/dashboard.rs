@@ -40,7 +40,9 @@ services:
     environment: {{CAPSTAN_TEST_MARKER: "{{marker}}", VERSION: "{version}", API_KEY: "{SECRET}"}}
     ports: ["{port}:http"]
     deploy: {{replicas: 2, update_config: {{parallelism: 2, order: start-first}}}}
-    x-capstan: {{healthcheck: {{http: /healthz, interval: 1s}}}}
+    x-capstan:
+      healthcheck: {{http: /healthz, interval: 1s}}
+      autoscale: {{min: 2, max: 3, interval: 1s, metrics: [{{rps: 1000}}]}}
 "#
     )
 }

@@ -206,6 +206,10 @@ def run(d):
     check("environment.VERSION: changed" in text, "the revision history says the environment changed")
     check("Revisions" in text and "deploy" in text, "the service page lists revisions")
     wait(d, "return document.querySelectorAll('#service-logs li').length > 0", "the service's log lines")
+    scaler = wait(d, """const c = window.capstanCharts.find(c => c.opts.title.startsWith('Autoscaler: each metric'));
+      return c && c.series.map(s => s.name)""", "the autoscaler's chart")
+    check(scaler and "rps" in scaler, f"the autoscaler's metric is charted against its target ({scaler})")
+    check("Autoscaler" in text and "of 2–3 replicas wanted" in text, "the autoscaler's state is shown")
     shot(d, "service")
     check(not unnamed_controls(d), f"every control on the service page has a name: {unnamed_controls(d)}")
     audit(d, "service")

@@ -488,6 +488,9 @@ mod tests {
             super::shown_diff("environment: added {\"A\":\"x\"}"),
             "environment: changed (values are not shown)"
         );
-        assert_eq!(super::shown_diff("image: \"a\" -> \"b\""), "image: \"a\" -> \"b\"");
+        assert_eq!(
+            super::shown_diff("image: \"a\" -> \"b\""),
+            "image: \"a\" -> \"b\""
+        );
     }
 }
