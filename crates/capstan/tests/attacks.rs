@@ -58,10 +58,7 @@ impl Daemon {
         let s = TestStack::new(stack);
         s.up();
         let addr = daemon_addr(&s);
-        let token = std::fs::read_to_string(s.data_dir().join("token"))
-            .unwrap()
-            .trim()
-            .to_owned();
+        let token = s.token();
         Daemon { s, addr, token }
     }
 

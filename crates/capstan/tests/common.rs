@@ -64,6 +64,14 @@ impl TestStack {
         self.dir.path().join(".capstan")
     }
 
+    /// The daemon's API token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
     /// Runs `capstan ARGS` in the stack's directory.
     pub fn run(&self, args: &[&str]) -> Output {
         self.run_env(args, &[])
@@ -161,7 +169,7 @@ impl TestStack {
         let info: Value =
             serde_json::from_slice(&std::fs::read(self.data_dir().join("daemon.json")).unwrap())
                 .unwrap();
-        let token = std::fs::read_to_string(self.data_dir().join("token")).unwrap();
+        let token = self.token();
         let mut c = std::net::TcpStream::connect(info["addr"].as_str().unwrap()).unwrap();
         write!(
             c,

@@ -140,7 +140,7 @@ fn the_control_api_refuses_a_stack_the_loader_refuses() {
     b["depends_on"] = serde_json::json!({"a": {"condition": "service_started", "restart": false, "required": true}});
     v["services"]["a"] = a;
     v["services"]["b"] = b;
-    let token = std::fs::read_to_string(s.data_dir().join("token")).unwrap();
+    let token = s.token();
     let (code, body) = http_post(
         &daemon_addr(&s),
         "/capstan/v1/apply",

@@ -117,10 +117,7 @@ fn the_dashboard_in_chromium() {
     std::fs::write(s.dir.path().join("rules.yml"), RULES).unwrap();
     s.up();
     let addr = daemon_addr(&s);
-    let token = std::fs::read_to_string(s.data_dir().join("token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let token = s.token();
     // Reads want the token on loopback too (`api.require_token`).
     assert_eq!(http_fetch(&addr, "/api/v1/query?query=up").0, 401);
     let (code, _) = http_fetch(&addr, "/");

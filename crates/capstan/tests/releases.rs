@@ -383,7 +383,7 @@ fn releases_are_posted_to_the_webhook_and_counted() {
     );
     let metrics = {
         use std::io::{Read, Write};
-        let token = std::fs::read_to_string(s.data_dir().join("token")).unwrap();
+        let token = s.token();
         let mut c = std::net::TcpStream::connect(daemon_addr(&s)).unwrap();
         write!(
             c,

@@ -84,6 +84,17 @@ fn num(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or("<span class=dim>—</span>".into(), f)
 }
 
+impl Red {
+    /// Requests per second, the 5xx share and the p99, as shown.
+    fn shown(&self) -> [String; 3] {
+        [
+            num(self.rps, |v| format!("{v:.1}")),
+            num(self.errors, |v| format!("{:.2}%", v * 100.0)),
+            num(self.p99, seconds),
+        ]
+    }
+}
+
 fn seconds(s: f64) -> String {
     if s < 1.0 {
         format!("{:.1} ms", s * 1000.0)
@@ -263,13 +274,11 @@ pub async fn overview(api: &Api) -> Vec<String> {
         } else {
             ""
         };
+        let [rps, errors, p99] = m.shown();
         h.push_str(&format!(
-            "<tr><td><a href=\"/service/{n}\">{n}</a></td><td class={class}>{ready}/{} ready</td><td>{}</td><td>{}</td><td class='{err_class}'>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><a href=\"/service/{n}\">{n}</a></td><td class={class}>{ready}/{} ready</td><td>{}</td><td>{rps}</td><td class='{err_class}'>{errors}</td><td>{p99}</td><td>{}</td></tr>",
             s.desired,
             s.revision,
-            num(m.rps, |v| format!("{v:.1}")),
-            num(m.errors, |v| format!("{:.2}%", v * 100.0)),
-            num(m.p99, seconds),
             rollout_text(&s),
             n = esc(&s.name),
         ));
@@ -341,14 +350,12 @@ pub async fn service(api: &Api, name: &str) -> Vec<String> {
     };
     let replicas = api.board.replicas_of(name);
     let ready = replicas.iter().filter(|r| r.is_ready()).count();
+    let [rps, errors, p99] = red.shown();
     let mut top = format!(
-        "<h1>{}</h1><p>{ready}/{} ready · revision {} · {} req/s · {} errors · p99 {} · {}</p>",
+        "<h1>{}</h1><p>{ready}/{} ready · revision {} · {rps} req/s · {errors} errors · p99 {p99} · {}</p>",
         esc(name),
         s.desired,
         s.revision,
-        num(red.rps, |v| format!("{v:.1}")),
-        num(red.errors, |v| format!("{:.2}%", v * 100.0)),
-        num(red.p99, seconds),
         rollout_text(&s),
     );
     if let Some(c) = s.rollout.as_ref().and_then(|r| r.canary.as_ref())
