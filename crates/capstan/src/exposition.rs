@@ -14,6 +14,11 @@ impl Exposition {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
+    /// A family's type line alone (federation writes no help).
+    pub fn type_line(&mut self, name: &str, kind: &str) {
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.sample_at(name, labels, value, None);
     }

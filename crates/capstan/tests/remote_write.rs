@@ -176,3 +176,71 @@ services:
             .is_empty()
     );
 }
+
+/// `/federate` scraped by a real Prometheus (`honor_labels`, `match[]`): it
+/// holds capstan's series with their own labels and the external labels, and
+/// the same values capstan has.
+#[test]
+fn a_real_prometheus_federates_from_capstan() {
+    let s = TestStack::new(
+        "x-capstan:\n  scrape_interval: 1s\n  external_labels: {site: lab}\nservices:\n  web:\n    command: [\"{demo}\"]\n    environment: {CAPSTAN_TEST_MARKER: \"{marker}\", LOG_REQUESTS: \"0\"}\n    deploy: {replicas: 2}\n    x-capstan: {healthcheck: {http: /healthz, interval: 1s}}\n",
+    );
+    s.up();
+    let addr = daemon_addr(&s);
+    // Bad requests say why.
+    let (code, body) = http_fetch(&addr, "/federate");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("no match[]"), "{body}");
+    let (code, body) = http_fetch(&addr, "/federate?match[]=rate(up[1m])");
+    assert_eq!(code, 400, "{body}");
+    let body = wait_for("capstan's own series", Duration::from_secs(30), || {
+        let (code, body) = http_fetch(
+            &addr,
+            "/federate?match[]=capstan_replica_healthy&match[]=%7Bjob%3D%22capstan%22%2C__name__%3D%22capstan_replica_healthy%22%7D",
+        );
+        assert_eq!(code, 200, "{body}");
+        (body.matches("capstan_replica_healthy{").count() == 2).then_some(body)
+    });
+    // Each series once (two selectors of the same series), with one TYPE line.
+    assert_eq!(
+        body.matches("# TYPE capstan_replica_healthy untyped")
+            .count(),
+        1,
+        "{body}"
+    );
+    let lines: Vec<&str> = body.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(lines.len(), 2, "{body}");
+    assert!(lines.iter().all(|l| l.contains("site=\"lab\"")), "{body}");
+    let port = free_port();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: federate\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{job=\"capstan\"}}']\n    static_configs: [{{targets: [\"{addr}\"]}}]\n"
+    );
+    let (_prom, prom, _dir) = start_prometheus(&config, port);
+    wait_for("Prometheus to start", Duration::from_secs(30), || {
+        http_get(port, "/-/ready")
+    });
+    let query = |host: &str, q: &str| -> serde_json::Value {
+        let (code, body) = http_fetch(host, &format!("/api/v1/query?query={}", enc(q)));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["result"].clone()
+    };
+    let got = wait_for(
+        "Prometheus to federate capstan's series",
+        Duration::from_secs(60),
+        || {
+            let r = query(&prom, "capstan_replica_healthy{site=\"lab\"}");
+            (r.as_array().unwrap().len() == 2).then_some(r)
+        },
+    );
+    for series in got.as_array().unwrap() {
+        let m = &series["metric"];
+        assert_eq!(m["job"], "capstan", "honor_labels keeps capstan's job: {m}");
+        assert_eq!(m["service"], "web", "{m}");
+        assert_eq!(series["value"][1], "1", "{series}");
+    }
+    // Counters agree within a scrape or two.
+    let ours = query(&addr, "sum(capstan_replica_restarts_total)");
+    let theirs = query(&prom, "sum(capstan_replica_restarts_total)");
+    assert_eq!(ours[0]["value"][1], theirs[0]["value"][1]);
+    s.ok(&["down"]);
+}

@@ -173,6 +173,11 @@ impl Alerting {
         self.events.warn_once(message);
     }
 
+    /// `x-capstan.external_labels`, as last loaded.
+    pub fn external_labels(&self) -> LabelMap {
+        self.cfg.lock().unwrap().external.clone()
+    }
+
     /// The groups as they are now (for the API).
     pub fn groups(&self) -> Vec<GroupState> {
         self.cfg.lock().unwrap().groups.clone()

@@ -167,8 +167,12 @@ pub fn router(api: Api) -> Router {
         .route("/ui/{version}/{file}", get(dashboard::asset))
         .route("/login", get(dashboard::login_form).post(dashboard::login))
         .route("/logout", post(dashboard::logout));
+    let federate = Router::new()
+        .route("/federate", get(prom::federate))
+        .layer(middleware::from_fn_with_state(api.clone(), read_auth));
     Router::new()
         .nest("/capstan/v1", control)
+        .merge(federate)
         .nest("/api/v1", read)
         .nest("/loki/api/v1", loki_read)
         .nest("/api", tempo)

@@ -517,6 +517,73 @@ pub async fn series(State(api): State<Api>, p: Params) -> Response {
     ok_json(serde_json::to_value(data).unwrap())
 }
 
+/// How far back `/federate` looks for a series' latest sample (PromQL's lookback).
+const FEDERATE_LOOKBACK_MS: i64 = 5 * 60 * 1000;
+
+/// `GET /federate`: the latest sample of every series a `match[]` selects
+/// (within the 5 m lookback; series whose latest sample is a stale marker are
+/// left out), with its timestamp, in the text format, the external labels
+/// added where a series lacks them: what a central Prometheus scrapes.
+pub async fn federate(State(api): State<Api>, p: Params) -> Response {
+    let sets = match match_params(&p) {
+        Ok(s) if s.is_empty() => {
+            return super::bad_request("no match[] parameter provided");
+        }
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let now = crate::events::now_ms();
+    let external = api.alerting.external_labels();
+    let db = api.db.clone();
+    let text = match super::blocking(move || {
+        // By metric name, then labels: one TYPE line per name.
+        let mut latest: BTreeMap<(String, Labels), (i64, f64)> = BTreeMap::new();
+        for set in &sets {
+            for s in db.select_last(set, now - FEDERATE_LOOKBACK_MS, now) {
+                let Some((t, v)) = s.samples().last() else {
+                    continue;
+                };
+                if capstan_tsdb::is_stale(v) {
+                    continue;
+                }
+                let name = s.labels.get("__name__").unwrap_or("").to_owned();
+                latest.insert((name, s.labels), (t, v));
+            }
+        }
+        let mut e = crate::exposition::Exposition::default();
+        let mut last_name = None;
+        for ((name, labels), (t, v)) in &latest {
+            if last_name != Some(name) {
+                e.type_line(name, "untyped");
+                last_name = Some(name);
+            }
+            let mut pairs: Vec<(&str, &str)> =
+                labels.iter().filter(|(k, _)| *k != "__name__").collect();
+            for (k, v) in &external {
+                if labels.get(k).is_none() {
+                    pairs.push((k, v));
+                }
+            }
+            pairs.sort();
+            e.sample_at(name, &pairs, *v, Some(*t));
+        }
+        e.finish()
+    })
+    .await
+    {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 pub async fn labels(State(api): State<Api>, p: Params) -> Response {
     let (sets, (start, end), limit) = match (match_params(&p), range_params(&p), limit_param(&p)) {
         (Ok(s), Ok(r), Ok(l)) => (s, r, l),

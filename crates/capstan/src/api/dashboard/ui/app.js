@@ -411,7 +411,7 @@ function explore() {
         heat.disabled = !buckets;
         if (chart) chart.destroy();
         out.replaceChildren();
-        chart = new Chart(out, { unit: unitOf(q + ' ' + (series[0]?.labels.__name__ || '')), stacked: stacked.checked, heatmap: buckets && heat.checked, height: 320, onZoom: (a, b) => range.zoom(a, b) });
+        chart = new Chart(out, { unit: await unitFor(q, series), stacked: stacked.checked, heatmap: buckets && heat.checked, height: 320, onZoom: (a, b) => range.zoom(a, b) });
         chart.step = step * 1000;
         const draw = chart.set(series, start, end, await annotations(start, end));
         performance.measure('capstan-chart', { start: t0, duration: performance.now() - t0 });
@@ -445,6 +445,23 @@ function explore() {
     el('span', { role: 'tablist', 'aria-label': 'view' }, graphBtn, tableBtn), rangePicker(execute),
     el('label', {}, stacked, ' stacked'), el('label', {}, heat, ' heatmap (histogram buckets)')), status, out);
   execute();
+}
+
+/// The unit of a query's result: from the metric's name, else from its
+/// metadata (`unit`, as OpenMetrics exposes it).
+async function unitFor(q, series) {
+  const name = series[0]?.labels.__name__;
+  const byName = unitOf(q + ' ' + (name || ''));
+  if (byName) return byName;
+  const selector = name || (q.match(/[a-zA-Z_:][a-zA-Z0-9_:]*(?=\s*[{[]|\s*$)/) || [])[0];
+  if (!selector) return '';
+  try {
+    const m = await api('/api/v1/metadata', { metric: selector, limit: 1 });
+    const unit = (m.data[selector] || [])[0]?.unit;
+    return { bytes: 'bytes', seconds: 'seconds', ratio: 'percent' }[unit] || '';
+  } catch {
+    return '';
+  }
 }
 
 function resultTable(data, unit) {
