@@ -12,6 +12,7 @@ pub mod client;
 pub mod collect;
 pub mod daemon;
 pub mod events;
+pub mod export;
 pub mod exposition;
 pub mod ingest;
 pub mod logs;

@@ -1,0 +1,87 @@
+//! `capstan export kubernetes`: the stack as manifests for a cluster.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use crate::export::{Export, kubernetes};
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(subcommand)]
+    pub target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Target {
+    /// Kubernetes manifests: Deployments, Services, Ingresses, HPAs (autoscaling/v2),
+    /// ConfigMaps, Secrets and PersistentVolumeClaims.
+    #[command(
+        after_help = "Examples:\n  capstan export kubernetes                    every manifest on stdout\n  capstan export kubernetes -o k8s/ --namespace shop\n  capstan export kubernetes --strict           fail if any setting has no equivalent\n\nEvery setting with no Kubernetes equivalent is listed on stderr with its key path and why."
+    )]
+    Kubernetes(KubernetesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KubernetesArgs {
+    /// Stack file, then override files merged over it in order.
+    #[arg(short = 'f', long = "file")]
+    pub files: Vec<PathBuf>,
+    /// Write one file per object into this directory instead of stdout.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// The namespace every object is in.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Settings with no equivalent are an error (exit 1, nothing written).
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Lists what did not map; under `--strict` that fails the export.
+fn report(e: &Export, strict: bool) -> Result<()> {
+    for u in &e.unmapped {
+        eprintln!("not mapped: {}: {}", u.path, u.why);
+    }
+    if strict && !e.unmapped.is_empty() {
+        anyhow::bail!(
+            "{} setting(s) have no equivalent (listed above); nothing was written (--strict)",
+            e.unmapped.len()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the objects: one file each in `dir`, or all on stdout.
+fn write(e: &Export, dir: Option<&PathBuf>) -> Result<()> {
+    match dir {
+        None => print!("{}", e.to_yaml()),
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            for (name, o) in &e.objects {
+                let path = d.join(format!("{name}.yaml"));
+                std::fs::write(&path, crate::export::yaml(o))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            eprintln!("wrote {} manifests to {}", e.objects.len(), d.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(stack: &crate::spec::Stack, target: &Target) -> Result<i32> {
+    match target {
+        Target::Kubernetes(a) => {
+            let e = kubernetes::export(
+                stack,
+                &kubernetes::Options {
+                    namespace: a.namespace.clone(),
+                },
+            );
+            report(&e, a.strict)?;
+            write(&e, a.output.as_ref())?;
+        }
+    }
+    Ok(0)
+}
