@@ -553,3 +553,66 @@ pub fn python() -> String {
         .display()
         .to_string()
 }
+
+/// Whether a Docker Engine answers.
+pub fn engine() -> Result<(), String> {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "no Docker Engine answers: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("no docker command: {e}")),
+    }
+}
+
+/// The demo service as an image built here (`FROM scratch`: its binary and
+/// the shared libraries it links), once per test binary; its tag, or none
+/// without a Docker Engine.
+pub fn demo_image() -> Option<&'static str> {
+    static IMAGE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if let Err(why) = engine() {
+                eprintln!("skipped: {why}");
+                return None;
+            }
+            let ctx = tempfile::tempdir().unwrap();
+            let bin = demo_bin();
+            std::fs::copy(&bin, ctx.path().join("capstan-demo")).unwrap();
+            // The binary's shared libraries, at the paths the loader wants.
+            let ldd = Command::new("ldd").arg(&bin).output().unwrap();
+            for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+                let path = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with('/'))
+                    .map(std::path::PathBuf::from);
+                if let Some(p) = path {
+                    let dest = ctx.path().join("root").join(p.strip_prefix("/").unwrap());
+                    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+                    std::fs::copy(std::fs::canonicalize(&p).unwrap(), &dest).unwrap();
+                }
+            }
+            std::fs::write(
+                ctx.path().join("Dockerfile"),
+                "FROM scratch\nCOPY root/ /\nCOPY capstan-demo /capstan-demo\nENV HOST=0.0.0.0\nEXPOSE 8080\nENTRYPOINT [\"/capstan-demo\"]\n",
+            )
+            .unwrap();
+            let tag = "capstan-demo:test".to_owned();
+            let out = Command::new("docker")
+                .args(["build", "-q", "-t", &tag])
+                .arg(ctx.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker build: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(tag)
+        })
+        .as_deref()
+}

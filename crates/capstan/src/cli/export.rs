@@ -21,6 +21,40 @@ pub enum Target {
         after_help = "Examples:\n  capstan export kubernetes                    every manifest on stdout\n  capstan export kubernetes -o k8s/ --namespace shop\n  capstan export kubernetes --strict           fail if any setting has no equivalent\n\nEvery setting with no Kubernetes equivalent is listed on stderr with its key path and why."
     )]
     Kubernetes(KubernetesArgs),
+    /// A compose file for `docker stack deploy`: replicas, resources, restart policy,
+    /// update_config and rollback_config, health checks, published ports (routing
+    /// mesh), overlay networks, volumes, secrets and configs.
+    #[command(
+        after_help = "Examples:\n  capstan export swarm -o stack.yml && docker stack deploy -c stack.yml shop\n  capstan export swarm --strict\n\nEvery setting with no Swarm equivalent is listed on stderr with its key path and why."
+    )]
+    Swarm(SwarmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SwarmArgs {
+    /// Stack file, then override files merged over it in order.
+    #[arg(short = 'f', long = "file")]
+    pub files: Vec<PathBuf>,
+    /// Write the compose file here instead of stdout.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Settings with no equivalent are an error (exit 1, nothing written).
+    #[arg(long)]
+    pub strict: bool,
+    /// How published ports are published: through the routing mesh, or on the
+    /// task's node only.
+    #[arg(long, value_enum, default_value = "ingress")]
+    pub publish_mode: crate::export::swarm::PublishMode,
+}
+
+impl Target {
+    /// The stack file, then the override files.
+    pub fn files(&self) -> &[PathBuf] {
+        match self {
+            Target::Kubernetes(a) => &a.files,
+            Target::Swarm(a) => &a.files,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +115,18 @@ pub fn run(stack: &crate::spec::Stack, target: &Target) -> Result<i32> {
             );
             report(&e, a.strict)?;
             write(&e, a.output.as_ref())?;
+        }
+        Target::Swarm(a) => {
+            let e = crate::export::swarm::export(stack, a.publish_mode);
+            report(&e, a.strict)?;
+            let text = crate::export::yaml(&e.objects[0].1);
+            match &a.output {
+                None => print!("{text}"),
+                Some(p) => {
+                    std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+                    eprintln!("wrote {}", p.display());
+                }
+            }
         }
     }
     Ok(0)

@@ -217,7 +217,7 @@ enum Cmd {
         after_help = "Examples:\n  capstan load http://127.0.0.1:8080/ -c 50 -d 30s\n  capstan load http://127.0.0.1:8080/work?ms=5 --rate 200 -d 1m -o json\n  capstan load http://127.0.0.1:8080/api -m POST -H 'Content-Type: application/json' --body '{}'"
     )]
     Load(load::LoadArgs),
-    /// The stack as manifests for a cluster: `capstan export kubernetes`.
+    /// The stack for a cluster: `capstan export kubernetes`, `capstan export swarm`.
     Export(export::ExportArgs),
     /// Print the normalized stack file (after interpolation and defaults).
     Config {
@@ -443,9 +443,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Up(a) => a.f.file.clone(),
         Cmd::Daemon(a) => a.f.file.clone(),
         Cmd::Deploy(a) => a.files.first().cloned(),
-        Cmd::Export(a) => match &a.target {
-            export::Target::Kubernetes(k) => k.files.first().cloned(),
-        },
+        Cmd::Export(a) => a.target.files().first().cloned(),
         Cmd::Logs(a) => a.f.file.clone(),
         Cmd::Traces(a) => a.f.file.clone(),
         Cmd::Trace(a) => a.f.file.clone(),
@@ -475,9 +473,7 @@ async fn run(cli: Cli) -> Result<i32> {
     };
     let overrides = match &cli.command {
         Cmd::Deploy(a) => a.files.iter().skip(1).cloned().collect(),
-        Cmd::Export(a) => match &a.target {
-            export::Target::Kubernetes(k) => k.files.iter().skip(1).cloned().collect(),
-        },
+        Cmd::Export(a) => a.target.files().iter().skip(1).cloned().collect(),
         Cmd::Daemon(a) => a.overrides.clone(),
         _ => Vec::new(),
     };

@@ -3,6 +3,7 @@
 //! never silently dropped.
 
 pub mod kubernetes;
+pub mod swarm;
 
 /// A setting of the stack file the target cannot express.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,5 +47,9 @@ impl Export {
 
 /// One object as YAML.
 pub fn yaml(o: &serde_json::Value) -> String {
-    serde_saphyr::to_string(o).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    let mut text = serde_saphyr::to_string(o).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
 }
