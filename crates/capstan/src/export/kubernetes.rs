@@ -434,6 +434,56 @@ fn unmappable(s: &Service, path: &str, out: &mut Export) {
             "shm_size",
             "mount an emptyDir with medium Memory at /dev/shm",
         ),
+        (
+            c.init == Some(true),
+            "init",
+            "no init process is added: use an image with one (tini)",
+        ),
+        (
+            !c.tmpfs.is_empty(),
+            "tmpfs",
+            "mount emptyDir volumes with medium Memory",
+        ),
+        (
+            !c.sysctls.is_empty(),
+            "sysctls",
+            "set securityContext.sysctls by hand, if the cluster allows them",
+        ),
+        (
+            !c.dns.is_empty() || !c.dns_search.is_empty(),
+            "dns",
+            "set dnsConfig by hand",
+        ),
+        (
+            !c.group_add.is_empty(),
+            "group_add",
+            "set securityContext.supplementalGroups by hand",
+        ),
+        (
+            !c.devices.is_empty(),
+            "devices",
+            "devices need a device plugin",
+        ),
+        (
+            c.mem_reservation.is_some(),
+            "mem_reservation",
+            "requests equal the limits here: set resources.requests.memory by hand",
+        ),
+        (
+            c.cpu_shares.is_some(),
+            "cpu_shares",
+            "set resources.requests.cpu by hand",
+        ),
+        (
+            c.networks.iter().any(|n| n.key != "default"),
+            "networks",
+            "pods share the cluster's network: restrict traffic with NetworkPolicies",
+        ),
+        (
+            !c.files.is_empty(),
+            "secrets",
+            "secrets and configs are not exported yet: create a Secret or ConfigMap and mount it at the same path",
+        ),
     ] {
         if set {
             out.skip(format!("{path}.{key}"), why);

@@ -312,6 +312,42 @@ fn service(stack: &Stack, name: &str, s: &Service, mode: PublishMode, out: &mut 
             "Swarm services cannot map devices",
         );
     }
+    for (set, key, why) in [
+        (
+            !s.container.tmpfs.is_empty(),
+            "tmpfs",
+            "Swarm services take tmpfs as volumes of type tmpfs",
+        ),
+        (
+            !s.container.security_opt.is_empty(),
+            "security_opt",
+            "Swarm services take no security options",
+        ),
+        (
+            !s.container.dns.is_empty() || !s.container.dns_search.is_empty(),
+            "dns",
+            "Swarm services use the overlay network's DNS",
+        ),
+        (
+            !s.container.group_add.is_empty(),
+            "group_add",
+            "Swarm services take no extra groups",
+        ),
+        (
+            s.container.cpu_shares.is_some(),
+            "cpu_shares",
+            "use deploy.resources.reservations.cpus",
+        ),
+        (
+            s.container.pull_policy.is_some(),
+            "pull_policy",
+            "docker stack deploy --resolve-image decides",
+        ),
+    ] {
+        if set {
+            out.skip(format!("{path}.{key}"), why);
+        }
+    }
     if s.container.shm_size.is_some() {
         out.skip(
             format!("{path}.shm_size"),
@@ -345,8 +381,15 @@ fn service(stack: &Stack, name: &str, s: &Service, mode: PublishMode, out: &mut 
     if let Some(p) = lim.pids {
         limits.insert("pids".into(), json!(p));
     }
+    let mut resources = Map::new();
     if !limits.is_empty() {
-        d.insert("resources".into(), json!({"limits": limits}));
+        resources.insert("limits".into(), Value::Object(limits));
+    }
+    if let Some(m) = s.container.mem_reservation {
+        resources.insert("reservations".into(), json!({"memory": bytes(m)}));
+    }
+    if !resources.is_empty() {
+        d.insert("resources".into(), Value::Object(resources));
     }
     let r = &s.deploy.restart_policy;
     let mut rp = Map::new();
