@@ -301,6 +301,7 @@ impl Runtime {
         stores: &Stores,
         engine: Arc<capstan_promql::Engine>,
         stack: Stack,
+        data_dir: &Path,
     ) -> (TaskSet, JoinHandle<()>, Api) {
         let mut tasks = TaskSet::default();
         {
@@ -341,8 +342,18 @@ impl Runtime {
                 crate::notify::run(url, name, events, stats, stop)
             });
         }
+        // Samples out to remote_write receivers, each from its own cursor.
+        let remote_write = crate::forward::remote_write::stats_for(&stack.settings.remote_write);
+        for (cfg, stats) in stack.settings.remote_write.iter().zip(&remote_write) {
+            let (cfg, stats, db) = (cfg.clone(), stats.clone(), stores.db.clone());
+            let dir = data_dir.join("remote_write");
+            tasks.spawn("remote write", move |stop| {
+                crate::forward::remote_write::run(cfg, db, dir, stats, stop)
+            });
+        }
         let supervisor = tokio::spawn(self.supervisor.run(stack));
         let parts = Api {
+            remote_write: Arc::new(remote_write),
             board: self.board,
             history: self.history,
             notify,
@@ -358,6 +369,7 @@ impl Runtime {
 
 /// What the API gets of the runtime.
 struct Api {
+    remote_write: Arc<Vec<Arc<crate::forward::remote_write::Stats>>>,
     board: Arc<StatusBoard>,
     history: Arc<crate::state::history::History>,
     notify: Arc<crate::notify::NotifyStats>,
@@ -418,7 +430,8 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         addr,
         query_fn(&stores, engine.clone()),
     );
-    let (tasks, sup_task, parts) = runtime.start(&stores, engine.clone(), opts.stack.clone());
+    let (tasks, sup_task, parts) =
+        runtime.start(&stores, engine.clone(), opts.stack.clone(), &opts.data_dir);
 
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let storage = &opts.stack.settings.storage;
@@ -435,6 +448,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         board: parts.board,
         history: parts.history,
         notify: parts.notify,
+        remote_write: parts.remote_write,
         events: events.clone(),
         logs: stores.logs.clone(),
         traces: stores.traces.clone(),

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod events;
 pub mod export;
 pub mod exposition;
+pub mod forward;
 pub mod ingest;
 pub mod logs;
 pub mod notify;

@@ -7,9 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::events::{Event, EventLog};
@@ -61,31 +58,11 @@ fn offer(tx: &mpsc::Sender<Vec<u8>>, stats: &NotifyStats, body: Vec<u8>) {
     }
 }
 
-/// One POST; the error says why it did not get a 2xx.
+/// One POST of JSON; the error says why it did not get a 2xx.
 pub(crate) async fn post(url: &hyper::Uri, body: Vec<u8>) -> Result<(), String> {
-    let host = url.host().ok_or("no host")?.to_owned();
-    let port = url.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post(url.path_and_query().map_or("/", |p| p.as_str()))
-        .header(
-            "host",
-            url.authority().map_or(host.clone(), |a| a.to_string()),
-        )
-        .header("content-type", "application/json")
-        .header("user-agent", concat!("capstan/", env!("CARGO_PKG_VERSION")))
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("the receiver answered {}", resp.status()))
+    match crate::forward::post(url, &[("content-type", "application/json")], body).await? {
+        code if (200..300).contains(&code) => Ok(()),
+        code => Err(format!("the receiver answered {code}")),
     }
 }
 

@@ -17,13 +17,6 @@ use serde_json::Value;
 /// The daemon's peak resident memory must stay under this (debug build).
 const MAX_RSS_KIB: u64 = 512 << 10;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 fn series(name: &str, labels: &[(&str, &str)], samples: &[(i64, f64)]) -> TimeSeries {
     let mut l = vec![Label {
         name: "__name__".into(),

@@ -421,24 +421,37 @@ pub fn start_node_exporter(bin: &str) -> (Killed, u16) {
 /// A real Prometheus with `config` (prometheus.yml text) on loopback `port`;
 /// returns the process, its address and its directory.
 pub fn start_prometheus(config: &str, port: u16) -> (Killed, String, tempfile::TempDir) {
-    let bin = need("prometheus");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let k = start_prometheus_in(config, port, &[], dir.path());
+    (k, format!("127.0.0.1:{port}"), dir)
+}
+
+/// A real Prometheus with its config and data in `dir` (kept across restarts)
+/// and extra flags.
+pub fn start_prometheus_in(
+    config: &str,
+    port: u16,
+    args: &[&str],
+    dir: &std::path::Path,
+) -> Killed {
+    let bin = need("prometheus");
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     let child = std::process::Command::new(bin)
         .arg(format!(
             "--config.file={}",
-            dir.path().join("prometheus.yml").display()
+            dir.join("prometheus.yml").display()
         ))
         .arg(format!(
             "--storage.tsdb.path={}",
-            dir.path().join("data").display()
+            dir.join("data").display()
         ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    (Killed(child), format!("127.0.0.1:{port}"), dir)
+    Killed(child)
 }
 
 /// GET `path` on `addr` without a token; the status code and the body.
@@ -615,4 +628,12 @@ pub fn demo_image() -> Option<&'static str> {
             Some(tag)
         })
         .as_deref()
+}
+
+/// The wall clock in unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }

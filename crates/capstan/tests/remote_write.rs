@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -242,5 +243,150 @@ fn a_real_prometheus_federates_from_capstan() {
     let ours = query(&addr, "sum(capstan_replica_restarts_total)");
     let theirs = query(&prom, "sum(capstan_replica_restarts_total)");
     assert_eq!(ours[0]["value"][1], theirs[0]["value"][1]);
+    s.ok(&["down"]);
+}
+
+/// The first value of a Prometheus-API instant query's answer, as text.
+fn instant(host: &str, q: &str, t_ms: i64) -> Option<String> {
+    let (code, body) = http_fetch(
+        host,
+        &format!(
+            "/api/v1/query?query={}&time={}",
+            enc(q),
+            t_ms as f64 / 1000.0
+        ),
+    );
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["data"]["result"][0]["value"][1]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// `x-capstan.remote_write` out to a real Prometheus 2.42 (its remote-write
+/// receiver) and to VictoriaMetrics: the same queries agree with capstan's;
+/// a write_relabel_config keeps only some series; the Prometheus receiver
+/// stopped for 2 minutes and started again gets every sample of the outage.
+#[test]
+fn samples_go_out_to_prometheus_and_victoriametrics_and_an_outage_loses_none() {
+    let vm = need("victoria-metrics");
+    let (prom_port, vm_port) = (free_port(), free_port());
+    let prom_dir = tempfile::tempdir().unwrap();
+    let receiver = ["--web.enable-remote-write-receiver"];
+    let mut prom = start_prometheus_in("global: {}\n", prom_port, &receiver, prom_dir.path());
+    let vm_dir = tempfile::tempdir().unwrap();
+    let _vm = Killed(
+        Command::new(vm)
+            .arg(format!("-httpListenAddr=127.0.0.1:{vm_port}"))
+            .arg(format!("-storageDataPath={}", vm_dir.path().display()))
+            .arg("-retentionPeriod=1d")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let s = TestStack::new(&format!(
+        r#"x-capstan:
+  scrape_interval: 1s
+  remote_write:
+    - url: http://127.0.0.1:{prom_port}/api/v1/write
+      name: prom
+      queue_config: {{batch_send_deadline: 1s, min_backoff: 100ms, max_backoff: 2s, max_shards: 2}}
+    - url: http://127.0.0.1:{vm_port}/api/v1/write
+      name: vm
+      queue_config: {{batch_send_deadline: 1s}}
+      write_relabel_configs:
+        - {{source_labels: [__name__], regex: "up|capstan_replica_healthy", action: keep}}
+services:
+  web:
+    command: ["{{demo}}"]
+    environment: {{CAPSTAN_TEST_MARKER: "{{marker}}", LOG_REQUESTS: "0"}}
+    deploy: {{replicas: 2}}
+    x-capstan: {{healthcheck: {{http: /healthz, interval: 1s}}}}
+"#
+    ));
+    s.up();
+    let addr = daemon_addr(&s);
+    let prom_host = format!("127.0.0.1:{prom_port}");
+    let vm_host = format!("127.0.0.1:{vm_port}");
+    // Samples of `up` for the two replicas over a minute, on both sides.
+    let q = "sum(count_over_time(up{job=\"web\"}[1m]))";
+    let agree = |host: &str, at: i64| {
+        let ours = instant(&addr, q, at);
+        let theirs = instant(host, q, at);
+        (ours.is_some() && ours == theirs).then_some(ours)
+    };
+    let started = now_ms();
+    let at = started + 70_000;
+    wait_for("a minute of samples", Duration::from_secs(120), || {
+        (now_ms() > at + 15_000).then_some(())
+    });
+    let n = wait_for(
+        "Prometheus to hold what capstan holds",
+        Duration::from_secs(60),
+        || agree(&prom_host, at),
+    );
+    assert!(
+        n.as_deref().unwrap().parse::<f64>().unwrap() >= 100.0,
+        "{n:?}"
+    );
+    wait_for(
+        "VictoriaMetrics to hold what capstan holds",
+        Duration::from_secs(60),
+        || agree(&vm_host, at),
+    );
+    // The relabeling kept only `up` and the health gauge.
+    let (_, names) = http_fetch(&vm_host, "/api/v1/label/__name__/values");
+    let names: serde_json::Value = serde_json::from_str(&names).unwrap();
+    let mut names: Vec<&str> = names["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["capstan_replica_healthy", "up"]);
+    // The Prometheus receiver is down for 2 minutes, then back.
+    drop(prom);
+    let down_at = now_ms();
+    std::thread::sleep(Duration::from_secs(120));
+    prom = start_prometheus_in("global: {}\n", prom_port, &receiver, prom_dir.path());
+    let back_at = now_ms();
+    // Capstan counted the retries, and catches up.
+    wait_for("capstan to catch up", Duration::from_secs(120), || {
+        let (_, m) = http_fetch(&addr, "/metrics");
+        let sent = m
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "capstan_remote_write_highest_sent_timestamp_seconds{remote_name=\"prom\"",
+                )
+            })?
+            .rsplit(' ')
+            .next()?
+            .parse::<f64>()
+            .ok()?;
+        (sent * 1000.0 > (back_at + 5_000) as f64).then_some(())
+    });
+    let (_, m) = http_fetch(&addr, "/metrics");
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("capstan_remote_write_retried_samples_total{remote_name=\"prom\"")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    // Every minute of the outage holds the same samples on both sides.
+    for at in [down_at + 60_000, down_at + 120_000] {
+        let n = wait_for("the outage's samples", Duration::from_secs(30), || {
+            agree(&prom_host, at)
+        });
+        assert!(
+            n.as_deref().unwrap().parse::<f64>().unwrap() >= 100.0,
+            "{n:?}"
+        );
+    }
+    drop(prom);
     s.ok(&["down"]);
 }

@@ -25,6 +25,8 @@ pub struct Api {
     pub board: Arc<StatusBoard>,
     pub history: Arc<crate::state::history::History>,
     pub notify: Arc<crate::notify::NotifyStats>,
+    /// Each remote_write receiver's counters.
+    pub remote_write: Arc<Vec<Arc<crate::forward::remote_write::Stats>>>,
     pub events: Arc<crate::events::EventLog>,
     pub logs: Arc<crate::logs::engine::LogEngine>,
     pub traces: Arc<crate::traces::TraceStore>,
@@ -615,6 +617,7 @@ async fn own_metrics(State(api): State<Api>) -> Response {
             autoscaler: &api.autoscaler,
             history: &api.history,
             notify: &api.notify,
+            remote_write: &api.remote_write,
             alerting: &api.alerting,
         };
         crate::collect::own::collect(&sources, &api.db)

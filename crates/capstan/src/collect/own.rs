@@ -25,6 +25,7 @@ pub struct Sources<'a> {
     pub autoscaler: &'a crate::autoscale::Autoscaler,
     pub history: &'a crate::state::history::History,
     pub notify: &'a crate::notify::NotifyStats,
+    pub remote_write: &'a [std::sync::Arc<crate::forward::remote_write::Stats>],
     pub alerting: &'a crate::alerting::manager::Alerting,
 }
 
@@ -188,6 +189,7 @@ fn releases(e: &mut Exposition, src: &Sources<'_>) {
 pub fn collect(src: &Sources<'_>, db: &Db) -> String {
     let mut e = Exposition::default();
     releases(&mut e, src);
+    crate::forward::remote_write::expose(&mut e, src.remote_write);
     let replicas = src.board.replicas();
     let running = |s: &Status| s.pid.is_some();
     e.family(

@@ -950,6 +950,9 @@ impl Decoder<'_> {
                 self.finish(lf, &lp, &[]);
             }
         }
+        if let Some(n) = f.take("remote_write") {
+            s.remote_write = self.remote_write(n, &join(path, "remote_write"));
+        }
         if let Some(n) = f.take("api")
             && let Some(mut af) = self.fields(n, &join(path, "api"))
         {
@@ -1202,6 +1205,69 @@ impl Decoder<'_> {
                     .collect(),
             ),
         }
+    }
+
+    fn remote_write(&mut self, node: &Node, path: &str) -> Vec<RemoteWriteConfig> {
+        let Kind::Seq(items) = &node.kind else {
+            self.error(
+                node,
+                path,
+                format!(
+                    "expected a list of remote_write receivers, found {}",
+                    node.describe()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let value = self.json(item, &p);
+            match serde_json::from_value::<RemoteWriteConfig>(value) {
+                Err(e) => self.error(item, &p, e.to_string()),
+                Ok(c) => {
+                    if c.url.starts_with("https://") {
+                        self.error(
+                            item,
+                            &join(&p, "url"),
+                            format!("{}: https needs TLS, which capstan has not yet; use an http:// receiver (such as a local relay)", c.url),
+                        );
+                    } else if !c.url.starts_with("http://") || c.url.parse::<hyper::Uri>().is_err()
+                    {
+                        self.error(
+                            item,
+                            &join(&p, "url"),
+                            format!("expected an http:// URL, found {:?}", c.url),
+                        );
+                    }
+                    let q = &c.queue_config;
+                    if q.max_shards == 0 || q.max_shards > 200 {
+                        self.error(
+                            item,
+                            &format!("{p}.queue_config.max_shards"),
+                            "must be 1 to 200",
+                        );
+                    }
+                    if q.max_samples_per_send == 0 || q.max_samples_per_send > 100_000 {
+                        self.error(
+                            item,
+                            &format!("{p}.queue_config.max_samples_per_send"),
+                            "must be 1 to 100000",
+                        );
+                    }
+                    for (j, r) in c.write_relabel_configs.iter().enumerate() {
+                        if let Err(e) = crate::scrape::relabel::Rule::new(r.clone()) {
+                            self.error(item, &format!("{p}.write_relabel_configs[{j}]"), e);
+                        }
+                    }
+                    if c.basic_auth.is_some() && c.authorization.is_some() {
+                        self.error(item, &p, "give basic_auth or authorization, not both");
+                    }
+                    out.push(c);
+                }
+            }
+        }
+        out
     }
 
     fn scrape_configs(&mut self, node: &Node, path: &str) -> Vec<ScrapeConfig> {

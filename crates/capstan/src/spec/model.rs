@@ -141,6 +141,9 @@ pub struct Settings {
     /// when the daemon starts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub api_require_token: bool,
+    /// `x-capstan.remote_write`: receivers every stored sample is sent to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_write: Vec<RemoteWriteConfig>,
     /// Prometheus rule files (`x-capstan.rule_files`, globs relative to the
     /// stack file), as the paths they matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -291,6 +294,79 @@ fn default_scheme() -> String {
     "http".into()
 }
 
+/// One entry of `x-capstan.remote_write`, as Prometheus writes it: where
+/// every stored sample is also sent (remote_write 1.0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteWriteConfig {
+    pub url: String,
+    /// Its name in `capstan_remote_write_*` (by default the URL's host and port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
+    /// One send may take this long.
+    #[serde(default = "default_remote_timeout")]
+    pub remote_timeout: Dur,
+    #[serde(default, alias = "queue")]
+    pub queue_config: QueueConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub write_relabel_configs: Vec<crate::scrape::relabel::RelabelConfig>,
+}
+
+fn default_remote_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    #[serde(default = "default_auth_type", rename = "type")]
+    pub kind: String,
+    pub credentials: String,
+}
+
+fn default_auth_type() -> String {
+    "Bearer".into()
+}
+
+/// How samples are batched and retried (Prometheus' `queue_config` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Batches sent at once (series are split among shards by their labels).
+    pub max_shards: u32,
+    pub max_samples_per_send: u32,
+    /// How long samples wait to be sent at most (a batch goes sooner when full).
+    pub batch_send_deadline: Dur,
+    pub min_backoff: Dur,
+    pub max_backoff: Dur,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_shards: 4,
+            max_samples_per_send: 2000,
+            batch_send_deadline: Dur::secs(5),
+            min_backoff: Dur(std::time::Duration::from_millis(30)),
+            max_backoff: Dur::secs(5),
+        }
+    }
+}
+
 /// One entry of `x-capstan.scrape_configs`, as Prometheus writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -342,6 +418,7 @@ impl Default for Settings {
             query: QuerySettings::default(),
             notify: None,
             api_require_token: false,
+            remote_write: Vec::new(),
             rule_files: Vec::new(),
             evaluation_interval: default_evaluation_interval(),
             external_labels: BTreeMap::new(),
