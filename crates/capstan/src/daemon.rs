@@ -351,8 +351,50 @@ impl Runtime {
                 crate::forward::remote_write::run(cfg, db, dir, stats, stop)
             });
         }
+        // Logs and spans out, each target from its own cursor.
+        let logs_out = crate::forward::remote_write::stats_for(&stack.settings.logs.forward);
+        let traces_out = crate::forward::remote_write::stats_for(&stack.settings.traces.forward);
+        let streams = stack
+            .settings
+            .logs
+            .forward
+            .iter()
+            .zip(&logs_out)
+            .map(|t| {
+                (
+                    t,
+                    crate::forward::stream::Source::Logs(stores.logs.clone()),
+                    "logs",
+                )
+            })
+            .chain(
+                stack
+                    .settings
+                    .traces
+                    .forward
+                    .iter()
+                    .zip(&traces_out)
+                    .map(|t| {
+                        (
+                            t,
+                            crate::forward::stream::Source::Traces(stores.traces.clone()),
+                            "traces",
+                        )
+                    }),
+            );
+        for ((cfg, stats), source, what) in streams {
+            let (cfg, stats) = (cfg.clone(), stats.clone());
+            let dir = data_dir.join("forward").join(what);
+            tasks.spawn("forwarding", move |stop| {
+                crate::forward::stream::run(source, cfg, dir, stats, stop)
+            });
+        }
         let supervisor = tokio::spawn(self.supervisor.run(stack));
         let parts = Api {
+            forward: Arc::new(crate::forward::Forwarding {
+                logs: logs_out,
+                traces: traces_out,
+            }),
             remote_write: Arc::new(remote_write),
             board: self.board,
             history: self.history,
@@ -370,6 +412,7 @@ impl Runtime {
 /// What the API gets of the runtime.
 struct Api {
     remote_write: Arc<Vec<Arc<crate::forward::remote_write::Stats>>>,
+    forward: Arc<crate::forward::Forwarding>,
     board: Arc<StatusBoard>,
     history: Arc<crate::state::history::History>,
     notify: Arc<crate::notify::NotifyStats>,
@@ -449,6 +492,7 @@ pub async fn run(opts: Options, ready: Option<oneshot::Sender<SocketAddr>>) -> R
         history: parts.history,
         notify: parts.notify,
         remote_write: parts.remote_write,
+        forward: parts.forward,
         events: events.clone(),
         logs: stores.logs.clone(),
         traces: stores.traces.clone(),

@@ -27,6 +27,8 @@ pub struct Api {
     pub notify: Arc<crate::notify::NotifyStats>,
     /// Each remote_write receiver's counters.
     pub remote_write: Arc<Vec<Arc<crate::forward::remote_write::Stats>>>,
+    /// Each logs and traces forwarding target's counters.
+    pub forward: Arc<crate::forward::Forwarding>,
     pub events: Arc<crate::events::EventLog>,
     pub logs: Arc<crate::logs::engine::LogEngine>,
     pub traces: Arc<crate::traces::TraceStore>,
@@ -618,6 +620,7 @@ async fn own_metrics(State(api): State<Api>) -> Response {
             history: &api.history,
             notify: &api.notify,
             remote_write: &api.remote_write,
+            forward: &api.forward,
             alerting: &api.alerting,
         };
         crate::collect::own::collect(&sources, &api.db)

@@ -26,6 +26,8 @@ pub struct Sources<'a> {
     pub history: &'a crate::state::history::History,
     pub notify: &'a crate::notify::NotifyStats,
     pub remote_write: &'a [std::sync::Arc<crate::forward::remote_write::Stats>],
+    /// Logs and traces forwarding targets.
+    pub forward: &'a crate::forward::Forwarding,
     pub alerting: &'a crate::alerting::manager::Alerting,
 }
 
@@ -189,7 +191,9 @@ fn releases(e: &mut Exposition, src: &Sources<'_>) {
 pub fn collect(src: &Sources<'_>, db: &Db) -> String {
     let mut e = Exposition::default();
     releases(&mut e, src);
-    crate::forward::remote_write::expose(&mut e, src.remote_write);
+    crate::forward::remote_write::expose(&mut e, "remote_write", src.remote_write);
+    crate::forward::remote_write::expose(&mut e, "logs_forward", &src.forward.logs);
+    crate::forward::remote_write::expose(&mut e, "traces_forward", &src.forward.traces);
     let replicas = src.board.replicas();
     let running = |s: &Status| s.pid.is_some();
     e.family(

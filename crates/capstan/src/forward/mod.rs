@@ -1,10 +1,19 @@
-//! Telemetry out: samples to remote_write receivers (`remote_write.rs`).
+//! Telemetry out: samples to remote_write receivers (`remote_write.rs`),
+//! logs to Loki and spans to OTLP receivers (`stream.rs`).
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 
 pub mod remote_write;
+pub mod stream;
+
+/// Each logs and traces forwarding target's counters.
+#[derive(Default)]
+pub struct Forwarding {
+    pub logs: Vec<std::sync::Arc<remote_write::Stats>>,
+    pub traces: Vec<std::sync::Arc<remote_write::Stats>>,
+}
 
 /// One POST over plain HTTP/1.1 with `headers`; the status code, or why
 /// there was none.

@@ -62,7 +62,7 @@ pub fn name_of(c: &RemoteWriteConfig) -> String {
     })
 }
 
-fn cursor_path(dir: &Path, name: &str) -> PathBuf {
+pub fn cursor_path(dir: &Path, name: &str) -> PathBuf {
     let safe: String = name
         .chars()
         .map(|c| {
@@ -76,11 +76,11 @@ fn cursor_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{safe}.cursor"))
 }
 
-fn read_cursor(path: &Path) -> Option<i64> {
+pub fn read_cursor(path: &Path) -> Option<i64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn write_cursor(path: &Path, t: i64) -> std::io::Result<()> {
+pub fn write_cursor(path: &Path, t: i64) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, t.to_string())?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -170,7 +170,21 @@ async fn deliver(
     let body = snap::raw::Encoder::new()
         .compress_vec(&req.encode_to_vec())
         .unwrap_or_default();
-    let n = samples_in(req);
+    send(cfg, url, headers, body, samples_in(req), stats, stop).await
+}
+
+/// Posts `body` (`n` items) until it is delivered or refused for good (a
+/// 4xx other than 429: dropped and counted); retries wait `min_backoff`,
+/// doubling up to `max_backoff`. False when stopping interrupted it.
+pub async fn send(
+    cfg: &RemoteWriteConfig,
+    url: &hyper::Uri,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    n: u64,
+    stats: &Stats,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
     let q = &cfg.queue_config;
     let mut backoff = q.min_backoff.0.max(Duration::from_millis(1));
     loop {
@@ -189,12 +203,12 @@ async fn deliver(
                 return true;
             }
             Ok(code) if (400..500).contains(&code) && code != 429 => {
-                tracing::warn!(remote = %stats.name, code, "remote_write batch refused; dropped");
+                tracing::warn!(remote = %stats.name, code, "a batch was refused; dropped");
                 stats.failed_samples.fetch_add(n, Ordering::Relaxed);
                 return true;
             }
-            Ok(code) => tracing::debug!(remote = %stats.name, code, "remote_write: will retry"),
-            Err(e) => tracing::debug!(remote = %stats.name, error = %e, "remote_write: will retry"),
+            Ok(code) => tracing::debug!(remote = %stats.name, code, "will retry"),
+            Err(e) => tracing::debug!(remote = %stats.name, error = %e, "will retry"),
         }
         stats.retried_samples.fetch_add(n, Ordering::Relaxed);
         tokio::select! {
@@ -207,7 +221,6 @@ async fn deliver(
 
 /// The headers every request carries.
 fn headers(cfg: &RemoteWriteConfig) -> Vec<(String, String)> {
-    use base64::Engine;
     let mut h = vec![
         (
             "content-type".to_owned(),
@@ -219,6 +232,14 @@ fn headers(cfg: &RemoteWriteConfig) -> Vec<(String, String)> {
             "0.1.0".to_owned(),
         ),
     ];
+    h.extend(target_headers(cfg));
+    h
+}
+
+/// A target's own headers and credentials.
+pub fn target_headers(cfg: &RemoteWriteConfig) -> Vec<(String, String)> {
+    use base64::Engine;
+    let mut h = Vec::new();
     for (k, v) in &cfg.headers {
         h.push((k.to_ascii_lowercase(), v.clone()));
     }
@@ -313,66 +334,59 @@ pub async fn run(
     }
 }
 
-/// `capstan_remote_write_*` for capstan's own `/metrics`.
-pub fn expose(e: &mut crate::exposition::Exposition, all: &[Arc<Stats>]) {
+/// `capstan_{prefix}_*` for capstan's own `/metrics` (`remote_write`,
+/// `logs_forward`, `traces_forward`); items are samples, lines or spans.
+pub fn expose(e: &mut crate::exposition::Exposition, prefix: &str, all: &[Arc<Stats>]) {
     if all.is_empty() {
         return;
     }
-    type Counter = (&'static str, &'static str, fn(&Stats) -> f64);
-    let families: [Counter; 6] = [
+    type Family = (&'static str, &'static str, fn(&Stats) -> f64);
+    let families: [Family; 7] = [
+        ("samples_total", "Items delivered to the receiver.", |s| {
+            s.samples.load(Ordering::Relaxed) as f64
+        }),
         (
-            "capstan_remote_write_samples_total",
-            "Samples delivered to the receiver.",
-            |s| s.samples.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "capstan_remote_write_failed_samples_total",
-            "Samples the receiver refused for good (4xx), dropped.",
+            "failed_samples_total",
+            "Items the receiver refused for good (4xx), dropped.",
             |s| s.failed_samples.load(Ordering::Relaxed) as f64,
         ),
         (
-            "capstan_remote_write_retried_samples_total",
-            "Samples sent again after a failed try.",
+            "retried_samples_total",
+            "Items sent again after a failed try.",
             |s| s.retried_samples.load(Ordering::Relaxed) as f64,
         ),
         (
-            "capstan_remote_write_bytes_total",
-            "Compressed bytes delivered.",
+            "bytes_total",
+            "Bytes delivered (as sent, compressed where the protocol is).",
             |s| s.bytes.load(Ordering::Relaxed) as f64,
         ),
+        ("batches_total", "Requests delivered.", |s| {
+            s.batches.load(Ordering::Relaxed) as f64
+        }),
+        ("shards", "Requests sent at once.", |s| {
+            s.shards.load(Ordering::Relaxed) as f64
+        }),
         (
-            "capstan_remote_write_batches_total",
-            "Requests delivered.",
-            |s| s.batches.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "capstan_remote_write_shards",
-            "Shards sending at once.",
-            |s| s.shards.load(Ordering::Relaxed) as f64,
+            "highest_sent_timestamp_seconds",
+            "The time of the newest item delivered (for remote_write: everything up to it).",
+            |s| s.sent_up_to_ms.load(Ordering::Relaxed) as f64 / 1000.0,
         ),
     ];
-    for (name, help, value) in families {
-        let kind = if name.ends_with("_total") {
+    for (suffix, help, value) in families {
+        let name = format!("capstan_{prefix}_{suffix}");
+        let kind = if suffix.ends_with("_total") {
             "counter"
         } else {
             "gauge"
         };
-        e.family(name, kind, help);
+        e.family(&name, kind, help);
         for s in all {
-            e.sample(name, &[("remote_name", &s.name), ("url", &s.url)], value(s));
+            e.sample(
+                &name,
+                &[("remote_name", &s.name), ("url", &s.url)],
+                value(s),
+            );
         }
-    }
-    e.family(
-        "capstan_remote_write_highest_sent_timestamp_seconds",
-        "gauge",
-        "Everything up to this time is delivered.",
-    );
-    for s in all {
-        e.sample(
-            "capstan_remote_write_highest_sent_timestamp_seconds",
-            &[("remote_name", &s.name), ("url", &s.url)],
-            s.sent_up_to_ms.load(Ordering::Relaxed) as f64 / 1000.0,
-        );
     }
 }
 

@@ -947,8 +947,20 @@ impl Decoder<'_> {
                 {
                     s.logs.max_total_size = v;
                 }
+                if let Some(v) = lf.take("forward") {
+                    s.logs.forward = self.remote_write(v, &join(&lp, "forward"));
+                }
                 self.finish(lf, &lp, &[]);
             }
+        }
+        if let Some(n) = f.take("traces")
+            && let Some(mut tf) = self.fields(n, &join(path, "traces"))
+        {
+            let tp = join(path, "traces");
+            if let Some(v) = tf.take("forward") {
+                s.traces.forward = self.remote_write(v, &join(&tp, "forward"));
+            }
+            self.finish(tf, &tp, &[]);
         }
         if let Some(n) = f.take("remote_write") {
             s.remote_write = self.remote_write(n, &join(path, "remote_write"));
@@ -1213,7 +1225,7 @@ impl Decoder<'_> {
                 node,
                 path,
                 format!(
-                    "expected a list of remote_write receivers, found {}",
+                    "expected a list of receivers ({{url, …}}), found {}",
                     node.describe()
                 ),
             );

@@ -144,6 +144,8 @@ pub struct Settings {
     /// `x-capstan.remote_write`: receivers every stored sample is sent to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote_write: Vec<RemoteWriteConfig>,
+    #[serde(default, skip_serializing_if = "TraceSettings::is_default")]
+    pub traces: TraceSettings,
     /// Prometheus rule files (`x-capstan.rule_files`, globs relative to the
     /// stack file), as the paths they matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -419,6 +421,7 @@ impl Default for Settings {
             notify: None,
             api_require_token: false,
             remote_write: Vec::new(),
+            traces: TraceSettings::default(),
             rule_files: Vec::new(),
             evaluation_interval: default_evaluation_interval(),
             external_labels: BTreeMap::new(),
@@ -438,6 +441,23 @@ pub struct LogSettings {
     pub max_file_size: u64,
     /// Oldest segments are deleted beyond this total (bytes).
     pub max_total_size: u64,
+    /// `x-capstan.logs.forward`: Loki push receivers every stored line is sent to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<RemoteWriteConfig>,
+}
+
+/// `x-capstan.traces`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceSettings {
+    /// OTLP/HTTP receivers every stored span is sent to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<RemoteWriteConfig>,
+}
+
+impl TraceSettings {
+    pub fn is_default(&self) -> bool {
+        self.forward.is_empty()
+    }
 }
 
 impl Default for LogSettings {
@@ -445,6 +465,7 @@ impl Default for LogSettings {
         LogSettings {
             max_file_size: 8 << 20,
             max_total_size: 512 << 20,
+            forward: Vec::new(),
         }
     }
 }
