@@ -71,6 +71,32 @@ fn the_examples_export_to_manifests_the_kubernetes_client_accepts() {
             "{ex}: {text}"
         );
     }
+    // With the Prometheus Operator's objects: hello's web service is scraped,
+    // its rule file becomes a PrometheusRule that promtool accepts.
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = export(
+        &[
+            "-o",
+            &out_dir.path().display().to_string(),
+            "--prometheus-operator",
+        ],
+        &examples.join("hello"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = validate(out_dir.path());
+    assert!(
+        text.contains("web-podmonitor.yaml: PodMonitor ok"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hello-hello-prometheusrule.yaml: PrometheusRule ok"),
+        "{text}"
+    );
+    assert!(text.contains("7 manifests valid"), "{text}");
 }
 
 #[test]
@@ -96,6 +122,10 @@ services:
       resources: {limits: {cpus: "0.25", memory: 64m}}
     x-capstan:
       autoscale: {min: 1, max: 5, metrics: [{memory: 80%}, {query: "sum(queue_depth)", target: 100}]}
+      rollout:
+        strategy: canary
+        steps: [{weight: 20}, {pause: 30s}, {weight: 60}]
+        analysis: {checks: [{check: success-rate, min: 0.99}, {query: "sum(rate(queue_errors{ {{canary}} }[1m]))", max: 1}]}
   worker:
     image: registry.local/worker:2.1
     x-capstan:
@@ -106,20 +136,25 @@ volumes:
     )
     .unwrap();
     let out_dir = dir.path().join("k8s");
-    let out = export(&["-o", &out_dir.display().to_string()], dir.path());
+    let out = export(
+        &["-o", &out_dir.display().to_string(), "--argo-rollouts"],
+        dir.path(),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let text = validate(&out_dir);
-    // Deployment ×2, Service, Ingress, ConfigMap, Secret, HPA, claim.
-    assert!(text.contains("8 manifests valid"), "{text}");
+    // Deployment ×2, Service, Ingress, ConfigMap, Secret, HPA, claim, and
+    // for the canary a Rollout and its AnalysisTemplate.
+    assert!(text.contains("10 manifests valid"), "{text}");
+    assert!(text.contains("api-rollout.yaml: Rollout ok"), "{text}");
     assert!(
         stderr.contains("not mapped: services.api.x-capstan.autoscale.metrics[1].query:"),
         "{stderr}"
     );
     // On stdout without -o: the same objects as one YAML stream.
-    let out = export(&[], dir.path());
+    let out = export(&["--argo-rollouts"], dir.path());
     let yaml = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(yaml.matches("\n---\n").count() + 1, 8, "{yaml}");
+    assert_eq!(yaml.matches("\n---\n").count() + 1, 10, "{yaml}");
     // --strict: an error naming every setting, nothing written.
     let strict_dir = dir.path().join("strict");
     let out = export(

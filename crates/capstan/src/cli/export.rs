@@ -71,6 +71,12 @@ pub struct KubernetesArgs {
     /// Settings with no equivalent are an error (exit 1, nothing written).
     #[arg(long)]
     pub strict: bool,
+    /// Also a PodMonitor per scraped service and a PrometheusRule per rule file.
+    #[arg(long)]
+    pub prometheus_operator: bool,
+    /// Also an Argo Rollouts Rollout and AnalysisTemplate per canary service.
+    #[arg(long)]
+    pub argo_rollouts: bool,
 }
 
 /// Lists what did not map; under `--strict` that fails the export.
@@ -111,6 +117,8 @@ pub fn run(stack: &crate::spec::Stack, target: &Target) -> Result<i32> {
                 stack,
                 &kubernetes::Options {
                     namespace: a.namespace.clone(),
+                    prometheus_operator: a.prometheus_operator,
+                    argo_rollouts: a.argo_rollouts,
                 },
             );
             report(&e, a.strict)?;

@@ -28,6 +28,10 @@ pub const DEFAULT_PORT: u16 = 8080;
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     pub namespace: Option<String>,
+    /// Also a PodMonitor per scraped service and a PrometheusRule per rule file.
+    pub prometheus_operator: bool,
+    /// Also an Argo Rollouts Rollout and AnalysisTemplate per canary service.
+    pub argo_rollouts: bool,
 }
 
 /// Environment variables whose names mark them as secrets go to a Secret.
@@ -350,7 +354,7 @@ fn autoscaler(
 }
 
 /// Settings with no Kubernetes equivalent on a service, reported.
-fn unmappable(s: &Service, path: &str, out: &mut Export) {
+fn unmappable(s: &Service, path: &str, argo: bool, out: &mut Export) {
     if s.deploy.restart_policy.condition != RestartCondition::Any {
         out.skip(
             format!("{path}.deploy.restart_policy.condition"),
@@ -375,7 +379,7 @@ fn unmappable(s: &Service, path: &str, out: &mut Export) {
             "Kubernetes starts pods in any order: wait in the program or an init container",
         );
     }
-    if s.x.rollout.is_some() || s.x.analysis.is_some() {
+    if s.x.analysis.is_some() || (s.x.rollout.is_some() && !argo) {
         out.skip(
             format!("{path}.x-capstan.rollout"),
             "a canary judged on metrics needs Argo Rollouts (or Flagger); the Deployment rolls as update_config says",
@@ -504,7 +508,7 @@ pub fn export(stack: &Stack, opts: &Options) -> Export {
     for (svc_name, s) in &stack.services {
         let name = dns_name(svc_name);
         let path = format!("services.{svc_name}");
-        unmappable(s, &path, &mut out);
+        unmappable(s, &path, opts.argo_rollouts, &mut out);
         // The image: built ones need a registry the cluster pulls from.
         let image = match (&s.image, &s.build) {
             (Some(i), _) => i.clone(),
@@ -860,6 +864,18 @@ pub fn export(stack: &Stack, opts: &Options) -> Export {
             "a named volume becomes a 1Gi ReadWriteOnce claim on the cluster's default storage class: set the size",
         );
     }
+    if opts.prometheus_operator {
+        super::operators::pod_monitors(stack, opts, &mut out);
+        super::operators::prometheus_rules(stack, opts, &mut out);
+    } else if !stack.settings.rule_files.is_empty() {
+        out.skip(
+            "x-capstan.rule_files",
+            "rule files go to a PrometheusRule with --prometheus-operator, or to your Prometheus as they are",
+        );
+    }
+    if opts.argo_rollouts {
+        super::operators::argo_rollouts(stack, opts, &mut out);
+    }
     if !stack.networks.is_empty() {
         out.skip(
             "networks",
@@ -921,6 +937,7 @@ mod tests {
                 "HorizontalPodAutoscaler" => serde_json::to_value(
                     serde_saphyr::from_str::<HorizontalPodAutoscaler>(&text).unwrap(),
                 ),
+                "PodMonitor" | "PrometheusRule" | "Rollout" | "AnalysisTemplate" => continue,
                 other => panic!("{name}: unexpected kind {other}"),
             }
             .unwrap();
@@ -1128,6 +1145,7 @@ volumes:
                 &loaded.stack,
                 &Options {
                     namespace: Some("demo".into()),
+                    ..Options::default()
                 },
             );
             round_trip(&e);
@@ -1139,6 +1157,84 @@ volumes:
             let text = text.replace(&root.display().to_string(), "[examples]");
             insta::assert_snapshot!(format!("kubernetes_{ex}"), text);
         }
+    }
+
+    #[test]
+    fn canaries_become_argo_rollouts_and_scrapes_pod_monitors() {
+        let st = stack(
+            r#"
+services:
+  api:
+    image: registry.local/api:2.1
+    ports: ["80:9000"]
+    x-capstan:
+      metrics: {path: /stats, interval: 10s}
+      rollout:
+        strategy: canary
+        steps: [{weight: 10}, {pause: 1m}, {weight: 50}, {pause: {}}]
+        analysis:
+          interval: 30s
+          failure_limit: 3
+          checks:
+            - {check: success-rate, min: 0.99}
+            - {check: latency-p99, max: 0.5}
+            - {check: errors-vs-baseline}
+            - {query: 'sum(queue_depth{ {{canary}} })', max: 10}
+"#,
+        );
+        let e = export(
+            &st,
+            &Options {
+                prometheus_operator: true,
+                argo_rollouts: true,
+                ..Options::default()
+            },
+        );
+        round_trip(&e);
+        let get = |name: &str| {
+            &e.objects
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("no {name}"))
+                .1
+        };
+        let r = get("api-rollout");
+        assert_eq!(r["apiVersion"], "argoproj.io/v1alpha1");
+        assert_eq!(r["spec"]["workloadRef"]["name"], "api");
+        assert_eq!(
+            r["spec"]["strategy"]["canary"]["steps"],
+            serde_json::json!([{"setWeight": 10}, {"pause": {"duration": "1m"}}, {"setWeight": 50}, {"pause": {}}])
+        );
+        let t = get("api-analysistemplate");
+        let metrics = t["spec"]["metrics"].as_array().unwrap();
+        assert_eq!(
+            metrics.len(),
+            3,
+            "the sequential check is reported, not mapped: {t}"
+        );
+        assert_eq!(metrics[0]["successCondition"], "result[0] >= 0.99");
+        assert_eq!(
+            metrics[0]["failureLimit"], 2,
+            "capstan fails at the limit, Argo after it"
+        );
+        assert_eq!(metrics[1]["successCondition"], "result[0] <= 0.5");
+        assert_eq!(
+            metrics[2]["provider"]["prometheus"]["query"],
+            "sum(queue_depth{ service=\"api\",rollouts_pod_template_hash=\"{{args.canary-hash}}\" })"
+        );
+        assert!(
+            e.unmapped
+                .iter()
+                .any(|u| u.path == "services.api.x-capstan.rollout.analysis.checks[2]")
+        );
+        assert!(
+            !e.unmapped
+                .iter()
+                .any(|u| u.path == "services.api.x-capstan.rollout")
+        );
+        let pm = get("api-podmonitor");
+        assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/stats");
+        assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["interval"], "10s");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! never silently dropped.
 
 pub mod kubernetes;
+pub mod operators;
 pub mod swarm;
 
 /// A setting of the stack file the target cannot express.
