@@ -278,3 +278,74 @@ services:
     drop(_swarm);
     docker(&["rmi", v1, v2]);
 }
+
+/// `capstan export swarm --push REGISTRY`: the `build:` services are built
+/// and pushed to a real registry (Debian's docker-registry on loopback), and
+/// the exported file names the pushed images.
+#[test]
+fn built_images_are_pushed_and_named_in_the_exported_file() {
+    let Some(image) = demo_image() else { return };
+    let registry = need("docker-registry");
+    let port = free_port();
+    let store = tempfile::tempdir().unwrap();
+    let config = store.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            store.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let _registry = Killed(
+        Command::new(registry)
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the registry", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let s = TestStack::new(
+        "name: pushtest\nservices:\n  web:\n    build: ./web\n    ports: [\"8080:8080\"]\n",
+    );
+    std::fs::create_dir_all(s.dir.path().join("web")).unwrap();
+    std::fs::write(
+        s.dir.path().join("web/Dockerfile"),
+        format!("FROM {image}\nENV VERSION=pushed\n"),
+    )
+    .unwrap();
+    let file = s.dir.path().join("stack.yml");
+    let registry_host = format!("127.0.0.1:{port}");
+    let out = s.run(&[
+        "export",
+        "swarm",
+        "--push",
+        &registry_host,
+        "-o",
+        &file.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("not mapped: services.web.build"),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let named = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image: "))
+        .unwrap_or_else(|| panic!("no image in {text}"))
+        .to_owned();
+    let prefix = format!("{registry_host}/pushtest-web:");
+    assert!(named.starts_with(&prefix), "{named}");
+    let tag = &named[prefix.len()..];
+    // The registry holds that tag.
+    let (code, body) = http_fetch(&registry_host, "/v2/pushtest-web/tags/list");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("\"{tag}\"")), "{tag} not in {body}");
+    docker(&["rmi", &named]);
+}

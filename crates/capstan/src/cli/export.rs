@@ -45,6 +45,71 @@ pub struct SwarmArgs {
     /// task's node only.
     #[arg(long, value_enum, default_value = "ingress")]
     pub publish_mode: crate::export::swarm::PublishMode,
+    /// Build the `build:` services and push their images to this registry
+    /// (`registry.example:5000` or `registry.example/team`), which the file then names.
+    #[arg(long, value_name = "REGISTRY")]
+    pub push: Option<String>,
+}
+
+/// Builds the `build:` services and pushes them to `registry` as
+/// `REGISTRY/STACK-SERVICE:TAG` (the tag from the built image's id), and
+/// names those images in the stack.
+async fn push_built(stack: &mut crate::spec::Stack, registry: &str) -> Result<()> {
+    use crate::supervisor::driver::container;
+    let names: Vec<String> = stack
+        .services
+        .iter()
+        .filter(|(_, s)| s.build.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    if names.is_empty() {
+        eprintln!("nothing to push: no service has build:");
+        return Ok(());
+    }
+    let id = stack.name.clone();
+    super::images::build_images(stack, &id, &names).await?;
+    let docker = container::connect().await.map_err(anyhow::Error::msg)?;
+    for name in names {
+        let Some(svc) = stack.services.get_mut(&name) else {
+            continue;
+        };
+        let built = svc.built.clone().unwrap_or_default();
+        let tag: String = built
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect();
+        let tag = if tag.is_empty() {
+            "latest".to_owned()
+        } else {
+            tag
+        };
+        let target = format!(
+            "{}/{}-{name}:{tag}",
+            registry.trim_end_matches('/'),
+            stack.name
+        );
+        let (repo, t) = crate::supervisor::driver::registry::split_reference(&target);
+        let local = format!("{}:latest", container::build_repo(&id, &name));
+        docker
+            .tag_image(
+                &local,
+                Some(bollard::query_parameters::TagImageOptions {
+                    repo: Some(repo),
+                    tag: Some(t),
+                }),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("tagging {local} as {target}: {e}"))?;
+        eprintln!("{name}: pushing {target}");
+        container::push(&docker, &target, |_| {})
+            .await
+            .map_err(anyhow::Error::msg)?;
+        eprintln!("{name}: pushed {target}");
+        svc.image = Some(target);
+        svc.build = None;
+    }
+    Ok(())
 }
 
 impl Target {
@@ -110,7 +175,7 @@ fn write(e: &Export, dir: Option<&PathBuf>) -> Result<()> {
     Ok(())
 }
 
-pub fn run(stack: &crate::spec::Stack, target: &Target) -> Result<i32> {
+pub async fn run(stack: &crate::spec::Stack, target: &Target) -> Result<i32> {
     match target {
         Target::Kubernetes(a) => {
             let e = kubernetes::export(
@@ -125,7 +190,11 @@ pub fn run(stack: &crate::spec::Stack, target: &Target) -> Result<i32> {
             write(&e, a.output.as_ref())?;
         }
         Target::Swarm(a) => {
-            let e = crate::export::swarm::export(stack, a.publish_mode);
+            let mut stack = stack.clone();
+            if let Some(registry) = &a.push {
+                push_built(&mut stack, registry).await?;
+            }
+            let e = crate::export::swarm::export(&stack, a.publish_mode);
             report(&e, a.strict)?;
             let text = crate::export::yaml(&e.objects[0].1);
             match &a.output {

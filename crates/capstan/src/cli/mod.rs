@@ -641,7 +641,7 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Export(args) => {
             let loaded = ctx.load()?;
-            export::run(&loaded.stack, &args.target)
+            export::run(&loaded.stack, &args.target).await
         }
         Cmd::Config { .. } => {
             let l = ctx.load()?;

@@ -338,6 +338,32 @@ pub async fn pull(
     Ok(())
 }
 
+/// Pushes an image to its registry with the Docker CLI's credentials for it;
+/// `line` gets each status line. A failure names the image and the registry.
+pub async fn push(docker: &Docker, image: &str, mut line: impl FnMut(&str)) -> Result<(), String> {
+    let registry = registry::registry_of(image);
+    let fail = |e: String| format!("cannot push image {image} to registry {registry}: {e}");
+    let creds = registry::credentials(image)
+        .await
+        .map_err(|e| fail(format!("reading credentials: {e}")))?;
+    let (name, tag) = registry::split_reference(image);
+    let opts = bollard::query_parameters::PushImageOptions {
+        tag: Some(tag),
+        platform: None,
+    };
+    let mut steps = docker.push_image(&name, Some(opts), creds);
+    while let Some(s) = steps.next().await {
+        let info = s.map_err(|e| fail(engine_error(e)))?;
+        if let Some(err) = info.error_detail.as_ref().and_then(|d| d.message.clone()) {
+            return Err(fail(err));
+        }
+        if let Some(st) = &info.status {
+            line(st);
+        }
+    }
+    Ok(())
+}
+
 /// The port a container listens on when its service names none.
 pub const DEFAULT_PORT: u16 = 8080;
 
