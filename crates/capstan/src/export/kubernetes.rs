@@ -867,12 +867,17 @@ pub fn export(stack: &Stack, opts: &Options) -> Export {
     if opts.prometheus_operator {
         super::operators::pod_monitors(stack, opts, &mut out);
         super::operators::prometheus_rules(stack, opts, &mut out);
-    } else if !stack.settings.rule_files.is_empty() {
-        out.skip(
-            "x-capstan.rule_files",
-            "rule files go to a PrometheusRule with --prometheus-operator, or to your Prometheus as they are",
-        );
+    } else {
+        for (name, s) in &stack.services {
+            if !s.x.metrics.disable {
+                out.skip(
+                    format!("services.{name}.x-capstan.metrics"),
+                    "nothing scrapes the pods: export with --prometheus-operator for a PodMonitor, or configure your Prometheus",
+                );
+            }
+        }
     }
+    super::stack_settings(stack, &mut out, opts.prometheus_operator);
     if opts.argo_rollouts {
         super::operators::argo_rollouts(stack, opts, &mut out);
     }

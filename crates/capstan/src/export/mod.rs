@@ -46,6 +46,63 @@ impl Export {
     }
 }
 
+/// The stack's own monitoring settings, which a cluster's Prometheus,
+/// Alertmanager and collectors take over: listed when set.
+pub fn stack_settings(stack: &crate::spec::Stack, out: &mut Export, rule_files_mapped: bool) {
+    let s = &stack.settings;
+    for (set, key, why) in [
+        (
+            !s.scrape_configs.is_empty(),
+            "x-capstan.scrape_configs",
+            "put them in your Prometheus' scrape_configs",
+        ),
+        (
+            !s.alertmanagers.is_empty() || !s.alert_webhooks.is_empty(),
+            "x-capstan.alerting",
+            "your Prometheus sends alerts to its Alertmanagers",
+        ),
+        (
+            s.notify.is_some(),
+            "x-capstan.notify",
+            "release notifications come from capstan's own rollouts",
+        ),
+        (
+            !s.remote_write.is_empty(),
+            "x-capstan.remote_write",
+            "put it in your Prometheus' remote_write",
+        ),
+        (
+            !s.logs.forward.is_empty(),
+            "x-capstan.logs.forward",
+            "a log collector (Promtail, Alloy, Fluent Bit) on the nodes does this",
+        ),
+        (
+            !s.traces.forward.is_empty(),
+            "x-capstan.traces.forward",
+            "point the programs' OTLP exporters at your collector",
+        ),
+        (
+            !s.external_labels.is_empty(),
+            "x-capstan.external_labels",
+            "set them in your Prometheus' global config",
+        ),
+        (
+            !s.anomaly.is_empty() && !rule_files_mapped,
+            "x-capstan.anomaly",
+            "`capstan rules --generated` prints the rules, to add to a rule file",
+        ),
+        (
+            !s.rule_files.is_empty() && !rule_files_mapped,
+            "x-capstan.rule_files",
+            "load the rule files into your Prometheus as they are (or export with --prometheus-operator)",
+        ),
+    ] {
+        if set {
+            out.skip(key, why);
+        }
+    }
+}
+
 /// One object as YAML.
 pub fn yaml(o: &serde_json::Value) -> String {
     let mut text = serde_saphyr::to_string(o).unwrap_or_else(|e| format!("# cannot render: {e}\n"));

@@ -532,6 +532,7 @@ pub fn export(stack: &Stack, mode: PublishMode) -> Export {
             file.insert(format!("{kind}s"), Value::Object(defs));
         }
     }
+    super::stack_settings(stack, &mut out, false);
     out.add(format!("{}-stack", stack.name), Value::Object(file));
     out.unmapped.sort();
     out.unmapped.dedup();
