@@ -637,3 +637,22 @@ pub fn now_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// Debian's docker-registry serving `config` (which names `port` on loopback),
+/// once it accepts connections.
+pub fn start_registry(config: &std::path::Path, port: u16) -> Killed {
+    let registry = need("docker-registry");
+    let k = Killed(
+        Command::new(registry)
+            .arg("serve")
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the registry", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    k
+}

@@ -617,7 +617,6 @@ fn an_image_missing_locally_is_pulled_from_a_registry_with_credentials() {
     let Some(image) = demo_image() else { return };
     // A real registry (Debian's docker-registry) on a loopback port, with a
     // password file.
-    let registry = need("docker-registry");
     let htpasswd = need("htpasswd");
     let port = free_port();
     let store = tempfile::tempdir().unwrap();
@@ -638,18 +637,7 @@ fn an_image_missing_locally_is_pulled_from_a_registry_with_credentials() {
         ),
     )
     .unwrap();
-    let _registry = Killed(
-        Command::new(registry)
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the registry", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let _registry = start_registry(&config, port);
     // The Docker CLI's own login writes the config capstan reads.
     let logged_in = store.path().join("docker-config");
     let nobody = store.path().join("no-config");

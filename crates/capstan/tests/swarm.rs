@@ -285,7 +285,6 @@ services:
 #[test]
 fn built_images_are_pushed_and_named_in_the_exported_file() {
     let Some(image) = demo_image() else { return };
-    let registry = need("docker-registry");
     let port = free_port();
     let store = tempfile::tempdir().unwrap();
     let config = store.path().join("config.yml");
@@ -297,18 +296,7 @@ fn built_images_are_pushed_and_named_in_the_exported_file() {
         ),
     )
     .unwrap();
-    let _registry = Killed(
-        Command::new(registry)
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the registry", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let _registry = start_registry(&config, port);
     let s = TestStack::new(
         "name: pushtest\nservices:\n  web:\n    build: ./web\n    ports: [\"8080:8080\"]\n",
     );

@@ -257,6 +257,22 @@ pub fn target_headers(cfg: &RemoteWriteConfig) -> Vec<(String, String)> {
     h
 }
 
+/// A target's URL, its cursor file (its folder made) and relabeling rules.
+pub fn prepare(
+    cfg: &RemoteWriteConfig,
+    dir: &Path,
+    stats: &Stats,
+) -> Option<(hyper::Uri, PathBuf, Vec<Rule>)> {
+    let url = cfg.url.parse::<hyper::Uri>().ok()?;
+    let _ = std::fs::create_dir_all(dir);
+    let rules = cfg
+        .write_relabel_configs
+        .iter()
+        .filter_map(|r| Rule::new(r.clone()).ok())
+        .collect();
+    Some((url, cursor_path(dir, &stats.name), rules))
+}
+
 /// Sends to one receiver until `stop`.
 pub async fn run(
     cfg: RemoteWriteConfig,
@@ -265,16 +281,9 @@ pub async fn run(
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Ok(url) = cfg.url.parse::<hyper::Uri>() else {
+    let Some((url, path, rules)) = prepare(&cfg, &dir, &stats) else {
         return;
     };
-    let _ = std::fs::create_dir_all(&dir);
-    let path = cursor_path(&dir, &stats.name);
-    let rules: Vec<Rule> = cfg
-        .write_relabel_configs
-        .iter()
-        .filter_map(|r| Rule::new(r.clone()).ok())
-        .collect();
     let headers = headers(&cfg);
     let q = cfg.queue_config.clone();
     let shards = q.max_shards.max(1) as usize;

@@ -21,7 +21,7 @@ use capstan_logstore::{Entry, Labels, Query, Store};
 use prost::Message;
 use tokio::sync::watch;
 
-use super::remote_write::{Stats, cursor_path, read_cursor, send, target_headers, write_cursor};
+use super::remote_write::{Stats, prepare, read_cursor, send, target_headers, write_cursor};
 use crate::scrape::relabel::Rule;
 use crate::spec::RemoteWriteConfig;
 
@@ -164,11 +164,9 @@ pub async fn run(
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Ok(url) = cfg.url.parse::<hyper::Uri>() else {
+    let Some((url, path, rules)) = prepare(&cfg, &dir, &stats) else {
         return;
     };
-    let _ = std::fs::create_dir_all(&dir);
-    let path = cursor_path(&dir, &stats.name);
     let mut headers = match source {
         Source::Logs(_) => vec![
             (
@@ -184,11 +182,7 @@ pub async fn run(
     };
     headers.extend(target_headers(&cfg));
     let per_send = cfg.queue_config.max_samples_per_send.max(1) as usize;
-    let rules: Vec<Rule> = cfg
-        .write_relabel_configs
-        .iter()
-        .filter_map(|r| Rule::new(r.clone()).ok())
-        .collect();
+
     // A first start forwards from now on; a restart goes on where it stopped.
     let mut cursor = read_cursor(&path)
         .map(|c| c.max(0) as u64)
