@@ -218,14 +218,17 @@ def run(d):
     d.get(URL + "/explore")
     box = d.find_element(By.ID, "query")
     box.send_keys("node_load")
-    options = wait(d, "return [...document.querySelectorAll('#suggestions li')].map(e => e.textContent)", "metric completion")
+    # The list follows each keystroke: wait for the one of the whole word.
+    options = wait(d, """const v = [...document.querySelectorAll('#suggestions li')].map(e => e.textContent);
+      return v.includes('node_load1') && v""", "metric completion")
     check(options and "node_load1" in options, f"metric names complete ({options})")
     box.send_keys(Keys.ENTER)  # accepts the first suggestion
     check(box.get_attribute("value") in ("node_load1", "node_load15", "node_load5"),
           f"Enter accepts a suggestion ({box.get_attribute('value')})")
     box.clear()
     box.send_keys('up{job="')
-    values = wait(d, "return [...document.querySelectorAll('#suggestions li')].map(e => e.textContent)", "label value completion")
+    values = wait(d, """const v = [...document.querySelectorAll('#suggestions li')].map(e => e.textContent);
+      return v.includes('web') && v""", "label value completion")
     check(values and "capstan" in values and "web" in values, f"label values complete ({values})")
     box.send_keys(Keys.ESCAPE)
     box.clear()
