@@ -215,13 +215,18 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
 /// Read endpoints are open on loopback, and want the token otherwise (the
 /// bearer header, or the dashboard's login cookie).
 async fn read_auth(State(api): State<Api>, req: Request, next: Next) -> Response {
-    if !api.reads_need_token
-        || dashboard::token_of(req.headers())
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()))
-    {
+    if reads_allowed(&api, req.headers()) {
         return next.run(req).await;
     }
     auth(State(api), req, next).await
+}
+
+/// Reads need no token (loopback), or the request carries the right one in
+/// the bearer header or the dashboard's cookie.
+pub(crate) fn reads_allowed(api: &Api, headers: &axum::http::HeaderMap) -> bool {
+    !api.reads_need_token
+        || dashboard::token_of(headers)
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -16,14 +16,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::Export;
+use super::{DEFAULT_PORT, Export};
 use crate::spec::{
     Cmd, FailureAction, HealthTest, MetricSource, PolicyKind, Protocol, RestartCondition,
     ScalingRules, SelectPolicy, Service, Stack, UpdateOrder, VolumeKind,
 };
-
-/// The port a replica listens on in a pod when the stack gives it `$PORT`.
-pub const DEFAULT_PORT: u16 = 8080;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -510,25 +507,24 @@ pub fn export(stack: &Stack, opts: &Options) -> Export {
         let path = format!("services.{svc_name}");
         unmappable(s, &path, opts.argo_rollouts, &mut out);
         // The image: built ones need a registry the cluster pulls from.
-        let image = match (&s.image, &s.build) {
-            (Some(i), _) => i.clone(),
-            (None, Some(_)) => {
-                let i = format!("{}-{svc_name}", stack.name);
-                out.skip(
-                    format!("{path}.build"),
-                    format!("the cluster cannot build: push the built image (named {i} here) to a registry it pulls from, and set image:"),
-                );
-                i
-            }
-            (None, None) => {
-                let i = format!("{}-{svc_name}:latest", dns_name(&stack.name));
-                out.skip(
-                    format!("{path}.command"),
-                    format!("a process service has no image: the manifest names {i}; build an image that runs this command and push it"),
-                );
-                i
-            }
-        };
+        let image = super::image_of(
+            s,
+            &path,
+            (format!("{}-{svc_name}", stack.name), &|i| {
+                format!(
+                    "the cluster cannot build: push the built image (named {i} here) to a registry it pulls from, and set image:"
+                )
+            }),
+            (
+                format!("{}-{svc_name}:latest", dns_name(&stack.name)),
+                &|i| {
+                    format!(
+                        "a process service has no image: the manifest names {i}; build an image that runs this command and push it"
+                    )
+                },
+            ),
+            &mut out,
+        );
         // Ports: the published ones through the Service (and an Ingress for
         // HTTP); `$PORT` becomes a fixed port in the pod.
         let port = s

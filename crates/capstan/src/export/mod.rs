@@ -103,6 +103,31 @@ pub fn stack_settings(stack: &crate::spec::Stack, out: &mut Export, rule_files_m
     }
 }
 
+/// The port a replica listens on when the stack gives it `$PORT` (as in a container).
+pub use crate::supervisor::driver::container::DEFAULT_PORT;
+
+/// The image a service runs on the target: its own; for a `build:` service
+/// `built`, for a process service `process`, each reported with why.
+pub fn image_of(
+    s: &crate::spec::Service,
+    path: &str,
+    (built, built_why): (String, &dyn Fn(&str) -> String),
+    (process, process_why): (String, &dyn Fn(&str) -> String),
+    out: &mut Export,
+) -> String {
+    match (&s.image, &s.build) {
+        (Some(i), _) => i.clone(),
+        (None, Some(_)) => {
+            out.skip(format!("{path}.build"), built_why(&built));
+            built
+        }
+        (None, None) => {
+            out.skip(format!("{path}.command"), process_why(&process));
+            process
+        }
+    }
+}
+
 /// One object as YAML.
 pub fn yaml(o: &serde_json::Value) -> String {
     let mut text = serde_saphyr::to_string(o).unwrap_or_else(|e| format!("# cannot render: {e}\n"));

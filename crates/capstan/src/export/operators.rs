@@ -6,8 +6,8 @@
 
 use serde_json::{Value, json};
 
-use super::Export;
-use super::kubernetes::{DEFAULT_PORT, Options, dns_name};
+use super::kubernetes::{Options, dns_name};
+use super::{DEFAULT_PORT, Export};
 use crate::spec::{CanaryStep, CheckKind, Service, Stack};
 
 fn meta(name: &str, stack: &Stack, service: Option<&str>, opts: &Options) -> Value {

@@ -7,14 +7,11 @@
 
 use serde_json::{Map, Value, json};
 
-use super::Export;
+use super::{DEFAULT_PORT, Export};
 use crate::spec::{
     Cmd, FailureAction, FileSource, HealthTest, RestartCondition, Service, Stack, UpdateConfig,
     UpdateOrder, VolumeKind,
 };
-
-/// The port a replica listens on in a task when the stack gives it `$PORT`.
-pub const DEFAULT_PORT: u16 = 8080;
 
 fn cmd(c: &Cmd) -> Value {
     match c {
@@ -69,25 +66,21 @@ pub enum PublishMode {
 fn service(stack: &Stack, name: &str, s: &Service, mode: PublishMode, out: &mut Export) -> Value {
     let path = format!("services.{name}");
     let mut o = Map::new();
-    let image = match (&s.image, &s.build) {
-        (Some(i), _) => i.clone(),
-        (None, Some(_)) => {
-            let i = format!("{}-{name}", stack.name);
-            out.skip(
-                format!("{path}.build"),
-                format!("docker stack deploy does not build: the file names the image {i}; every node must have it, or push it to a registry and name it there"),
-            );
-            i
-        }
-        (None, None) => {
-            let i = format!("{}-{name}:latest", stack.name);
-            out.skip(
-                format!("{path}.command"),
-                format!("a process service has no image: the file names {i}; build an image that runs this command"),
-            );
-            i
-        }
-    };
+    let image = super::image_of(
+        s,
+        &path,
+        (format!("{}-{name}", stack.name), &|i| {
+            format!(
+                "docker stack deploy does not build: the file names the image {i}; every node must have it, or push it to a registry and name it there"
+            )
+        }),
+        (format!("{}-{name}:latest", stack.name), &|i| {
+            format!(
+                "a process service has no image: the file names {i}; build an image that runs this command"
+            )
+        }),
+        out,
+    );
     o.insert("image".into(), json!(image));
     if let Some(e) = &s.entrypoint {
         o.insert("entrypoint".into(), cmd(e));

@@ -579,3 +579,30 @@ fn a_rolling_update_may_have_an_analysis() {
     assert_eq!(a.interval, Dur::secs(2));
     assert_eq!(a.checks[0].min, Some(0.995));
 }
+
+#[test]
+fn forwarding_targets_are_checked_within_their_limits() {
+    let base = "services:\n  web:\n    command: [demo]\nx-capstan:\n";
+    let e = errors(&format!(
+        "{base}  remote_write:\n    - {{url: https://x/api/v1/write}}\n    - {{url: 'http://x/w', queue_config: {{max_shards: 0, max_samples_per_send: 100001}}}}\n    - {{url: 'http://x/w', queue_config: {{max_shards: 201}}, write_relabel_configs: [{{regex: '('}}]}}\n    - {{url: 'http://x/w', basic_auth: {{username: a}}, authorization: {{credentials: b}}}}\n    - {{url: 'http://x/w', bogus: 1}}\n  logs:\n    forward: {{url: 'http://x'}}\n  traces:\n    forward: [{{url: ftp://x}}]\n"
+    ));
+    for want in [
+        "remote_write[0].url: https://x/api/v1/write: https needs TLS",
+        "remote_write[1].queue_config.max_shards: must be 1 to 200",
+        "remote_write[1].queue_config.max_samples_per_send: must be 1 to 100000",
+        "remote_write[2].queue_config.max_shards: must be 1 to 200",
+        "remote_write[2].write_relabel_configs[0]",
+        "remote_write[3]: give basic_auth or authorization, not both",
+        "remote_write[4]: unknown field `bogus`",
+        "logs.forward: expected a list of receivers",
+        "traces.forward[0].url: expected an http:// URL",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+    // Within the limits: accepted.
+    let ok = format!(
+        "{base}  remote_write:\n    - {{url: 'http://x/w', queue_config: {{max_shards: 200, max_samples_per_send: 100000}}}}\n"
+    );
+    let (stack, _) = parse(&ok).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stack.settings.remote_write[0].queue_config.max_shards, 200);
+}

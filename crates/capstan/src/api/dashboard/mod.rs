@@ -308,10 +308,7 @@ pub fn token_of(headers: &HeaderMap) -> Option<&str> {
 /// Pages are open on loopback; elsewhere a browser without the token is sent
 /// to the login form.
 pub async fn page_auth(State(api): State<Api>, req: Request, next: Next) -> Response {
-    if !api.reads_need_token
-        || token_of(req.headers())
-            .is_some_and(|t| super::constant_time_eq(t.as_bytes(), api.token.as_bytes()))
-    {
+    if super::reads_allowed(&api, req.headers()) {
         return next.run(req).await;
     }
     let target = req
