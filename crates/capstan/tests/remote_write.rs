@@ -230,7 +230,8 @@ fn a_real_prometheus_federates_from_capstan() {
         Duration::from_secs(60),
         || {
             let r = query(&prom, "capstan_replica_healthy{site=\"lab\"}");
-            (r.as_array().unwrap().len() == 2).then_some(r)
+            let a = r.as_array().unwrap();
+            (a.len() == 2 && a.iter().all(|s| s["value"][1] == "1")).then_some(r)
         },
     );
     for series in got.as_array().unwrap() {
@@ -240,9 +241,16 @@ fn a_real_prometheus_federates_from_capstan() {
         assert_eq!(series["value"][1], "1", "{series}");
     }
     // Counters agree within a scrape or two.
-    let ours = query(&addr, "sum(capstan_replica_restarts_total)");
-    let theirs = query(&prom, "sum(capstan_replica_restarts_total)");
-    assert_eq!(ours[0]["value"][1], theirs[0]["value"][1]);
+    wait_for(
+        "the same counter on both sides",
+        Duration::from_secs(30),
+        || {
+            let ours = query(&addr, "sum(capstan_replica_restarts_total)");
+            let theirs = query(&prom, "sum(capstan_replica_restarts_total)");
+            (!ours[0]["value"][1].is_null() && ours[0]["value"][1] == theirs[0]["value"][1])
+                .then_some(())
+        },
+    );
     s.ok(&["down"]);
 }
 
