@@ -217,8 +217,10 @@ fn a_real_prometheus_federates_from_capstan() {
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: federate\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{job=\"capstan\"}}']\n    static_configs: [{{targets: [\"{addr}\"]}}]\n"
     );
     let (_prom, prom, _dir) = start_prometheus(&config, port);
+    // Ready means 200 (it answers 503 while it starts).
     wait_for("Prometheus to start", Duration::from_secs(30), || {
-        http_get(port, "/-/ready")
+        std::net::TcpStream::connect(&prom).ok()?;
+        (http_fetch(&prom, "/-/ready").0 == 200).then_some(())
     });
     let query = |host: &str, q: &str| -> serde_json::Value {
         let (code, body) = http_fetch(host, &format!("/api/v1/query?query={}", enc(q)));
