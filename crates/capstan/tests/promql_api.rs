@@ -136,6 +136,11 @@ const QUERIES: &[&str] = &[
     "node_cpu_seconds_total{mode!~\"idle|iowait\"}",
     "{__name__=~\"node_load.*\"}",
     "node_load1 offset 10s",
+    // Negative offsets reach past the evaluation time, up to the newest samples
+    // (the wait below covers them).
+    "node_load1 offset -10s",
+    "rate(node_cpu_seconds_total[30s] offset -10s)",
+    "count_over_time(up[20s] offset -12s)",
     "node_memory_MemFree_bytes @ end()",
     "rate(node_cpu_seconds_total[30s])",
     "irate(node_cpu_seconds_total[30s])",
@@ -369,6 +374,9 @@ fn queries_agree_with_a_real_prometheus_on_the_same_samples() {
     let offset = ((scrape_ms * 1000.0) as i64).rem_euclid(1000);
     let t = (now - 15_000) / 1000 * 1000 + (offset + 500) % 1000;
     let at = |t: i64| format!("{}.{:03}", t / 1000, t % 1000);
+    // Every sample up to the furthest negative offset (12 s past `t`) delivered:
+    // remote_write sends in batches (up to 1 s here), so the newest samples reach
+    // capstan a moment after Prometheus holds them.
     wait_for(
         "capstan to hold the pushed samples",
         Duration::from_secs(30),
@@ -376,7 +384,7 @@ fn queries_agree_with_a_real_prometheus_on_the_same_samples() {
             let p = format!(
                 "/api/v1/query?query={}&time={}",
                 capstan::scrape::encode(probe),
-                at(t)
+                at(t + 13_000)
             );
             let a = results(&prom_addr, &p).ok()?;
             let b = results(&addr, &p).ok()?;
@@ -419,6 +427,7 @@ fn queries_agree_with_a_real_prometheus_on_the_same_samples() {
             }
         }
     }
+    let (changed, starts) = series_starts_agree(&prom_addr, &addr, &mut failures);
     for f in &failures {
         eprintln!("MISMATCH {f}\n");
     }
@@ -426,7 +435,133 @@ fn queries_agree_with_a_real_prometheus_on_the_same_samples() {
         failures.is_empty(),
         "{} of {} queries differ",
         failures.len(),
-        QUERIES.len() * 2
+        QUERIES.len() * 2 + starts
+    );
+    // The data exercised the case where the two orders differ.
+    assert!(
+        changed > 0,
+        "no window where Prometheus 2.42 and 2.51+ differ"
     );
     s.ok(&["down"]);
+}
+
+/// `rate`/`increase` over windows that hold the first samples of the series.
+///
+/// Prometheus 2.42 (Debian's) limits the extrapolation to a counter's zero point
+/// before deciding whether the series started inside the window; Prometheus
+/// 2.51 and later (prometheus/prometheus#13725, and the v3 test scripts capstan
+/// passes) first cut it to half a sample interval and then to the zero point.
+/// For a counter that starts small, the two differ. Each answer is checked
+/// against its own version's rule applied to the raw samples Prometheus holds:
+/// Prometheus' answer with 2.42's, capstan's with 2.51's. Returns how many
+/// values the two rules put apart, and how many queries were made.
+fn series_starts_agree(prom: &str, capstan: &str, failures: &mut Vec<String>) -> (usize, usize) {
+    let at = |t: i64| format!("{}.{:03}", t / 1000, t % 1000);
+    let (_, body) = http_fetch(
+        prom,
+        &format!(
+            "/api/v1/query?query={}",
+            capstan::scrape::encode("up{job=\"pnode\"}[10m]")
+        ),
+    );
+    let first = serde_json::from_str::<Value>(&body).unwrap()["data"]["result"][0]["values"][0][0]
+        .as_f64()
+        .unwrap();
+    let first = (first * 1000.0).round() as i64;
+    let metrics = [
+        "prometheus_http_requests_total",
+        "prometheus_tsdb_head_samples_appended_total",
+        "node_cpu_seconds_total",
+    ];
+    let (mut changed, mut queries) = (0, 0);
+    for m in metrics {
+        for (func, range, after) in [
+            ("rate", 30, 10_500),
+            ("increase", 60, 20_500),
+            ("rate", 20, 25_500),
+        ] {
+            let t = first + after;
+            let q = scoped(&format!("{func}({m}[{range}s])"));
+            let path = |q: &str| {
+                format!(
+                    "/api/v1/query?query={}&time={}",
+                    capstan::scrape::encode(q),
+                    at(t)
+                )
+            };
+            queries += 1;
+            let (Ok(want), Ok(got), Ok(raw)) = (
+                results(prom, &path(&q)),
+                results(capstan, &path(&q)),
+                results(prom, &path(&scoped(&format!("{m}[{range}s]")))),
+            ) else {
+                failures.push(format!("{q} at {t}: a query failed"));
+                continue;
+            };
+            let per_second = if func == "rate" { range as f64 } else { 1.0 };
+            let keys =
+                |m: &BTreeMap<String, _>| m.keys().map(|k| without_name(k)).collect::<Vec<_>>();
+            if keys(&want) != keys(&got) || keys(&raw) != keys(&want) {
+                failures.push(format!("{q} at {t}: series differ"));
+                continue;
+            }
+            for ((k, w), (g, samples)) in want.iter().zip(got.values().zip(raw.values())) {
+                let window = t - range * 1000;
+                let old = extrapolated(samples, window, t, false) / per_second;
+                let new = extrapolated(samples, window, t, true) / per_second;
+                if !close(w[0].1, old) {
+                    failures.push(format!(
+                        "{q} {k}: prometheus {} but 2.42's rule gives {old}",
+                        w[0].1
+                    ));
+                }
+                if !close(g[0].1, new) {
+                    failures.push(format!(
+                        "{q} {k}: capstan {} but 2.51's rule gives {new}",
+                        g[0].1
+                    ));
+                }
+                changed += usize::from(!close(old, new));
+            }
+        }
+    }
+    (changed, queries)
+}
+
+/// A counter's increase over the window (`start`, `end`] (ms) from its raw
+/// samples (seconds, value), extrapolated by Prometheus 2.42's rule or by
+/// 2.51's (`fixed`).
+fn extrapolated(samples: &[(f64, f64)], start: i64, end: i64, fixed: bool) -> f64 {
+    let (t0, v0) = samples[0];
+    let (t1, v1) = samples[samples.len() - 1];
+    let mut result = v1 - v0;
+    for w in samples.windows(2) {
+        if w[1].1 < w[0].1 {
+            result += w[0].1;
+        }
+    }
+    let mut to_start = t0 - start as f64 / 1000.0;
+    let mut to_end = end as f64 / 1000.0 - t1;
+    let sampled = t1 - t0;
+    let avg = sampled / (samples.len() - 1) as f64;
+    let to_zero = if result > 0.0 && v0 >= 0.0 {
+        sampled * (v0 / result)
+    } else {
+        f64::INFINITY
+    };
+    if fixed {
+        if to_start >= avg * 1.1 {
+            to_start = avg / 2.0;
+        }
+        to_start = to_start.min(to_zero);
+    } else {
+        to_start = to_start.min(to_zero);
+        if to_start >= avg * 1.1 {
+            to_start = avg / 2.0;
+        }
+    }
+    if to_end >= avg * 1.1 {
+        to_end = avg / 2.0;
+    }
+    result * (sampled + to_start + to_end) / sampled
 }
