@@ -146,6 +146,35 @@ fn scales_to_zero_and_wakes_with_every_held_request_served() {
             && e["reason"].as_str().unwrap().contains("scaled to zero")),
         "{events:?}"
     );
+    // Where cgroups are writable, the next start waits parked in a cgroup of
+    // its own, a child of the daemon.
+    let daemon = s.daemon_pid();
+    let cgroups = s.api("/capstan/v1/status")["cgroups"].is_string();
+    let parked = || -> Vec<i32> {
+        children(daemon)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--park"))
+            })
+            .collect()
+    };
+    let parked_pid = if cgroups {
+        let p = wait_for("a parked start", Duration::from_secs(10), || {
+            parked().first().copied()
+        });
+        // Its cgroup carries the service's CPU limit already.
+        let quota = wait_for(
+            "the parked helper in its cgroup",
+            Duration::from_secs(5),
+            || cpu_quota(p).filter(|q| q.starts_with("25000")),
+        );
+        eprintln!("parked helper {p}, cpu quota {quota}");
+        Some(p)
+    } else {
+        eprintln!("cgroups are not writable here: no parked start to check");
+        None
+    };
     // Eight requests at once find no replica: all are held, then served.
     let threads: Vec<_> = (0..8)
         .map(|_| {
@@ -173,6 +202,62 @@ fn scales_to_zero_and_wakes_with_every_held_request_served() {
         text.contains("capstan_cold_start_seconds_count{service=\"web\"} 1"),
         "{text}"
     );
+    if let Some(p) = parked_pid {
+        // The woken replica is the parked process, now the program, with the
+        // service's limit and its own environment.
+        let replica = s.replicas("web")[0]["pid"].as_i64().unwrap() as i32;
+        assert_eq!(replica, p);
+        assert!(cpu_quota(replica).is_some_and(|q| q.starts_with("25000")));
+        let environ = std::fs::read(format!("/proc/{replica}/environ")).unwrap();
+        assert!(String::from_utf8_lossy(&environ).contains("CAPSTAN_SERVICE=web"));
+        // Once it stops again, another start is parked; `down` leaves none.
+        wait_for("the next parked start", Duration::from_secs(20), || {
+            parked().into_iter().find(|q| *q != p)
+        });
+        let left = parked();
+        s.ok(&["down"]);
+        for q in left {
+            assert!(!alive(q), "parked helper {q} outlived down");
+        }
+    }
+}
+
+/// Pids whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                let rest = &st[st.rfind(')').unwrap() + 2..];
+                rest.split(' ').nth(1) == Some(&pid.to_string())
+            })
+        })
+        .collect()
+}
+
+/// The CPU quota of the cgroup `pid` is in (v1: `cpu.cfs_quota_us`; v2:
+/// `cpu.max`), when that cgroup is capstan's.
+fn cpu_quota(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        if !path.contains("capstan") {
+            continue;
+        }
+        if controllers.is_empty() {
+            return std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.max")).ok();
+        }
+        if controllers.split(',').any(|c| c == "cpu") {
+            for base in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"] {
+                if let Ok(q) = std::fs::read_to_string(format!("{base}{path}/cpu.cfs_quota_us")) {
+                    return Some(q);
+                }
+            }
+        }
+    }
+    None
 }
 
 #[test]

@@ -23,6 +23,7 @@ use crate::spec::{Autoscale, Limits, MetricSource, Stack};
 use crate::state::clock::Clock;
 use crate::state::control::{Hook, SupervisorHandle};
 use crate::state::{Revision, StatusBoard};
+use crate::supervisor::replica::SAMPLE_EVERY;
 
 /// The range of the rates the built-in metrics take (cpu, rps): `irate` over
 /// it is the rate between the last two samples (half a second apart), so a
@@ -60,8 +61,11 @@ pub struct ServiceStatus {
 
 pub use crate::state::control::QueryFn;
 
-/// Values by replica (revision and index) from a `sum by (revision, replica)` result.
-fn by_replica(v: &QueryValue) -> BTreeMap<(Revision, u32), f64> {
+/// A metric's value by replica (revision and index).
+type PerReplica = BTreeMap<(Revision, u32), f64>;
+
+/// Values by replica from a `sum by (revision, replica)` result.
+fn by_replica(v: &QueryValue) -> PerReplica {
     match v {
         QueryValue::Vector(samples) => samples
             .iter()
@@ -86,25 +90,47 @@ fn total(v: &QueryValue) -> Option<f64> {
     }
 }
 
-/// The PromQL of a built-in metric, per replica, in its unit.
-fn builtin_query(source: &MetricSource, service: &str, limits: &Limits) -> Option<String> {
+/// CPU and memory per replica, in percent of the limit, from the supervisor's
+/// own samples (twice a second), as the HPA reads resource metrics from the
+/// kubelet rather than from Prometheus: a load step shows in the first sample
+/// after it, without waiting for a scrape. `None` for the other metrics.
+fn resource_values(
+    source: &MetricSource,
+    replicas: &[crate::state::Status],
+    limits: &Limits,
+) -> Option<Result<PerReplica, String>> {
+    let per = |value: &dyn Fn(&crate::state::Status) -> Option<f64>| {
+        replicas
+            .iter()
+            .filter_map(|s| Some(((s.revision, s.replica), value(s)?)))
+            .collect()
+    };
+    match source {
+        MetricSource::Cpu => {
+            let cpus = limits.cpus.unwrap_or(1.0);
+            Some(Ok(per(&|s| s.cpu_percent.map(|p| p / cpus))))
+        }
+        MetricSource::Memory => Some(match limits.memory {
+            Some(limit) => Ok(per(&|s| {
+                s.memory_bytes.map(|b| b as f64 * 100.0 / limit as f64)
+            })),
+            None => Err("the service has no memory limit".into()),
+        }),
+        _ => None,
+    }
+}
+
+/// The PromQL of a metric the proxy counts, per replica.
+fn builtin_query(source: &MetricSource, service: &str) -> Option<String> {
     let sel = format!("{{service=\"{service}\"}}");
     Some(match source {
-        MetricSource::Cpu => format!(
-            "sum by (revision, replica) (irate(container_cpu_usage_seconds_total{sel}[{RATE_WINDOW}])) * 100 / {}",
-            limits.cpus.unwrap_or(1.0)
-        ),
-        MetricSource::Memory => format!(
-            "sum by (revision, replica) (container_memory_working_set_bytes{sel}) * 100 / {}",
-            limits.memory? as f64
-        ),
         MetricSource::Rps => {
             format!("sum by (revision, replica) (irate(http_requests_total{sel}[{RATE_WINDOW}]))")
         }
         MetricSource::Inflight => {
             format!("sum by (revision, replica) (http_requests_in_flight{sel})")
         }
-        MetricSource::Query(_) => return None,
+        MetricSource::Query(_) | MetricSource::Cpu | MetricSource::Memory => return None,
     })
 }
 
@@ -143,7 +169,15 @@ fn idle_query(service: &str) -> String {
 struct Tracked {
     scaler: hpa::Scaler,
     next: Instant,
+    /// The newest resource sample of the service's replicas when it was last
+    /// evaluated (unix ms).
+    seen_ms: i64,
 }
+
+/// A decision that is due waits at most this long for a fresh resource
+/// sample of the service's replicas (they come every [`SAMPLE_EVERY`]), so it
+/// reads the newest load.
+const FRESH_WAIT: Duration = Duration::from_millis(600);
 
 /// The autoscaler's settings (from the stack) and its last decisions.
 pub struct Autoscaler {
@@ -190,9 +224,11 @@ impl Autoscaler {
         let mut tracked: BTreeMap<String, Tracked> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut samples = self.board.watch_samples();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                Ok(()) = samples.changed() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             if deps.supervisor.is_closed() {
@@ -209,11 +245,25 @@ impl Autoscaler {
                 let t = tracked.entry(service.clone()).or_insert_with(|| Tracked {
                     scaler: hpa::Scaler::default(),
                     next: now,
+                    seen_ms: 0,
                 });
                 if now < t.next {
                     continue;
                 }
-                t.next = now + spec.interval.0;
+                let newest = self
+                    .board
+                    .replicas_of(service)
+                    .iter()
+                    .filter_map(|r| r.cpu_sampled_ms)
+                    .max()
+                    .unwrap_or(0);
+                if newest <= t.seen_ms && now < t.next + FRESH_WAIT {
+                    continue;
+                }
+                t.seen_ms = newest;
+                // Due again a little before the interval is up, so the sample
+                // that completes it is the one taken.
+                t.next = now + spec.interval.0.saturating_sub(SAMPLE_EVERY / 2);
                 self.evaluate(&deps, service, spec, limits, &mut t.scaler)
                     .await;
             }
@@ -319,10 +369,15 @@ impl Autoscaler {
                     }
                 },
                 src => {
-                    let q = builtin_query(src, service, limits).unwrap_or_default();
-                    match query(&q) {
-                        Ok(v) => {
-                            let per = by_replica(&v);
+                    let per = match resource_values(src, &replicas, limits) {
+                        Some(per) => per,
+                        None => {
+                            let q = builtin_query(src, service).unwrap_or_default();
+                            query(&q).map(|v| by_replica(&v))
+                        }
+                    };
+                    match per {
+                        Ok(per) => {
                             if m.average {
                                 Some(Observation::PerReplica {
                                     values: replicas
@@ -335,8 +390,8 @@ impl Autoscaler {
                                     target: m.target,
                                 })
                             } else {
-                                total(&v).map(|t| Observation::Total {
-                                    value: t,
+                                (!per.is_empty()).then(|| Observation::Total {
+                                    value: per.values().sum(),
                                     target: m.target,
                                 })
                             }

@@ -275,6 +275,10 @@ enum Cmd {
     Exec {
         #[arg(long = "cgroup")]
         cgroups: Vec<PathBuf>,
+        /// Join the cgroups, then wait for the program, its environment and
+        /// directory as one JSON line on stdin (a replica started ahead).
+        #[arg(long)]
+        park: bool,
         /// The umask to run the program with (octal).
         #[arg(long)]
         umask: Option<String>,
@@ -327,11 +331,17 @@ pub fn main() -> i32 {
     };
     if let Cmd::Exec {
         cgroups,
+        park,
         umask,
         argv,
     } = &cli.command
     {
-        return crate::supervisor::driver::process::exec_helper(cgroups, umask.as_deref(), argv);
+        return crate::supervisor::driver::process::exec_helper(
+            cgroups,
+            *park,
+            umask.as_deref(),
+            argv,
+        );
     }
     let hosts_daemon = match &cli.command {
         Cmd::Daemon(_) => true,

@@ -2313,7 +2313,7 @@ impl Decoder<'_> {
         let mut a = Autoscale {
             min: 1,
             max: 1,
-            interval: Dur::secs(2),
+            interval: Dur::millis(500),
             tolerance: 0.1,
             metrics: Vec::new(),
             behavior: Behavior::default(),

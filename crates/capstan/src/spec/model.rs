@@ -1381,6 +1381,10 @@ impl Dur {
         Dur(Duration::from_secs(s))
     }
 
+    pub fn millis(ms: u64) -> Dur {
+        Dur(Duration::from_millis(ms))
+    }
+
     pub fn zero() -> Dur {
         Dur(Duration::ZERO)
     }

@@ -16,6 +16,7 @@ use super::cgroup::{Cgroups, ReplicaCgroup};
 use super::{BoxFuture, Driver, Exit, Launch, Output, Prober, Record, Replica};
 use crate::events::EventLog;
 use crate::logs::Stream;
+use crate::spec::Limits;
 use crate::state::Sample;
 
 /// What the process driver runs: the program, its environment and cgroup.
@@ -43,34 +44,171 @@ pub fn private_umask() {
     let _ = USER_UMASK.set(user.bits());
 }
 
-fn spawn(launch: &Spawn) -> std::io::Result<tokio::process::Child> {
+/// The `__exec` helper's command line, up to the program: its umask and cgroups.
+fn helper(cgroup: Option<&ReplicaCgroup>) -> std::io::Result<tokio::process::Command> {
     let exe = std::env::current_exe()?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg(EXEC_HELPER);
     if let Some(m) = USER_UMASK.get() {
         cmd.arg("--umask").arg(format!("{m:o}"));
     }
-    if let Some(cg) = &launch.cgroup {
+    if let Some(cg) = cgroup {
         for d in &cg.dirs {
             cmd.arg("--cgroup").arg(d);
         }
     }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.process_group(0);
+    cmd.kill_on_drop(false);
+    Ok(cmd)
+}
+
+fn spawn(launch: &Spawn) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = helper(launch.cgroup.as_ref())?;
     cmd.arg("--").args(&launch.argv);
     cmd.envs(&launch.env);
     if let Some(dir) = &launch.working_dir {
         cmd.current_dir(dir);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd.process_group(0);
-    cmd.kill_on_drop(false);
+    cmd.stdin(Stdio::null());
     cmd.spawn()
 }
 
+/// A helper started ahead, in a cgroup of its own with its service's limits,
+/// waiting on its stdin for the program ([`Go`]).
+struct Parked {
+    child: tokio::process::Child,
+    cgroup: ReplicaCgroup,
+    revision: crate::state::Revision,
+    limits: Limits,
+}
+
+/// Replicas started ahead for services that scale to zero (`autoscale.min:
+/// 0`): once one of their replicas stops, a helper is spawned into a fresh
+/// cgroup with the service's limits and waits there. Joining a cgroup is the
+/// slow part of a start on cgroup v1 (the first join after a quiet spell waits
+/// for an RCU grace period, 10–16 ms here), so the request that wakes the
+/// service only sends the program to a process that is already in place.
+/// At most one helper per service; dropped on `down` and when the daemon goes
+/// (their stdin closes).
+struct Warm {
+    stack_id: String,
+    cgroups: Cgroups,
+    parked: Mutex<BTreeMap<String, Parked>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Warm {
+    /// Parks a helper for `service` unless one is there already.
+    fn park(&self, service: &str, revision: crate::state::Revision, limits: &Limits) {
+        let mut parked = self.parked.lock().unwrap();
+        if let Some(p) = parked.get_mut(service) {
+            if p.revision == revision
+                && &p.limits == limits
+                && p.child.try_wait().ok().flatten().is_none()
+            {
+                return;
+            }
+            if let Some(old) = parked.remove(service) {
+                tokio::spawn(discard(old));
+            }
+        }
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(cgroup) = self
+            .cgroups
+            .create(&format!("{service}-{revision}-w{n}"), limits)
+        else {
+            return;
+        };
+        let child = helper(Some(&cgroup)).and_then(|mut cmd| {
+            cmd.arg("--park")
+                .env("CAPSTAN_STACK", &self.stack_id)
+                .stdin(Stdio::piped())
+                .spawn()
+        });
+        match child {
+            Ok(child) => {
+                parked.insert(
+                    service.to_owned(),
+                    Parked {
+                        child,
+                        cgroup,
+                        revision,
+                        limits: limits.clone(),
+                    },
+                );
+            }
+            Err(_) => cgroup.remove(),
+        }
+    }
+
+    /// The parked helper for this launch, told to run it: its child and cgroup.
+    async fn take(
+        &self,
+        launch: &Spawn,
+        service: &str,
+        revision: crate::state::Revision,
+        limits: &Limits,
+    ) -> Option<(tokio::process::Child, ReplicaCgroup)> {
+        let mut p = self.parked.lock().unwrap().remove(service)?;
+        if p.revision != revision
+            || &p.limits != limits
+            || p.child.try_wait().ok().flatten().is_some()
+        {
+            tokio::spawn(discard(p));
+            return None;
+        }
+        let go = Go {
+            argv: launch.argv.clone(),
+            env: launch.env.clone(),
+            dir: launch.working_dir.clone(),
+        };
+        let mut line = serde_json::to_vec(&go).ok()?;
+        line.push(b'\n');
+        let mut stdin = p.child.stdin.take()?;
+        use tokio::io::AsyncWriteExt;
+        if stdin.write_all(&line).await.is_err() {
+            tokio::spawn(discard(p));
+            return None;
+        }
+        drop(stdin);
+        Some((p.child, p.cgroup))
+    }
+
+    async fn discard_all(&self) {
+        let all = std::mem::take(&mut *self.parked.lock().unwrap());
+        for p in all.into_values() {
+            discard(p).await;
+        }
+    }
+}
+
+/// Ends a parked helper (closing its stdin is enough; a kill if it lingers)
+/// and removes its cgroup.
+async fn discard(mut p: Parked) {
+    drop(p.child.stdin.take());
+    if tokio::time::timeout(Duration::from_secs(2), p.child.wait())
+        .await
+        .is_err()
+    {
+        let _ = p.child.kill().await;
+    }
+    kill_leftovers(0, Some(&p.cgroup)).await;
+}
+
+/// What a parked helper is told to run, as one JSON line on its stdin.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Go {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    dir: Option<PathBuf>,
+}
+
 /// Body of the `__exec` helper: join the cgroups, then replace this process with
-/// the program. Returns only on failure.
-pub fn exec_helper(cgroups: &[PathBuf], umask: Option<&str>, argv: &[String]) -> i32 {
+/// the program. Parked (`park`), it waits between the two for [`Go`] on its
+/// stdin and exits quietly when stdin closes first (the daemon dropped it or
+/// is gone). Returns only on failure.
+pub fn exec_helper(cgroups: &[PathBuf], park: bool, umask: Option<&str>, argv: &[String]) -> i32 {
     use std::os::unix::process::CommandExt;
     if let Some(m) = umask.and_then(|m| u32::from_str_radix(m, 8).ok()) {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(m));
@@ -82,11 +220,55 @@ pub fn exec_helper(cgroups: &[PathBuf], umask: Option<&str>, argv: &[String]) ->
             return 126;
         }
     }
-    let Some((prog, args)) = argv.split_first() else {
-        eprintln!("capstan: nothing to run");
-        return 127;
-    };
-    let err = std::process::Command::new(prog).args(args).exec();
+    let mut cmd;
+    if park {
+        let mut line = String::new();
+        // At most one line; a daemon gone (EOF) or a broken line ends it.
+        use std::io::{BufRead, Read};
+        let stdin = std::io::stdin();
+        if stdin.lock().take(1 << 20).read_line(&mut line).unwrap_or(0) == 0 {
+            // Dropped, or the daemon is gone: leave the cgroup, so it can go too.
+            for d in cgroups {
+                if let Some(parent) = d.parent() {
+                    let _ = std::fs::write(parent.join("cgroup.procs"), &pid);
+                }
+                let _ = std::fs::remove_dir(d);
+            }
+            return 0;
+        }
+        let go: Go = match serde_json::from_str(&line) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("capstan: bad start request: {e}");
+                return 126;
+            }
+        };
+        // The program gets no stdin, as a replica started directly.
+        let null = std::fs::File::open("/dev/null").map(std::os::fd::OwnedFd::from);
+        if let Err(e) = null.and_then(|n| nix::unistd::dup2_stdin(&n).map_err(std::io::Error::from))
+        {
+            eprintln!("capstan: cannot close stdin: {e}");
+            return 126;
+        }
+        let Some((prog, args)) = go.argv.split_first() else {
+            eprintln!("capstan: nothing to run");
+            return 127;
+        };
+        cmd = std::process::Command::new(prog);
+        cmd.args(args).envs(&go.env);
+        if let Some(d) = &go.dir {
+            cmd.current_dir(d);
+        }
+    } else {
+        let Some((prog, args)) = argv.split_first() else {
+            eprintln!("capstan: nothing to run");
+            return 127;
+        };
+        cmd = std::process::Command::new(prog);
+        cmd.args(args);
+    }
+    let prog = cmd.get_program().to_owned();
+    let err = cmd.exec();
     eprintln!("capstan: cannot run {prog:?}: {err}");
     if err.kind() == std::io::ErrorKind::NotFound {
         127
@@ -231,12 +413,22 @@ pub struct ProcessDriver {
     cgroups: Option<Cgroups>,
     events: Arc<EventLog>,
     ports: Arc<Mutex<BTreeSet<u16>>>,
+    /// With cgroups: replicas started ahead for services that scale to zero.
+    warm: Option<Arc<Warm>>,
 }
 
 impl ProcessDriver {
     pub fn new(stack_id: &str, cgroups: Option<Cgroups>, events: Arc<EventLog>) -> ProcessDriver {
         ProcessDriver {
             stack_id: stack_id.to_owned(),
+            warm: cgroups.clone().map(|cgroups| {
+                Arc::new(Warm {
+                    stack_id: stack_id.to_owned(),
+                    cgroups,
+                    parked: Mutex::default(),
+                    seq: Default::default(),
+                })
+            }),
             cgroups,
             events,
             ports: Arc::default(),
@@ -272,30 +464,57 @@ impl ProcessDriver {
         let mut env = launch.env;
         env.insert("PORT".into(), port.to_string());
         env.insert("CAPSTAN_STACK".into(), self.stack_id.clone());
-        let name = format!(
-            "{}-{}-{}",
-            launch.id.service, launch.id.revision, launch.id.index
-        );
-        let cgroup = self.cgroups.as_ref().and_then(|cg| {
-            cg.create(&name, &launch.limits)
-                .map_err(|e| {
-                    self.events
-                        .warn_once(format!("cannot create cgroup, running without limits: {e}"))
-                })
-                .ok()
-        });
-        let spawn_args = Spawn {
+        let mut spawn_args = Spawn {
             argv: launch.argv,
             env,
             working_dir: launch.working_dir,
-            cgroup,
+            cgroup: None,
         };
-        let mut child = spawn(&spawn_args).map_err(|e| {
-            if let Some(cg) = &spawn_args.cgroup {
-                cg.remove();
+        let (service, revision) = (&launch.id.service, launch.id.revision);
+        let parked = match &self.warm {
+            Some(w) => w.take(&spawn_args, service, revision, &launch.limits).await,
+            None => None,
+        };
+        let mut child = match parked {
+            Some((child, cgroup)) => {
+                spawn_args.cgroup = Some(cgroup);
+                child
             }
-            e.to_string()
-        })?;
+            None => {
+                let name = format!("{service}-{revision}-{}", launch.id.index);
+                spawn_args.cgroup = self.cgroups.as_ref().and_then(|cg| {
+                    cg.create(&name, &launch.limits)
+                        .map_err(|e| {
+                            self.events.warn_once(format!(
+                                "cannot create cgroup, running without limits: {e}"
+                            ))
+                        })
+                        .ok()
+                });
+                spawn(&spawn_args).map_err(|e| {
+                    if let Some(cg) = &spawn_args.cgroup {
+                        cg.remove();
+                    }
+                    e.to_string()
+                })?
+            }
+        };
+        let scales_to_zero = launch
+            .service
+            .x
+            .autoscale
+            .as_ref()
+            .is_some_and(|a| a.min == 0);
+        let warm = self
+            .warm
+            .clone()
+            .filter(|_| scales_to_zero)
+            .map(|pool| WarmTicket {
+                pool,
+                service: service.clone(),
+                revision,
+                limits: launch.limits.clone(),
+            });
         // Without a pid there is no process group to signal (and 0 would mean
         // the daemon's own).
         let Some(pid) = child.id().map(|p| p as i32).filter(|p| *p > 0) else {
@@ -332,6 +551,7 @@ impl ProcessDriver {
             oom_before,
             enforced,
             exit: None,
+            warm,
             _port: release,
         }))
     }
@@ -404,6 +624,14 @@ impl Driver for ProcessDriver {
         Box::pin(self.start_process(launch))
     }
 
+    fn down(&self, _volumes: bool) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(w) = &self.warm {
+                w.discard_all().await;
+            }
+        })
+    }
+
     /// Processes are not adopted (their output pipes died with the daemon):
     /// what was left is stopped.
     fn recover(
@@ -441,7 +669,16 @@ struct ProcessReplica {
     oom_before: u64,
     enforced: (Option<u64>, Option<f64>),
     exit: Option<Exit>,
+    /// Where to park the next start of its service once it has stopped.
+    warm: Option<WarmTicket>,
     _port: PortGuard,
+}
+
+struct WarmTicket {
+    pool: Arc<Warm>,
+    service: String,
+    revision: crate::state::Revision,
+    limits: Limits,
 }
 
 impl ProcessReplica {
@@ -541,7 +778,12 @@ impl Replica for ProcessReplica {
     }
 
     fn cleanup(&mut self) -> BoxFuture<'_, ()> {
-        Box::pin(kill_leftovers(self.pid, self.cgroup.as_ref()))
+        Box::pin(async move {
+            kill_leftovers(self.pid, self.cgroup.as_ref()).await;
+            if let Some(t) = &self.warm {
+                t.pool.park(&t.service, t.revision, &t.limits);
+            }
+        })
     }
 }
 
