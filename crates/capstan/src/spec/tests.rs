@@ -576,7 +576,7 @@ fn a_rolling_update_may_have_an_analysis() {
     let web = &stack.services["web"];
     assert!(web.x.rollout.is_none());
     let a = web.x.analysis.as_ref().unwrap();
-    assert_eq!(a.interval, Dur::millis(500));
+    assert_eq!(a.interval, Dur::secs(2));
     assert_eq!(a.checks[0].min, Some(0.995));
 }
 
