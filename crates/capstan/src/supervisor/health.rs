@@ -20,14 +20,14 @@ pub enum Health {
 /// not count) until the first success, then every `interval`; `retries`
 /// consecutive failures make the replica unhealthy, one success makes it healthy.
 /// Until the first success, probes come quickly — every eighth of the time
-/// since the start, at least 2 ms apart, up to the interval — and their failures
+/// since the start, at least 1 ms apart, up to the interval — and their failures
 /// do not count, so a replica takes traffic within an eighth of its own start
 /// time of listening (a cold start waits on this).
 pub async fn watch(hc: Healthcheck, probe: super::driver::Prober, tx: mpsc::Sender<Health>) {
     let started = tokio::time::Instant::now();
     let mut failures = 0u32;
     let mut current: Option<bool> = None;
-    let quick = || (started.elapsed() / 8).max(Duration::from_millis(2));
+    let quick = || (started.elapsed() / 8).max(Duration::from_millis(1));
     tokio::time::sleep(quick()).await;
     loop {
         let warming = current.is_none() && quick() < hc.interval.0;
