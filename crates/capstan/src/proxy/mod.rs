@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod pool;
 pub mod tcp;
+pub mod workers;
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,7 +113,8 @@ async fn readmit(events: Arc<EventLog>, b: Arc<Backend>, ep: Arc<Endpoint>) {
 struct Listener {
     service: String,
     protocol: Protocol,
-    task: JoinHandle<()>,
+    /// One accept loop per proxy worker.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// What a request that finds no replica calls, with the service's name.
@@ -169,7 +171,7 @@ impl Proxy {
     /// Stops accepting on every published port (connections being served go on).
     pub fn close_listeners(&self) {
         for (_, l) in std::mem::take(&mut *self.listeners.lock().unwrap()) {
-            l.task.abort();
+            l.tasks.iter().for_each(JoinHandle::abort);
         }
     }
 }
@@ -302,16 +304,39 @@ where
 }
 
 /// Binds a listening socket with SO_REUSEADDR (a restarted daemon can listen
-/// again while old connections linger in TIME_WAIT).
-fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// again while old connections linger in TIME_WAIT) and SO_REUSEPORT (one per
+/// proxy worker on the same address), registered with the runtime of `rt`.
+fn bind(
+    addr: std::net::SocketAddr,
+    rt: &tokio::runtime::Handle,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let _in = rt.enter();
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
+}
+
+/// One listener per proxy worker on `addr` (the first bind reports a port
+/// already taken); the kernel spreads connections over them.
+fn bind_all(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<Vec<(tokio::runtime::Handle, tokio::net::TcpListener)>> {
+    let mut out = Vec::new();
+    for rt in workers::Workers::get().handles() {
+        // A port given as 0 gets its number from the first bind.
+        let at = out
+            .first()
+            .and_then(|(_, l): &(_, tokio::net::TcpListener)| l.local_addr().ok())
+            .unwrap_or(addr);
+        out.push((rt.clone(), bind(at, rt)?));
+    }
+    Ok(out)
 }
 
 impl Proxy {
@@ -367,7 +392,7 @@ impl Proxy {
                 .get(addr)
                 .is_some_and(|(s, proto, _)| *s == l.service && *proto == l.protocol);
             if !keep {
-                l.task.abort();
+                l.tasks.iter().for_each(JoinHandle::abort);
             }
             keep
         });
@@ -375,7 +400,7 @@ impl Proxy {
             if listeners.contains_key(&key) {
                 continue;
             }
-            let listener = match bind(addr) {
+            let bound = match bind_all(addr) {
                 Ok(l) => l,
                 Err(e) => {
                     problems.push(format!(
@@ -393,10 +418,13 @@ impl Proxy {
                 events: self.events.clone(),
                 access: access.clone(),
             });
-            let task = match protocol {
-                Protocol::Http => tokio::spawn(http::serve(listener, ctx)),
-                Protocol::Tcp => tokio::spawn(tcp::serve(listener, ctx)),
-            };
+            let tasks = bound
+                .into_iter()
+                .map(|(rt, listener)| match protocol {
+                    Protocol::Http => rt.spawn(http::serve(listener, ctx.clone())),
+                    Protocol::Tcp => rt.spawn(tcp::serve(listener, ctx.clone())),
+                })
+                .collect();
             let proto = match protocol {
                 Protocol::Http => "http",
                 Protocol::Tcp => "tcp",
@@ -412,7 +440,7 @@ impl Proxy {
                 Listener {
                     service,
                     protocol,
-                    task,
+                    tasks,
                 },
             );
         }

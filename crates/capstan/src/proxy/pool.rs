@@ -15,9 +15,20 @@ use super::body::ReqBody;
 /// Most idle connections kept per replica.
 const MAX_IDLE: usize = 512;
 
-#[derive(Default)]
+/// Idle connections by proxy worker (the last slot for other threads): a
+/// connection's task runs on the runtime that opened it, so each worker keeps
+/// and reuses its own.
 pub struct Pool {
-    idle: Mutex<Vec<SendRequest<ReqBody>>>,
+    idle: Vec<Mutex<Vec<SendRequest<ReqBody>>>>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        let n = super::workers::Workers::get().len() + 1;
+        Pool {
+            idle: (0..n).map(|_| Mutex::default()).collect(),
+        }
+    }
 }
 
 /// A request that did not reach the replica: safe to send elsewhere.
@@ -33,15 +44,21 @@ pub enum SendError {
 }
 
 impl Pool {
+    /// This thread's idle connections.
+    fn mine(&self) -> &Mutex<Vec<SendRequest<ReqBody>>> {
+        let last = self.idle.len() - 1;
+        &self.idle[super::workers::index().map_or(last, |i| i.min(last))]
+    }
+
     pub fn put(&self, s: SendRequest<ReqBody>) {
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = self.mine().lock().unwrap();
         if idle.len() < MAX_IDLE && !s.is_closed() {
             idle.push(s);
         }
     }
 
     fn take(&self) -> Option<SendRequest<ReqBody>> {
-        self.idle.lock().unwrap().pop()
+        self.mine().lock().unwrap().pop()
     }
 
     /// Opens a new connection (the caller decides whether to pool it).
