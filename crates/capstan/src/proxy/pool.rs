@@ -24,7 +24,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        let n = super::workers::Workers::get().len() + 1;
+        let n = super::workers::Workers::get().count() + 1;
         Pool {
             idle: (0..n).map(|_| Mutex::default()).collect(),
         }

@@ -53,7 +53,8 @@ impl Workers {
         &self.handles
     }
 
-    pub fn len(&self) -> usize {
+    /// How many there are (at least one).
+    pub fn count(&self) -> usize {
         self.handles.len()
     }
 }
