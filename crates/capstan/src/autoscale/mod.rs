@@ -22,8 +22,7 @@ use crate::events::EventLog;
 use crate::spec::{Autoscale, Limits, MetricSource, Stack};
 use crate::state::clock::Clock;
 use crate::state::control::{Hook, SupervisorHandle};
-use crate::state::{Revision, StatusBoard};
-use crate::supervisor::replica::SAMPLE_EVERY;
+use crate::state::{Revision, SAMPLE_EVERY, StatusBoard};
 
 /// The range of the rates the built-in metrics take (cpu, rps): `irate` over
 /// it is the rate between the last two samples (half a second apart), so a

@@ -219,6 +219,10 @@ impl Status {
     }
 }
 
+/// How often a replica's CPU and memory are read (by the supervisor): often
+/// enough that the autoscaler sees a load step within a second.
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One resource reading of a replica.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sample {

@@ -22,9 +22,7 @@ use crate::state::{Health, Phase, ReplicaId, Status};
 pub const CRASH_LOOP_AFTER: u32 = 4;
 /// Longest restart backoff.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How often a replica's CPU and memory are read: often enough that the
-/// autoscaler sees a load step within a second.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+pub use crate::state::SAMPLE_EVERY;
 
 pub enum Ctl {
     Stop,
