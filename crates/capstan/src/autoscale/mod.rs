@@ -1,5 +1,7 @@
-//! The autoscaler: every `interval`, each autoscaled service's metrics are read
-//! through PromQL (a query function: the daemon's engine, or a test's), [`hpa`]
+//! The autoscaler: every `interval`, right after a fresh resource sample, each
+//! autoscaled service's metrics are read — cpu and memory from the replicas'
+//! samples on the status board, the others through PromQL (a query function:
+//! the daemon's engine, or a test's) —, [`hpa`]
 //! turns them into a replica count, and the supervisor is told to scale through
 //! its handle. With `min: 0`, a service that took no request for `idle_after`
 //! (read through PromQL too, from the proxy's metrics) is scaled to zero; the
