@@ -6,9 +6,12 @@
 //! `Upgrade: echo` switches protocols and echoes bytes (WebSocket-like tunnels).
 //! Knobs: `PORT`, `HOST` (default 127.0.0.1), `VERSION`, `FAIL_RATE`, `FAIL_AFTER_MS` (`FAIL_RATE`
 //! applies only that long after the start), `STARTUP_DELAY_MS`, `CRASH_AFTER_MS`,
-//! `LOG_REQUESTS=0` (no line per request).
+//! `LOG_REQUESTS=0` (no line per request). `capstan-demo grpc` serves gRPC
+//! instead (HTTP/2 cleartext, see [`grpc`]).
 //! Logs JSON lines on stdout; on SIGTERM finishes in-flight requests, then exits 0.
 #![forbid(unsafe_code)]
+
+mod grpc;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -430,10 +433,15 @@ async fn main() {
             ("version", app.version.clone().into()),
         ],
     );
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-    {
+    let served = if args.first().map(String::as_str) == Some("grpc") {
+        grpc::serve(listener, app.replica.clone()).await
+    } else {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = served {
         log("error", "server failed", &[("error", e.to_string().into())]);
         std::process::exit(1);
     }

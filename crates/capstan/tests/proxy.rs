@@ -457,3 +457,216 @@ fn http2_cleartext() {
         }
     });
 }
+
+/// The demo's gRPC messages (`capstan-demo grpc`), as a client declares them.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SayRequest {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(int32, tag = "2")]
+    fail_code: i32,
+    #[prost(uint32, tag = "3")]
+    count: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SayReply {
+    #[prost(string, tag = "1")]
+    message: String,
+    #[prost(string, tag = "2")]
+    replica: String,
+    #[prost(uint32, tag = "3")]
+    seq: u32,
+}
+
+/// A stack of the demo's gRPC server behind a published port; `port` is the
+/// `ports:` entry (after the address).
+fn grpc_stack(replicas: u32, ports: &str) -> (TestStack, u16) {
+    let port = free_port();
+    let ports = ports.replace("{port}", &port.to_string());
+    let s = TestStack::new(&format!(
+        r#"
+services:
+  web:
+    command: ["{{demo}}", "grpc"]
+    environment:
+      CAPSTAN_TEST_MARKER: "{{marker}}"
+    ports: {ports}
+    x-capstan:
+      metrics: {{disable: true}}
+    deploy:
+      replicas: {replicas}
+"#
+    ));
+    s.up();
+    (s, port)
+}
+
+type Grpc = tonic::client::Grpc<tonic::transport::Channel>;
+
+async fn grpc_client(port: u16) -> Grpc {
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic::client::Grpc::new(ch)
+}
+
+fn codec() -> tonic_prost::ProstCodec<SayRequest, SayReply> {
+    tonic_prost::ProstCodec::default()
+}
+
+fn method(name: &'static str) -> tonic::codegen::http::uri::PathAndQuery {
+    tonic::codegen::http::uri::PathAndQuery::from_static(name)
+}
+
+async fn say(g: &mut Grpc, name: &str, fail_code: i32) -> Result<SayReply, tonic::Status> {
+    g.ready().await.unwrap();
+    let req = SayRequest {
+        name: name.into(),
+        fail_code,
+        count: 0,
+    };
+    g.unary(
+        tonic::Request::new(req),
+        method("/capstan.demo.Echo/Say"),
+        codec(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[test]
+fn grpc_unary_and_streaming_calls_over_http2_to_the_replicas() {
+    // Compose's long port syntax with `app_protocol: grpc`.
+    let (s, port) = grpc_stack(
+        2,
+        r#"[{target: http, published: {port}, host_ip: 127.0.0.1, app_protocol: grpc}]"#,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut g = grpc_client(port).await;
+        // Unary calls, balanced over both replicas.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..40 {
+            let r = say(&mut g, &format!("n{i}"), 0).await.unwrap();
+            assert_eq!(r.message, format!("hello n{i}"));
+            seen.insert(r.replica);
+        }
+        assert_eq!(seen.len(), 2, "calls reached replicas {seen:?}");
+
+        // A failed unary call: its status, message and trailer metadata
+        // come through (a trailers-only response).
+        let st = say(&mut g, "x", 14).await.unwrap_err();
+        assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+        assert!(
+            st.message().starts_with("failing as asked, replica "),
+            "{st:?}"
+        );
+        assert!(st.metadata().get("x-demo-replica").is_some(), "{st:?}");
+
+        // Server streaming: five replies, then the status in real trailers.
+        g.ready().await.unwrap();
+        let req = SayRequest {
+            name: "s".into(),
+            fail_code: 9,
+            count: 5,
+        };
+        let mut stream = g
+            .server_streaming(
+                tonic::Request::new(req),
+                method("/capstan.demo.Echo/Count"),
+                codec(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seqs = Vec::new();
+        let end = loop {
+            match stream.message().await {
+                Ok(Some(m)) => seqs.push(m.seq),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        let st = end.expect("the stream ends with the status asked for");
+        assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+        assert!(st.metadata().get("x-demo-replica").is_some(), "{st:?}");
+
+        // Bidirectional: each message answered while the call is open.
+        g.ready().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<SayRequest>(4);
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut replies = g
+            .streaming(
+                tonic::Request::new(outbound),
+                method("/capstan.demo.Echo/Chat"),
+                codec(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        for i in 1..=3u32 {
+            let m = SayRequest {
+                name: format!("c{i}"),
+                fail_code: 0,
+                count: 0,
+            };
+            tx.send(m).await.unwrap();
+            let r = replies.message().await.unwrap().unwrap();
+            assert_eq!(
+                (r.message.as_str(), r.seq),
+                (format!("hello c{i}").as_str(), i)
+            );
+        }
+        drop(tx);
+        assert!(replies.message().await.unwrap().is_none());
+    });
+
+    // The same metrics as HTTP: 40 + 1 + 1 + 1 calls, all HTTP 200.
+    let (code, text) = http_fetch(&daemon_addr(&s), "/metrics");
+    assert_eq!(code, 200);
+    let total: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("http_requests_total{service=\"web\"")
+                && l.contains("method=\"POST\",code=\"200\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(total, 43.0, "{text}");
+    // The access log has each call's gRPC status.
+    wait_for("access log lines", Duration::from_secs(10), || {
+        let logs = s.stored_logs("web");
+        let n = |st: &str| logs.lines().filter(|l| l.contains(st)).count();
+        (n("grpc_status=0") == 41 && n("grpc_status=14") == 1 && n("grpc_status=9") == 1)
+            .then_some(())
+    });
+    let logs = s.stored_logs("web");
+    assert!(
+        logs.contains(r#"path="/capstan.demo.Echo/Count" status=200"#),
+        "{logs}"
+    );
+}
+
+#[test]
+fn grpc_goes_over_http2_without_being_declared() {
+    let (_s, port) = grpc_stack(1, r#"["127.0.0.1:{port}:http"]"#);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut g = grpc_client(port).await;
+        let r = say(&mut g, "plain", 0).await.unwrap();
+        assert_eq!(
+            (r.message.as_str(), r.replica.as_str()),
+            ("hello plain", "0")
+        );
+    });
+}

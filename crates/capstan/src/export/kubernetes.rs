@@ -756,6 +756,9 @@ pub fn export(stack: &Stack, opts: &Options) -> Export {
                     p.target.as_deref(),
                 )))),
                 protocol: Some(p.protocol.to_ascii_uppercase()),
+                app_protocol: p.app_protocol.clone().or_else(|| {
+                    (s.proxy_protocol() == Protocol::H2c).then(|| "kubernetes.io/h2c".into())
+                }),
                 ..core::ServicePort::default()
             })
             .collect();
@@ -799,7 +802,7 @@ pub fn export(stack: &Stack, opts: &Options) -> Export {
                     ..core::Service::default()
                 },
             );
-            if s.x.protocol == Protocol::Http && !s.ports.is_empty() {
+            if s.proxy_protocol() != Protocol::Tcp && !s.ports.is_empty() {
                 let first = s.ports[0].published;
                 out.add(
                     format!("{name}-ingress"),
@@ -1236,6 +1239,31 @@ services:
         let pm = get("api-podmonitor");
         assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/stats");
         assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["interval"], "10s");
+    }
+
+    #[test]
+    fn http2_services_say_so_in_app_protocol() {
+        let st = stack(
+            r#"
+services:
+  rpc:
+    image: registry.local/rpc:1
+    ports: ["50051:50051"]
+    x-capstan: {protocol: grpc}
+  web:
+    image: registry.local/web:1
+    ports: [{published: 80, target: "8080", app_protocol: http}]
+"#,
+        );
+        let e = export(&st, &Options::default());
+        round_trip(&e);
+        let port = |name: &str| {
+            let svc = &e.objects.iter().find(|(n, _)| n == name).unwrap().1;
+            svc["spec"]["ports"][0].clone()
+        };
+        assert_eq!(port("rpc-service")["appProtocol"], "kubernetes.io/h2c");
+        assert_eq!(port("web-service")["appProtocol"], "http");
+        assert!(e.objects.iter().any(|(n, _)| n == "rpc-ingress"));
     }
 
     #[test]

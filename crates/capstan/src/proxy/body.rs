@@ -75,7 +75,8 @@ impl Body for ReqBody {
 
 /// Runs when a response is finished or abandoned.
 pub trait OnDone: Send + Sync {
-    fn done(&mut self, bytes: u64, completed: bool);
+    /// `grpc_status` is the trailers' `grpc-status`, if they had one.
+    fn done(&mut self, bytes: u64, completed: bool, grpc_status: Option<u32>);
 }
 
 enum Inner {
@@ -88,6 +89,7 @@ pub struct RespBody {
     inner: Inner,
     bytes: u64,
     ended: bool,
+    grpc_status: Option<u32>,
     on_done: Option<Box<dyn OnDone>>,
 }
 
@@ -98,6 +100,7 @@ impl RespBody {
             inner: Inner::Upstream(b),
             bytes: 0,
             ended,
+            grpc_status: None,
             on_done: Some(on_done),
         }
     }
@@ -108,6 +111,7 @@ impl RespBody {
             bytes: b.len() as u64,
             inner: Inner::Full((!b.is_empty()).then_some(b)),
             ended: true,
+            grpc_status: None,
             on_done,
         }
     }
@@ -132,6 +136,8 @@ impl Body for RespBody {
                 Poll::Ready(Some(Ok(f))) => {
                     if let Some(d) = f.data_ref() {
                         this.bytes += d.len() as u64;
+                    } else if let Some(t) = f.trailers_ref() {
+                        this.grpc_status = super::http::grpc_status(t);
                     }
                     Poll::Ready(Some(Ok(f)))
                 }
@@ -163,7 +169,7 @@ impl Drop for RespBody {
     fn drop(&mut self) {
         let ended = self.ended || self.is_end_stream();
         if let Some(mut d) = self.on_done.take() {
-            d.done(self.bytes, ended);
+            d.done(self.bytes, ended, self.grpc_status);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP side of a published port: HTTP/1.1 (keep-alive) and HTTP/2 (h2c) in,
-//! HTTP/1.1 to the replicas, with retries on connect failures, timeouts, header
+//! HTTP/1.1 to the replicas (HTTP/2 cleartext for gRPC and `protocol: h2c`,
+//! trailers end to end), with retries on connect failures, timeouts, header
 //! hygiene, `traceparent`, WebSocket/Upgrade tunnels, metrics and access log.
 
 use std::convert::Infallible;
@@ -70,13 +71,18 @@ struct Finish {
     trace_id: String,
     span: Option<SpanStart>,
     retries: u32,
+    /// The gRPC status, from the response's head or trailers.
+    grpc_status: Option<u32>,
     access_log: bool,
     lease: Option<Lease>,
     conn: Option<SendRequest<ReqBody>>,
 }
 
 impl OnDone for Finish {
-    fn done(&mut self, bytes: u64, completed: bool) {
+    fn done(&mut self, bytes: u64, completed: bool, grpc_status: Option<u32>) {
+        if grpc_status.is_some() {
+            self.grpc_status = grpc_status;
+        }
         let secs = self.start.elapsed().as_secs_f64();
         let b = &self.ctx.backend;
         b.metrics.record(
@@ -142,6 +148,9 @@ impl Finish {
         if self.retries > 0 {
             let _ = write!(line, " retries={}", self.retries);
         }
+        if let Some(g) = self.grpc_status {
+            let _ = write!(line, " grpc_status={g}");
+        }
         if !completed {
             line.push_str(" aborted=true");
         }
@@ -202,12 +211,22 @@ impl Finish {
         if self.retries > 0 {
             int(&mut j, "capstan.retries", u64::from(self.retries));
         }
+        if let Some(g) = self.grpc_status {
+            text(&mut j, "rpc.system", "grpc");
+            int(&mut j, "rpc.grpc.status_code", u64::from(g));
+        }
         j.pop();
         j.push(']');
-        // Server spans are errors for 5xx only (4xx are the client's).
+        // Server spans are errors for 5xx only (4xx are the client's), and
+        // for the gRPC codes that mean a server fault (OpenTelemetry's RPC
+        // conventions: UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
+        // UNAVAILABLE, DATA_LOSS).
+        let grpc_fault = self
+            .grpc_status
+            .is_some_and(|g| matches!(g, 2 | 4 | 12 | 13 | 14 | 15));
         if !completed {
             j.push_str(r#","status":{"code":2,"message":"response aborted"}"#);
-        } else if self.status >= 500 {
+        } else if self.status >= 500 || grpc_fault {
             j.push_str(r#","status":{"code":2}"#);
         }
         j.push('}');
@@ -276,6 +295,34 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     } else {
         h.remove(header::UPGRADE);
     }
+}
+
+/// A gRPC request (`content-type: application/grpc`, `+proto`, `+json`, …).
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
+        })
+}
+
+/// Whether the client's `TE` accepts trailers (gRPC sends `te: trailers`).
+fn wants_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// The `grpc-status` of a response head or trailers.
+pub fn grpc_status(h: &HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -502,6 +549,7 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
         trace_id: tc.trace_id,
         span,
         retries: 0,
+        grpc_status: None,
         access_log: settings.access_log,
         lease: None,
         conn: None,
@@ -524,6 +572,10 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
     }
     let (bucket, set_cookie) = route_bucket(&backend, req.headers());
     let upgrade = is_upgrade(&req);
+    // HTTP/2 to the replica when the service speaks it, and for gRPC always
+    // (it cannot work over HTTP/1.1).
+    let h2 = !upgrade && (ctx.h2c || is_grpc(req.headers()));
+    let te_trailers = h2 && wants_trailers(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -537,14 +589,35 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
     if let Ok(v) = HeaderValue::from_str(&tc.forward) {
         parts.headers.insert(TRACEPARENT, v);
     }
-    if let Some(h) = host {
-        parts.headers.insert(header::HOST, h);
+    if h2 {
+        // HTTP/2 carries the host in `:authority`, from the URI.
+        parts.headers.remove(header::HOST);
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        parts.uri = hyper::Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(fin.path.as_str())
+            .build()
+            .unwrap_or_else(|_| hyper::Uri::from_static("http://localhost/"));
+        parts.version = Version::HTTP_2;
+    } else {
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
+        parts.uri = match fin.path.parse() {
+            Ok(u) => u,
+            Err(_) => hyper::Uri::from_static("/"),
+        };
+        parts.version = Version::HTTP_11;
     }
-    parts.uri = match fin.path.parse() {
-        Ok(u) => u,
-        Err(_) => hyper::Uri::from_static("/"),
-    };
-    parts.version = Version::HTTP_11;
     let body = if body.is_end_stream() {
         ReqBody::Empty
     } else {
@@ -618,10 +691,16 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
                 .await;
         }
         let replay = replayable(&req);
-        let result = tokio::time::timeout_at(
-            deadline,
-            ep.pool.send(ep.addr, settings.connect_timeout.0, req),
-        )
+        let connect = settings.connect_timeout.0;
+        let result = tokio::time::timeout_at(deadline, async {
+            if h2 {
+                let resp = ep.pool.send_h2(ep.addr, connect, req).await?;
+                Ok((resp, None))
+            } else {
+                let (resp, conn) = ep.pool.send(ep.addr, connect, req).await?;
+                Ok((resp, Some(conn)))
+            }
+        })
         .await;
         let (again, reason) = match result {
             Ok(Ok((resp, conn))) => {
@@ -632,8 +711,10 @@ async fn handle(ctx: Arc<Ctx>, client: Arc<str>, mut req: Request<Incoming>) -> 
                     parts.headers.append(header::SET_COOKIE, c);
                 }
                 fin.status = parts.status.as_u16();
+                // A trailers-only gRPC response has its status in the head.
+                fin.grpc_status = grpc_status(&parts.headers);
                 fin.lease = Some(lease);
-                fin.conn = Some(conn);
+                fin.conn = conn;
                 return Response::from_parts(parts, RespBody::upstream(body, Box::new(fin)));
             }
             Ok(Err(SendError::NotSent(ns))) => {

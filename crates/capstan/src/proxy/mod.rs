@@ -56,6 +56,8 @@ pub struct Ctx {
     pub backend: Arc<Backend>,
     pub events: Arc<EventLog>,
     pub access: mpsc::Sender<Finished>,
+    /// The replicas speak HTTP/2 cleartext (`x-capstan.protocol: h2c`).
+    pub h2c: bool,
 }
 
 impl Ctx {
@@ -377,7 +379,7 @@ impl Proxy {
                 match ip.parse::<std::net::IpAddr>() {
                     Ok(ip) => {
                         let addr = std::net::SocketAddr::new(ip, p.published);
-                        wanted.insert(addr.to_string(), (name.clone(), svc.x.protocol, addr));
+                        wanted.insert(addr.to_string(), (name.clone(), svc.proxy_protocol(), addr));
                     }
                     Err(_) => problems.push(format!(
                         "service {name}: cannot publish port {}: {ip:?} is not an IP address",
@@ -417,16 +419,18 @@ impl Proxy {
                 backend,
                 events: self.events.clone(),
                 access: access.clone(),
+                h2c: protocol == Protocol::H2c,
             });
             let tasks = bound
                 .into_iter()
                 .map(|(rt, listener)| match protocol {
-                    Protocol::Http => rt.spawn(http::serve(listener, ctx.clone())),
+                    Protocol::Http | Protocol::H2c => rt.spawn(http::serve(listener, ctx.clone())),
                     Protocol::Tcp => rt.spawn(tcp::serve(listener, ctx.clone())),
                 })
                 .collect();
             let proto = match protocol {
                 Protocol::Http => "http",
+                Protocol::H2c => "http, h2c to the replicas",
                 Protocol::Tcp => "tcp",
             };
             self.events.emit(

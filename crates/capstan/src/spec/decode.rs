@@ -2061,7 +2061,8 @@ impl Decoder<'_> {
         let protocol = self
             .string_opt(f.take("protocol"), &join(path, "protocol"))
             .unwrap_or_else(|| "tcp".into());
-        self.finish(f, path, &["mode", "name", "app_protocol"]);
+        let app_protocol = self.string_opt(f.take("app_protocol"), &join(path, "app_protocol"));
+        self.finish(f, path, &["mode", "name"]);
         let published = match (published, &target) {
             (Some(p), _) if p > 0 => p,
             (_, Some(t)) => match t.parse::<u16>() {
@@ -2097,6 +2098,7 @@ impl Decoder<'_> {
             published,
             target,
             protocol,
+            app_protocol,
         })
     }
 
@@ -2233,7 +2235,12 @@ impl Decoder<'_> {
             match self.text(n, &pp).as_deref() {
                 Some("http") => x.protocol = Protocol::Http,
                 Some("tcp") => x.protocol = Protocol::Tcp,
-                Some(other) => self.error(n, &pp, format!("expected http or tcp, found {other:?}")),
+                Some("h2c" | "grpc") => x.protocol = Protocol::H2c,
+                Some(other) => self.error(
+                    n,
+                    &pp,
+                    format!("expected http, h2c (or grpc) or tcp, found {other:?}"),
+                ),
                 None => {}
             }
         }
@@ -3115,5 +3122,6 @@ pub fn parse_port_short(s: &str) -> Result<Port, String> {
         published,
         target: target.map(str::to_owned),
         protocol,
+        app_protocol: None,
     })
 }

@@ -985,6 +985,8 @@ fn default_cold_start_timeout() -> Dur {
 pub enum Protocol {
     #[default]
     Http,
+    /// HTTP in, HTTP/2 cleartext (prior knowledge) to the replicas: gRPC.
+    H2c,
     Tcp,
 }
 
@@ -1157,6 +1159,15 @@ impl Service {
         format!("{h:016x}")
     }
 
+    /// What the proxy speaks on the published ports: `x-capstan.protocol`,
+    /// or HTTP/2 to the replicas when a port's `app_protocol` asks for it.
+    pub fn proxy_protocol(&self) -> Protocol {
+        match self.x.protocol {
+            Protocol::Http if self.ports.iter().any(Port::speaks_h2c) => Protocol::H2c,
+            p => p,
+        }
+    }
+
     pub fn definition_eq(&self, other: &Service) -> bool {
         let mut a = self.clone();
         a.deploy.replicas = other.deploy.replicas;
@@ -1182,6 +1193,21 @@ pub struct Port {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
     pub protocol: String,
+    /// Compose's `app_protocol`: `h2c`, `grpc` or `http2` make the proxy speak
+    /// HTTP/2 to the replicas.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub app_protocol: Option<String>,
+}
+
+impl Port {
+    /// Whether `app_protocol` says the replicas speak HTTP/2 cleartext.
+    pub fn speaks_h2c(&self) -> bool {
+        self.app_protocol.as_deref().is_some_and(|a| {
+            ["h2c", "grpc", "http2", "kubernetes.io/h2c"]
+                .iter()
+                .any(|k| a.eq_ignore_ascii_case(k))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -383,6 +383,30 @@ fn udp_ports_are_for_containers() {
 }
 
 #[test]
+fn http2_to_the_replicas_by_protocol_or_app_protocol() {
+    let svc = |ports: &str, x: &str| {
+        let text = format!("services:\n  g:\n    command: [x]\n    ports: {ports}\n{x}");
+        parse(&text).unwrap().0.services["g"].clone()
+    };
+    assert_eq!(svc("[\"9000\"]", "").proxy_protocol(), Protocol::Http);
+    let s = svc("[{published: 9000, app_protocol: grpc}]", "");
+    assert_eq!(s.ports[0].app_protocol.as_deref(), Some("grpc"));
+    assert_eq!(s.proxy_protocol(), Protocol::H2c);
+    let s = svc("[{published: 9000, app_protocol: http}]", "");
+    assert_eq!(s.proxy_protocol(), Protocol::Http);
+    for p in ["h2c", "grpc"] {
+        let x = format!("    x-capstan: {{protocol: {p}}}\n");
+        assert_eq!(svc("[\"9000\"]", &x).proxy_protocol(), Protocol::H2c);
+    }
+    // Declared raw TCP wins over a port's hint.
+    let x = "    x-capstan: {protocol: tcp}\n";
+    let s = svc("[{published: 9000, app_protocol: grpc}]", x);
+    assert_eq!(s.proxy_protocol(), Protocol::Tcp);
+    let e = errors("services:\n  g:\n    command: [x]\n    x-capstan: {protocol: h3}\n");
+    assert!(e.contains("expected http, h2c (or grpc) or tcp"), "{e}");
+}
+
+#[test]
 fn pull_policies() {
     let (stack, _) = parse("services:\n  a:\n    image: x\n    pull_policy: never\n").unwrap();
     assert_eq!(
