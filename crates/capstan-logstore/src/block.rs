@@ -3,7 +3,7 @@
 //! read without decompressing. Byte layout in `FORMAT.md`.
 
 use crate::codec::{Reader, put_bytes, put_uvarint, put_varint};
-use crate::filter;
+use crate::{filter, template};
 
 /// One log line as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -22,8 +22,13 @@ pub struct Entry {
 /// Codec byte: one zstd frame of entries one after the other (written by
 /// earlier versions; still read).
 pub const CODEC_ZSTD: u8 = 1;
-/// Codec byte: one zstd frame of the entries' fields in columns.
+/// Codec byte: one zstd frame of the entries' fields in columns (written by
+/// earlier versions; still read).
 pub const CODEC_ZSTD_COLUMNS: u8 = 2;
+/// Codec byte: the lines as templates and typed variables
+/// ([`crate::template`]): the hex ids' column as is, then one zstd frame of
+/// the other columns.
+pub const CODEC_TEMPLATES: u8 = 3;
 
 /// What a block header says, kept in memory for every block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +42,12 @@ pub struct Header {
     pub count: u32,
     /// Uncompressed size of the entries.
     pub raw_len: u32,
-    /// How the entries are laid out ([`CODEC_ZSTD`], [`CODEC_ZSTD_COLUMNS`]).
+    /// How the entries are laid out ([`CODEC_ZSTD`], [`CODEC_ZSTD_COLUMNS`],
+    /// [`CODEC_TEMPLATES`]).
     pub codec: u8,
+    /// Size of the lines' text (`raw_len` before [`CODEC_TEMPLATES`]): what
+    /// blocks are cut by.
+    pub text_len: u32,
 }
 
 /// A block encoded: header fields, then the filter, then the compressed entries.
@@ -46,14 +55,15 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let mut streams: Vec<u32> = entries.iter().map(|(s, _)| *s).collect();
     streams.sort_unstable();
     streams.dedup();
-    // Columns: stream indexes, time deltas, sequence deltas, line lengths,
-    // metadata, then the lines themselves, so like values sit together.
+    // Columns: stream indexes, time deltas, sequence deltas, metadata, then
+    // the lines as templates and variables, so like values sit together.
     let mut idx = Vec::with_capacity(entries.len());
     let mut tss = Vec::with_capacity(entries.len() * 3);
     let mut seqs = Vec::with_capacity(entries.len());
-    let mut lens = Vec::with_capacity(entries.len() * 2);
     let mut metas = Vec::new();
-    let mut lines = Vec::with_capacity(entries.iter().map(|(_, e)| e.line.len()).sum());
+    let mut lines = template::Encoder::default();
+    let mut hex_spans = Vec::new();
+    let mut text_len = 0usize;
     let mut f = filter::Builder::default();
     let mut toks: Vec<u64> = Vec::new();
     let (mut prev_ts, mut prev_seq) = (0i64, 0u64);
@@ -64,10 +74,11 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         put_uvarint(&mut idx, si as u64);
         put_varint(&mut tss, e.ts_ns.wrapping_sub(prev_ts));
         put_uvarint(&mut seqs, e.seq.wrapping_sub(prev_seq));
-        put_uvarint(&mut lens, e.line.len() as u64);
-        lines.extend_from_slice(e.line.as_bytes());
+        hex_spans.clear();
+        text_len += e.line.len();
+        lines.add(&e.line, &mut hex_spans);
         put_meta(&mut metas, e);
-        f.add(e.line.as_bytes());
+        f.add_outside(e.line.as_bytes(), &hex_spans);
         toks.extend(e.meta.iter().map(|(k, v)| filter::token_hash(k, v)));
         prev_ts = e.ts_ns;
         prev_seq = e.seq;
@@ -77,9 +88,10 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         last_seq = last_seq.max(e.seq);
     }
     let mut raw = idx;
-    for col in [tss, seqs, lens, metas, lines] {
+    for col in [tss, seqs, metas] {
         raw.extend_from_slice(&col);
     }
+    let hex = lines.finish(&mut raw);
     let mut out = Vec::with_capacity(raw.len() / 4 + 64);
     put_uvarint(&mut out, streams.len() as u64);
     for s in &streams {
@@ -93,7 +105,9 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     put_uvarint(&mut out, raw.len() as u64);
     put_bytes(&mut out, &f.finish());
     put_bytes(&mut out, &filter::token_filter(toks));
-    out.push(CODEC_ZSTD_COLUMNS);
+    out.push(CODEC_TEMPLATES);
+    put_uvarint(&mut out, text_len as u64);
+    put_bytes(&mut out, &hex);
     let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
     out.extend_from_slice(&compressed);
     out
@@ -188,9 +202,14 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
     let tstart = r.pos();
     r.take(tlen)?;
     let codec = r.u8()?;
-    if codec != CODEC_ZSTD && codec != CODEC_ZSTD_COLUMNS {
+    if !(CODEC_ZSTD..=CODEC_TEMPLATES).contains(&codec) {
         return None;
     }
+    let text_len = if codec == CODEC_TEMPLATES {
+        u32::try_from(r.uvarint()?).ok()?
+    } else {
+        raw_len
+    };
     Some(Parsed {
         header: Header {
             streams,
@@ -201,6 +220,7 @@ pub fn parse_header(b: &[u8]) -> Option<Parsed> {
             count,
             raw_len,
             codec,
+            text_len,
         },
         filter: fstart..fstart + flen,
         tokens: tstart..tstart + tlen,
@@ -221,12 +241,13 @@ pub fn decode_containing(
     compressed: &[u8],
     needle: Option<&memchr::memmem::Finder<'_>>,
 ) -> Option<Vec<(u32, Entry)>> {
+    let (hex, compressed) = split_hex(h, compressed)?;
     let raw = zstd::bulk::decompress(compressed, h.raw_len as usize).ok()?;
     if raw.len() != h.raw_len as usize {
         return None;
     }
     match h.codec {
-        CODEC_ZSTD_COLUMNS => decode_columns(h, &raw, needle),
+        CODEC_ZSTD_COLUMNS | CODEC_TEMPLATES => decode_columns(h, &raw, hex, needle),
         _ => {
             let mut all = decode_rows(h, &raw)?;
             if let Some(n) = needle {
@@ -237,9 +258,30 @@ pub fn decode_containing(
     }
 }
 
+/// A block's hex column (empty before [`CODEC_TEMPLATES`]) and its
+/// compressed frame.
+fn split_hex<'a>(h: &Header, data: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+    if h.codec != CODEC_TEMPLATES {
+        return Some((&[], data));
+    }
+    let mut r = Reader::new(data);
+    let hex = r.bytes()?;
+    Some((hex, &data[r.pos()..]))
+}
+
+/// Whether a block may hold `needle` in a hex id, by its hex column (see
+/// [`template::hex_column_may_hold`]); always true for blocks without one.
+pub fn hex_column_may_hold(h: &Header, data: &[u8], needle: &[u8]) -> bool {
+    match split_hex(h, data) {
+        Some((hex, _)) if h.codec == CODEC_TEMPLATES => template::hex_column_may_hold(hex, needle),
+        _ => true,
+    }
+}
+
 fn decode_columns(
     h: &Header,
     raw: &[u8],
+    hex: &[u8],
     needle: Option<&memchr::memmem::Finder<'_>>,
 ) -> Option<Vec<(u32, Entry)>> {
     let n = h.count as usize;
@@ -267,10 +309,12 @@ fn decode_columns(
     }
     // Line i is lines[offsets[i]..offsets[i + 1]].
     let mut offsets = Vec::with_capacity(n + 1);
-    offsets.push(0usize);
-    for _ in 0..n {
-        let len = usize::try_from(r.uvarint()?).ok()?;
-        offsets.push(offsets.last()?.checked_add(len)?);
+    if h.codec == CODEC_ZSTD_COLUMNS {
+        offsets.push(0usize);
+        for _ in 0..n {
+            let len = usize::try_from(r.uvarint()?).ok()?;
+            offsets.push(offsets.last()?.checked_add(len)?);
+        }
     }
     // Metadata: where each entry's pairs start; read only for kept entries.
     let mut meta_at = Vec::with_capacity(n);
@@ -286,7 +330,15 @@ fn decode_columns(
             }
         }
     }
-    let lines = r.take(*offsets.last()?)?;
+    let built;
+    let lines = if h.codec == CODEC_TEMPLATES {
+        let (text, ends) = template::decode(&mut r, n, hex)?;
+        offsets = ends;
+        built = text;
+        &built[..]
+    } else {
+        r.take(*offsets.last()?)?
+    };
     if !r.is_empty() {
         return None;
     }
@@ -428,6 +480,7 @@ mod tests {
             count: 2,
             raw_len: raw.len() as u32,
             codec: CODEC_ZSTD,
+            text_len: raw.len() as u32,
         };
         let z = zstd::bulk::compress(&raw, 1).unwrap();
         assert_eq!(decode(&h, &z).unwrap(), vec![(9, a), (4, b)]);
@@ -437,6 +490,41 @@ mod tests {
             ..h
         };
         assert_eq!(decode(&h, &z), None);
+    }
+
+    #[test]
+    fn blocks_of_the_plain_columns_layout_still_read() {
+        // Codec 2, as earlier versions wrote it: streams, times, sequences,
+        // line lengths, metadata, then the lines as they are.
+        let (a, mut b) = (e(10, 1, "col one 42"), e(5, 2, "col two"));
+        b.meta = vec![("k".into(), "v".into())];
+        let mut cols: [Vec<u8>; 6] = Default::default();
+        let mut prev = (0i64, 0u64);
+        for (si, x) in [(1u64, &a), (0, &b)] {
+            put_uvarint(&mut cols[0], si);
+            put_varint(&mut cols[1], x.ts_ns - prev.0);
+            put_uvarint(&mut cols[2], x.seq - prev.1);
+            put_uvarint(&mut cols[3], x.line.len() as u64);
+            put_meta(&mut cols[4], x);
+            cols[5].extend_from_slice(x.line.as_bytes());
+            prev = (x.ts_ns, x.seq);
+        }
+        let raw = cols.concat();
+        let h = Header {
+            streams: vec![4, 9],
+            min_ts: 5,
+            max_ts: 10,
+            first_seq: 1,
+            last_seq: 2,
+            count: 2,
+            raw_len: raw.len() as u32,
+            codec: CODEC_ZSTD_COLUMNS,
+            text_len: raw.len() as u32,
+        };
+        let z = zstd::bulk::compress(&raw, 1).unwrap();
+        assert_eq!(decode(&h, &z).unwrap(), vec![(9, a.clone()), (4, b)]);
+        let one = memchr::memmem::Finder::new("42");
+        assert_eq!(decode_containing(&h, &z, Some(&one)).unwrap(), vec![(9, a)]);
     }
 
     #[test]

@@ -51,6 +51,33 @@ impl Builder {
         }
     }
 
+    /// Adds every trigram of `s` but those wholly inside one of `spans`
+    /// (ascending, not overlapping byte ranges: a line's hex ids, whose
+    /// searches use the block's hex column instead).
+    pub fn add_outside(&mut self, s: &[u8], spans: &[(usize, usize)]) {
+        if spans.is_empty() {
+            return self.add(s);
+        }
+        if s.len() < 3 {
+            return;
+        }
+        let mask = (MAX_BITS - 1) as u32;
+        let mut x = (lower(s[0]) << 8) | lower(s[1]);
+        let mut sp = spans.iter().peekable();
+        for (i, &b) in s.iter().enumerate().skip(2) {
+            x = ((x << 8) | lower(b)) & 0x00ff_ffff;
+            // The trigram is s[i - 2..=i].
+            while sp.peek().is_some_and(|(_, end)| *end <= i) {
+                sp.next();
+            }
+            if sp.peek().is_some_and(|(start, _)| *start + 2 <= i) {
+                continue;
+            }
+            let h = hash(x) & mask;
+            self.bits[(h >> 6) as usize] |= 1 << (h & 63);
+        }
+    }
+
     /// The filter's bytes, folded down to a useful density.
     pub fn finish(mut self) -> Vec<u8> {
         let ones = |b: &[u64]| b.iter().map(|w| w.count_ones() as usize).sum::<usize>();
@@ -84,6 +111,30 @@ pub fn may_contain(filter: &[u8], needle: &[u8]) -> bool {
         x = ((x << 8) | lower(b)) & 0x00ff_ffff;
         let i = (hash(x) & mask) as usize;
         if filter[i / 8] & (1 << (i % 8)) == 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// [`may_contain`] for a filter built by [`Builder::add_outside`] with the
+/// lines' hex ids left out: only the needle's trigrams with a byte that is
+/// not a lower-case hex digit are looked up (the others may sit in an id).
+pub fn may_contain_outside_hex(filter: &[u8], needle: &[u8]) -> bool {
+    let bits = filter.len() * 8;
+    if needle.len() < 3 || bits < 64 || !bits.is_power_of_two() {
+        return true;
+    }
+    let hexish = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    let mask = (bits - 1) as u32;
+    let mut x = (lower(needle[0]) << 8) | lower(needle[1]);
+    for (i, &b) in needle.iter().enumerate().skip(2) {
+        x = ((x << 8) | lower(b)) & 0x00ff_ffff;
+        if needle[i - 2..=i].iter().all(|c| hexish(*c)) {
+            continue;
+        }
+        let h = (hash(x) & mask) as usize;
+        if filter[h / 8] & (1 << (h % 8)) == 0 {
             return false;
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, Entry};
 use crate::segment::{self, BlockRef, KIND_BLOCK, KIND_STREAM, Writer};
-use crate::{Error, Labels, filter};
+use crate::{Error, Labels, filter, template};
 
 /// Settings; [`Options::new`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -699,7 +699,7 @@ impl Store {
             if h.streams.len() != 1 {
                 return true;
             }
-            *per_stream.entry(h.streams[0]).or_default() += u64::from(h.raw_len);
+            *per_stream.entry(h.streams[0]).or_default() += u64::from(h.text_len);
         }
         let full = self.opts.block_bytes.max(1) as u64;
         let needed: u64 = per_stream.values().map(|b| b.div_ceil(full)).sum();
@@ -1028,28 +1028,55 @@ impl Store {
         // to `f` in order.
         let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
         let load = |(file, path, b): &(Arc<File>, PathBuf, Block)| -> Result<Option<Batch>, Error> {
+            // Needles of hex digits that only the block's hex column can rule out.
+            let mut by_ids: Vec<&[u8]> = Vec::new();
             if !contains.is_empty() {
                 let flt = segment::read_filters(file, &b.r).map_err(|e| io(path, e))?;
-                if !contains
+                let templated = b.r.header.codec == block::CODEC_TEMPLATES;
+                for n in contains {
+                    let n = n.as_slice();
+                    let in_text = if templated {
+                        // The filter leaves out the trigrams inside hex ids.
+                        if template::is_hex_text(n) {
+                            let found = filter::may_contain(flt.trigrams(), n);
+                            if !found {
+                                by_ids.push(n);
+                            }
+                            true
+                        } else {
+                            filter::may_contain_outside_hex(flt.trigrams(), n)
+                        }
+                    } else {
+                        filter::may_contain(flt.trigrams(), n)
+                    };
+                    if !in_text {
+                        return Ok(None);
+                    }
+                }
+                if !tokens
                     .iter()
-                    .all(|n| filter::may_contain(flt.trigrams(), n))
-                    || !tokens
-                        .iter()
-                        .all(|t| filter::may_have_token(flt.tokens(), t))
+                    .all(|t| filter::may_have_token(flt.tokens(), t))
                 {
                     return Ok(None);
                 }
             }
             let bytes = segment::read_block(file, &b.r).map_err(|e| io(path, e))?;
+            let data = &bytes[b.r.data.start as usize..];
+            if !by_ids
+                .iter()
+                .all(|n| block::hex_column_may_hold(&b.r.header, data, n))
+            {
+                return Ok(None);
+            }
             self.stats.blocks_decoded.fetch_add(1, Relaxed);
             // The longest needle picks the lines; the rest are checked after.
             let first = finders.iter().max_by_key(|f| f.needle().len());
-            let entries =
-                block::decode_containing(&b.r.header, &bytes[b.r.data.start as usize..], first)
-                    .ok_or_else(|| Error::Corrupt {
-                        path: path.clone(),
-                        what: format!("block at byte {} does not decode", b.r.offset),
-                    })?;
+            let entries = block::decode_containing(&b.r.header, data, first).ok_or_else(|| {
+                Error::Corrupt {
+                    path: path.clone(),
+                    what: format!("block at byte {} does not decode", b.r.offset),
+                }
+            })?;
             let bound = match dir {
                 Direction::Forward => b.r.header.min_ts,
                 Direction::Backward => b.r.header.max_ts,

@@ -523,3 +523,57 @@ fn metadata_tokens_find_entries_without_a_time_range_and_skip_other_blocks() {
     };
     assert!(store.select(&q, Direction::Forward, 10).unwrap().is_empty());
 }
+
+#[test]
+fn hex_ids_are_found_through_the_id_column_and_other_blocks_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path());
+    o.block_bytes = 4096;
+    let (store, _) = Store::open(o).unwrap();
+    // Random-looking ids: every hex trigram is in every block.
+    let id = |i: u64| format!("{:016x}", (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for chunk in 0..20u64 {
+        let batch = (chunk * 50..chunk * 50 + 50)
+            .map(|i| {
+                entry(
+                    i as i64,
+                    &format!("GET /orders/{i} 200 req_id={} took 0.{i:03}s", id(i)),
+                )
+            })
+            .collect();
+        store.append(&web("0"), batch).unwrap();
+        store.flush().unwrap();
+    }
+    store.rotate().unwrap();
+    let blocks = || {
+        store
+            .stats
+            .blocks_decoded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let find = |needle: &str| {
+        let n = [needle.as_bytes().to_vec()];
+        let before = blocks();
+        let got = lines(&store.select(&all(&n), Direction::Forward, usize::MAX).unwrap());
+        (got, blocks() - before)
+    };
+    let target = id(777);
+    let (got, decoded) = find(&target);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("GET /orders/777 200 req_id="), "{got:?}");
+    assert!(decoded <= 2, "{decoded} blocks decoded for one id");
+    // Part of an id, at an odd position in it.
+    let (got, _) = find(&target[3..14]);
+    assert_eq!(got.len(), 1, "{got:?}");
+    // An id with the text around it, and digits that are no id.
+    let (got, _) = find(&format!("req_id={target} took"));
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (got, _) = find("/orders/777 ");
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (got, _) = find("0.777s");
+    assert_eq!(got.len(), 1, "{got:?}");
+    // An id that is not there decodes nothing.
+    let (got, decoded) = find(&id(5000));
+    assert!(got.is_empty());
+    assert_eq!(decoded, 0);
+}
