@@ -60,6 +60,28 @@ fn classify(run: &[u8]) -> Option<Kind> {
     (digits > 0 || run.len() >= LONG_WORD).then_some(Kind::Dict)
 }
 
+/// Longest letters part of a number with a prefix or suffix (`u123`, `100ms`).
+const MAX_AFFIX: usize = 4;
+
+/// Where the letters and the digits of a run of a few letters then digits, or
+/// digits then a few letters, meet.
+fn affixed(run: &[u8]) -> Option<usize> {
+    let at = run
+        .iter()
+        .position(|b| b.is_ascii_digit() != run[0].is_ascii_digit())?;
+    let (head, tail) = run.split_at(at);
+    let (letters, digits) = if run[0].is_ascii_digit() {
+        (tail, head)
+    } else {
+        (head, tail)
+    };
+    let ok = letters.len() <= MAX_AFFIX
+        && letters.iter().all(u8::is_ascii_alphabetic)
+        && digits.len() <= MAX_INT_DIGITS
+        && digits.iter().all(u8::is_ascii_digit);
+    ok.then_some(at)
+}
+
 /// ASCII letters and digits.
 const ALNUM: [bool; 256] = {
     let mut t = [false; 256];
@@ -212,10 +234,25 @@ impl Encoder {
                         .extend(run.chunks_exact(2).map(|p| unhex(p[0]) << 4 | unhex(p[1])));
                     hex_spans.push((start, i));
                 }
-                Some(Kind::Dict) => {
-                    self.text.push(DICT);
-                    s.dicts.push((start, i));
-                }
+                Some(Kind::Dict) => match affixed(run) {
+                    // `u123`, `v2`, `30s`, `100ms`: the letters stay in the
+                    // template, the number is an integer.
+                    Some(at) => {
+                        let (a, z) = if run[0].is_ascii_digit() {
+                            (0, at)
+                        } else {
+                            (at, run.len())
+                        };
+                        self.text.extend_from_slice(&run[..a]);
+                        self.text.push(INT);
+                        s.ints.push(int_code(&run[a..z]));
+                        self.text.extend_from_slice(&run[z..]);
+                    }
+                    None => {
+                        self.text.push(DICT);
+                        s.dicts.push((start, i));
+                    }
+                },
             }
         }
         let id = match self.ids.get(&self.text) {
@@ -513,6 +550,7 @@ mod tests {
             "hex-like deadbeef ABCDEF12 abc123 0xff 1a2b3c 1a2b3c4d5e",
             "ünïcödé 12 日本 ab12 ☃",
             "averyveryverylongwordwithoutanydigits and words",
+            "u42 v007 30s 100ms abcd12345 x1y2 15E148 u12345678901234567890",
             "18446744073709551615 99999999999999999",
         ]);
     }
