@@ -9,7 +9,9 @@
 //!   letter) as their bytes, in a column outside the compressed frame: random
 //!   bytes do not compress, and a search for an id reads that column instead
 //!   of decompressing the block ([`hex_column_may_hold`]);
-//! - **other variables** (`u123`, `v2`, long words) as strings.
+//! - **other variables** (`x1y2`, `ABCD12`, long words) as strings; a run of a
+//!   few letters then digits or digits then letters (`u123`, `100ms`) keeps its
+//!   letters in the template around an integer.
 //!
 //! In a template, a variable is a marker byte that UTF-8 text never holds:
 //! [`INT`], [`DICT`], or [`HEX`] followed by the id's length in bytes.
