@@ -62,7 +62,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let mut seqs = Vec::with_capacity(entries.len());
     let mut metas = Vec::new();
     let mut lines = template::Encoder::default();
-    let mut hex_spans = Vec::new();
+    let mut spans = Vec::new();
     let mut text_len = 0usize;
     let mut f = filter::Builder::default();
     let mut toks: Vec<u64> = Vec::new();
@@ -74,11 +74,14 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         put_uvarint(&mut idx, si as u64);
         put_varint(&mut tss, e.ts_ns.wrapping_sub(prev_ts));
         put_uvarint(&mut seqs, e.seq.wrapping_sub(prev_seq));
-        hex_spans.clear();
+        spans.clear();
         text_len += e.line.len();
-        lines.add(&e.line, &mut hex_spans);
+        lines.add(&e.line, &mut spans);
         put_meta(&mut metas, e);
-        f.add_outside(e.line.as_bytes(), &hex_spans);
+        // The filter takes each variable here and the templates' text once.
+        for (a, z) in &spans {
+            f.add(&e.line.as_bytes()[*a..*z]);
+        }
         toks.extend(e.meta.iter().map(|(k, v)| filter::token_hash(k, v)));
         prev_ts = e.ts_ns;
         prev_seq = e.seq;
@@ -91,6 +94,7 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     for col in [tss, seqs, metas] {
         raw.extend_from_slice(&col);
     }
+    lines.literals(|piece| f.add(piece));
     let hex = lines.finish(&mut raw);
     let mut out = Vec::with_capacity(raw.len() / 4 + 64);
     put_uvarint(&mut out, streams.len() as u64);
@@ -267,6 +271,35 @@ fn split_hex<'a>(h: &Header, data: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
     let mut r = Reader::new(data);
     let hex = r.bytes()?;
     Some((hex, &data[r.pos()..]))
+}
+
+/// What a block's trigram filter says of a needle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The block does not hold it.
+    No,
+    /// It may.
+    Maybe,
+    /// Only in a hex id, if at all: ask the hex column.
+    IfInIds,
+}
+
+/// What the trigram filter `trigrams` of a block of `codec` says of `needle`.
+pub fn filter_verdict(codec: u8, trigrams: &[u8], needle: &[u8]) -> Verdict {
+    let yes = |b| if b { Verdict::Maybe } else { Verdict::No };
+    if codec != CODEC_TEMPLATES {
+        return yes(filter::may_contain(trigrams, needle));
+    }
+    // The filter leaves out hex ids: a needle of hex digits only is in one,
+    // or wholly in a run of letters and digits the filter has.
+    if template::is_hex_text(needle) {
+        return if filter::may_contain(trigrams, needle) {
+            Verdict::Maybe
+        } else {
+            Verdict::IfInIds
+        };
+    }
+    yes(filter::may_contain_templated(trigrams, needle, true))
 }
 
 /// Whether a block may hold `needle` in a hex id, by its hex column (see
@@ -525,6 +558,57 @@ mod tests {
         assert_eq!(decode(&h, &z).unwrap(), vec![(9, a.clone()), (4, b)]);
         let one = memchr::memmem::Finder::new("42");
         assert_eq!(decode_containing(&h, &z, Some(&one)).unwrap(), vec![(9, a)]);
+    }
+
+    proptest::proptest! {
+        /// Lines of words, numbers, ids, affixed numbers and punctuation: any
+        /// piece of any line gets past the block's filters (no false
+        /// negative), and is found.
+        #[test]
+        fn filters_never_hide_a_needle_that_is_there(
+            parts in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        "[a-zA-Z]{1,8}",
+                        "[0-9]{1,20}",
+                        "[0-9a-f]{8,20}",
+                        "[a-z]{1,5}[0-9]{1,4}",
+                        "[0-9]{1,4}[a-z]{1,5}",
+                        "[ =:\"/.,{}-]{1,3}",
+                        "ü|日本",
+                    ],
+                    1..12,
+                ),
+                1..20,
+            ),
+            pick in 0usize..1000,
+            from in 0usize..1000,
+            len in 1usize..40,
+        ) {
+            let lines: Vec<String> = parts.iter().map(|p| p.concat()).collect();
+            let entries: Vec<Entry> = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| e(i as i64, i as u64 + 1, l))
+                .collect();
+            let refs: Vec<(u32, &Entry)> = entries.iter().map(|x| (0, x)).collect();
+            let bytes = encode(&refs, 1);
+            let p = parse_header(&bytes).unwrap();
+            let line = lines[pick % lines.len()].as_bytes();
+            let start = from % line.len().max(1);
+            let end = (start + len).min(line.len());
+            let needle = &line[start..end];
+            proptest::prop_assume!(!needle.is_empty());
+            let data = &bytes[p.data.clone()];
+            let verdict = filter_verdict(p.header.codec, &bytes[p.filter.clone()], needle);
+            proptest::prop_assert_ne!(verdict, Verdict::No, "{:?}", String::from_utf8_lossy(needle));
+            if verdict == Verdict::IfInIds {
+                proptest::prop_assert!(hex_column_may_hold(&p.header, data, needle));
+            }
+            let finder = memchr::memmem::Finder::new(needle);
+            let found = decode_containing(&p.header, data, Some(&finder)).unwrap();
+            proptest::prop_assert!(found.iter().any(|(_, x)| x.line.as_bytes() == line));
+        }
     }
 
     #[test]

@@ -51,33 +51,6 @@ impl Builder {
         }
     }
 
-    /// Adds every trigram of `s` but those wholly inside one of `spans`
-    /// (ascending, not overlapping byte ranges: a line's hex ids, whose
-    /// searches use the block's hex column instead).
-    pub fn add_outside(&mut self, s: &[u8], spans: &[(usize, usize)]) {
-        if spans.is_empty() {
-            return self.add(s);
-        }
-        if s.len() < 3 {
-            return;
-        }
-        let mask = (MAX_BITS - 1) as u32;
-        let mut x = (lower(s[0]) << 8) | lower(s[1]);
-        let mut sp = spans.iter().peekable();
-        for (i, &b) in s.iter().enumerate().skip(2) {
-            x = ((x << 8) | lower(b)) & 0x00ff_ffff;
-            // The trigram is s[i - 2..=i].
-            while sp.peek().is_some_and(|(_, end)| *end <= i) {
-                sp.next();
-            }
-            if sp.peek().is_some_and(|(start, _)| *start + 2 <= i) {
-                continue;
-            }
-            let h = hash(x) & mask;
-            self.bits[(h >> 6) as usize] |= 1 << (h & 63);
-        }
-    }
-
     /// The filter's bytes, folded down to a useful density.
     pub fn finish(mut self) -> Vec<u8> {
         let ones = |b: &[u64]| b.iter().map(|w| w.count_ones() as usize).sum::<usize>();
@@ -117,22 +90,28 @@ pub fn may_contain(filter: &[u8], needle: &[u8]) -> bool {
     true
 }
 
-/// [`may_contain`] for a filter built by [`Builder::add_outside`] with the
-/// lines' hex ids left out: only the needle's trigrams with a byte that is
-/// not a lower-case hex digit are looked up (the others may sit in an id).
-pub fn may_contain_outside_hex(filter: &[u8], needle: &[u8]) -> bool {
+/// [`may_contain`] for a block whose filter holds its templates' literal text
+/// and the letters-and-digits runs of its variables but hex ids, each on its
+/// own (`CODEC_TEMPLATES`): a trigram that crosses between letters or digits
+/// and other bytes may cross from a template into a variable, so only those
+/// wholly of one or the other are looked up; with `skip_hex`, also not those
+/// of lower-case hex digits only, which may lie in an id.
+pub fn may_contain_templated(filter: &[u8], needle: &[u8], skip_hex: bool) -> bool {
     let bits = filter.len() * 8;
     if needle.len() < 3 || bits < 64 || !bits.is_power_of_two() {
         return true;
     }
-    let hexish = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    let hexish = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
     let mask = (bits - 1) as u32;
-    let mut x = (lower(needle[0]) << 8) | lower(needle[1]);
-    for (i, &b) in needle.iter().enumerate().skip(2) {
-        x = ((x << 8) | lower(b)) & 0x00ff_ffff;
-        if needle[i - 2..=i].iter().all(|c| hexish(*c)) {
+    for t in needle.windows(3) {
+        let c = t[0].is_ascii_alphanumeric();
+        if t[1].is_ascii_alphanumeric() != c
+            || t[2].is_ascii_alphanumeric() != c
+            || (skip_hex && t.iter().all(hexish))
+        {
             continue;
         }
+        let x = (lower(t[0]) << 16) | (lower(t[1]) << 8) | lower(t[2]);
         let h = (hash(x) & mask) as usize;
         if filter[h / 8] & (1 << (h % 8)) == 0 {
             return false;

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, Entry};
 use crate::segment::{self, BlockRef, KIND_BLOCK, KIND_STREAM, Writer};
-use crate::{Error, Labels, filter, template};
+use crate::{Error, Labels, filter};
 
 /// Settings; [`Options::new`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -1032,25 +1032,11 @@ impl Store {
             let mut by_ids: Vec<&[u8]> = Vec::new();
             if !contains.is_empty() {
                 let flt = segment::read_filters(file, &b.r).map_err(|e| io(path, e))?;
-                let templated = b.r.header.codec == block::CODEC_TEMPLATES;
                 for n in contains {
-                    let n = n.as_slice();
-                    let in_text = if templated {
-                        // The filter leaves out the trigrams inside hex ids.
-                        if template::is_hex_text(n) {
-                            let found = filter::may_contain(flt.trigrams(), n);
-                            if !found {
-                                by_ids.push(n);
-                            }
-                            true
-                        } else {
-                            filter::may_contain_outside_hex(flt.trigrams(), n)
-                        }
-                    } else {
-                        filter::may_contain(flt.trigrams(), n)
-                    };
-                    if !in_text {
-                        return Ok(None);
+                    match block::filter_verdict(b.r.header.codec, flt.trigrams(), n) {
+                        block::Verdict::No => return Ok(None),
+                        block::Verdict::IfInIds => by_ids.push(n),
+                        block::Verdict::Maybe => {}
                     }
                 }
                 if !tokens

@@ -41,13 +41,9 @@ enum Kind {
     Dict,
 }
 
-/// What a letters-and-digits run is.
-fn classify(run: &[u8]) -> Option<Kind> {
-    let (mut digits, mut hex_letters) = (0usize, 0usize);
-    for &b in run {
-        digits += usize::from(b.is_ascii_digit());
-        hex_letters += usize::from((b'a'..=b'f').contains(&b));
-    }
+/// What a letters-and-digits run is, given how many of its bytes are digits
+/// and lower-case hex letters.
+fn classify(run: &[u8], digits: usize, hex_letters: usize) -> Option<Kind> {
     if digits == run.len() && run.len() <= MAX_INT_DIGITS {
         return Some(Kind::Int);
     }
@@ -84,16 +80,29 @@ fn affixed(run: &[u8]) -> Option<usize> {
     ok.then_some(at)
 }
 
-/// ASCII letters and digits.
-const ALNUM: [bool; 256] = {
-    let mut t = [false; 256];
+/// Byte classes: 0 not a letter or digit, then [`DIGIT`], [`HEX_LETTER`],
+/// [`LETTER`].
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
     let mut i = 0;
     while i < 256 {
-        t[i] = (i as u8).is_ascii_alphanumeric();
+        let b = i as u8;
+        t[i] = if b.is_ascii_digit() {
+            DIGIT
+        } else if b >= b'a' && b <= b'f' {
+            HEX_LETTER
+        } else if b.is_ascii_alphabetic() {
+            LETTER
+        } else {
+            0
+        };
         i += 1;
     }
     t
 };
+const DIGIT: u8 = 1;
+const HEX_LETTER: u8 = 2;
+const LETTER: u8 = 3;
 
 /// A quick hasher for templates (FxHash's multiply-rotate over 8-byte words):
 /// the store's own data, no attacker picks collisions worth more than a
@@ -200,9 +209,10 @@ struct Split {
 }
 
 impl Encoder {
-    /// Adds a line; returns the byte ranges of its hex ids (left out of the
-    /// block's trigram filter).
-    pub fn add(&mut self, line: &str, hex_spans: &mut Vec<(usize, usize)>) {
+    /// Adds a line; pushes to `spans` the byte ranges of the letters-and-digits
+    /// runs that hold its variables, but for hex ids (what the block's trigram
+    /// filter takes from the line, beside [`Encoder::literals`]).
+    pub fn add(&mut self, line: &str, spans: &mut Vec<(usize, usize)>) {
         let b = line.as_bytes();
         self.text.clear();
         let s = &mut self.split;
@@ -212,7 +222,7 @@ impl Encoder {
         let mut i = 0;
         while i < b.len() {
             let lit = i;
-            while i < b.len() && !ALNUM[usize::from(b[i])] {
+            while i < b.len() && CLASS[usize::from(b[i])] == 0 {
                 i += 1;
             }
             self.text.extend_from_slice(&b[lit..i]);
@@ -220,21 +230,28 @@ impl Encoder {
                 break;
             }
             let start = i;
-            while i < b.len() && ALNUM[usize::from(b[i])] {
+            let (mut digits, mut hex_letters) = (0, 0);
+            while i < b.len() {
+                match CLASS[usize::from(b[i])] {
+                    0 => break,
+                    DIGIT => digits += 1,
+                    HEX_LETTER => hex_letters += 1,
+                    _ => {}
+                }
                 i += 1;
             }
             let run = &b[start..i];
-            match classify(run) {
+            match classify(run, digits, hex_letters) {
                 None => self.text.extend_from_slice(run),
                 Some(Kind::Int) => {
                     self.text.push(INT);
                     s.ints.push(int_code(run));
+                    spans.push((start, i));
                 }
                 Some(Kind::Hex(n)) => {
                     self.text.extend_from_slice(&[HEX, n]);
                     s.hex
                         .extend(run.chunks_exact(2).map(|p| unhex(p[0]) << 4 | unhex(p[1])));
-                    hex_spans.push((start, i));
                 }
                 Some(Kind::Dict) => match affixed(run) {
                     // `u123`, `v2`, `30s`, `100ms`: the letters stay in the
@@ -249,10 +266,12 @@ impl Encoder {
                         self.text.push(INT);
                         s.ints.push(int_code(&run[a..z]));
                         self.text.extend_from_slice(&run[z..]);
+                        spans.push((start, i));
                     }
                     None => {
                         self.text.push(DICT);
                         s.dicts.push((start, i));
+                        spans.push((start, i));
                     }
                 },
             }
@@ -278,6 +297,31 @@ impl Encoder {
             let at = t.dict_text.len() as u32;
             t.dict_text.extend_from_slice(&b[a..z]);
             t.dicts.push((at, (z - a) as u32));
+        }
+    }
+
+    /// Calls `f` with each literal piece of every template (the text between
+    /// its variables), once per block.
+    pub fn literals(&self, mut f: impl FnMut(&[u8])) {
+        for t in &self.templates {
+            let mut start = 0;
+            let mut i = 0;
+            while i < t.text.len() {
+                match t.text[i] {
+                    INT | DICT => {
+                        f(&t.text[start..i]);
+                        start = i + 1;
+                    }
+                    HEX => {
+                        f(&t.text[start..i]);
+                        i += 1;
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            f(&t.text[start.min(t.text.len())..]);
         }
     }
 
@@ -568,7 +612,10 @@ mod tests {
         let mut e = Encoder::default();
         let mut spans = Vec::new();
         e.add(&lines[5], &mut spans);
-        assert_eq!(spans, [(9, 27)]);
+        assert_eq!(spans, [(4, 5)], "the number; the id is left out");
+        let mut pieces = Vec::new();
+        e.literals(|p| pieces.push(String::from_utf8_lossy(p).into_owned()));
+        assert_eq!(pieces, ["req ", " id=", " done"]);
         let col = e.finish(&mut Vec::new());
         assert!(hex_column_may_hold(&col, b"123456789abcdef5"));
         assert!(

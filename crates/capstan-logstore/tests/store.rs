@@ -554,7 +554,11 @@ fn hex_ids_are_found_through_the_id_column_and_other_blocks_are_skipped() {
     let find = |needle: &str| {
         let n = [needle.as_bytes().to_vec()];
         let before = blocks();
-        let got = lines(&store.select(&all(&n), Direction::Forward, usize::MAX).unwrap());
+        let got = lines(
+            &store
+                .select(&all(&n), Direction::Forward, usize::MAX)
+                .unwrap(),
+        );
         (got, blocks() - before)
     };
     let target = id(777);
