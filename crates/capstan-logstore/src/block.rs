@@ -2,6 +2,8 @@
 //! their time and sequence ranges and a trigram filter in a header that can be
 //! read without decompressing. Byte layout in `FORMAT.md`.
 
+use std::borrow::Cow;
+
 use crate::codec::{Reader, put_bytes, put_uvarint, put_varint};
 use crate::{filter, template};
 
@@ -50,8 +52,10 @@ pub struct Header {
     pub text_len: u32,
 }
 
-/// A block encoded: header fields, then the filter, then the compressed entries.
-pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
+/// A block encoded: header fields, then the filter, then the compressed
+/// entries; with `templates` the lines as templates and variables
+/// ([`CODEC_TEMPLATES`]), else as text ([`CODEC_ZSTD_COLUMNS`]).
+pub fn encode(entries: &[(u32, &Entry)], level: i32, templates: bool) -> Vec<u8> {
     let mut streams: Vec<u32> = entries.iter().map(|(s, _)| *s).collect();
     streams.sort_unstable();
     streams.dedup();
@@ -62,6 +66,8 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     let mut seqs = Vec::with_capacity(entries.len());
     let mut metas = Vec::new();
     let mut lines = template::Encoder::default();
+    let mut lens = Vec::new();
+    let mut text = Vec::new();
     let mut spans = Vec::new();
     let mut text_len = 0usize;
     let mut f = filter::Builder::default();
@@ -74,14 +80,20 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         put_uvarint(&mut idx, si as u64);
         put_varint(&mut tss, e.ts_ns.wrapping_sub(prev_ts));
         put_uvarint(&mut seqs, e.seq.wrapping_sub(prev_seq));
-        spans.clear();
         text_len += e.line.len();
-        lines.add(&e.line, &mut spans);
-        put_meta(&mut metas, e);
-        // The filter takes each variable here and the templates' text once.
-        for (a, z) in &spans {
-            f.add(&e.line.as_bytes()[*a..*z]);
+        if templates {
+            spans.clear();
+            lines.add(&e.line, &mut spans);
+            // The filter takes each variable here and the templates' text once.
+            for (a, z) in &spans {
+                f.add(&e.line.as_bytes()[*a..*z]);
+            }
+        } else {
+            put_uvarint(&mut lens, e.line.len() as u64);
+            text.extend_from_slice(e.line.as_bytes());
+            f.add(e.line.as_bytes());
         }
+        put_meta(&mut metas, e);
         toks.extend(e.meta.iter().map(|(k, v)| filter::token_hash(k, v)));
         prev_ts = e.ts_ns;
         prev_seq = e.seq;
@@ -91,11 +103,18 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
         last_seq = last_seq.max(e.seq);
     }
     let mut raw = idx;
-    for col in [tss, seqs, metas] {
-        raw.extend_from_slice(&col);
-    }
-    lines.literals(|piece| f.add(piece));
-    let hex = lines.finish(&mut raw);
+    let hex = if templates {
+        for col in [tss, seqs, metas] {
+            raw.extend_from_slice(&col);
+        }
+        lines.literals(|piece| f.add(piece));
+        lines.finish(&mut raw)
+    } else {
+        for col in [tss, seqs, lens, metas, text] {
+            raw.extend_from_slice(&col);
+        }
+        Vec::new()
+    };
     let mut out = Vec::with_capacity(raw.len() / 4 + 64);
     put_uvarint(&mut out, streams.len() as u64);
     for s in &streams {
@@ -109,9 +128,27 @@ pub fn encode(entries: &[(u32, &Entry)], level: i32) -> Vec<u8> {
     put_uvarint(&mut out, raw.len() as u64);
     put_bytes(&mut out, &f.finish());
     put_bytes(&mut out, &filter::token_filter(toks));
-    out.push(CODEC_TEMPLATES);
-    put_uvarint(&mut out, text_len as u64);
-    put_bytes(&mut out, &hex);
+    if templates {
+        out.push(CODEC_TEMPLATES);
+        put_uvarint(&mut out, text_len as u64);
+        // Ids compressed on their own, fast, when that pays (repeated ones: a
+        // trace's id on each of its lines); random ones are kept as they are,
+        // so a search reads them straight from the block.
+        let z = if hex.is_empty() {
+            Vec::new()
+        } else {
+            zstd::bulk::compress(&hex, 1).expect("zstd compresses in memory")
+        };
+        if z.len() + z.len() / 8 < hex.len() {
+            put_uvarint(&mut out, (hex.len() as u64) << 1 | 1);
+            put_bytes(&mut out, &z);
+        } else {
+            put_uvarint(&mut out, (hex.len() as u64) << 1);
+            out.extend_from_slice(&hex);
+        }
+    } else {
+        out.push(CODEC_ZSTD_COLUMNS);
+    }
     let compressed = zstd::bulk::compress(&raw, level).expect("zstd compresses in memory");
     out.extend_from_slice(&compressed);
     out
@@ -251,7 +288,7 @@ pub fn decode_containing(
         return None;
     }
     match h.codec {
-        CODEC_ZSTD_COLUMNS | CODEC_TEMPLATES => decode_columns(h, &raw, hex, needle),
+        CODEC_ZSTD_COLUMNS | CODEC_TEMPLATES => decode_columns(h, &raw, &hex, needle),
         _ => {
             let mut all = decode_rows(h, &raw)?;
             if let Some(n) = needle {
@@ -264,12 +301,25 @@ pub fn decode_containing(
 
 /// A block's hex column (empty before [`CODEC_TEMPLATES`]) and its
 /// compressed frame.
-fn split_hex<'a>(h: &Header, data: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+fn split_hex<'a>(h: &Header, data: &'a [u8]) -> Option<(Cow<'a, [u8]>, &'a [u8])> {
     if h.codec != CODEC_TEMPLATES {
-        return Some((&[], data));
+        return Some((Cow::Borrowed(&[]), data));
     }
     let mut r = Reader::new(data);
-    let hex = r.bytes()?;
+    let v = r.uvarint()?;
+    let len = u32::try_from(v >> 1).ok()?;
+    if len > MAX_RAW {
+        return None;
+    }
+    let hex = if v & 1 == 0 {
+        Cow::Borrowed(r.take(len as usize)?)
+    } else {
+        let z = zstd::bulk::decompress(r.bytes()?, len as usize).ok()?;
+        if z.len() != len as usize {
+            return None;
+        }
+        Cow::Owned(z)
+    };
     Some((hex, &data[r.pos()..]))
 }
 
@@ -306,7 +356,7 @@ pub fn filter_verdict(codec: u8, trigrams: &[u8], needle: &[u8]) -> Verdict {
 /// [`template::hex_column_may_hold`]); always true for blocks without one.
 pub fn hex_column_may_hold(h: &Header, data: &[u8], needle: &[u8]) -> bool {
     match split_hex(h, data) {
-        Some((hex, _)) if h.codec == CODEC_TEMPLATES => template::hex_column_may_hold(hex, needle),
+        Some((hex, _)) if h.codec == CODEC_TEMPLATES => template::hex_column_may_hold(&hex, needle),
         _ => true,
     }
 }
@@ -467,7 +517,7 @@ mod tests {
         let a = e(1_000, 1, "first line");
         let b = e(900, 2, "second, older");
         let c = e(2_000, 5, "third ü");
-        let bytes = encode(&[(7, &a), (3, &b), (7, &c)], 1);
+        let bytes = encode(&[(7, &a), (3, &b), (7, &c)], 1, true);
         let p = parse_header(&bytes).unwrap();
         assert_eq!(p.header.streams, vec![3, 7]);
         assert_eq!((p.header.min_ts, p.header.max_ts), (900, 2_000));
@@ -581,6 +631,7 @@ mod tests {
                 ),
                 1..20,
             ),
+            templates: bool,
             pick in 0usize..1000,
             from in 0usize..1000,
             len in 1usize..40,
@@ -592,8 +643,14 @@ mod tests {
                 .map(|(i, l)| e(i as i64, i as u64 + 1, l))
                 .collect();
             let refs: Vec<(u32, &Entry)> = entries.iter().map(|x| (0, x)).collect();
-            let bytes = encode(&refs, 1);
+            let bytes = encode(&refs, 1, templates);
             let p = parse_header(&bytes).unwrap();
+            let codec = if templates { CODEC_TEMPLATES } else { CODEC_ZSTD_COLUMNS };
+            proptest::prop_assert_eq!(p.header.codec, codec);
+            proptest::prop_assert_eq!(
+                decode(&p.header, &bytes[p.data.clone()]).unwrap(),
+                refs.iter().map(|(s, x)| (*s, (*x).clone())).collect::<Vec<_>>()
+            );
             let line = lines[pick % lines.len()].as_bytes();
             let start = from % line.len().max(1);
             let end = (start + len).min(line.len());
@@ -625,7 +682,7 @@ mod tests {
                 ("span_id".into(), "00f067aa0ba902b7".into()),
             ],
         };
-        let bytes = encode(&[(1, &with)], 1);
+        let bytes = encode(&[(1, &with)], 1, true);
         let p = parse_header(&bytes).unwrap();
         assert_eq!(
             decode(&p.header, &bytes[p.data.clone()]).unwrap(),
@@ -639,7 +696,7 @@ mod tests {
             ..with.clone()
         };
         let raw = |e: &Entry| {
-            let b = encode(&[(1, e)], 1);
+            let b = encode(&[(1, e)], 1, true);
             parse_header(&b).unwrap().header.raw_len
         };
         // The trace id costs its key and a reference, not its 32 bytes.
@@ -660,7 +717,7 @@ mod tests {
             .map(|(i, l)| e(i as i64, i as u64 + 1, l))
             .collect();
         let refs: Vec<(u32, &Entry)> = es.iter().map(|x| (1, x)).collect();
-        let bytes = encode(&refs, 1);
+        let bytes = encode(&refs, 1, true);
         let p = parse_header(&bytes).unwrap();
         for needle in [
             "abc", "ab", "b", "c", "bca", "zzz", "q", "x", "abcab", "cabc",
@@ -689,7 +746,11 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let good = encode(&[(1, &e(5, 1, "hello there")), (1, &e(6, 2, "there"))], 1);
+        let good = encode(
+            &[(1, &e(5, 1, "hello there")), (1, &e(6, 2, "there"))],
+            1,
+            true,
+        );
         let needle = memchr::memmem::Finder::new("ther");
         for cut in 0..good.len() {
             let b = &good[..cut];

@@ -42,6 +42,10 @@ pub struct Options {
     /// recompressed at `level_sealed` by `maintain` once nothing was appended
     /// for this long (never: `None`).
     pub recompress_when_idle: Option<Duration>,
+    /// Lines kept as templates and variables (smaller, ids found by their own
+    /// column; the default), or as text (cheaper to write and to read back
+    /// whole: the span store, read by trace id).
+    pub templates: bool,
 }
 
 impl Options {
@@ -59,6 +63,7 @@ impl Options {
             level_head: 1,
             level_sealed: 6,
             recompress_when_idle: Some(Duration::from_secs(60)),
+            templates: true,
         }
     }
 }
@@ -523,7 +528,7 @@ impl Store {
                     a.defined[i] = true;
                 }
                 for part in split_blocks(run, self.opts.block_bytes) {
-                    let bytes = block::encode(part, self.opts.level_head);
+                    let bytes = block::encode(part, self.opts.level_head, self.opts.templates);
                     let at = a.writer.append(KIND_BLOCK, &bytes)?;
                     a.blocks.push(Block::written(&bytes, at));
                     written += 1;
@@ -736,7 +741,7 @@ impl Store {
                 )?;
                 let refs: Vec<(u32, &Entry)> = entries.iter().map(|e| (s, e)).collect();
                 for part in split_blocks(&refs, self.opts.block_bytes) {
-                    let bytes = block::encode(part, self.opts.level_sealed);
+                    let bytes = block::encode(part, self.opts.level_sealed, self.opts.templates);
                     let at = w.append(KIND_BLOCK, &bytes)?;
                     blocks.push(Block::written(&bytes, at));
                 }

@@ -177,6 +177,9 @@ impl TraceStore {
         o.retention = retention;
         // Spans carry big JSON lines; the line limit is only a guard.
         o.max_line_bytes = 4 << 20;
+        // Spans are read back whole by trace id: kept as text, which decodes
+        // fastest, and a trace's id repeated on its spans costs little.
+        o.templates = false;
         let (store, rec) = Store::open(o)?;
         Ok((TraceStore { store }, rec))
     }
