@@ -536,6 +536,21 @@ mod tests {
         assert_eq!(got, vec![(7, a), (3, b), (7, c)]);
     }
 
+    /// The header of the two-entry blocks written by hand below.
+    fn two_entries(codec: u8, raw_len: usize) -> Header {
+        Header {
+            streams: vec![4, 9],
+            min_ts: 5,
+            max_ts: 10,
+            first_seq: 1,
+            last_seq: 2,
+            count: 2,
+            raw_len: raw_len as u32,
+            codec,
+            text_len: raw_len as u32,
+        }
+    }
+
     #[test]
     fn blocks_of_the_row_layout_still_read() {
         // Codec 1, as earlier versions wrote it: entries one after the other.
@@ -554,17 +569,7 @@ mod tests {
             }
             prev = (x.ts_ns, x.seq);
         }
-        let h = Header {
-            streams: vec![4, 9],
-            min_ts: 5,
-            max_ts: 10,
-            first_seq: 1,
-            last_seq: 2,
-            count: 2,
-            raw_len: raw.len() as u32,
-            codec: CODEC_ZSTD,
-            text_len: raw.len() as u32,
-        };
+        let h = two_entries(CODEC_ZSTD, raw.len());
         let z = zstd::bulk::compress(&raw, 1).unwrap();
         assert_eq!(decode(&h, &z).unwrap(), vec![(9, a), (4, b)]);
         // The same bytes read as columns do not decode.
@@ -593,17 +598,7 @@ mod tests {
             prev = (x.ts_ns, x.seq);
         }
         let raw = cols.concat();
-        let h = Header {
-            streams: vec![4, 9],
-            min_ts: 5,
-            max_ts: 10,
-            first_seq: 1,
-            last_seq: 2,
-            count: 2,
-            raw_len: raw.len() as u32,
-            codec: CODEC_ZSTD_COLUMNS,
-            text_len: raw.len() as u32,
-        };
+        let h = two_entries(CODEC_ZSTD_COLUMNS, raw.len());
         let z = zstd::bulk::compress(&raw, 1).unwrap();
         assert_eq!(decode(&h, &z).unwrap(), vec![(9, a.clone()), (4, b)]);
         let one = memchr::memmem::Finder::new("42");
