@@ -1044,6 +1044,30 @@ mod tests {
     }
 
     #[test]
+    fn grpc_requests_trailers_and_status() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            m
+        };
+        assert!(is_grpc(&h(&[("content-type", "application/grpc")])));
+        assert!(is_grpc(&h(&[("content-type", "Application/gRPC+proto")])));
+        assert!(!is_grpc(&h(&[("content-type", "application/json")])));
+        assert!(!is_grpc(&h(&[])));
+        assert!(wants_trailers(&h(&[("te", "trailers")])));
+        assert!(wants_trailers(&h(&[("te", "gzip;q=0.5, Trailers")])));
+        assert!(!wants_trailers(&h(&[("te", "gzip")])));
+        assert_eq!(grpc_status(&h(&[("grpc-status", "14")])), Some(14));
+        assert_eq!(grpc_status(&h(&[("grpc-status", "x")])), None);
+        assert_eq!(grpc_status(&h(&[])), None);
+    }
+
+    #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
