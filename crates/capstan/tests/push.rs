@@ -363,7 +363,7 @@ fn push_tail(addr: &str, from: usize, to: usize) {
                 let line = if k == 4 {
                     format!("skip {i}")
                 } else {
-                    format!("line {i:04}-{k}")
+                    tail_line(i, k)
                 };
                 json!([now_ns().to_string(), line])
             })
@@ -377,9 +377,16 @@ fn push_tail(addr: &str, from: usize, to: usize) {
     }
 }
 
+/// A line of the tail tests: numbered, with a random-looking id (ids do not
+/// compress, so the 1 KiB segments of the rotation test fill).
+fn tail_line(i: usize, k: usize) -> String {
+    let x = ((i * 5 + k) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("line {i:04}-{k} id={x:016x}{:016x}", x.rotate_left(29) ^ 0x5851_f42d)
+}
+
 fn tail_want(from: usize, to: usize) -> Vec<String> {
     (from..to)
-        .flat_map(|i| (0..4).map(move |k| format!("line {i:04}-{k}")))
+        .flat_map(|i| (0..4).map(move |k| tail_line(i, k)))
         .collect()
 }
 
