@@ -381,7 +381,10 @@ fn push_tail(addr: &str, from: usize, to: usize) {
 /// compress, so the 1 KiB segments of the rotation test fill).
 fn tail_line(i: usize, k: usize) -> String {
     let x = ((i * 5 + k) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    format!("line {i:04}-{k} id={x:016x}{:016x}", x.rotate_left(29) ^ 0x5851_f42d)
+    format!(
+        "line {i:04}-{k} id={x:016x}{:016x}",
+        x.rotate_left(29) ^ 0x5851_f42d
+    )
 }
 
 fn tail_want(from: usize, to: usize) -> Vec<String> {
