@@ -138,7 +138,12 @@ def run(d):
     check("not this daemon's token" in d.page_source, "a wrong token is refused with why")
     d.get_log("browser")  # the 401 of the refused form is expected
     d.find_element(By.ID, "token").send_keys(TOKEN + Keys.ENTER)
-    check(d.current_url.endswith("/explore?q=up"), f"login goes back to the page asked for ({d.current_url})")
+    # The form's answer redirects: wait for the navigation to end.
+    end = time.time() + 20
+    while not d.current_url.endswith("/explore?q=up") and time.time() < end:
+        time.sleep(0.1)
+    url = d.current_url
+    check(url.endswith("/explore?q=up"), f"login goes back to the page asked for ({url})")
     cookies = d.execute_cdp_cmd("Network.getCookies", {"urls": [URL]})["cookies"]
     c = [c for c in cookies if c["name"] == "capstan_token"]
     check(c and c[0]["httpOnly"] and c[0]["sameSite"] == "Strict",
