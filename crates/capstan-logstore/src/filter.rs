@@ -74,20 +74,22 @@ impl Builder {
 /// Whether a block whose filter is `filter` may contain `needle` (always true for
 /// needles under three bytes, and for an empty or malformed filter).
 pub fn may_contain(filter: &[u8], needle: &[u8]) -> bool {
+    has_trigrams(filter, needle, |_| true)
+}
+
+/// Whether `filter` has every trigram of `needle` that `asked` picks (true
+/// for needles under three bytes, and for an empty or malformed filter).
+fn has_trigrams(filter: &[u8], needle: &[u8], asked: impl Fn(&[u8]) -> bool) -> bool {
     let bits = filter.len() * 8;
     if needle.len() < 3 || bits < 64 || !bits.is_power_of_two() {
         return true;
     }
     let mask = (bits - 1) as u32;
-    let mut x = (lower(needle[0]) << 8) | lower(needle[1]);
-    for &b in &needle[2..] {
-        x = ((x << 8) | lower(b)) & 0x00ff_ffff;
-        let i = (hash(x) & mask) as usize;
-        if filter[i / 8] & (1 << (i % 8)) == 0 {
-            return false;
-        }
-    }
-    true
+    needle.windows(3).filter(|t| asked(t)).all(|t| {
+        let x = (lower(t[0]) << 16) | (lower(t[1]) << 8) | lower(t[2]);
+        let h = (hash(x) & mask) as usize;
+        filter[h / 8] & (1 << (h % 8)) != 0
+    })
 }
 
 /// [`may_contain`] for a block whose filter holds its templates' literal text
@@ -97,27 +99,13 @@ pub fn may_contain(filter: &[u8], needle: &[u8]) -> bool {
 /// wholly of one or the other are looked up; with `skip_hex`, also not those
 /// of lower-case hex digits only, which may lie in an id.
 pub fn may_contain_templated(filter: &[u8], needle: &[u8], skip_hex: bool) -> bool {
-    let bits = filter.len() * 8;
-    if needle.len() < 3 || bits < 64 || !bits.is_power_of_two() {
-        return true;
-    }
     let hexish = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
-    let mask = (bits - 1) as u32;
-    for t in needle.windows(3) {
+    has_trigrams(filter, needle, |t| {
         let c = t[0].is_ascii_alphanumeric();
-        if t[1].is_ascii_alphanumeric() != c
-            || t[2].is_ascii_alphanumeric() != c
-            || (skip_hex && t.iter().all(hexish))
-        {
-            continue;
-        }
-        let x = (lower(t[0]) << 16) | (lower(t[1]) << 8) | lower(t[2]);
-        let h = (hash(x) & mask) as usize;
-        if filter[h / 8] & (1 << (h % 8)) == 0 {
-            return false;
-        }
-    }
-    true
+        t[1].is_ascii_alphanumeric() == c
+            && t[2].is_ascii_alphanumeric() == c
+            && !(skip_hex && t.iter().all(hexish))
+    })
 }
 
 /// A token of structured metadata: `key`, a zero byte, `value`.
